@@ -1,0 +1,1 @@
+"""What dockvm's services share: settings, logging, errors, retry, contracts, bus, db, runner."""

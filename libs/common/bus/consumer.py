@@ -1,0 +1,246 @@
+"""The one consumer wrapper: it makes the ack semantics of every dockvm consumer explicit.
+
+Delivery guarantee: at least once. For each delivery the wrapper
+1. parses the envelope and validates ``data`` into the registered model;
+2. skips (acks) a message id this consumer already handled (idempotent consumer);
+3. calls the handler, and acks only after it returns, so its effect is durable first.
+
+Outcomes: a malformed message, an unknown type or a :class:`DomainError` is dead-lettered at
+once with the reason in the ``x-dockvm-reason`` header, never retried. A
+:class:`TransientError` (or an unexpected exception) is requeued after a short backoff; when the
+queue's delivery limit is reached the message goes to the DLQ with the last error as reason.
+Nothing is ever dropped silently. A handler that returns a message answers an RPC request
+(``reply_to``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from prometheus_client import Counter, Histogram
+
+from ..contracts.envelope import Envelope, Message
+from ..errors import DomainError, TransientError
+from ..logging import bind_message_context
+from .dedupe import Claim, Dedupe
+from .publisher import AmqpPublisher
+from .topology import DLX, QueueSpec, declare_queue
+
+__all__ = ["REASON_HEADER", "Consumer", "Handler", "MessageContext"]
+
+REASON_HEADER = "x-dockvm-reason"
+log = structlog.get_logger("bus.consumer")
+
+_HANDLED = Counter(
+    "dockvm_messages_handled_total",
+    "Messages handled by outcome",
+    ["queue", "type", "outcome"],
+)
+_DURATION = Histogram("dockvm_message_handle_seconds", "Handler duration", ["queue", "type"])
+
+
+@dataclass(slots=True)
+class MessageContext:
+    """What a handler knows about the message it handles, and how it answers in its name."""
+
+    envelope: Envelope
+    publisher: AmqpPublisher
+    redelivered: bool = False
+    delivery_count: int = 0
+
+    async def publish(
+        self, msg: Message, *, routing_key: str | None = None, id: str | None = None
+    ) -> Envelope:
+        """Publish ``msg`` caused by this message (same correlation id)."""
+        return await self.publisher.publish(
+            msg,
+            routing_key=routing_key,
+            correlation_id=self.envelope.correlation_id,
+            causation_id=self.envelope.id,
+            id=id,
+        )
+
+
+Handler = Callable[[Any, MessageContext], Awaitable[Message | None]]
+
+
+@dataclass
+class Consumer:
+    """Consumes one queue, dispatching by message type to ``handlers``."""
+
+    channel: AbstractChannel
+    spec: QueueSpec
+    handlers: dict[str, Handler]
+    publisher: AmqpPublisher
+    dedupe: Dedupe | None = None
+    retry_backoff_s: float = 0.2
+    _queue: AbstractQueue | None = None
+    _tag: str | None = None
+    _inflight: set[asyncio.Task] = field(default_factory=set)
+
+    async def start(self) -> None:
+        """Declare the topology and start consuming."""
+        self._queue = await declare_queue(self.channel, self.spec)
+        self._tag = await self._queue.consume(self._on_message)
+
+    async def stop(self, grace_s: float = 20.0) -> None:
+        """Stop taking new messages, then wait (up to ``grace_s``) for those in flight."""
+        if self._queue is not None and self._tag is not None:
+            try:
+                await self._queue.cancel(self._tag)
+            except Exception as err:  # the channel may already be gone
+                log.warning("consumer cancel failed", queue=self.spec.name, error=repr(err))
+            self._tag = None
+        current = asyncio.current_task()
+        pending = {t for t in self._inflight if t is not current}
+        if pending:
+            await asyncio.wait(pending, timeout=grace_s)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._inflight.add(task)
+        try:
+            await self._handle(message)
+        finally:
+            if task is not None:
+                self._inflight.discard(task)
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        queue = self.spec.name
+        try:
+            env = Envelope.from_bytes(message.body)
+        except DomainError as err:
+            await self._dead_letter(message, None, str(err))
+            _HANDLED.labels(queue, message.type or "?", "invalid").inc()
+            return
+        bind_message_context(
+            correlation_id=env.correlation_id, message_type=env.type, message_id=env.id
+        )
+        handler = self.handlers.get(env.type)
+        if handler is None:
+            await self._dead_letter(message, env, f"no handler for {env.type} on {queue}")
+            _HANDLED.labels(queue, env.type, "unroutable").inc()
+            return
+        try:
+            data = env.parse()
+        except DomainError as err:
+            await self._dead_letter(message, env, str(err))
+            _HANDLED.labels(queue, env.type, "invalid").inc()
+            return
+
+        if self.dedupe is not None:
+            claim = await self.dedupe.claim(env.id)
+            if claim is Claim.DONE:
+                log.info("duplicate message skipped")
+                await message.ack()
+                _HANDLED.labels(queue, env.type, "duplicate").inc()
+                return
+            if claim is Claim.BUSY:
+                await asyncio.sleep(self.retry_backoff_s)
+                await message.nack(requeue=True)
+                _HANDLED.labels(queue, env.type, "busy").inc()
+                return
+
+        count = _delivery_count(message)
+        ctx = MessageContext(env, self.publisher, bool(message.redelivered), count)
+        started = time.perf_counter()
+        try:
+            reply = await handler(data, ctx)
+        except DomainError as err:
+            await self._forget(env)
+            log.warning("message rejected", reason=err.reason, error=str(err))
+            await self._dead_letter(message, env, f"{err.reason}: {err}")
+            _HANDLED.labels(queue, env.type, "rejected").inc()
+            return
+        except asyncio.CancelledError:
+            await self._forget(env)
+            await message.nack(requeue=True)
+            raise
+        except Exception as err:
+            await self._forget(env)
+            await self._retry_or_give_up(message, env, err, count)
+            return
+        finally:
+            _DURATION.labels(queue, env.type).observe(time.perf_counter() - started)
+
+        if reply is not None and message.reply_to:
+            await self._reply(message, env, reply)
+        if self.dedupe is not None:
+            await self.dedupe.complete(env.id)
+        await message.ack()
+        _HANDLED.labels(queue, env.type, "ok").inc()
+
+    async def _forget(self, env: Envelope) -> None:
+        if self.dedupe is not None:
+            await self.dedupe.release(env.id)
+
+    async def _retry_or_give_up(
+        self, message: AbstractIncomingMessage, env: Envelope, err: Exception, count: int
+    ) -> None:
+        queue = self.spec.name
+        transient = isinstance(err, TransientError)
+        if count + 1 >= self.spec.delivery_limit:
+            reason = f"delivery limit {self.spec.delivery_limit} reached; last error: {err!r}"
+            log.error("message dead-lettered", reason=reason)
+            await self._dead_letter(message, env, reason)
+            _HANDLED.labels(queue, env.type, "exhausted").inc()
+            return
+        if transient:
+            log.warning("transient failure, requeued", error=str(err), delivery=count + 1)
+        else:
+            log.exception("handler failed, requeued", delivery=count + 1)
+        await asyncio.sleep(min(self.retry_backoff_s * (2**count), 5.0))
+        await message.nack(requeue=True)
+        _HANDLED.labels(queue, env.type, "requeued").inc()
+
+    async def _dead_letter(
+        self, message: AbstractIncomingMessage, env: Envelope | None, reason: str
+    ) -> None:
+        """Copy the message to this queue's DLQ with ``reason``, then ack the original."""
+        headers = dict(message.headers or {})
+        headers[REASON_HEADER] = reason[:2000]
+        headers["x-dockvm-queue"] = self.spec.name
+        await self.publisher.publish_raw(
+            message.body,
+            routing_key=self.spec.name,
+            exchange=DLX,
+            headers=headers,
+            message_id=message.message_id,
+            type=message.type,
+            correlation_id=message.correlation_id,
+            content_type=message.content_type,
+        )
+        await message.ack()
+
+    async def _reply(self, message: AbstractIncomingMessage, env: Envelope, reply: Message) -> None:
+        out = Envelope.wrap(
+            reply,
+            source=self.publisher._source,
+            correlation_id=env.correlation_id,
+            causation_id=env.id,
+        )
+        await self.publisher.publish_raw(
+            out.to_bytes(),
+            routing_key=message.reply_to or "",
+            exchange="",
+            correlation_id=message.correlation_id,
+            content_type="application/json",
+            type=out.type,
+            message_id=out.id,
+        )
+
+
+def _delivery_count(message: AbstractIncomingMessage) -> int:
+    """How many times this message was delivered before (quorum queues count returns)."""
+    raw = (message.headers or {}).get("x-delivery-count", 0)
+    try:
+        return int(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return 0

@@ -1,0 +1,19 @@
+"""Versioned bus contracts: the envelope, plus one module per service for its messages."""
+
+from . import gateway, imagesync, ipam, monitor, provisioner
+from .envelope import Command, Envelope, Event, Message, UnknownMessageType, message_model, register
+
+__all__ = [
+    "Command",
+    "Envelope",
+    "Event",
+    "Message",
+    "UnknownMessageType",
+    "gateway",
+    "imagesync",
+    "ipam",
+    "message_model",
+    "monitor",
+    "provisioner",
+    "register",
+]

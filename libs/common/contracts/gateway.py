@@ -1,0 +1,5 @@
+"""Messages of the gateway service: the commands it accepts and the events it emits."""
+
+from __future__ import annotations
+
+__all__: list[str] = []

@@ -1,0 +1,159 @@
+"""Messages of the ipam service: the commands it accepts and the events it emits."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from .envelope import Command, Event, register
+
+__all__ = [
+    "IpAllocate",
+    "IpAllocateMany",
+    "IpAllocated",
+    "IpAllocatedMany",
+    "IpAllocationFailed",
+    "IpRelease",
+    "IpReleased",
+    "PoolCreate",
+    "PoolDelete",
+    "PoolUpdate",
+]
+
+MachineId = str
+VlanId = int
+
+
+class _PoolSelector(Command):
+    pool: str | None = None
+    dc: str | None = None
+    vlan_id: int | None = Field(default=None, ge=1, le=4094)
+
+    @model_validator(mode="after")
+    def _pool_or_dc_vlan(self) -> _PoolSelector:
+        if self.pool is None and (self.dc is None or self.vlan_id is None):
+            raise ValueError("give either pool, or both dc and vlan_id")
+        return self
+
+
+@register
+class IpAllocate(_PoolSelector):
+    """Give ``machine_id`` an IP for life; idempotent by machine_id."""
+
+    TYPE = "ip.allocate"
+    machine_id: MachineId = Field(min_length=1, max_length=64)
+    ip: IPv4Address | None = None
+
+
+@register
+class IpAllocateMany(_PoolSelector):
+    """Give every machine of a scale-out an IP, all or nothing."""
+
+    TYPE = "ip.allocate_many"
+    request_id: str = Field(min_length=1, max_length=64)
+    machine_ids: list[MachineId] = Field(min_length=1, max_length=1000)
+
+
+@register
+class IpRelease(Command):
+    """Free the IP of a destroyed machine; it then cools down."""
+
+    TYPE = "ip.release"
+    machine_id: MachineId = Field(min_length=1, max_length=64)
+
+
+@register
+class PoolCreate(Command):
+    """Create an address pool on one VLAN of one dc."""
+
+    TYPE = "pool.create"
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
+    dc: str = Field(min_length=1, max_length=32)
+    vlan_id: int = Field(ge=1, le=4094)
+    cidr: str
+    gateway: IPv4Address
+    reserved: list[str] = Field(default_factory=list)
+    cooldown_s: int = Field(default=7 * 24 * 3600, ge=0)
+
+
+@register
+class PoolUpdate(Command):
+    """Change a pool's reserved addresses or cooldown."""
+
+    TYPE = "pool.update"
+    name: str
+    reserved: list[str] | None = None
+    cooldown_s: int | None = Field(default=None, ge=0)
+
+
+@register
+class PoolDelete(Command):
+    """Delete a pool that has no active lease."""
+
+    TYPE = "pool.delete"
+    name: str
+
+
+@register
+class IpAllocated(Event):
+    """``machine_id`` holds ``ip`` until it is released."""
+
+    TYPE = "ip.allocated"
+    machine_id: MachineId
+    ip: IPv4Address
+    prefix_len: int
+    gateway: IPv4Address
+    vlan_id: int
+    pool: str
+    dc: str
+
+
+@register
+class IpAllocatedMany(Event):
+    """Every machine of a bulk request got its IP."""
+
+    TYPE = "ip.allocated_many"
+    request_id: str
+    allocations: list[IpAllocated]
+
+
+@register
+class IpAllocationFailed(Event):
+    """No IP was given; ``reason`` is a stable code such as ``pool_exhausted``."""
+
+    TYPE = "ip.allocation_failed"
+    machine_id: MachineId | None = None
+    request_id: str | None = None
+    reason: str
+    detail: str = ""
+
+
+@register
+class IpReleased(Event):
+    """The IP of ``machine_id`` is cooling down."""
+
+    TYPE = "ip.released"
+    machine_id: MachineId
+    ip: IPv4Address
+    pool: str
+
+
+@register
+class PoolChanged(Event):
+    """A pool was created, updated or deleted."""
+
+    TYPE = "pool.changed"
+    name: str
+    action: Literal["created", "updated", "deleted"]
+
+
+@register
+class PoolRejected(Event):
+    """A pool command was refused; nothing changed."""
+
+    TYPE = "pool.rejected"
+    name: str
+    reason: str
+    detail: str = ""

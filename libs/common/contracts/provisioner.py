@@ -1,0 +1,243 @@
+"""Messages of the provisioner (the per-host agent): host commands it accepts, events it emits.
+
+Commands travel with the routing key ``host.<host_id>.<TYPE>``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from ipaddress import IPv4Address
+from typing import Literal
+
+from pydantic import Field
+
+from ..units import ByteSize
+from .envelope import Command, Event, register
+
+__all__ = [
+    "ContainerAction",
+    "ContainerActionDone",
+    "ContainerActionFailed",
+    "ContainerCreate",
+    "ContainerCreateFailed",
+    "ContainerCreated",
+    "ContainerDestroyed",
+    "ContainerObserved",
+    "ContainerResize",
+    "ContainerResizeFailed",
+    "ContainerResized",
+    "HostHeartbeat",
+    "ImagePrewarm",
+    "ImagePrewarmed",
+    "Resources",
+]
+
+MachineId = str
+HOSTNAME_RE = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+
+
+@register
+class ContainerCreate(Command):
+    """Make the container of ``machine_id``; idempotent by machine_id."""
+
+    TYPE = "container.create"
+    machine_id: MachineId = Field(min_length=1, max_length=64)
+    app: str = Field(min_length=1, max_length=64)
+    image: str = Field(min_length=1, max_length=512)
+    cpus: float = Field(gt=0, le=512)
+    memory: ByteSize
+    disk: ByteSize
+    ip: IPv4Address
+    prefix_len: int = Field(ge=1, le=32)
+    gateway: IPv4Address
+    vlan_id: int = Field(ge=1, le=4094)
+    hostname: str = Field(pattern=HOSTNAME_RE)
+    ssh_authorized_keys: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+@register
+class ContainerCreated(Event):
+    """The container of ``machine_id`` runs on ``host``."""
+
+    TYPE = "container.created"
+    machine_id: MachineId
+    container_id: str
+    host: str
+    ip: IPv4Address
+    started_at: datetime
+
+
+@register
+class ContainerCreateFailed(Event):
+    """No container was made and nothing was left behind."""
+
+    TYPE = "container.create_failed"
+    machine_id: MachineId
+    host: str
+    reason: str
+    retriable: bool = False
+
+
+class _Action(Command):
+    machine_id: MachineId = Field(min_length=1, max_length=64)
+    timeout_s: int = Field(default=30, ge=0, le=600)
+
+
+@register
+class ContainerStart(_Action):
+    """Start a stopped machine."""
+
+    TYPE = "container.start"
+
+
+@register
+class ContainerStop(_Action):
+    """Stop a machine gracefully (SIGTERM, then SIGKILL after ``timeout_s``)."""
+
+    TYPE = "container.stop"
+
+
+@register
+class ContainerRestart(_Action):
+    """Restart a machine."""
+
+    TYPE = "container.restart"
+
+
+@register
+class ContainerDestroy(_Action):
+    """Remove the container, its volume and its loop device."""
+
+    TYPE = "container.destroy"
+
+
+ContainerAction = ContainerStart | ContainerStop | ContainerRestart | ContainerDestroy
+
+
+@register
+class ContainerActionDone(Event):
+    """A start, stop or restart took effect."""
+
+    TYPE = "container.action_done"
+    machine_id: MachineId
+    host: str
+    action: Literal["start", "stop", "restart"]
+    state: str
+
+
+@register
+class ContainerActionFailed(Event):
+    """A start, stop, restart or destroy failed."""
+
+    TYPE = "container.action_failed"
+    machine_id: MachineId
+    host: str
+    action: Literal["start", "stop", "restart", "destroy"]
+    reason: str
+    retriable: bool = False
+
+
+@register
+class ContainerDestroyed(Event):
+    """Nothing is left of the machine on ``host``."""
+
+    TYPE = "container.destroyed"
+    machine_id: MachineId
+    host: str
+
+
+@register
+class ContainerResize(Command):
+    """Change limits live; a disk only grows; memory below usage needs ``force``."""
+
+    TYPE = "container.resize"
+    machine_id: MachineId = Field(min_length=1, max_length=64)
+    cpus: float | None = Field(default=None, gt=0, le=512)
+    memory: ByteSize | None = None
+    disk: ByteSize | None = None
+    force: bool = False
+
+
+@register
+class ContainerResized(Event):
+    """The machine now has these limits, with no restart."""
+
+    TYPE = "container.resized"
+    machine_id: MachineId
+    host: str
+    cpus: float
+    memory: int
+    disk: int
+
+
+@register
+class ContainerResizeFailed(Event):
+    """The resize was refused or failed; the limits are unchanged."""
+
+    TYPE = "container.resize_failed"
+    machine_id: MachineId
+    host: str
+    reason: str
+    detail: str = ""
+    retriable: bool = False
+
+
+class Resources(Event):
+    """CPU, memory and disk, as capacity or as allocation."""
+
+    TYPE = "resources"
+    cpus: float
+    memory: int
+    disk: int
+
+
+@register
+class HostHeartbeat(Event):
+    """Every 10 s: what a host has, what its machines were given, which images it holds."""
+
+    TYPE = "host.heartbeat"
+    host_id: str
+    dc: str
+    labels: dict[str, str] = Field(default_factory=dict)
+    capacity: Resources
+    allocated: Resources
+    machines: int = 0
+    images: list[str] = Field(default_factory=list)
+    version: str
+    at: datetime
+
+
+@register
+class ContainerObserved(Event):
+    """What reconcile saw of one labelled container."""
+
+    TYPE = "container.observed"
+    host: str
+    machine_id: MachineId
+    container_id: str
+    state: str
+    ip: IPv4Address | None = None
+    cpus: float | None = None
+    memory: int | None = None
+    disk: int | None = None
+
+
+@register
+class ImagePrewarm(Command):
+    """Pull ``ref`` ahead of the first create."""
+
+    TYPE = "image.prewarm"
+    ref: str = Field(min_length=1, max_length=512)
+
+
+@register
+class ImagePrewarmed(Event):
+    """``host`` holds ``ref``; ``pulled`` is false when it was already there."""
+
+    TYPE = "image.prewarmed"
+    host: str
+    ref: str
+    pulled: bool
+    error: str | None = None
