@@ -1,0 +1,194 @@
+"""The consumer wrapper against the real RabbitMQ (and the dedupe store on the real MongoDB API)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import aio_pika
+import pytest
+
+from libs.common.bus import (
+    REASON_HEADER,
+    AmqpPublisher,
+    Consumer,
+    MessageContext,
+    MongoDedupe,
+    QueueSpec,
+    dlq_name,
+)
+from libs.common.contracts import Command, register
+from libs.common.errors import DomainError, TransientError
+
+
+@register
+class _Work(Command):
+    TYPE = "test.work"
+    n: int
+
+
+async def _consumer(amqp, publisher, handler, *, limit=3, dedupe=None, name="svc"):
+    channel = await amqp.channel()
+    await channel.set_qos(prefetch_count=8)
+    consumer = Consumer(
+        channel,
+        QueueSpec(name, ("test.#",), delivery_limit=limit),
+        {"test.work": handler},
+        publisher,
+        dedupe=dedupe,
+        retry_backoff_s=0.01,
+    )
+    await consumer.start()
+    return consumer
+
+
+async def _drain(amqp, queue: str, expect: int, timeout: float = 20.0) -> list:
+    channel = await amqp.channel()
+    q = await channel.get_queue(queue, ensure=True)
+    got = []
+    async with asyncio.timeout(timeout):
+        while len(got) < expect:
+            msg = await q.get(fail=False)
+            if msg is None:
+                await asyncio.sleep(0.05)
+                continue
+            await msg.ack()
+            got.append(msg)
+    return got
+
+
+async def test_poison_message_reaches_dlq_with_reason_while_good_ones_flow(amqp, publisher):
+    handled: list[int] = []
+
+    async def handler(msg: _Work, ctx: MessageContext) -> None:
+        if msg.n == 13:
+            raise TransientError("downstream keeps failing")
+        handled.append(msg.n)
+
+    consumer = await _consumer(amqp, publisher, handler, limit=3)
+    for n in range(30):
+        await publisher.publish(_Work(n=n))
+    dead = await _drain(amqp, dlq_name("svc"), 1)
+    await asyncio.sleep(0.3)
+    await consumer.stop()
+
+    assert sorted(handled) == [n for n in range(30) if n != 13]
+    assert "delivery limit 3 reached" in dead[0].headers[REASON_HEADER]
+    assert "downstream keeps failing" in dead[0].headers[REASON_HEADER]
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"not json", "invalid envelope"),
+        (b'{"type":"test.work","source":"t","data":{"n":"x"}}', "invalid test.work v1"),
+        (b'{"type":"test.work","source":"t","data":{"n":1,"extra":2}}', "extra"),
+        (b'{"type":"test.nobody","source":"t","data":{}}', "no handler for test.nobody"),
+    ],
+)
+async def test_invalid_message_is_dead_lettered_at_once(amqp, publisher, body, reason):
+    calls = Counter()
+
+    async def handler(msg: _Work, ctx: MessageContext) -> None:
+        calls["n"] += 1
+
+    consumer = await _consumer(amqp, publisher, handler)
+    await publisher.publish_raw(body, routing_key="test.work")
+    dead = await _drain(amqp, dlq_name("svc"), 1)
+    await consumer.stop()
+
+    assert reason in dead[0].headers[REASON_HEADER]
+    assert calls["n"] == 0
+
+
+async def test_domain_error_is_rejected_without_retry(amqp, publisher):
+    calls = Counter()
+
+    async def handler(msg: _Work, ctx: MessageContext) -> None:
+        calls["n"] += 1
+        raise DomainError("pool is full", reason="pool_exhausted")
+
+    consumer = await _consumer(amqp, publisher, handler, limit=5)
+    await publisher.publish(_Work(n=1))
+    dead = await _drain(amqp, dlq_name("svc"), 1)
+    await consumer.stop()
+
+    assert calls["n"] == 1
+    assert dead[0].headers[REASON_HEADER] == "pool_exhausted: pool is full"
+
+
+async def test_duplicate_message_id_has_exactly_one_effect(amqp, publisher, mongo_db):
+    coll = mongo_db["effects"]
+
+    async def handler(msg: _Work, ctx: MessageContext) -> None:
+        await coll.update_one({"_id": "counter"}, {"$inc": {"n": 1}}, upsert=True)
+
+    dedupe = MongoDedupe(mongo_db["bus_processed"], "svc")
+    consumer = await _consumer(amqp, publisher, handler, dedupe=dedupe)
+    for _ in range(5):
+        await publisher.publish(_Work(n=7), id="same-id")
+    await publisher.publish(_Work(n=8), id="other-id")
+    async with asyncio.timeout(20):
+        while await mongo_db["bus_processed"].count_documents({"state": "done"}) < 2:
+            await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)
+    await consumer.stop()
+
+    assert (await coll.find_one({"_id": "counter"}))["n"] == 2
+    assert (await amqp_queue_depth(amqp, "svc")) == 0
+
+
+async def test_transient_failure_is_retried_then_succeeds(amqp, publisher):
+    attempts = Counter()
+    done = asyncio.Event()
+
+    async def handler(msg: _Work, ctx: MessageContext) -> None:
+        attempts[msg.n] += 1
+        if attempts[msg.n] < 3:
+            raise TransientError("not yet")
+        done.set()
+
+    consumer = await _consumer(amqp, publisher, handler, limit=5)
+    await publisher.publish(_Work(n=1))
+    await asyncio.wait_for(done.wait(), 20)
+    await asyncio.sleep(0.2)
+    await consumer.stop()
+
+    assert attempts[1] == 3
+    assert (await amqp_queue_depth(amqp, dlq_name("svc"))) == 0
+
+
+async def test_rpc_reply(amqp, publisher):
+    from libs.common.bus import RpcClient
+
+    async def handler(msg: _Work, ctx: MessageContext) -> _Work:
+        return _Work(n=msg.n * 2)
+
+    consumer = await _consumer(amqp, publisher, handler)
+    rpc = RpcClient(amqp, source="tests")
+    reply = await rpc.request(_Work(n=21), timeout=10)
+    await rpc.close()
+    await consumer.stop()
+
+    assert reply == _Work(n=42)
+
+
+async def amqp_queue_depth(amqp, name: str) -> int:
+    channel = await amqp.channel()
+    q = await channel.declare_queue(name, passive=True)
+    depth = q.declaration_result.message_count
+    await channel.close()
+    return depth
+
+
+async def test_publisher_sends_persistent_messages(amqp, publisher: AmqpPublisher):
+    channel = await amqp.channel()
+    exchange = await channel.declare_exchange("dockvm", aio_pika.ExchangeType.TOPIC, durable=True)
+    q = await channel.declare_queue("", exclusive=True)
+    await q.bind(exchange, "test.work")
+    env = await publisher.publish(_Work(n=5), correlation_id="corr-1")
+    msg = await q.get(timeout=5)
+
+    assert msg.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert msg.message_id == env.id
+    assert msg.correlation_id == "corr-1"
