@@ -1,0 +1,89 @@
+# shellcheck shell=bash
+# Shared by the scripts in this folder: the environment of the local stack and the helpers that
+# start, probe and stop background processes. Sourced, never run.
+
+# Every setting has a default and can be overridden from the environment.
+: "${DOCKVM_STATE_DIR:=/var/lib/dockvm}"
+: "${DOCKVM_HOST:=127.0.0.1}"
+: "${DOCKVM_RABBITMQ_PORT:=5672}"
+: "${DOCKVM_RABBITMQ_MGMT_PORT:=15672}"
+: "${DOCKVM_RABBITMQ_NODENAME:=rabbit}"
+: "${DOCKVM_FERRETDB_PORT:=27017}"
+: "${DOCKVM_FERRETDB_DEBUG_ADDR:=127.0.0.1:8088}"
+: "${DOCKVM_REGISTRY_DC1_PORT:=5001}"
+: "${DOCKVM_REGISTRY_DC2_PORT:=5002}"
+: "${DOCKVM_WEBHOOK_URL:=http://127.0.0.1:8081/v1/registry-events}"
+: "${DOCKVM_LXCFS_DIR:=/var/lib/lxcfs}"
+: "${DOCKVM_BASE_IMAGE:=dockvm/base:bookworm}"
+: "${DOCKVM_START_TIMEOUT:=90}"
+export DOCKVM_STATE_DIR
+
+# shellcheck disable=SC2034 # used by the scripts that source this file
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+STATE=$DOCKVM_STATE_DIR
+LOG_DIR=$STATE/log
+RUN_DIR=$STATE/run
+
+# Go and the Debian sbin tools are not on every caller's PATH (CI starts from a bare one).
+export PATH=/usr/local/go/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:$PATH
+
+say() { printf '%s\n' "$*"; }
+warn() { printf 'warning: %s\n' "$*" >&2; }
+# die prints the one line a failed step owes its caller, then exits non-zero.
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+ensure_state_dirs() {
+  mkdir -p "$STATE" "$LOG_DIR" "$RUN_DIR" "$STATE/ferretdb" "$STATE/registry/dc1" \
+    "$STATE/registry/dc2" "$STATE/volumes" "$STATE/cache"
+}
+
+# tcp_open HOST PORT: true if something accepts a TCP connection there.
+tcp_open() { timeout 2 bash -c ">/dev/tcp/$1/$2" 2>/dev/null; }
+
+# http_code URL [curl args...]: the status code, or 000 when nothing answers.
+http_code() {
+  local url=$1; shift
+  curl -s -o /dev/null -m 3 -w '%{http_code}' "$@" "$url" 2>/dev/null || true
+}
+
+# wait_until SECONDS CMD...: polls CMD every half second; false when time runs out.
+wait_until() {
+  local deadline=$((SECONDS + $1)); shift
+  until "$@"; do
+    ((SECONDS < deadline)) || return 1
+    sleep 0.5
+  done
+}
+
+# pid_alive PIDFILE: true if the file names a running process.
+pid_alive() {
+  local pid
+  [[ -s $1 ]] || return 1
+  pid=$(<"$1")
+  [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null
+}
+
+# spawn NAME CMD...: runs CMD detached in its own session, logging to $LOG_DIR/NAME.log and
+# recording its pid in $RUN_DIR/NAME.pid, so that it outlives the calling shell.
+spawn() {
+  local name=$1; shift
+  setsid "$@" </dev/null >>"$LOG_DIR/$name.log" 2>&1 &
+  echo $! >"$RUN_DIR/$name.pid"
+}
+
+# stop_pidfile NAME [SECONDS]: SIGTERM the process of $RUN_DIR/NAME.pid, wait, then SIGKILL.
+stop_pidfile() {
+  local name=$1 grace=${2:-20} file="$RUN_DIR/$1.pid" pid
+  if ! pid_alive "$file"; then
+    rm -f "$file"
+    return 0
+  fi
+  pid=$(<"$file")
+  kill -TERM "$pid" 2>/dev/null || true
+  if ! wait_until "$grace" _gone "$pid"; then
+    warn "$name (pid $pid) ignored SIGTERM for ${grace}s; killing it"
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  rm -f "$file"
+}
+_gone() { ! kill -0 "$1" 2>/dev/null; }

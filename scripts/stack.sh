@@ -1,0 +1,346 @@
+#!/usr/bin/env bash
+# The local stack: RabbitMQ, FerretDB, the Docker Engine, two registries, LXCFS, Open vSwitch
+# and the base image, all on loopback, without systemd.
+#
+#   stack.sh up      start what does not answer yet (a second run is a no-op)
+#   stack.sh down    stop what `up` started (its pid files); data stays
+#   stack.sh status  component / address / up|down
+#
+# A component that answers is left alone, whoever started it. Only the processes named in
+# $DOCKVM_STATE_DIR/run are stopped by `down`.
+set -euo pipefail
+# shellcheck source=scripts/lib.sh
+source "$(dirname "$0")/lib.sh"
+
+OVS_RUN=/var/run/openvswitch
+RABBITMQ_CONF=$STATE/rabbitmq/rabbitmq.conf
+
+amqp_addr() { echo "$DOCKVM_HOST:$DOCKVM_RABBITMQ_PORT"; }
+mgmt_url() { echo "http://$DOCKVM_HOST:$DOCKVM_RABBITMQ_MGMT_PORT"; }
+registry_port() { local v="DOCKVM_REGISTRY_${1^^}_PORT"; echo "${!v}"; }
+
+# --- RabbitMQ -------------------------------------------------------------------------------
+
+rabbitmq_ctl() { timeout 60 rabbitmqctl -n "$DOCKVM_RABBITMQ_NODENAME" "$@"; }
+rabbitmq_mgmt_up() { [[ $(http_code "$(mgmt_url)/api/overview" -u guest:guest) == 200 ]]; }
+rabbitmq_up() { tcp_open "$DOCKVM_HOST" "$DOCKVM_RABBITMQ_PORT" && rabbitmq_mgmt_up; }
+
+# rabbitmq_launch starts the node without waiting: it is the slowest component, so the others
+# start meanwhile and rabbitmq_wait collects it at the end.
+rabbitmq_launch() {
+  RABBITMQ_LAUNCHED=0
+  if rabbitmq_up; then
+    return
+  fi
+  if tcp_open "$DOCKVM_HOST" "$DOCKVM_RABBITMQ_PORT"; then
+    # A node that answers AMQP but lacks the management API was started by someone else
+    # without the plugin; enabling it online is all it needs.
+    say "stack: rabbitmq answers without the management API; enabling rabbitmq_management"
+    timeout 60 rabbitmq-plugins -n "$DOCKVM_RABBITMQ_NODENAME" enable rabbitmq_management >>"$LOG_DIR/rabbitmq.log" 2>&1 ||
+      die "rabbitmq: could not enable rabbitmq_management (log: $LOG_DIR/rabbitmq.log)"
+    RABBITMQ_LAUNCHED=1
+    return
+  fi
+  if ! grep -qs rabbitmq_management /etc/rabbitmq/enabled_plugins; then
+    timeout 60 rabbitmq-plugins enable --offline rabbitmq_management >>"$LOG_DIR/rabbitmq.log" 2>&1 ||
+      die "rabbitmq: could not enable rabbitmq_management (log: $LOG_DIR/rabbitmq.log)"
+  fi
+  mkdir -p "$(dirname "$RABBITMQ_CONF")"
+  cat >"$RABBITMQ_CONF" <<EOF
+listeners.tcp.default = $DOCKVM_HOST:$DOCKVM_RABBITMQ_PORT
+management.tcp.ip = $DOCKVM_HOST
+management.tcp.port = $DOCKVM_RABBITMQ_MGMT_PORT
+loopback_users.guest = true
+EOF
+  chmod 0644 "$RABBITMQ_CONF"
+  say "stack: starting rabbitmq"
+  # Debian's wrapper drops to the rabbitmq user with su, which keeps these variables.
+  RABBITMQ_NODENAME=$DOCKVM_RABBITMQ_NODENAME RABBITMQ_CONFIG_FILE=$RABBITMQ_CONF \
+    RABBITMQ_LOGS=- ERL_EPMD_ADDRESS=127.0.0.1 \
+    RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}" \
+    spawn rabbitmq /usr/sbin/rabbitmq-server
+  RABBITMQ_LAUNCHED=1
+}
+
+rabbitmq_wait() {
+  ((RABBITMQ_LAUNCHED)) || return 0
+  wait_until "$DOCKVM_START_TIMEOUT" rabbitmq_up ||
+    die "rabbitmq: not answering on $(amqp_addr) and $(mgmt_url) after ${DOCKVM_START_TIMEOUT}s (log: $LOG_DIR/rabbitmq.log)"
+}
+
+rabbitmq_down() {
+  pid_alive "$RUN_DIR/rabbitmq.pid" || { rm -f "$RUN_DIR/rabbitmq.pid"; return 0; }
+  say "stack: stopping rabbitmq"
+  rabbitmq_ctl stop >>"$LOG_DIR/rabbitmq.log" 2>&1 || warn "rabbitmqctl stop failed; signalling the node"
+  stop_pidfile rabbitmq 30
+}
+
+# --- FerretDB -------------------------------------------------------------------------------
+
+ferretdb_up() { tcp_open "$DOCKVM_HOST" "$DOCKVM_FERRETDB_PORT"; }
+
+ferretdb_start() {
+  if [[ -n ${DOCKVM_MONGO_URL:-} ]] || ferretdb_up; then
+    return
+  fi
+  command -v ferretdb >/dev/null || die "ferretdb: not installed; run scripts/install.sh (log: $LOG_DIR/ferretdb.log)"
+  say "stack: starting ferretdb"
+  spawn ferretdb ferretdb --handler=sqlite --sqlite-url="file:$STATE/ferretdb/" \
+    --state-dir="$STATE/ferretdb" --listen-addr="$DOCKVM_HOST:$DOCKVM_FERRETDB_PORT" \
+    --debug-addr="$DOCKVM_FERRETDB_DEBUG_ADDR" --telemetry=disable
+  wait_until 30 ferretdb_up ||
+    die "ferretdb: not answering on $DOCKVM_HOST:$DOCKVM_FERRETDB_PORT after 30s (log: $LOG_DIR/ferretdb.log)"
+}
+
+# --- Docker Engine --------------------------------------------------------------------------
+
+docker_up() { timeout 10 docker info >/dev/null 2>&1; }
+
+docker_start() {
+  docker_up && return
+  say "stack: starting dockerd"
+  spawn dockerd dockerd --storage-driver overlay2
+  wait_until 60 docker_up ||
+    die "docker: dockerd not answering on /var/run/docker.sock after 60s (log: $LOG_DIR/dockerd.log)"
+}
+
+# --- Registries -----------------------------------------------------------------------------
+
+webhook_secret() {
+  if [[ -n ${DOCKVM_WEBHOOK_SECRET:-} ]]; then
+    printf '%s' "$DOCKVM_WEBHOOK_SECRET"
+    return
+  fi
+  if [[ ! -s $STATE/webhook.secret ]]; then
+    (umask 077 && od -An -N32 -tx1 /dev/urandom | tr -d ' \n' >"$STATE/webhook.secret")
+  fi
+  chmod 0600 "$STATE/webhook.secret"
+  cat "$STATE/webhook.secret"
+}
+
+registry_config() {
+  local dc=$1 secret=$2
+  cat <<EOF
+# Written by scripts/stack.sh; edits are overwritten.
+version: 0.1
+log:
+  level: info
+  formatter: text
+  fields:
+    dc: $dc
+storage:
+  filesystem:
+    rootdirectory: $STATE/registry/$dc
+  delete:
+    enabled: true
+  cache:
+    blobdescriptor: inmemory
+http:
+  addr: $DOCKVM_HOST:$(registry_port "$dc")
+  headers:
+    X-Content-Type-Options: [nosniff]
+notifications:
+  events:
+    includereferences: true
+  endpoints:
+    - name: imagesync
+      url: $DOCKVM_WEBHOOK_URL
+      headers:
+        Authorization: [Bearer $secret]
+        X-Dockvm-Dc: [$dc]
+      timeout: 2s
+      threshold: 5
+      backoff: 1s
+      ignoredmediatypes:
+        - application/octet-stream
+EOF
+}
+
+registry_up() { [[ $(http_code "http://$DOCKVM_HOST:$(registry_port "$1")/v2/") == 200 ]]; }
+
+registry_start() {
+  local dc=$1 conf=$STATE/registry/$1.yml new
+  new=$(registry_config "$dc" "$(webhook_secret)")
+  if [[ ! -f $conf || $(<"$conf") != "$new" ]]; then
+    (umask 077 && printf '%s\n' "$new" >"$conf")
+    # A registry of ours running on an old config is restarted to pick up the new one.
+    if pid_alive "$RUN_DIR/registry-$dc.pid"; then
+      say "stack: registry $dc config changed; restarting it"
+      stop_pidfile "registry-$dc"
+    fi
+  fi
+  registry_up "$dc" && return
+  say "stack: starting registry $dc"
+  spawn "registry-$dc" docker-registry serve "$conf"
+  wait_until 30 registry_up "$dc" ||
+    die "registry-$dc: GET http://$DOCKVM_HOST:$(registry_port "$dc")/v2/ not 200 after 30s (log: $LOG_DIR/registry-$dc.log)"
+}
+
+# --- LXCFS (optional) -----------------------------------------------------------------------
+
+lxcfs_up() { grep -qs " $DOCKVM_LXCFS_DIR fuse.lxcfs " /proc/mounts && [[ -r $DOCKVM_LXCFS_DIR/proc/meminfo ]]; }
+
+lxcfs_start() {
+  lxcfs_up && return 0
+  if grep -qs " $DOCKVM_LXCFS_DIR " /proc/mounts; then
+    # The daemon behind this mount is gone (a restart, a killed session): clear the dead mount.
+    umount -l "$DOCKVM_LXCFS_DIR" 2>/dev/null || true
+  fi
+  if ! command -v lxcfs >/dev/null; then
+    warn "lxcfs: not installed; containers will see the host's /proc (log: $LOG_DIR/lxcfs.log)"
+    return 0
+  fi
+  say "stack: starting lxcfs"
+  mkdir -p "$DOCKVM_LXCFS_DIR"
+  # -l virtualises loadavg and --enable-cfs the CPU count, so that top and nproc show limits.
+  # lxcfs locks a pid file of its own; ours is written by spawn.
+  spawn lxcfs lxcfs -f -l --enable-cfs -p "$RUN_DIR/lxcfs.lock" "$DOCKVM_LXCFS_DIR"
+  if ! wait_until 15 lxcfs_up; then
+    warn "lxcfs: could not mount $DOCKVM_LXCFS_DIR; going on without it (log: $LOG_DIR/lxcfs.log)"
+    stop_pidfile lxcfs 5
+  fi
+}
+
+lxcfs_down() {
+  pid_alive "$RUN_DIR/lxcfs.pid" || { rm -f "$RUN_DIR/lxcfs.pid"; return 0; }
+  say "stack: stopping lxcfs"
+  stop_pidfile lxcfs 10
+  if grep -qs " $DOCKVM_LXCFS_DIR " /proc/mounts; then
+    umount -l "$DOCKVM_LXCFS_DIR" 2>/dev/null || true
+  fi
+}
+
+# --- Open vSwitch, userspace datapath (optional) --------------------------------------------
+
+ovs_up() {
+  timeout 5 ovs-vsctl --timeout=3 show >/dev/null 2>&1 &&
+    timeout 5 ovs-appctl -t ovs-vswitchd version >/dev/null 2>&1
+}
+
+ovs_start() {
+  ovs_up && return 0
+  if ! command -v ovs-vswitchd >/dev/null; then
+    warn "ovs: not installed; the ovs network driver is unavailable (log: $LOG_DIR/ovs-vswitchd.log)"
+    return 0
+  fi
+  say "stack: starting openvswitch (userspace datapath)"
+  if ! _ovs_start; then
+    warn "ovs: could not start; the ovs network driver is unavailable (logs: $LOG_DIR/ovsdb-server.log, $LOG_DIR/ovs-vswitchd.log)"
+  fi
+  return 0
+}
+
+# The default pid files in /var/run/openvswitch are kept so that ovs-appctl -t NAME works; the
+# links in $RUN_DIR mark them as ours for `down`.
+_ovs_start() {
+  local db=$STATE/ovs/conf.db schema=/usr/share/openvswitch/vswitch.ovsschema
+  mkdir -p "$OVS_RUN" "$STATE/ovs"
+  if [[ ! -f $db ]]; then
+    ovsdb-tool create "$db" "$schema" || return 1
+  elif [[ $(ovsdb-tool needs-conversion "$db" "$schema") == yes ]]; then
+    ovsdb-tool convert "$db" "$schema" || return 1
+  fi
+  if ! timeout 5 ovs-vsctl --timeout=3 show >/dev/null 2>&1; then
+    ovsdb-server "$db" --remote="punix:$OVS_RUN/db.sock" \
+      --remote=db:Open_vSwitch,Open_vSwitch,manager_options \
+      --pidfile="$OVS_RUN/ovsdb-server.pid" --log-file="$LOG_DIR/ovsdb-server.log" -vconsole:off \
+      --detach || return 1
+    ln -sf "$OVS_RUN/ovsdb-server.pid" "$RUN_DIR/ovsdb-server.pid"
+    ovs-vsctl --timeout=10 --no-wait init || return 1
+    if [[ -z $(ovs-vsctl --timeout=10 get Open_vSwitch . external_ids:system-id 2>/dev/null | tr -d '"') ]]; then
+      ovs-vsctl --timeout=10 --no-wait set Open_vSwitch . "external_ids:system-id=$(cat /proc/sys/kernel/random/uuid)"
+    fi
+  fi
+  ovs-vswitchd "unix:$OVS_RUN/db.sock" --pidfile="$OVS_RUN/ovs-vswitchd.pid" \
+    --log-file="$LOG_DIR/ovs-vswitchd.log" -vconsole:off --detach || return 1
+  ln -sf "$OVS_RUN/ovs-vswitchd.pid" "$RUN_DIR/ovs-vswitchd.pid"
+  wait_until 15 ovs_up || return 1
+  # Proves the netdev datapath works here: there is no kernel module to fall back on.
+  ovs-vsctl --timeout=10 -- --may-exist add-br dockvm-probe -- set bridge dockvm-probe datapath_type=netdev &&
+    ovs-vsctl --timeout=10 del-br dockvm-probe
+}
+
+ovs_down() {
+  local name
+  for name in ovs-vswitchd ovsdb-server; do
+    if pid_alive "$RUN_DIR/$name.pid"; then
+      say "stack: stopping $name"
+      stop_pidfile "$name" 10
+    fi
+    rm -f "$RUN_DIR/$name.pid"
+  done
+}
+
+# --- Base image -----------------------------------------------------------------------------
+
+base_image_up() { docker image inspect "$DOCKVM_BASE_IMAGE" >/dev/null 2>&1; }
+
+base_image_build() {
+  "$REPO_ROOT/scripts/base-image.sh" build ||
+    die "base-image: building $DOCKVM_BASE_IMAGE failed (log: $LOG_DIR/base-image.log)"
+}
+
+# --- Commands -------------------------------------------------------------------------------
+
+cmd_up() {
+  local t0=$SECONDS
+  ensure_state_dirs
+  rabbitmq_launch
+  ferretdb_start
+  docker_start
+  registry_start dc1
+  registry_start dc2
+  lxcfs_start
+  ovs_start
+  rabbitmq_wait
+  base_image_build
+  say "stack: up in $((SECONDS - t0))s (state: $STATE)"
+}
+
+cmd_down() {
+  mkdir -p "$RUN_DIR"
+  ovs_down
+  lxcfs_down
+  stop_pidfile registry-dc2
+  stop_pidfile registry-dc1
+  if pid_alive "$RUN_DIR/dockerd.pid"; then
+    say "stack: stopping dockerd"
+    # dockerd stops its containers first; give them their stop timeouts.
+    stop_pidfile dockerd 90
+  fi
+  if pid_alive "$RUN_DIR/ferretdb.pid"; then
+    say "stack: stopping ferretdb"
+    stop_pidfile ferretdb
+  fi
+  rabbitmq_down
+  say "stack: down (data kept in $STATE)"
+}
+
+_row() { printf '%-13s %-46s %s\n' "$1" "$2" "$3"; }
+_state() { if "$@"; then echo up; else echo down; fi; }
+
+cmd_status() {
+  local down=0 s
+  _row COMPONENT ADDRESS STATE
+  s=$(_state rabbitmq_up); _row rabbitmq "amqp://$(amqp_addr) $(mgmt_url)" "$s"; [[ $s == up ]] || down=1
+  if [[ -n ${DOCKVM_MONGO_URL:-} ]]; then
+    _row ferretdb "(DOCKVM_MONGO_URL is set)" skipped
+  else
+    s=$(_state ferretdb_up); _row ferretdb "mongodb://$DOCKVM_HOST:$DOCKVM_FERRETDB_PORT" "$s"; [[ $s == up ]] || down=1
+  fi
+  s=$(_state docker_up); _row docker "unix:///var/run/docker.sock" "$s"; [[ $s == up ]] || down=1
+  for dc in dc1 dc2; do
+    s=$(_state registry_up "$dc"); _row "registry-$dc" "http://$DOCKVM_HOST:$(registry_port "$dc")" "$s"; [[ $s == up ]] || down=1
+  done
+  _row lxcfs "$DOCKVM_LXCFS_DIR" "$(_state lxcfs_up)"
+  _row ovs "unix:$OVS_RUN/db.sock" "$(_state ovs_up)"
+  s=$(_state base_image_up); _row base-image "$DOCKVM_BASE_IMAGE" "$s"; [[ $s == up ]] || down=1
+  return $((down ? 3 : 0))
+}
+
+case ${1:-} in
+  up) cmd_up ;;
+  down) cmd_down ;;
+  status) cmd_status ;;
+  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+esac
