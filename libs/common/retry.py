@@ -22,7 +22,7 @@ def transient_retrying(
     """An ``AsyncRetrying`` that retries :class:`TransientError` and re-raises the last one."""
     return AsyncRetrying(
         retry=retry_if_exception_type(TransientError),
-        wait=wait_exponential_jitter(initial=initial, max=cap),
+        wait=wait_exponential_jitter(multiplier=initial, max=cap),
         stop=stop_after_attempt(attempts) | stop_after_delay(deadline),
         reraise=True,
     )
@@ -32,7 +32,7 @@ def retry_transient(attempts: int = 5, initial: float = 0.1, cap: float = 5.0):
     """Decorator form of :func:`transient_retrying` for sync or async functions."""
     return retry(
         retry=retry_if_exception_type(TransientError),
-        wait=wait_exponential_jitter(initial=initial, max=cap),
+        wait=wait_exponential_jitter(multiplier=initial, max=cap),
         stop=stop_after_attempt(attempts),
         reraise=True,
     )

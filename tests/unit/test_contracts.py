@@ -1,0 +1,117 @@
+"""The envelope and message models: versioning, strictness, and round trips."""
+
+from __future__ import annotations
+
+import pytest
+
+from libs.common.contracts import Envelope, message_model
+from libs.common.contracts.ipam import IpAllocate, IpAllocated
+from libs.common.contracts.provisioner import ContainerCreate
+from libs.common.errors import ValidationFailed
+
+
+def _create(**over: object) -> dict:
+    base = {
+        "machine_id": "m-1",
+        "app": "web",
+        "image": "127.0.0.1:5001/dockvm/base:bookworm",
+        "cpus": 1.5,
+        "memory": "512m",
+        "disk": "4g",
+        "ip": "10.100.0.23",
+        "prefix_len": 24,
+        "gateway": "10.100.0.1",
+        "vlan_id": 100,
+        "hostname": "web-1",
+    }
+    return {**base, **over}
+
+
+def test_envelope_round_trip_keeps_every_field():
+    msg = IpAllocate(machine_id="m-1", pool="p1")
+    env = Envelope.wrap(msg, source="gateway", correlation_id="c-1", causation_id="x-0")
+
+    back = Envelope.from_bytes(env.to_bytes())
+
+    assert back == env
+    assert back.parse() == msg
+    assert (back.type, back.version, back.source) == ("ip.allocate", 1, "gateway")
+
+
+def test_envelope_mints_correlation_id_from_its_own_id():
+    env = Envelope.wrap(IpAllocate(machine_id="m", pool="p"), source="t")
+
+    assert env.correlation_id == env.id
+
+
+def test_commands_forbid_unknown_fields():
+    env = Envelope(type="ip.allocate", source="t", data={"machine_id": "m", "pool": "p", "x": 1})
+
+    with pytest.raises(ValidationFailed, match="x: Extra inputs are not permitted"):
+        env.parse()
+
+
+def test_events_ignore_unknown_fields_so_additions_are_compatible():
+    data = {
+        "machine_id": "m",
+        "ip": "10.0.0.5",
+        "prefix_len": 24,
+        "gateway": "10.0.0.1",
+        "vlan_id": 5,
+        "pool": "p",
+        "dc": "dc1",
+        "added_in_a_later_release": True,
+    }
+    env = Envelope(type="ip.allocated", source="ipam", data=data)
+
+    assert isinstance(env.parse(), IpAllocated)
+
+
+def test_unknown_version_is_rejected():
+    env = Envelope(type="ip.allocate", version=9, source="t", data={})
+
+    with pytest.raises(ValidationFailed, match="no message model for ip.allocate v9"):
+        env.parse()
+
+
+def test_models_are_frozen():
+    msg = IpAllocate(machine_id="m", pool="p")
+
+    with pytest.raises(ValueError, match="frozen"):
+        msg.machine_id = "other"  # type: ignore[misc]
+
+
+def test_registry_finds_models_by_type():
+    assert message_model("container.create") is ContainerCreate
+
+
+def test_sizes_accept_units():
+    msg = ContainerCreate.model_validate(_create())
+
+    assert (msg.memory, msg.disk) == (512 << 20, 4 << 30)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("memory", "12 parsecs"),
+        ("memory", -1),
+        ("cpus", 0),
+        ("vlan_id", 4095),
+        ("hostname", "Web_1"),
+        ("ip", "10.0.0.300"),
+    ],
+)
+def test_create_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match=field):
+        ContainerCreate.model_validate(_create(**{field: value}))
+
+
+def test_allocate_needs_pool_or_dc_and_vlan():
+    with pytest.raises(ValueError, match="give either pool, or both dc and vlan_id"):
+        IpAllocate(machine_id="m", dc="dc1")
+
+
+def test_malformed_envelope_names_the_field():
+    with pytest.raises(ValidationFailed, match="source: Field required"):
+        Envelope.from_bytes(b'{"type": "ip.allocate", "data": {}}')
