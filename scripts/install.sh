@@ -24,7 +24,8 @@ install_apt_packages() {
     say "install: debian packages present"
     return
   fi
-  say "install: apt-get install ${missing[*]}"
+  say "install: apt-get install ${missing[*]} (log: $LOG_DIR/install-apt.log)"
+  mkdir -p "$LOG_DIR"
   export DEBIAN_FRONTEND=noninteractive NEEDRESTART_MODE=a
   # No init system here: keep package scripts from starting daemons; stack.sh starts them.
   local own_policy=0
@@ -34,12 +35,13 @@ install_apt_packages() {
     own_policy=1
   fi
   # A third-party source that cannot be reached must not stop the Debian ones.
-  apt-get update -q || warn "apt-get update reported errors; trying the install anyway"
+  apt-get update -q >>"$LOG_DIR/install-apt.log" 2>&1 ||
+    warn "apt-get update reported errors; trying the install anyway"
   local rc=0
   apt-get install -y -q -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
-    "${missing[@]}" || rc=$?
+    "${missing[@]}" >>"$LOG_DIR/install-apt.log" 2>&1 || rc=$?
   ((own_policy)) && rm -f /usr/sbin/policy-rc.d
-  ((rc == 0)) || die "install: apt-get install failed (exit $rc) for: ${missing[*]}"
+  ((rc == 0)) || die "install: apt-get install failed (exit $rc) for: ${missing[*]} (log: $LOG_DIR/install-apt.log)"
 }
 
 ferretdb_ok() {
@@ -90,11 +92,13 @@ install_venv() {
     rm -rf "$venv"
     "$PYTHON" -m venv "$venv" || die "install: $PYTHON -m venv failed"
   fi
-  say "install: pip install -e '.[dev]'"
+  say "install: pip install -e '.[dev]' (log: $LOG_DIR/install-pip.log)"
+  mkdir -p "$LOG_DIR"
   rm -f "$stamp"
-  "$venv/bin/python" -m pip install -q --upgrade pip ||
+  "$venv/bin/python" -m pip install -q --upgrade pip >>"$LOG_DIR/install-pip.log" 2>&1 ||
     warn "install: could not upgrade pip; going on with the bundled one"
-  (cd "$REPO_ROOT" && "$venv/bin/python" -m pip install -q -e '.[dev]') || die "install: pip install -e '.[dev]' failed"
+  (cd "$REPO_ROOT" && "$venv/bin/python" -m pip install -q -e '.[dev]' >>"$LOG_DIR/install-pip.log" 2>&1) ||
+    die "install: pip install -e '.[dev]' failed (log: $LOG_DIR/install-pip.log)"
   echo "$hash" >"$stamp"
 }
 

@@ -55,20 +55,33 @@ wait_until() {
   done
 }
 
-# pid_alive PIDFILE: true if the file names a running process.
+# _starttime PID: the process's start time in clock ticks since boot (field 22 of stat).
+_starttime() {
+  local stat
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  stat=${stat##*) }
+  # shellcheck disable=SC2086 # split into fields on purpose
+  set -- $stat
+  echo "${20}"
+}
+
+# pid_alive PIDFILE: true if the file names a running process. A file written by spawn also
+# holds the start time, so that a pid reused by another process after a reboot does not count.
 pid_alive() {
-  local pid
+  local pid start
   [[ -s $1 ]] || return 1
-  pid=$(<"$1")
-  [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null
+  read -r pid start <"$1" || true
+  [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null || return 1
+  [[ -z $start || $(_starttime "$pid") == "$start" ]]
 }
 
 # spawn NAME CMD...: runs CMD detached in its own session, logging to $LOG_DIR/NAME.log and
-# recording its pid in $RUN_DIR/NAME.pid, so that it outlives the calling shell.
+# recording "pid starttime" in $RUN_DIR/NAME.pid, so that it outlives the calling shell.
 spawn() {
-  local name=$1; shift
+  local name=$1 pid; shift
   setsid "$@" </dev/null >>"$LOG_DIR/$name.log" 2>&1 &
-  echo $! >"$RUN_DIR/$name.pid"
+  pid=$!
+  echo "$pid $(_starttime "$pid")" >"$RUN_DIR/$name.pid"
 }
 
 # stop_pidfile NAME [SECONDS]: SIGTERM the process of $RUN_DIR/NAME.pid, wait, then SIGKILL.
@@ -78,7 +91,7 @@ stop_pidfile() {
     rm -f "$file"
     return 0
   fi
-  pid=$(<"$file")
+  read -r pid _ <"$file"
   kill -TERM "$pid" 2>/dev/null || true
   if ! wait_until "$grace" _gone "$pid"; then
     warn "$name (pid $pid) ignored SIGTERM for ${grace}s; killing it"

@@ -5,6 +5,7 @@
 #   stack.sh up      start what does not answer yet (a second run is a no-op)
 #   stack.sh down    stop what `up` started (its pid files); data stays
 #   stack.sh status  component / address / up|down
+#   stack.sh clean   down, then remove $DOCKVM_STATE_DIR (asks nothing)
 #
 # A component that answers is left alone, whoever started it. Only the processes named in
 # $DOCKVM_STATE_DIR/run are stopped by `down`.
@@ -316,6 +317,22 @@ cmd_down() {
   say "stack: down (data kept in $STATE)"
 }
 
+# cmd_clean removes the state. Machines' XFS volumes may still be loop-mounted below it: they are
+# unmounted and their loop devices detached first, and rm never crosses into another filesystem.
+cmd_clean() {
+  local m loop
+  cmd_down
+  [[ -d $STATE ]] || return 0
+  awk -v d="$STATE/" 'index($2, d) == 1 { print $2 }' /proc/mounts | sort -r | while read -r m; do
+    umount "$m" 2>/dev/null || umount -l "$m" || warn "clean: could not unmount $m"
+  done
+  losetup -n -O NAME,BACK-FILE 2>/dev/null | while read -r loop m; do
+    if [[ $m == "$STATE/"* ]]; then losetup -d "$loop" || warn "clean: could not detach $loop"; fi
+  done
+  rm -rf --one-file-system "$STATE"
+  say "stack: removed $STATE"
+}
+
 _row() { printf '%-13s %-46s %s\n' "$1" "$2" "$3"; }
 _state() { if "$@"; then echo up; else echo down; fi; }
 
@@ -342,5 +359,6 @@ case ${1:-} in
   up) cmd_up ;;
   down) cmd_down ;;
   status) cmd_status ;;
-  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+  clean) cmd_clean ;;
+  *) echo "usage: $0 up|down|status|clean" >&2; exit 2 ;;
 esac

@@ -1,0 +1,52 @@
+# dockvm's entry points. Everything runs on this machine: see scripts/ and DESIGN.md.
+#   make run    install, start the local stack and the five services
+#   make test   install, start the local stack, run the unit and integration tests
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+DOCKVM_STATE_DIR ?= /var/lib/dockvm
+export DOCKVM_STATE_DIR
+PYTEST_ARGS ?=
+VENV := .venv
+PYTEST := $(VENV)/bin/pytest
+
+.PHONY: help install stack run stop status test unit bench clean
+
+help:
+	@echo "make install|run|stop|status|test|unit|bench|clean  (PYTEST_ARGS='...' for test/unit)"
+
+install:
+	scripts/install.sh
+
+stack: install
+	scripts/stack.sh up
+
+run: stack
+	scripts/services.sh start
+
+stop:
+	scripts/services.sh stop
+	scripts/stack.sh down
+
+status:
+	@scripts/stack.sh status || true
+	@echo
+	@scripts/services.sh status || true
+
+# Both tiers; pytest's own options live in pyproject.toml. Exit code 5 (nothing collected)
+# fails the target like any other.
+test: stack
+	$(PYTEST) $(PYTEST_ARGS)
+
+unit: install
+	$(PYTEST) -m unit $(PYTEST_ARGS)
+
+bench: stack
+	@shopt -s nullglob; files=(bench/*.py); \
+	if (( $${#files[@]} == 0 )); then echo "bench: no bench/*.py yet"; exit 0; fi; \
+	for f in "$${files[@]}"; do echo "== $$f"; $(VENV)/bin/python "$$f"; done
+
+# Stops everything, then removes the state (data, logs, images' registry storage). Asks nothing.
+clean: stop
+	scripts/stack.sh clean
