@@ -47,8 +47,9 @@ def amqp_message(env: Envelope, headers: dict | None = None) -> aio_pika.Message
         message_id=env.id,
         type=env.type,
         correlation_id=env.correlation_id,
-        timestamp=env.occurred_at,
-        headers=headers or {},
+        # No AMQP timestamp or empty header table: the envelope carries occurred_at, and
+        # encoding extra properties costs more per message than the JSON body.
+        headers=headers or None,
     )
 
 
@@ -64,6 +65,9 @@ class AmqpPublisher:
         self._lock = asyncio.Lock()
 
     async def _ready(self) -> tuple[AbstractExchange, AbstractExchange]:
+        channel, exchange, dlx = self._channel, self._exchange, self._dlx
+        if channel is not None and not channel.is_closed and exchange and dlx:
+            return exchange, dlx  # the hot path takes no lock
         async with self._lock:
             if self._exchange is None or self._channel is None or self._channel.is_closed:
                 self._channel = await self._connection.channel(publisher_confirms=True)
@@ -95,15 +99,27 @@ class AmqpPublisher:
         self, env: Envelope, *, routing_key: str, headers: dict | None = None, dead: bool = False
     ) -> None:
         """Publish a ready envelope (to the DLX when ``dead``), retrying transient failures."""
+        try:
+            # First attempt outside tenacity: building a retry controller per message costs
+            # more than the publish itself on the hot path.
+            await self._publish_once(env, routing_key, headers, dead)
+            return
+        except TransientError:
+            pass
         async for attempt in transient_retrying(attempts=5, deadline=30):
             with attempt:
-                try:
-                    exchange, dlx = await self._ready()
-                    await (dlx if dead else exchange).publish(
-                        amqp_message(env, headers), routing_key=routing_key, timeout=10
-                    )
-                except (aio_pika.exceptions.AMQPError, OSError, TimeoutError) as err:
-                    raise TransientError(f"publish of {env.type} failed: {err!r}") from err
+                await self._publish_once(env, routing_key, headers, dead)
+
+    async def _publish_once(
+        self, env: Envelope, routing_key: str, headers: dict | None, dead: bool
+    ) -> None:
+        try:
+            exchange, dlx = await self._ready()
+            await (dlx if dead else exchange).publish(
+                amqp_message(env, headers), routing_key=routing_key
+            )
+        except (aio_pika.exceptions.AMQPError, OSError, TimeoutError) as err:
+            raise TransientError(f"publish of {env.type} failed: {err!r}") from err
 
     async def publish_raw(
         self, body: bytes, *, routing_key: str, exchange: str = EXCHANGE, **props: object

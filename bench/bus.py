@@ -1,0 +1,147 @@
+"""Publish→consume throughput through the real RabbitMQ: the libs/common bus vs bare aio-pika.
+
+Both sides publish persistent messages with publisher confirms (a window of outstanding
+confirms) into a quorum queue and consume with manual acks, in the same run, on a fresh vhost.
+The dockvm side goes through ``AmqpPublisher`` and the ``Consumer`` wrapper (envelope parsing,
+pydantic validation, metrics, ack after the handler); it is measured without and with the
+MongoDB-backed message-id dedupe. Prints messages/s (median of the rounds) and the ratio.
+
+    .venv/bin/python -m bench.bus [--messages 5000] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+import uuid
+
+import aio_pika
+
+from bench._common import machine, median
+from libs.common.bus import AmqpPublisher, Consumer, MessageContext, MongoDedupe, QueueSpec, connect
+from libs.common.contracts import Command, register
+from libs.common.db import mongo_client
+from tests.support.stack import MONGO_URL, create_vhost, delete_vhost
+
+WINDOW = 200
+
+
+@register
+class BenchPing(Command):
+    """The benchmark's message."""
+
+    TYPE = "bench.ping"
+    n: int
+    payload: str
+
+
+async def _windowed(coros_factory, total: int) -> None:
+    sem = asyncio.Semaphore(WINDOW)
+
+    async def one(i: int) -> None:
+        async with sem:
+            await coros_factory(i)
+
+    await asyncio.gather(*(one(i) for i in range(total)))
+
+
+async def bare(url: str, total: int) -> float:
+    """Bare aio-pika: confirms + persistent publish, manual-ack consume, quorum queue."""
+    conn = await aio_pika.connect_robust(url)
+    pub_ch = await conn.channel(publisher_confirms=True)
+    con_ch = await conn.channel()
+    await con_ch.set_qos(prefetch_count=32)
+    ex = await pub_ch.declare_exchange("bare", aio_pika.ExchangeType.TOPIC, durable=True)
+    q = await con_ch.declare_queue(
+        f"bare-{uuid.uuid4().hex[:6]}", durable=True, arguments={"x-queue-type": "quorum"}
+    )
+    await q.bind("bare", "bench.#")
+    done = asyncio.Event()
+    seen = 0
+
+    async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        nonlocal seen
+        await message.ack()
+        seen += 1
+        if seen == total:
+            done.set()
+
+    await q.consume(on_message)
+    body = b'{"n": 0, "payload": "' + b"x" * 200 + b'"}'
+    started = time.perf_counter()
+    await _windowed(
+        lambda i: ex.publish(
+            aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+            routing_key="bench.ping",
+        ),
+        total,
+    )
+    await done.wait()
+    elapsed = time.perf_counter() - started
+    await q.delete(if_unused=False, if_empty=False)
+    await conn.close()
+    return total / elapsed
+
+
+async def dockvm(url: str, total: int, with_dedupe: bool) -> float:
+    """The same through AmqpPublisher and the Consumer wrapper."""
+    conn = await connect(url, name="bench")
+    publisher = AmqpPublisher(conn, source="bench")
+    channel = await conn.channel()
+    await channel.set_qos(prefetch_count=32)
+    done = asyncio.Event()
+    seen = 0
+
+    async def handler(msg: BenchPing, ctx: MessageContext) -> None:
+        nonlocal seen
+        seen += 1
+        if seen == total:
+            done.set()
+
+    mongo = mongo_client(MONGO_URL, "bench")
+    db_name = f"bench_{uuid.uuid4().hex[:8]}"
+    name = f"svc-{uuid.uuid4().hex[:6]}"
+    dedupe = MongoDedupe(mongo[db_name]["bus_processed"], name) if with_dedupe else None
+    consumer = Consumer(
+        channel, QueueSpec(name, ("bench.#",)), {"bench.ping": handler}, publisher, dedupe=dedupe
+    )
+    await consumer.start()
+    started = time.perf_counter()
+    await _windowed(lambda i: publisher.publish(BenchPing(n=i, payload="x" * 200)), total)
+    await done.wait()
+    elapsed = time.perf_counter() - started
+    await consumer.stop()
+    await publisher.close()
+    await conn.close()
+    await mongo.drop_database(db_name)
+    await mongo.close()
+    return total / elapsed
+
+
+async def main() -> None:
+    """Run the rounds and print the table."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--messages", type=int, default=5000)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    vhost = await create_vhost()
+    try:
+        results: dict[str, list[float]] = {"bare": [], "dockvm": [], "dockvm+dedupe": []}
+        for _ in range(args.rounds):
+            results["bare"].append(await bare(vhost.url, args.messages))
+            results["dockvm"].append(await dockvm(vhost.url, args.messages, False))
+            results["dockvm+dedupe"].append(
+                await dockvm(vhost.url, args.messages // 5, True)
+            )
+    finally:
+        await delete_vhost(vhost)
+    base = median(results["bare"])
+    print(f"# bench/bus.py  {machine()}  messages={args.messages} rounds={args.rounds}")
+    print(f"{'path':<16}{'msg/s (median)':>16}{'ratio to bare':>16}")
+    for name, values in results.items():
+        print(f"{name:<16}{median(values):>16.0f}{median(values) / base:>16.2f}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
