@@ -34,7 +34,7 @@ class ServiceProcess:
         """Start the process and wait until ``/readyz`` answers 200."""
         env = {**os.environ, **self.env, "DOCKVM_LOG_JSON": "true"}
         assert self.log_path is not None
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
+        log = open(self.log_path, "ab")
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", f"services.{self.name}", "--port", str(self.port), *self.args,
             cwd=ROOT, env=env, stdout=log, stderr=log,
@@ -49,7 +49,8 @@ class ServiceProcess:
         async with aiohttp.ClientSession() as s:
             while True:
                 if self.proc is not None and self.proc.returncode is not None:
-                    raise RuntimeError(f"{self.name} exited {self.proc.returncode}:\n{self.log_tail()}")
+                    code = self.proc.returncode
+                    raise RuntimeError(f"{self.name} exited {code}:\n{self.log_tail()}")
                 try:
                     async with s.get(f"{self.url}/readyz", timeout=aiohttp.ClientTimeout(2)) as r:
                         if r.status == 200:
