@@ -1,6 +1,6 @@
 """Versioned bus contracts: the envelope, plus one module per service for its messages."""
 
-from . import gateway, imagesync, ipam, monitor, provisioner
+from . import gateway, imagesync, ipam, monitor, provisioner, releases
 from .envelope import Command, Envelope, Event, Message, UnknownMessageType, message_model, register
 
 __all__ = [
@@ -16,4 +16,5 @@ __all__ = [
     "monitor",
     "provisioner",
     "register",
+    "releases",
 ]

@@ -1,0 +1,163 @@
+"""Messages of a release: the release system's request, the per-machine deploy command and its
+outcome, and the release's final result.
+
+The release system publishes ``release.requested`` on the ``dockvm`` exchange (routing key
+``release.requested``) or calls ``POST /v1/releases``. The gateway rolls it out: Docker machines
+get ``host.<host_id>.deploy``, KVM machines ``kvm.deploy.requested`` with the same coordinates.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from .envelope import Command, Event, register
+
+__all__ = [
+    "Artifact",
+    "Deploy",
+    "DeployFailed",
+    "DeploySucceeded",
+    "HealthCheck",
+    "KvmDeployRequested",
+    "ReleaseFailed",
+    "ReleaseRequested",
+    "ReleaseSucceeded",
+]
+
+_MAVEN_ID = r"^[A-Za-z0-9_.-]+$"
+
+
+class Artifact(Command):
+    """Maven coordinates of what is released."""
+
+    TYPE = "artifact"
+    group_id: str = Field(min_length=1, max_length=200, pattern=_MAVEN_ID)
+    artifact_id: str = Field(min_length=1, max_length=200, pattern=_MAVEN_ID)
+    version: str = Field(min_length=1, max_length=100, pattern=_MAVEN_ID)
+    packaging: Literal["war", "jar", "tar.gz"] = "tar.gz"
+    classifier: str | None = Field(default=None, max_length=100, pattern=_MAVEN_ID)
+
+
+class HealthCheck(Command):
+    """How a machine proves the new version works."""
+
+    TYPE = "health_check"
+    type: Literal["http", "tcp", "cmd"]
+    target: str = Field(min_length=1, max_length=1000)
+    timeout_s: float = Field(default=30.0, gt=0, le=600)
+
+
+@register
+class ReleaseRequested(Command):
+    """Roll ``artifact`` onto every running machine of ``app``, in batches."""
+
+    TYPE = "release.requested"
+    release_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    app: str = Field(min_length=1, max_length=64)
+    group_id: str = Field(min_length=1, max_length=200, pattern=_MAVEN_ID)
+    artifact_id: str = Field(min_length=1, max_length=200, pattern=_MAVEN_ID)
+    version: str = Field(min_length=1, max_length=100, pattern=_MAVEN_ID)
+    packaging: Literal["war", "jar", "tar.gz"] = "tar.gz"
+    classifier: str | None = Field(default=None, max_length=100, pattern=_MAVEN_ID)
+    batch_size: int | None = Field(default=None, ge=1, le=1000)
+    batch_percent: int | None = Field(default=None, ge=1, le=100)
+    max_failures: int = Field(default=0, ge=0)
+    health_check: HealthCheck
+
+    @model_validator(mode="after")
+    def _one_batch_rule(self) -> ReleaseRequested:
+        if (self.batch_size is None) == (self.batch_percent is None):
+            raise ValueError("give exactly one of batch_size and batch_percent")
+        return self
+
+    def artifact(self) -> Artifact:
+        """The Maven coordinates of this release."""
+        return Artifact(
+            group_id=self.group_id,
+            artifact_id=self.artifact_id,
+            version=self.version,
+            packaging=self.packaging,
+            classifier=self.classifier,
+        )
+
+
+@register
+class Deploy(Command):
+    """Install ``artifact`` on one machine, restart its app, check its health.
+
+    Routing key ``host.<host_id>.deploy``. Idempotent by (release_id, machine_id, action).
+    """
+
+    TYPE = "deploy"
+    release_id: str = Field(min_length=1, max_length=64)
+    machine_id: str = Field(min_length=1, max_length=64)
+    artifact: Artifact
+    health_check: HealthCheck
+    action: Literal["deploy", "rollback"] = "deploy"
+    restart_command: str = "/usr/local/sbin/dockvm-app restart"
+
+
+@register
+class DeploySucceeded(Event):
+    """The machine runs ``version`` and passed its health check."""
+
+    TYPE = "deploy.succeeded"
+    release_id: str
+    machine_id: str
+    host: str
+    version: str
+    previous_version: str | None = None
+    action: Literal["deploy", "rollback"] = "deploy"
+
+
+@register
+class DeployFailed(Event):
+    """The deploy failed; the machine was switched back to ``previous_version`` if any."""
+
+    TYPE = "deploy.failed"
+    release_id: str
+    machine_id: str
+    host: str
+    version: str
+    reason: str
+    detail: str = ""
+    previous_version: str | None = None
+    rolled_back: bool = False
+    action: Literal["deploy", "rollback"] = "deploy"
+
+
+@register
+class KvmDeployRequested(Event):
+    """A KVM machine of the app should deploy the same coordinates (legacy KVM channel)."""
+
+    TYPE = "kvm.deploy.requested"
+    release_id: str
+    machine_id: str
+    ip: str | None = None
+    artifact: Artifact
+    health_check: HealthCheck
+
+
+@register
+class ReleaseSucceeded(Event):
+    """Every machine of the release runs the new version."""
+
+    TYPE = "release.succeeded"
+    release_id: str
+    app: str
+    version: str
+    machines: int
+
+
+@register
+class ReleaseFailed(Event):
+    """The release stopped; failed machines were rolled back."""
+
+    TYPE = "release.failed"
+    release_id: str
+    app: str
+    version: str
+    reason: str
+    failed_machines: list[str] = Field(default_factory=list)
