@@ -1,0 +1,174 @@
+"""imagesync's entrypoints: the registries' webhook and the bus handlers (thin).
+
+Delivery guarantee: the webhook answers 2xx only after the notification is recorded in
+``seen_events`` and its ``image.pushed`` is confirmed by RabbitMQ; otherwise it answers 503 and
+the registry sends it again. Bus handlers are at least once and idempotent: ``image.pushed``
+fans out ``image.sync`` commands with ids derived from the event, and a copy is keyed by its
+natural key in ``sync_jobs``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from dataclasses import dataclass
+
+import structlog
+from aiohttp import web
+from prometheus_client import Counter, Histogram
+
+from libs.common.bus import MessageContext, Publisher
+from libs.common.contracts.imagesync import (
+    ImagePushed,
+    ImageSync,
+    SyncJobsList,
+    SyncJobsListed,
+)
+from libs.common.errors import TransientError, ValidationFailed
+
+from .domain import EVENTS_MEDIA_TYPE, PushedManifest, classify_event, event_host, parse_envelope
+from .ports import Registry
+from .service import SyncService
+from .store import SyncStore
+
+__all__ = ["BusHandlers", "Webhook"]
+
+log = structlog.get_logger("imagesync.handlers")
+_EVENTS = Counter("dockvm_imagesync_webhook_events_total", "Notifications by outcome", ["outcome"])
+_LATENCY = Histogram("dockvm_imagesync_webhook_seconds", "Webhook answer time")
+DC_HEADER = "X-Dockvm-Dc"
+
+
+def _bad(status: int, error: str, reason: str) -> web.Response:
+    return web.json_response({"error": error, "reason": reason}, status=status)
+
+
+@dataclass
+class Webhook:
+    """``POST /v1/registry-events``: authenticate, record, publish; replication is async."""
+
+    secret: str
+    store: SyncStore
+    service: SyncService
+    publisher: Publisher
+
+    def _authorized(self, request: web.Request) -> bool:
+        given = request.headers.get("Authorization", "")
+        expected = f"Bearer {self.secret}"
+        return hmac.compare_digest(given.encode(), expected.encode())
+
+    async def handle(self, request: web.Request) -> web.Response:
+        """Answer one notification request."""
+        started = time.perf_counter()
+        try:
+            return await self._handle(request)
+        finally:
+            _LATENCY.observe(time.perf_counter() - started)
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            _EVENTS.labels("unauthorized").inc()
+            return _bad(401, "unauthorized", "missing or wrong bearer secret")
+        if request.content_type != EVENTS_MEDIA_TYPE:
+            return _bad(
+                400, "invalid",
+                f"content type must be {EVENTS_MEDIA_TYPE}, got {request.content_type!r}",
+            )
+        try:
+            events = parse_envelope(await request.read())
+        except ValidationFailed as err:
+            return _bad(400, "invalid", str(err))
+
+        accepted, duplicates, ignored = [], 0, 0
+        for ev in events:
+            decision = classify_event(ev)
+            if not isinstance(decision, PushedManifest):
+                ignored += 1
+                _EVENTS.labels("ignored").inc()
+                log.debug("notification ignored", event_id=decision.event_id, why=decision.why)
+                continue
+            registry = self._source(request, ev)
+            if registry is None:
+                return _bad(
+                    400, "unknown_registry",
+                    f"event {decision.event_id} comes from a registry not in the topology "
+                    f"(dc header {request.headers.get(DC_HEADER)!r}, host {event_host(ev)!r})",
+                )
+            if not await self.store.record_event(
+                registry.dc, decision.event_id,
+                {"repo": decision.repo, "tag": decision.tag, "digest": decision.digest},
+            ):
+                duplicates += 1
+                _EVENTS.labels("duplicate").inc()
+                continue
+            try:
+                await self.publisher.publish(
+                    ImagePushed(
+                        registry=registry.host,
+                        dc=registry.dc,
+                        repo=decision.repo,
+                        tag=decision.tag,
+                        digest=decision.digest,
+                        media_type=decision.media_type,
+                        size=decision.size,
+                        event_id=decision.event_id,
+                    ),
+                    id=f"registry-event.{decision.event_id}",
+                )
+            except TransientError as err:
+                await self.store.forget_event(decision.event_id)
+                log.error("cannot publish image.pushed", error=str(err))
+                return _bad(503, "unavailable", "the bus is unavailable, send it again")
+            await self.store.event_published(decision.event_id)
+            _EVENTS.labels("accepted").inc()
+            accepted.append(decision.event_id)
+            log.info("push recorded", dc=registry.dc, repo=decision.repo, tag=decision.tag,
+                     digest=decision.digest, event_id=decision.event_id)
+        return web.json_response(
+            {"accepted": accepted, "duplicates": duplicates, "ignored": ignored}, status=202
+        )
+
+    def _source(self, request: web.Request, ev: dict) -> Registry | None:
+        dc = request.headers.get(DC_HEADER)
+        if dc and dc in self.service.registries:
+            return self.service.registries[dc]
+        host = event_host(ev)
+        return self.service.by_host(host) if host else None
+
+
+@dataclass
+class BusHandlers:
+    """Handlers of the ``imagesync`` queue."""
+
+    service: SyncService
+    store: SyncStore
+
+    async def on_pushed(self, evt: ImagePushed, ctx: MessageContext) -> None:
+        """Fan a push out as one ``image.sync`` per other dc (ids derived from the event)."""
+        if evt.dc not in self.service.registries:
+            log.warning("push from a dc outside the topology", dc=evt.dc)
+            return
+        await self.store.remember_tag(evt.repo, evt.tag, evt.digest, evt.dc)
+        for target in self.service.targets_of(evt.dc):
+            await ctx.publish(
+                ImageSync(
+                    source=evt.dc,
+                    target=target,
+                    repo=evt.repo,
+                    tag=evt.tag,
+                    digest=evt.digest,
+                    reason="push",
+                ),
+                id=f"{ctx.envelope.id}.{target}",
+            )
+
+    async def on_sync(self, cmd: ImageSync, ctx: MessageContext) -> None:
+        """Run the copy; failures end as ``image.sync_failed``, not as a rejected message."""
+        await self.service.sync(cmd, ctx.publish)
+
+    async def on_list(self, query: SyncJobsList, ctx: MessageContext) -> SyncJobsListed:
+        """Answer the ``sync_jobs.list`` RPC."""
+        jobs = await self.store.list_jobs(
+            state=query.state, repo=query.repo, target=query.target, limit=query.limit
+        )
+        return SyncJobsListed(jobs=jobs)

@@ -1,0 +1,234 @@
+"""imagesync's MongoDB state: sync_jobs, seen_events, the last known digest of each tag, and
+which repositories hold which blob (for cross-repository mounts).
+
+Only the MongoDB subset FerretDB v1 serves: CRUD, ``find_one_and_update``, unique indexes.
+A job's claim is a conditional ``find_one_and_update`` (pending/failed, or running with an
+expired lease → running), so several replicas never run one job at once.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from pymongo import ASCENDING, DESCENDING, IndexModel, ReturnDocument
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
+
+from libs.common.contracts.imagesync import SyncJobView
+from libs.common.db import ensure_indexes
+
+from .domain import SyncOrder, SyncStats, job_id
+
+__all__ = ["JOBS", "SEEN", "MongoBlobIndex", "SyncStore"]
+
+JOBS = "sync_jobs"
+SEEN = "seen_events"
+TAGS = "sync_tags"
+BLOBS = "sync_blobs"
+
+INDEXES = {
+    JOBS: [
+        IndexModel(
+            [("source", ASCENDING), ("target", ASCENDING), ("repo", ASCENDING),
+             ("tag", ASCENDING), ("digest", ASCENDING)],
+            unique=True,
+            name="natural_key",
+        ),
+        IndexModel([("updated_at", DESCENDING)], name="recent"),
+        IndexModel([("state", ASCENDING), ("updated_at", DESCENDING)], name="by_state"),
+    ],
+    SEEN: [IndexModel([("at", ASCENDING)], name="at")],
+    TAGS: [],
+    BLOBS: [],
+}
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class SyncStore:
+    """sync_jobs, seen_events and the tag digests, on one database."""
+
+    def __init__(self, db: AsyncDatabase) -> None:
+        self._db = db
+        self._jobs = db[JOBS]
+        self._seen = db[SEEN]
+        self._tags = db[TAGS]
+
+    async def setup(self) -> None:
+        """Create the indexes (idempotent)."""
+        await ensure_indexes(self._db, INDEXES)
+
+    # --- seen_events --------------------------------------------------------------------
+
+    async def record_event(self, dc: str, event_id: str, detail: dict[str, Any]) -> bool:
+        """Record a notification; False when its id was already recorded and published."""
+        try:
+            await self._seen.insert_one(
+                {"_id": event_id, "dc": dc, "published": False, "at": _now(), **detail}
+            )
+            return True
+        except DuplicateKeyError:
+            doc = await self._seen.find_one({"_id": event_id})
+            # A record whose publish failed is handed out again, so the registry's retry works.
+            return doc is not None and not doc.get("published", False)
+
+    async def event_published(self, event_id: str) -> None:
+        """Mark the event's ``image.pushed`` as sent."""
+        await self._seen.update_one({"_id": event_id}, {"$set": {"published": True}})
+
+    async def forget_event(self, event_id: str) -> None:
+        """Drop a record whose publish failed (the registry will send it again)."""
+        await self._seen.delete_one({"_id": event_id, "published": False})
+
+    # --- jobs ---------------------------------------------------------------------------
+
+    async def ensure_job(self, order: SyncOrder, reason: str) -> dict[str, Any]:
+        """The job of ``order``, created pending when new (natural key: the order itself)."""
+        jid = job_id(order.source, order.target, order.repo, order.tag, order.digest)
+        now = _now()
+        doc = {
+            "_id": jid,
+            "source": order.source,
+            "target": order.target,
+            "repo": order.repo,
+            "tag": order.tag,
+            "digest": order.digest,
+            "state": "pending",
+            "attempts": 0,
+            "bytes_copied": 0,
+            "blobs_copied": 0,
+            "blobs_skipped": 0,
+            "blobs_mounted": 0,
+            "error": None,
+            "reason": reason,
+            "created_at": now,
+            "updated_at": now,
+            "finished_at": None,
+            "lease_until": None,
+        }
+        try:
+            await self._jobs.insert_one(doc)
+            return doc
+        except DuplicateKeyError:
+            found = await self._jobs.find_one({"_id": jid})
+            return found if found is not None else doc
+
+    async def claim(self, jid: str, lease_s: float) -> dict[str, Any] | None:
+        """Take the job to run it, unless it is done or another worker holds a live lease."""
+        now = _now()
+        return await self._jobs.find_one_and_update(
+            {
+                "_id": jid,
+                "$or": [
+                    {"state": {"$in": ["pending", "failed"]}},
+                    {"state": "running", "lease_until": {"$lt": now}},
+                ],
+            },
+            {
+                "$set": {
+                    "state": "running",
+                    "lease_until": now + timedelta(seconds=lease_s),
+                    "updated_at": now,
+                    "error": None,
+                }
+            },
+            return_document=ReturnDocument.AFTER,
+        )
+
+    async def attempt(self, jid: str, lease_s: float) -> None:
+        """Count one attempt and extend the lease."""
+        now = _now()
+        await self._jobs.update_one(
+            {"_id": jid},
+            {
+                "$inc": {"attempts": 1},
+                "$set": {"updated_at": now, "lease_until": now + timedelta(seconds=lease_s)},
+            },
+        )
+
+    async def finish(
+        self, jid: str, state: str, stats: SyncStats, error: str | None = None
+    ) -> dict[str, Any] | None:
+        """Close the job as ``state`` (done, failed, superseded) with what it moved."""
+        now = _now()
+        return await self._jobs.find_one_and_update(
+            {"_id": jid},
+            {
+                "$set": {
+                    "state": state,
+                    "error": error,
+                    "updated_at": now,
+                    "finished_at": now,
+                    "lease_until": None,
+                },
+                "$inc": stats.as_doc(),
+            },
+            return_document=ReturnDocument.AFTER,
+        )
+
+    async def get_job(self, jid: str) -> dict[str, Any] | None:
+        """One job by id."""
+        return await self._jobs.find_one({"_id": jid})
+
+    async def list_jobs(
+        self,
+        *,
+        state: str | None = None,
+        repo: str | None = None,
+        target: str | None = None,
+        limit: int = 100,
+    ) -> list[SyncJobView]:
+        """Most recently updated jobs first."""
+        query: dict[str, Any] = {}
+        if state:
+            query["state"] = state
+        if repo:
+            query["repo"] = repo
+        if target:
+            query["target"] = target
+        cursor = self._jobs.find(query).sort("updated_at", DESCENDING).limit(limit)
+        return [SyncJobView(id=d["_id"], **d) async for d in cursor]
+
+    async def prune(self, older_than: timedelta) -> int:
+        """Forget seen events and finished jobs older than ``older_than``; return how many."""
+        cutoff = _now() - older_than
+        seen = await self._seen.delete_many({"at": {"$lt": cutoff}})
+        jobs = await self._jobs.delete_many(
+            {"state": {"$in": ["done", "superseded", "failed"]}, "updated_at": {"$lt": cutoff}}
+        )
+        return seen.deleted_count + jobs.deleted_count
+
+    # --- tag digests --------------------------------------------------------------------
+
+    async def remember_tag(self, repo: str, tag: str, digest: str, dc: str) -> None:
+        """``repo:tag`` was last pushed or replicated at ``digest``."""
+        await self._tags.update_one(
+            {"_id": f"{repo}:{tag}"},
+            {"$set": {"repo": repo, "tag": tag, "digest": digest, "dc": dc, "at": _now()}},
+            upsert=True,
+        )
+
+    async def known_tags(self) -> dict[tuple[str, str], str]:
+        """The last known digest of every tag."""
+        return {(d["repo"], d["tag"]): d["digest"] async for d in self._tags.find({})}
+
+
+class MongoBlobIndex:
+    """:class:`~services.imagesync.ports.BlobIndex` on the ``sync_blobs`` collection."""
+
+    def __init__(self, db: AsyncDatabase) -> None:
+        self._coll = db[BLOBS]
+
+    async def where(self, dc: str, digest: str) -> list[str]:
+        """Repositories of ``dc`` known to hold ``digest``."""
+        doc = await self._coll.find_one({"_id": f"{dc}|{digest}"})
+        return list(doc.get("repos", [])) if doc else []
+
+    async def add(self, dc: str, digest: str, repo: str) -> None:
+        """Remember that ``repo`` holds ``digest``."""
+        await self._coll.update_one(
+            {"_id": f"{dc}|{digest}"}, {"$addToSet": {"repos": repo}}, upsert=True
+        )
