@@ -4,11 +4,89 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
 
+import structlog
+
+from libs.common.bus import queue_name
 from libs.common.runner import ServiceContext
+
+from .adapters.network import make_network
+from .adapters.runtime import DockerRuntime
+from .adapters.volumes import make_volumes
+from .handlers import AgentConfig, Provisioner
+from .settings import ProvisionerSettings
+
+__all__ = ["lifespan"]
+
+log = structlog.get_logger("provisioner")
+
+
+def _version() -> str:
+    try:
+        return version("dockvm")
+    except PackageNotFoundError:
+        return "0+unknown"
 
 
 @asynccontextmanager
 async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
     """Wire the provisioner service for the life of the process."""
-    yield
+    settings = ctx.settings
+    assert isinstance(settings, ProvisionerSettings)
+    runtime = DockerRuntime(settings.docker_url, workers=settings.docker_workers)
+    network = make_network(
+        settings.network_driver,
+        runtime,
+        prefix=settings.network_prefix,
+        trunk=settings.macvlan_trunk,
+        ovs_bridge=settings.ovs_bridge,
+    )
+    volumes = make_volumes(settings.volume_driver, settings.state_dir, vg=settings.lvm_vg)
+    agent = Provisioner(
+        AgentConfig(
+            host_id=settings.host_id,
+            dc=settings.dc,
+            version=_version(),
+            labels=tuple(sorted(settings.labels.items())),
+            lxcfs_path=settings.lxcfs_path,
+            pids_limit=settings.pids_limit,
+            min_memory=settings.min_memory,
+            memory_margin=settings.memory_margin,
+            stop_timeout_s=settings.stop_timeout_s,
+            orphan_grace_s=settings.orphan_grace_s,
+        ),
+        runtime,
+        network,
+        volumes,
+        ctx.publisher,
+    )
+    ctx.add_check("docker", runtime.host_resources)
+    try:
+        # Reconcile first, so a create cut short by a crash is seen before commands flow.
+        await agent.reconcile()
+        await ctx.consume(
+            queue_name("provisioner", settings.host_id),
+            [f"host.{settings.host_id}.#"],
+            agent.handlers(),
+            # Creates run in parallel up to the Docker pool; more would only queue there.
+            prefetch=settings.docker_workers * 2,
+        )
+        ctx.every(settings.heartbeat_interval_s, agent.heartbeat, "heartbeat")
+        ctx.every(settings.reconcile_interval_s, agent.reconcile, "reconcile", now=False)
+        if network.kind == "ovs":
+            ctx.spawn(_replumb_on_start(runtime, agent), "replumb")
+        log.info(
+            "provisioner wired",
+            network=settings.network_driver,
+            volumes=settings.volume_driver,
+        )
+        yield
+    finally:
+        runtime.close()
+
+
+async def _replumb_on_start(runtime: DockerRuntime, agent: Provisioner) -> None:
+    """Docker gives a container a fresh network namespace on every start: re-add its port."""
+    async for machine_id in runtime.starts():
+        await agent.replumb(machine_id)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Literal
+
 from pydantic import Field
 
 from libs.common.settings import HostAgentSettings
@@ -13,3 +16,27 @@ class ProvisionerSettings(HostAgentSettings):
     """provisioner settings; ``DOCKVM_PROVISIONER_PORT`` sets its HTTP port."""
 
     port: int = Field(default=9103, ge=1, le=65535, validation_alias="DOCKVM_PROVISIONER_PORT")
+
+    # How machines get their VLAN and their data disk.
+    network_driver: Literal["bridge", "macvlan", "ovs"] = "bridge"
+    volume_driver: Literal["xfs", "lvm"] = "xfs"
+    # Docker network names are "<network_prefix>-vlan<id>"; the OVS bridge is ovs_bridge.
+    network_prefix: str = Field(default="dockvm", pattern=r"^[a-z0-9][a-z0-9-]{0,30}$")
+    macvlan_trunk: str = "eth0"
+    ovs_bridge: str = Field(default="dockvm-ovs", pattern=r"^[a-zA-Z0-9_-]{1,15}$")
+    lvm_vg: str = "dockvm"
+
+    # Periodic jobs.
+    heartbeat_interval_s: float = Field(default=10.0, gt=0)
+    reconcile_interval_s: float = Field(default=60.0, gt=0)
+    orphan_grace_s: float = Field(default=600.0, ge=0)
+
+    # What every machine gets.
+    lxcfs_path: Path = Path("/var/lib/lxcfs")
+    pids_limit: int = Field(default=4096, ge=64)
+    min_memory: int = Field(default=64 << 20, ge=16 << 20)
+    memory_margin: int = Field(default=64 << 20, ge=0, description="resize-down headroom")
+    stop_timeout_s: int = Field(default=30, ge=0, le=600)
+
+    # Reported in the heartbeat, for placement.
+    labels: dict[str, str] = Field(default_factory=dict)

@@ -1,6 +1,12 @@
 """Messages of the provisioner (the per-host agent): host commands it accepts, events it emits.
 
-Commands travel with the routing key ``host.<host_id>.<TYPE>``.
+Commands travel with the routing key ``host.<host_id>.<TYPE>``; events with their plain type.
+
+``machines.known`` is how the control plane tells an agent which machines it holds for that
+host (the full list, sent periodically by the gateway): a labelled container whose machine_id
+stays out of the latest list for longer than the agent's orphan grace period is removed and
+reported as ``container.destroyed`` with ``reason="orphan"``. Until a first list arrives the
+agent removes nothing.
 """
 
 from __future__ import annotations
@@ -21,14 +27,19 @@ __all__ = [
     "ContainerCreate",
     "ContainerCreateFailed",
     "ContainerCreated",
+    "ContainerDestroy",
     "ContainerDestroyed",
     "ContainerObserved",
     "ContainerResize",
     "ContainerResizeFailed",
     "ContainerResized",
+    "ContainerRestart",
+    "ContainerStart",
+    "ContainerStop",
     "HostHeartbeat",
     "ImagePrewarm",
     "ImagePrewarmed",
+    "MachinesKnown",
     "Resources",
 ]
 
@@ -146,6 +157,7 @@ class ContainerDestroyed(Event):
     TYPE = "container.destroyed"
     machine_id: MachineId
     host: str
+    reason: Literal["requested", "orphan"] = "requested"
 
 
 @register
@@ -222,6 +234,16 @@ class ContainerObserved(Event):
     cpus: float | None = None
     memory: int | None = None
     disk: int | None = None
+    vlan_id: int | None = None
+    orphan: bool = False
+
+
+@register
+class MachinesKnown(Command):
+    """The full list of machine_ids the control plane holds on this host (for orphan cleanup)."""
+
+    TYPE = "machines.known"
+    machine_ids: list[MachineId] = Field(default_factory=list, max_length=100_000)
 
 
 @register

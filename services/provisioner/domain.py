@@ -1,0 +1,382 @@
+"""Pure decisions of the host agent: names, labels, the container spec, guards and sums.
+
+Nothing here does I/O: adapters feed facts in (host capacity, current limits, usage), and the
+handlers act on what comes out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+
+from libs.common.contracts.provisioner import ContainerCreate, ContainerResize
+from libs.common.errors import ValidationFailed
+from libs.common.units import format_bytes
+
+__all__ = [
+    "CAPABILITIES",
+    "CPU_PERIOD",
+    "LABEL_APP",
+    "LABEL_GATEWAY",
+    "LABEL_IP",
+    "LABEL_MACHINE",
+    "LABEL_PREFIX",
+    "LABEL_VLAN",
+    "LXCFS_FILES",
+    "ContainerSpec",
+    "HostFacts",
+    "Limits",
+    "Mount",
+    "OrphanTracker",
+    "ResizePlan",
+    "ResizeRefused",
+    "allocation",
+    "build_spec",
+    "check_create",
+    "container_name",
+    "cpus_from_quota",
+    "cpus_to_quota",
+    "free_disk",
+    "plan_resize",
+    "port_name",
+    "subnet_of",
+]
+
+LABEL_MACHINE = "dockvm.machine_id"
+LABEL_APP = "dockvm.app"
+LABEL_IP = "dockvm.ip"
+LABEL_VLAN = "dockvm.vlan"
+LABEL_PREFIX = "dockvm.prefix_len"
+LABEL_GATEWAY = "dockvm.gateway"
+_RESERVED_LABEL = "dockvm."
+
+# What sshd (privilege separation, chroot, audit of logins) and the init need, nothing more.
+CAPABILITIES = (
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "SETUID",
+    "SETGID",
+    "KILL",
+    "NET_BIND_SERVICE",
+    "SYS_CHROOT",
+    "AUDIT_WRITE",
+)
+# LXCFS files bound over the container's own, so free/top/uptime see the machine's limits.
+LXCFS_FILES = (
+    "proc/meminfo",
+    "proc/cpuinfo",
+    "proc/stat",
+    "proc/uptime",
+    "proc/diskstats",
+    "proc/loadavg",
+    "proc/swaps",
+    "sys/devices/system/cpu/online",
+)
+CPU_PERIOD = 100_000
+_MACHINE_ID_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}$")
+
+
+def container_name(machine_id: str) -> str:
+    """The Docker name of a machine's container; Docker's name uniqueness makes it one."""
+    return f"dockvm-{machine_id}"
+
+
+def port_name(machine_id: str) -> str:
+    """A stable host-side interface name (<= 15 chars) for a machine's OVS port."""
+    return "dv" + hashlib.sha1(machine_id.encode()).hexdigest()[:11]
+
+
+def cpus_to_quota(cpus: float) -> int:
+    """CFS quota (µs per :data:`CPU_PERIOD`) for ``cpus`` CPUs."""
+    return max(1000, round(cpus * CPU_PERIOD))
+
+
+def cpus_from_quota(quota: int | None, period: int | None) -> float:
+    """CPUs from a CFS quota and period; 0 when unlimited."""
+    if not quota or quota <= 0:
+        return 0.0
+    return round(quota / (period or CPU_PERIOD), 3)
+
+
+def subnet_of(ip: IPv4Address, prefix_len: int) -> IPv4Network:
+    """The network ``ip/prefix_len`` belongs to."""
+    return IPv4Network(f"{ip}/{prefix_len}", strict=False)
+
+
+@dataclass(frozen=True, slots=True)
+class HostFacts:
+    """What the host can give one machine."""
+
+    cpus: float
+    memory: int
+    disk_free: int
+    min_memory: int = 64 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The resources one machine was given."""
+
+    cpus: float
+    memory: int
+    disk: int
+
+
+def check_create(cmd: ContainerCreate, host: HostFacts) -> None:
+    """Refuse a create the host cannot serve, naming the field; ``reason`` is a stable code."""
+    if not _MACHINE_ID_RE.match(cmd.machine_id):
+        raise ValidationFailed(
+            f"machine_id {cmd.machine_id!r} must be letters, digits, '_', '.', '-'",
+            reason="invalid_machine_id",
+        )
+    if cmd.cpus > host.cpus:
+        raise ValidationFailed(
+            f"cpus {cmd.cpus:g} exceeds the host's {host.cpus:g}", reason="cpus_exhausted"
+        )
+    if cmd.memory < host.min_memory:
+        raise ValidationFailed(
+            f"memory {format_bytes(cmd.memory)} is below the minimum "
+            f"{format_bytes(host.min_memory)}",
+            reason="memory_too_small",
+        )
+    if cmd.memory > host.memory:
+        raise ValidationFailed(
+            f"memory {format_bytes(cmd.memory)} exceeds the host's {format_bytes(host.memory)}",
+            reason="memory_exhausted",
+        )
+    if cmd.disk < (300 << 20):
+        # mkfs.xfs refuses filesystems smaller than 300 MiB.
+        raise ValidationFailed(
+            f"disk {format_bytes(cmd.disk)} is below the minimum 300m", reason="disk_too_small"
+        )
+    if cmd.disk > host.disk_free:
+        raise ValidationFailed(
+            f"disk {format_bytes(cmd.disk)} exceeds the host's free "
+            f"{format_bytes(max(host.disk_free, 0))}",
+            reason="disk_exhausted",
+        )
+    net = subnet_of(cmd.ip, cmd.prefix_len)
+    if cmd.ip in (net.network_address, net.broadcast_address) and net.prefixlen < 31:
+        raise ValidationFailed(f"ip {cmd.ip} is not a host address of {net}", reason="bad_ip")
+    if cmd.gateway not in net:
+        raise ValidationFailed(f"gateway {cmd.gateway} is outside {net}", reason="bad_gateway")
+    if cmd.gateway == cmd.ip:
+        raise ValidationFailed(f"ip {cmd.ip} is the gateway", reason="bad_ip")
+    reserved = [k for k in cmd.labels if k.startswith(_RESERVED_LABEL)]
+    if reserved:
+        raise ValidationFailed(
+            f"labels {reserved} use the reserved prefix 'dockvm.'", reason="bad_labels"
+        )
+
+
+def free_disk(fs_free: int, volumes: Iterable[tuple[int, int]]) -> int:
+    """Free bytes once every sparse volume (apparent size, bytes used) is fully written."""
+    promised = sum(max(apparent - used, 0) for apparent, used in volumes)
+    return fs_free - promised
+
+
+@dataclass(frozen=True, slots=True)
+class Mount:
+    """A bind mount into the container."""
+
+    source: str
+    target: str
+    read_only: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerSpec:
+    """Everything Docker needs to make one machine's container."""
+
+    name: str
+    image: str
+    hostname: str
+    labels: dict[str, str]
+    env: dict[str, str]
+    cpus: float
+    memory: int
+    pids_limit: int
+    mounts: tuple[Mount, ...]
+    network: str
+    ip: str | None
+    capabilities: tuple[str, ...] = CAPABILITIES
+    restart_policy: str = "unless-stopped"
+    stop_timeout_s: int = 30
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def build_spec(
+    cmd: ContainerCreate,
+    *,
+    data_path: str,
+    network: str,
+    static_ip: bool,
+    lxcfs_root: str | None,
+    lxcfs_present: Iterable[str] = LXCFS_FILES,
+    pids_limit: int = 4096,
+    stop_timeout_s: int = 30,
+) -> ContainerSpec:
+    """The container of ``cmd``: limits, labels, sshd keys, /data and the LXCFS views."""
+    labels = {
+        **cmd.labels,
+        LABEL_MACHINE: cmd.machine_id,
+        LABEL_APP: cmd.app,
+        LABEL_IP: str(cmd.ip),
+        LABEL_VLAN: str(cmd.vlan_id),
+        LABEL_PREFIX: str(cmd.prefix_len),
+        LABEL_GATEWAY: str(cmd.gateway),
+    }
+    env = dict(cmd.env)
+    if cmd.ssh_authorized_keys:
+        env["DOCKVM_AUTHORIZED_KEYS"] = "\n".join(k.strip() for k in cmd.ssh_authorized_keys)
+    mounts = [Mount(data_path, "/data")]
+    if lxcfs_root is not None:
+        present = set(lxcfs_present)
+        mounts += [
+            Mount(f"{lxcfs_root}/{rel}", f"/{rel}", read_only=True)
+            for rel in LXCFS_FILES
+            if rel in present
+        ]
+    return ContainerSpec(
+        name=container_name(cmd.machine_id),
+        image=cmd.image,
+        hostname=cmd.hostname,
+        labels=labels,
+        env=env,
+        cpus=cmd.cpus,
+        memory=cmd.memory,
+        pids_limit=pids_limit,
+        mounts=tuple(mounts),
+        network=network,
+        ip=str(cmd.ip) if static_ip else None,
+        stop_timeout_s=stop_timeout_s,
+    )
+
+
+class ResizeRefused(ValidationFailed):
+    """A resize that would hurt the machine (shrink a disk, starve its memory)."""
+
+    reason = "resize_refused"
+
+
+@dataclass(frozen=True, slots=True)
+class ResizePlan:
+    """What to change: ``None`` leaves a resource as it is."""
+
+    cpus: float | None
+    memory: int | None
+    disk: int | None
+
+    @property
+    def empty(self) -> bool:
+        """Nothing to change."""
+        return self.cpus is None and self.memory is None and self.disk is None
+
+
+def plan_resize(
+    cmd: ContainerResize,
+    current: Limits,
+    *,
+    memory_used: int,
+    margin: int,
+    host: HostFacts,
+) -> ResizePlan:
+    """Decide a live resize, refusing a disk shrink and memory below usage (unless forced)."""
+    cpus = cmd.cpus if cmd.cpus is not None and cmd.cpus != current.cpus else None
+    memory = cmd.memory if cmd.memory is not None and cmd.memory != current.memory else None
+    disk = cmd.disk if cmd.disk is not None and cmd.disk != current.disk else None
+    if cpus is not None and cpus > host.cpus:
+        raise ResizeRefused(
+            f"cpus {cpus:g} exceeds the host's {host.cpus:g}", reason="cpus_exhausted"
+        )
+    if memory is not None:
+        if memory > host.memory:
+            raise ResizeRefused(
+                f"memory {format_bytes(memory)} exceeds the host's {format_bytes(host.memory)}",
+                reason="memory_exhausted",
+            )
+        if memory < host.min_memory:
+            raise ResizeRefused(
+                f"memory {format_bytes(memory)} is below the minimum "
+                f"{format_bytes(host.min_memory)}",
+                reason="memory_too_small",
+            )
+        if memory < current.memory and memory < memory_used + margin and not cmd.force:
+            raise ResizeRefused(
+                f"memory {format_bytes(memory)} is below current usage "
+                f"{format_bytes(memory_used)} plus margin {format_bytes(margin)}; "
+                "use force to do it anyway",
+                reason="memory_below_usage",
+            )
+    if disk is not None:
+        if disk < current.disk:
+            raise ResizeRefused(
+                f"disk {format_bytes(disk)} is smaller than the current "
+                f"{format_bytes(current.disk)}: XFS cannot shrink",
+                reason="disk_shrink_refused",
+            )
+        if disk - current.disk > host.disk_free:
+            raise ResizeRefused(
+                f"growing the disk by {format_bytes(disk - current.disk)} exceeds the host's "
+                f"free {format_bytes(max(host.disk_free, 0))}",
+                reason="disk_exhausted",
+            )
+    return ResizePlan(cpus=cpus, memory=memory, disk=disk)
+
+
+def allocation(machines: Iterable[Limits]) -> Limits:
+    """What the host's machines were given, summed."""
+    cpus = memory = disk = 0
+    for m in machines:
+        cpus += m.cpus
+        memory += m.memory
+        disk += m.disk
+    return Limits(cpus=round(cpus, 3), memory=memory, disk=disk)
+
+
+class OrphanTracker:
+    """Decides which labelled machines are orphans, and which have been orphans long enough.
+
+    A machine is an orphan while it is absent from the latest ``machines.known`` list. It is
+    due for removal once it was first seen unknown more than ``grace_s`` ago *and* a list
+    received after that moment still lacks it, so a stale list never removes anything.
+    """
+
+    def __init__(self, grace_s: float) -> None:
+        self.grace_s = grace_s
+        self._known: frozenset[str] | None = None
+        self._known_at: float | None = None
+        self._unknown_since: dict[str, float] = {}
+
+    def update_known(self, machine_ids: Iterable[str], now: float) -> None:
+        """Record the control plane's latest list."""
+        self._known = frozenset(machine_ids)
+        self._known_at = now
+
+    def is_orphan(self, machine_id: str) -> bool:
+        """Absent from the latest list (False while no list has arrived)."""
+        return self._known is not None and machine_id not in self._known
+
+    def sweep(self, present: Iterable[str], now: float) -> list[str]:
+        """Note which present machines are orphans; return those due for removal."""
+        present = set(present)
+        for gone in set(self._unknown_since) - present:
+            del self._unknown_since[gone]
+        due = []
+        for machine_id in sorted(present):
+            if not self.is_orphan(machine_id):
+                self._unknown_since.pop(machine_id, None)
+                continue
+            since = self._unknown_since.setdefault(machine_id, now)
+            assert self._known_at is not None
+            if now - since >= self.grace_s and self._known_at >= since:
+                due.append(machine_id)
+        return due
+
+    def forget(self, machine_id: str) -> None:
+        """Stop tracking a machine that was removed."""
+        self._unknown_since.pop(machine_id, None)
