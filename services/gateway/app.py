@@ -2,13 +2,62 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
+
+import structlog
 
 from libs.common.runner import ServiceContext
+
+from .api import GatewayState, build_api, problem_middleware
+from .handlers import BINDINGS, QUEUE, build_handlers
+from .sagas import SagaDriver
+from .settings import GatewaySettings
+from .store import GatewayStore
+
+__all__ = ["bootstrap_admin", "lifespan"]
+
+log = structlog.get_logger("gateway")
+
+
+async def bootstrap_admin(store: GatewayStore, path: Path) -> str | None:
+    """On first start, create the admin token and write it to ``path`` (0600); return it."""
+    if await store.has_admin():
+        return None
+    token = f"dvm_{secrets.token_urlsafe(32)}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    os.chmod(path, 0o600)
+    await store.add_token(token, "admin", "admin")
+    # Shown once, as k3s does with its kubeconfig; afterwards only the file holds it.
+    print(f"dockvm admin token (also in {path}): {token}", flush=True)
+    log.warning("admin token created", path=str(path))
+    return token
 
 
 @asynccontextmanager
 async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
     """Wire the gateway service for the life of the process."""
+    settings = ctx.settings
+    assert isinstance(settings, GatewaySettings)
+    store = GatewayStore(ctx.db)
+    await store.setup()
+    driver = SagaDriver(store, ctx.publisher, settings)
+    await bootstrap_admin(store, settings.token_path())
+
+    api = build_api(GatewayState(store=store, driver=driver, rpc=ctx.rpc, settings=settings))
+    ctx.http.middlewares.append(problem_middleware)
+    api.mount(ctx.http)
+
+    handlers = build_handlers(driver)
+    await ctx.consume(QUEUE, BINDINGS, handlers)
+    await driver.resume()
+    ctx.every(settings.saga_tick_s, driver.tick, "saga-tick", now=False)
+    ctx.every(5.0, driver.check_hosts, "host-check")
+    ctx.every(60.0, driver.announce_known, "machines-known", now=False)
     yield

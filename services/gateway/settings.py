@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 
 from libs.common.settings import CommonSettings
@@ -13,3 +15,26 @@ class GatewaySettings(CommonSettings):
     """gateway settings; ``DOCKVM_GATEWAY_PORT`` sets its HTTP port."""
 
     port: int = Field(default=8080, ge=1, le=65535, validation_alias="DOCKVM_GATEWAY_PORT")
+    # Overcommit ratios applied to a host's capacity; a host may override them with the
+    # heartbeat labels dockvm.overcommit.cpu|memory|disk.
+    overcommit_cpu: float = Field(default=4.0, gt=0, le=64)
+    overcommit_memory: float = Field(default=1.0, gt=0, le=8)
+    overcommit_disk: float = Field(default=1.0, gt=0, le=8)
+    host_stale_s: float = Field(default=30.0, gt=0)
+    host_down_s: float = Field(default=60.0, gt=0)
+    # A saga step with no answer after its timeout is re-sent, up to step_attempts times.
+    ip_step_timeout_s: float = Field(default=10.0, gt=0)
+    container_step_timeout_s: float = Field(default=120.0, gt=0)
+    action_step_timeout_s: float = Field(default=60.0, gt=0)
+    step_attempts: int = Field(default=3, ge=1, le=20)
+    saga_tick_s: float = Field(default=1.0, gt=0)
+    rpc_timeout_s: float = Field(default=10.0, gt=0)
+    wait_max_s: float = Field(default=900.0, gt=0)
+    resize_wait_s: float = Field(default=30.0, ge=0)
+    admin_token_file: Path | None = Field(
+        default=None, description="default: $DOCKVM_STATE_DIR/admin.token"
+    )
+
+    def token_path(self) -> Path:
+        """Where the bootstrap admin token is written."""
+        return self.admin_token_file or self.state_dir / "admin.token"

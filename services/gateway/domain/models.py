@@ -1,0 +1,299 @@
+"""The API's request and response models (pure pydantic). The OpenAPI document is built from them.
+
+Requests forbid unknown fields, so a typo is a 422 instead of a silently ignored option.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from libs.common.units import ByteSize
+
+__all__ = [
+    "APP_RE",
+    "HOSTNAME_RE",
+    "IMAGE_RE",
+    "Accepted",
+    "AcceptedMachine",
+    "ActionAccepted",
+    "AppScale",
+    "AuditEntry",
+    "AuditPage",
+    "HostOut",
+    "IpInfo",
+    "MachineCreate",
+    "MachineOut",
+    "MachinePage",
+    "MachinePatch",
+    "MachineQuery",
+    "PoolCreateBody",
+    "Problem",
+    "ScaleResult",
+    "TokenCreate",
+    "TokenCreated",
+    "TokenOut",
+    "Transition",
+    "WaitQuery",
+]
+
+APP_RE = r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$"
+DC_RE = r"^[a-z0-9][a-z0-9-]{0,31}$"
+# RFC 1123 label; the prefix leaves room for the "-<n>" suffix within 63 characters.
+HOSTNAME_RE = r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$"
+
+_LABEL = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?"
+_DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*(?::[0-9]+)?"
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_TAG = r"[\w][\w.-]{0,127}"
+_DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}"
+# The grammar of github.com/distribution/reference.
+IMAGE_RE = rf"^(?:{_DOMAIN}/)?{_COMPONENT}(?:/{_COMPONENT})*(?::{_TAG})?(?:@{_DIGEST})?$"
+_IMAGE = re.compile(IMAGE_RE)
+_SSH_KEY = re.compile(
+    r"^(ssh-(rsa|ed25519|dss)|ecdsa-sha2-nistp(256|384|521)|sk-[a-z0-9@.-]+)"
+    r" [A-Za-z0-9+/]+=*( \S.*)?$"
+)
+
+
+def _image(value: str) -> str:
+    if len(value) > 512 or not _IMAGE.match(value):
+        raise ValueError(f"{value!r} is not an image reference such as registry:5000/team/app:1.2")
+    return value
+
+
+def _ssh_key(value: str) -> str:
+    if not _SSH_KEY.match(value.strip()):
+        raise ValueError("not an OpenSSH public key (type, base64 key, optional comment)")
+    return value.strip()
+
+
+ImageRef = Annotated[str, AfterValidator(_image)]
+SshKey = Annotated[str, AfterValidator(_ssh_key)]
+Cpus = Annotated[float, Field(gt=0, le=512)]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MachineCreate(_Request):
+    """``POST /v1/machines``: create ``count`` machines of one app."""
+
+    type: Literal["docker", "kvm"] = "docker"
+    app: str = Field(pattern=APP_RE)
+    image: ImageRef
+    cpus: Cpus
+    memory: ByteSize
+    disk: ByteSize
+    dc: str = Field(pattern=DC_RE)
+    vlan_id: int = Field(ge=1, le=4094)
+    count: int = Field(default=1, ge=1, le=100)
+    hostname_prefix: str | None = Field(default=None, pattern=HOSTNAME_RE)
+    ssh_keys: list[SshKey] = Field(default_factory=list, max_length=50)
+
+
+class MachinePatch(_Request):
+    """``PATCH /v1/machines/{id}``: resize live; ``force`` overrides the scale-down guard."""
+
+    cpus: Cpus | None = None
+    memory: ByteSize | None = None
+    disk: ByteSize | None = None
+    force: bool = False
+
+    @model_validator(mode="after")
+    def _something(self) -> MachinePatch:
+        if self.cpus is None and self.memory is None and self.disk is None:
+            raise ValueError("give at least one of cpus, memory, disk")
+        return self
+
+
+class AppScale(_Request):
+    """``POST /v1/apps/{app}/scale``: the wanted number of machines (ids pick who goes)."""
+
+    count: int = Field(ge=0, le=1000)
+    ids: list[str] | None = Field(default=None, max_length=1000)
+
+
+class PoolCreateBody(_Request):
+    """``POST /v1/pools``: an address pool on one VLAN of one dc."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
+    dc: str = Field(pattern=DC_RE)
+    vlan_id: int = Field(ge=1, le=4094)
+    cidr: str = Field(min_length=9, max_length=18)
+    gateway: str
+    reserved: list[str] = Field(default_factory=list)
+    cooldown_s: int = Field(default=7 * 24 * 3600, ge=0)
+
+
+class TokenCreate(_Request):
+    """``POST /v1/tokens``: a named token with a role."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._@-]+$")
+    role: Literal["admin", "ops", "release", "viewer"]
+
+
+# --- responses ----------------------------------------------------------------------------
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details; ``errors`` lists every failing field of a 422."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str | None = None
+    instance: str | None = None
+    reason: str | None = None
+    errors: list[dict[str, Any]] | None = None
+
+
+class Transition(BaseModel):
+    """One state change of a machine."""
+
+    state: str
+    at: datetime
+    reason: str | None = None
+
+
+class MachineOut(BaseModel):
+    """A machine as the API shows it."""
+
+    id: str
+    type: str
+    app: str
+    state: str
+    reason: str | None = None
+    image: str
+    cpus: float
+    memory: int
+    disk: int
+    dc: str
+    vlan_id: int
+    hostname: str
+    ip: str | None = None
+    host: str | None = None
+    pending: str | None = Field(default=None, description="the operation in progress, if any")
+    created_at: datetime
+    updated_at: datetime
+    transitions: list[Transition] = Field(default_factory=list)
+    links: dict[str, str] = Field(default_factory=dict)
+
+
+class MachinePage(BaseModel):
+    """One page of machines; ``next`` is the cursor of the following page."""
+
+    items: list[MachineOut]
+    next: str | None = None
+
+
+class AcceptedMachine(BaseModel):
+    """A machine a request created, with where to follow it."""
+
+    id: str
+    state: str
+    links: dict[str, str]
+
+
+class Accepted(BaseModel):
+    """The answer to a create: the machines' ids and links."""
+
+    machines: list[AcceptedMachine]
+    idempotency_key: str | None = None
+
+
+class ActionAccepted(BaseModel):
+    """The answer to a start/stop/restart/delete/resize."""
+
+    id: str
+    action: str
+    state: str
+    links: dict[str, str]
+
+
+class ScaleResult(BaseModel):
+    """What a scale did."""
+
+    app: str
+    count: int
+    created: list[str]
+    destroying: list[str]
+
+
+class HostOut(BaseModel):
+    """A Docker host, from its heartbeats."""
+
+    id: str
+    dc: str
+    status: str
+    last_seen: datetime
+    capacity: dict[str, float]
+    allocated: dict[str, float]
+    machines: int
+    labels: dict[str, str] = Field(default_factory=dict)
+    version: str | None = None
+
+
+class TokenOut(BaseModel):
+    """A token's metadata (never the secret)."""
+
+    id: str
+    name: str
+    role: str
+    created_at: datetime
+    revoked: bool = False
+
+
+class TokenCreated(TokenOut):
+    """A new token: the secret is shown this once."""
+
+    token: str
+
+
+class AuditEntry(BaseModel):
+    """Who did what, when, and how it ended."""
+
+    at: datetime
+    who: str
+    role: str
+    method: str
+    path: str
+    status: int
+    target: str | None = None
+
+
+class AuditPage(BaseModel):
+    """Audit entries, newest first."""
+
+    items: list[AuditEntry]
+
+
+class IpInfo(BaseModel):
+    """Who holds an IP now, and who held it before."""
+
+    ip: str
+    owner: MachineOut | None = None
+    history: list[dict[str, Any]] = Field(default_factory=list)
+    lease: dict[str, Any] | None = None
+
+
+class MachineQuery(_Request):
+    """Query of ``GET /v1/machines``: filters and paging (unknown parameters are refused)."""
+
+    app: str | None = Field(default=None, pattern=APP_RE)
+    state: str | None = None
+    host: str | None = None
+    ip: str | None = None
+    ids: str | None = Field(default=None, description="comma-separated machine ids")
+    limit: int = Field(default=100, ge=1, le=1000)
+    after: str | None = Field(default=None, description="cursor: the last id of the page before")
+
+
+class WaitQuery(_Request):
+    """``?wait=<seconds>`` on a create."""
+
+    wait: float = Field(default=0, ge=0, le=3600)

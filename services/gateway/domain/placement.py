@@ -1,0 +1,105 @@
+"""Placement of a new machine on a host, and host liveness from heartbeat age (pure).
+
+The rule: keep the hosts that are online, in the pool's dc and fit the machine under their
+overcommit ratios; among them prefer the hosts with the fewest machines of the same app
+(anti-affinity); among those, pack for density: the most-allocated host that fits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+__all__ = ["HostView", "Ratios", "Res", "host_status", "largest", "place"]
+
+
+@dataclass(frozen=True, slots=True)
+class Res:
+    """CPUs, memory bytes and disk bytes."""
+
+    cpus: float = 0.0
+    memory: int = 0
+    disk: int = 0
+
+    def __add__(self, other: Res) -> Res:
+        return Res(self.cpus + other.cpus, self.memory + other.memory, self.disk + other.disk)
+
+
+@dataclass(frozen=True, slots=True)
+class Ratios:
+    """Overcommit ratio per resource."""
+
+    cpus: float = 1.0
+    memory: float = 1.0
+    disk: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class HostView:
+    """What placement needs to know of one host."""
+
+    host_id: str
+    dc: str
+    status: str
+    capacity: Res
+    allocated: Res
+    ratios: Ratios = Ratios()
+
+    def limit(self) -> Res:
+        """Capacity after overcommit."""
+        return Res(
+            self.capacity.cpus * self.ratios.cpus,
+            int(self.capacity.memory * self.ratios.memory),
+            int(self.capacity.disk * self.ratios.disk),
+        )
+
+    def fits(self, need: Res) -> bool:
+        """Whether ``need`` fits next to what is already allocated."""
+        lim, after = self.limit(), self.allocated + need
+        # A small epsilon so that 0.1 + 0.2 cpus fit in 0.3.
+        return (
+            after.cpus <= lim.cpus + 1e-9 and after.memory <= lim.memory and after.disk <= lim.disk
+        )
+
+    def fill(self) -> float:
+        """How allocated the host is: the fullest resource's share of its limit."""
+        lim = self.limit()
+        shares = [
+            self.allocated.cpus / lim.cpus if lim.cpus else 1.0,
+            self.allocated.memory / lim.memory if lim.memory else 1.0,
+            self.allocated.disk / lim.disk if lim.disk else 1.0,
+        ]
+        return max(shares)
+
+
+def place(
+    hosts: Iterable[HostView], need: Res, dc: str, app_counts: Mapping[str, int]
+) -> str | None:
+    """The host for a new machine needing ``need`` in ``dc``, or None when nothing fits."""
+    fitting = [h for h in hosts if h.status == "online" and h.dc == dc and h.fits(need)]
+    if not fitting:
+        return None
+    fewest = min(app_counts.get(h.host_id, 0) for h in fitting)
+    spread = [h for h in fitting if app_counts.get(h.host_id, 0) == fewest]
+    # Most allocated first; the host id breaks ties so placement is deterministic.
+    spread.sort(key=lambda h: (-h.fill(), h.host_id))
+    return spread[0].host_id
+
+
+def largest(hosts: Iterable[HostView], dc: str | None = None) -> Res | None:
+    """The largest limit per resource among the hosts (of ``dc``), or None without hosts."""
+    lims = [h.limit() for h in hosts if dc is None or h.dc == dc]
+    if not lims:
+        return None
+    return Res(
+        max(r.cpus for r in lims), max(r.memory for r in lims), max(r.disk for r in lims)
+    )
+
+
+def host_status(age_s: float, stale_s: float, down_s: float) -> str:
+    """``online``, ``stale`` or ``down`` from the age of the last heartbeat."""
+    if age_s < stale_s:
+        return "online"
+    if age_s < down_s:
+        return "stale"
+    return "down"

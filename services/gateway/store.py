@@ -1,0 +1,342 @@
+"""The gateway's MongoDB state: machines, hosts, apps, tokens, the audit log, idempotency keys.
+
+Every state change is one conditional ``find_one_and_update`` (the expected current state is in
+the filter), so two deliveries of the same event, or two replicas, cannot both apply it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+from pymongo import ASCENDING, DESCENDING, IndexModel, ReturnDocument
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import BulkWriteError, DuplicateKeyError
+
+from libs.common.db import ensure_indexes
+from libs.common.errors import translate_errors
+
+from .domain import ACTIVE_STATES, Res
+
+__all__ = ["GatewayStore", "hash_token", "new_machine_id", "now"]
+
+MACHINES, HOSTS, APPS, TOKENS, AUDIT, IDEMPOTENCY = (
+    "machines",
+    "hosts",
+    "apps",
+    "tokens",
+    "audit",
+    "idempotency",
+)
+INDEXES = {
+    MACHINES: [
+        IndexModel([("app", ASCENDING), ("created_at", ASCENDING)]),
+        IndexModel([("state", ASCENDING)]),
+        IndexModel([("host", ASCENDING)]),
+        IndexModel([("ip", ASCENDING)]),
+        IndexModel([("saga.deadline", ASCENDING)]),
+    ],
+    TOKENS: [IndexModel([("name", ASCENDING)])],
+    AUDIT: [IndexModel([("at", DESCENDING)])],
+}
+_ACTIVE = sorted(s.value for s in ACTIVE_STATES)
+
+
+def now() -> datetime:
+    """The current time, UTC, at millisecond precision (what BSON keeps)."""
+    t = datetime.now(UTC)
+    return t.replace(microsecond=t.microsecond // 1000 * 1000)
+
+
+def new_machine_id() -> str:
+    """A machine id that sorts by creation time: ``m-<µs hex><random>``."""
+    return f"m-{time.time_ns() // 1000:x}{secrets.token_hex(3)}"
+
+
+def hash_token(token: str) -> str:
+    """The stored form of a bearer token (SHA-256; tokens are 32 random bytes)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class GatewayStore:
+    """All of the gateway's reads and writes."""
+
+    def __init__(self, db: AsyncDatabase) -> None:
+        self._db = db
+        self.machines = db[MACHINES]
+        self.hosts = db[HOSTS]
+        self.apps = db[APPS]
+        self.tokens = db[TOKENS]
+        self.audit = db[AUDIT]
+        self.idempotency = db[IDEMPOTENCY]
+
+    @translate_errors
+    async def setup(self) -> None:
+        """Create the indexes."""
+        await ensure_indexes(self._db, INDEXES)
+
+    # --- machines ---------------------------------------------------------------------------
+
+    @translate_errors
+    async def insert_machines(self, docs: list[dict[str, Any]]) -> None:
+        """Insert machine documents; ones that already exist (a replayed request) are kept."""
+        if not docs:
+            return
+        try:
+            await self.machines.insert_many(docs, ordered=False)
+        except BulkWriteError as err:
+            if any(e.get("code") != 11000 for e in err.details.get("writeErrors", [])):
+                raise
+
+    @translate_errors
+    async def get(self, machine_id: str) -> dict[str, Any] | None:
+        """One machine, or None."""
+        return await self.machines.find_one({"_id": machine_id})
+
+    @translate_errors
+    async def by_ids(self, ids: Iterable[str]) -> list[dict[str, Any]]:
+        """The machines with these ids, in id order."""
+        return await self.machines.find({"_id": {"$in": list(ids)}}).sort("_id", 1).to_list()
+
+    @translate_errors
+    async def find(
+        self, filters: dict[str, Any], limit: int, after: str | None = None
+    ) -> list[dict[str, Any]]:
+        """A page of machines matching ``filters``, after the cursor ``after``, in id order."""
+        query = dict(filters)
+        if after:
+            query["_id"] = {"$gt": after}
+        return await self.machines.find(query).sort("_id", 1).limit(limit).to_list()
+
+    @translate_errors
+    async def app_machines(self, app: str, active_only: bool = True) -> list[dict[str, Any]]:
+        """The app's machines, oldest first."""
+        query: dict[str, Any] = {"app": app}
+        if active_only:
+            query["state"] = {"$in": _ACTIVE}
+        return await self.machines.find(query).sort("_id", 1).to_list()
+
+    @translate_errors
+    async def transition(
+        self,
+        machine_id: str,
+        from_states: Iterable[str],
+        to_state: str,
+        *,
+        reason: str | None = None,
+        set_: dict[str, Any] | None = None,
+        saga: dict[str, Any] | bool | None = False,
+    ) -> dict[str, Any] | None:
+        """Move a machine from one of ``from_states`` to ``to_state``; None when it was not there.
+
+        ``saga`` replaces the saga record (None clears it; False leaves it alone).
+        """
+        at = now()
+        fields: dict[str, Any] = {"state": to_state, "updated_at": at, "reason": reason}
+        fields.update(set_ or {})
+        if saga is not False:
+            fields["saga"] = saga
+        entry = {"state": to_state, "at": at, "reason": reason}
+        return await self.machines.find_one_and_update(
+            {"_id": machine_id, "state": {"$in": list(from_states)}},
+            {"$set": fields, "$push": {"transitions": entry}},
+            return_document=ReturnDocument.AFTER,
+        )
+
+    @translate_errors
+    async def update(
+        self, machine_id: str, match: dict[str, Any], set_: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """Set fields on a machine that matches ``match``; None when it does not."""
+        return await self.machines.find_one_and_update(
+            {"_id": machine_id, **match},
+            {"$set": {**set_, "updated_at": now()}},
+            return_document=ReturnDocument.AFTER,
+        )
+
+    @translate_errors
+    async def due_sagas(self, at: datetime, limit: int = 500) -> list[dict[str, Any]]:
+        """Machines whose current saga step has passed its deadline."""
+        return await self.machines.find({"saga.deadline": {"$lte": at}}).limit(limit).to_list()
+
+    @translate_errors
+    async def in_flight(self) -> list[dict[str, Any]]:
+        """Every machine with a saga in progress (resumed at start)."""
+        return await self.machines.find({"saga.op": {"$exists": True}}).to_list()
+
+    @translate_errors
+    async def allocations(self, dc: str) -> dict[str, Res]:
+        """What the gateway has given each host of ``dc``, summed over its active machines."""
+        rows = await (
+            await self.machines.aggregate(
+                [
+                    {"$match": {"dc": dc, "state": {"$in": _ACTIVE}, "host": {"$ne": None}}},
+                    {
+                        "$group": {
+                            "_id": "$host",
+                            "cpus": {"$sum": "$cpus"},
+                            "memory": {"$sum": "$memory"},
+                            "disk": {"$sum": "$disk"},
+                        }
+                    },
+                ]
+            )
+        ).to_list()
+        return {r["_id"]: Res(r["cpus"], int(r["memory"]), int(r["disk"])) for r in rows}
+
+    @translate_errors
+    async def app_counts(self, app: str) -> dict[str, int]:
+        """How many active machines of ``app`` each host holds."""
+        counts: dict[str, int] = {}
+        cursor = self.machines.find(
+            {"app": app, "state": {"$in": _ACTIVE}, "host": {"$ne": None}}, {"host": 1}
+        )
+        async for doc in cursor:
+            counts[doc["host"]] = counts.get(doc["host"], 0) + 1
+        return counts
+
+    @translate_errors
+    async def mark_host_unknown(self, host_id: str, states: Iterable[str]) -> list[dict[str, Any]]:
+        """Mark the host's machines in ``states`` unknown, remembering their state; return them."""
+        changed = []
+        async for doc in self.machines.find({"host": host_id, "state": {"$in": list(states)}}):
+            moved = await self.transition(
+                doc["_id"],
+                [doc["state"]],
+                "unknown",
+                reason="host_down",
+                set_={"state_before_unknown": doc["state"]},
+            )
+            if moved is not None:
+                changed.append(moved)
+        return changed
+
+    @translate_errors
+    async def unknown_on_host(self, host_id: str) -> list[dict[str, Any]]:
+        """The host's machines in state unknown."""
+        return await self.machines.find({"host": host_id, "state": "unknown"}).to_list()
+
+    @translate_errors
+    async def ids_on_host(self, host_id: str, states: Iterable[str]) -> list[str]:
+        """Ids of the host's machines in ``states``."""
+        cursor = self.machines.find(
+            {"host": host_id, "state": {"$in": list(states)}}, {"_id": 1}
+        )
+        return [d["_id"] async for d in cursor]
+
+    @translate_errors
+    async def machines_on_ip(self, ip: str) -> list[dict[str, Any]]:
+        """Every machine that held ``ip``, oldest first."""
+        return await self.machines.find({"ip": ip}).sort("_id", 1).to_list()
+
+    # --- hosts ------------------------------------------------------------------------------
+
+    @translate_errors
+    async def record_heartbeat(self, doc: dict[str, Any]) -> dict[str, Any] | None:
+        """Upsert a host from its heartbeat; return the previous document (None if new)."""
+        return await self.hosts.find_one_and_update(
+            {"_id": doc["_id"]}, {"$set": doc}, upsert=True, return_document=ReturnDocument.BEFORE
+        )
+
+    @translate_errors
+    async def list_hosts(self) -> list[dict[str, Any]]:
+        """Every host that ever sent a heartbeat."""
+        return await self.hosts.find({}).sort("_id", 1).to_list()
+
+    @translate_errors
+    async def set_host_status(self, host_id: str, old: str | None, new: str) -> bool:
+        """Record a host's liveness once; False when another worker already did."""
+        res = await self.hosts.update_one(
+            {"_id": host_id, "status": old}, {"$set": {"status": new}}
+        )
+        return res.modified_count == 1
+
+    # --- apps -------------------------------------------------------------------------------
+
+    @translate_errors
+    async def save_app_spec(self, app: str, spec: dict[str, Any]) -> None:
+        """Remember ``spec`` as the app's last spec (scale-out uses it)."""
+        await self.apps.update_one(
+            {"_id": app},
+            {"$set": {"spec": spec, "updated_at": now()}, "$setOnInsert": {"created_at": now()}},
+            upsert=True,
+        )
+
+    @translate_errors
+    async def get_app(self, app: str) -> dict[str, Any] | None:
+        """The app document, or None."""
+        return await self.apps.find_one({"_id": app})
+
+    # --- idempotency ------------------------------------------------------------------------
+
+    @translate_errors
+    async def get_idempotency(self, key: str) -> dict[str, Any] | None:
+        """The earlier request recorded under ``key``, or None."""
+        return await self.idempotency.find_one({"_id": key})
+
+    @translate_errors
+    async def claim_idempotency(
+        self, key: str, fingerprint: str, machine_ids: list[str]
+    ) -> dict[str, Any] | None:
+        """Record the key with these ids; if it exists, return the earlier record instead."""
+        try:
+            await self.idempotency.insert_one(
+                {"_id": key, "fingerprint": fingerprint, "ids": machine_ids, "at": now()}
+            )
+            return None
+        except DuplicateKeyError:
+            return await self.idempotency.find_one({"_id": key})
+
+    # --- tokens -----------------------------------------------------------------------------
+
+    @translate_errors
+    async def add_token(self, token: str, name: str, role: str) -> dict[str, Any]:
+        """Store a token (hashed) and return its document."""
+        doc = {
+            "_id": secrets.token_hex(6),
+            "hash": hash_token(token),
+            "name": name,
+            "role": role,
+            "created_at": now(),
+            "revoked": False,
+        }
+        await self.tokens.insert_one(doc)
+        return doc
+
+    @translate_errors
+    async def token_by_secret(self, token: str) -> dict[str, Any] | None:
+        """The live token with this secret, or None."""
+        return await self.tokens.find_one({"hash": hash_token(token), "revoked": False})
+
+    @translate_errors
+    async def list_tokens(self) -> list[dict[str, Any]]:
+        """Every token, oldest first."""
+        return await self.tokens.find({}).sort("created_at", 1).to_list()
+
+    @translate_errors
+    async def revoke_token(self, token_id: str) -> bool:
+        """Revoke a token; False when there is no such token."""
+        res = await self.tokens.update_one({"_id": token_id}, {"$set": {"revoked": True}})
+        return res.matched_count == 1
+
+    @translate_errors
+    async def has_admin(self) -> bool:
+        """Whether a live admin token exists."""
+        return await self.tokens.find_one({"role": "admin", "revoked": False}) is not None
+
+    # --- audit ------------------------------------------------------------------------------
+
+    @translate_errors
+    async def audit_write(self, entry: dict[str, Any]) -> None:
+        """Append one audit entry."""
+        await self.audit.insert_one(entry)
+
+    @translate_errors
+    async def audit_list(self, limit: int, who: str | None = None) -> list[dict[str, Any]]:
+        """The newest audit entries."""
+        query = {"who": who} if who else {}
+        return await self.audit.find(query).sort("at", -1).limit(limit).to_list()
