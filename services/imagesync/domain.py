@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,7 @@ __all__ = [
     "SyncOrder",
     "SyncStats",
     "UnsupportedManifest",
+    "add_to_history",
     "classify_event",
     "digest_of",
     "event_host",
@@ -262,15 +263,16 @@ class ReconcilePlan:
 
 def plan_reconcile(
     listing: Mapping[str, Mapping[tuple[str, str], str]],
-    known: Mapping[tuple[str, str], str],
+    history: Mapping[tuple[str, str], Sequence[str]],
     order: Iterable[str] | None = None,
 ) -> ReconcilePlan:
     """Decide the copies that bring every registry to the newest digest of each tag.
 
-    ``listing`` maps dc → (repo, tag) → digest; ``known`` is the last digest each tag was
-    pushed or replicated at. A tag held at one digest is copied to the registries missing it.
-    When registries disagree, the newest is the single digest that differs from the known
-    one (pushed while we were not listening); anything else is a conflict left alone.
+    ``listing`` maps dc → (repo, tag) → digest; ``history`` lists, oldest first, the digests
+    each tag was seen pushed or replicated at. A tag held at one digest is copied to the
+    registries missing it. When registries disagree, a single digest never seen is the newest
+    (pushed while we were not listening); with none unseen, the latest seen wins; two unseen
+    digests are a conflict, left alone and reported.
     """
     dcs = list(order) if order is not None else sorted(listing)
     plan = ReconcilePlan()
@@ -278,16 +280,24 @@ def plan_reconcile(
     for key in tags:
         held = {dc: listing[dc][key] for dc in dcs if key in listing.get(dc, {})}
         digests = set(held.values())
+        seen = list(history.get(key, ()))
+        unseen = digests - set(seen)
         if len(digests) == 1:
             newest = next(iter(digests))
+        elif len(unseen) == 1:
+            newest = next(iter(unseen))
+        elif not unseen:
+            newest = max(digests, key=seen.index)
         else:
-            fresh = digests - {known.get(key)}
-            if key not in known or len(fresh) != 1:
-                plan.conflicts.append((key[0], key[1], held))
-                continue
-            newest = next(iter(fresh))
+            plan.conflicts.append((key[0], key[1], held))
+            continue
         source = next(dc for dc in dcs if held.get(dc) == newest)
         for dc in dcs:
             if held.get(dc) != newest:
                 plan.orders.append(SyncOrder(source, dc, key[0], key[1], newest))
     return plan
+
+
+def add_to_history(history: Sequence[str], digest: str, keep: int = 20) -> list[str]:
+    """``history`` with ``digest`` moved (or added) to the newest end, capped to ``keep``."""
+    return [*(d for d in history if d != digest), digest][-keep:]

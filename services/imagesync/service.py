@@ -227,7 +227,7 @@ class SyncService:
             except (TransientError, DomainError) as err:
                 # An unreachable registry is left out of this round, as source and as target.
                 log.warning("reconcile skips a registry", dc=dc, error=str(err))
-        plan = plan_reconcile(listing, await self._store.known_tags(), order=list(listing))
+        plan = plan_reconcile(listing, await self._store.tag_history(), order=list(listing))
         for repo, tag, held in plan.conflicts:
             log.warning("tag differs between registries, newest unknown", repo=repo, tag=tag,
                         digests=held)

@@ -18,7 +18,7 @@ from pymongo.errors import DuplicateKeyError
 from libs.common.contracts.imagesync import SyncJobView
 from libs.common.db import ensure_indexes
 
-from .domain import SyncOrder, SyncStats, job_id
+from .domain import SyncOrder, SyncStats, add_to_history, job_id
 
 __all__ = ["JOBS", "SEEN", "MongoBlobIndex", "SyncStore"]
 
@@ -204,16 +204,19 @@ class SyncStore:
     # --- tag digests --------------------------------------------------------------------
 
     async def remember_tag(self, repo: str, tag: str, digest: str, dc: str) -> None:
-        """``repo:tag`` was last pushed or replicated at ``digest``."""
+        """``repo:tag`` was just seen pushed or replicated at ``digest``."""
+        key = f"{repo}:{tag}"
+        doc = await self._tags.find_one({"_id": key})
+        history = add_to_history(doc.get("history", []) if doc else [], digest)
         await self._tags.update_one(
-            {"_id": f"{repo}:{tag}"},
-            {"$set": {"repo": repo, "tag": tag, "digest": digest, "dc": dc, "at": _now()}},
+            {"_id": key},
+            {"$set": {"repo": repo, "tag": tag, "history": history, "dc": dc, "at": _now()}},
             upsert=True,
         )
 
-    async def known_tags(self) -> dict[tuple[str, str], str]:
-        """The last known digest of every tag."""
-        return {(d["repo"], d["tag"]): d["digest"] async for d in self._tags.find({})}
+    async def tag_history(self) -> dict[tuple[str, str], list[str]]:
+        """The digests each tag was seen at, oldest first."""
+        return {(d["repo"], d["tag"]): d.get("history", []) async for d in self._tags.find({})}
 
 
 class MongoBlobIndex:
