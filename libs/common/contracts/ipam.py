@@ -1,7 +1,14 @@
-"""Messages of the ipam service: the commands it accepts and the events it emits."""
+"""Messages of the ipam service: the commands it accepts, the events it emits, its RPC replies.
+
+Commands on queue ``ipam``: ``ip.allocate``, ``ip.allocate_many``, ``ip.release``,
+``pool.create|update|delete`` (the pool commands also answer an RPC with their outcome).
+Queries on queue ``ipam.queries`` (RPC only, not deduplicated): ``pool.list`` → ``pool.listing``,
+``ip.lookup`` → ``ip.info``.
+"""
 
 from __future__ import annotations
 
+from datetime import datetime
 from ipaddress import IPv4Address
 from typing import Literal
 
@@ -15,11 +22,20 @@ __all__ = [
     "IpAllocated",
     "IpAllocatedMany",
     "IpAllocationFailed",
+    "IpHistoryEntry",
+    "IpInfo",
+    "IpLookup",
     "IpRelease",
     "IpReleased",
+    "PoolChanged",
     "PoolCreate",
     "PoolDelete",
+    "PoolInfo",
+    "PoolList",
+    "PoolListing",
+    "PoolRejected",
     "PoolUpdate",
+    "PoolUsage",
 ]
 
 MachineId = str
@@ -29,7 +45,8 @@ VlanId = int
 class _PoolSelector(Command):
     pool: str | None = None
     dc: str | None = None
-    vlan_id: int | None = Field(default=None, ge=1, le=4094)
+    # The range (1-4094) is checked by ipam, so that a bad value gets an answer with a reason.
+    vlan_id: int | None = None
 
     @model_validator(mode="after")
     def _pool_or_dc_vlan(self) -> _PoolSelector:
@@ -71,7 +88,7 @@ class PoolCreate(Command):
     TYPE = "pool.create"
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
     dc: str = Field(min_length=1, max_length=32)
-    vlan_id: int = Field(ge=1, le=4094)
+    vlan_id: int  # 1-4094, checked by ipam (answered with pool.rejected reason "invalid")
     cidr: str
     gateway: IPv4Address
     reserved: list[str] = Field(default_factory=list)
@@ -157,3 +174,74 @@ class PoolRejected(Event):
     name: str
     reason: str
     detail: str = ""
+
+
+@register
+class PoolList(Command):
+    """Query (RPC): the pools, optionally of one dc, with their usage."""
+
+    TYPE = "pool.list"
+    dc: str | None = None
+
+
+class PoolUsage(Event):
+    """How a pool's usable addresses are spent; ``total`` excludes network and broadcast."""
+
+    total: int
+    allocated: int
+    cooling: int
+    reserved: int
+    free: int
+
+
+class PoolInfo(Event):
+    """One pool as listed."""
+
+    name: str
+    dc: str
+    vlan_id: int
+    cidr: str
+    gateway: IPv4Address
+    reserved: list[str]
+    cooldown_s: int
+    usage: PoolUsage
+
+
+@register
+class PoolListing(Event):
+    """Reply to ``pool.list``."""
+
+    TYPE = "pool.listing"
+    pools: list[PoolInfo]
+
+
+@register
+class IpLookup(Command):
+    """Query (RPC): the state, owner and history of one IP; ``at`` asks for the owner then."""
+
+    TYPE = "ip.lookup"
+    ip: IPv4Address
+    at: datetime | None = None
+
+
+class IpHistoryEntry(Event):
+    """One allocate or release of an IP."""
+
+    machine_id: MachineId
+    action: Literal["allocated", "released"]
+    at: datetime
+    pool: str = ""
+
+
+@register
+class IpInfo(Event):
+    """Reply to ``ip.lookup``: who holds the IP now (and at ``at``), and its whole history."""
+
+    TYPE = "ip.info"
+    ip: IPv4Address
+    pool: str | None
+    state: Literal["active", "cooling", "free", "reserved", "unknown"]
+    owner: MachineId | None = None
+    owner_at: MachineId | None = None
+    cooling_until: datetime | None = None
+    history: list[IpHistoryEntry] = Field(default_factory=list)
