@@ -164,6 +164,7 @@ def build_sample(
         at=cur.at,
         interval_s=round(elapsed, 3),
         cpu_percent=None if pct is None else round(pct, 2),
+        cpu_cores=None if pct is None else round(pct * quota / 100.0, 4),
         cpu_quota_cpus=quota,
         cpu_usage_s=cg.cpu_usage_ns / _NS,
         cpu_throttled_periods=cg.nr_throttled,

@@ -20,6 +20,7 @@ _LABELS = ["ip", "machine_id", "app", "host"]
 _SERIES: tuple[tuple[str, str, str, bool], ...] = (
     ("dockvm_container_cpu_percent", "CPU used over the last interval, % of the quota",
      "cpu_percent", False),
+    ("dockvm_container_cpu_cores", "CPUs used over the last interval", "cpu_cores", False),
     ("dockvm_container_cpu_quota_cpus", "CPU quota in CPUs", "cpu_quota_cpus", False),
     ("dockvm_container_cpu_usage_seconds", "CPU time used", "cpu_usage_s", True),
     ("dockvm_container_cpu_throttled_periods", "CFS periods throttled",

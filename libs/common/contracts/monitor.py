@@ -124,6 +124,9 @@ class ContainerSample(Event):
     cpu_percent: float | None = Field(
         default=None, description="usage as % of the container's own quota (None: first sample)"
     )
+    cpu_cores: float | None = Field(
+        default=None, description="CPUs used over the interval (0.5 = half of one core)"
+    )
     cpu_quota_cpus: float
     cpu_usage_s: float
     cpu_throttled_periods: int
