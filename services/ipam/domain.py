@@ -258,16 +258,14 @@ class HistoryEvent:
 
 def history_of(leases: Iterable[dict]) -> Iterator[HistoryEvent]:
     """Expand lease records (allocated_at, released_at) into time-ordered history events."""
-    events = []
-    for lease in leases:
-        events.append(
-            HistoryEvent(lease["machine_id"], "allocated", lease["allocated_at"], lease["pool"])
-        )
+    # Leases of one address never overlap, so lease order is time order even when an address
+    # is released and handed out again within the same millisecond.
+    for lease in sorted(leases, key=lambda d: (d["allocated_at"], d.get("gen", 0))):
+        yield HistoryEvent(lease["machine_id"], "allocated", lease["allocated_at"], lease["pool"])
         if lease.get("released_at") is not None:
-            events.append(
-                HistoryEvent(lease["machine_id"], "released", lease["released_at"], lease["pool"])
+            yield HistoryEvent(
+                lease["machine_id"], "released", lease["released_at"], lease["pool"]
             )
-    yield from sorted(events, key=lambda e: (e.at, e.action != "allocated"))
 
 
 def owner_at(leases: Iterable[dict], at: datetime) -> str | None:

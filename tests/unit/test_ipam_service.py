@@ -1,0 +1,265 @@
+"""ipam's use cases on the in-memory store: idempotence, order, cooldown, bulk, pool rules."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from ipaddress import IPv4Address
+
+import pytest
+
+from services.ipam.domain import AllocationError, PoolRejectedError
+from services.ipam.service import Ipam
+from services.ipam.store import MemoryIpamStore
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2026, 11, 24, 12, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store() -> MemoryIpamStore:
+    return MemoryIpamStore()
+
+
+@pytest.fixture
+async def ipam(store, clock) -> Ipam:
+    ipam = Ipam(store, block_size=8, pool_cache_s=0, clock=clock)
+    # /27: 30 usable, gateway .1 and .10-.12 reserved: 26 allocatable.
+    await ipam.create_pool("p", "dc1", 100, "10.100.0.0/27", IPv4Address("10.100.0.1"),
+                           ["10.100.0.10-10.100.0.12"], 3600)
+    return ipam
+
+
+async def _fill(ipam: Ipam, n: int, prefix: str = "m") -> list[str]:
+    return [str((await ipam.allocate(f"{prefix}{i}", pool="p")).ip) for i in range(n)]
+
+
+async def test_allocation_carries_the_network_settings(ipam):
+    a = await ipam.allocate("m1", dc="dc1", vlan_id=100)
+    assert (str(a.ip), a.prefix_len, str(a.gateway), a.vlan_id, a.pool, a.dc) == (
+        "10.100.0.2", 27, "10.100.0.1", 100, "p", "dc1"
+    )
+
+
+async def test_same_machine_gets_same_ip_even_concurrently(ipam, store):
+    got = await asyncio.gather(*[ipam.allocate("m1", pool="p") for _ in range(5)])
+    again = await ipam.allocate("m1", pool="p")
+    assert {a.ip for a in got} == {again.ip}
+    assert await store.count_active((await store.get_pool("p"))["uid"]) == 1
+
+
+async def test_replicas_on_one_store_never_share_an_ip(store, ipam, clock):
+    other = Ipam(store, block_size=8, pool_cache_s=0, clock=clock)
+    got = await asyncio.gather(
+        *[(ipam, other)[i % 2].allocate(f"m{i}", pool="p") for i in range(26)]
+    )
+    assert len({a.ip for a in got}) == 26
+
+
+async def test_full_pool_answers_pool_exhausted(ipam):
+    await _fill(ipam, 26)
+    with pytest.raises(AllocationError) as exc:
+        await ipam.allocate("one-too-many", pool="p")
+    assert exc.value.reason == "pool_exhausted"
+
+
+async def test_never_used_first_then_least_recently_released_after_cooldown(ipam, clock):
+    ips = await _fill(ipam, 24)
+    for mid in ("m5", "m2", "m9"):
+        await ipam.release(mid)
+        clock.advance(60)
+    fresh = await _fill(ipam, 2, prefix="new")
+    with pytest.raises(AllocationError) as cooling:
+        await ipam.allocate("early", pool="p")
+    clock.advance(3600)
+    reused = await _fill(ipam, 3, prefix="late")
+    assert cooling.value.reason == "pool_exhausted"
+    assert not set(fresh) & set(ips)
+    assert reused == [ips[5], ips[2], ips[9]]
+
+
+async def test_a_changed_cooldown_applies_to_addresses_already_cooling(ipam, clock):
+    ips = await _fill(ipam, 26)
+    await ipam.release("m3")
+    await ipam.update_pool("p", None, 0)
+    assert str((await ipam.allocate("x", pool="p")).ip) == ips[3]
+
+
+@pytest.mark.parametrize(
+    ("ip", "reason"),
+    [
+        ("10.100.0.1", "ip_reserved"),
+        ("10.100.0.11", "ip_reserved"),
+        ("10.100.0.31", "ip_reserved"),
+        ("10.100.1.5", "ip_outside_pool"),
+        ("10.100.0.2", "ip_taken"),
+        ("10.100.0.3", "ip_cooling"),
+    ],
+)
+async def test_exact_ip_fails_clearly(ipam, ip, reason):
+    await _fill(ipam, 2)
+    await ipam.release("m1")
+    with pytest.raises(AllocationError) as exc:
+        await ipam.allocate("kvm", pool="p", ip=IPv4Address(ip))
+    assert exc.value.reason == reason
+
+
+async def test_exact_ip_is_reserved_and_then_skipped_by_the_cursor(ipam):
+    kvm = await ipam.allocate("kvm", pool="p", ip=IPv4Address("10.100.0.4"))
+    others = await _fill(ipam, 25)
+    assert str(kvm.ip) == "10.100.0.4"
+    assert "10.100.0.4" not in others
+
+
+async def test_exact_ip_after_cooldown_is_allowed(ipam, clock):
+    await _fill(ipam, 2)
+    await ipam.release("m1")
+    clock.advance(3601)
+    a = await ipam.allocate("kvm", pool="p", ip=IPv4Address("10.100.0.3"))
+    b = await ipam.allocate("next", pool="p")
+    assert (str(a.ip), str(b.ip)) == ("10.100.0.3", "10.100.0.4")
+
+
+async def test_unknown_pool(ipam):
+    with pytest.raises(AllocationError) as exc:
+        await ipam.allocate("m", dc="dc1", vlan_id=5000)
+    assert exc.value.reason == "unknown_pool"
+
+
+async def test_release_of_a_machine_without_lease_is_a_noop(ipam):
+    assert await ipam.release("ghost") is None
+
+
+async def test_release_twice_keeps_one_history_entry(ipam, store):
+    a = await ipam.allocate("m", pool="p")
+    await ipam.release("m")
+    await ipam.release("m")
+    r = await ipam.lookup(a.ip)
+    assert [(e.machine_id, e.action) for e in r.history] == [("m", "allocated"), ("m", "released")]
+    assert r.state == "cooling"
+
+
+async def test_lookup_states_and_owner(ipam, clock):
+    await _fill(ipam, 1)
+    at = clock.now
+    clock.advance(10)
+    await ipam.release("m0")
+    clock.advance(3600)
+    await ipam.allocate("kvm", pool="p", ip=IPv4Address("10.100.0.2"))
+    r = await ipam.lookup(IPv4Address("10.100.0.2"), at=at)
+    states = [(await ipam.lookup(IPv4Address(ip))).state
+              for ip in ("10.100.0.3", "10.100.0.10", "192.168.1.1")]
+    assert (r.state, r.owner, r.owner_at) == ("active", "kvm", "m0")
+    assert states == ["free", "reserved", "unknown"]
+
+
+async def test_bulk_is_all_or_nothing_and_rollback_skips_cooldown(ipam):
+    await _fill(ipam, 20)
+    with pytest.raises(AllocationError) as exc:
+        await ipam.allocate_many("r1", [f"s{i}" for i in range(7)], pool="p")
+    got = await ipam.allocate_many("r2", [f"s{i}" for i in range(6)], pool="p")
+    usage = (await ipam.list_pools())[0]
+    assert exc.value.reason == "pool_exhausted"
+    assert len({a.ip for a in got}) == 6
+    assert (usage.allocated, usage.cooling, usage.free) == (26, 0, 0)
+
+
+async def test_bulk_is_idempotent(ipam):
+    first = await ipam.allocate_many("r1", ["a", "b", "c"], pool="p")
+    again = await ipam.allocate_many("r1", ["a", "b", "c"], pool="p")
+    assert first == again
+
+
+async def test_leftovers_of_a_dead_replica_are_used(store, ipam, clock):
+    dead = Ipam(store, block_size=8, pool_cache_s=0, clock=clock)
+    await dead.allocate("d", pool="p")  # claims a block of 8, uses one, then "dies"
+    got = await _fill(ipam, 25)
+    assert len(set(got)) == 25
+
+
+async def test_usage(ipam, clock):
+    await _fill(ipam, 5)
+    await ipam.release("m0")
+    v = (await ipam.list_pools())[0]
+    assert (v.total, v.allocated, v.cooling, v.reserved, v.free) == (30, 4, 1, 4, 21)
+
+
+@pytest.mark.parametrize(
+    ("name", "dc", "vlan", "cidr", "gateway", "reason"),
+    [
+        ("p", "dc1", 200, "10.200.0.0/24", "10.200.0.1", "exists"),
+        ("q", "dc1", 100, "10.200.0.0/24", "10.200.0.1", "vlan_taken"),
+        ("q", "dc1", 200, "10.100.0.16/28", "10.100.0.17", "overlap"),
+        ("q", "dc2", 100, "10.0.0.0/8", "10.0.0.1", "overlap"),
+        ("q", "dc2", 100, "10.99.0.0/8", "10.99.0.1", "invalid"),
+        ("q", "dc2", 100, "10.99.0.0/24", "10.98.0.1", "invalid"),
+    ],
+)
+async def test_pool_create_rejections_change_nothing(
+    ipam, store, name, dc, vlan, cidr, gateway, reason
+):
+    before = await store.list_pools()
+    with pytest.raises(PoolRejectedError) as exc:
+        await ipam.create_pool(name, dc, vlan, cidr, IPv4Address(gateway), [], 0)
+    assert exc.value.reason == reason
+    assert await store.list_pools() == before
+
+
+async def test_same_vlan_in_another_dc_is_fine(ipam):
+    await ipam.create_pool("q", "dc2", 100, "10.101.0.0/24", IPv4Address("10.101.0.1"), [], 0)
+    assert [v.pool.name for v in await ipam.list_pools("dc2")] == ["q"]
+
+
+async def test_redelivered_create_is_idempotent(ipam):
+    args = ("q", "dc1", 101, "10.101.0.0/24", IPv4Address("10.101.0.1"), [], 0)
+    first = await ipam.create_pool(*args)
+    assert (await ipam.create_pool(*args)).uid == first.uid
+
+
+async def test_delete_refused_while_leased_then_allowed(ipam):
+    await ipam.allocate("m", pool="p")
+    with pytest.raises(PoolRejectedError) as exc:
+        await ipam.delete_pool("p")
+    await ipam.release("m")
+    await ipam.delete_pool("p")
+    assert exc.value.reason == "pool_in_use"
+    assert await ipam.list_pools() == []
+
+
+async def test_reserving_a_leased_address_is_refused(ipam):
+    await ipam.allocate("m", pool="p")
+    with pytest.raises(PoolRejectedError) as exc:
+        await ipam.update_pool("p", ["10.100.0.2"], None)
+    assert exc.value.reason == "ip_taken"
+
+
+async def test_unreserved_addresses_become_allocatable(ipam):
+    await _fill(ipam, 26)
+    await ipam.update_pool("p", [], None)
+    got = await _fill(ipam, 3, prefix="u")
+    assert sorted(got) == ["10.100.0.10", "10.100.0.11", "10.100.0.12"]
+
+
+async def test_newly_reserved_free_address_is_not_handed_out(ipam, clock):
+    ips = await _fill(ipam, 26)
+    await ipam.release("m0")
+    clock.advance(7200)
+    await ipam.update_pool("p", ["10.100.0.10-10.100.0.12", ips[0]], None)
+    with pytest.raises(AllocationError) as exc:
+        await ipam.allocate("x", pool="p")
+    assert exc.value.reason == "pool_exhausted"
