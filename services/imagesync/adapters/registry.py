@@ -45,12 +45,17 @@ class RegistryUnauthorized(DomainError):
     status = 401
 
 
-def new_session(timeout_s: float, connections: int = 32) -> aiohttp.ClientSession:
-    """The HTTP session of all registry clients: no decompression, bounded read timeout."""
+def new_session(
+    timeout_s: float, connections: int = 32, user_agent: str = USER_AGENT
+) -> aiohttp.ClientSession:
+    """The HTTP session of all registry clients: no decompression, bounded read timeout.
+
+    The user agent marks our pushes, so their notifications are not replicated again.
+    """
     return aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(total=None, connect=5, sock_connect=5, sock_read=timeout_s),
         connector=aiohttp.TCPConnector(limit=connections, limit_per_host=connections),
-        headers={"User-Agent": USER_AGENT},
+        headers={"User-Agent": user_agent},
         auto_decompress=False,
     )
 
