@@ -82,8 +82,16 @@ class DockerEngine:
         self._timeout = timeout
         self._labels = label_filters(label)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="monitor-docker")
-        self._api = docker.APIClient(base_url=url, timeout=timeout, version="auto")
+        self._client: docker.APIClient | None = None
         self._cache: dict[str, Observed] = {}
+
+    @property
+    def _api(self) -> docker.APIClient:
+        # Made on first use, in a worker thread: version negotiation is a blocking call.
+        if self._client is None:
+            self._client = docker.APIClient(base_url=self._url, timeout=self._timeout,
+                                            version="auto")
+        return self._client
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -137,11 +145,12 @@ class DockerEngine:
 
     async def ping(self) -> None:
         """Raise unless dockerd answers."""
-        await self._run(translate_errors(self._api.ping))
+        await self._run(translate_errors(lambda: self._api.ping()))
 
     def close(self) -> None:
         """Release the client and the threads."""
-        self._api.close()
+        if self._client is not None:
+            self._client.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
