@@ -8,6 +8,7 @@ source "$(dirname "$0")/lib.sh"
 FERRETDB_VERSION=v1.24.2
 FERRETDB_MODULE=github.com/FerretDB/FerretDB
 PYTHON=${DOCKVM_PYTHON:-python3}
+GOBIN=${DOCKVM_GOBIN:-/usr/local/bin}
 
 APT_PACKAGES=(
   docker.io rabbitmq-server docker-registry lxcfs fuse3 xfsprogs skopeo debootstrap
@@ -18,7 +19,7 @@ APT_PACKAGES=(
 install_apt_packages() {
   local missing=() p
   for p in "${APT_PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    [[ $(dpkg-query -W -f='${Status}' "$p" 2>/dev/null) == "install ok installed" ]] || missing+=("$p")
   done
   if ((${#missing[@]} == 0)); then
     say "install: debian packages present"
@@ -45,13 +46,14 @@ install_apt_packages() {
 }
 
 ferretdb_ok() {
-  command -v ferretdb >/dev/null && ferretdb --version 2>/dev/null | grep -qx "version: $FERRETDB_VERSION"
+  local out
+  out=$("$GOBIN/ferretdb" --version 2>/dev/null) && grep -qx "version: $FERRETDB_VERSION" <<<"$out"
 }
 
 # `go install $FERRETDB_MODULE/cmd/ferretdb@$FERRETDB_VERSION` yields a binary that panics at
 # start: FerretDB embeds build/version/version.txt, which its release process generates and the
 # module zip lacks. So this builds the same module source, with that one file written, into
-# /usr/local/bin (the GOBIN the stack expects).
+# $GOBIN (/usr/local/bin, on the stack's PATH).
 install_ferretdb() {
   if ferretdb_ok; then
     say "install: ferretdb $FERRETDB_VERSION present"
@@ -70,9 +72,10 @@ install_ferretdb() {
   echo "go-install" >"$src/build/version/package.txt"
   (cd "$src" && GOFLAGS=-buildvcs=false go build -trimpath -o "$work/ferretdb" ./cmd/ferretdb) ||
     die "install: building ferretdb failed"
-  install -m 0755 "$work/ferretdb" /usr/local/bin/ferretdb
+  mkdir -p "$GOBIN"
+  install -m 0755 "$work/ferretdb" "$GOBIN/ferretdb"
   rm -rf "$work"
-  ferretdb_ok || die "install: /usr/local/bin/ferretdb does not report $FERRETDB_VERSION"
+  ferretdb_ok || die "install: $GOBIN/ferretdb does not report $FERRETDB_VERSION"
 }
 
 install_venv() {

@@ -57,22 +57,33 @@ EOF
   say "stack: starting rabbitmq"
   # Debian's wrapper drops to the rabbitmq user with su, which keeps these variables.
   RABBITMQ_NODENAME=$DOCKVM_RABBITMQ_NODENAME RABBITMQ_CONFIG_FILE=$RABBITMQ_CONF \
+    RABBITMQ_NODE_PORT=$DOCKVM_RABBITMQ_PORT RABBITMQ_DIST_PORT=$((DOCKVM_RABBITMQ_PORT + 20000)) \
     RABBITMQ_LOGS=- ERL_EPMD_ADDRESS=127.0.0.1 \
     RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}" \
     spawn rabbitmq /usr/sbin/rabbitmq-server
   RABBITMQ_LAUNCHED=1
 }
 
+# rabbitmq_up_or_dead: stops the wait early when the node we launched has already exited.
+rabbitmq_up_or_dead() {
+  rabbitmq_up || { [[ -f $RUN_DIR/rabbitmq.pid ]] && ! pid_alive "$RUN_DIR/rabbitmq.pid"; }
+}
+
 rabbitmq_wait() {
   ((RABBITMQ_LAUNCHED)) || return 0
-  wait_until "$DOCKVM_START_TIMEOUT" rabbitmq_up ||
+  wait_until "$DOCKVM_START_TIMEOUT" rabbitmq_up_or_dead || true
+  rabbitmq_up ||
     die "rabbitmq: not answering on $(amqp_addr) and $(mgmt_url) after ${DOCKVM_START_TIMEOUT}s (log: $LOG_DIR/rabbitmq.log)"
 }
 
+# The node runs in a session of its own under su, so the wrapper's pid is not enough: the pid
+# file only marks the node as ours, and rabbitmqctl stops it.
 rabbitmq_down() {
-  pid_alive "$RUN_DIR/rabbitmq.pid" || { rm -f "$RUN_DIR/rabbitmq.pid"; return 0; }
+  [[ -f $RUN_DIR/rabbitmq.pid ]] || return 0
   say "stack: stopping rabbitmq"
-  rabbitmq_ctl stop >>"$LOG_DIR/rabbitmq.log" 2>&1 || warn "rabbitmqctl stop failed; signalling the node"
+  if tcp_open "$DOCKVM_HOST" "$DOCKVM_RABBITMQ_PORT"; then
+    rabbitmq_ctl stop >>"$LOG_DIR/rabbitmq.log" 2>&1 || warn "rabbitmqctl stop failed (log: $LOG_DIR/rabbitmq.log)"
+  fi
   stop_pidfile rabbitmq 30
 }
 
@@ -244,7 +255,7 @@ _ovs_start() {
   if ! timeout 5 ovs-vsctl --timeout=3 show >/dev/null 2>&1; then
     ovsdb-server "$db" --remote="punix:$OVS_RUN/db.sock" \
       --remote=db:Open_vSwitch,Open_vSwitch,manager_options \
-      --pidfile="$OVS_RUN/ovsdb-server.pid" --log-file="$LOG_DIR/ovsdb-server.log" -vconsole:off \
+      --pidfile="$OVS_RUN/ovsdb-server.pid" --log-file="$LOG_DIR/ovsdb-server.log" -vconsole:off 2>>"$LOG_DIR/ovsdb-server.log" \
       --detach || return 1
     ln -sf "$OVS_RUN/ovsdb-server.pid" "$RUN_DIR/ovsdb-server.pid"
     ovs-vsctl --timeout=10 --no-wait init || return 1
@@ -253,7 +264,7 @@ _ovs_start() {
     fi
   fi
   ovs-vswitchd "unix:$OVS_RUN/db.sock" --pidfile="$OVS_RUN/ovs-vswitchd.pid" \
-    --log-file="$LOG_DIR/ovs-vswitchd.log" -vconsole:off --detach || return 1
+    --log-file="$LOG_DIR/ovs-vswitchd.log" -vconsole:off --detach 2>>"$LOG_DIR/ovs-vswitchd.log" || return 1
   ln -sf "$OVS_RUN/ovs-vswitchd.pid" "$RUN_DIR/ovs-vswitchd.pid"
   wait_until 15 ovs_up || return 1
   # Proves the netdev datapath works here: there is no kernel module to fall back on.
@@ -299,11 +310,16 @@ cmd_up() {
 }
 
 cmd_down() {
+  local dc
   mkdir -p "$RUN_DIR"
   ovs_down
   lxcfs_down
-  stop_pidfile registry-dc2
-  stop_pidfile registry-dc1
+  for dc in dc2 dc1; do
+    if pid_alive "$RUN_DIR/registry-$dc.pid"; then
+      say "stack: stopping registry $dc"
+      stop_pidfile "registry-$dc"
+    fi
+  done
   if pid_alive "$RUN_DIR/dockerd.pid"; then
     say "stack: stopping dockerd"
     # dockerd stops its containers first; give them their stop timeouts.
