@@ -86,7 +86,7 @@ class HttpRegistry:
         self._base = URL(endpoint.url)
         self._session = session
         self._basic = (
-            aiohttp.BasicAuth(endpoint.username, endpoint.password or "")
+            aiohttp.encode_basic_auth(endpoint.username, endpoint.password or "")
             if endpoint.username
             else None
         )
@@ -106,7 +106,7 @@ class HttpRegistry:
         if token is not None:
             return {"Authorization": f"Bearer {token}"}
         if self._use_basic and self._basic is not None:
-            return {"Authorization": self._basic.encode()}
+            return {"Authorization": self._basic}
         return {}
 
     async def _authenticate(self, challenge: str, scopes: tuple[str, ...]) -> None:
@@ -130,9 +130,8 @@ class HttpRegistry:
         if params.get("service"):
             query.insert(0, ("service", params["service"]))
         try:
-            async with self._session.get(
-                URL(realm).extend_query(query), auth=self._basic
-            ) as resp:
+            headers = {"Authorization": self._basic} if self._basic else {}
+            async with self._session.get(URL(realm).extend_query(query), headers=headers) as resp:
                 if resp.status in (401, 403):
                     raise RegistryUnauthorized(
                         f"{self.dc}: token service refused us ({resp.status})"
