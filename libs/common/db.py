@@ -58,8 +58,10 @@ async def ensure_indexes(
 ) -> None:
     """Create each collection's indexes (idempotent; run at service start)."""
     for collection, models in indexes.items():
-        if models:
-            await db[collection].create_indexes(list(models))
+        # One index per command: FerretDB v1 drops the connection when a multi-index
+        # createIndexes names indexes that already exist (i.e. on every restart).
+        for model in models:
+            await db[collection].create_indexes([model])
 
 
 @asynccontextmanager
