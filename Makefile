@@ -48,5 +48,6 @@ bench: stack
 	for f in "$${files[@]}"; do echo "== $$f"; $(VENV)/bin/python "$$f"; done
 
 # Stops everything, then removes the state (data, logs, images' registry storage). Asks nothing.
-clean: stop
+clean:
+	scripts/services.sh stop
 	scripts/stack.sh clean

@@ -109,7 +109,17 @@ ferretdb_start() {
 docker_up() { timeout 10 docker info >/dev/null 2>&1; }
 
 docker_start() {
+  local pid
   docker_up && return
+  # A dockerd killed without cleanup leaves its pid file; dockerd refuses to start while that pid
+  # is alive, even when it has been reused by another program.
+  if [[ -s /var/run/docker.pid ]]; then
+    pid=$(</var/run/docker.pid)
+    if [[ $(cat "/proc/$pid/comm" 2>/dev/null) == dockerd ]]; then
+      die "docker: dockerd (pid $pid) runs but does not answer docker info (log: $LOG_DIR/dockerd.log)"
+    fi
+    rm -f /var/run/docker.pid
+  fi
   say "stack: starting dockerd"
   spawn dockerd dockerd --storage-driver overlay2
   wait_until 60 docker_up ||
