@@ -116,7 +116,9 @@ docker_start() {
   if [[ -s /var/run/docker.pid ]]; then
     pid=$(</var/run/docker.pid)
     if [[ $(cat "/proc/$pid/comm" 2>/dev/null) == dockerd ]]; then
-      die "docker: dockerd (pid $pid) runs but does not answer docker info (log: $LOG_DIR/dockerd.log)"
+      # Someone else's dockerd, perhaps still starting: wait for it rather than start another.
+      wait_until 60 docker_up && return
+      die "docker: dockerd (pid $pid) runs but does not answer docker info after 60s"
     fi
     rm -f /var/run/docker.pid
   fi
