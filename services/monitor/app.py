@@ -10,7 +10,15 @@ from prometheus_client import REGISTRY
 from libs.common.contracts.monitor import QUERIES_QUEUE, MetricsQuery
 from libs.common.runner import ServiceContext
 
-from .adapters import DockerEngine, DockerEvents, host_cpus, host_memory, make_reader, read_net
+from .adapters import (
+    DockerEngine,
+    DockerEvents,
+    NetnsReader,
+    host_cpus,
+    host_memory,
+    make_reader,
+    raise_fd_limit,
+)
 from .coordinator import Monitor
 from .domain import LifecycleTracker
 from .exporter import ContainerCollector
@@ -33,9 +41,11 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
                           label=settings.monitor_label)
     events = DockerEvents(settings.docker_url, label=settings.monitor_label)
     proc = settings.monitor_proc_root
+    raise_fd_limit()
+    net = NetnsReader(proc)
     sampler = Sampler(
         make_reader(settings.monitor_cgroup_root, proc),
-        lambda pid: read_net(pid, proc),
+        net,
         host_cpus=host_cpus(),
         host_memory=host_memory(proc),
     )
@@ -83,3 +93,4 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
         events.close()
         monitor.close()
         engine.close()
+        net.close()

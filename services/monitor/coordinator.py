@@ -161,6 +161,8 @@ class Monitor:
                 self.targets[cid] = Target(observed.meta, observed.pid)
         elif action in ("die", "destroy"):
             self.targets.pop(cid, None)
+        elif action == "update":  # a resize: quota and limit are re-read next round
+            self._sampler.forget(cid)
         await self._publish(emits)
         time_ns = int(item.get("timeNano") or 0)
         if time_ns:

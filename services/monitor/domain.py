@@ -6,11 +6,13 @@ events stream, and hand plain values to these functions.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from ipaddress import IPv4Address
 from typing import Any
 
 from libs.common.contracts.envelope import Message
@@ -114,6 +116,15 @@ class Reading:
     net: NetStats
 
 
+@functools.lru_cache(maxsize=4096)
+def _ip(value: str | None) -> IPv4Address | None:
+    """The label's IP, parsed once; a malformed label counts as no IP."""
+    try:
+        return IPv4Address(value) if value else None
+    except ValueError:
+        return None
+
+
 def counter_delta(prev: int, cur: int) -> int:
     """The increase of a counter; a counter that went down was reset, so count from zero."""
     return cur - prev if cur >= prev else cur
@@ -156,10 +167,12 @@ def build_sample(
         if prev is not None
         else None
     )
-    sample = ContainerSample(
+    # model_construct: every field is computed here with its type; validating ~25 fields per
+    # container per round would be a third of the round's CPU.
+    sample = ContainerSample.model_construct(
         machine_id=meta.machine_id,
         container_id=meta.container_id,
-        ip=meta.ip,
+        ip=_ip(meta.ip),
         app=meta.app,
         at=cur.at,
         interval_s=round(elapsed, 3),

@@ -46,6 +46,10 @@ class Sampler:
         self._clock = clock
         self._prev: dict[str, Reading] = {}
 
+    def forget(self, container_id: str) -> None:
+        """Re-read everything of a container next round (its limits changed)."""
+        self._cgroups.forget(container_id)
+
     def round(
         self, targets: Mapping[str, Target]
     ) -> list[tuple[ContainerSample, dict[str, int | float]]]:
@@ -73,4 +77,7 @@ class Sampler:
         for gone in set(self._prev) - set(targets):
             del self._prev[gone]
             self._cgroups.forget(gone)
+        retain = getattr(self._net, "retain", None)
+        if retain is not None:
+            retain({t.pid for t in targets.values() if t.pid})
         return out

@@ -6,11 +6,13 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from libs.common.contracts import Envelope
 from libs.common.contracts.monitor import (
     ContainerDied,
     ContainerFlapping,
     ContainerRestarted,
     ContainerStarted,
+    MetricsBatch,
 )
 from services.monitor.domain import (
     CgroupStats,
@@ -280,3 +282,15 @@ def test_retention_window_is_days_back():
 
     now = datetime(2026, 11, 27, tzinfo=UTC)
     assert retention_cutoff(now, 8) == now - timedelta(days=8)
+
+
+@pytest.mark.parametrize(("label", "expected"), [("10.0.0.5", "10.0.0.5"), ("nope", None),
+                                                 (None, None)])
+def test_a_sample_carries_the_ip_label_parsed_or_none(label, expected):
+    meta = ContainerMeta("c1", "m-1", label, None)
+    sample, _ = build_sample(meta, _reading(0, _cg()), None, host_cpus=1, host_memory=1 << 30)
+    assert (str(sample.ip) if sample.ip else None) == expected
+    assert Envelope.from_bytes(
+        Envelope.wrap(MetricsBatch(host="h", at=sample.at, interval_s=1, samples=[sample]),
+                      source="t").to_bytes()
+    ).parse().samples[0].machine_id == "m-1"

@@ -10,8 +10,8 @@ from .cgroups import (
     make_reader,
 )
 from .docker_events import Connected, Disconnected, DockerEngine, DockerEvents, parse_docker_time
-from .host import host_cpus, host_memory
-from .netns import NetnsUnavailable, parse_net_dev, read_net
+from .host import host_cpus, host_memory, raise_fd_limit
+from .netns import NetnsReader, NetnsUnavailable, parse_net_dev, read_net
 
 __all__ = [
     "CgroupReader",
@@ -23,6 +23,7 @@ __all__ = [
     "Disconnected",
     "DockerEngine",
     "DockerEvents",
+    "NetnsReader",
     "NetnsUnavailable",
     "detect_version",
     "host_cpus",
@@ -30,5 +31,6 @@ __all__ = [
     "make_reader",
     "parse_docker_time",
     "parse_net_dev",
+    "raise_fd_limit",
     "read_net",
 ]

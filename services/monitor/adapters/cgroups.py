@@ -8,6 +8,7 @@ is assumed.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -21,6 +22,7 @@ __all__ = [
     "CgroupV1Reader",
     "CgroupV2Reader",
     "CgroupVersion",
+    "FdCache",
     "detect_version",
     "make_reader",
 ]
@@ -59,18 +61,59 @@ class CgroupReader(Protocol):
         ...
 
 
-def _read(path: Path) -> bytes:
-    with open(path, "rb", buffering=0) as f:
-        return f.read()
+def _read(path: Path | str) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.read(fd, 65536)
+    finally:
+        os.close(fd)
 
 
-def _int(path: Path) -> int:
+class FdCache:
+    """Open files kept open and re-read with ``pread(fd, n, 0)``.
+
+    cgroup and ``/proc`` files are seq files: a read at offset 0 regenerates them, so keeping
+    the descriptor saves the open and close that are ~90% of a small read's cost. A file of a
+    removed cgroup (or a dead pid) fails or reads empty: the caller then drops its group.
+    """
+
+    def __init__(self) -> None:
+        self._fds: dict[str, dict[str, int]] = {}
+
+    def read(self, group: str, path: str) -> bytes:
+        """The current content of ``path``, kept open under ``group``."""
+        fds = self._fds.setdefault(group, {})
+        fd = fds.get(path)
+        if fd is None:
+            fd = fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        data = os.pread(fd, 65536, 0)
+        if not data:
+            raise FileNotFoundError(f"{path} reads empty (gone)")
+        return data
+
+    def drop(self, group: str) -> None:
+        """Close every file of ``group``."""
+        for fd in self._fds.pop(group, {}).values():
+            os.close(fd)
+
+    def groups(self) -> set[str]:
+        """The groups holding open files."""
+        return set(self._fds)
+
+    def close(self) -> None:
+        """Close everything."""
+        for group in list(self._fds):
+            self.drop(group)
+
+
+def _int(path: Path | str) -> int:
     return int(_read(path))
 
 
-def _kv(path: Path) -> dict[bytes, int]:
+def _kv(data: Path | str | bytes) -> dict[bytes, int]:
     out: dict[bytes, int] = {}
-    for line in _read(path).splitlines():
+    text = data if isinstance(data, bytes) else _read(data)
+    for line in text.splitlines():
         key, _, value = line.partition(b" ")
         if value:
             out[key] = int(value)
@@ -95,9 +138,14 @@ class CgroupV1Reader:
     proc: Path = PROC_ROOT
     parent: str = "docker"
     version: CgroupVersion = CgroupVersion.V1
+    static_every: int = 6
 
     def __post_init__(self) -> None:
-        self._paths: dict[tuple[str, int | None], dict[str, Path]] = {}
+        self._paths: dict[tuple[str, int | None], dict[str, str]] = {}
+        # quota and limit change only on a resize: re-read every ``static_every`` reads (and
+        # at once after forget(), which the coordinator calls on Docker's update event).
+        self._static: dict[str, tuple[int, float | None, int]] = {}
+        self._files = FdCache()
 
     def _dirs(self, container_id: str, pid: int | None) -> dict[str, Path]:
         key = (container_id, pid)
@@ -109,36 +157,49 @@ class CgroupV1Reader:
                     rel.update(_proc_cgroups(pid, self.proc))
                 except (OSError, ValueError) as err:
                     raise CgroupUnavailable(f"{container_id}: pid {pid} is gone") from err
-            dirs = {c: self.root / c / rel[c].lstrip("/") for c in _V1_CONTROLLERS}
-            self.forget(container_id)
+            dirs = {c: str(self.root / c / rel[c].lstrip("/")) for c in _V1_CONTROLLERS}
+            self._paths = {k: v for k, v in self._paths.items() if k[0] != container_id}
             self._paths[key] = dirs
         return dirs
 
     def forget(self, container_id: str) -> None:
-        """Drop cached paths of ``container_id``."""
-        for key in [k for k in self._paths if k[0] == container_id]:
-            del self._paths[key]
+        """Drop cached paths, open files, quota and limit of ``container_id``."""
+        self._paths = {k: v for k, v in self._paths.items() if k[0] != container_id}
+        self._static.pop(container_id, None)
+        self._files.drop(container_id)
+
+    def _quota_limit(self, container_id: str, cpu: str, mem: str) -> tuple[float | None, int]:
+        reads, quota_cpus, limit = self._static.get(container_id, (0, None, 0))
+        if reads % self.static_every == 0:
+            quota = _int(cpu + "/cpu.cfs_quota_us")
+            period = _int(cpu + "/cpu.cfs_period_us")
+            quota_cpus = quota / period if quota > 0 and period > 0 else None
+            limit = _int(mem + "/memory.limit_in_bytes")
+        self._static[container_id] = (reads + 1, quota_cpus, limit)
+        return quota_cpus, limit
 
     def read(self, container_id: str, pid: int | None) -> CgroupStats:
         """Read cpu, cpuacct, memory, blkio and pids of the container."""
         d = self._dirs(container_id, pid)
+
+        def read(path: str) -> bytes:
+            return self._files.read(container_id, path)
+
         try:
             cpu, mem, blk = d["cpu"], d["memory"], d["blkio"]
-            stat = _kv(cpu / "cpu.stat")
-            quota = _int(cpu / "cpu.cfs_quota_us")
-            period = _int(cpu / "cpu.cfs_period_us")
-            ms = _kv(mem / "memory.stat")
-            oom = _kv(mem / "memory.oom_control")
-            rb, wb = _blkio(blk / "blkio.throttle.io_service_bytes_recursive")
-            ro, wo = _blkio(blk / "blkio.throttle.io_serviced_recursive")
-            limit = _int(mem / "memory.limit_in_bytes")
+            stat = _kv(read(cpu + "/cpu.stat"))
+            quota_cpus, limit = self._quota_limit(container_id, cpu, mem)
+            ms = _kv(read(mem + "/memory.stat"))
+            oom = _kv(read(mem + "/memory.oom_control"))
+            rb, wb = _blkio(read(blk + "/blkio.throttle.io_service_bytes_recursive"))
+            ro, wo = _blkio(read(blk + "/blkio.throttle.io_serviced_recursive"))
             return CgroupStats(
-                cpu_usage_ns=_int(d["cpuacct"] / "cpuacct.usage"),
+                cpu_usage_ns=int(read(d["cpuacct"] + "/cpuacct.usage")),
                 nr_periods=stat.get(b"nr_periods", 0),
                 nr_throttled=stat.get(b"nr_throttled", 0),
                 throttled_ns=stat.get(b"throttled_time", 0),
-                quota_cpus=quota / period if quota > 0 and period > 0 else None,
-                mem_usage=_int(mem / "memory.usage_in_bytes"),
+                quota_cpus=quota_cpus,
+                mem_usage=int(read(mem + "/memory.usage_in_bytes")),
                 mem_limit=limit,
                 mem_rss=ms.get(b"total_rss", ms.get(b"rss", 0)),
                 mem_cache=ms.get(b"total_cache", ms.get(b"cache", 0)),
@@ -148,7 +209,7 @@ class CgroupV1Reader:
                 blk_write_bytes=wb,
                 blk_read_ops=ro,
                 blk_write_ops=wo,
-                pids=_int(d["pids"] / "pids.current"),
+                pids=int(read(d["pids"] + "/pids.current")),
             )
         except (OSError, ValueError) as err:
             self.forget(container_id)
@@ -158,10 +219,10 @@ class CgroupV1Reader:
 _V1_CONTROLLERS = ("cpu", "cpuacct", "memory", "blkio", "pids")
 
 
-def _blkio(path: Path) -> tuple[int, int]:
+def _blkio(data: bytes) -> tuple[int, int]:
     """Sum the per-device Read and Write lines of a v1 blkio file (skipping Total)."""
     read = write = 0
-    for line in _read(path).splitlines():
+    for line in data.splitlines():
         parts = line.split()
         if len(parts) == 3:
             if parts[1] == b"Read":
