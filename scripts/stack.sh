@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The local stack: RabbitMQ, FerretDB, the Docker Engine, two registries, LXCFS, Open vSwitch
-# and the base image, all on loopback, without systemd.
+# the base image and the local Maven repository (scripts/maven-repo.sh), all on loopback, without
+# systemd.
 #
 #   stack.sh up      start what does not answer yet (a second run is a no-op)
 #   stack.sh down    stop what `up` started (its pid files); data stays
@@ -318,12 +319,14 @@ cmd_up() {
   ovs_start
   rabbitmq_wait
   base_image_build
+  "$REPO_ROOT/scripts/maven-repo.sh" up
   say "stack: up in $((SECONDS - t0))s (state: $STATE)"
 }
 
 cmd_down() {
   local dc
   mkdir -p "$RUN_DIR"
+  "$REPO_ROOT/scripts/maven-repo.sh" down
   ovs_down
   lxcfs_down
   for dc in dc2 dc1; do
@@ -380,6 +383,8 @@ cmd_status() {
   _row lxcfs "$DOCKVM_LXCFS_DIR" "$(_state lxcfs_up)"
   _row ovs "unix:$OVS_RUN/db.sock" "$(_state ovs_up)"
   s=$(_state base_image_up); _row base-image "$DOCKVM_BASE_IMAGE" "$s"; [[ $s == up ]] || down=1
+  s=$("$REPO_ROOT/scripts/maven-repo.sh" status); _row maven-repo "http://$DOCKVM_HOST:${DOCKVM_MAVEN_PORT:-8090}" "$s"
+  [[ $s == up ]] || down=1
   return $((down ? 3 : 0))
 }
 
