@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The local stack: RabbitMQ, FerretDB, the Docker Engine, two registries, LXCFS, Open vSwitch
+# The local stack: RabbitMQ, FerretDB, the Docker Engine, two registries, LXCFS, Open vSwitch,
 # the base image and the local Maven repository (scripts/maven-repo.sh), all on loopback, without
 # systemd.
 #
@@ -62,19 +62,19 @@ EOF
     RABBITMQ_LOGS=- ERL_EPMD_ADDRESS=127.0.0.1 \
     RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}" \
     spawn rabbitmq /usr/sbin/rabbitmq-server
-  RABBITMQ_LAUNCHED=1
+  RABBITMQ_LAUNCHED=2
 }
 
-# rabbitmq_up_or_dead: stops the wait early when the node we launched has already exited.
+# rabbitmq_up_or_dead: stops the wait early when the node we spawned has already exited.
 rabbitmq_up_or_dead() {
-  rabbitmq_up || { [[ -f $RUN_DIR/rabbitmq.pid ]] && ! pid_alive "$RUN_DIR/rabbitmq.pid"; }
+  rabbitmq_up || { ((RABBITMQ_LAUNCHED == 2)) && ! pid_alive "$RUN_DIR/rabbitmq.pid"; }
 }
 
 rabbitmq_wait() {
   ((RABBITMQ_LAUNCHED)) || return 0
   wait_until "$DOCKVM_START_TIMEOUT" rabbitmq_up_or_dead || true
   rabbitmq_up ||
-    die "rabbitmq: not answering on $(amqp_addr) and $(mgmt_url) after ${DOCKVM_START_TIMEOUT}s (log: $LOG_DIR/rabbitmq.log)"
+    die "rabbitmq: did not come up on $(amqp_addr) and $(mgmt_url) within ${DOCKVM_START_TIMEOUT}s (log: $LOG_DIR/rabbitmq.log)"
 }
 
 # The node runs in a session of its own under su, so the wrapper's pid is not enough: the pid
