@@ -69,6 +69,9 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
             queue_name("provisioner", settings.host_id),
             [f"host.{settings.host_id}.#"],
             agent.handlers(),
+            # Handlers are idempotent by machine_id; a message-id lease would instead hold a
+            # create redelivered after a crash (kill -9) until the lease expires.
+            dedupe=False,
             # Creates run in parallel up to the Docker pool; more would only queue there.
             prefetch=settings.docker_workers * 2,
         )

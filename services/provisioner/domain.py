@@ -40,6 +40,7 @@ __all__ = [
     "cpus_from_quota",
     "cpus_to_quota",
     "free_disk",
+    "mac_address",
     "plan_resize",
     "port_name",
     "subnet_of",
@@ -88,6 +89,12 @@ def container_name(machine_id: str) -> str:
 def port_name(machine_id: str) -> str:
     """A stable host-side interface name (<= 15 chars) for a machine's OVS port."""
     return "dv" + hashlib.sha1(machine_id.encode()).hexdigest()[:11]
+
+
+def mac_address(machine_id: str) -> str:
+    """A stable, locally administered MAC for the machine, so neighbours' ARP stays right."""
+    digest = hashlib.sha1(f"mac:{machine_id}".encode()).digest()
+    return ":".join(f"{b:02x}" for b in (0x02, *digest[:5]))
 
 
 def cpus_to_quota(cpus: float) -> int:

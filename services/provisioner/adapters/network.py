@@ -18,9 +18,9 @@ from typing import Protocol
 
 import structlog
 
-from libs.common.errors import ConflictError, ValidationFailed
+from libs.common.errors import ConflictError, DomainError, ValidationFailed
 
-from ..domain import LABEL_GATEWAY, LABEL_IP, LABEL_PREFIX, LABEL_VLAN, port_name
+from ..domain import LABEL_GATEWAY, LABEL_IP, LABEL_PREFIX, LABEL_VLAN, mac_address, port_name
 from .host import HostCommandFailed, run
 from .runtime import ContainerInfo, ContainerRuntime
 
@@ -80,7 +80,8 @@ class _DockerNetwork:
                     )
                 except ConflictError:
                     net = await self._runtime.network(name)
-                except ValidationFailed as err:
+                except DomainError as err:
+                    # Docker refuses e.g. a pool that overlaps another network's.
                     raise ValidationFailed(
                         f"cannot create network {name} for {subnet}: {err}",
                         reason="network_unavailable",
@@ -190,7 +191,10 @@ class OvsNetwork:
         await run("ip", "link", "del", port, check=False)
         await run("ip", "link", "add", port, "type", "veth", "peer", "name", peer)
         await run("ip", "link", "set", peer, "netns", str(info.pid))
-        await run(*ns, "ip", "link", "set", peer, "name", "eth0")
+        # The same MAC on every start: a new one would leave stale entries in the
+        # neighbours' ARP caches for up to a minute.
+        await run(*ns, "ip", "link", "set", peer, "name", "eth0", "address",
+                  mac_address(info.machine_id))  # fmt: skip
         await run(*ns, "ip", "addr", "add", f"{ip}/{prefix}", "dev", "eth0")
         await run(*ns, "ip", "link", "set", "eth0", "up")
         await run(*ns, "ip", "route", "replace", "default", "via", gateway)
