@@ -6,6 +6,7 @@ and with ``/proc/meminfo`` seen inside the container through LXCFS.
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -37,6 +38,31 @@ c.shutdown(socket.SHUT_WR); c.recv(1); c.close()
 """
 
 
+def _proc_cpu_s(container_id: str) -> float:
+    """utime + stime of the container's processes, from each /proc/<pid>/stat."""
+    total = 0
+    with open(f"/sys/fs/cgroup/pids/docker/{container_id}/cgroup.procs") as procs:
+        for pid in procs.read().split():
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _comms(container_id: str) -> list[str]:
+    """The command names of the container's processes."""
+    with open(f"/sys/fs/cgroup/pids/docker/{container_id}/cgroup.procs") as procs:
+        pids = procs.read().split()
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                out.append(f.read().strip())
+        except FileNotFoundError:
+            continue
+    return out
+
+
 def _sampler() -> Sampler:
     return Sampler(make_reader(), read_net, host_cpus=host_cpus(), host_memory=host_memory())
 
@@ -51,10 +77,16 @@ def _target(container) -> dict[str, Target]:
 def test_cpu_burn_under_half_a_cpu_reads_fifty_percent_of_a_core(sandbox: Sandbox):  # noqa: F811
     container, _, _ = sandbox.run_container("burn", ["python3", "-c", "while True: pass"],
                                             cpus=0.5)
+    # dockvm-init makes the ssh host keys first (CPU of processes that will have exited)
+    wait_until(lambda: "python3" in _comms(container.id), what="the burner to run")
     sampler, target = _sampler(), _target(container)
     sampler.round(target)
-    time.sleep(4)
+    proc_before = _proc_cpu_s(container.id)
+    time.sleep(5)
     (sample, _), = sampler.round(target)
+    # the kernel's per-process accounting, an independent source for the same interval
+    proc_cores = (_proc_cpu_s(container.id) - proc_before) / sample.interval_s
+    assert sample.cpu_cores == pytest.approx(proc_cores, abs=0.05)
     assert sample.cpu_quota_cpus == 0.5
     assert sample.cpu_cores * 100 == pytest.approx(50, abs=10)
     # ...which is the whole of its own quota
