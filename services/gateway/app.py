@@ -58,6 +58,6 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
     await ctx.consume(QUEUE, BINDINGS, handlers)
     await driver.resume()
     ctx.every(settings.saga_tick_s, driver.tick, "saga-tick", now=False)
-    ctx.every(5.0, driver.check_hosts, "host-check")
-    ctx.every(60.0, driver.announce_known, "machines-known", now=False)
+    ctx.every(settings.host_check_s, driver.check_hosts, "host-check")
+    ctx.every(settings.known_announce_s, driver.announce_known, "machines-known", now=False)
     yield

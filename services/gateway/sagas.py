@@ -226,9 +226,7 @@ class SagaDriver:
             await self.publisher.publish(gw.KvmMachineCreate(dc=doc["dc"], **common))
         else:
             await self.publisher.publish(
-                provisioner.ContainerCreate(
-                    labels={"dockvm.app": doc["app"]}, **common
-                ),
+                provisioner.ContainerCreate(**common),
                 routing_key=host_key(doc["host"], provisioner.ContainerCreate.TYPE),
             )
 

@@ -22,6 +22,8 @@ class GatewaySettings(CommonSettings):
     overcommit_disk: float = Field(default=1.0, gt=0, le=8)
     host_stale_s: float = Field(default=30.0, gt=0)
     host_down_s: float = Field(default=60.0, gt=0)
+    host_check_s: float = Field(default=5.0, gt=0)
+    known_announce_s: float = Field(default=60.0, gt=0)
     # A saga step with no answer after its timeout is re-sent, up to step_attempts times.
     ip_step_timeout_s: float = Field(default=10.0, gt=0)
     container_step_timeout_s: float = Field(default=120.0, gt=0)

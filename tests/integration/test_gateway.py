@@ -34,6 +34,7 @@ GW_ENV = {
     "DOCKVM_RPC_TIMEOUT_S": "3",
     "DOCKVM_HOST_STALE_S": "3",
     "DOCKVM_HOST_DOWN_S": "4",
+    "DOCKVM_HOST_CHECK_S": "0.5",
 }
 SPEC = {
     "app": "web",
@@ -304,15 +305,14 @@ async def test_silent_host_times_out_then_compensates(api, peers):
 @pytest.mark.parametrize(
     ("body", "fields"),
     [
-        ({**SPEC, "cpus": 0}, {"cpus"}),
+        ({**SPEC, "cpus": 0, "memory": "12q", "disk": "-1g"}, {"cpus", "memory", "disk"}),
         ({**SPEC, "cpus": 64}, {"cpus"}),  # larger than the largest host (8 x 4)
-        ({**SPEC, "memory": "12q", "disk": "-1g"}, {"memory", "disk"}),
-        ({**SPEC, "image": "Bad Image!"}, {"image"}),
-        ({**SPEC, "hostname_prefix": "-bad-"}, {"hostname_prefix"}),
-        ({**SPEC, "count": 0, "vlan_id": 4095}, {"count", "vlan_id"}),
         ({**SPEC, "vlan_id": 999}, {"vlan_id"}),  # no pool on that vlan
-        ({**SPEC, "type": "lxc", "colour": "red"}, {"type", "colour"}),
-        ({k: v for k, v in SPEC.items() if k != "app"}, {"app"}),
+        (
+            {**{k: v for k, v in SPEC.items() if k != "app"}, "image": "Bad Image!",
+             "hostname_prefix": "-bad-", "count": 0, "vlan_id": 4095, "type": "lxc", "colour": 1},
+            {"app", "image", "hostname_prefix", "count", "vlan_id", "type", "colour"},
+        ),
     ],
 )
 async def test_bad_input_is_422_naming_every_field_and_creates_nothing(api, peers, body, fields):
