@@ -85,6 +85,8 @@ build_rootfs() {
   umount_under "$rootfs"
 
   install -m 0755 "$REPO_ROOT/images/base/dockvm-init" "$rootfs/usr/local/sbin/dockvm-init"
+  install -m 0755 "$REPO_ROOT/images/base/dockvm-app" "$rootfs/usr/local/sbin/dockvm-app"
+  mkdir -p "$rootfs/app/releases"
   install -m 0644 "$REPO_ROOT/images/base/sshd_config" "$rootfs/etc/ssh/sshd_config.d/dockvm.conf"
   # Each machine makes its own host keys on first start (dockvm-init).
   rm -f "$rootfs"/etc/ssh/ssh_host_*

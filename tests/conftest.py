@@ -46,7 +46,7 @@ def db_name() -> str:
 
 
 @pytest.fixture
-async def mongo_db(db_name: str):  # noqa: ANN201
+async def mongo_db(db_name: str):
     """An ``AsyncDatabase`` on the real MongoDB API, dropped after the test."""
     client = mongo_client(MONGO_URL, app_name="dockvm-tests")
     yield client[db_name]
@@ -95,6 +95,7 @@ def service_env(vhost: Vhost, db_name: str, tmp_path: Path) -> dict[str, str]:
         "DOCKVM_MONGO_URL": MONGO_URL,
         "DOCKVM_MONGO_DB": db_name,
         "DOCKVM_STATE_DIR": str(tmp_path / "state"),
+        "DOCKVM_WEBHOOK_SECRET": "test-webhook-secret",
     }
 
 

@@ -8,7 +8,13 @@ import pytest
 from pymongo import ASCENDING, IndexModel
 
 from libs.common.bus import Claim, MemoryDedupe, MongoDedupe
-from libs.common.db import DatabaseUnavailable, conflict_on_duplicate, ensure_indexes, mongo_client, ping
+from libs.common.db import (
+    DatabaseUnavailable,
+    conflict_on_duplicate,
+    ensure_indexes,
+    mongo_client,
+    ping,
+)
 from libs.common.errors import ConflictError
 
 
