@@ -19,9 +19,8 @@ import aiohttp
 import pytest
 
 from libs.common.bus import EXCHANGE, AmqpPublisher
-from libs.common.contracts import Envelope
+from libs.common.contracts import Envelope, ipam, provisioner
 from libs.common.contracts import gateway as gw
-from libs.common.contracts import ipam, provisioner
 
 GIB = 1 << 30
 GW_ENV = {

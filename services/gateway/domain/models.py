@@ -60,7 +60,11 @@ _SSH_KEY = re.compile(
 
 
 def _image(value: str) -> str:
-    if len(value) > 512 or not _IMAGE.match(value):
+    first, sep, _ = value.partition("/")
+    # As in Docker: the first component is a registry only with a dot, a port or "localhost";
+    # otherwise it is a path component and must be lower case.
+    is_domain = sep and ("." in first or ":" in first or first == "localhost")
+    if len(value) > 512 or not _IMAGE.match(value) or (not is_domain and first != first.lower()):
         raise ValueError(f"{value!r} is not an image reference such as registry:5000/team/app:1.2")
     return value
 
