@@ -363,6 +363,9 @@ class OrphanTracker:
         """Record the control plane's latest list."""
         self._known = frozenset(machine_ids)
         self._known_at = now
+        # Known again, even briefly: its grace period starts over.
+        for machine_id in self._known & set(self._unknown_since):
+            del self._unknown_since[machine_id]
 
     def is_orphan(self, machine_id: str) -> bool:
         """Absent from the latest list (False while no list has arrived)."""

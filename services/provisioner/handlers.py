@@ -146,9 +146,10 @@ class Provisioner:
         except DomainError as err:
             return self._create_failed(cmd, err)
         log.info("creating machine", machine_id=cmd.machine_id, ip=str(cmd.ip))
+        made_network = False
         try:
             await self._ensure_image(cmd.image)
-            mode = await self.network.prepare(
+            mode, made_network = await self.network.prepare(
                 cmd.vlan_id, subnet_of(cmd.ip, cmd.prefix_len), cmd.gateway
             )
             data = await self.volumes.ensure(cmd.machine_id, cmd.disk)
@@ -167,7 +168,8 @@ class Provisioner:
             await self.network.plumb(info)
         except (DomainError, TransientError) as err:
             log.warning("create failed, undoing", machine_id=cmd.machine_id, error=str(err))
-            await self._undo(cmd.machine_id, cmd.vlan_id)
+            # A VLAN network that existed before serves other machines: only ours goes.
+            await self._undo(cmd.machine_id, cmd.vlan_id, drop_network=made_network)
             return self._create_failed(cmd, err)
         return self._created(info)
 
@@ -220,12 +222,13 @@ class Provisioner:
                 reason="image_not_found",
             ) from err
 
-    async def _undo(self, machine_id: str, vlan_id: int | None) -> None:
+    async def _undo(self, machine_id: str, vlan_id: int, *, drop_network: bool) -> None:
         """Remove whatever a failed create made; each step is tried even if one fails."""
-        steps = [("container", self.runtime.remove(machine_id))]
-        steps.append(("volume", self.volumes.destroy(machine_id)))
-        if vlan_id is not None:
-            steps.append(("network", self.network.release(machine_id, vlan_id)))
+        steps = [
+            ("container", self.runtime.remove(machine_id)),
+            ("volume", self.volumes.destroy(machine_id)),
+            ("network", self.network.release(machine_id, vlan_id, drop_network=drop_network)),
+        ]
         for what, step in steps:
             try:
                 await step

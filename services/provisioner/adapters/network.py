@@ -35,16 +35,20 @@ class NetworkDriver(Protocol):
     kind: str
     static_ip: bool
 
-    async def prepare(self, vlan_id: int, subnet: IPv4Network, gateway: IPv4Address) -> str:
-        """Make sure the VLAN's network exists; return the container's Docker network mode."""
+    async def prepare(
+        self, vlan_id: int, subnet: IPv4Network, gateway: IPv4Address
+    ) -> tuple[str, bool]:
+        """Make sure the VLAN's network exists; return the Docker network mode, and whether
+        this call created the network."""
         ...
 
     async def plumb(self, info: ContainerInfo) -> None:
         """After a start: give the running container its address (no-op for Docker networks)."""
         ...
 
-    async def release(self, machine_id: str, vlan_id: int) -> None:
-        """After a removal: drop what the machine held, and the VLAN's network if unused."""
+    async def release(self, machine_id: str, vlan_id: int, *, drop_network: bool = True) -> None:
+        """After a removal: drop what the machine held, and (``drop_network``) the VLAN's
+        network if no container uses it any more."""
         ...
 
 
@@ -68,17 +72,22 @@ class _DockerNetwork:
         """Driver options of the VLAN's network."""
         return {}
 
-    async def prepare(self, vlan_id: int, subnet: IPv4Network, gateway: IPv4Address) -> str:
+    async def prepare(
+        self, vlan_id: int, subnet: IPv4Network, gateway: IPv4Address
+    ) -> tuple[str, bool]:
         """Create the VLAN's network, or check that the existing one has the same pool."""
         name = self.name(vlan_id)
+        created = False
         async with self._locks[name]:
             net = await self._runtime.network(name)
             if net is None:
+                created = True
                 try:
                     net = await self._runtime.create_network(
                         name, self.driver, str(subnet), str(gateway), self.options(vlan_id)
                     )
                 except ConflictError:
+                    created = False
                     net = await self._runtime.network(name)
                 except DomainError as err:
                     # Docker refuses e.g. a pool that overlaps another network's.
@@ -94,13 +103,15 @@ class _DockerNetwork:
                     f"not {subnet} gateway {gateway}",
                     reason="network_mismatch",
                 )
-        return name
+        return name, created
 
     async def plumb(self, info: ContainerInfo) -> None:
         """Docker plumbs its own networks."""
 
-    async def release(self, machine_id: str, vlan_id: int) -> None:
+    async def release(self, machine_id: str, vlan_id: int, *, drop_network: bool = True) -> None:
         """Remove the VLAN's network once no container uses it."""
+        if not drop_network:
+            return
         name = self.name(vlan_id)
         async with self._locks[name]:
             if await self._runtime.remove_network(name):
@@ -163,7 +174,9 @@ class OvsNetwork:
             await run("ip", "link", "set", self.bridge, "up", check=False)
             self._ready = True
 
-    async def prepare(self, vlan_id: int, subnet: IPv4Network, gateway: IPv4Address) -> str:
+    async def prepare(
+        self, vlan_id: int, subnet: IPv4Network, gateway: IPv4Address
+    ) -> tuple[str, bool]:
         """Make sure the OVS bridge exists; the container itself gets no Docker network."""
         try:
             await self._ensure_bridge()
@@ -171,7 +184,8 @@ class OvsNetwork:
             raise ValidationFailed(
                 f"OVS bridge {self.bridge} unavailable: {err}", reason="network_unavailable"
             ) from err
-        return "none"
+        # The bridge is shared by every VLAN: it is never this machine's to remove.
+        return "none", False
 
     async def plumb(self, info: ContainerInfo) -> None:
         """Give the running container eth0 on the bridge (idempotent for the same netns)."""
@@ -206,8 +220,8 @@ class OvsNetwork:
         )  # fmt: skip
         log.info("ovs port plumbed", machine_id=info.machine_id, port=port, vlan=vlan, ip=ip)
 
-    async def release(self, machine_id: str, vlan_id: int) -> None:
-        """Delete the machine's port and veth."""
+    async def release(self, machine_id: str, vlan_id: int, *, drop_network: bool = True) -> None:
+        """Delete the machine's port and veth (the shared bridge stays)."""
         port = port_name(machine_id)
         await run("ovs-vsctl", "--if-exists", "del-port", self.bridge, port, check=False)
         await run("ip", "link", "del", port, check=False)

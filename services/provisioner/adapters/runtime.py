@@ -80,6 +80,7 @@ class NetworkInfo:
     subnet: str | None
     gateway: str | None
     containers: int
+    ours: bool = True  # made by a dockvm agent (labelled), so an agent may remove it
 
 
 class ContainerRuntime(Protocol):
@@ -420,6 +421,7 @@ class DockerRuntime:
             subnet=pools[0].get("Subnet"),
             gateway=pools[0].get("Gateway"),
             containers=len(attrs.get("Containers") or {}),
+            ours=(attrs.get("Labels") or {}).get("dockvm.network") == "1",
         )
 
     async def network(self, name: str) -> NetworkInfo | None:
@@ -454,7 +456,7 @@ class DockerRuntime:
         import docker.errors
 
         info = self._network(name)
-        if info is None or info.containers:
+        if info is None or info.containers or not info.ours:
             return False
         try:
             self._api.remove_network(name)
