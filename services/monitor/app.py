@@ -83,6 +83,7 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
             lambda: monitor.prune(settings.monitor_retention_days),
             "retention",
         )
+        ctx.every(30, monitor.republish, "republish-lifecycle", now=False)
         await ctx.consume(
             QUERIES_QUEUE, [MetricsQuery.TYPE], query_handlers(store), dedupe=False
         )

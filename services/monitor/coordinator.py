@@ -149,8 +149,9 @@ class Monitor:
                 await self.resync()
             return
         if isinstance(item, Disconnected):
+            if self.connected:  # once per outage, not once per reconnect attempt
+                log.warning("docker events stream lost, reconnecting", error=item.error)
             self.connected = False
-            log.warning("docker events stream lost, reconnecting", error=item.error)
             return
         emits = self.tracker.on_event(item)
         action = str(item.get("Action") or item.get("status") or "")
@@ -176,6 +177,12 @@ class Monitor:
             await self._store.event_published(emit)
             log.info("lifecycle event", type=emit.message.TYPE,
                      machine_id=getattr(emit.message, "machine_id", None))
+
+    async def republish(self, older_than_s: float = 30.0) -> int:
+        """Send again the lifecycle events recorded but never confirmed (a publish failed)."""
+        emits = await self._store.unpublished(self.host, older_than_s)
+        await self._publish(emits)
+        return len(emits)
 
     def close(self) -> None:
         """Stop the sampler thread."""

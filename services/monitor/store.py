@@ -13,13 +13,14 @@ Collections:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from pymongo import ASCENDING, IndexModel
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
+from libs.common.contracts.envelope import message_model
 from libs.common.contracts.monitor import ContainerSample
 from libs.common.db import ensure_indexes
 from libs.common.errors import translate_errors
@@ -63,6 +64,10 @@ class SampleStore(Protocol):
 
     async def event_published(self, emit: Emit) -> None:
         """Mark a recorded lifecycle event as published."""
+        ...
+
+    async def unpublished(self, host: str, older_than_s: float) -> list[Emit]:
+        """Lifecycle events of ``host`` recorded over ``older_than_s`` ago and never published."""
         ...
 
     async def last_event_ns(self, host: str) -> int:
@@ -126,6 +131,7 @@ class MongoSampleStore:
         """Insert the event; an existing one is ours again only if it never went out."""
         msg = emit.message
         doc = {"_id": emit.id, "type": msg.TYPE, "host": host, "published": False,
+               "recorded_at": datetime.now(UTC),
                **msg.model_dump(mode="python", exclude={"ip"}),
                "ip": str(getattr(msg, "ip", None) or "") or None}
         try:
@@ -139,6 +145,15 @@ class MongoSampleStore:
     async def event_published(self, emit: Emit) -> None:
         """Mark it published."""
         await self._db[_LIFECYCLE].update_one({"_id": emit.id}, {"$set": {"published": True}})
+
+    @translate_errors
+    async def unpublished(self, host: str, older_than_s: float) -> list[Emit]:
+        """Rebuild the messages of events never marked published."""
+        cutoff = datetime.now(UTC) - timedelta(seconds=older_than_s)
+        cursor = self._db[_LIFECYCLE].find(
+            {"host": host, "published": False, "recorded_at": {"$lt": cutoff}}
+        ).limit(1000)
+        return [_emit(doc) async for doc in cursor]
 
     @translate_errors
     async def last_event_ns(self, host: str) -> int:
@@ -183,12 +198,16 @@ class MemorySampleStore:
 
     async def claim_event(self, host: str, emit: Emit) -> bool:
         """Same semantics as the Mongo store."""
-        old = self.events.setdefault(emit.id, {"published": False, "type": emit.message.TYPE})
+        old = self.events.setdefault(emit.id, {"published": False, "emit": emit})
         return not old["published"]
 
     async def event_published(self, emit: Emit) -> None:
         """Mark published."""
         self.events[emit.id]["published"] = True
+
+    async def unpublished(self, host: str, older_than_s: float) -> list[Emit]:
+        """Events never marked published (age is not tracked by the fake)."""
+        return [e["emit"] for e in self.events.values() if not e["published"]]
 
     async def last_event_ns(self, host: str) -> int:
         """Replay point."""
@@ -197,6 +216,13 @@ class MemorySampleStore:
     async def set_last_event_ns(self, host: str, time_ns: int) -> None:
         """Only forward."""
         self.state[host] = max(self.state.get(host, 0), time_ns)
+
+
+def _emit(doc: dict) -> Emit:
+    """The :class:`Emit` a lifecycle document was recorded from."""
+    model = message_model(doc["type"])
+    fields = {k: v for k, v in doc.items() if k in model.model_fields}
+    return Emit(doc["_id"], model.model_validate(fields))
 
 
 def _aware(t: datetime) -> datetime:

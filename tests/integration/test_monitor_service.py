@@ -126,3 +126,14 @@ async def test_store_replay_point_only_moves_forward(store: SampleStore):
 
 def test_meta_needs_the_machine_label():
     assert ContainerMeta.from_labels("c", {"dockvm.ip": "10.0.0.1"}) is None
+
+
+async def test_store_gives_back_events_that_never_went_out(store: SampleStore):
+    msg = ContainerDied(machine_id="m", container_id="c", host="h", at=T0, ip="10.0.0.1",
+                        exit_code=3)
+    emit = Emit("e2", msg)
+    await store.claim_event("h", emit)
+    (pending,) = await store.unpublished("h", 0)
+    await store.event_published(emit)
+    assert (pending.id, pending.message) == ("e2", msg)
+    assert await store.unpublished("h", 0) == []

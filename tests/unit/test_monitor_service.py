@@ -9,7 +9,7 @@ import pytest
 from libs.common.bus import MemoryPublisher
 from libs.common.contracts import Envelope
 from libs.common.contracts.monitor import MetricsQuery, MetricsQueryResult
-from libs.common.errors import ValidationFailed
+from libs.common.errors import TransientError, ValidationFailed
 from services.monitor.adapters import Connected, Disconnected
 from services.monitor.coordinator import Monitor
 from services.monitor.domain import (
@@ -187,3 +187,29 @@ async def test_a_lifecycle_event_already_published_is_not_sent_again():
     mon.tracker = LifecycleTracker("h1")  # a restarted monitor, replaying the same event
     await mon.handle(start)
     assert [env.type for _, env in pub.sent] == ["container.started"]
+
+
+class FlakyPublisher(MemoryPublisher):
+    """Fails its first publish, as a broker outage would."""
+
+    def __init__(self) -> None:
+        super().__init__("monitor")
+        self.failures = 1
+
+    async def publish(self, msg, **kw):
+        if self.failures:
+            self.failures -= 1
+            raise TransientError("broker away")
+        return await super().publish(msg, **kw)
+
+
+async def test_a_lifecycle_event_whose_publish_failed_is_sent_by_the_republish_job():
+    mon, _store, _, _ = _monitor(FakeDocker([]))
+    pub = mon._publisher = FlakyPublisher()
+    start = {"Type": "container", "Action": "start", "timeNano": 5 * NS,
+             "Actor": {"ID": "c1", "Attributes": {"dockvm.machine_id": "m-1"}}}
+    with pytest.raises(TransientError):
+        await mon.handle(start)
+    sent = await mon.republish(older_than_s=0)
+    assert (sent, [env.type for _, env in pub.sent]) == (1, ["container.started"])
+    assert await mon.republish(older_than_s=0) == 0
