@@ -243,6 +243,7 @@ class CgroupV2Reader:
 
     def __post_init__(self) -> None:
         self._paths: dict[tuple[str, int | None], Path] = {}
+        self._files = FdCache()
 
     def _dir(self, container_id: str, pid: int | None) -> Path:
         key = (container_id, pid)
@@ -260,21 +261,27 @@ class CgroupV2Reader:
         return path
 
     def forget(self, container_id: str) -> None:
-        """Drop cached paths of ``container_id``."""
+        """Drop cached paths and open files of ``container_id``."""
         for key in [k for k in self._paths if k[0] == container_id]:
             del self._paths[key]
+        self._files.drop(container_id)
 
     def read(self, container_id: str, pid: int | None) -> CgroupStats:
         """Read cpu.stat, cpu.max, memory.*, io.stat and pids.current."""
-        d = self._dir(container_id, pid)
+        d = str(self._dir(container_id, pid))
+
+        def read(name: str) -> bytes:
+            return self._files.read(container_id, f"{d}/{name}")
+
         try:
-            stat = _kv(d / "cpu.stat")
-            quota_s, _, period_s = _read(d / "cpu.max").strip().partition(b" ")
-            ms = _kv(d / "memory.stat")
-            events = _kv(d / "memory.events")
-            limit_s = _read(d / "memory.max").strip()
+            stat = _kv(read("cpu.stat"))
+            quota_s, _, period_s = read("cpu.max").strip().partition(b" ")
+            ms = _kv(read("memory.stat"))
+            events = _kv(read("memory.events"))
+            limit_s = read("memory.max").strip()
             rb = wb = ro = wo = 0
-            for line in _read(d / "io.stat").splitlines():
+            # io.stat is empty until the cgroup does block IO: read it without the cache
+            for line in _read(f"{d}/io.stat").splitlines():
                 for field in line.split()[1:]:
                     k, _, v = field.partition(b"=")
                     if k == b"rbytes":
@@ -292,7 +299,7 @@ class CgroupV2Reader:
                 nr_throttled=stat.get(b"nr_throttled", 0),
                 throttled_ns=stat.get(b"throttled_usec", 0) * 1000,
                 quota_cpus=None if quota_s == b"max" else int(quota_s) / period,
-                mem_usage=_int(d / "memory.current"),
+                mem_usage=int(read("memory.current")),
                 mem_limit=None if limit_s == b"max" else int(limit_s),
                 mem_rss=ms.get(b"anon", 0),
                 mem_cache=ms.get(b"file", 0),
@@ -302,7 +309,7 @@ class CgroupV2Reader:
                 blk_write_bytes=wb,
                 blk_read_ops=ro,
                 blk_write_ops=wo,
-                pids=_int(d / "pids.current"),
+                pids=int(read("pids.current")),
             )
         except (OSError, ValueError) as err:
             self.forget(container_id)
