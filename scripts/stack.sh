@@ -92,10 +92,34 @@ rabbitmq_down() {
 
 ferretdb_up() { tcp_open "$DOCKVM_HOST" "$DOCKVM_FERRETDB_PORT"; }
 
+# A database file that a crash left half-created (no FerretDB metadata table) stops FerretDB
+# from starting at all; it holds no data, so it is moved aside with a warning.
+ferretdb_quarantine() {
+  local f
+  while read -r f; do
+    [[ -n $f ]] || continue
+    warn "ferretdb: moving half-created database $f to $STATE/ferretdb/broken/"
+    mkdir -p "$STATE/ferretdb/broken"
+    mv "$f" "$f"-wal "$f"-shm "$STATE/ferretdb/broken/" 2>/dev/null || true
+  done < <(python3 - "$STATE/ferretdb" <<'PY'
+import pathlib, sqlite3, sys
+for f in sorted(pathlib.Path(sys.argv[1]).glob("*.sqlite")):
+    try:
+        with sqlite3.connect(f"file:{f}?mode=ro", uri=True) as c:
+            ok = c.execute("select 1 from sqlite_master where name = '_ferretdb_collections'").fetchone()
+    except sqlite3.Error:
+        ok = None
+    if not ok:
+        print(f)
+PY
+  )
+}
+
 ferretdb_start() {
   if [[ -n ${DOCKVM_MONGO_URL:-} ]] || ferretdb_up; then
     return
   fi
+  ferretdb_quarantine
   command -v ferretdb >/dev/null || die "ferretdb: not installed; run scripts/install.sh (log: $LOG_DIR/ferretdb.log)"
   say "stack: starting ferretdb"
   spawn ferretdb ferretdb --handler=sqlite --sqlite-url="file:$STATE/ferretdb/" \

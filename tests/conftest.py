@@ -88,8 +88,12 @@ async def probe_factory(
 
 
 @pytest.fixture
-def service_env(vhost: Vhost, db_name: str, tmp_path: Path) -> dict[str, str]:
-    """Environment for a service subprocess bound to this test's vhost, database and state."""
+def service_env(vhost: Vhost, db_name: str, mongo_db, tmp_path: Path) -> dict[str, str]:
+    """Environment for a service subprocess bound to this test's vhost, database and state.
+
+    It depends on ``mongo_db`` so that the database is dropped only after every service of the
+    test has stopped: dropping a database under a live writer can crash FerretDB's SQLite.
+    """
     return {
         "DOCKVM_AMQP_URL": vhost.url,
         "DOCKVM_MONGO_URL": MONGO_URL,
