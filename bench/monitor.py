@@ -74,7 +74,9 @@ def _measure(fn, repeat: int = 1) -> tuple[float, float, float]:
 def _start(client: docker.DockerClient, run: str, n: int, offset: int) -> list[str]:
     def one(i: int) -> str:
         c = client.containers.run(
-            IMAGE, ["sleep", "infinity"], detach=True, name=f"bench-{run[:8]}-{offset + i}",
+            # tini alone: dockvm-init would make ssh host keys in all N containers at once
+            IMAGE, ["sleep", "infinity"], entrypoint=["/usr/bin/tini", "--"], detach=True,
+            name=f"bench-{run[:8]}-{offset + i}",
             labels={LABEL: run, "dockvm.machine_id": f"bench-{offset + i}",
                     "dockvm.ip": f"10.250.{(offset + i) // 250}.{(offset + i) % 250 + 1}",
                     "dockvm.app": "bench"},
