@@ -379,14 +379,16 @@ async def test_stop_start_keeps_ip_and_host_keys(agent, machine):
     async with await _ssh_ready(ip) as conn:
         key_before = conn.get_server_host_key().export_public_key()
 
+    actions = ("container.action_done", "container.action_failed")
     await agent.send(ContainerStop(machine_id=mid, timeout_s=5))
-    stopped = (await agent.wait(("container.action_done",), mid))[0]
+    stopped = (await agent.wait(actions, mid))[0]
     await agent.send(ContainerStart(machine_id=mid))
-    started = (await agent.wait(("container.action_done",), mid, count=2))[1]
+    started = (await agent.wait(actions, mid, count=2))[1]
     async with await _ssh_ready(ip) as conn:
         key_after = conn.get_server_host_key().export_public_key()
         inside_ip = (await conn.run("hostname -I", check=True)).stdout
 
+    assert (stopped.TYPE, started.TYPE) == ("container.action_done",) * 2, (stopped, started)
     assert (stopped.state, started.state) == ("exited", "running")
     assert key_after == key_before
     assert inside_ip.split() == [ip]
