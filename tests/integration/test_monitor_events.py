@@ -19,7 +19,9 @@ from libs.common.bus import MemoryPublisher
 from libs.common.contracts.monitor import (
     ContainerDied,
     ContainerFlapping,
+    ContainerHealth,
     ContainerOomKilled,
+    ContainerRestarted,
     ContainerStarted,
 )
 from services.monitor.adapters import (
@@ -181,3 +183,22 @@ async def test_a_cut_events_stream_resumes_with_no_gap_and_no_duplicate(
     assert len(_of(pub, ContainerStarted, machine_b)) == 1
 
 
+
+
+async def test_docker_restart_and_health_become_restarted_and_health_events(
+    sandbox: Sandbox,  # noqa: F811
+):
+    async with _running(f"unix://{DOCKER_SOCK}", sandbox) as (_, pub):
+        container, machine, _ = await asyncio.to_thread(
+            sandbox.run_container, "health", ["sleep", "infinity"],
+            healthcheck={"test": ["CMD", "true"], "interval": 500_000_000,
+                         "start_period": 0, "retries": 1},
+        )
+        (health,) = await _until(lambda: _of(pub, ContainerHealth, machine), "healthy")
+        await asyncio.to_thread(container.restart, timeout=0)
+        (restarted,) = await _until(lambda: _of(pub, ContainerRestarted, machine), "restart")
+    assert health.status == "healthy"
+    assert restarted.restarts_in_window == 1
+    assert len(_of(pub, ContainerStarted, machine)) == 2
+    (died,) = _of(pub, ContainerDied, machine)
+    assert died.exit_code in (137, 143)  # SIGKILL, or SIGTERM forwarded by tini first
