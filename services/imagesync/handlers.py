@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import structlog
 from aiohttp import web
 from prometheus_client import Counter, Histogram
+from pymongo.errors import PyMongoError
 
 from libs.common.bus import MessageContext, Publisher
 from libs.common.contracts.imagesync import (
@@ -62,6 +63,10 @@ class Webhook:
         started = time.perf_counter()
         try:
             return await self._handle(request)
+        except (PyMongoError, TransientError) as err:
+            # Nothing was acknowledged: the registry keeps the event and sends it again.
+            log.error("notification not recorded", error=str(err))
+            return _bad(503, "unavailable", "state or bus unavailable, send it again")
         finally:
             _LATENCY.observe(time.perf_counter() - started)
 

@@ -232,6 +232,10 @@ class MongoBlobIndex:
 
     async def add(self, dc: str, digest: str, repo: str) -> None:
         """Remember that ``repo`` holds ``digest``."""
-        await self._coll.update_one(
-            {"_id": f"{dc}|{digest}"}, {"$addToSet": {"repos": repo}}, upsert=True
-        )
+        key, change = f"{dc}|{digest}", {"$addToSet": {"repos": repo}}
+        try:
+            await self._coll.update_one({"_id": key}, change, upsert=True)
+        except DuplicateKeyError:
+            # Two blobs tasks upserted the same new key at once (FerretDB does not retry the
+            # losing upsert as MongoDB does); the document exists now, so update it.
+            await self._coll.update_one({"_id": key}, change)
