@@ -85,13 +85,26 @@ class Monitor:
         self.connected = False
 
     async def start(self) -> int:
-        """Learn the containers silently; return the event time to replay from."""
-        observed = await self._containers.observe()
-        self.tracker.seed(observed)
-        self._set_targets(observed)
+        """Resume from the stored state (publishing what changed while the monitor was down),
+        or learn the containers silently on a first start; return the event time to replay
+        from (0: live only)."""
+        stored = await self._store.load_tracks(self.host)
+        if stored is None:
+            observed = await self._containers.observe()
+            self.tracker.seed(observed)
+            self._set_targets(observed)
+            await self._save()
+            return 0
         last = await self._store.last_event_ns(self.host)
+        self.tracker.restore(stored, handled_until_ns=last)
+        # The resync publishes what happened while we were down; the replay of dockerd's
+        # buffer that follows is then dropped as already known (same as after a cut stream).
+        await self.resync()
         floor = int(datetime.now(UTC).timestamp() * _NS) - self._replay_max_ns
         return max(last, floor) if last else 0
+
+    async def _save(self) -> None:
+        await self._store.save_tracks(self.host, self.tracker.snapshot())
 
     def _set_targets(self, observed: list[Observed]) -> None:
         self.targets = {
@@ -124,11 +137,12 @@ class Monitor:
     async def resync(self, full: bool = True) -> None:
         """Compare the API's view with ours; publish what the events stream missed."""
         observed = await self._containers.observe(full)
-        emits = self.tracker.resync(observed)
+        emits = self.tracker.resync(observed, now_ns=int(datetime.now(UTC).timestamp() * _NS))
         self._set_targets(observed)
         if emits:
             log.info("resync found missed transitions", count=len(emits))
         await self._publish(emits)
+        await self._save()
 
     async def follow_events(self, since_ns: int = 0) -> None:
         """Handle the events stream for the life of the service."""
@@ -165,6 +179,8 @@ class Monitor:
         elif action == "update":  # a resize: quota and limit are re-read next round
             self._sampler.forget(cid)
         await self._publish(emits)
+        if emits or action == "destroy":
+            await self._save()
         time_ns = int(item.get("timeNano") or 0)
         if time_ns:
             await self._store.set_last_event_ns(self.host, time_ns)

@@ -336,6 +336,7 @@ class LifecycleTracker:
         self._tracks: dict[str, _Track] = {}
         self._seen: deque[tuple[str, int, str]] = deque(maxlen=memory)
         self._seen_set: set[tuple[str, int, str]] = set()
+        self._handled_until_ns = 0
         self.last_time_ns = 0
 
     def known(self, container_id: str) -> bool:
@@ -405,7 +406,9 @@ class LifecycleTracker:
         attrs = actor.get("Attributes") or {}
         action = str(event.get("Action") or event.get("status") or "")
         time_ns = int(event.get("timeNano") or int(event.get("time", 0)) * _NS)
-        if not cid or not self._remember((cid, time_ns, action)):
+        if time_ns <= self._handled_until_ns or not self._remember((cid, time_ns, action)):
+            return []
+        if not cid:
             return []
         self.last_time_ns = max(self.last_time_ns, time_ns)
         track = self._tracks.get(cid)
@@ -474,8 +477,39 @@ class LifecycleTracker:
                 restarted_for_ns=o.started_ns, last_action="start" if o.running else "die",
             )
 
-    def resync(self, observed: Iterable[Observed]) -> list[Emit]:
-        """Compare the API's view after a reconnect with ours; emit what the stream missed."""
+    def snapshot(self) -> list[dict[str, Any]]:
+        """What the tracker knows, as plain documents (stored so a restart resumes from it)."""
+        return [
+            {
+                "container_id": t.meta.container_id, "machine_id": t.meta.machine_id,
+                "ip": t.meta.ip, "app": t.meta.app, "running": t.running,
+                "started_ns": t.started_ns, "last_action": t.last_action,
+                "last_oom_ns": t.last_oom_ns, "restarted_for_ns": t.restarted_for_ns,
+                "health": t.health, "restarts": list(t.restarts), "flapping": t.flapping,
+            }
+            for t in self._tracks.values()
+        ]
+
+    def restore(self, snapshot: Iterable[Mapping[str, Any]], handled_until_ns: int = 0) -> None:
+        """Resume from a :meth:`snapshot` (then resync and replay what happened since).
+
+        Events up to ``handled_until_ns`` were handled before the snapshot: their replay is
+        dropped."""
+        self._handled_until_ns = handled_until_ns
+        for d in snapshot:
+            meta = ContainerMeta(d["container_id"], d["machine_id"], d.get("ip"), d.get("app"))
+            self._tracks[meta.container_id] = _Track(
+                meta, running=d["running"], started_ns=int(d["started_ns"]),
+                last_action=d.get("last_action", ""), last_oom_ns=int(d.get("last_oom_ns", 0)),
+                restarted_for_ns=int(d.get("restarted_for_ns", -1)), health=d.get("health"),
+                restarts=deque(int(x) for x in d.get("restarts", [])),
+                flapping=bool(d.get("flapping")),
+            )
+
+    def resync(self, observed: Iterable[Observed], now_ns: int | None = None) -> list[Emit]:
+        """Compare the API's view after a reconnect with ours; emit what the stream missed.
+
+        ``now_ns`` dates the death of a running container that vanished altogether."""
         out: list[Emit] = []
         seen: set[str] = set()
         for o in observed:
@@ -515,7 +549,15 @@ class LifecycleTracker:
                     out += self._restart(track, o.started_ns, "sync", True)
                 track.last_action = "start"
         for cid in set(self._tracks) - seen:
-            self._tracks.pop(cid)
+            track = self._tracks.pop(cid)
+            if track.running:  # removed while we were not looking: it died first
+                died_ns = max(now_ns or 0, track.started_ns + 1)
+                out.append(
+                    Emit(
+                        event_id(cid, "die", died_ns, "sync"),
+                        ContainerDied(**self._common(track, died_ns, True)),
+                    )
+                )
         return out
 
 

@@ -7,7 +7,8 @@ Collections:
   Retention is an explicit job (:meth:`SampleStore.prune`), FerretDB v1 having no TTL index.
 - ``lifecycle``: one document per lifecycle event, ``_id`` = its deterministic envelope id; the
   unique ``_id`` is what makes a replayed event publish once across monitor restarts.
-- ``monitor_state``: per host, the time of the last Docker event handled (the replay point).
+- ``monitor_state``: per host, the time of the last Docker event handled (the replay point)
+  and the lifecycle tracker's state, so a restarted monitor resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -72,6 +73,14 @@ class SampleStore(Protocol):
 
     async def last_event_ns(self, host: str) -> int:
         """The time of the last Docker event this host handled (0: none)."""
+        ...
+
+    async def save_tracks(self, host: str, tracks: list[dict]) -> None:
+        """Store the lifecycle tracker's state of this host."""
+        ...
+
+    async def load_tracks(self, host: str) -> list[dict] | None:
+        """The stored tracker state, or None when this host never stored one."""
         ...
 
     async def set_last_event_ns(self, host: str, time_ns: int) -> None:
@@ -162,6 +171,18 @@ class MongoSampleStore:
         return int(doc["last_event_ns"]) if doc else 0
 
     @translate_errors
+    async def save_tracks(self, host: str, tracks: list[dict]) -> None:
+        """Replace the host's tracker state."""
+        await self._db[_STATE].update_one({"_id": host}, {"$set": {"tracks": tracks}},
+                                          upsert=True)
+
+    @translate_errors
+    async def load_tracks(self, host: str) -> list[dict] | None:
+        """The host's tracker state."""
+        doc = await self._db[_STATE].find_one({"_id": host}, {"tracks": 1})
+        return None if doc is None or "tracks" not in doc else list(doc["tracks"])
+
+    @translate_errors
     async def set_last_event_ns(self, host: str, time_ns: int) -> None:
         """Move the host's replay point forward (never back)."""
         await self._db[_STATE].update_one(
@@ -176,6 +197,7 @@ class MemorySampleStore:
         self.docs: list[dict] = []
         self.events: dict[str, dict[str, Any]] = {}
         self.state: dict[str, int] = {}
+        self.tracks: dict[str, list[dict]] = {}
 
     async def setup(self) -> None:
         """Nothing to create."""
@@ -212,6 +234,14 @@ class MemorySampleStore:
     async def last_event_ns(self, host: str) -> int:
         """Replay point."""
         return self.state.get(host, 0)
+
+    async def save_tracks(self, host: str, tracks: list[dict]) -> None:
+        """Keep a copy."""
+        self.tracks[host] = [dict(t) for t in tracks]
+
+    async def load_tracks(self, host: str) -> list[dict] | None:
+        """The copy, if any."""
+        return self.tracks.get(host)
 
     async def set_last_event_ns(self, host: str, time_ns: int) -> None:
         """Only forward."""

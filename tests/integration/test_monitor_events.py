@@ -87,7 +87,9 @@ class DockerProxy:
         return f"tcp://127.0.0.1:{self.port}"
 
 
-def _monitor(url: str, box: Sandbox) -> tuple[Monitor, MemoryPublisher, DockerEvents, DockerEngine]:
+def _monitor(
+    url: str, box: Sandbox, store: MemorySampleStore | None = None
+) -> tuple[Monitor, MemoryPublisher, DockerEvents, DockerEngine]:
     engine = DockerEngine(url, label=box.selector)
     events = DockerEvents(url, label=box.selector, backoff_cap_s=0.5)
     pub = MemoryPublisher("monitor")
@@ -95,15 +97,17 @@ def _monitor(url: str, box: Sandbox) -> tuple[Monitor, MemoryPublisher, DockerEv
         host="it", containers=engine, events=events,
         sampler=Sampler(make_reader(), read_net, host_cpus=host_cpus(),
                         host_memory=host_memory()),
-        store=MemorySampleStore(), publisher=pub, tracker=LifecycleTracker("it"),
+        store=store or MemorySampleStore(), publisher=pub, tracker=LifecycleTracker("it"),
         collector=ContainerCollector("it"), interval_s=1,
     )
     return mon, pub, events, engine
 
 
 @contextlib.asynccontextmanager
-async def _running(url: str, box: Sandbox) -> AsyncIterator[tuple[Monitor, MemoryPublisher]]:
-    mon, pub, events, engine = _monitor(url, box)
+async def _running(
+    url: str, box: Sandbox, store: MemorySampleStore | None = None
+) -> AsyncIterator[tuple[Monitor, MemoryPublisher]]:
+    mon, pub, events, engine = _monitor(url, box, store)
     since = await mon.start()
     task = asyncio.create_task(mon.follow_events(since))
     try:
@@ -202,3 +206,21 @@ async def test_docker_restart_and_health_become_restarted_and_health_events(
     assert len(_of(pub, ContainerStarted, machine)) == 2
     (died,) = _of(pub, ContainerDied, machine)
     assert died.exit_code in (137, 143)  # SIGKILL, or SIGTERM forwarded by tini first
+
+
+async def test_a_restarted_monitor_publishes_what_happened_while_it_was_down_once(
+    sandbox: Sandbox,  # noqa: F811
+):
+    store = MemorySampleStore()  # what the monitor keeps in MongoDB across its restarts
+    async with _running(f"unix://{DOCKER_SOCK}", sandbox, store) as (_, first):
+        a, machine_a, _ = await asyncio.to_thread(sandbox.run_container, "a",
+                                                  ["sleep", "infinity"])
+        await _until(lambda: _of(first, ContainerStarted, machine_a), "a to start")
+    await asyncio.to_thread(a.stop, timeout=0)
+    b, machine_b, _ = await asyncio.to_thread(sandbox.run_container, "b", ["sleep", "infinity"])
+    async with _running(f"unix://{DOCKER_SOCK}", sandbox, store) as (mon, second):
+        await _until(lambda: b.id in mon.targets, "b to be sampled")
+        await asyncio.sleep(2)  # dockerd's replay of a's death and b's start arrives meanwhile
+    assert len(_of(second, ContainerDied, machine_a)) == 1
+    assert len(_of(second, ContainerStarted, machine_b)) == 1
+    assert _of(second, ContainerStarted, machine_a) == []

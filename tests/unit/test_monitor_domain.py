@@ -294,3 +294,28 @@ def test_a_sample_carries_the_ip_label_parsed_or_none(label, expected):
         Envelope.wrap(MetricsBatch(host="h", at=sample.at, interval_s=1, samples=[sample]),
                       source="t").to_bytes()
     ).parse().samples[0].machine_id == "m-1"
+
+
+def test_resync_reports_a_running_container_that_vanished_as_died():
+    tracker = LifecycleTracker("h1")
+    tracker.on_event(_ev("start", T0))
+    (died,) = tracker.resync([], now_ns=T0 + 60 * NS)
+    assert isinstance(died.message, ContainerDied)
+    assert (died.message.synthesized, died.message.exit_code) == (True, None)
+    assert tracker.resync([], now_ns=T0 + 61 * NS) == []
+
+
+def test_a_restored_tracker_resumes_where_the_snapshot_was():
+    first = LifecycleTracker("h1")
+    first.on_event(_ev("start", T0))
+    first.on_event(_ev("die", T0 + NS, exitCode="1"))
+    first.on_event(_ev("start", T0 + 2 * NS))
+    resumed = LifecycleTracker("h1")
+    resumed.restore(first.snapshot())
+    replayed = resumed.on_event(_ev("start", T0 + 2 * NS))
+    again = resumed.on_event(_ev("die", T0 + 3 * NS, exitCode="1")) + resumed.on_event(
+        _ev("start", T0 + 4 * NS)
+    )
+    assert replayed == []  # the replay of a run it already knew
+    assert [e.message.restarts_in_window for e in again if e.message.TYPE.endswith("restarted")
+            ] == [2]

@@ -213,3 +213,15 @@ async def test_a_lifecycle_event_whose_publish_failed_is_sent_by_the_republish_j
     sent = await mon.republish(older_than_s=0)
     assert (sent, [env.type for _, env in pub.sent]) == (1, ["container.started"])
     assert await mon.republish(older_than_s=0) == 0
+
+
+async def test_a_restarted_monitor_publishes_what_changed_while_it_was_down():
+    docker = FakeDocker([_observed(started_s=5)])
+    first, store, _, _ = _monitor(docker)
+    await first.start()
+    docker.observed.clear()  # destroyed while no monitor ran
+    second, _, pub, _ = _monitor(docker)
+    second._store = store
+    await second.start()
+    (died,) = pub.of_type("container.died")
+    assert (died.machine_id, died.synthesized, second.targets) == ("m-1", True, {})
