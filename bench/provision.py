@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
 import statistics
@@ -211,8 +212,9 @@ async def main(n: int) -> None:
             await dockvm.cleanup()
         finally:
             await agent.stop()
-            net = client.networks.get(network)
-            net.remove()
+            # The agent drops the VLAN network with its last machine; otherwise it is ours.
+            with contextlib.suppress(docker.errors.NotFound):
+                client.networks.get(network).remove()
             client.close()
             await probe.close()
             await publisher.close()
