@@ -666,3 +666,31 @@ async def test_ovs_same_vlan_reaches_other_vlan_does_not_even_after_restart(ovs_
     assert same_vlan is True
     assert other_vlan is False
     assert _inspect(b)["HostConfig"]["NetworkMode"] == "none"
+
+
+# ---- the macvlan driver without its trunk: a missing network ---------------------------------
+
+
+@pytest.fixture
+async def macvlan_agent(tmp_path: Path) -> AsyncIterator[Agent]:
+    """An agent with the macvlan driver on a trunk interface this host does not have."""
+    async for a in _agent(tmp_path, DOCKVM_NETWORK_DRIVER="macvlan",
+                          DOCKVM_MACVLAN_TRUNK="dvnosuch0"):  # fmt: skip
+        yield a
+
+
+async def test_a_missing_network_fails_the_create_and_leaves_nothing(macvlan_agent):
+    agent = macvlan_agent
+    mid = agent.machine_id()
+
+    result = await agent.create(mid, vlan_id=3120, ip="10.231.30.5", gateway="10.231.30.1")
+    client = _docker()
+    networks = client.networks.list(names=[f"{PREFIX}-vlan3120"])
+    client.close()
+
+    assert result.TYPE == "container.create_failed"
+    assert result.reason.startswith("network_unavailable: ")
+    assert "dvnosuch0" in result.reason
+    assert _dockvm_containers(mid) == []
+    assert not (agent.state / "volumes" / f"{mid}.img").exists()
+    assert networks == []
