@@ -37,7 +37,7 @@ def build_handlers(driver: SagaDriver) -> dict[str, Handler]:
         await driver.on_created(msg.machine_id, msg.host, msg.container_id)
 
     async def create_failed(msg: provisioner.ContainerCreateFailed, ctx: MessageContext) -> None:
-        await driver.on_create_failed(msg.machine_id, msg.reason)
+        await driver.on_create_failed(msg.machine_id, msg.reason, msg.retriable)
 
     async def action_done(msg: provisioner.ContainerActionDone, ctx: MessageContext) -> None:
         await driver.on_action_done(msg.machine_id, msg.action)

@@ -388,12 +388,30 @@ class SagaDriver:
             await self._finish(doc, True)
             return
         current = await self.store.get(machine_id)
-        if current is not None and current["state"] == State.DESTROYED and current.get("host"):
-            # Created after we gave up on it: remove it again (destroy is idempotent).
-            await self.send_step({**current, "saga": {"op": "destroy", "step": "container"}})
+        if current is not None and current["state"] in (State.FAILED, State.DESTROYED):
+            # Created after we gave up on it (a re-sent create that won a race): remove it,
+            # or it would run unaccounted for. Destroy is idempotent.
+            target = {**current, "host": host or current.get("host")}
+            log.warning("late create of a machine we gave up on; destroying it",
+                        machine_id=machine_id, host=target["host"])
+            await self.send_step({**target, "saga": {"op": "destroy", "step": "container"}})
 
-    async def on_create_failed(self, machine_id: str, reason: str) -> None:
-        """The provisioner made nothing: fail the machine and release its IP."""
+    async def on_create_failed(self, machine_id: str, reason: str, retriable: bool = False) -> None:
+        """The provisioner made nothing: re-send if it may pass, else fail and release the IP."""
+        if retriable:
+            doc = await self.store.get(machine_id)
+            saga = (doc or {}).get("saga") or {}
+            if (doc is not None and doc["state"] == State.CREATING
+                    and saga.get("op") == "create"
+                    and saga.get("attempt", 1) < self.settings.step_attempts):
+                match = {"saga.op": "create", "saga.attempt": saga["attempt"]}
+                nxt = self.saga("create", "container", saga["attempt"] + 1)
+                moved = await self.store.update(machine_id, match, {"saga": nxt})
+                if moved is not None:
+                    log.info("retriable create failure, re-sent", machine_id=machine_id,
+                             reason=reason)
+                    await self.send_step(moved)
+                return
         doc = await self._move(
             machine_id,
             [State.CREATING, State.PLACED],
