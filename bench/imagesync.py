@@ -125,6 +125,16 @@ async def _wait_tag(reg: HttpRegistry, repo: str, tag: str, digest: str,
             await asyncio.sleep(0.01)
 
 
+async def _finished_job(rpc: RpcClient, repo: str, timeout: float = 60) -> SyncJobView:
+    """The job of ``repo`` once it is recorded as finished (the tag lands just before)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            done = [j for j in await _jobs(rpc, repo=repo) if j.state == "done"]
+            if done:
+                return done[0]
+            await asyncio.sleep(0.1)
+
+
 def _layers(total_mb: int, count: int) -> list[bytes]:
     # Really gzip-compressed, as the media type says: skopeo would otherwise recompress them.
     size = total_mb * (1 << 20) // count
@@ -192,7 +202,7 @@ async def main() -> None:
         new_layer = _layers(args.size_mb // args.layers, 1)
         second, new_bytes = await _push_image(dc1, second_repo, "v1", new_layer, shared)
         await _wait_tag(dc2, second_repo, "v1", second.digest)
-        [job] = await _jobs(rpc, repo=second_repo)
+        job = await _finished_job(rpc, second_repo)
         shared_bytes = sum(s for _, s, _ in shared)
 
         d, s = median(dockvm_s), median(skopeo_s)

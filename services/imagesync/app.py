@@ -77,6 +77,9 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
              "sync_jobs.list": bus.on_list},
             # Copies hold their message while they run: leave room for pushes and queries.
             prefetch=settings.max_concurrent_jobs * 4,
+            # Every handler is idempotent by natural key (the job) or a read; the message-id
+            # dedupe would only add two database writes to the push-to-available path.
+            dedupe=False,
         )
 
         async def reconcile() -> None:

@@ -47,18 +47,24 @@ class Copier:
             return stats
         top = await src.get_manifest(repo, digest)
         sem = asyncio.Semaphore(self._blob_concurrency)
-        if top.is_index:
-            for child in top.children():
-                await self._copy_child(src, dst, repo, child, sem, stats)
-        else:
-            await self._copy_blobs(src, dst, repo, top, sem, stats)
-        # A newer push of the tag may have landed while we copied: never roll it back.
-        if await src.manifest_digest(repo, tag) != digest:
-            stats.superseded = True
+        learned: list[tuple[str, str]] = []
+        try:
+            if top.is_index:
+                for child in top.children():
+                    await self._copy_child(src, dst, repo, child, sem, stats, learned)
+            else:
+                await self._copy_blobs(src, dst, repo, top, sem, stats, learned)
+            # A newer push of the tag may have landed while we copied: never roll it back.
+            if await src.manifest_digest(repo, tag) != digest:
+                stats.superseded = True
+                return stats
+            await dst.put_manifest(repo, tag, top)
+            stats.manifests_put += 1
             return stats
-        await dst.put_manifest(repo, tag, top)
-        stats.manifests_put += 1
-        return stats
+        finally:
+            # Where blobs live only serves later mounts: record it off the copy's critical path.
+            for dc, blob in learned:
+                await self._index.add(dc, blob, repo)
 
     async def _copy_child(
         self,
@@ -68,6 +74,7 @@ class Copier:
         child: Descriptor,
         sem: asyncio.Semaphore,
         stats: SyncStats,
+        learned: list[tuple[str, str]],
     ) -> None:
         if await dst.manifest_digest(repo, child.digest) == child.digest:
             return
@@ -76,7 +83,7 @@ class Copier:
             raise DomainError(
                 f"{repo}@{child.digest}: nested indexes are not copied", reason="nested_index"
             )
-        await self._copy_blobs(src, dst, repo, manifest, sem, stats)
+        await self._copy_blobs(src, dst, repo, manifest, sem, stats, learned)
         await dst.put_manifest(repo, child.digest, manifest)
         stats.manifests_put += 1
 
@@ -88,23 +95,31 @@ class Copier:
         manifest: Manifest,
         sem: asyncio.Semaphore,
         stats: SyncStats,
+        learned: list[tuple[str, str]],
     ) -> None:
         async def one(desc: Descriptor) -> None:
             async with sem:
-                await self._copy_blob(src, dst, repo, desc, stats)
+                await self._copy_blob(src, dst, repo, desc, stats, learned)
 
         try:
             async with asyncio.TaskGroup() as tg:
-                for desc in manifest.blobs():
+                # Largest first, so the longest transfer never starts last.
+                for desc in sorted(manifest.blobs(), key=lambda d: -d.size):
                     tg.create_task(one(desc))
         except BaseExceptionGroup as group:
             # Callers (and tenacity) classify one error, not a group: surface the first.
             raise _first_leaf(group) from None
 
     async def _copy_blob(
-        self, src: Registry, dst: Registry, repo: str, desc: Descriptor, stats: SyncStats
+        self,
+        src: Registry,
+        dst: Registry,
+        repo: str,
+        desc: Descriptor,
+        stats: SyncStats,
+        learned: list[tuple[str, str]],
     ) -> None:
-        await self._index.add(src.dc, desc.digest, repo)
+        learned.append((src.dc, desc.digest))
         if await dst.blob_exists(repo, desc.digest):
             stats.blobs_skipped += 1
             _BLOBS.labels(dst.dc, "skipped").inc()
@@ -113,7 +128,7 @@ class Copier:
             if other != repo and await dst.mount_blob(repo, desc.digest, other):
                 stats.blobs_mounted += 1
                 _BLOBS.labels(dst.dc, "mounted").inc()
-                await self._index.add(dst.dc, desc.digest, repo)
+                learned.append((dst.dc, desc.digest))
                 return
         async with src.open_blob(repo, desc.digest) as stream:
             sent = await dst.upload_blob(repo, desc.digest, stream.chunks(), desc.size or None)
@@ -121,7 +136,7 @@ class Copier:
         stats.blobs_copied += 1
         _BYTES.labels(dst.dc).inc(sent)
         _BLOBS.labels(dst.dc, "copied").inc()
-        await self._index.add(dst.dc, desc.digest, repo)
+        learned.append((dst.dc, desc.digest))
 
 
 def _first_leaf(group: BaseExceptionGroup) -> BaseException:

@@ -101,14 +101,11 @@ class SyncService:
             if digest is None:
                 return None
         order = SyncOrder(cmd.source, cmd.target, cmd.repo, cmd.tag, digest)
-        job = await self._store.ensure_job(order, cmd.reason)
-        if job["state"] in ("done", "superseded"):
-            log.info("job already finished", job=job["_id"], state=job["state"])
-            return job
         async with self._slots:
-            claimed = await self._store.claim(job["_id"], self._policy.lease_s)
-            if claimed is None:
-                log.info("job held by another worker", job=job["_id"])
+            job = await self._store.claim(order, cmd.reason, self._policy.lease_s)
+            if job is None:
+                log.info("job finished already or held by another worker",
+                         repo=order.repo, tag=order.tag, target=order.target)
                 return None
             return await self._run(order, job["_id"], src, dst, publish)
 
@@ -145,7 +142,8 @@ class SyncService:
         try:
             async for attempt in self._retrying():
                 with attempt:
-                    await self._store.attempt(jid, self._policy.lease_s)
+                    if attempt.retry_state.attempt_number > 1:  # the claim counted the first
+                        await self._store.attempt(jid, self._policy.lease_s)
                     try:
                         await self._copier.copy(
                             src, dst, order.repo, order.tag, order.digest, stats

@@ -71,7 +71,7 @@ class ImagesyncSettings(CommonSettings):
     sync_backoff_initial_s: float = Field(default=0.5, gt=0)
     sync_backoff_max_s: float = Field(default=30.0, gt=0)
     max_concurrent_jobs: int = Field(default=4, ge=1, le=64)
-    blob_concurrency: int = Field(default=4, ge=1, le=32)
+    blob_concurrency: int = Field(default=6, ge=1, le=32)
     registry_timeout_s: float = Field(default=30.0, gt=0)
 
     @field_validator("registries")

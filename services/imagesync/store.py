@@ -85,58 +85,52 @@ class SyncStore:
 
     # --- jobs ---------------------------------------------------------------------------
 
-    async def ensure_job(self, order: SyncOrder, reason: str) -> dict[str, Any]:
-        """The job of ``order``, created pending when new (natural key: the order itself)."""
+    async def claim(self, order: SyncOrder, reason: str, lease_s: float) -> dict[str, Any] | None:
+        """Create or take the job of ``order`` to run it, counting its first attempt.
+
+        None when the job is finished (done, superseded) or another worker holds a live
+        lease. One upsert does it: the filter matches only a claimable job, so an existing
+        unclaimable one makes the upsert collide on ``_id``.
+        """
         jid = job_id(order.source, order.target, order.repo, order.tag, order.digest)
         now = _now()
-        doc = {
-            "_id": jid,
-            "source": order.source,
-            "target": order.target,
-            "repo": order.repo,
-            "tag": order.tag,
-            "digest": order.digest,
-            "state": "pending",
-            "attempts": 0,
-            "bytes_copied": 0,
-            "blobs_copied": 0,
-            "blobs_skipped": 0,
-            "blobs_mounted": 0,
-            "error": None,
-            "reason": reason,
-            "created_at": now,
-            "updated_at": now,
-            "finished_at": None,
-            "lease_until": None,
-        }
         try:
-            await self._jobs.insert_one(doc)
-            return doc
+            return await self._jobs.find_one_and_update(
+                {
+                    "_id": jid,
+                    "$or": [
+                        {"state": {"$in": ["pending", "failed"]}},
+                        {"state": "running", "lease_until": {"$lt": now}},
+                    ],
+                },
+                {
+                    "$set": {
+                        "state": "running",
+                        "lease_until": now + timedelta(seconds=lease_s),
+                        "updated_at": now,
+                        "error": None,
+                    },
+                    "$setOnInsert": {
+                        "source": order.source,
+                        "target": order.target,
+                        "repo": order.repo,
+                        "tag": order.tag,
+                        "digest": order.digest,
+                        "bytes_copied": 0,
+                        "blobs_copied": 0,
+                        "blobs_skipped": 0,
+                        "blobs_mounted": 0,
+                        "reason": reason,
+                        "created_at": now,
+                        "finished_at": None,
+                    },
+                    "$inc": {"attempts": 1},
+                },
+                upsert=True,
+                return_document=ReturnDocument.AFTER,
+            )
         except DuplicateKeyError:
-            found = await self._jobs.find_one({"_id": jid})
-            return found if found is not None else doc
-
-    async def claim(self, jid: str, lease_s: float) -> dict[str, Any] | None:
-        """Take the job to run it, unless it is done or another worker holds a live lease."""
-        now = _now()
-        return await self._jobs.find_one_and_update(
-            {
-                "_id": jid,
-                "$or": [
-                    {"state": {"$in": ["pending", "failed"]}},
-                    {"state": "running", "lease_until": {"$lt": now}},
-                ],
-            },
-            {
-                "$set": {
-                    "state": "running",
-                    "lease_until": now + timedelta(seconds=lease_s),
-                    "updated_at": now,
-                    "error": None,
-                }
-            },
-            return_document=ReturnDocument.AFTER,
-        )
+            return None
 
     async def attempt(self, jid: str, lease_s: float) -> None:
         """Count one attempt and extend the lease."""
