@@ -315,7 +315,9 @@ class SagaDriver:
             await self._place(doc)
             return
         current = await self.store.get(evt.machine_id)
-        if current is not None and current["state"] in (State.FAILED, State.DESTROYED):
+        if current is not None and current["state"] in (
+            State.FAILED, State.DESTROYED, State.DESTROYING
+        ):
             # The allocation arrived after the machine gave up: release it so it cannot leak.
             await self.publisher.publish(ipam.IpRelease(machine_id=evt.machine_id))
 

@@ -1,0 +1,51 @@
+"""The installed ``dockvm`` CLI against a real gateway process (peers simulated on the bus)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from tests.integration.test_gateway import GW_ENV, Peers, _admin_token, peers  # noqa: F401
+
+DOCKVM = str(Path(sys.executable).parent / "dockvm")
+
+
+async def _cli(env: dict[str, str], *args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        DOCKVM, *args, env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", **env},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def test_cli_creates_lists_and_deletes_with_the_local_admin_token(
+    start_service, service_env, peers  # noqa: F811
+):
+    gateway = await start_service("gateway", env=GW_ENV)
+    # No token given: the CLI falls back to $DOCKVM_STATE_DIR/admin.token, as k3s does.
+    env = {"DOCKVM_URL": gateway.url, "DOCKVM_STATE_DIR": service_env["DOCKVM_STATE_DIR"]}
+    async with asyncio.timeout(15):  # until a heartbeat of each simulated host arrived
+        while len(json.loads((await _cli(env, "host", "list", "--json"))[1] or "[]")) < 2:
+            await asyncio.sleep(0.2)
+    code, out, _ = await _cli(
+        env, "machine", "create", "--app", "cli", "--image", "dockvm/base:bookworm",
+        "--cpus", "1", "--memory", "256m", "--disk", "1g", "--dc", "dc1", "--vlan", "233",
+        "--count", "2", "--json",
+    )
+    created = json.loads(out)
+    listed = json.loads((await _cli(env, "machine", "list", "--app", "cli", "--json"))[1])
+    deleted = await _cli(env, "machine", "delete", created[0]["id"], "--wait", "10")
+    bad = await _cli(env, "machine", "resize", created[1]["id"], "--memory", "12q")
+    anon = await _cli({"DOCKVM_URL": gateway.url, "DOCKVM_STATE_DIR": "/nonexistent"},
+                      "host", "list")
+
+    assert code == 0
+    assert [m["state"] for m in created] == ["running", "running"]
+    assert sorted(m["id"] for m in listed) == sorted(m["id"] for m in created)
+    assert (deleted[0], deleted[1].strip()) == (0, f"{created[0]['id']}: destroyed")
+    assert bad[0] == 1 and "memory:" in bad[2]
+    assert anon[0] == 1 and "401" in anon[2]
+    assert _admin_token(service_env).startswith("dvm_")
