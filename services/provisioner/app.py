@@ -55,6 +55,7 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
             memory_margin=settings.memory_margin,
             stop_timeout_s=settings.stop_timeout_s,
             orphan_grace_s=settings.orphan_grace_s,
+            files_dir=settings.state_dir / "machines",
         ),
         runtime,
         network,

@@ -7,6 +7,7 @@ handlers act on what comes out.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ __all__ = [
     "cpus_to_quota",
     "free_disk",
     "mac_address",
+    "machine_environment",
     "plan_resize",
     "port_name",
     "subnet_of",
@@ -95,6 +97,12 @@ def mac_address(machine_id: str) -> str:
     """A stable, locally administered MAC for the machine, so neighbours' ARP stays right."""
     digest = hashlib.sha1(f"mac:{machine_id}".encode()).digest()
     return ":".join(f"{b:02x}" for b in (0x02, *digest[:5]))
+
+
+def machine_environment(cpus: float) -> str:
+    """The machine's /etc/environment: nproc (and OpenMP) honour OMP_NUM_THREADS, which CPU
+    affinity cannot express for a CFS quota; pam_env puts it into every SSH session."""
+    return f"OMP_NUM_THREADS={max(1, math.ceil(cpus))}\n"
 
 
 def cpus_to_quota(cpus: float) -> int:
@@ -224,6 +232,7 @@ def build_spec(
     static_ip: bool,
     lxcfs_root: str | None,
     lxcfs_present: Iterable[str] = LXCFS_FILES,
+    environment_file: str | None = None,
     pids_limit: int = 4096,
     stop_timeout_s: int = 30,
 ) -> ContainerSpec:
@@ -237,10 +246,12 @@ def build_spec(
         LABEL_PREFIX: str(cmd.prefix_len),
         LABEL_GATEWAY: str(cmd.gateway),
     }
-    env = dict(cmd.env)
+    env = {"OMP_NUM_THREADS": str(max(1, math.ceil(cmd.cpus))), **cmd.env}
     if cmd.ssh_authorized_keys:
         env["DOCKVM_AUTHORIZED_KEYS"] = "\n".join(k.strip() for k in cmd.ssh_authorized_keys)
     mounts = [Mount(data_path, "/data")]
+    if environment_file is not None:
+        mounts.append(Mount(environment_file, "/etc/environment", read_only=True))
     if lxcfs_root is not None:
         present = set(lxcfs_present)
         mounts += [

@@ -58,6 +58,7 @@ from .domain import (
     allocation,
     build_spec,
     check_create,
+    machine_environment,
     plan_resize,
     subnet_of,
 )
@@ -81,6 +82,8 @@ class AgentConfig:
     memory_margin: int = 64 << 20
     stop_timeout_s: int = 30
     orphan_grace_s: float = 600.0
+    # Per-machine files bound into the container (/etc/environment); None: none are made.
+    files_dir: Path | None = None
 
 
 def _reason(err: Exception) -> str:
@@ -153,6 +156,7 @@ class Provisioner:
                 cmd.vlan_id, subnet_of(cmd.ip, cmd.prefix_len), cmd.gateway
             )
             data = await self.volumes.ensure(cmd.machine_id, cmd.disk)
+            environment = self._write_environment(cmd.machine_id, cmd.cpus)
             spec = build_spec(
                 cmd,
                 data_path=str(data),
@@ -160,6 +164,7 @@ class Provisioner:
                 static_ip=self.network.static_ip,
                 lxcfs_root=self._lxcfs_root(),
                 lxcfs_present=self._lxcfs_present(),
+                environment_file=environment,
                 pids_limit=self.config.pids_limit,
                 stop_timeout_s=self.config.stop_timeout_s,
             )
@@ -227,6 +232,7 @@ class Provisioner:
         steps = [
             ("container", self.runtime.remove(machine_id)),
             ("volume", self.volumes.destroy(machine_id)),
+            ("files", self._remove_files(machine_id)),
             ("network", self.network.release(machine_id, vlan_id, drop_network=drop_network)),
         ]
         for what, step in steps:
@@ -234,6 +240,25 @@ class Provisioner:
                 await step
             except Exception as err:
                 log.error("cleanup step failed", machine_id=machine_id, step=what, error=str(err))
+
+    def _write_environment(self, machine_id: str, cpus: float) -> str | None:
+        """Write the machine's /etc/environment in place (a bind mount follows the inode)."""
+        if self.config.files_dir is None:
+            return None
+        path = self.config.files_dir / machine_id / "environment"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as f:
+            f.write(machine_environment(cpus))
+        return str(path)
+
+    async def _remove_files(self, machine_id: str) -> None:
+        if self.config.files_dir is None:
+            return
+        folder = self.config.files_dir / machine_id
+        for child in folder.glob("*"):
+            child.unlink()
+        if folder.exists():
+            folder.rmdir()
 
     def _lxcfs_root(self) -> str | None:
         root = self.config.lxcfs_path
@@ -313,6 +338,7 @@ class Provisioner:
                 await self.runtime.stop(machine_id, timeout_s)
             await self.runtime.remove(machine_id)
         await self.volumes.destroy(machine_id)
+        await self._remove_files(machine_id)
         if vlan is not None:
             await self.network.release(machine_id, vlan)
         self.orphans.forget(machine_id)
@@ -347,6 +373,8 @@ class Provisioner:
                 await self.volumes.grow(cmd.machine_id, plan.disk)
             if plan.cpus is not None or plan.memory is not None:
                 await self.runtime.update(cmd.machine_id, plan.cpus, plan.memory)
+            if plan.cpus is not None:
+                self._write_environment(cmd.machine_id, plan.cpus)
         except (DomainError, TransientError) as err:
             return ContainerResizeFailed(
                 machine_id=cmd.machine_id,

@@ -287,11 +287,13 @@ async def test_ssh_with_the_key_works_and_free_shows_the_memory_limit(machine):
     ip = str(created.ip)
 
     out = await _sh(ip, "id -u; hostname; free -m | awk '/^Mem:/ {print $2}'; "
-                    "findmnt -n -o FSTYPE /data; grep -c . /proc/swaps")  # fmt: skip
+                    "findmnt -n -o FSTYPE /data; nproc; "
+                    "grep -c ^processor /proc/cpuinfo")  # fmt: skip
 
-    uid, hostname, mem_total, fstype, _ = out.split()
+    uid, hostname, mem_total, fstype, nproc, cpuinfo = out.split()
     assert (uid, hostname, fstype) == ("0", "m1", "xfs")
     assert mem_total == "256"
+    assert (nproc, cpuinfo) == ("1", "1")
 
 
 async def test_password_login_is_refused(machine):

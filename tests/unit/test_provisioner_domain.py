@@ -21,6 +21,7 @@ from services.provisioner.domain import (
     cpus_to_quota,
     free_disk,
     mac_address,
+    machine_environment,
     plan_resize,
     port_name,
 )
@@ -85,6 +86,7 @@ def test_spec_is_hardened_labelled_and_carries_keys_limits_and_lxcfs():
         static_ip=True,
         lxcfs_root="/var/lib/lxcfs",
         lxcfs_present=["proc/meminfo", "proc/uptime"],
+        environment_file="/state/machines/m-1/environment",
     )
 
     assert spec.name == "dockvm-m-1" == container_name("m-1")
@@ -98,11 +100,13 @@ def test_spec_is_hardened_labelled_and_carries_keys_limits_and_lxcfs():
         "dockvm.gateway": "10.1.2.1",
     }
     assert spec.env == {
+        "OMP_NUM_THREADS": "2",
         "APP_ENV": "prod",
         "DOCKVM_AUTHORIZED_KEYS": "ssh-ed25519 AAAA a@b\nssh-ed25519 BBBB c@d",
     }
     assert [(m.source, m.target, m.read_only) for m in spec.mounts] == [
         ("/state/volumes/mnt/m-1", "/data", False),
+        ("/state/machines/m-1/environment", "/etc/environment", True),
         ("/var/lib/lxcfs/proc/meminfo", "/proc/meminfo", True),
         ("/var/lib/lxcfs/proc/uptime", "/proc/uptime", True),
     ]
@@ -220,3 +224,8 @@ def test_a_machine_known_again_is_no_longer_an_orphan():
 
     assert t.sweep(["a", "b"], now=31) == []  # the clock restarted at 31
     assert t.sweep(["a", "b"], now=40) == []
+
+
+@pytest.mark.parametrize(("cpus", "n"), [(0.25, 1), (1, 1), (1.5, 2), (4, 4)])
+def test_nproc_inside_follows_the_cpu_limit_rounded_up(cpus, n):
+    assert machine_environment(cpus) == f"OMP_NUM_THREADS={n}\n"

@@ -14,6 +14,7 @@ import asyncio
 import sys
 from collections import defaultdict
 from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
 from typing import Protocol
 
 import structlog
@@ -130,6 +131,7 @@ class MacvlanNetwork(_DockerNetwork):
 
     kind = "macvlan"
     driver = "macvlan"
+    sys_class_net = Path("/sys/class/net")
 
     def __init__(self, runtime: ContainerRuntime, prefix: str, trunk: str) -> None:
         super().__init__(runtime, prefix)
@@ -138,6 +140,17 @@ class MacvlanNetwork(_DockerNetwork):
     def options(self, vlan_id: int) -> dict[str, str]:
         """The 802.1q sub-interface is the parent (Docker creates it if missing)."""
         return {"parent": f"{self.trunk}.{vlan_id}"}
+
+    async def prepare(
+        self, vlan_id: int, subnet: IPv4Network, gateway: IPv4Address
+    ) -> tuple[str, bool]:
+        """Check the trunk exists (Docker says so only with a 500), then as for bridges."""
+        if not (self.sys_class_net / self.trunk).exists():
+            raise ValidationFailed(
+                f"trunk interface {self.trunk} for VLAN {vlan_id} is missing on this host",
+                reason="network_unavailable",
+            )
+        return await super().prepare(vlan_id, subnet, gateway)
 
 
 # Run inside the container's network namespace: the userspace datapath forwards the veth's
