@@ -9,6 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 import structlog
 
 from libs.common.bus import queue_name
+from libs.common.errors import DomainError, TransientError
 from libs.common.runner import ServiceContext
 
 from .adapters.network import make_network
@@ -64,8 +65,12 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
     )
     ctx.add_check("docker", runtime.host_resources)
     try:
-        # Reconcile first, so a create cut short by a crash is seen before commands flow.
-        await agent.reconcile()
+        # Reconcile first, so a create cut short by a crash is seen before commands flow; if
+        # the engine is not answering yet, the periodic reconcile catches up.
+        try:
+            await agent.reconcile()
+        except (DomainError, TransientError) as err:
+            log.error("initial reconcile failed", error=str(err))
         await ctx.consume(
             queue_name("provisioner", settings.host_id),
             [f"host.{settings.host_id}.#"],

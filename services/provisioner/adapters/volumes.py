@@ -197,6 +197,7 @@ class XfsLoopVolumes(_BlockVolumes):
 
     async def _remove_device(self, machine_id: str, device: str | None) -> bool:
         img = self.image(machine_id)
+        img.with_suffix(".tmp").unlink(missing_ok=True)  # a create cut short before the rename
         if img.exists():
             out = await run("losetup", "-n", "-O", "NAME", "-j", str(img))
             for dev in out.split():
