@@ -81,7 +81,10 @@ async def bench_create(api: aiohttp.ClientSession, n: int, rounds: int, net: str
         ours.append(time.perf_counter() - t0)
         states = [m["state"] for m in body["machines"]]
         if states != ["running"] * n:
-            raise RuntimeError(f"round {r}: not all running: {states}")
+            ids = ",".join(m["id"] for m in body["machines"])
+            async with api.get("/v1/machines", params={"ids": ids, "limit": "1000"}) as resp:
+                reasons = {m["reason"] for m in (await resp.json())["items"] if m["reason"]}
+            raise RuntimeError(f"round {r}: not all running: {states} {reasons}")
         ips = [f"{base}.{200 + i}" for i in range(n)]
         t0 = time.perf_counter()
         await asyncio.gather(*(_docker_run(net, ip, f"{PREFIX}-{r}-{i}")
@@ -165,7 +168,9 @@ async def main(n: int, rounds: int, seconds: float) -> None:
         ServiceProcess("ipam", env, free_port(), log_path=tmp / "ipam.log"),
         ServiceProcess("provisioner", {**env, "DOCKVM_STATE_DIR": str(tmp / "agent")},
                        free_port(), ["--host-id", f"bench-{RUN}"], log_path=tmp / "prov.log"),
-        ServiceProcess("gateway", env, free_port(), log_path=tmp / "gateway.log"),
+        # 20 machines of 0.5 CPU on a 2-core box need more than the default 4x CPU overcommit.
+        ServiceProcess("gateway", {**env, "DOCKVM_OVERCOMMIT_CPU": "16"}, free_port(),
+                       log_path=tmp / "gateway.log"),
     ]
     try:
         for p in procs:

@@ -36,7 +36,7 @@ from libs.common.errors import ConflictError, DomainError, NotFoundError
 from .domain import CREATE_TERMINAL, HostView, Ratios, Res, State, can_act, host_status, place
 from .domain.states import allowed_from
 from .settings import GatewaySettings
-from .store import GatewayStore, new_machine_id, now
+from .store import MachineStore, new_machine_id, now
 
 __all__ = ["SagaDriver", "host_views"]
 
@@ -94,7 +94,7 @@ class SagaDriver:
 
     def __init__(
         self,
-        store: GatewayStore,
+        store: MachineStore,
         publisher: Publisher,
         settings: GatewaySettings,
         clock: Clock = now,

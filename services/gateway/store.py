@@ -11,7 +11,7 @@ import secrets
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from pymongo import ASCENDING, DESCENDING, IndexModel, ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
@@ -22,7 +22,7 @@ from libs.common.errors import translate_errors
 
 from .domain import ACTIVE_STATES, Res
 
-__all__ = ["GatewayStore", "hash_token", "new_machine_id", "now"]
+__all__ = ["GatewayStore", "MachineStore", "hash_token", "new_machine_id", "now"]
 
 MACHINES, HOSTS, APPS, TOKENS, AUDIT, IDEMPOTENCY = (
     "machines",
@@ -60,6 +60,85 @@ def new_machine_id() -> str:
 def hash_token(token: str) -> str:
     """The stored form of a bearer token (SHA-256; tokens are 32 random bytes)."""
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+class MachineStore(Protocol):
+    """Port: what the saga driver needs of the store (Mongo, or the in-memory twin)."""
+
+    async def get(self, machine_id: str) -> dict[str, Any] | None:
+        """One machine, or None."""
+        ...
+
+    async def by_ids(self, ids: Iterable[str]) -> list[dict[str, Any]]:
+        """The machines with these ids."""
+        ...
+
+    async def insert_machines(self, docs: list[dict[str, Any]]) -> None:
+        """Insert, keeping existing ids."""
+        ...
+
+    async def transition(
+        self,
+        machine_id: str,
+        from_states: Iterable[str],
+        to_state: str,
+        *,
+        reason: str | None = None,
+        set_: dict[str, Any] | None = None,
+        saga: dict[str, Any] | bool | None = False,
+    ) -> dict[str, Any] | None:
+        """Conditional state change."""
+        ...
+
+    async def update(
+        self, machine_id: str, match: dict[str, Any], set_: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """Conditional field update."""
+        ...
+
+    async def due_sagas(self, at: datetime, limit: int = 500) -> list[dict[str, Any]]:
+        """Sagas past their deadline."""
+        ...
+
+    async def in_flight(self) -> list[dict[str, Any]]:
+        """Machines with a saga."""
+        ...
+
+    async def allocations(self, dc: str) -> dict[str, Res]:
+        """Per-host allocation in ``dc``."""
+        ...
+
+    async def app_counts(self, app: str) -> dict[str, int]:
+        """Active machines of ``app`` per host."""
+        ...
+
+    async def mark_host_unknown(self, host_id: str, states: Iterable[str]) -> list[dict[str, Any]]:
+        """Mark the host's machines unknown."""
+        ...
+
+    async def unknown_on_host(self, host_id: str) -> list[dict[str, Any]]:
+        """The host's unknown machines."""
+        ...
+
+    async def ids_on_host(self, host_id: str, states: Iterable[str]) -> list[str]:
+        """Ids of the host's machines in ``states``."""
+        ...
+
+    async def record_heartbeat(self, doc: dict[str, Any]) -> dict[str, Any] | None:
+        """Upsert a host."""
+        ...
+
+    async def list_hosts(self) -> list[dict[str, Any]]:
+        """Every host."""
+        ...
+
+    async def set_host_status(self, host_id: str, old: str | None, new: str) -> bool:
+        """Compare-and-set a host's status."""
+        ...
+
+    async def save_app_spec(self, app: str, spec: dict[str, Any]) -> None:
+        """Remember the app's last spec."""
+        ...
 
 
 class GatewayStore:
@@ -171,22 +250,17 @@ class GatewayStore:
     @translate_errors
     async def allocations(self, dc: str) -> dict[str, Res]:
         """What the gateway has given each host of ``dc``, summed over its active machines."""
-        rows = await (
-            await self.machines.aggregate(
-                [
-                    {"$match": {"dc": dc, "state": {"$in": _ACTIVE}, "host": {"$ne": None}}},
-                    {
-                        "$group": {
-                            "_id": "$host",
-                            "cpus": {"$sum": "$cpus"},
-                            "memory": {"$sum": "$memory"},
-                            "disk": {"$sum": "$disk"},
-                        }
-                    },
-                ]
+        # Summed here rather than with $group: FerretDB v1 returns 0 for $sum over integers.
+        out: dict[str, Res] = {}
+        cursor = self.machines.find(
+            {"dc": dc, "state": {"$in": _ACTIVE}, "host": {"$ne": None}},
+            {"host": 1, "cpus": 1, "memory": 1, "disk": 1},
+        )
+        async for d in cursor:
+            out[d["host"]] = out.get(d["host"], Res()) + Res(
+                float(d["cpus"]), int(d["memory"]), int(d["disk"])
             )
-        ).to_list()
-        return {r["_id"]: Res(r["cpus"], int(r["memory"]), int(r["disk"])) for r in rows}
+        return out
 
     @translate_errors
     async def app_counts(self, app: str) -> dict[str, int]:

@@ -1,0 +1,94 @@
+"""The store contract: the MongoDB store and its in-memory twin behave the same."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from services.gateway.domain import Res
+from services.gateway.store import GatewayStore
+from services.gateway.store_memory import MemoryGatewayStore
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+@pytest.fixture(params=["memory", "mongo"])
+async def store(request, mongo_db):
+    s = MemoryGatewayStore() if request.param == "memory" else GatewayStore(mongo_db)
+    await s.setup()
+    return s
+
+
+def _doc(mid: str, state: str = "running", host: str | None = "h1", **over) -> dict:
+    return {"_id": mid, "type": "docker", "app": "web", "image": "i", "cpus": 1.0,
+            "memory": 100, "disk": 1000, "dc": "dc1", "vlan_id": 1, "hostname": mid,
+            "state": state, "host": host, "ip": None, "created_at": T0, "updated_at": T0,
+            "transitions": [], "saga": None, **over}
+
+
+async def test_transition_applies_only_from_the_expected_state(store):
+    await store.insert_machines([_doc("m1", "creating")])
+    first = await store.transition("m1", ["creating"], "running", saga=None)
+    second = await store.transition("m1", ["creating"], "running", saga=None)
+
+    assert first["state"] == "running"
+    assert [t["state"] for t in first["transitions"]] == ["running"]
+    assert second is None
+
+
+async def test_update_matches_dotted_saga_fields(store):
+    saga = {"op": "create", "step": "ip", "attempt": 1, "deadline": T0}
+    await store.insert_machines([_doc("m1", saga=saga)])
+    stale = await store.update("m1", {"saga.attempt": 2}, {"saga": None})
+    fresh = await store.update("m1", {"saga.op": "create", "saga.attempt": 1}, {"saga": None})
+
+    assert stale is None
+    assert fresh["saga"] is None
+
+
+async def test_due_sagas_and_in_flight(store):
+    await store.insert_machines([
+        _doc("m1", saga={"op": "create", "step": "ip", "attempt": 1, "deadline": T0}),
+        _doc("m2", saga={"op": "create", "step": "ip", "attempt": 1,
+                         "deadline": T0 + timedelta(hours=1)}),
+        _doc("m3"),
+    ])
+
+    assert [d["_id"] for d in await store.due_sagas(T0 + timedelta(seconds=1))] == ["m1"]
+    assert sorted(d["_id"] for d in await store.in_flight()) == ["m1", "m2"]
+
+
+async def test_allocations_and_app_counts_count_active_machines_only(store):
+    await store.insert_machines([
+        _doc("m1"), _doc("m2", "stopped"), _doc("m3", "failed"), _doc("m4", "destroyed"),
+        _doc("m5", host="h2"), _doc("m6", "requested", host=None),
+    ])
+
+    assert await store.allocations("dc1") == {
+        "h1": Res(2.0, 200, 2000), "h2": Res(1.0, 100, 1000)}
+    assert await store.app_counts("web") == {"h1": 2, "h2": 1}
+
+
+async def test_insert_keeps_existing_ids_and_find_pages(store):
+    await store.insert_machines([_doc("m1"), _doc("m2")])
+    await store.insert_machines([_doc("m2", "failed"), _doc("m3")])
+    page1 = await store.find({"state": "running"}, 2)
+    page2 = await store.find({"state": "running"}, 2, after=page1[-1]["_id"])
+
+    assert [d["_id"] for d in page1 + page2] == ["m1", "m2", "m3"]
+
+
+async def test_idempotency_first_writer_wins(store):
+    first = await store.claim_idempotency("k", "f1", ["a"])
+    second = await store.claim_idempotency("k", "f2", ["b"])
+
+    assert first is None
+    assert (second["fingerprint"], second["ids"]) == ("f1", ["a"])
+
+
+async def test_host_status_is_compare_and_set(store):
+    await store.record_heartbeat({"_id": "h1", "dc": "dc1", "last_seen": T0, "status": "online"})
+
+    assert await store.set_host_status("h1", "online", "down") is True
+    assert await store.set_host_status("h1", "online", "down") is False

@@ -1,0 +1,215 @@
+"""The saga driver on the in-memory store, publisher and clock: steps, timeouts, compensation."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from libs.common.bus import MemoryPublisher
+from libs.common.contracts import ipam, provisioner
+from services.gateway.sagas import SagaDriver
+from services.gateway.settings import GatewaySettings
+from services.gateway.store_memory import MemoryGatewayStore
+
+GIB = 1 << 30
+SPEC = {"type": "docker", "app": "web", "image": "img", "cpus": 1.0, "memory": GIB,
+        "disk": GIB, "dc": "dc1", "vlan_id": 233, "count": 1}
+
+
+class Clock:
+    """A clock the test moves."""
+
+    def __init__(self) -> None:
+        self.t = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def pub() -> MemoryPublisher:
+    return MemoryPublisher()
+
+
+@pytest.fixture
+def store() -> MemoryGatewayStore:
+    return MemoryGatewayStore()
+
+
+@pytest.fixture
+async def driver(store, pub, clock) -> SagaDriver:
+    d = SagaDriver(store, pub, GatewaySettings(step_attempts=2), clock=clock)
+    for host in ("h1", "h2"):
+        await d.on_heartbeat(provisioner.HostHeartbeat(
+            host_id=host, dc="dc1", version="t", at=clock(),
+            capacity=provisioner.Resources(cpus=2, memory=8 * GIB, disk=100 * GIB),
+            allocated=provisioner.Resources(cpus=0, memory=0, disk=0)))
+    return d
+
+
+def _allocated(mid: str, ip: str = "10.233.1.10") -> ipam.IpAllocated:
+    return ipam.IpAllocated(machine_id=mid, ip=ip, prefix_len=24, gateway="10.233.1.1",
+                            vlan_id=233, pool="p", dc="dc1")
+
+
+def _keys(pub: MemoryPublisher, type_: str) -> list[str]:
+    return [key for key, env in pub.sent if env.type == type_]
+
+
+async def _create(driver: SagaDriver, n: int = 1, **over) -> list[str]:
+    ids = driver.new_ids(n)
+    await driver.create({**SPEC, **over}, ids)
+    return ids
+
+
+async def test_create_walks_every_step_to_running(driver, store, pub):
+    [mid] = await _create(driver)
+    await driver.on_ip_allocated(_allocated(mid))
+    [host] = [k.split(".")[1] for k in _keys(pub, "container.create")]
+    await driver.on_created(mid, host, "c1")
+    doc = await store.get(mid)
+
+    assert [t["state"] for t in doc["transitions"]] == [
+        "requested", "ip_assigned", "placed", "creating", "running"]
+    assert doc["saga"] is None
+    assert _keys(pub, "ip.allocate") == ["ip.allocate"]
+    assert _keys(pub, "container.create") == [f"host.{host}.container.create"]
+
+
+async def test_the_app_is_spread_then_packed(driver, pub):
+    ids = await _create(driver, 3)
+    for i, mid in enumerate(ids):
+        await driver.on_ip_allocated(_allocated(mid, f"10.233.1.{10 + i}"))
+
+    assert [k.split(".")[1] for k in _keys(pub, "container.create")] == ["h1", "h2", "h1"]
+
+
+async def test_no_capacity_fails_and_releases_the_ip(driver, store, pub):
+    [mid] = await _create(driver, cpus=9.0)  # 2 cpus x 4 overcommit = 8
+    await driver.on_ip_allocated(_allocated(mid))
+    doc = await store.get(mid)
+
+    assert (doc["state"], doc["reason"]) == ("failed", "no_capacity")
+    assert [m.machine_id for m in pub.of_type("ip.release")] == [mid]
+    assert _keys(pub, "container.create") == []
+
+
+async def test_duplicate_events_change_nothing(driver, store, pub):
+    [mid] = await _create(driver)
+    await driver.on_ip_allocated(_allocated(mid))
+    await driver.on_ip_allocated(_allocated(mid))
+    await driver.on_created(mid, "h1", "c1")
+    await driver.on_created(mid, "h1", "c1")
+
+    assert len(_keys(pub, "container.create")) == 1
+    assert [t["state"] for t in (await store.get(mid))["transitions"]][-1:] == ["running"]
+
+
+async def test_a_silent_step_is_resent_then_failed_with_compensation(driver, store, pub, clock):
+    [mid] = await _create(driver)
+    await driver.on_ip_allocated(_allocated(mid))
+    clock.advance(121)
+    await driver.tick()  # attempt 2: re-sent
+    clock.advance(121)
+    await driver.tick()  # attempts exhausted: failed, partial container removed
+    await driver.on_destroyed(mid)
+    await driver.on_ip_released(mid)
+    doc = await store.get(mid)
+
+    assert len(_keys(pub, "container.create")) == 2
+    assert doc["state"] == "failed" and doc["reason"].startswith("timeout")
+    assert [m.machine_id for m in pub.of_type("container.destroy")] == [mid]
+    assert [m.machine_id for m in pub.of_type("ip.release")] == [mid]
+    assert (doc["saga"], doc["ip_released"]) == (None, True)
+
+
+async def test_a_late_allocation_after_giving_up_is_released(driver, store, pub, clock):
+    [mid] = await _create(driver)
+    clock.advance(11)
+    await driver.tick()
+    clock.advance(11)
+    await driver.tick()
+    await driver.on_ip_allocated(_allocated(mid))
+
+    assert (await store.get(mid))["state"] == "failed"
+    assert [m.machine_id for m in pub.of_type("ip.release")] == [mid, mid]
+
+
+async def test_a_create_that_lands_after_failure_is_destroyed(driver, store, pub):
+    [mid] = await _create(driver)
+    await driver.on_ip_allocated(_allocated(mid))
+    await driver.on_create_failed(mid, "network_unavailable")
+    await driver.on_created(mid, "h2", "c9")
+
+    assert (await store.get(mid))["state"] == "failed"
+    assert _keys(pub, "container.destroy") == ["host.h2.container.destroy"]
+
+
+async def test_resume_resends_every_step_in_flight(driver, store, pub):
+    ids = await _create(driver, 2)
+    await driver.on_ip_allocated(_allocated(ids[0]))
+    pub.sent.clear()
+    resumed = await driver.resume()
+
+    assert resumed == 2
+    assert sorted(env.type for _, env in pub.sent) == ["container.create", "ip.allocate"]
+
+
+async def test_resize_refused_returns_to_running_with_the_reason(driver, store):
+    [mid] = await _create(driver)
+    await driver.on_ip_allocated(_allocated(mid))
+    await driver.on_created(mid, "h1", "c1")
+    _, op_id = await driver.begin_resize(mid, None, GIB // 2, None, False)
+    await driver.on_resize_failed(mid, "memory_below_usage", "uses 900m")
+    doc = await store.get(mid)
+
+    assert (doc["state"], doc["memory"]) == ("running", GIB)
+    assert doc["last_op"]["id"] == op_id
+    assert (doc["last_op"]["ok"], doc["last_op"]["reason"]) == (False, "memory_below_usage")
+
+
+async def test_destroy_removes_the_container_then_releases_the_ip(driver, store, pub):
+    [mid] = await _create(driver)
+    await driver.on_ip_allocated(_allocated(mid))
+    await driver.on_created(mid, "h1", "c1")
+    await driver.begin_destroy(mid)
+    await driver.on_ip_released(mid)  # out of order: ignored until the container is gone
+    await driver.on_destroyed(mid)
+    await driver.on_ip_released(mid)
+
+    assert (await store.get(mid))["state"] == "destroyed"
+    assert _keys(pub, "container.destroy") == ["host.h1.container.destroy"]
+    assert [m.machine_id for m in pub.of_type("ip.release")] == [mid]
+
+
+async def test_a_host_that_goes_down_marks_its_machines_unknown_then_back(driver, store, clock):
+    [mid] = await _create(driver)
+    await driver.on_ip_allocated(_allocated(mid))
+    await driver.on_created(mid, "h1", "c1")
+    clock.advance(61)
+    await driver.check_hosts()
+    down = (await store.get(mid))["state"]
+    await driver.on_heartbeat(provisioner.HostHeartbeat(
+        host_id="h1", dc="dc1", version="t", at=clock(),
+        capacity=provisioner.Resources(cpus=2, memory=8 * GIB, disk=100 * GIB),
+        allocated=provisioner.Resources(cpus=1, memory=GIB, disk=GIB)))
+
+    assert down == "unknown"
+    assert (await store.get(mid))["state"] == "running"
+
+
+async def test_kvm_machines_skip_placement_and_use_the_kvm_channel(driver, pub):
+    [mid] = await _create(driver, type="kvm")
+    await driver.on_ip_allocated(_allocated(mid))
+
+    assert _keys(pub, "kvm.machine.create") == ["kvm.machine.create"]
+    assert _keys(pub, "container.create") == []
