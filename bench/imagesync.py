@@ -125,6 +125,23 @@ async def _wait_tag(reg: HttpRegistry, repo: str, tag: str, digest: str,
             await asyncio.sleep(0.01)
 
 
+async def _webhook_latency(url: str) -> str:
+    """The webhook's answer times, from imagesync's own histogram (all notifications)."""
+    async with aiohttp.ClientSession() as s, s.get(f"{url}/metrics") as r:
+        text = await r.text()
+    buckets: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("dockvm_imagesync_webhook_seconds_bucket"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets[le] = float(line.rsplit(" ", 1)[1])
+    total = buckets.get("+Inf", 0.0)
+    if not total:
+        return "webhook: no notification answered"
+    return (f"webhook answers: {int(total)} notifications, "
+            f"{buckets.get('0.025', 0) / total:.0%} <= 25 ms, "
+            f"{buckets.get('0.1', 0) / total:.0%} <= 100 ms  (target: all < 100 ms)")
+
+
 async def _finished_job(rpc: RpcClient, repo: str, timeout: float = 60) -> SyncJobView:
     """The job of ``repo`` once it is recorded as finished (the tag lands just before)."""
     async with asyncio.timeout(timeout):
@@ -215,6 +232,7 @@ async def main() -> None:
               f"{job.blobs_skipped} skipped)")
         print(f"ratio moved/new               : {job.bytes_copied / new_bytes:.3f}"
               f"  (target <= 1.05)")
+        print(await _webhook_latency(f"http://127.0.0.1:{args.port}"))
     finally:
         await session.close()
         await rpc.close()
