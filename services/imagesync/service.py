@@ -73,7 +73,7 @@ class SyncService:
     def _retrying(self) -> AsyncRetrying:
         return AsyncRetrying(
             retry=retry_if_exception_type(TransientError),
-            wait=wait_exp(initial=self._policy.initial_s, max=self._policy.max_s),
+            wait=wait_exp(multiplier=self._policy.initial_s, max=self._policy.max_s),
             stop=stop_after_attempt(self._policy.attempts),
             reraise=True,
         )
@@ -115,9 +115,9 @@ class SyncService:
                 with attempt:
                     digest = await src.manifest_digest(cmd.repo, cmd.tag)
         except TransientError as err:
-            digest, detail = None, str(err)
+            digest, reason, detail = None, "source_unavailable", str(err)
         else:
-            detail = f"{cmd.repo}:{cmd.tag} not found in {cmd.source}"
+            reason, detail = "not_found", f"{cmd.repo}:{cmd.tag} not found in {cmd.source}"
         if digest is None:
             await publish(
                 ImageSyncFailed(
@@ -126,7 +126,7 @@ class SyncService:
                     source_dc=cmd.source,
                     repo=cmd.repo,
                     tag=cmd.tag,
-                    reason="source_unavailable",
+                    reason=reason,
                     detail=detail,
                 )
             )
