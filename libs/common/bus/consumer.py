@@ -136,7 +136,16 @@ class Consumer:
             return
 
         if self.dedupe is not None:
-            claim = await self.dedupe.claim(env.id)
+            try:
+                claim = await self.dedupe.claim(env.id)
+            except Exception as err:
+                # The dedupe store is down: an exception here would leave the message unacked
+                # for the life of the channel and, prefetch by prefetch, stall the consumer.
+                log.warning("dedupe claim failed, requeued", error=repr(err))
+                await asyncio.sleep(self.retry_backoff_s)
+                await message.nack(requeue=True)
+                _HANDLED.labels(queue, env.type, "requeued").inc()
+                return
             if claim is Claim.DONE:
                 log.info("duplicate message skipped")
                 await message.ack()
@@ -173,7 +182,11 @@ class Consumer:
         if reply is not None and message.reply_to:
             await self._reply(message, env, reply)
         if self.dedupe is not None:
-            await self.dedupe.complete(env.id)
+            try:
+                await self.dedupe.complete(env.id)
+            except Exception as err:
+                # The effect is durable; a redelivery is absorbed by the idempotent handler.
+                log.warning("dedupe complete failed", error=repr(err))
         await message.ack()
         _HANDLED.labels(queue, env.type, "ok").inc()
 
