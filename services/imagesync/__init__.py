@@ -1,1 +1,3 @@
-"""The imagesync service."""
+"""The imagesync service: registry push notifications replicate images across datacenters."""
+
+__all__: list[str] = []
