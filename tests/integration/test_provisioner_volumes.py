@@ -1,0 +1,84 @@
+"""The VolumeDriver contract, against the in-memory fake and the real XFS-on-loop driver (real
+losetup, mkfs.xfs, mount and xfs_growfs under a temporary state directory)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from services.provisioner.adapters import MemoryVolumes, XfsLoopVolumes
+
+M = 1 << 20
+
+
+def _loops(state: Path) -> list[str]:
+    out = subprocess.run(["losetup", "-a", "-n", "-O", "NAME,BACK-FILE"], capture_output=True,
+                         text=True, check=True).stdout  # fmt: skip
+    return [line.split()[0] for line in out.splitlines() if str(state) in line]
+
+
+@pytest.fixture(params=["memory", "xfs"])
+async def volumes(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator:
+    """The fake, or real XFS volumes whose mounts and loop devices are removed afterwards."""
+    if request.param == "memory":
+        yield MemoryVolumes()
+        return
+    yield XfsLoopVolumes(tmp_path)
+    _release(tmp_path)
+
+
+def _release(state: Path) -> None:
+    """Unmount and detach whatever a failed test left under ``state``."""
+    with open("/proc/self/mounts") as f:
+        mounts = [line.split()[1] for line in f if str(state) in line]
+    for mnt in mounts:
+        subprocess.run(["umount", "-l", mnt], check=False)
+    for dev in _loops(state):
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+async def test_volume_contract(volumes):
+    total, free_before = await volumes.capacity()
+
+    path = await volumes.ensure("v1", 400 * M)
+    again = await volumes.ensure("v1", 400 * M)  # idempotent: reuses, never re-formats
+    size = await volumes.size("v1")
+    await volumes.grow("v1", 600 * M)
+    grown = await volumes.size("v1")
+    listed = await volumes.list()
+    _, free_during = await volumes.capacity()
+    removed = await volumes.destroy("v1")
+    removed_again = await volumes.destroy("v1")
+
+    assert path == again == volumes.path("v1")
+    assert (size, grown) == (400 * M, 600 * M)
+    assert listed == ["v1"]
+    assert total > 0 and free_during <= free_before - 600 * M + 64 * M
+    assert (removed, removed_again) == (True, False)
+    assert await volumes.list() == []
+    assert await volumes.size("v1") is None
+    assert await volumes.mount("v1") is None
+
+
+async def test_xfs_grows_online_and_leaves_no_loop_device(tmp_path):
+    vols = XfsLoopVolumes(tmp_path)
+    try:
+        mnt = await vols.ensure("v2", 400 * M)
+        (mnt / "keep").write_text("data")
+        before = os.statvfs(mnt)
+        await vols.grow("v2", 800 * M)
+        after = os.statvfs(mnt)
+        kept = (mnt / "keep").read_text()
+        loops_while_mounted = _loops(tmp_path)
+    finally:
+        await vols.destroy("v2")
+
+    assert after.f_blocks * after.f_frsize > before.f_blocks * before.f_frsize + 300 * M
+    assert kept == "data"
+    assert len(loops_while_mounted) == 1
+    assert _loops(tmp_path) == []
+    assert not (tmp_path / "volumes" / "v2.img").exists()
