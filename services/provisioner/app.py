@@ -13,7 +13,7 @@ from libs.common.errors import DomainError, TransientError
 from libs.common.runner import ServiceContext
 
 from .adapters.network import make_network
-from .adapters.runtime import DockerRuntime
+from .adapters.runtime import RESYNC, DockerRuntime
 from .adapters.volumes import make_volumes
 from .handlers import AgentConfig, Provisioner
 from .settings import ProvisionerSettings
@@ -98,4 +98,10 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
 async def _replumb_on_start(runtime: DockerRuntime, agent: Provisioner) -> None:
     """Docker gives a container a fresh network namespace on every start: re-add its port."""
     async for machine_id in runtime.starts():
-        await agent.replumb(machine_id)
+        if machine_id == RESYNC:
+            try:
+                await agent.reconcile()
+            except (DomainError, TransientError) as err:
+                log.error("reconcile after the events stream came back failed", error=str(err))
+        else:
+            await agent.replumb(machine_id)

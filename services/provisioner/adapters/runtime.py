@@ -38,9 +38,17 @@ from ..domain import (
     cpus_to_quota,
 )
 
-__all__ = ["ContainerInfo", "ContainerRuntime", "DockerRuntime", "MemoryRuntime", "NetworkInfo"]
+__all__ = [
+    "RESYNC",
+    "ContainerInfo",
+    "ContainerRuntime",
+    "DockerRuntime",
+    "MemoryRuntime",
+    "NetworkInfo",
+]
 
 log = structlog.get_logger("provisioner.runtime")
+RESYNC = "*"  # not a machine_id: "events may have been missed, look at everything"
 T = TypeVar("T")
 
 
@@ -469,7 +477,9 @@ class DockerRuntime:
         return await self._call(self._remove_network, name)
 
     async def starts(self) -> AsyncIterator[str]:
-        """Yield the machine_id of every labelled container start, as the engine reports it."""
+        """Yield the machine_id of every labelled container start, as the engine reports it;
+        after the stream was lost (e.g. a dockerd restart) yield ``RESYNC`` once, since starts
+        may have been missed meanwhile."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[str] = asyncio.Queue()
         stop = threading.Event()
@@ -492,6 +502,7 @@ class DockerRuntime:
                         return
                     log.warning("docker events stream lost, reconnecting", error=repr(err))
                     stop.wait(1.0)
+                    loop.call_soon_threadsafe(queue.put_nowait, RESYNC)
 
         # A dedicated thread: the stream blocks for the life of the agent.
         thread = threading.Thread(target=pump, name="docker-events", daemon=True)
