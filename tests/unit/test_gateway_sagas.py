@@ -213,3 +213,34 @@ async def test_kvm_machines_skip_placement_and_use_the_kvm_channel(driver, pub):
 
     assert _keys(pub, "kvm.machine.create") == ["kvm.machine.create"]
     assert _keys(pub, "container.create") == []
+
+
+async def test_hosts_are_told_which_machines_we_know_for_orphan_cleanup(driver, pub):
+    ids = await _create(driver, 2)
+    for i, mid in enumerate(ids):
+        await driver.on_ip_allocated(_allocated(mid, f"10.233.1.{10 + i}"))
+        await driver.on_created(mid, None, f"c{i}")
+    await driver.announce_known()
+    known = {key: env.parse().machine_ids for key, env in pub.sent if env.type == "machines.known"}
+
+    assert known == {"host.h1.machines.known": [ids[0]], "host.h2.machines.known": [ids[1]]}
+
+
+async def test_a_replicated_image_is_prewarmed_on_the_dc_hosts(driver, pub):
+    asked = await driver.prewarm("dc1", "127.0.0.1:5001/team/app:1")
+
+    assert asked == 2
+    assert _keys(pub, "image.prewarm") == ["host.h1.image.prewarm", "host.h2.image.prewarm"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "state"), [("died", "stopped"), ("oom_killed", "stopped"), ("started", "running")]
+)
+async def test_monitor_lifecycle_events_update_an_idle_machine(driver, store, kind, state):
+    [mid] = await _create(driver)
+    await driver.on_ip_allocated(_allocated(mid))
+    await driver.on_created(mid, "h1", "c1")
+    await driver.on_lifecycle(mid, "died")
+    await driver.on_lifecycle(mid, kind, kind)
+
+    assert (await store.get(mid))["state"] == state
