@@ -37,6 +37,7 @@ __all__ = [
     "allocation",
     "build_spec",
     "check_create",
+    "check_machine_id",
     "container_name",
     "cpus_from_quota",
     "cpus_to_quota",
@@ -141,13 +142,19 @@ class Limits:
     disk: int
 
 
-def check_create(cmd: ContainerCreate, host: HostFacts) -> None:
-    """Refuse a create the host cannot serve, naming the field; ``reason`` is a stable code."""
-    if not _MACHINE_ID_RE.match(cmd.machine_id):
+def check_machine_id(machine_id: str) -> None:
+    """Refuse a machine_id that could not name a container, or could escape a directory."""
+    if not _MACHINE_ID_RE.match(machine_id):
         raise ValidationFailed(
-            f"machine_id {cmd.machine_id!r} must be letters, digits, '_', '.', '-'",
+            f"machine_id {machine_id!r} must be letters, digits, '_', '.', '-' "
+            "(starting with a letter or digit)",
             reason="invalid_machine_id",
         )
+
+
+def check_create(cmd: ContainerCreate, host: HostFacts) -> None:
+    """Refuse a create the host cannot serve, naming the field; ``reason`` is a stable code."""
+    check_machine_id(cmd.machine_id)
     if cmd.cpus > host.cpus:
         raise ValidationFailed(
             f"cpus {cmd.cpus:g} exceeds the host's {host.cpus:g}", reason="cpus_exhausted"

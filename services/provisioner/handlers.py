@@ -58,6 +58,7 @@ from .domain import (
     allocation,
     build_spec,
     check_create,
+    check_machine_id,
     machine_environment,
     plan_resize,
     subnet_of,
@@ -141,6 +142,10 @@ class Provisioner:
 
     async def create(self, cmd: ContainerCreate) -> ContainerCreated | ContainerCreateFailed:
         """Make (or adopt) the machine's container; on failure undo every step taken."""
+        try:
+            check_machine_id(cmd.machine_id)
+        except DomainError as err:
+            return self._create_failed(cmd, err)
         existing = await self.runtime.find(cmd.machine_id)
         if existing is not None:
             return await self._adopt(cmd.machine_id, existing)
@@ -285,6 +290,7 @@ class Provisioner:
         action = cmd.TYPE.split(".", 1)[1]
         async with self._locks[cmd.machine_id]:
             try:
+                check_machine_id(cmd.machine_id)
                 if isinstance(cmd, ContainerStop):
                     info = await self.runtime.stop(cmd.machine_id, cmd.timeout_s)
                 else:
@@ -315,6 +321,7 @@ class Provisioner:
         """Destroy → ``container.destroyed`` (also when it was gone already)."""
         async with self._locks[cmd.machine_id]:
             try:
+                check_machine_id(cmd.machine_id)
                 await self.destroy(cmd.machine_id, cmd.timeout_s)
                 result: Message = ContainerDestroyed(machine_id=cmd.machine_id, host=self.host)
             except (DomainError, TransientError) as err:
@@ -356,6 +363,7 @@ class Provisioner:
     async def resize(self, cmd: ContainerResize) -> ContainerResized | ContainerResizeFailed:
         """Grow the disk online, then change CPU and memory with ``docker update``."""
         try:
+            check_machine_id(cmd.machine_id)
             info = await self.runtime.find(cmd.machine_id)
             if info is None:
                 raise NotFoundError(f"no container for machine {cmd.machine_id}")

@@ -287,3 +287,22 @@ async def test_a_disk_without_a_container_is_an_orphan_too(parts):
     await agent.reconcile()
 
     assert volumes.sizes == {}
+
+
+@pytest.mark.parametrize(
+    ("cmd", "event"),
+    [
+        (ContainerDestroy(machine_id="../../etc"), "container.action_failed"),
+        (ContainerStart(machine_id="../x"), "container.action_failed"),
+        (ContainerResize(machine_id="a/b", cpus=1), "container.resize_failed"),
+        (_create("../evil"), "container.create_failed"),
+    ],
+)
+async def test_a_machine_id_that_could_escape_a_directory_is_refused(parts, cmd, event):
+    agent, runtime, volumes, publisher, _ = parts
+
+    result = await _send(agent, publisher, cmd)
+
+    assert result.TYPE == event
+    assert "invalid_machine_id" in (getattr(result, "reason", ""))
+    assert (runtime.calls, volumes.sizes) == ([], {})
