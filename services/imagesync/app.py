@@ -94,4 +94,7 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
         ctx.every(settings.reconcile_interval_s, reconcile, "catalog-reconcile")
         ctx.every(3600, lambda: store.prune(RETENTION), "prune", now=False)
         log.info("topology", registries={r.dc: r.host for r in registries})
-        yield
+        try:
+            yield
+        finally:
+            await service.shutdown()

@@ -42,7 +42,9 @@ class RetryPolicy:
     attempts: int = 6
     initial_s: float = 0.5
     max_s: float = 30.0
-    lease_s: float = 600.0
+    # A running job renews its lease every lease_s / 3; a worker that died without releasing
+    # it (SIGKILL) leaves the job claimable again after lease_s.
+    lease_s: float = 60.0
 
 
 class SyncService:
@@ -61,6 +63,7 @@ class SyncService:
         self._copier = copier
         self._policy = policy
         self._slots = asyncio.Semaphore(max_concurrent_jobs)
+        self._running: dict[str, asyncio.Task] = {}
 
     def by_host(self, host: str) -> Registry | None:
         """The registry serving ``host:port``."""
@@ -132,10 +135,49 @@ class SyncService:
             )
         return digest
 
+    async def shutdown(self) -> None:
+        """Stop the copies still running; their jobs go back to pending for another worker."""
+        tasks = list(self._running.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _keep_lease(self, jid: str) -> None:
+        while True:
+            await asyncio.sleep(self._policy.lease_s / 3)
+            try:
+                await self._store.renew(jid, self._policy.lease_s)
+            except Exception as err:  # the next beat tries again; the copy goes on meanwhile
+                log.warning("lease renewal failed", job=jid, error=repr(err))
+
     async def _run(
         self, order: SyncOrder, jid: str, src: Registry, dst: Registry, publish: Publish
     ) -> dict | None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._running[jid] = task
+        heartbeat = asyncio.ensure_future(self._keep_lease(jid))
         stats = SyncStats()
+        try:
+            return await self._attempts(order, jid, src, dst, publish, stats)
+        except asyncio.CancelledError:
+            # Hand the job back before the message is requeued, so a redelivery can claim it.
+            await asyncio.shield(self._store.release(jid, stats))
+            log.warning("job interrupted, released", job=jid)
+            raise
+        finally:
+            heartbeat.cancel()
+            self._running.pop(jid, None)
+
+    async def _attempts(
+        self,
+        order: SyncOrder,
+        jid: str,
+        src: Registry,
+        dst: Registry,
+        publish: Publish,
+        stats: SyncStats,
+    ) -> dict | None:
         error: DomainError | TransientError | None = None
         log.info("job started", job=jid, source=order.source, target=order.target,
                  repo=order.repo, tag=order.tag, digest=order.digest)

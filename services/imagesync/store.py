@@ -143,6 +143,24 @@ class SyncStore:
             },
         )
 
+    async def renew(self, jid: str, lease_s: float) -> None:
+        """Extend the lease of a job this worker runs."""
+        now = _now()
+        await self._jobs.update_one(
+            {"_id": jid, "state": "running"},
+            {"$set": {"lease_until": now + timedelta(seconds=lease_s), "updated_at": now}},
+        )
+
+    async def release(self, jid: str, stats: SyncStats) -> None:
+        """Give an interrupted job back (pending, no lease), keeping what it moved."""
+        await self._jobs.update_one(
+            {"_id": jid, "state": "running"},
+            {
+                "$set": {"state": "pending", "lease_until": None, "updated_at": _now()},
+                "$inc": stats.as_doc(),
+            },
+        )
+
     async def finish(
         self, jid: str, state: str, stats: SyncStats, error: str | None = None
     ) -> dict[str, Any] | None:

@@ -154,3 +154,39 @@ async def test_reconcile_plans_copies_for_what_differs(world):
         ("dc1", "dc2", "team/app", m.digest),
         ("dc2", "dc1", "team/other", other.digest),
     ]
+
+
+class _GatedRegistry(MemoryRegistry):
+    """Uploads wait for ``gate``: a copy that is still running when the test wants it."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = asyncio.Event()
+        self.uploading = asyncio.Event()
+
+    async def upload_blob(self, repo, digest, chunks, size=None):
+        self.uploading.set()
+        await self.gate.wait()
+        return await super().upload_blob(repo, digest, chunks, size)
+
+
+async def test_shutdown_hands_running_jobs_back_and_another_worker_finishes_them(mongo_db):
+    store = SyncStore(mongo_db)
+    await store.setup()
+    dc1, dc2 = MemoryRegistry("dc1"), _GatedRegistry("dc2")
+    policy = RetryPolicy(attempts=2, initial_s=0.01, max_s=0.02)
+    first = SyncService([dc1, dc2], store, Copier(MemoryBlobIndex()), policy)
+    m = _push(dc1, "team/app", "v1")
+    running = asyncio.ensure_future(first.sync(_cmd(m.digest), Sent()))
+    await dc2.uploading.wait()
+
+    await first.shutdown()
+    [held] = await store.list_jobs()
+    dc2.gate.set()
+    second = SyncService([dc1, dc2], store, Copier(MemoryBlobIndex()), policy)
+    job = await second.sync(_cmd(m.digest), Sent())
+
+    assert running.cancelled()
+    assert held.state == "pending"
+    assert (job["state"], job["attempts"]) == ("done", 2)
+    assert await dc2.manifest_digest("team/app", "v1") == m.digest
