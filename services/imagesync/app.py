@@ -53,12 +53,13 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
     secret = _secret(settings)
     store = SyncStore(ctx.db)
     await store.setup()
+    index = MongoBlobIndex(ctx.db)
     async with new_session(settings.registry_timeout_s) as session:
         registries = [HttpRegistry(ep, session) for ep in settings.topology()]
         service = SyncService(
             registries,
             store,
-            Copier(MongoBlobIndex(ctx.db), settings.blob_concurrency),
+            Copier(index, settings.blob_concurrency),
             RetryPolicy(
                 attempts=settings.sync_attempts,
                 initial_s=settings.sync_backoff_initial_s,
@@ -69,7 +70,7 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
         webhook = Webhook(secret, store, service, ctx.publisher)
         ctx.http.router.add_post("/v1/registry-events", webhook.handle)
 
-        bus = BusHandlers(service, store)
+        bus = BusHandlers(service, store, index)
         await ctx.consume(
             QUEUE,
             ["image.pushed", "image.sync", "sync_jobs.list"],

@@ -152,6 +152,7 @@ class PushedManifest:
     digest: str
     media_type: str
     size: int
+    blobs: tuple[str, ...] = ()  # config and layers, when the registry lists references
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,7 +200,13 @@ def classify_event(ev: Mapping[str, Any]) -> PushedManifest | Ignored:
     if not isinstance(repo, str) or not repo or not isinstance(digest, str) or not digest:
         return Ignored(event_id, "no repository or digest")
     size = target.get("size") or target.get("length") or 0
-    return PushedManifest(event_id, repo, str(tag), digest, media_type, int(size))
+    refs = target.get("references") or []
+    blobs = tuple(
+        str(r["digest"])
+        for r in refs
+        if isinstance(r, dict) and r.get("digest") and r.get("mediaType") not in MANIFEST_TYPES
+    )
+    return PushedManifest(event_id, repo, str(tag), digest, media_type, int(size), blobs)
 
 
 def event_host(ev: Mapping[str, Any]) -> str | None:

@@ -29,7 +29,7 @@ from libs.common.contracts.imagesync import (
 from libs.common.errors import TransientError, ValidationFailed
 
 from .domain import EVENTS_MEDIA_TYPE, PushedManifest, classify_event, event_host, parse_envelope
-from .ports import Registry
+from .ports import BlobIndex, Registry
 from .service import SyncService
 from .store import SyncStore
 
@@ -118,6 +118,7 @@ class Webhook:
                         media_type=decision.media_type,
                         size=decision.size,
                         event_id=decision.event_id,
+                        blobs=list(decision.blobs),
                     ),
                     id=f"registry-event.{decision.event_id}",
                 )
@@ -129,7 +130,8 @@ class Webhook:
             _EVENTS.labels("accepted").inc()
             accepted.append(decision.event_id)
             log.info("push recorded", dc=registry.dc, repo=decision.repo, tag=decision.tag,
-                     digest=decision.digest, event_id=decision.event_id)
+                     digest=decision.digest, event_id=decision.event_id,
+                     blobs=len(decision.blobs))
         return web.json_response(
             {"accepted": accepted, "duplicates": duplicates, "ignored": ignored}, status=202
         )
@@ -148,6 +150,13 @@ class BusHandlers:
 
     service: SyncService
     store: SyncStore
+    index: BlobIndex
+
+    async def _learn(self, evt: ImagePushed) -> None:
+        # The pushed image's blobs now live in its repository: later copies into this dc
+        # mount them from there instead of sending them again.
+        for digest in evt.blobs:
+            await self.index.add(evt.dc, digest, evt.repo)
 
     async def on_pushed(self, evt: ImagePushed, ctx: MessageContext) -> None:
         """Copy a push to every other dc at once (one job per target, each idempotent)."""
@@ -158,6 +167,7 @@ class BusHandlers:
         # push-to-available path; each target's job still fails or succeeds on its own.
         await asyncio.gather(
             self.store.remember_tag(evt.repo, evt.tag, evt.digest, evt.dc),
+            self._learn(evt),
             *(
                 self.service.sync(
                     ImageSync(

@@ -69,6 +69,8 @@ http:
   addr: 127.0.0.1:{self.port}
 {self.auth_yaml}
 notifications:
+  events:
+    includereferences: true
   endpoints:
     - name: imagesync
       url: {self.notify_url}

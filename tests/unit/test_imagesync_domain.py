@@ -57,6 +57,16 @@ def test_tagged_manifest_push_is_acted_on():
     assert classify_event(_event()) == expected
 
 
+def test_the_pushed_images_blobs_are_taken_from_its_references():
+    refs = [
+        {"mediaType": "application/vnd.docker.container.image.v1+json", "digest": D["b"]},
+        {"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "digest": D["c"]},
+        {"mediaType": SCHEMA2, "digest": D["d"]},  # a child manifest is not a blob
+    ]
+    decision = classify_event(_event(target__references=refs))
+    assert decision.blobs == (D["b"], D["c"])
+
+
 @pytest.mark.parametrize(
     ("override", "why"),
     [

@@ -49,6 +49,7 @@ class ImagePushed(Event):
     media_type: str = ""
     size: int = 0
     event_id: str = ""
+    blobs: list[str] = Field(default_factory=list)  # config and layer digests, when known
 
 
 @register
