@@ -85,7 +85,9 @@ class Webhook:
         except ValidationFailed as err:
             return _bad(400, "invalid", str(err))
 
-        accepted, duplicates, ignored = [], 0, 0
+        # Decide every event first: a refusal must leave nothing recorded or published.
+        actionable: list[tuple[PushedManifest, Registry]] = []
+        ignored = 0
         for ev in events:
             decision = classify_event(ev)
             if not isinstance(decision, PushedManifest):
@@ -100,6 +102,11 @@ class Webhook:
                     f"event {decision.event_id} comes from a registry not in the topology "
                     f"(dc header {request.headers.get(DC_HEADER)!r}, host {event_host(ev)!r})",
                 )
+            actionable.append((decision, registry))
+
+        accepted: list[str] = []
+        duplicates = 0
+        for decision, registry in actionable:
             if not await self.store.record_event(
                 registry.dc, decision.event_id,
                 {"repo": decision.repo, "tag": decision.tag, "digest": decision.digest},

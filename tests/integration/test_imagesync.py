@@ -267,6 +267,8 @@ async def test_a_wrong_or_missing_secret_gets_401_and_records_nothing(
         (EVENTS_MEDIA_TYPE, b'{"events": 3}', "events"),
         ("application/json", b'{"events": []}', "content type must be"),
         ("text/plain", b"hello", "content type must be"),
+        (EVENTS_MEDIA_TYPE, _notification("ev-x", "it/app", "sha256:" + "b" * 64, "10.9.9.9:1"),
+         "not in the topology"),
     ],
 )
 async def test_malformed_notifications_get_400_with_a_reason(
