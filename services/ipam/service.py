@@ -1,17 +1,20 @@
 """The ipam use cases: pools, allocate (one or many), release, and the queries.
 
-How an allocation finds an address without scanning the pool, in order of preference:
+An allocation never scans the pool. In order of preference it takes:
 
-1. a never-used offset from this replica's current *block* (a run of ``block_size`` offsets
-   claimed by inserting ``ip_blocks/<pool>:<k>``: one write per block, not per address);
-2. a never-used offset left in a claimed block that is not used up (a replica was killed, or
-   another replica's block is still being handed out): bounded by the open blocks;
-3. the least recently released address whose cooldown has passed (``ip_free`` by time).
+1. a never-used offset from this replica's current *block* (``block_size`` offsets claimed by
+   inserting ``ip_blocks/<pool>:<k>``: one write per block, not per address);
+2. a never-used offset left in a claimed block that is not used up (its replica was killed, or
+   is slow): only when no block is left, bounded by the open blocks;
+3. the least recently released address whose cooldown has passed, walking the pool's free
+   queue (``ip_free/<pool>:<seq>``) from its head, by ``_id`` reads only.
 
-Whatever the source, the address is only *taken* by inserting its lease, whose unique keys
-(``<pool>:<ip>#<gen>``, the active IP, the active machine) arbitrate between replicas; the
-sources are hints. Every step is idempotent by machine_id, and a crash between two writes
-leaves state the next attempt (or another replica) repairs.
+Whatever the source, the address is only *taken* by inserting the lease, whose unique keys
+(the machine as ``_id``, the active IP) arbitrate between replicas; the sources are hints.
+A released address is re-taken by also inserting its next ``ip_history`` generation, so a slow
+replica holding a stale candidate can never hand out an address still cooling down; a never-used
+address is checked the same way right after its insert. Every step is idempotent by
+machine_id, and a crash between two writes leaves state that a retry or the walk repairs.
 """
 
 from __future__ import annotations
@@ -35,19 +38,18 @@ from .domain import (
     PoolRejectedError,
     block_offsets,
     history_of,
-    lease_id,
     next_block,
     owner_at,
     parse_reserved,
     subtract_ranges,
     validate_pool,
 )
-from .store import IpamStore, LeaseConflict
+from .store import IpamStore, LeaseConflict, history_id, slot_id
 
 __all__ = ["Allocation", "IpLookupResult", "Ipam", "PoolView", "utcnow"]
 
 log = structlog.get_logger("ipam")
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)  # release time of never-used addresses: first in line
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)  # "released" time of never-used addresses
 
 
 def utcnow() -> datetime:
@@ -72,7 +74,7 @@ class Allocation:
     def of(cls, lease: dict) -> Allocation:
         """Build from a lease record."""
         return cls(
-            lease["machine_id"], IPv4Address(lease["ip"]), lease["prefix_len"],
+            lease["_id"], IPv4Address(lease["ip"]), lease["prefix_len"],
             IPv4Address(lease["gateway"]), lease["vlan_id"], lease["pool"], lease["dc"],
         )
 
@@ -108,14 +110,25 @@ class _Block:
     k: int
     first: int  # the pool's network address: queue items are offsets from it
     queue: deque[int]
-    unresolved: int  # handed-out offsets whose insert has not finished yet, plus the queue
+    unresolved: int  # offsets not yet tried to the end (queued or in flight)
+
+
+@dataclass
+class _FreeQueue:
+    """This replica's view of a pool's free queue: entries are immutable, so they are cached."""
+
+    head: int = 0  # every entry below is consumed
+    tail: int = 0  # next sequence number to append at (a lower bound)
+    persisted_head: int = 0
+    entries: dict[int, dict] = field(default_factory=dict)
+    consumed: set[int] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
 class _Candidate:
     ip: int
-    gen: int  # the last lease's gen; the claim inserts gen + 1
-    free_id: str | None = None
+    gen: int  # the address's last gen; the claim takes gen + 1
+    seq: int | None = None  # free-queue entry, for released addresses
     block: _Block | None = None
 
 
@@ -127,6 +140,7 @@ def pool_doc(pool: Pool, state: str, created_at: datetime) -> dict:
         "reserved": list(pool.reserved_items), "cooldown_s": pool.cooldown_s,
         "first": pool.first, "last": pool.first + pool.size - 1,
         "state": state, "created_at": created_at,
+        "block_hint": -1, "free_head": 0, "free_tail": 0,
     }
 
 
@@ -156,17 +170,22 @@ class Ipam:
     clock: Callable[[], datetime] = utcnow
     _blocks: dict[str, _Block] = field(default_factory=dict)
     _cursor_done: dict[str, float] = field(default_factory=dict)
+    _leftover_empty: dict[str, float] = field(default_factory=dict)
+    _used: set[tuple[str, int]] = field(default_factory=set)  # addresses known to be used
     _inflight: set[int] = field(default_factory=set)
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
-    _cache: dict[object, tuple[float, Pool]] = field(default_factory=dict)
+    _cache: dict[object, tuple[float, Pool, dict]] = field(default_factory=dict)
+    _queues: dict[str, _FreeQueue] = field(default_factory=dict)
 
     # ---------------------------------------------------------------- pools
 
-    async def _pool(self, name: str | None, dc: str | None, vlan_id: int | None) -> Pool:
+    async def _pool_and_doc(
+        self, name: str | None, dc: str | None, vlan_id: int | None
+    ) -> tuple[Pool, dict]:
         key: object = name if name is not None else (dc, vlan_id)
         hit = self._cache.get(key)
         if hit is not None and time.monotonic() - hit[0] < self.pool_cache_s:
-            return hit[1]
+            return hit[1], hit[2]
         if name is not None:
             doc = await self.store.get_pool(name)
         elif vlan_id is not None and 1 <= vlan_id <= 4094 and dc is not None:
@@ -179,8 +198,21 @@ class Ipam:
         pool = pool_of(doc)
         if (dc is not None and dc != pool.dc) or (vlan_id is not None and vlan_id != pool.vlan_id):
             raise AllocationError("invalid", f"pool {name} is not vlan {vlan_id} in {dc}")
-        self._cache[key] = (time.monotonic(), pool)
-        return pool
+        self._cache[key] = (time.monotonic(), pool, doc)
+        return pool, doc
+
+    async def _pool(self, name: str | None, dc: str | None, vlan_id: int | None) -> Pool:
+        return (await self._pool_and_doc(name, dc, vlan_id))[0]
+
+    async def _pool_of_lease(self, lease: dict) -> Pool:
+        """The pool of an existing lease, whatever the pool's state (it cannot be gone)."""
+        try:
+            return await self._pool(lease["pool"], None, None)
+        except AllocationError:
+            doc = await self.store.get_pool(lease["pool"])
+            if doc is None:
+                raise TransientError(f"pool {lease['pool']} of a lease is missing") from None
+            return pool_of(doc)
 
     async def create_pool(
         self, name: str, dc: str, vlan_id: int, cidr: str, gateway: IPv4Address,
@@ -206,10 +238,10 @@ class Ipam:
         # Two overlapping creates may both pass the check above; the older one wins.
         mine = await self.store.get_pool(name)
         assert mine is not None
-        for other in await self.store.overlapping_pools(pool.first, pool.first + pool.size - 1,
-                                                       pool.uid):
+        last = pool.first + pool.size - 1
+        for other in await self.store.overlapping_pools(pool.first, last, pool.uid):
             if (other["created_at"], other["uid"]) < (mine["created_at"], mine["uid"]):
-                await self.store.delete_pool(pool.uid)
+                await self.store.delete_pool(mine)
                 raise PoolRejectedError(
                     "overlap", f"{pool.network} overlaps pool {other['_id']} ({other['cidr']})"
                 )
@@ -229,8 +261,9 @@ class Ipam:
         )
         if others:
             o = others[0]
-            raise PoolRejectedError("overlap", f"{pool.network} overlaps pool {o['_id']} "
-                                               f"({o['cidr']})")
+            raise PoolRejectedError(
+                "overlap", f"{pool.network} overlaps pool {o['_id']} ({o['cidr']})"
+            )
 
     async def update_pool(
         self, name: str, reserved: list[str] | None, cooldown_s: int | None
@@ -245,60 +278,54 @@ class Ipam:
         fields: dict = {}
         if cooldown_s is not None:
             fields["cooldown_s"] = cooldown_s
+        restore: tuple = ()
         if reserved is not None:
             new_ranges = parse_reserved(reserved, old.network)
             added = subtract_ranges(new_ranges, old.reserved)
-            for lo, hi in added:
-                active = await self.store.active_in_range(old.uid, lo, hi)
-                if active:
-                    ips = ", ".join(sorted(a["ip"] for a in active)[:5])
-                    raise PoolRejectedError("ip_taken", f"cannot reserve leased {ips}")
-            for lo, hi in added:
-                await self.store.delete_free_in_range(old.uid, lo, hi)
+            leased = [lease["ip"] for lease in await self.store.leases_of_pool(old.uid)
+                      if any(lo <= int(IPv4Address(lease["ip"])) <= hi for lo, hi in added)]
+            if leased:
+                raise PoolRejectedError("ip_taken",
+                                        f"cannot reserve leased {', '.join(sorted(leased)[:5])}")
             fields["reserved"] = list(reserved)
-            new = validate_pool(old.name, old.dc, old.vlan_id, str(old.network), old.gateway,
-                                list(reserved), old.cooldown_s, old.uid)
-            for lo, hi in subtract_ranges(old.reserved, new_ranges):
-                await self._restore_free(new, lo, hi)
+            restore = subtract_ranges(old.reserved, new_ranges)
         if fields:
             await self.store.update_pool(name, fields)
+        new = pool_of({**doc, **fields})
+        for lo, hi in restore:
+            await self._restore(new, doc, lo, hi)
         self._cache.clear()
         self._cursor_done.pop(old.uid, None)
-        return pool_of({**doc, **fields})
+        return new
 
-    async def _restore_free(self, pool: Pool, lo: int, hi: int) -> None:
-        """Put un-reserved addresses of already claimed blocks back on the free list."""
-        top = await self.store.max_block(pool.uid)
-        if top is None:
-            return
-        hi = min(hi, pool.first + (top + 1) * self.block_size - 1)
-        for ip in range(lo, hi + 1):
+    async def _restore(self, pool: Pool, doc: dict, lo: int, hi: int) -> None:
+        """Queue un-reserved addresses of already claimed blocks (later blocks find them)."""
+        claimed_end = pool.first + (doc.get("block_hint", -1) + 1) * self.block_size - 1
+        for ip in range(lo, min(hi, claimed_end) + 1):
             if not pool.allocatable(ip):
                 continue
-            latest = await self.store.latest_lease_of_ip(pool.uid, ip)
-            if latest is None:
-                await self.store.add_free(self._free_doc(pool.uid, ip, 0, EPOCH))
-            elif latest["state"] == "released":
-                await self.store.add_free(
-                    self._free_doc(pool.uid, ip, latest["gen"], latest["released_at"])
-                )
+            gen, last = await self._latest(pool, ip)
+            active = await self.store.lease_of_ip(str(IPv4Address(ip)))
+            if active is None:
+                released = EPOCH if last is None else last.get("released_at") or EPOCH
+                await self._append(pool, ip, gen, released)
 
     async def delete_pool(self, name: str) -> None:
-        """Delete a pool that has no active lease (its lease history is kept)."""
+        """Delete a pool that has no active lease (its history is kept)."""
         doc = await self.store.get_pool(name)
         if doc is None:
             raise PoolRejectedError("unknown_pool", f"no pool {name}")
-        uid = doc["uid"]
-        if await self.store.count_active(uid):
+        if await self.store.leases_of_pool(doc["uid"]):
             raise PoolRejectedError("pool_in_use", f"pool {name} has active leases")
         # Stop new allocations first, then look again: a lease that raced in keeps the pool.
         await self.store.update_pool(name, {"state": "deleting"})
-        if await self.store.count_active(uid):
+        if await self.store.leases_of_pool(doc["uid"]):
             await self.store.update_pool(name, {"state": "active"})
             raise PoolRejectedError("pool_in_use", f"pool {name} has active leases")
-        await self.store.delete_pool(uid)
+        await self.store.delete_pool(doc)
         self._cache.clear()
-        self._blocks.pop(uid, None)
+        self._blocks.pop(doc["uid"], None)
+        self._queues.pop(doc["uid"], None)
 
     async def list_pools(self, dc: str | None = None) -> list[PoolView]:
         """Every active pool with its usage."""
@@ -308,8 +335,8 @@ class Ipam:
             if doc["state"] != "active":
                 continue
             pool = pool_of(doc)
-            allocated = await self.store.count_active(pool.uid)
-            cooling = await self.store.count_cooling(pool.uid, now - pool.cooldown)
+            allocated = len(await self.store.leases_of_pool(pool.uid))
+            cooling = await self.store.released_since(pool.uid, now - pool.cooldown)
             total, reserved = pool.usable_count(), pool.reserved_count()
             free = max(0, total - reserved - allocated - cooling)
             out.append(PoolView(pool, total, allocated, cooling, reserved, free))
@@ -328,7 +355,7 @@ class Ipam:
         request_id: str | None = None,
     ) -> Allocation:
         """Give ``machine_id`` its IP for life (the same one again if it already has one)."""
-        existing = await self.store.active_lease_of_machine(machine_id)
+        existing = await self.store.get_lease(machine_id)
         if existing is not None:
             if ip is not None and existing["ip"] != str(ip):
                 raise AllocationError(
@@ -348,6 +375,13 @@ class Ipam:
         raise TransientError(f"no address claimed in pool {p.name} after "
                              f"{self.max_attempts} contended attempts")
 
+    async def _latest(self, pool: Pool, ip: int) -> tuple[int, dict | None]:
+        """The address's last recorded gen and record, by ``_id`` probes (gens are few)."""
+        addr, gen, last = str(IPv4Address(ip)), 0, None
+        while (doc := await self.store.get_history(history_id(addr, pool.uid, gen + 1))):
+            gen, last = gen + 1, doc
+        return gen, last
+
     async def _allocate_exact(
         self, pool: Pool, machine_id: str, ip: int, request_id: str | None
     ) -> Allocation:
@@ -355,54 +389,75 @@ class Ipam:
         reason = pool.why_not_allocatable(ip)
         if reason is not None:
             raise AllocationError(reason, f"{addr} cannot be allocated in pool {pool.name}")
-        latest = await self.store.latest_lease_of_ip(pool.uid, ip)
-        if latest is not None and latest["state"] == "active":
-            raise AllocationError("ip_taken", f"{addr} is held by {latest['machine_id']}")
-        if latest is not None and latest["released_at"] > self.clock() - pool.cooldown:
-            until = latest["released_at"] + pool.cooldown
+        holder = await self.store.lease_of_ip(str(addr))
+        if holder is not None:
+            raise AllocationError("ip_taken", f"{addr} is held by {holder['_id']}")
+        gen, last = await self._latest(pool, ip)
+        released = None if last is None else last.get("released_at")
+        if released is not None and released > self.clock() - pool.cooldown:
+            until = released + pool.cooldown
             raise AllocationError("ip_cooling", f"{addr} cools down until {until.isoformat()}")
-        gen = 0 if latest is None else latest["gen"]
-        cand = _Candidate(ip, gen, lease_id(pool.uid, ip, gen))
-        got = await self._try(pool, machine_id, cand, request_id)
+        got = await self._try(pool, machine_id, _Candidate(ip, gen, seq=-1), request_id)
         if got is None:
             raise AllocationError("ip_taken", f"{addr} was taken concurrently")
         return got
 
+    def _lease_doc(self, pool: Pool, machine_id: str, cand: _Candidate,
+                   request_id: str | None) -> dict:
+        ip = str(IPv4Address(cand.ip))
+        return {
+            "_id": machine_id, "active_ip": ip, "ip": ip, "gen": cand.gen + 1,
+            "pool": pool.name, "pool_uid": pool.uid, "dc": pool.dc, "vlan_id": pool.vlan_id,
+            "prefix_len": pool.network.prefixlen, "gateway": str(pool.gateway),
+            "allocated_at": self.clock(), "request_id": request_id,
+        }
+
     async def _try(
         self, pool: Pool, machine_id: str, cand: _Candidate, request_id: str | None
     ) -> Allocation | None:
-        """Insert the lease for ``cand``; None if another claimer won the address."""
-        gen = cand.gen + 1
-        lid = lease_id(pool.uid, cand.ip, gen)
-        ip = str(IPv4Address(cand.ip))
-        doc = {
-            "_id": lid, "ip": ip, "ip_int": cand.ip, "gen": gen, "pool": pool.name,
-            "pool_uid": pool.uid, "dc": pool.dc, "vlan_id": pool.vlan_id,
-            "prefix_len": pool.network.prefixlen, "gateway": str(pool.gateway),
-            "machine_id": machine_id, "machine_key": machine_id, "active_ip": ip,
-            "state": "active", "allocated_at": self.clock(), "released_at": None,
-            "request_id": request_id,
-        }
+        """Take ``cand`` for the machine; None if another claimer has (or had) the address."""
+        doc = self._lease_doc(pool, machine_id, cand, request_id)
+        hid = history_id(doc["ip"], pool.uid, doc["gen"])
         self._inflight.add(cand.ip)
         try:
             try:
                 await self.store.insert_lease(doc)
             except LeaseConflict:
-                other = await self.store.active_lease_of_machine(machine_id)
+                other = await self.store.get_lease(machine_id)
                 if other is not None:  # a concurrent delivery for the same machine won
                     self._give_back(cand)
                     return Allocation.of(other)
-                latest = await self.store.latest_lease_of_ip(pool.uid, cand.ip)
-                if cand.free_id is not None and latest is not None and latest["gen"] > cand.gen:
-                    await self.store.delete_free(cand.free_id)  # stale: already handed out
+                self._used.add((pool.uid, cand.ip))  # active elsewhere
                 await self._resolve(cand)
                 return None
             except BaseException:
                 self._give_back(cand)
                 raise
+            # The lease holds the IP; now make sure this generation was not handed out
+            # before (a stale candidate): the history record of a release is written
+            # before its lease goes, so a stale claim always sees it here.
+            if cand.seq is None and cand.gen == 0:
+                stale = await self.store.get_history(hid) is not None
+            else:
+                try:
+                    await self.store.insert_history({
+                        "_id": hid, "ip": doc["ip"], "pool": pool.name, "pool_uid": pool.uid,
+                        "gen": doc["gen"], "machine_id": machine_id,
+                        "allocated_at": doc["allocated_at"], "released_at": None,
+                    })
+                    stale = False
+                except LeaseConflict:
+                    stale = True
+            if stale:
+                await self.store.delete_lease(machine_id, doc["ip"])
+                self._used.add((pool.uid, cand.ip))
+                if cand.seq is not None and cand.seq >= 0:
+                    self._queue(pool.uid).consumed.add(cand.seq)
+                await self._resolve(cand)
+                return None
             await self._resolve(cand)
-            if cand.free_id is not None:
-                await self.store.delete_free(cand.free_id)
+            if cand.seq is not None and cand.seq >= 0:
+                self._queue(pool.uid).consumed.add(cand.seq)
             return Allocation.of(doc)
         finally:
             self._inflight.discard(cand.ip)
@@ -434,12 +489,7 @@ class Ipam:
         leftover = await self._leftover(pool)
         if leftover is not None:
             return leftover
-        cutoff = self.clock() - pool.cooldown
-        for free in await self.store.free_candidates(pool.uid, cutoff, len(self._inflight) + 8):
-            if free["ip_int"] in self._inflight or not pool.allocatable(free["ip_int"]):
-                continue
-            return _Candidate(free["ip_int"], free["gen"], free["_id"])
-        return None
+        return await self._next_released(pool)
 
     async def _claim_block(self, pool: Pool) -> bool:
         """Claim the next block of never-used offsets; False when none is left."""
@@ -449,16 +499,18 @@ class Ipam:
             if blk is not None and blk.queue:
                 return True  # another task of this process claimed one meanwhile
             done = self._cursor_done.get(pool.uid)
-            if done is not None and time.monotonic() - done < 5 * self.pool_cache_s:
+            if done is not None and time.monotonic() - done < 5 * max(self.pool_cache_s, 0.2):
                 return False
-            top = await self.store.max_block(pool.uid)
-            k: int | None = 0 if top is None else top + 1
+            doc = await self.store.get_pool(pool.name)
+            hint = -1 if doc is None else doc.get("block_hint", -1)
+            k: int | None = max(hint + 1, 0 if blk is None else blk.k + 1)
             for _ in range(self.max_attempts):
                 k = next_block(pool, k, self.block_size) if k is not None else None
                 if k is None:
                     self._cursor_done[pool.uid] = time.monotonic()
                     return False
                 if await self.store.claim_block(pool.uid, k, self.owner, self.clock()):
+                    await self.store.raise_hint(pool.name, "block_hint", k)
                     offsets = block_offsets(pool, k, self.block_size)
                     self._blocks[pool.uid] = _Block(
                         pool.uid, k, pool.first, deque(offsets), len(offsets)
@@ -468,21 +520,85 @@ class Ipam:
             raise TransientError(f"could not claim a block of pool {pool.name}")
 
     async def _leftover(self, pool: Pool) -> _Candidate | None:
-        """A never-used address of a claimed block that is not used up (e.g. its owner died)."""
+        """A never-used address of a claimed block that is not used up (its owner died)."""
+        empty = self._leftover_empty.get(pool.uid)
+        if empty is not None and time.monotonic() - empty < max(self.pool_cache_s, 0.2):
+            return None
+        mine = self._blocks.get(pool.uid)
         for k in await self.store.open_blocks(pool.uid):
-            offsets = block_offsets(pool, k, self.block_size)
-            if not offsets:
-                await self.store.mark_block_full(pool.uid, k)
+            if mine is not None and mine.k == k:
                 continue
-            lo, hi = pool.first + offsets[0], pool.first + offsets[-1]
-            used = await self.store.leased_in_range(pool.uid, lo, hi)
-            todo = [pool.first + o for o in offsets if pool.first + o not in used]
-            free = [ip for ip in todo if ip not in self._inflight]
-            if free:
-                return _Candidate(free[0], 0, None)
-            if not todo:
+            pending = False
+            for o in block_offsets(pool, k, self.block_size):
+                ip = pool.first + o
+                if (pool.uid, ip) in self._used:
+                    continue
+                if ip in self._inflight:
+                    pending = True
+                    continue
+                addr = str(IPv4Address(ip))
+                if await self.store.get_history(history_id(addr, pool.uid, 1)) is not None:
+                    self._used.add((pool.uid, ip))
+                    continue
+                return _Candidate(ip, 0)
+            if not pending:
                 await self.store.mark_block_full(pool.uid, k)
+        self._leftover_empty[pool.uid] = time.monotonic()
         return None
+
+    def _queue(self, pool_uid: str) -> _FreeQueue:
+        return self._queues.setdefault(pool_uid, _FreeQueue())
+
+    async def _next_released(self, pool: Pool) -> _Candidate | None:
+        """The least recently released cooled address, walking the free queue from its head."""
+        q = self._queue(pool.uid)
+        if q.head == 0 and not q.entries:
+            doc = await self.store.get_pool(pool.name)
+            q.head = q.persisted_head = max(q.head, 0 if doc is None else doc.get("free_head", 0))
+        cutoff = self.clock() - pool.cooldown
+        seq = q.head
+        while True:
+            entry = q.entries.get(seq)
+            if entry is None:
+                entry = await self.store.get_slot(slot_id(pool.uid, seq))
+                if entry is None:
+                    break  # the end of the queue
+                q.entries[seq] = entry
+            if seq not in q.consumed and entry["ip_int"] not in self._inflight:
+                if entry["released_at"] > cutoff:
+                    break  # later entries were released later still
+                nxt = history_id(entry["ip"], pool.uid, entry["gen"] + 1)
+                if await self.store.get_history(nxt) is not None:
+                    q.consumed.add(seq)
+                elif pool.allocatable(entry["ip_int"]):
+                    await self._advance(pool, q)
+                    return _Candidate(entry["ip_int"], entry["gen"], seq)
+            seq += 1
+        await self._advance(pool, q)
+        return None
+
+    async def _advance(self, pool: Pool, q: _FreeQueue) -> None:
+        while q.head in q.consumed:
+            q.consumed.discard(q.head)
+            q.entries.pop(q.head, None)
+            q.head += 1
+        if q.head - q.persisted_head >= 16:
+            q.persisted_head = q.head
+            await self.store.raise_hint(pool.name, "free_head", q.head)
+
+    async def _append(self, pool: Pool, ip: int, gen: int, released_at: datetime) -> None:
+        """Append a released address to the pool's free queue."""
+        q = self._queue(pool.uid)
+        doc = await self.store.get_pool(pool.name)
+        seq = max(q.tail, 0 if doc is None else doc.get("free_tail", 0))
+        entry = {"pool_uid": pool.uid, "ip_int": ip, "ip": str(IPv4Address(ip)), "gen": gen,
+                 "released_at": released_at}
+        for _ in range(100_000):
+            if await self.store.insert_slot({"_id": slot_id(pool.uid, seq), **entry}):
+                break
+            seq += 1
+        q.tail = seq + 1
+        await self.store.raise_hint(pool.name, "free_tail", q.tail)
 
     async def allocate_many(
         self,
@@ -512,66 +628,72 @@ class Ipam:
     async def _rollback(self, request_id: str) -> None:
         """Undo the (never announced) leases of a failed bulk request, without cooldown."""
         for lease in await self.store.leases_of_request(request_id):
-            gen = lease["gen"] - 1
-            if gen == 0:
-                released_at = EPOCH
-            else:
-                prev = await self.store.get_lease(lease_id(lease["pool_uid"], lease["ip_int"], gen))
-                released_at = EPOCH if prev is None else prev["released_at"]
-            await self.store.add_free(
-                self._free_doc(lease["pool_uid"], lease["ip_int"], gen, released_at)
-            )
-            await self.store.delete_lease(lease["_id"])
-            log.info("bulk allocation rolled back", machine_id=lease["machine_id"],
+            p = await self._pool_of_lease(lease)
+            ip, gen = int(IPv4Address(lease["ip"])), lease["gen"] - 1
+            released = EPOCH
+            if gen > 0:
+                prev = await self.store.get_history(history_id(lease["ip"], p.uid, gen))
+                released = EPOCH if prev is None else prev.get("released_at") or EPOCH
+            await self.store.delete_history(history_id(lease["ip"], p.uid, gen + 1))
+            await self._append(p, ip, gen, released)
+            await self.store.delete_lease(lease["_id"], lease["ip"])
+            log.info("bulk allocation rolled back", machine_id=lease["_id"],
                      ip=lease["ip"], request_id=request_id)
 
     # -------------------------------------------------------------- release
 
-    @staticmethod
-    def _free_doc(pool_uid: str, ip: int, gen: int, released_at: datetime) -> dict:
-        return {"_id": lease_id(pool_uid, ip, gen), "pool_uid": pool_uid, "ip_int": ip,
-                "ip": str(IPv4Address(ip)), "gen": gen, "released_at": released_at}
-
     async def release(self, machine_id: str) -> dict | None:
-        """Release the machine's IP into cooldown; return its lease, None if it never had one."""
-        lease = await self.store.active_lease_of_machine(machine_id)
-        if lease is not None:
-            now = self.clock()
-            await self.store.mark_released(lease["_id"], now)
-            await self.store.add_free(
-                self._free_doc(lease["pool_uid"], lease["ip_int"], lease["gen"], now)
-            )
-            return {**lease, "state": "released", "released_at": now}
-        last = await self.store.last_lease_of_machine(machine_id)
-        if last is None:
-            return None
-        # A redelivery after a crash between the two writes above: finish the second one.
-        latest = await self.store.latest_lease_of_ip(last["pool_uid"], last["ip_int"])
-        if latest is not None and latest["_id"] == last["_id"]:
-            await self.store.add_free(self._free_doc(
-                last["pool_uid"], last["ip_int"], last["gen"], last["released_at"]
-            ))
-        return last
+        """Release the machine's IP into cooldown; return its record, None if it had none."""
+        lease = await self.store.get_lease(machine_id)
+        if lease is None:
+            # Already released (a redelivery): answer again with the last record.
+            last = await self.store.history_of_machine(machine_id)
+            return last if last is not None and last.get("released_at") else None
+        now = self.clock()
+        pool = await self._pool_of_lease(lease)
+        # Order matters: the history record first (a stale claim checks it), then the queue
+        # entry, then the lease; a crash in between is finished by the redelivered release.
+        record = {"ip": lease["ip"], "pool": lease["pool"], "pool_uid": lease["pool_uid"],
+                  "gen": lease["gen"], "machine_id": machine_id,
+                  "allocated_at": lease["allocated_at"], "released_at": now}
+        await self.store.upsert_history(
+            history_id(lease["ip"], lease["pool_uid"], lease["gen"]), record
+        )
+        await self._append(pool, int(IPv4Address(lease["ip"])), lease["gen"], now)
+        await self.store.delete_lease(machine_id, lease["ip"])
+        return record
 
     # -------------------------------------------------------------- queries
 
     async def lookup(self, ip: IPv4Address, at: datetime | None = None) -> IpLookupResult:
         """Who holds ``ip`` now (and at ``at``), its state and its whole history."""
-        ip_int = int(ip)
-        history = await self.store.leases_of_ip(str(ip))
-        events = list(history_of(history))
-        then = owner_at(history, at) if at is not None else None
-        pools = await self.store.overlapping_pools(ip_int, ip_int, uid="")
-        active = [p for p in pools if p["state"] == "active"]
-        if not active:
+        ip_int, addr = int(ip), str(ip)
+        pools = await self.store.pools_containing(ip_int)
+        records: list[dict] = []
+        for doc in pools:
+            gen = 0
+            while (h := await self.store.get_history(history_id(addr, doc["uid"], gen + 1))):
+                records.append(h)
+                gen += 1
+        active = await self.store.lease_of_ip(addr)
+        if active is not None and not any(
+            r["pool_uid"] == active["pool_uid"] and r["gen"] == active["gen"] for r in records
+        ):
+            records.append({"machine_id": active["_id"], "allocated_at": active["allocated_at"],
+                            "released_at": None, "pool": active["pool"], "gen": active["gen"]})
+        events = list(history_of(records))
+        then = owner_at(records, at) if at is not None else None
+        current = [p for p in pools if p.get("state") == "active" and p["_id"] != p["uid"]]
+        if not current:
             return IpLookupResult(ip, None, "unknown", None, then, None, events)
-        pool = pool_of(active[0])
-        latest = await self.store.latest_lease_of_ip(pool.uid, ip_int)
-        owner, state, until = None, "free", None
-        if latest is not None and latest["state"] == "active":
-            owner, state = latest["machine_id"], "active"
-        elif not pool.allocatable(ip_int):
-            state = "reserved"
-        elif latest is not None and latest["released_at"] + pool.cooldown > self.clock():
-            state, until = "cooling", latest["released_at"] + pool.cooldown
-        return IpLookupResult(ip, pool.name, state, owner, then, until, events)
+        pool = pool_of(current[0])
+        if active is not None:
+            return IpLookupResult(ip, pool.name, "active", active["_id"], then, None, events)
+        if not pool.allocatable(ip_int):
+            return IpLookupResult(ip, pool.name, "reserved", None, then, None, events)
+        mine = [r for r in records if r.get("pool_uid") == pool.uid and r.get("released_at")]
+        last = max((r["released_at"] for r in mine), default=None)
+        if last is not None and last + pool.cooldown > self.clock():
+            return IpLookupResult(ip, pool.name, "cooling", None, then, last + pool.cooldown,
+                                  events)
+        return IpLookupResult(ip, pool.name, "free", None, then, None, events)

@@ -1,60 +1,65 @@
 """IPAM persistence: the :class:`IpamStore` port, its MongoDB adapter and an in-memory fake.
 
-Every claim is arbitrated by a unique index, never by a read-then-write: FerretDB v1 does not
-make ``find_one_and_update`` atomic across connections, so two writers may both "win" it.
+Two facts about FerretDB v1 (SQLite) shape this module:
 
-Collections (all keyed so that an insert is the claim):
+- ``find_one_and_update`` and ``update_one`` are not atomic across connections (two writers
+  may both "win" them); an insert under a unique index and ``delete_one``'s count are.
+- Only ``_id`` equality is served by an index; any other filter, range or sort reads the whole
+  collection. So every call on the allocation path is an ``_id`` read or an insert; the
+  queries that filter or sort (usage, lookups, leftovers) are off the hot path.
 
-- ``pools``: ``_id`` = name; unique ``uid``; unique ``(dc, vlan_id)``.
-- ``leases``: one record per allocation, kept after release as the IP's history.
-  ``_id`` = ``<pool uid>:<ip>#<gen>`` (the gen-th allocation of that address can happen once);
-  ``active_ip`` (= ip while active) and ``machine_key`` (= machine_id while active) are unique,
-  so one IP never has two active leases and one machine never holds two. On release both are
-  set to ``released:<_id>``.
-- ``ip_free``: released addresses, ``_id`` = the released lease's ``_id``, ordered by
-  ``released_at`` (cooldown is applied when reading, so a changed cooldown applies at once).
-- ``ip_blocks``: ``_id`` = ``<pool uid>:<k>``: block k of never-used offsets claimed by one
-  replica; ``full`` once every address in it was tried.
+Collections:
+
+- ``pools``: ``_id`` = name; ``uid`` and ``(dc, vlan_id)`` unique. Also hints (``block_hint``,
+  ``free_head``, ``free_tail``) that only save probing; nothing relies on them being exact.
+- ``leases``: the active leases, ``_id`` = machine_id (one lease per machine); ``active_ip`` is
+  unique, so one IP never has two active leases.
+- ``ip_history``: ``_id`` = ``<ip>@<pool uid>#<gen>``, the gen-th allocation of that address
+  in that pool, with its machine and times. Inserted when a released address is taken again
+  (the insert is the claim), upserted at release.
+- ``ip_free``: released addresses as a queue, ``_id`` = ``<pool uid>:<seq>``, contiguous
+  sequence numbers, never deleted; an entry is consumed when ``ip_history`` has its next gen.
+- ``ip_blocks``: ``_id`` = ``<pool uid>:<k>``: block k of never-used offsets, claimed by one
+  replica.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, Protocol
 
-from pymongo import ASCENDING, DESCENDING, IndexModel
+from pymongo import ASCENDING, IndexModel
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from libs.common.db import ensure_indexes
 from libs.common.errors import ConflictError, translate_errors
 
-__all__ = ["INDEXES", "IpamStore", "LeaseConflict", "MemoryIpamStore", "MongoIpamStore"]
+__all__ = ["INDEXES", "IpamStore", "LeaseConflict", "MemoryIpamStore", "MongoIpamStore",
+           "history_id", "slot_id"]
 
-POOLS, LEASES, FREE, BLOCKS = "pools", "leases", "ip_free", "ip_blocks"
+POOLS, ARCHIVE, LEASES, HISTORY, FREE, BLOCKS = (
+    "pools", "pools_deleted", "leases", "ip_history", "ip_free", "ip_blocks"
+)
 
 INDEXES: dict[str, list[IndexModel]] = {
     POOLS: [
         IndexModel([("uid", ASCENDING)], unique=True),
         IndexModel([("dc", ASCENDING), ("vlan_id", ASCENDING)], unique=True),
     ],
-    LEASES: [
-        IndexModel([("active_ip", ASCENDING)], unique=True),
-        IndexModel([("machine_key", ASCENDING)], unique=True),
-        IndexModel([("pool_uid", ASCENDING), ("ip_int", ASCENDING), ("gen", DESCENDING)]),
-        IndexModel([("pool_uid", ASCENDING), ("state", ASCENDING), ("released_at", ASCENDING)]),
-        IndexModel([("ip", ASCENDING), ("allocated_at", ASCENDING)]),
-        IndexModel([("machine_id", ASCENDING), ("allocated_at", DESCENDING)]),
-        IndexModel([("request_id", ASCENDING)]),
-    ],
-    FREE: [IndexModel([("pool_uid", ASCENDING), ("released_at", ASCENDING)])],
-    BLOCKS: [
-        IndexModel([("pool_uid", ASCENDING), ("k", DESCENDING)]),
-        IndexModel([("pool_uid", ASCENDING), ("full", ASCENDING)]),
-    ],
+    LEASES: [IndexModel([("active_ip", ASCENDING)], unique=True)],
 }
+
+
+def history_id(ip: str, pool_uid: str, gen: int) -> str:
+    """The ``_id`` of the gen-th allocation of ``ip`` in a pool."""
+    return f"{ip}@{pool_uid}#{gen}"
+
+
+def slot_id(pool_uid: str, seq: int) -> str:
+    """The ``_id`` of entry ``seq`` of a pool's free queue."""
+    return f"{pool_uid}:{seq}"
 
 
 class LeaseConflict(ConflictError):
@@ -62,13 +67,13 @@ class LeaseConflict(ConflictError):
 
 
 class IpamStore(Protocol):
-    """Port: the durable state of ipam. Every method is one round trip."""
+    """Port: the durable state of ipam."""
 
     async def setup(self) -> None:
         """Create the indexes."""
         ...
 
-    # pools
+    # pools (small collection: filters are fine)
     async def insert_pool(self, doc: dict) -> None:
         """Insert a pool; :class:`LeaseConflict` if its name, uid or (dc, vlan) is taken."""
         ...
@@ -85,108 +90,97 @@ class IpamStore(Protocol):
         """Every pool (of ``dc``), by name."""
         ...
 
+    async def pools_containing(self, ip_int: int) -> list[dict]:
+        """Pools, current and deleted, whose cidr holds ``ip_int``."""
+        ...
+
     async def overlapping_pools(self, first: int, last: int, uid: str) -> list[dict]:
-        """Other pools sharing an address with ``[first, last]``."""
+        """Other current pools sharing an address with ``[first, last]``."""
         ...
 
     async def update_pool(self, name: str, fields: dict) -> None:
         """Set ``fields`` on the pool."""
         ...
 
-    async def delete_pool(self, uid: str) -> None:
-        """Delete the pool, its free list and its blocks (lease history is kept)."""
+    async def raise_hint(self, name: str, field: str, value: int) -> None:
+        """Raise a pool's hint counter to ``value`` (never lowers it on MongoDB)."""
         ...
 
-    # leases
+    async def delete_pool(self, doc: dict) -> None:
+        """Archive the pool (for lookups of its history) and drop its queues and blocks."""
+        ...
+
+    # leases (active)
     async def insert_lease(self, doc: dict) -> None:
-        """Insert a lease; :class:`LeaseConflict` if any unique key is taken."""
+        """Insert an active lease; :class:`LeaseConflict` if the machine or the IP has one."""
         ...
 
-    async def get_lease(self, lease_id: str) -> dict | None:
-        """One lease record by id."""
-        ...
-
-    async def active_lease_of_machine(self, machine_id: str) -> dict | None:
+    async def get_lease(self, machine_id: str) -> dict | None:
         """The machine's active lease."""
         ...
 
-    async def last_lease_of_machine(self, machine_id: str) -> dict | None:
-        """The machine's most recent lease, active or released."""
+    async def delete_lease(self, machine_id: str, ip: str) -> bool:
+        """Drop the machine's active lease of ``ip``; False if it was not there."""
         ...
 
-    async def latest_lease_of_ip(self, pool_uid: str, ip_int: int) -> dict | None:
-        """The highest-gen lease of an address in a pool."""
+    async def lease_of_ip(self, ip: str) -> dict | None:
+        """The active lease of ``ip`` (a filter: off the hot path)."""
         ...
 
-    async def leases_of_ip(self, ip: str) -> list[dict]:
-        """Every lease ever of ``ip`` (any pool), oldest first."""
-        ...
-
-    async def leased_in_range(self, pool_uid: str, lo: int, hi: int) -> set[int]:
-        """Addresses in ``[lo, hi]`` that ever had a lease in the pool."""
-        ...
-
-    async def active_in_range(self, pool_uid: str, lo: int, hi: int) -> list[dict]:
-        """Active leases in ``[lo, hi]``."""
-        ...
-
-    async def mark_released(self, lease_id: str, at: datetime) -> bool:
-        """Turn an active lease into history; False if it was not active."""
-        ...
-
-    async def delete_lease(self, lease_id: str) -> None:
-        """Forget a lease that was never announced (rollback of a bulk request)."""
+    async def leases_of_pool(self, pool_uid: str) -> list[dict]:
+        """Active leases of a pool (a filter: off the hot path)."""
         ...
 
     async def leases_of_request(self, request_id: str) -> list[dict]:
-        """Active leases made for a bulk request."""
+        """Active leases made for a bulk request (a filter: off the hot path)."""
         ...
 
-    async def count_active(self, pool_uid: str) -> int:
-        """Active leases in the pool."""
+    # history
+    async def get_history(self, hid: str) -> dict | None:
+        """One history record."""
         ...
 
-    async def count_cooling(self, pool_uid: str, cutoff: datetime) -> int:
-        """Released leases whose release is after ``cutoff`` (still cooling)."""
+    async def insert_history(self, doc: dict) -> None:
+        """Insert a history record; :class:`LeaseConflict` if that gen is taken."""
         ...
 
-    # free list
-    async def add_free(self, doc: dict) -> None:
-        """Put a released address on the free list (a duplicate is ignored)."""
+    async def upsert_history(self, hid: str, fields: dict) -> None:
+        """Create or complete a history record."""
         ...
 
-    async def free_candidates(self, pool_uid: str, cutoff: datetime, limit: int) -> list[dict]:
-        """The least recently released addresses released at or before ``cutoff``."""
+    async def delete_history(self, hid: str) -> None:
+        """Forget a history record (rollback of an unannounced bulk allocation)."""
         ...
 
-    async def delete_free(self, free_id: str) -> None:
-        """Drop one free-list entry."""
+    async def history_of_machine(self, machine_id: str) -> dict | None:
+        """The machine's latest history record (a filter: off the hot path)."""
         ...
 
-    async def delete_free_in_range(self, pool_uid: str, lo: int, hi: int) -> None:
-        """Drop the free-list entries of ``[lo, hi]``."""
+    async def released_since(self, pool_uid: str, since: datetime) -> int:
+        """Releases in the pool after ``since`` (a filter: off the hot path)."""
         ...
 
-    # blocks of never-used offsets
-    async def max_block(self, pool_uid: str) -> int | None:
-        """The highest claimed block number."""
+    # free queue
+    async def get_slot(self, sid: str) -> dict | None:
+        """One entry of a free queue."""
         ...
 
+    async def insert_slot(self, doc: dict) -> bool:
+        """Append at ``doc['_id']``; False if that sequence number is taken."""
+        ...
+
+    # blocks
     async def claim_block(self, pool_uid: str, k: int, owner: str, at: datetime) -> bool:
         """Claim block ``k``; False if another replica has it."""
         ...
 
     async def open_blocks(self, pool_uid: str) -> list[int]:
-        """Claimed blocks not yet known to be used up."""
+        """Claimed blocks not known to be used up (a filter: off the hot path)."""
         ...
 
     async def mark_block_full(self, pool_uid: str, k: int) -> None:
-        """Record that every address of block ``k`` was tried."""
+        """Record that every address of block ``k`` was handed out."""
         ...
-
-
-def _released_key(lease_id: str) -> str:
-    return f"released:{lease_id}"
 
 
 class MongoIpamStore:
@@ -194,10 +188,9 @@ class MongoIpamStore:
 
     def __init__(self, db: AsyncDatabase) -> None:
         self._db = db
-        self._pools = db[POOLS]
-        self._leases = db[LEASES]
-        self._free = db[FREE]
-        self._blocks = db[BLOCKS]
+        self._pools, self._archive = db[POOLS], db[ARCHIVE]
+        self._leases, self._history = db[LEASES], db[HISTORY]
+        self._free, self._blocks = db[FREE], db[BLOCKS]
 
     @translate_errors
     async def setup(self) -> None:
@@ -206,7 +199,7 @@ class MongoIpamStore:
 
     @translate_errors
     async def insert_pool(self, doc: dict) -> None:
-        """Insert a pool; :class:`LeaseConflict` if a unique key is taken."""
+        """Insert a pool."""
         try:
             await self._pools.insert_one(dict(doc))
         except DuplicateKeyError as err:
@@ -229,8 +222,15 @@ class MongoIpamStore:
         return await self._pools.find(query).sort("_id", ASCENDING).to_list()
 
     @translate_errors
+    async def pools_containing(self, ip_int: int) -> list[dict]:
+        """Pools, current and deleted, whose cidr holds ``ip_int``."""
+        query = {"first": {"$lte": ip_int}, "last": {"$gte": ip_int}}
+        return [*await self._pools.find(query).to_list(),
+                *await self._archive.find(query).to_list()]
+
+    @translate_errors
     async def overlapping_pools(self, first: int, last: int, uid: str) -> list[dict]:
-        """Other pools sharing an address with ``[first, last]``."""
+        """Other current pools sharing an address with ``[first, last]``."""
         query = {"first": {"$lte": last}, "last": {"$gte": first}, "uid": {"$ne": uid}}
         return await self._pools.find(query).to_list()
 
@@ -240,129 +240,102 @@ class MongoIpamStore:
         await self._pools.update_one({"_id": name}, {"$set": fields})
 
     @translate_errors
-    async def delete_pool(self, uid: str) -> None:
-        """Delete the pool, its free list and its blocks (lease history is kept)."""
+    async def raise_hint(self, name: str, field: str, value: int) -> None:
+        """Raise a hint counter (a lost race only leaves it lower: it stays a valid hint)."""
+        await self._pools.update_one({"_id": name}, {"$max": {field: value}})
+
+    @translate_errors
+    async def delete_pool(self, doc: dict) -> None:
+        """Archive the pool and drop its queue and blocks (history is kept)."""
+        uid = doc["uid"]
+        await self._archive.update_one({"_id": uid}, {"$set": {**doc, "_id": uid}}, upsert=True)
         await self._free.delete_many({"pool_uid": uid})
         await self._blocks.delete_many({"pool_uid": uid})
         await self._pools.delete_one({"uid": uid})
 
     @translate_errors
     async def insert_lease(self, doc: dict) -> None:
-        """Insert a lease; :class:`LeaseConflict` if any unique key is taken."""
+        """Insert an active lease."""
         try:
             await self._leases.insert_one(dict(doc))
         except DuplicateKeyError as err:
-            raise LeaseConflict(f"lease {doc['_id']} conflicts") from err
+            raise LeaseConflict(f"{doc['_id']} or {doc['active_ip']} already leased") from err
 
     @translate_errors
-    async def get_lease(self, lease_id: str) -> dict | None:
-        """One lease record by id."""
-        return await self._leases.find_one({"_id": lease_id})
-
-    @translate_errors
-    async def active_lease_of_machine(self, machine_id: str) -> dict | None:
+    async def get_lease(self, machine_id: str) -> dict | None:
         """The machine's active lease."""
-        return await self._leases.find_one({"machine_key": machine_id})
+        return await self._leases.find_one({"_id": machine_id})
 
     @translate_errors
-    async def last_lease_of_machine(self, machine_id: str) -> dict | None:
-        """The machine's most recent lease."""
-        return await self._leases.find_one(
-            {"machine_id": machine_id}, sort=[("allocated_at", DESCENDING)]
-        )
+    async def delete_lease(self, machine_id: str, ip: str) -> bool:
+        """Drop the machine's active lease of ``ip``."""
+        result = await self._leases.delete_one({"_id": machine_id, "active_ip": ip})
+        return result.deleted_count == 1
 
     @translate_errors
-    async def latest_lease_of_ip(self, pool_uid: str, ip_int: int) -> dict | None:
-        """The highest-gen lease of an address in a pool."""
-        return await self._leases.find_one(
-            {"pool_uid": pool_uid, "ip_int": ip_int}, sort=[("gen", DESCENDING)]
-        )
+    async def lease_of_ip(self, ip: str) -> dict | None:
+        """The active lease of ``ip``."""
+        return await self._leases.find_one({"active_ip": ip})
 
     @translate_errors
-    async def leases_of_ip(self, ip: str) -> list[dict]:
-        """Every lease ever of ``ip``, oldest first."""
-        return await self._leases.find({"ip": ip}).sort("allocated_at", ASCENDING).to_list()
-
-    @translate_errors
-    async def leased_in_range(self, pool_uid: str, lo: int, hi: int) -> set[int]:
-        """Addresses in ``[lo, hi]`` that ever had a lease in the pool."""
-        cursor = self._leases.find(
-            {"pool_uid": pool_uid, "ip_int": {"$gte": lo, "$lte": hi}}, {"ip_int": 1}
-        )
-        return {d["ip_int"] async for d in cursor}
-
-    @translate_errors
-    async def active_in_range(self, pool_uid: str, lo: int, hi: int) -> list[dict]:
-        """Active leases in ``[lo, hi]``."""
-        query = {"pool_uid": pool_uid, "state": "active", "ip_int": {"$gte": lo, "$lte": hi}}
-        return await self._leases.find(query).to_list()
-
-    @translate_errors
-    async def mark_released(self, lease_id: str, at: datetime) -> bool:
-        """Turn an active lease into history; False if it was not active."""
-        key = _released_key(lease_id)
-        result = await self._leases.update_one(
-            {"_id": lease_id, "state": "active"},
-            {"$set": {"state": "released", "released_at": at, "active_ip": key,
-                      "machine_key": key}},
-        )
-        return result.modified_count == 1
-
-    @translate_errors
-    async def delete_lease(self, lease_id: str) -> None:
-        """Forget a lease that was never announced."""
-        await self._leases.delete_one({"_id": lease_id})
+    async def leases_of_pool(self, pool_uid: str) -> list[dict]:
+        """Active leases of a pool."""
+        return await self._leases.find({"pool_uid": pool_uid}).to_list()
 
     @translate_errors
     async def leases_of_request(self, request_id: str) -> list[dict]:
         """Active leases made for a bulk request."""
-        return await self._leases.find({"request_id": request_id, "state": "active"}).to_list()
+        return await self._leases.find({"request_id": request_id}).to_list()
 
     @translate_errors
-    async def count_active(self, pool_uid: str) -> int:
-        """Active leases in the pool."""
-        return await self._leases.count_documents({"pool_uid": pool_uid, "state": "active"})
+    async def get_history(self, hid: str) -> dict | None:
+        """One history record."""
+        return await self._history.find_one({"_id": hid})
 
     @translate_errors
-    async def count_cooling(self, pool_uid: str, cutoff: datetime) -> int:
-        """Released leases still cooling."""
-        return await self._leases.count_documents(
-            {"pool_uid": pool_uid, "state": "released", "released_at": {"$gt": cutoff}}
+    async def insert_history(self, doc: dict) -> None:
+        """Insert a history record; :class:`LeaseConflict` if that gen is taken."""
+        try:
+            await self._history.insert_one(dict(doc))
+        except DuplicateKeyError as err:
+            raise LeaseConflict(f"{doc['_id']} already taken") from err
+
+    @translate_errors
+    async def upsert_history(self, hid: str, fields: dict) -> None:
+        """Create or complete a history record."""
+        await self._history.update_one({"_id": hid}, {"$set": fields}, upsert=True)
+
+    @translate_errors
+    async def delete_history(self, hid: str) -> None:
+        """Forget a history record."""
+        await self._history.delete_one({"_id": hid})
+
+    @translate_errors
+    async def history_of_machine(self, machine_id: str) -> dict | None:
+        """The machine's latest history record."""
+        return await self._history.find_one({"machine_id": machine_id},
+                                            sort=[("allocated_at", -1)])
+
+    @translate_errors
+    async def released_since(self, pool_uid: str, since: datetime) -> int:
+        """Releases in the pool after ``since``."""
+        return await self._history.count_documents(
+            {"pool_uid": pool_uid, "released_at": {"$gt": since}}
         )
 
     @translate_errors
-    async def add_free(self, doc: dict) -> None:
-        """Put a released address on the free list (a duplicate is ignored)."""
+    async def get_slot(self, sid: str) -> dict | None:
+        """One entry of a free queue."""
+        return await self._free.find_one({"_id": sid})
+
+    @translate_errors
+    async def insert_slot(self, doc: dict) -> bool:
+        """Append at ``doc['_id']``; False if that sequence number is taken."""
         try:
             await self._free.insert_one(dict(doc))
         except DuplicateKeyError:
-            pass
-
-    @translate_errors
-    async def free_candidates(self, pool_uid: str, cutoff: datetime, limit: int) -> list[dict]:
-        """The least recently released addresses released at or before ``cutoff``."""
-        cursor = (
-            self._free.find({"pool_uid": pool_uid, "released_at": {"$lte": cutoff}})
-            .sort("released_at", ASCENDING)
-            .limit(limit)
-        )
-        return await cursor.to_list()
-
-    @translate_errors
-    async def delete_free(self, free_id: str) -> None:
-        """Drop one free-list entry."""
-        await self._free.delete_one({"_id": free_id})
-
-    @translate_errors
-    async def delete_free_in_range(self, pool_uid: str, lo: int, hi: int) -> None:
-        """Drop the free-list entries of ``[lo, hi]``."""
-        await self._free.delete_many({"pool_uid": pool_uid, "ip_int": {"$gte": lo, "$lte": hi}})
-
-    @translate_errors
-    async def max_block(self, pool_uid: str) -> int | None:
-        """The highest claimed block number."""
-        doc = await self._blocks.find_one({"pool_uid": pool_uid}, sort=[("k", DESCENDING)])
-        return None if doc is None else doc["k"]
+            return False
+        return True
 
     @translate_errors
     async def claim_block(self, pool_uid: str, k: int, owner: str, at: datetime) -> bool:
@@ -377,52 +350,50 @@ class MongoIpamStore:
 
     @translate_errors
     async def open_blocks(self, pool_uid: str) -> list[int]:
-        """Claimed blocks not yet known to be used up."""
+        """Claimed blocks not known to be used up."""
         cursor = self._blocks.find({"pool_uid": pool_uid, "full": False}, {"k": 1})
         return sorted([d["k"] async for d in cursor])
 
     @translate_errors
     async def mark_block_full(self, pool_uid: str, k: int) -> None:
-        """Record that every address of block ``k`` was tried."""
+        """Record that every address of block ``k`` was handed out."""
         await self._blocks.update_one({"_id": f"{pool_uid}:{k}"}, {"$set": {"full": True}})
 
 
 class MemoryIpamStore:
     """In-memory :class:`IpamStore` with the same unique keys, for unit tests."""
 
-    _UNIQUE = {POOLS: (("uid",), ("dc", "vlan_id")), LEASES: (("active_ip",), ("machine_key",))}
-
     def __init__(self) -> None:
-        self.colls: dict[str, dict[Any, dict]] = {POOLS: {}, LEASES: {}, FREE: {}, BLOCKS: {}}
+        self.c: dict[str, dict[Any, dict]] = {
+            n: {} for n in (POOLS, ARCHIVE, LEASES, HISTORY, FREE, BLOCKS)
+        }
 
-    def _insert(self, coll: str, doc: dict) -> None:
-        docs = self.colls[coll]
+    def _insert(self, coll: str, doc: dict, unique: tuple[tuple[str, ...], ...] = ()) -> None:
+        docs = self.c[coll]
         if doc["_id"] in docs:
             raise LeaseConflict(f"duplicate _id {doc['_id']}")
-        for fields in self._UNIQUE.get(coll, ()):
+        for fields in unique:
             key = tuple(doc.get(f) for f in fields)
             if any(tuple(d.get(f) for f in fields) == key for d in docs.values()):
                 raise LeaseConflict(f"duplicate {fields}={key}")
         docs[doc["_id"]] = copy.deepcopy(doc)
 
     def _find(self, coll: str, pred) -> list[dict]:
-        return [copy.deepcopy(d) for d in self.colls[coll].values() if pred(d)]
+        return [copy.deepcopy(d) for d in self.c[coll].values() if pred(d)]
 
-    @staticmethod
-    def _first(docs: Iterable[dict], key, reverse: bool = False) -> dict | None:
-        ordered = sorted(docs, key=key, reverse=reverse)
-        return ordered[0] if ordered else None
+    def _get(self, coll: str, key: str) -> dict | None:
+        return copy.deepcopy(self.c[coll].get(key))
 
     async def setup(self) -> None:
         """Nothing to create."""
 
     async def insert_pool(self, doc: dict) -> None:
         """Insert a pool."""
-        self._insert(POOLS, doc)
+        self._insert(POOLS, doc, (("uid",), ("dc", "vlan_id")))
 
     async def get_pool(self, name: str) -> dict | None:
         """The pool named ``name``."""
-        return copy.deepcopy(self.colls[POOLS].get(name))
+        return self._get(POOLS, name)
 
     async def pool_by_vlan(self, dc: str, vlan_id: int) -> dict | None:
         """The pool of ``vlan_id`` in ``dc``."""
@@ -431,154 +402,126 @@ class MemoryIpamStore:
 
     async def list_pools(self, dc: str | None = None) -> list[dict]:
         """Every pool (of ``dc``), by name."""
-        found = self._find(POOLS, lambda d: dc is None or d["dc"] == dc)
-        return sorted(found, key=lambda d: d["_id"])
+        return sorted(self._find(POOLS, lambda d: dc is None or d["dc"] == dc),
+                      key=lambda d: d["_id"])
+
+    async def pools_containing(self, ip_int: int) -> list[dict]:
+        """Pools, current and deleted, whose cidr holds ``ip_int``."""
+        def hit(d: dict) -> bool:
+            return d["first"] <= ip_int <= d["last"]
+        return [*self._find(POOLS, hit), *self._find(ARCHIVE, hit)]
 
     async def overlapping_pools(self, first: int, last: int, uid: str) -> list[dict]:
-        """Other pools sharing an address with ``[first, last]``."""
+        """Other current pools sharing an address with ``[first, last]``."""
         return self._find(
             POOLS, lambda d: d["first"] <= last and d["last"] >= first and d["uid"] != uid
         )
 
     async def update_pool(self, name: str, fields: dict) -> None:
         """Set ``fields`` on the pool."""
-        if name in self.colls[POOLS]:
-            self.colls[POOLS][name].update(copy.deepcopy(fields))
+        if name in self.c[POOLS]:
+            self.c[POOLS][name].update(copy.deepcopy(fields))
 
-    async def delete_pool(self, uid: str) -> None:
-        """Delete the pool, its free list and its blocks."""
+    async def raise_hint(self, name: str, field: str, value: int) -> None:
+        """Raise a hint counter."""
+        doc = self.c[POOLS].get(name)
+        if doc is not None:
+            doc[field] = max(doc.get(field, 0), value)
+
+    async def delete_pool(self, doc: dict) -> None:
+        """Archive the pool and drop its queue and blocks."""
+        uid = doc["uid"]
+        self.c[ARCHIVE][uid] = {**copy.deepcopy(doc), "_id": uid}
         for coll in (FREE, BLOCKS):
-            for k in [k for k, d in self.colls[coll].items() if d["pool_uid"] == uid]:
-                del self.colls[coll][k]
-        for k in [k for k, d in self.colls[POOLS].items() if d["uid"] == uid]:
-            del self.colls[POOLS][k]
+            for k in [k for k, d in self.c[coll].items() if d["pool_uid"] == uid]:
+                del self.c[coll][k]
+        for k in [k for k, d in self.c[POOLS].items() if d["uid"] == uid]:
+            del self.c[POOLS][k]
 
     async def insert_lease(self, doc: dict) -> None:
-        """Insert a lease."""
-        self._insert(LEASES, doc)
+        """Insert an active lease."""
+        self._insert(LEASES, doc, (("active_ip",),))
 
-    async def get_lease(self, lease_id: str) -> dict | None:
-        """One lease record by id."""
-        return copy.deepcopy(self.colls[LEASES].get(lease_id))
-
-    async def active_lease_of_machine(self, machine_id: str) -> dict | None:
+    async def get_lease(self, machine_id: str) -> dict | None:
         """The machine's active lease."""
-        found = self._find(LEASES, lambda d: d["machine_key"] == machine_id)
-        return found[0] if found else None
+        return self._get(LEASES, machine_id)
 
-    async def last_lease_of_machine(self, machine_id: str) -> dict | None:
-        """The machine's most recent lease."""
-        found = self._find(LEASES, lambda d: d["machine_id"] == machine_id)
-        return self._first(found, key=lambda d: d["allocated_at"], reverse=True)
-
-    async def latest_lease_of_ip(self, pool_uid: str, ip_int: int) -> dict | None:
-        """The highest-gen lease of an address in a pool."""
-        found = self._find(LEASES, lambda d: d["pool_uid"] == pool_uid and d["ip_int"] == ip_int)
-        return self._first(found, key=lambda d: d["gen"], reverse=True)
-
-    async def leases_of_ip(self, ip: str) -> list[dict]:
-        """Every lease ever of ``ip``, oldest first."""
-        return sorted(self._find(LEASES, lambda d: d["ip"] == ip), key=lambda d: d["allocated_at"])
-
-    async def leased_in_range(self, pool_uid: str, lo: int, hi: int) -> set[int]:
-        """Addresses in ``[lo, hi]`` that ever had a lease."""
-        return {
-            d["ip_int"]
-            for d in self._find(
-                LEASES, lambda d: d["pool_uid"] == pool_uid and lo <= d["ip_int"] <= hi
-            )
-        }
-
-    async def active_in_range(self, pool_uid: str, lo: int, hi: int) -> list[dict]:
-        """Active leases in ``[lo, hi]``."""
-        return self._find(
-            LEASES,
-            lambda d: d["pool_uid"] == pool_uid and d["state"] == "active"
-            and lo <= d["ip_int"] <= hi,
-        )
-
-    async def mark_released(self, lease_id: str, at: datetime) -> bool:
-        """Turn an active lease into history."""
-        doc = self.colls[LEASES].get(lease_id)
-        if doc is None or doc["state"] != "active":
+    async def delete_lease(self, machine_id: str, ip: str) -> bool:
+        """Drop the machine's active lease of ``ip``."""
+        doc = self.c[LEASES].get(machine_id)
+        if doc is None or doc["active_ip"] != ip:
             return False
-        key = _released_key(lease_id)
-        doc.update(state="released", released_at=at, active_ip=key, machine_key=key)
+        del self.c[LEASES][machine_id]
         return True
 
-    async def delete_lease(self, lease_id: str) -> None:
-        """Forget a lease."""
-        self.colls[LEASES].pop(lease_id, None)
+    async def lease_of_ip(self, ip: str) -> dict | None:
+        """The active lease of ``ip``."""
+        found = self._find(LEASES, lambda d: d["active_ip"] == ip)
+        return found[0] if found else None
+
+    async def leases_of_pool(self, pool_uid: str) -> list[dict]:
+        """Active leases of a pool."""
+        return self._find(LEASES, lambda d: d["pool_uid"] == pool_uid)
 
     async def leases_of_request(self, request_id: str) -> list[dict]:
         """Active leases made for a bulk request."""
-        return self._find(
-            LEASES, lambda d: d.get("request_id") == request_id and d["state"] == "active"
-        )
+        return self._find(LEASES, lambda d: d.get("request_id") == request_id)
 
-    async def count_active(self, pool_uid: str) -> int:
-        """Active leases in the pool."""
-        return len(
-            self._find(LEASES, lambda d: d["pool_uid"] == pool_uid and d["state"] == "active")
-        )
+    async def get_history(self, hid: str) -> dict | None:
+        """One history record."""
+        return self._get(HISTORY, hid)
 
-    async def count_cooling(self, pool_uid: str, cutoff: datetime) -> int:
-        """Released leases still cooling."""
-        return len(
-            self._find(
-                LEASES,
-                lambda d: d["pool_uid"] == pool_uid and d["state"] == "released"
-                and d["released_at"] > cutoff,
-            )
-        )
+    async def insert_history(self, doc: dict) -> None:
+        """Insert a history record."""
+        self._insert(HISTORY, doc)
 
-    async def add_free(self, doc: dict) -> None:
-        """Put a released address on the free list."""
-        self.colls[FREE].setdefault(doc["_id"], copy.deepcopy(doc))
+    async def upsert_history(self, hid: str, fields: dict) -> None:
+        """Create or complete a history record."""
+        self.c[HISTORY].setdefault(hid, {"_id": hid}).update(copy.deepcopy(fields))
 
-    async def free_candidates(self, pool_uid: str, cutoff: datetime, limit: int) -> list[dict]:
-        """The least recently released addresses released at or before ``cutoff``."""
-        found = self._find(
-            FREE, lambda d: d["pool_uid"] == pool_uid and d["released_at"] <= cutoff
-        )
-        return sorted(found, key=lambda d: d["released_at"])[:limit]
+    async def delete_history(self, hid: str) -> None:
+        """Forget a history record."""
+        self.c[HISTORY].pop(hid, None)
 
-    async def delete_free(self, free_id: str) -> None:
-        """Drop one free-list entry."""
-        self.colls[FREE].pop(free_id, None)
+    async def history_of_machine(self, machine_id: str) -> dict | None:
+        """The machine's latest history record."""
+        found = self._find(HISTORY, lambda d: d.get("machine_id") == machine_id)
+        return max(found, key=lambda d: d["allocated_at"]) if found else None
 
-    async def delete_free_in_range(self, pool_uid: str, lo: int, hi: int) -> None:
-        """Drop the free-list entries of ``[lo, hi]``."""
-        for k in [
-            k for k, d in self.colls[FREE].items()
-            if d["pool_uid"] == pool_uid and lo <= d["ip_int"] <= hi
-        ]:
-            del self.colls[FREE][k]
+    async def released_since(self, pool_uid: str, since: datetime) -> int:
+        """Releases in the pool after ``since``."""
+        return len(self._find(
+            HISTORY, lambda d: d.get("pool_uid") == pool_uid
+            and d.get("released_at") is not None and d["released_at"] > since,
+        ))
 
-    async def max_block(self, pool_uid: str) -> int | None:
-        """The highest claimed block number."""
-        ks = [d["k"] for d in self.colls[BLOCKS].values() if d["pool_uid"] == pool_uid]
-        return max(ks) if ks else None
+    async def get_slot(self, sid: str) -> dict | None:
+        """One entry of a free queue."""
+        return self._get(FREE, sid)
+
+    async def insert_slot(self, doc: dict) -> bool:
+        """Append at ``doc['_id']``."""
+        if doc["_id"] in self.c[FREE]:
+            return False
+        self.c[FREE][doc["_id"]] = copy.deepcopy(doc)
+        return True
 
     async def claim_block(self, pool_uid: str, k: int, owner: str, at: datetime) -> bool:
         """Claim block ``k``."""
         key = f"{pool_uid}:{k}"
-        if key in self.colls[BLOCKS]:
+        if key in self.c[BLOCKS]:
             return False
-        self.colls[BLOCKS][key] = {
-            "_id": key, "pool_uid": pool_uid, "k": k, "owner": owner, "at": at, "full": False
-        }
+        self.c[BLOCKS][key] = {"_id": key, "pool_uid": pool_uid, "k": k, "owner": owner,
+                               "at": at, "full": False}
         return True
 
     async def open_blocks(self, pool_uid: str) -> list[int]:
-        """Claimed blocks not yet known to be used up."""
-        return sorted(
-            d["k"] for d in self.colls[BLOCKS].values()
-            if d["pool_uid"] == pool_uid and not d["full"]
-        )
+        """Claimed blocks not known to be used up."""
+        return sorted(d["k"] for d in self.c[BLOCKS].values()
+                      if d["pool_uid"] == pool_uid and not d["full"])
 
     async def mark_block_full(self, pool_uid: str, k: int) -> None:
         """Record that block ``k`` is used up."""
-        doc = self.colls[BLOCKS].get(f"{pool_uid}:{k}")
+        doc = self.c[BLOCKS].get(f"{pool_uid}:{k}")
         if doc is not None:
             doc["full"] = True

@@ -1,0 +1,120 @@
+"""ipam under contention: 4 replicas as separate processes, 64 requesters, a /26, kill -9.
+
+The requesters behave like the gateway: a request that gets no answer (its replica died) is
+sent again, which is safe because allocate and release are idempotent by machine_id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from ipaddress import IPv4Address
+
+import pytest
+
+from libs.common.bus import RpcClient
+from libs.common.contracts.envelope import Message
+from libs.common.contracts.ipam import (
+    IpAllocate,
+    IpAllocated,
+    IpAllocationFailed,
+    IpRelease,
+    PoolCreate,
+)
+from libs.common.errors import TransientError
+
+POOL = PoolCreate(name="race", dc="dc1", vlan_id=42, cidr="10.42.0.0/26",
+                  gateway=IPv4Address("10.42.0.1"), cooldown_s=0)
+ALLOCATABLE = 64 - 3  # network, broadcast, gateway
+
+
+async def _ask(rpc: RpcClient, msg: Message) -> Message:
+    """Send until answered: an unanswered request is repeated (new message, same machine)."""
+    while True:
+        try:
+            return await rpc.request(msg, timeout=5)
+        except TransientError:
+            continue
+
+
+async def _allocate(rpc: RpcClient, machine: str) -> IpAllocated:
+    while True:
+        reply = await _ask(rpc, IpAllocate(machine_id=machine, pool="race"))
+        if isinstance(reply, IpAllocated):
+            return reply
+        assert isinstance(reply, IpAllocationFailed) and reply.reason == "pool_exhausted"
+        await asyncio.sleep(0.02)  # more requesters than addresses: wait for a release
+
+
+async def _requester(rpc: RpcClient, n: int, cycles: int, log: list) -> None:
+    for c in range(cycles):
+        machine = f"r{n}-c{c}"
+        got = await _allocate(rpc, machine)
+        log.append((machine, str(got.ip)))
+        await _ask(rpc, IpRelease(machine_id=machine))
+
+
+async def _assert_consistent(mongo_db, rpc: RpcClient, log: list) -> None:
+    """No active lease left, leases of one IP never overlap, and the whole pool is reusable."""
+    leases = await mongo_db["leases"].find({"pool": "race"}).to_list()
+    by_ip: dict[str, list[dict]] = defaultdict(list)
+    for lease in leases:
+        by_ip[lease["ip"]].append(lease)
+    overlaps = [
+        (ip, a["machine_id"], b["machine_id"])
+        for ip, items in by_ip.items()
+        for a, b in zip(sorted(items, key=lambda d: d["gen"]),
+                        sorted(items, key=lambda d: d["gen"])[1:], strict=False)
+        if a["released_at"] is None or a["released_at"] > b["allocated_at"]
+    ]
+    gens_ok = all(sorted(d["gen"] for d in items) == list(range(1, len(items) + 1))
+                  for items in by_ip.values())
+    owners = {(lease["machine_id"], lease["ip"]) for lease in leases}
+    assert await mongo_db["leases"].count_documents({"state": "active"}) == 0
+    assert overlaps == []
+    assert gens_ok
+    assert set(log) <= owners
+    assert len({m for m, _ in log}) == len(log)
+
+    fresh = await asyncio.gather(*[_allocate_once(rpc, f"final-{i}") for i in range(ALLOCATABLE)])
+    extra = await _ask(rpc, IpAllocate(machine_id="final-extra", pool="race"))
+    assert len({a.ip for a in fresh}) == ALLOCATABLE
+    assert isinstance(extra, IpAllocationFailed) and extra.reason == "pool_exhausted"
+
+
+async def _allocate_once(rpc: RpcClient, machine: str) -> IpAllocated:
+    reply = await _ask(rpc, IpAllocate(machine_id=machine, pool="race"))
+    assert isinstance(reply, IpAllocated), reply
+    return reply
+
+
+@pytest.fixture
+async def replicas(start_service):
+    return [await start_service("ipam") for _ in range(4)]
+
+
+@pytest.fixture
+async def rpc(amqp, replicas):
+    client = RpcClient(amqp, source="tests")
+    await _ask(client, POOL)
+    yield client
+    await client.close()
+
+
+async def test_four_replicas_64_requesters_never_share_or_leak_an_ip(rpc, mongo_db):
+    log: list = []
+    await asyncio.gather(*[_requester(rpc, n, 32, log) for n in range(64)])
+    assert len(log) == 64 * 32
+    await _assert_consistent(mongo_db, rpc, log)
+
+
+async def test_kill_9_of_a_replica_mid_run_leaves_the_store_consistent(rpc, replicas, mongo_db):
+    log: list = []
+    run = asyncio.gather(*[_requester(rpc, n, 16, log) for n in range(64)])
+    while len(log) < 300:
+        await asyncio.sleep(0.05)
+    replicas[0].kill()
+    await run
+    assert replicas[0].proc.returncode == -9
+    assert len(log) == 64 * 16
+    await _assert_consistent(mongo_db, rpc, log)
