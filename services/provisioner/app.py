@@ -6,15 +6,20 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 
+import aiohttp
 import structlog
 
-from libs.common.bus import queue_name
+from libs.common.bus import MessageContext, queue_name
+from libs.common.contracts.releases import Deploy, DeployFailed, DeploySucceeded
 from libs.common.errors import DomainError, TransientError
+from libs.common.maven import MavenRepository
 from libs.common.runner import ServiceContext
 
 from .adapters.network import make_network
 from .adapters.runtime import RESYNC, DockerRuntime
+from .adapters.shell import DockerMachineShell
 from .adapters.volumes import make_volumes
+from .deploy import Deployer
 from .handlers import AgentConfig, Provisioner
 from .settings import ProvisionerSettings
 
@@ -63,6 +68,33 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
         volumes,
         ctx.publisher,
     )
+    session = aiohttp.ClientSession()
+    deployer = Deployer(
+        DockerMachineShell(settings.docker_url),
+        MavenRepository(settings.maven_url, session),
+        session,
+        settings.state_dir / "deploy",
+        settings.host_id,
+    )
+
+    async def on_deploy(cmd: Deploy, mctx: MessageContext) -> DeploySucceeded | DeployFailed:
+        """``host.<id>.deploy`` → ``deploy.succeeded`` or ``deploy.failed``."""
+        try:
+            result: DeploySucceeded | DeployFailed = await deployer.run(cmd)
+        except DomainError as err:
+            # Every command gets its answer, even one the deployer refuses outright.
+            result = DeployFailed(
+                release_id=cmd.release_id,
+                machine_id=cmd.machine_id,
+                host=settings.host_id,
+                version=cmd.artifact.version,
+                reason=err.reason,
+                detail=str(err),
+                action=cmd.action,
+            )
+        await mctx.publish(result)
+        return result
+
     ctx.add_check("docker", runtime.host_resources)
     try:
         # Reconcile first, so a create cut short by a crash is seen before commands flow; if
@@ -74,7 +106,7 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
         await ctx.consume(
             queue_name("provisioner", settings.host_id),
             [f"host.{settings.host_id}.#"],
-            agent.handlers(),
+            {**agent.handlers(), Deploy.TYPE: on_deploy},
             # Handlers are idempotent by machine_id; a message-id lease would instead hold a
             # create redelivered after a crash (kill -9) until the lease expires.
             dedupe=False,
@@ -92,6 +124,7 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
         )
         yield
     finally:
+        await session.close()
         runtime.close()
 
 

@@ -38,5 +38,8 @@ class ProvisionerSettings(HostAgentSettings):
     memory_margin: int = Field(default=64 << 20, ge=0, description="resize-down headroom")
     stop_timeout_s: int = Field(default=30, ge=0, le=600)
 
+    # Releases: the Maven repository deploys download from (env DOCKVM_MAVEN_URL).
+    maven_url: str = "http://127.0.0.1:8090"
+
     # Reported in the heartbeat, for placement.
     labels: dict[str, str] = Field(default_factory=dict)

@@ -30,6 +30,7 @@ from libs.common.contracts.provisioner import (
     ImagePrewarm,
     MachinesKnown,
 )
+from libs.common.contracts.releases import Artifact, Deploy, HealthCheck
 from tests.support.probe import BusProbe
 from tests.support.services import ServiceProcess
 from tests.support.stack import MONGO_URL, create_vhost, delete_vhost, free_port
@@ -164,7 +165,7 @@ async def _agent(tmp: Path, **env: str) -> AsyncIterator[Agent]:
     vhost = await create_vhost()
     conn = await connect(vhost.url, name="dockvm-tests")
     publisher = AmqpPublisher(conn, source="tests")
-    probe = await BusProbe(conn, ["container.#", "host.heartbeat", "image.#"]).start()
+    probe = await BusProbe(conn, ["container.#", "host.heartbeat", "image.#", "deploy.#"]).start()
     state = tmp / "state"
     host_id = f"h-{uuid.uuid4().hex[:8]}"
     agent = Agent(
@@ -696,3 +697,20 @@ async def test_a_missing_network_fails_the_create_and_leaves_nothing(macvlan_age
     assert _dockvm_containers(mid) == []
     assert not (agent.state / "volumes" / f"{mid}.img").exists()
     assert networks == []
+
+
+# ---- deploys reach the agent's deployer --------------------------------------------------------
+
+
+async def test_a_deploy_for_a_machine_not_on_this_host_fails_with_an_event(agent):
+    mid = agent.machine_id()
+    await agent.send(Deploy(
+        release_id="r1", machine_id=mid,
+        artifact=Artifact(group_id="com.example", artifact_id="demo", version="1.0.0"),
+        health_check=HealthCheck(type="tcp", target="8080", timeout_s=2),
+    ))  # fmt: skip
+
+    failed = await agent.wait(("deploy.failed", "deploy.succeeded"), mid)
+
+    assert failed[0].TYPE == "deploy.failed"
+    assert (failed[0].host, failed[0].reason) == (agent.host_id, "not_found")
