@@ -31,6 +31,7 @@ import aiohttp
 from bench._common import machine, median
 from libs.common.bus import RpcClient, connect
 from libs.common.contracts.imagesync import SyncJobsList, SyncJobsListed, SyncJobView
+from libs.common.errors import TransientError
 from libs.common.settings import load_settings
 from services.imagesync.adapters.registry import HttpRegistry, new_session
 from services.imagesync.domain import Manifest
@@ -121,7 +122,13 @@ async def _push_image(reg: HttpRegistry, repo: str, tag: str, layers: list[bytes
 async def _wait_tag(reg: HttpRegistry, repo: str, tag: str, digest: str,
                     timeout: float = 600) -> None:
     async with asyncio.timeout(timeout):
-        while await reg.manifest_digest(repo, tag) != digest:
+        while True:
+            try:
+                if await reg.manifest_digest(repo, tag) == digest:
+                    return
+            except TransientError:
+                # Distribution's filesystem driver can answer 500 while it writes the tag link.
+                pass
             await asyncio.sleep(0.01)
 
 
