@@ -192,3 +192,28 @@ async def test_publisher_sends_persistent_messages(amqp, publisher: AmqpPublishe
     assert msg.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
     assert msg.message_id == env.id
     assert msg.correlation_id == "corr-1"
+
+
+async def test_claim_of_a_crashed_worker_is_waited_out_not_dead_lettered(
+    amqp, publisher, mongo_db
+):
+    done = asyncio.Event()
+
+    async def handler(msg: _Work, ctx: MessageContext) -> None:
+        done.set()
+
+    coll = mongo_db["bus_processed"]
+    # What a worker killed mid-handler leaves behind: a fresh claim that nobody will finish.
+    from datetime import UTC, datetime
+
+    await coll.insert_one({"_id": "svc:crashed-id", "state": "processing", "at": datetime.now(UTC)})
+    consumer = await _consumer(
+        amqp, publisher, handler, limit=3, dedupe=MongoDedupe(coll, "svc", lease_s=2)
+    )
+    await publisher.publish(_Work(n=1), id="crashed-id")
+    await asyncio.wait_for(done.wait(), 20)
+    await asyncio.sleep(0.2)
+    await consumer.stop()
+
+    assert (await coll.find_one({"_id": "svc:crashed-id"}))["state"] == "done"
+    assert (await amqp_queue_depth(amqp, dlq_name("svc"))) == 0

@@ -80,6 +80,9 @@ class Consumer:
     publisher: AmqpPublisher
     dedupe: Dedupe | None = None
     retry_backoff_s: float = 0.2
+    # How long a delivery waits for another worker's claim on the same id to end; longer
+    # than the dedupe lease, so a crashed worker's claim is taken over instead of requeued.
+    busy_wait_s: float = 70.0
     _queue: AbstractQueue | None = None
     _tag: str | None = None
     _inflight: set[asyncio.Task] = field(default_factory=set)
@@ -136,25 +139,8 @@ class Consumer:
             return
 
         if self.dedupe is not None:
-            try:
-                claim = await self.dedupe.claim(env.id)
-            except Exception as err:
-                # The dedupe store is down: an exception here would leave the message unacked
-                # for the life of the channel and, prefetch by prefetch, stall the consumer.
-                log.warning("dedupe claim failed, requeued", error=repr(err))
-                await asyncio.sleep(self.retry_backoff_s)
-                await message.nack(requeue=True)
-                _HANDLED.labels(queue, env.type, "requeued").inc()
-                return
-            if claim is Claim.DONE:
-                log.info("duplicate message skipped")
-                await message.ack()
-                _HANDLED.labels(queue, env.type, "duplicate").inc()
-                return
-            if claim is Claim.BUSY:
-                await asyncio.sleep(self.retry_backoff_s)
-                await message.nack(requeue=True)
-                _HANDLED.labels(queue, env.type, "busy").inc()
+            claim = await self._claim(message, env)
+            if claim is not Claim.NEW:
                 return
 
         count = _delivery_count(message)
@@ -189,6 +175,40 @@ class Consumer:
                 log.warning("dedupe complete failed", error=repr(err))
         await message.ack()
         _HANDLED.labels(queue, env.type, "ok").inc()
+
+    async def _claim(self, message: AbstractIncomingMessage, env: Envelope) -> Claim | None:
+        """Claim the message id; settle the message unless it is ours to handle (NEW).
+
+        A claim held by another worker (BUSY) is waited out here rather than requeued: a
+        requeue counts against the delivery limit, so a message whose first worker crashed
+        would reach the DLQ long before that worker's lease expired.
+        """
+        assert self.dedupe is not None
+        queue = self.spec.name
+        deadline = asyncio.get_running_loop().time() + self.busy_wait_s
+        while True:
+            try:
+                claim = await self.dedupe.claim(env.id)
+            except Exception as err:
+                # The dedupe store is down: an exception here would leave the message unacked
+                # for the life of the channel and, prefetch by prefetch, stall the consumer.
+                log.warning("dedupe claim failed, requeued", error=repr(err))
+                await asyncio.sleep(self.retry_backoff_s)
+                await message.nack(requeue=True)
+                _HANDLED.labels(queue, env.type, "requeued").inc()
+                return None
+            if claim is Claim.DONE:
+                log.info("duplicate message skipped")
+                await message.ack()
+                _HANDLED.labels(queue, env.type, "duplicate").inc()
+                return claim
+            if claim is Claim.NEW:
+                return claim
+            if asyncio.get_running_loop().time() >= deadline:
+                await message.nack(requeue=True)
+                _HANDLED.labels(queue, env.type, "busy").inc()
+                return claim
+            await asyncio.sleep(min(1.0, self.busy_wait_s))
 
     async def _forget(self, env: Envelope) -> None:
         if self.dedupe is not None:

@@ -48,7 +48,7 @@ def _now() -> datetime:
 class MongoDedupe:
     """:class:`Dedupe` on a MongoDB collection shared by every replica of a consumer."""
 
-    def __init__(self, collection: AsyncCollection, consumer: str, lease_s: float = 120.0) -> None:
+    def __init__(self, collection: AsyncCollection, consumer: str, lease_s: float = 60.0) -> None:
         self._coll = collection
         self._consumer = consumer
         self._lease = timedelta(seconds=lease_s)
