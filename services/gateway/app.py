@@ -55,7 +55,9 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
     api.mount(ctx.http)
 
     handlers = build_handlers(driver)
-    await ctx.consume(QUEUE, BINDINGS, handlers)
+    # No message-id dedupe: every handler is conditional on the machine's state (natural key),
+    # so a redelivery is already a no-op, and two FerretDB writes per event are saved.
+    await ctx.consume(QUEUE, BINDINGS, handlers, dedupe=False)
     await driver.resume()
     ctx.every(settings.saga_tick_s, driver.tick, "saga-tick", now=False)
     ctx.every(settings.host_check_s, driver.check_hosts, "host-check")

@@ -1,7 +1,7 @@
 """Bus entrypoints of the gateway: thin handlers that hand each result event to the saga driver.
 
-Delivery guarantee: at least once; the consumer wrapper dedupes message ids and every driver
-method is conditional on the machine's current state, so a replay changes nothing.
+Delivery guarantee: at least once; every driver method is conditional on the machine's current
+state (the machine id is the natural key), so a redelivered or duplicated event changes nothing.
 """
 
 from __future__ import annotations

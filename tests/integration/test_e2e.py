@@ -98,7 +98,10 @@ async def stack(start_service, service_env, tmp_path) -> AsyncIterator[Stack]:
             # Both agents share one engine, so the VLAN's Docker network is made once here
             # (by this machine, kept to the end) rather than raced by two agents at once.
             async with api.post("/v1/machines?wait=120", json=stack.spec(app="warm")) as r:
-                assert (await r.json())["machines"][0]["state"] == "running"
+                warm = (await r.json())["machines"][0]
+            async with api.get(f"/v1/machines/{warm['id']}") as r:
+                warm = await r.json()
+            assert warm["state"] == "running", warm
             try:
                 yield stack
             finally:
@@ -108,7 +111,7 @@ async def stack(start_service, service_env, tmp_path) -> AsyncIterator[Stack]:
 
 
 async def _hosts_online(api: aiohttp.ClientSession) -> None:
-    async with asyncio.timeout(30):
+    async with asyncio.timeout(60):
         while True:
             async with api.get("/v1/hosts") as r:
                 online = {h["id"] for h in (await r.json())["items"] if h["status"] == "online"}
