@@ -16,13 +16,17 @@ Operations and their steps:
 - resize: container
 - destroy: container → ip (destroyed)
 - compensate (after a failed create): container → ip, the machine stays failed
-New operations (a rolling deploy) add their own rows to ``_STEP_SEND`` and their handlers.
+A new operation (a rolling deploy) registers its steps with :meth:`SagaDriver.register_step`
+(what to send, how long to wait) and calls :meth:`SagaDriver.advance` from its result handlers;
+re-sends, timeouts and resume then work for it unchanged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
@@ -38,7 +42,7 @@ from .domain.states import allowed_from
 from .settings import GatewaySettings
 from .store import MachineStore, new_machine_id, now
 
-__all__ = ["SagaDriver", "host_views"]
+__all__ = ["SagaDriver", "StepSpec", "host_views"]
 
 log = structlog.get_logger("gateway.sagas")
 
@@ -48,6 +52,16 @@ _ACTIONS = {
     "restart": (provisioner.ContainerRestart, gw.KvmMachineRestart),
     "destroy": (provisioner.ContainerDestroy, gw.KvmMachineDestroy),
 }
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """A registered step of an operation: the command it sends and how long to wait."""
+
+    send: Callable[[dict[str, Any]], Awaitable[None]]
+    timeout_s: float
+    # What a step that never answered leaves behind: the machine's state and a reason.
+    on_timeout_state: str | None = None
 
 
 class Clock(Protocol):
@@ -106,10 +120,57 @@ class SagaDriver:
         # Placement reads allocations then writes one; serialising it in the process keeps two
         # concurrent placements from both taking the last slot of a host.
         self._place_lock = asyncio.Lock()
+        self._steps: dict[tuple[str, str], StepSpec] = {}
+
+    def register_step(self, op: str, step: str, spec: StepSpec) -> None:
+        """Add a step of a new operation (e.g. ``deploy``/``artifact``)."""
+        self._steps[(op, step)] = spec
+
+    async def begin(
+        self, machine_id: str, op: str, step: str, from_states: list[str], to_state: str,
+        **params: Any,
+    ) -> dict[str, Any] | None:
+        """Start a registered operation on an idle machine; None if it was not in a from-state."""
+        doc = await self._require(machine_id)
+        if doc.get("saga"):
+            raise ConflictError(f"{machine_id} is busy with {doc['saga']['op']}",
+                                reason="machine_busy")
+        moved = await self._move(
+            doc, from_states, to_state,
+            set_={"state_before_op": doc["state"]},
+            saga=self.saga(op, step, op_id=secrets.token_hex(6), **params),
+        )
+        if moved is not None:
+            await self.send_step(moved)
+        return moved
+
+    async def advance(
+        self, machine_id: str, op: str, from_step: str, to_step: str | None,
+        *, ok: bool = True, reason: str | None = None,
+    ) -> dict[str, Any] | None:
+        """Move ``op`` past ``from_step``: to ``to_step`` (and send it), or finish it (None)."""
+        doc = await self.store.get(machine_id)
+        saga = (doc or {}).get("saga") or {}
+        if doc is None or saga.get("op") != op or saga.get("step") != from_step:
+            return None
+        match = {"saga.op": op, "saga.step": from_step}
+        if to_step is None:
+            back = doc.get("state_before_op") or doc["state"]
+            moved = await self._move(doc, [doc["state"]], back, reason=reason, saga=None)
+            if moved is not None:
+                await self._finish(doc, ok, reason)
+            return moved
+        nxt = self.saga(op, to_step, **(saga.get("params") or {}))
+        moved = await self.store.update(machine_id, match, {"saga": nxt})
+        if moved is not None:
+            await self.send_step(moved)
+        return moved
 
     # --- helpers ----------------------------------------------------------------------------
 
     def _timeout(self, op: str, step: str) -> float:
+        if (op, step) in self._steps:
+            return self._steps[(op, step)].timeout_s
         s = self.settings
         if step == "ip":
             return s.ip_step_timeout_s
@@ -175,7 +236,9 @@ class SagaDriver:
         saga = doc["saga"]
         op, step, params = saga["op"], saga["step"], saga.get("params") or {}
         mid, kvm, host = doc["_id"], doc["type"] == "kvm", doc.get("host")
-        if step == "ip" and op == "create":
+        if (op, step) in self._steps:
+            await self._steps[(op, step)].send(doc)
+        elif step == "ip" and op == "create":
             await self.publisher.publish(
                 ipam.IpAllocate(machine_id=mid, dc=doc["dc"], vlan_id=doc["vlan_id"])
             )
@@ -757,10 +820,16 @@ class SagaDriver:
             moved = await self.store.update(doc["_id"], match, {"saga": nxt})
             if moved is not None:
                 await self.send_step(moved)
-        else:
+        elif op == "compensate":
             await self.store.update(
                 doc["_id"], match, {"saga": None, "ip_release_unconfirmed": True}
             )
+        else:
+            spec = self._steps.get((op, step))
+            back = (spec.on_timeout_state if spec else None) or doc.get("state_before_op")
+            if await self._move(doc, [doc["state"]], back or doc["state"], reason=reason,
+                                saga=None):
+                await self._finish(doc, False, "timeout")
 
     async def resume(self) -> int:
         """At start: re-send the current step of every saga in flight; return how many."""

@@ -8,7 +8,7 @@ import pytest
 
 from libs.common.bus import MemoryPublisher
 from libs.common.contracts import ipam, provisioner
-from services.gateway.sagas import SagaDriver
+from services.gateway.sagas import SagaDriver, StepSpec
 from services.gateway.settings import GatewaySettings
 from services.gateway.store_memory import MemoryGatewayStore
 
@@ -244,3 +244,49 @@ async def test_monitor_lifecycle_events_update_an_idle_machine(driver, store, ki
     await driver.on_lifecycle(mid, kind, kind)
 
     assert (await store.get(mid))["state"] == state
+
+
+async def _running(driver: SagaDriver) -> str:
+    [mid] = await _create(driver)
+    await driver.on_ip_allocated(_allocated(mid))
+    await driver.on_created(mid, "h1", "c1")
+    return mid
+
+
+def _deploy_steps(driver: SagaDriver, sent: list[tuple[str, str]]) -> None:
+    for step in ("fetch", "restart"):
+        async def send(doc, step=step) -> None:
+            sent.append((doc["_id"], step))
+
+        driver.register_step("deploy", step, StepSpec(send=send, timeout_s=30))
+
+
+async def test_a_registered_operation_runs_its_steps_and_returns_to_its_state(driver, store):
+    sent: list[tuple[str, str]] = []
+    _deploy_steps(driver, sent)
+    mid = await _running(driver)
+    await driver.begin(mid, "deploy", "fetch", ["running"], "deploying", version="1.2")
+    during = (await store.get(mid))["state"]
+    await driver.advance(mid, "deploy", "fetch", "restart")
+    await driver.advance(mid, "deploy", "fetch", "restart")  # a duplicate result: no-op
+    await driver.advance(mid, "deploy", "restart", None)
+    doc = await store.get(mid)
+
+    assert sent == [(mid, "fetch"), (mid, "restart")]
+    assert (during, doc["state"], doc["saga"]) == ("deploying", "running", None)
+    assert doc["last_op"]["ok"] is True
+
+
+async def test_a_registered_step_is_resent_then_timed_out(driver, store, clock):
+    sent: list[tuple[str, str]] = []
+    _deploy_steps(driver, sent)
+    mid = await _running(driver)
+    await driver.begin(mid, "deploy", "fetch", ["running"], "deploying")
+    clock.advance(31)
+    await driver.tick()
+    clock.advance(31)
+    await driver.tick()
+    doc = await store.get(mid)
+
+    assert sent == [(mid, "fetch"), (mid, "fetch")]
+    assert (doc["state"], doc["saga"], doc["last_op"]["ok"]) == ("running", None, False)
