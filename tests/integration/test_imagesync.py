@@ -332,7 +332,7 @@ async def test_dc2_down_for_good_the_job_fails_and_says_so(
 
 
 async def test_imagesync_down_during_a_push_the_catalog_reconcile_catches_up(
-    registry_factory, start_service, http_session, amqp
+    registry_factory, start_service, http_session, amqp, probe_factory
 ):
     port = free_port()
     notify = f"http://127.0.0.1:{port}{EVENTS_URL}"
@@ -340,11 +340,17 @@ async def test_imagesync_down_during_a_push_the_catalog_reconcile_catches_up(
     dc2 = await registry_factory("dc2", notify)
     c1, c2 = client(dc1, http_session), client(dc2, http_session)
     repo = _repo()
-    # Nobody listens on the port: dc1's notification of this push is lost.
+    # Nobody listens on the port yet, and dc1 keeps its notifications in memory only: its
+    # restart loses the one of this push for good.
     m = await push_image(c1, repo, "v1", [random_layer(50_000)])
+    await dc1.stop()
+    await dc1.start()
+
+    probe = await probe_factory("image.replicated")
 
     await _imagesync(start_service, port, [dc1, dc2])
-    await wait_for_digest(c2, repo, "v1", m.digest)
+    await probe.wait_for("image.replicated", lambda e: e.repo == repo)
 
     [job] = await _jobs(amqp, repo=repo)
+    assert await c2.manifest_digest(repo, "v1") == m.digest
     assert (job.source, job.target, job.reason, job.state) == ("dc1", "dc2", "reconcile", "done")

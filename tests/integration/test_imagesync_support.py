@@ -8,6 +8,7 @@ No tests here; the fixtures are imported by the test modules.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -19,6 +20,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from libs.common.errors import TransientError
 from services.imagesync.adapters.registry import HttpRegistry, new_session
 from services.imagesync.domain import Manifest
 from services.imagesync.settings import RegistryEndpoint
@@ -207,5 +209,8 @@ async def wait_for_digest(reg: HttpRegistry, repo: str, ref: str, digest: str,
                           timeout: float = 30.0) -> None:
     """Poll until ``repo:ref`` resolves to ``digest`` on ``reg``."""
     async with asyncio.timeout(timeout):
-        while await reg.manifest_digest(repo, ref) != digest:
+        while True:
+            with contextlib.suppress(TransientError):  # a 500 while the tag is being written
+                if await reg.manifest_digest(repo, ref) == digest:
+                    return
             await asyncio.sleep(0.1)
