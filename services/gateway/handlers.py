@@ -24,8 +24,7 @@ def build_handlers(driver: SagaDriver) -> dict[str, Handler]:
         await driver.on_ip_allocated(msg)
 
     async def ip_allocated_many(msg: ipam.IpAllocatedMany, ctx: MessageContext) -> None:
-        for one in msg.allocations:
-            await driver.on_ip_allocated(one)
+        await driver.on_ip_allocated_many(list(msg.allocations))
 
     async def ip_failed(msg: ipam.IpAllocationFailed, ctx: MessageContext) -> None:
         await driver.on_ip_failed(msg)

@@ -301,6 +301,8 @@ class SagaDriver:
         """The documents of new machines with ``ids``, each with its create saga at step ip."""
         at = self.clock()
         prefix = spec.get("hostname_prefix") or spec["app"]
+        # Derived from the ids, so a replayed request sends the same bulk request id.
+        request_id = f"r-{ids[0]}" if ids else None
         docs = []
         for mid in ids:
             docs.append(
@@ -324,6 +326,7 @@ class SagaDriver:
                     "updated_at": at,
                     "transitions": [{"state": State.REQUESTED.value, "at": at, "reason": None}],
                     "saga": self.saga("create", "ip"),
+                    "ip_request": request_id,
                 }
             )
         return docs
@@ -339,9 +342,11 @@ class SagaDriver:
         await self.store.insert_machines(docs)
         await self.store.save_app_spec(spec["app"], _app_spec(spec))
         stored = await self.store.by_ids(ids)
-        for doc in stored:
-            if doc["state"] != State.REQUESTED or (doc.get("saga") or {}).get("step") != "ip":
-                continue
+        fresh = [
+            d for d in stored
+            if d["state"] == State.REQUESTED and (d.get("saga") or {}).get("step") == "ip"
+        ]
+        for doc in fresh:
             await self.publisher.publish(
                 gw.MachineRequested(
                     machine_id=doc["_id"],
@@ -356,18 +361,36 @@ class SagaDriver:
                     hostname=doc["hostname"],
                 )
             )
-            await self.send_step(doc)
+        if len(fresh) > 1:
+            # One bulk allocation for the request; a re-sent step falls back to ip.allocate.
+            await self.publisher.publish(
+                ipam.IpAllocateMany(
+                    request_id=fresh[0]["ip_request"],
+                    machine_ids=[d["_id"] for d in fresh],
+                    dc=fresh[0]["dc"],
+                    vlan_id=fresh[0]["vlan_id"],
+                )
+            )
+        elif fresh:
+            await self.send_step(fresh[0])
         return stored
 
     async def on_ip_allocated(self, evt: ipam.IpAllocated) -> None:
         """The machine has its IP: place it."""
-        ip = str(evt.ip)
+        await self.on_ip_allocated_many([evt])
+
+    async def on_ip_allocated_many(self, evts: list[ipam.IpAllocated]) -> None:
+        """The machines have their IPs: place them in one pass."""
+        moved = await asyncio.gather(*(self._assign_ip(e) for e in evts))
+        await self._place_batch([d for d in moved if d is not None])
+
+    async def _assign_ip(self, evt: ipam.IpAllocated) -> dict[str, Any] | None:
         doc = await self._move(
             evt.machine_id,
             [State.REQUESTED],
             State.IP_ASSIGNED,
             set_={
-                "ip": ip,
+                "ip": str(evt.ip),
                 "prefix_len": evt.prefix_len,
                 "gateway": str(evt.gateway),
                 "pool": evt.pool,
@@ -375,68 +398,93 @@ class SagaDriver:
             saga=self.saga("create", "place"),
         )
         if doc is not None:
-            await self._place(doc)
-            return
+            return doc
         current = await self.store.get(evt.machine_id)
         if current is not None and current["state"] in (
             State.FAILED, State.DESTROYED, State.DESTROYING
         ):
             # The allocation arrived after the machine gave up: release it so it cannot leak.
             await self.publisher.publish(ipam.IpRelease(machine_id=evt.machine_id))
+        return None
 
     async def on_ip_failed(self, evt: ipam.IpAllocationFailed) -> None:
-        """No IP: the machine fails, nothing to compensate."""
-        if evt.machine_id is None:
+        """No IP: the machine (or every machine of a bulk request) fails; nothing to undo."""
+        if evt.machine_id is not None:
+            ids = [evt.machine_id]
+        elif evt.request_id is not None:
+            docs = await self.store.find(
+                {"ip_request": evt.request_id, "state": State.REQUESTED.value}, 1000
+            )
+            ids = [d["_id"] for d in docs]
+        else:
             return
-        doc = await self._move(
-            evt.machine_id,
-            [State.REQUESTED],
-            State.FAILED,
-            reason=f"{evt.reason}: {evt.detail}" if evt.detail else evt.reason,
-            saga=None,
-        )
-        if doc is not None:
-            await self._finish(doc, False, evt.reason, evt.detail)
+        reason = f"{evt.reason}: {evt.detail}" if evt.detail else evt.reason
+        for mid in ids:
+            doc = await self._move(mid, [State.REQUESTED], State.FAILED, reason=reason, saga=None)
+            if doc is not None:
+                await self._finish(doc, False, evt.reason, evt.detail)
 
     async def _place(self, doc: dict[str, Any]) -> None:
-        if doc["state"] != State.IP_ASSIGNED:
+        await self._place_batch([doc])
+
+    async def _place_batch(self, docs: list[dict[str, Any]]) -> None:
+        docs = [d for d in docs if d["state"] == State.IP_ASSIGNED]
+        if not docs:
             return
-        if doc["type"] == "kvm":
-            placed = await self._move(
-                doc, [State.IP_ASSIGNED], State.PLACED, saga=self.saga("create", "container")
-            )
-        else:
+        placed: list[dict[str, Any] | None] = []
+        for d in (d for d in docs if d["type"] == "kvm"):
+            placed.append(await self._move(
+                d, [State.IP_ASSIGNED], State.PLACED, saga=self.saga("create", "container")
+            ))
+        containers = [d for d in docs if d["type"] != "kvm"]
+        if containers:
             async with self._place_lock:
                 at = self.clock()
-                views = host_views(
-                    await self.store.list_hosts(),
-                    await self.store.allocations(doc["dc"]),
-                    self.settings,
-                    at,
+                hosts = await self.store.list_hosts()
+                allocs = {dc: await self.store.allocations(dc)
+                          for dc in {d["dc"] for d in containers}}
+                counts = {app: await self.store.app_counts(app)
+                          for app in {d["app"] for d in containers}}
+                decisions = []
+                for d in containers:
+                    need = Res(d["cpus"], d["memory"], d["disk"])
+                    views = host_views(hosts, allocs[d["dc"]], self.settings, at)
+                    host = place(views, need, d["dc"], counts[d["app"]])
+                    if host is not None:
+                        # Later machines of the batch see this one's share.
+                        allocs[d["dc"]][host] = allocs[d["dc"]].get(host, Res()) + need
+                        counts[d["app"]][host] = counts[d["app"]].get(host, 0) + 1
+                    decisions.append((d, host))
+                # Written before the lock is released, so the next batch sees them.
+                placed += await asyncio.gather(
+                    *(self._commit_placement(d, h) for d, h in decisions)
                 )
-                need = Res(doc["cpus"], doc["memory"], doc["disk"])
-                host = place(views, need, doc["dc"], await self.store.app_counts(doc["app"]))
-                if host is None:
-                    failed = await self._move(
-                        doc,
-                        [State.IP_ASSIGNED],
-                        State.FAILED,
-                        reason="no_capacity",
-                        saga=self.saga("compensate", "ip"),
-                    )
-                    if failed is not None:
-                        await self._finish(failed, False, "no_capacity")
-                        await self.send_step(failed)
-                    return
-                placed = await self._move(
-                    doc,
-                    [State.IP_ASSIGNED],
-                    State.PLACED,
-                    set_={"host": host},
-                    saga=self.saga("create", "container"),
-                )
-        if placed is None:
-            return
+        await asyncio.gather(*(self._start_creating(p) for p in placed if p is not None))
+
+    async def _commit_placement(
+        self, doc: dict[str, Any], host: str | None
+    ) -> dict[str, Any] | None:
+        if host is None:
+            failed = await self._move(
+                doc,
+                [State.IP_ASSIGNED],
+                State.FAILED,
+                reason="no_capacity",
+                saga=self.saga("compensate", "ip"),
+            )
+            if failed is not None:
+                await self._finish(failed, False, "no_capacity")
+                await self.send_step(failed)
+            return None
+        return await self._move(
+            doc,
+            [State.IP_ASSIGNED],
+            State.PLACED,
+            set_={"host": host},
+            saga=self.saga("create", "container"),
+        )
+
+    async def _start_creating(self, placed: dict[str, Any]) -> None:
         creating = await self._move(placed, [State.PLACED], State.CREATING)
         if creating is not None:
             await self.send_step(creating)

@@ -39,6 +39,7 @@ INDEXES = {
         IndexModel([("host", ASCENDING)]),
         IndexModel([("ip", ASCENDING)]),
         IndexModel([("saga.deadline", ASCENDING)]),
+        IndexModel([("ip_request", ASCENDING)]),
     ],
     TOKENS: [IndexModel([("name", ASCENDING)])],
     AUDIT: [IndexModel([("at", DESCENDING)])],

@@ -68,8 +68,8 @@ class Peers:
             EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
         )
         queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-        for key in ("ip.allocate", "ip.release", "pool.list", "host.*.container.*",
-                    "host.*.machines.known", "kvm.machine.*"):
+        for key in ("ip.allocate", "ip.allocate_many", "ip.release", "pool.list",
+                    "host.*.container.*", "host.*.machines.known", "kvm.machine.*"):
             await queue.bind(exchange, routing_key=key)
         await queue.consume(self._on_message, no_ack=True)
         return self
@@ -124,11 +124,11 @@ class Peers:
                 routing_key=message.reply_to or "",
             )
         elif isinstance(msg, ipam.IpAllocate):
-            ip = self.leases.get(msg.machine_id) or self.free.pop(0)
-            self.leases[msg.machine_id] = ip
-            await pub(ipam.IpAllocated(
-                machine_id=msg.machine_id, ip=ip, prefix_len=self.net.prefixlen,
-                gateway=next(self.net.hosts()), vlan_id=233, pool="p1", dc="dc1",
+            await pub(self._lease(msg.machine_id))
+        elif isinstance(msg, ipam.IpAllocateMany):
+            await pub(ipam.IpAllocatedMany(
+                request_id=msg.request_id,
+                allocations=[self._lease(mid) for mid in msg.machine_ids],
             ))
         elif isinstance(msg, ipam.IpRelease):
             ip = self.leases.pop(msg.machine_id, None)
@@ -140,6 +140,14 @@ class Peers:
             await pub(gw.KvmMachineCreated(machine_id=msg.machine_id, host="kvm-legacy-1"))
         elif isinstance(msg, gw.KvmMachineDestroy):
             await pub(gw.KvmMachineDestroyed(machine_id=msg.machine_id))
+
+    def _lease(self, machine_id: str) -> ipam.IpAllocated:
+        ip = self.leases.get(machine_id) or self.free.pop(0)
+        self.leases[machine_id] = ip
+        return ipam.IpAllocated(
+            machine_id=machine_id, ip=ip, prefix_len=self.net.prefixlen,
+            gateway=next(self.net.hosts()), vlan_id=233, pool="p1", dc="dc1",
+        )
 
     async def _host(self, host: str, msg: Any) -> None:
         if host in self.silent_hosts:

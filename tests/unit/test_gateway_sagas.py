@@ -290,3 +290,23 @@ async def test_a_registered_step_is_resent_then_timed_out(driver, store, clock):
 
     assert sent == [(mid, "fetch"), (mid, "fetch")]
     assert (doc["state"], doc["saga"], doc["last_op"]["ok"]) == ("running", None, False)
+
+
+async def test_a_bulk_create_asks_ipam_once_and_places_the_batch(driver, store, pub):
+    ids = await _create(driver, 3)
+    [bulk] = pub.of_type("ip.allocate_many")
+    await driver.on_ip_allocated_many(
+        [_allocated(mid, f"10.233.1.{10 + i}") for i, mid in enumerate(ids)])
+
+    assert (bulk.request_id, bulk.machine_ids) == (f"r-{ids[0]}", ids)
+    assert pub.of_type("ip.allocate") == []
+    assert [k.split(".")[1] for k in _keys(pub, "container.create")] == ["h1", "h2", "h1"]
+    assert {(await store.get(mid))["state"] for mid in ids} == {"creating"}
+
+
+async def test_a_failed_bulk_allocation_fails_every_machine_of_the_request(driver, store):
+    ids = await _create(driver, 2)
+    await driver.on_ip_failed(ipam.IpAllocationFailed(
+        request_id=f"r-{ids[0]}", reason="pool_exhausted"))
+
+    assert [(await store.get(mid))["reason"] for mid in ids] == ["pool_exhausted"] * 2
