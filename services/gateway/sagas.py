@@ -669,6 +669,12 @@ class SagaDriver:
             State.IP_ASSIGNED,
         )
         step = "container" if (doc.get("host") or has_target) else "ip"
+        if step == "ip" and not _holds_ip(doc):
+            done = await self._move(doc, allowed_from("destroy"), State.DESTROYED, saga=None)
+            if done is None:
+                raise ConflictError(f"{machine_id} changed meanwhile; try again",
+                                    reason="machine_busy")
+            return done
         moved = await self._move(
             doc,
             allowed_from("destroy"),
@@ -688,6 +694,12 @@ class SagaDriver:
             "destroy",
             "compensate",
         ):
+            return
+        if saga["op"] == "destroy" and not _holds_ip(doc):
+            # Its IP was already released (a failed create's compensation): nothing to wait for.
+            done = await self._move(doc, [State.DESTROYING], State.DESTROYED, saga=None)
+            if done is not None:
+                await self._finish(doc, True)
             return
         moved = await self.store.update(
             machine_id,
@@ -925,6 +937,13 @@ class SagaDriver:
             if loop.time() >= deadline:
                 return None
             await asyncio.sleep(0.1)
+
+
+def _holds_ip(doc: dict[str, Any]) -> bool:
+    """Whether ipam may still hold an IP for the machine (an allocation may be in flight)."""
+    if doc.get("ip_released"):
+        return False
+    return doc.get("ip") is not None or doc["state"] == State.REQUESTED
 
 
 def _app_spec(spec: dict[str, Any]) -> dict[str, Any]:

@@ -310,3 +310,17 @@ async def test_a_failed_bulk_allocation_fails_every_machine_of_the_request(drive
         request_id=f"r-{ids[0]}", reason="pool_exhausted"))
 
     assert [(await store.get(mid))["reason"] for mid in ids] == ["pool_exhausted"] * 2
+
+
+async def test_destroying_a_failed_machine_whose_ip_was_released_ends_without_ipam(
+    driver, store, pub
+):
+    [mid] = await _create(driver)
+    await driver.on_ip_allocated(_allocated(mid))
+    await driver.on_create_failed(mid, "image_missing")
+    await driver.on_ip_released(mid)
+    await driver.begin_destroy(mid)
+    await driver.on_destroyed(mid)
+
+    assert (await store.get(mid))["state"] == "destroyed"
+    assert len(pub.of_type("ip.release")) == 1
