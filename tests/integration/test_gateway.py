@@ -444,3 +444,20 @@ async def test_first_start_writes_the_admin_token_0600(gateway, service_env):
     assert path.stat().st_mode & 0o777 == 0o600
     assert path.read_text().startswith("dvm_")
 
+
+
+async def test_metrics_and_sync_jobs_are_answered_by_monitor_and_imagesync(
+    api, start_service
+):
+    await start_service("monitor", "--host-id", "h1")
+    await start_service("imagesync")
+    async with api.get("/v1/ips/10.233.1.77/metrics") as r:
+        metrics_status, metrics = r.status, await r.json()
+    async with api.get("/v1/images/sync-jobs?limit=5") as r:
+        jobs_status, jobs = r.status, await r.json()
+    async with api.get("/v1/ips/10.233.1.999/metrics") as r:
+        bad_ip = r.status
+
+    assert (metrics_status, metrics["ip"], metrics["points"]) == (200, "10.233.1.77", [])
+    assert (jobs_status, jobs["jobs"]) == (200, [])
+    assert bad_ip == 422
