@@ -73,6 +73,19 @@ class MavenRepository:
         filename = f"{a.artifact_id}-{file_version}{suffix}.{a.packaging}"
         return ResolvedArtifact(f"{self._dir(a)}/{filename}", filename, a.version, file_version)
 
+    async def check(self, a: Artifact) -> ResolvedArtifact:
+        """Fail with :class:`NotFoundError` unless ``a`` exists (metadata and file)."""
+        resolved = await self.resolve(a)
+        try:
+            async with self._session.head(resolved.url) as r:
+                if r.status == 404:
+                    raise NotFoundError(f"artifact {_coords(a)} not found at {resolved.url}")
+                if r.status >= 400:
+                    raise TransientError(f"Maven repository answered {r.status} for {resolved.url}")
+        except aiohttp.ClientConnectionError as err:
+            raise TransientError(f"Maven repository unreachable at {self._base}: {err}") from err
+        return resolved
+
     async def download(self, a: Artifact, dest_dir: Path) -> Path:
         """Download ``a`` into ``dest_dir`` and verify it; nothing is left on a mismatch."""
         resolved = await self.resolve(a)

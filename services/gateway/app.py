@@ -8,12 +8,23 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import aiohttp
 import structlog
 
+from libs.common.maven import MavenRepository
 from libs.common.runner import ServiceContext
 
 from .api import GatewayState, build_api, problem_middleware
+from .api.releases import add_release_routes
 from .handlers import BINDINGS, QUEUE, build_handlers
+from .releases import (
+    RELEASE_BINDINGS,
+    RELEASE_QUEUE,
+    Releases,
+    ReleaseStore,
+    StoreDirectory,
+    release_handlers,
+)
 from .sagas import SagaDriver
 from .settings import GatewaySettings
 from .store import GatewayStore
@@ -50,7 +61,16 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
     driver = SagaDriver(store, ctx.publisher, settings)
     await bootstrap_admin(store, settings.token_path())
 
+    release_store = ReleaseStore(ctx.db)
+    await release_store.setup()
+    http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15))
+    releases = Releases(
+        release_store, ctx.publisher, StoreDirectory(store), settings.deploy_timeout_s,
+        artifacts=MavenRepository(settings.maven_url, http),
+    )
+
     api = build_api(GatewayState(store=store, driver=driver, rpc=ctx.rpc, settings=settings))
+    add_release_routes(api, releases, release_store)
     ctx.http.middlewares.append(problem_middleware)
     api.mount(ctx.http)
 
@@ -58,8 +78,13 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
     # No message-id dedupe: every handler is conditional on the machine's state (natural key),
     # so a redelivery is already a no-op, and two FerretDB writes per event are saved.
     await ctx.consume(QUEUE, BINDINGS, handlers, dedupe=False)
+    await ctx.consume(RELEASE_QUEUE, RELEASE_BINDINGS, release_handlers(releases), dedupe=False)
     await driver.resume()
+    ctx.every(settings.release_sweep_s, releases.sweep, "release-sweep")
     ctx.every(settings.saga_tick_s, driver.tick, "saga-tick", now=False)
     ctx.every(settings.host_check_s, driver.check_hosts, "host-check")
     ctx.every(settings.known_announce_s, driver.announce_known, "machines-known", now=False)
-    yield
+    try:
+        yield
+    finally:
+        await http.close()

@@ -18,6 +18,7 @@ from pymongo.errors import DuplicateKeyError
 
 from libs.common.bus import Publisher, host_key
 from libs.common.contracts.releases import (
+    Artifact,
     Deploy,
     DeployFailed,
     DeploySucceeded,
@@ -30,7 +31,7 @@ from libs.common.errors import ConflictError, DomainError, NotFoundError
 
 from .domain.rollout import MachineStatus, ReleaseStatus, batch_verdict, plan_batches
 
-__all__ = ["MachineDirectory", "ReleaseStore", "Releases"]
+__all__ = ["MachineDirectory", "ReleaseStore", "Releases", "StoreDirectory", "release_handlers"]
 
 log = structlog.get_logger("gateway.releases")
 
@@ -48,6 +49,14 @@ class MachineDirectory(Protocol):
 
     async def running(self, app: str) -> list[dict[str, Any]]:
         """The app's running machines (``_id``, ``type``, ``host``, ``ip``), oldest first."""
+        ...
+
+
+class ArtifactCheck(Protocol):
+    """Port: does an artifact exist in the Maven repository (checked before any machine)."""
+
+    async def check(self, a: Artifact) -> Any:
+        """Raise NotFoundError if it does not, TransientError if the repository is down."""
         ...
 
 
@@ -130,7 +139,9 @@ class Releases:
         publisher: Publisher,
         machines: MachineDirectory,
         deploy_timeout_s: float = 600.0,
+        artifacts: ArtifactCheck | None = None,
     ) -> None:
+        self._artifacts = artifacts
         self._store = store
         self._publisher = publisher
         self._machines = machines
@@ -149,6 +160,9 @@ class Releases:
                 raise NotFoundError(f"unknown app {req.app!r}")
             raise DomainError(f"app {req.app!r} has no running machines",
                               reason="no_running_machines")
+        if self._artifacts is not None:
+            # Checked once here, so a missing artifact or a dead repository changes no machine.
+            await self._artifacts.check(req.artifact())
         batches = plan_batches([m["_id"] for m in machines], req.batch_size, req.batch_percent)
         at = _now()
         doc = {
@@ -287,3 +301,49 @@ class Releases:
             fresh = await self._store.get(doc["_id"])
             if fresh is not None:
                 await self._progress(fresh)
+
+
+class StoreDirectory:
+    """:class:`MachineDirectory` over the gateway's machine store."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+
+    async def app_exists(self, app: str) -> bool:
+        """An app exists once it has had a machine."""
+        return await self._store.get_app(app) is not None or bool(
+            await self._store.app_machines(app, active_only=False)
+        )
+
+    async def running(self, app: str) -> list[dict[str, Any]]:
+        """The app's running machines, oldest first."""
+        return [d for d in await self._store.app_machines(app) if d["state"] == "running"]
+
+
+RELEASE_QUEUE = "gateway.releases"
+RELEASE_BINDINGS = (ReleaseRequested.TYPE, DeploySucceeded.TYPE, DeployFailed.TYPE)
+
+
+def release_handlers(releases: Releases) -> dict[str, Any]:
+    """Bus entrypoints: the release system's request and the hosts' deploy results.
+
+    Delivery guarantee: at least once; a request is idempotent by release_id and a result by
+    the machine's status in the release, so redeliveries change nothing.
+    """
+    from libs.common.bus import MessageContext
+
+    async def requested(msg: ReleaseRequested, ctx: MessageContext) -> None:
+        try:
+            await releases.request(msg, requested_by=ctx.envelope.source)
+        except DomainError as err:
+            # The release system hears back on its own channel rather than from a DLQ.
+            await ctx.publish(
+                ReleaseFailed(release_id=msg.release_id, app=msg.app, version=msg.version,
+                              reason=f"{err.reason}: {err}")
+            )
+
+    async def result(msg: DeploySucceeded | DeployFailed, ctx: MessageContext) -> None:
+        await releases.on_result(msg)
+
+    return {ReleaseRequested.TYPE: requested, DeploySucceeded.TYPE: result,
+            DeployFailed.TYPE: result}

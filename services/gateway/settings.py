@@ -31,6 +31,10 @@ class GatewaySettings(CommonSettings):
     step_attempts: int = Field(default=3, ge=1, le=20)
     saga_tick_s: float = Field(default=1.0, gt=0)
     rpc_timeout_s: float = Field(default=10.0, gt=0)
+    # Releases: how long a machine may take to answer a deploy, and how often to sweep.
+    deploy_timeout_s: float = Field(default=600.0, gt=0)
+    release_sweep_s: float = Field(default=15.0, gt=0)
+    maven_url: str = "http://127.0.0.1:8090"
     wait_max_s: float = Field(default=900.0, gt=0)
     resize_wait_s: float = Field(default=30.0, ge=0)
     admin_token_file: Path | None = Field(

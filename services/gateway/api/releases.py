@@ -1,0 +1,131 @@
+"""The ``/v1/releases`` routes: the release system starts a rolling deploy and follows it."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from libs.common.contracts.releases import HealthCheck, ReleaseRequested
+from libs.common.errors import NotFoundError
+
+from ..releases import Releases, ReleaseStore
+from .framework import ANY, Api, json_response, parse_body, parse_query
+
+__all__ = ["RELEASE", "ReleaseCreate", "ReleaseOut", "add_release_routes"]
+
+RELEASE = frozenset({"admin", "release"})
+_ID = r"^[A-Za-z0-9_.:-]{1,64}$"
+_MAVEN_ID = r"^[A-Za-z0-9_.-]+$"
+
+
+class ReleaseCreate(BaseModel):
+    """A release request: Maven coordinates, batches, and the health check."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    release_id: str | None = Field(default=None, pattern=_ID)
+    app: str = Field(min_length=1, max_length=64)
+    group_id: str = Field(min_length=1, max_length=200, pattern=_MAVEN_ID)
+    artifact_id: str = Field(min_length=1, max_length=200, pattern=_MAVEN_ID)
+    version: str = Field(min_length=1, max_length=100, pattern=_MAVEN_ID)
+    packaging: Literal["war", "jar", "tar.gz"] = "tar.gz"
+    classifier: str | None = Field(default=None, max_length=100, pattern=_MAVEN_ID)
+    batch_size: int | None = Field(default=None, ge=1, le=1000)
+    batch_percent: int | None = Field(default=None, ge=1, le=100)
+    max_failures: int = Field(default=0, ge=0)
+    health_check: HealthCheck
+
+    @model_validator(mode="after")
+    def _one_batch_rule(self) -> ReleaseCreate:
+        if (self.batch_size is None) == (self.batch_percent is None):
+            raise ValueError("give exactly one of batch_size and batch_percent")
+        return self
+
+
+class ReleaseMachineOut(BaseModel):
+    """One machine of a release."""
+
+    status: str
+    type: str
+    host: str | None = None
+    ip: str | None = None
+    version: str | None = None
+    reason: str | None = None
+    detail: str | None = None
+    rolled_back: bool | None = None
+    at: datetime
+
+
+class ReleaseOut(BaseModel):
+    """A release and where each of its machines is."""
+
+    id: str
+    app: str
+    version: str
+    status: str
+    reason: str | None
+    requested_by: str
+    spec: dict[str, Any]
+    batches: list[list[str]]
+    current_batch: int
+    machines: dict[str, ReleaseMachineOut]
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+
+
+class ReleaseList(BaseModel):
+    """Newest releases first."""
+
+    items: list[ReleaseOut]
+
+
+class _ReleaseQuery(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    app: str | None = None
+    limit: int = Field(default=50, ge=1, le=500)
+
+
+def release_out(doc: dict[str, Any]) -> ReleaseOut:
+    """The API view of a release document."""
+    return ReleaseOut(
+        id=doc["_id"],
+        batches=[b["machines"] for b in doc["batches"]],
+        **{k: v for k, v in doc.items() if k not in ("_id", "batches")},
+    )
+
+
+def add_release_routes(api: Api, releases: Releases, store: ReleaseStore) -> None:
+    """Declare the release routes on ``api``."""
+
+    @api.route("POST", "/v1/releases", roles=RELEASE, summary="Start a release",
+               body=ReleaseCreate, response=ReleaseOut, status=202, errors=(404, 409))
+    async def create_release(request: web.Request) -> web.Response:
+        body = await parse_body(request, ReleaseCreate)
+        req = ReleaseRequested(
+            **body.model_dump(exclude={"release_id"}),
+            release_id=body.release_id or f"rel-{uuid.uuid4().hex[:12]}",
+        )
+        request["audit_target"] = req.release_id
+        doc = await releases.request(req, requested_by=request["who"].name)
+        return json_response(release_out(doc), status=202)
+
+    @api.route("GET", "/v1/releases", roles=ANY, summary="List releases", query=_ReleaseQuery,
+               response=ReleaseList)
+    async def list_releases(request: web.Request) -> web.Response:
+        q = parse_query(request, _ReleaseQuery)
+        docs = await store.list(q.app, q.limit)
+        return json_response(ReleaseList(items=[release_out(d) for d in docs]))
+
+    @api.route("GET", "/v1/releases/{release_id}", roles=ANY, summary="Show a release",
+               response=ReleaseOut, errors=(404,))
+    async def show_release(request: web.Request) -> web.Response:
+        rid = request.match_info["release_id"]
+        doc = await store.get(rid)
+        if doc is None:
+            raise NotFoundError(f"no release {rid}")
+        return json_response(release_out(doc))
