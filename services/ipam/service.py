@@ -58,6 +58,13 @@ def utcnow() -> datetime:
     return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
+def _refuse_released(lease: dict) -> None:
+    if lease.get("state") == "released":
+        raise AllocationError(
+            "machine_released", f"{lease['_id']} released {lease['ip']}; its IP is not renewed"
+        )
+
+
 @dataclass(frozen=True)
 class Allocation:
     """An active lease as announced in ``ip.allocated``."""
@@ -357,6 +364,7 @@ class Ipam:
         """Give ``machine_id`` its IP for life (the same one again if it already has one)."""
         existing = await self.store.get_lease(machine_id)
         if existing is not None:
+            _refuse_released(existing)
             if ip is not None and existing["ip"] != str(ip):
                 raise AllocationError(
                     "machine_has_ip", f"{machine_id} already holds {existing['ip']}"
@@ -365,9 +373,19 @@ class Ipam:
         p = await self._pool(pool, dc, vlan_id)
         if ip is not None:
             return await self._allocate_exact(p, machine_id, int(ip), request_id)
+        waits = 0
         for _ in range(self.max_attempts):
             cand = await self._candidate(p)
             if cand is None:
+                other = await self.store.get_lease(machine_id)
+                if other is not None:  # a concurrent delivery for the same machine won
+                    _refuse_released(other)
+                    return Allocation.of(other)
+                if self._inflight and waits < 100:
+                    # Claims in flight here may still fail and free their address.
+                    waits += 1
+                    await asyncio.sleep(0.01)
+                    continue
                 raise AllocationError("pool_exhausted", f"pool {p.name} has no free address")
             got = await self._try(p, machine_id, cand, request_id)
             if got is not None:
@@ -409,7 +427,7 @@ class Ipam:
             "_id": machine_id, "active_ip": ip, "ip": ip, "gen": cand.gen + 1,
             "pool": pool.name, "pool_uid": pool.uid, "dc": pool.dc, "vlan_id": pool.vlan_id,
             "prefix_len": pool.network.prefixlen, "gateway": str(pool.gateway),
-            "allocated_at": self.clock(), "request_id": request_id,
+            "allocated_at": self.clock(), "request_id": request_id, "state": "active",
         }
 
     async def _try(
@@ -426,6 +444,7 @@ class Ipam:
                 other = await self.store.get_lease(machine_id)
                 if other is not None:  # a concurrent delivery for the same machine won
                     self._give_back(cand)
+                    _refuse_released(other)
                     return Allocation.of(other)
                 self._used.add((pool.uid, cand.ip))  # active elsewhere
                 await self._resolve(cand)
@@ -646,9 +665,10 @@ class Ipam:
         """Release the machine's IP into cooldown; return its record, None if it had none."""
         lease = await self.store.get_lease(machine_id)
         if lease is None:
-            # Already released (a redelivery): answer again with the last record.
-            last = await self.store.history_of_machine(machine_id)
-            return last if last is not None and last.get("released_at") else None
+            return None
+        if lease.get("state") == "released":  # a redelivery: answer again
+            return {"ip": lease["ip"], "pool": lease["pool"], "machine_id": machine_id,
+                    "released_at": lease.get("released_at")}
         now = self.clock()
         pool = await self._pool_of_lease(lease)
         # Order matters: the history record first (a stale claim checks it), then the queue
@@ -660,7 +680,7 @@ class Ipam:
             history_id(lease["ip"], lease["pool_uid"], lease["gen"]), record
         )
         await self._append(pool, int(IPv4Address(lease["ip"])), lease["gen"], now)
-        await self.store.delete_lease(machine_id, lease["ip"])
+        await self.store.end_lease(machine_id, lease["ip"], now)
         return record
 
     # -------------------------------------------------------------- queries

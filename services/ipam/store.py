@@ -12,8 +12,10 @@ Collections:
 
 - ``pools``: ``_id`` = name; ``uid`` and ``(dc, vlan_id)`` unique. Also hints (``block_hint``,
   ``free_head``, ``free_tail``) that only save probing; nothing relies on them being exact.
-- ``leases``: the active leases, ``_id`` = machine_id (one lease per machine); ``active_ip`` is
-  unique, so one IP never has two active leases.
+- ``leases``: ``_id`` = machine_id (one lease per machine); ``active_ip`` is unique, so one IP
+  never has two active leases. A released lease stays as a tombstone (``state: released``,
+  ``active_ip: released:<machine>``), so a late duplicate ``ip.allocate`` of a destroyed
+  machine is refused instead of leaking an address.
 - ``ip_history``: ``_id`` = ``<ip>@<pool uid>#<gen>``, the gen-th allocation of that address
   in that pool, with its machine and times. Inserted when a released address is taken again
   (the insert is the claim), upserted at release.
@@ -121,6 +123,10 @@ class IpamStore(Protocol):
 
     async def delete_lease(self, machine_id: str, ip: str) -> bool:
         """Drop the machine's active lease of ``ip``; False if it was not there."""
+        ...
+
+    async def end_lease(self, machine_id: str, ip: str, at: datetime) -> None:
+        """Turn the active lease into a tombstone: the IP is free, the machine stays known."""
         ...
 
     async def lease_of_ip(self, ip: str) -> dict | None:
@@ -273,6 +279,15 @@ class MongoIpamStore:
         return result.deleted_count == 1
 
     @translate_errors
+    async def end_lease(self, machine_id: str, ip: str, at: datetime) -> None:
+        """Turn the active lease into a tombstone."""
+        await self._leases.update_one(
+            {"_id": machine_id, "active_ip": ip},
+            {"$set": {"state": "released", "released_at": at,
+                      "active_ip": f"released:{machine_id}"}},
+        )
+
+    @translate_errors
     async def lease_of_ip(self, ip: str) -> dict | None:
         """The active lease of ``ip``."""
         return await self._leases.find_one({"active_ip": ip})
@@ -280,12 +295,12 @@ class MongoIpamStore:
     @translate_errors
     async def leases_of_pool(self, pool_uid: str) -> list[dict]:
         """Active leases of a pool."""
-        return await self._leases.find({"pool_uid": pool_uid}).to_list()
+        return await self._leases.find({"pool_uid": pool_uid, "state": "active"}).to_list()
 
     @translate_errors
     async def leases_of_request(self, request_id: str) -> list[dict]:
         """Active leases made for a bulk request."""
-        return await self._leases.find({"request_id": request_id}).to_list()
+        return await self._leases.find({"request_id": request_id, "state": "active"}).to_list()
 
     @translate_errors
     async def get_history(self, hid: str) -> dict | None:
@@ -454,6 +469,12 @@ class MemoryIpamStore:
         del self.c[LEASES][machine_id]
         return True
 
+    async def end_lease(self, machine_id: str, ip: str, at: datetime) -> None:
+        """Turn the active lease into a tombstone."""
+        doc = self.c[LEASES].get(machine_id)
+        if doc is not None and doc["active_ip"] == ip:
+            doc.update(state="released", released_at=at, active_ip=f"released:{machine_id}")
+
     async def lease_of_ip(self, ip: str) -> dict | None:
         """The active lease of ``ip``."""
         found = self._find(LEASES, lambda d: d["active_ip"] == ip)
@@ -461,11 +482,13 @@ class MemoryIpamStore:
 
     async def leases_of_pool(self, pool_uid: str) -> list[dict]:
         """Active leases of a pool."""
-        return self._find(LEASES, lambda d: d["pool_uid"] == pool_uid)
+        return self._find(LEASES, lambda d: d["pool_uid"] == pool_uid and d["state"] == "active")
 
     async def leases_of_request(self, request_id: str) -> list[dict]:
         """Active leases made for a bulk request."""
-        return self._find(LEASES, lambda d: d.get("request_id") == request_id)
+        return self._find(
+            LEASES, lambda d: d.get("request_id") == request_id and d["state"] == "active"
+        )
 
     async def get_history(self, hid: str) -> dict | None:
         """One history record."""

@@ -104,3 +104,11 @@ async def test_pools_unique_by_name_and_vlan_and_archived_on_delete(store):
     assert [h["_id"] for h in hits] == ["p"]
     assert [d["_id"] for d in await store.list_pools("dc1")] == ["r"]
     assert [d["uid"] for d in await store.pools_containing(150)] == ["u1"]
+
+
+async def test_an_ended_lease_frees_the_ip_and_stays_as_tombstone(store):
+    await store.insert_lease(_lease("m1", "10.0.0.5", state="active"))
+    await store.end_lease("m1", "10.0.0.5", T0)
+    await store.insert_lease(_lease("m2", "10.0.0.5", state="active"))
+    assert (await store.get_lease("m1"))["state"] == "released"
+    assert [d["_id"] for d in await store.leases_of_pool("u")] == ["m2"]

@@ -263,3 +263,11 @@ async def test_newly_reserved_free_address_is_not_handed_out(ipam, clock):
     with pytest.raises(AllocationError) as exc:
         await ipam.allocate("x", pool="p")
     assert exc.value.reason == "pool_exhausted"
+
+
+async def test_a_late_allocate_of_a_released_machine_is_refused(ipam):
+    await ipam.allocate("m", pool="p")
+    await ipam.release("m")
+    with pytest.raises(AllocationError) as exc:
+        await ipam.allocate("m", pool="p")
+    assert exc.value.reason == "machine_released"
