@@ -362,17 +362,20 @@ class Ipam:
         request_id: str | None = None,
     ) -> Allocation:
         """Give ``machine_id`` its IP for life (the same one again if it already has one)."""
-        existing = await self.store.get_lease(machine_id)
-        if existing is not None:
-            _refuse_released(existing)
-            if ip is not None and existing["ip"] != str(ip):
-                raise AllocationError(
-                    "machine_has_ip", f"{machine_id} already holds {existing['ip']}"
-                )
-            return Allocation.of(existing)
-        p = await self._pool(pool, dc, vlan_id)
         if ip is not None:
+            existing = await self.store.get_lease(machine_id)
+            if existing is not None:
+                _refuse_released(existing)
+                if existing["ip"] != str(ip):
+                    raise AllocationError(
+                        "machine_has_ip", f"{machine_id} already holds {existing['ip']}"
+                    )
+                return Allocation.of(existing)
+            p = await self._pool(pool, dc, vlan_id)
             return await self._allocate_exact(p, machine_id, int(ip), request_id)
+        # No read first: the lease insert itself finds a machine that already has one
+        # (its _id is the machine), which keeps the common path at one write.
+        p = await self._pool(pool, dc, vlan_id)
         waits = 0
         for _ in range(self.max_attempts):
             cand = await self._candidate(p)
