@@ -381,10 +381,11 @@ class Ipam:
             cand = await self._candidate(p)
             if cand is None:
                 other = await self.store.get_lease(machine_id)
-                if other is not None:  # a concurrent delivery for the same machine won
+                if other is not None:  # a concurrent delivery for the same machine
                     _refuse_released(other)
-                    return Allocation.of(other)
-                if self._inflight and waits < 100:
+                    if await self._confirmed(other):
+                        return Allocation.of(other)
+                if (self._inflight or other is not None) and waits < 100:
                     # Claims in flight here may still fail and free their address.
                     waits += 1
                     await asyncio.sleep(0.01)
@@ -426,7 +427,11 @@ class Ipam:
     def _lease_doc(self, pool: Pool, machine_id: str, cand: _Candidate,
                    request_id: str | None) -> dict:
         ip = str(IPv4Address(cand.ip))
+        # "probe": a never-used address, checked after the insert by reading gen 1's history;
+        # "history": a re-used address, claimed by inserting its next history generation.
+        claim = "probe" if cand.seq is None and cand.gen == 0 else "history"
         return {
+            "claim": claim,
             "_id": machine_id, "active_ip": ip, "ip": ip, "gen": cand.gen + 1,
             "pool": pool.name, "pool_uid": pool.uid, "dc": pool.dc, "vlan_id": pool.vlan_id,
             "prefix_len": pool.network.prefixlen, "gateway": str(pool.gateway),
@@ -445,10 +450,13 @@ class Ipam:
                 await self.store.insert_lease(doc)
             except LeaseConflict:
                 other = await self.store.get_lease(machine_id)
-                if other is not None:  # a concurrent delivery for the same machine won
+                if other is not None:  # a concurrent delivery for the same machine
                     self._give_back(cand)
                     _refuse_released(other)
-                    return Allocation.of(other)
+                    if await self._confirmed(other):
+                        return Allocation.of(other)
+                    await asyncio.sleep(0.02)  # it is still checking its claim, or undoing it
+                    return None
                 self._used.add((pool.uid, cand.ip))  # active elsewhere
                 await self._resolve(cand)
                 return None
@@ -458,7 +466,7 @@ class Ipam:
             # The lease holds the IP; now make sure this generation was not handed out
             # before (a stale candidate): the history record of a release is written
             # before its lease goes, so a stale claim always sees it here.
-            if cand.seq is None and cand.gen == 0:
+            if doc["claim"] == "probe":
                 stale = await self.store.get_history(hid) is not None
             else:
                 try:
@@ -483,6 +491,17 @@ class Ipam:
             return Allocation.of(doc)
         finally:
             self._inflight.discard(cand.ip)
+
+    async def _confirmed(self, lease: dict) -> bool:
+        """Whether another delivery's lease passed its claim check (so it may be answered)."""
+        if lease.get("state") != "active":
+            return True
+        record = await self.store.get_history(
+            history_id(lease["ip"], lease["pool_uid"], lease["gen"])
+        )
+        if lease.get("claim", "history") == "probe":
+            return record is None or record.get("machine_id") == lease["_id"]
+        return record is not None and record.get("machine_id") == lease["_id"]
 
     def _give_back(self, cand: _Candidate) -> None:
         if cand.block is not None:
