@@ -56,7 +56,8 @@ class SampleStore(Protocol):
         ...
 
     async def prune(self, before: datetime) -> int:
-        """Delete samples older than ``before``; return how many."""
+        """Delete samples (and published lifecycle records) older than ``before``; return
+        how many samples."""
         ...
 
     async def claim_event(self, host: str, emit: Emit) -> bool:
@@ -131,8 +132,11 @@ class MongoSampleStore:
 
     @translate_errors
     async def prune(self, before: datetime) -> int:
-        """Delete samples older than ``before``."""
+        """Delete samples older than ``before``, and the published lifecycle records too."""
         res = await self._db[_SAMPLES].delete_many({"t": {"$lt": before}})
+        await self._db[_LIFECYCLE].delete_many(
+            {"published": True, "recorded_at": {"$lt": before}}
+        )
         return res.deleted_count
 
     @translate_errors
