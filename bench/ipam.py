@@ -28,7 +28,7 @@ from services.ipam.domain import block_offsets
 from services.ipam.service import Ipam, utcnow
 from services.ipam.store import BLOCKS, LEASES, MongoIpamStore
 
-BLOCK = 32
+BLOCK = 128  # the default of DOCKVM_IPAM_BLOCK_SIZE; --block overrides it
 
 
 async def _measure(fn: Callable[[int], Awaitable[object]], ops: int, conc: int) -> dict:
@@ -53,13 +53,13 @@ async def _measure(fn: Callable[[int], Awaitable[object]], ops: int, conc: int) 
     }
 
 
-async def _fill(db, ipam: Ipam, name: str, fraction: float) -> None:
+async def _fill(db, ipam: Ipam, name: str, fraction: float, block: int) -> None:
     """Make ``fraction`` of the pool's addresses leased, as block-wise allocation would."""
     pool = await ipam._pool(name, None, None)
     target = int(pool.usable_count() * fraction)
     leases, blocks, k, now = [], [], 0, utcnow()
     while len(leases) < target:
-        for o in block_offsets(pool, k, BLOCK):
+        for o in block_offsets(pool, k, block):
             ip = str(IPv4Address(pool.first + o))
             leases.append({
                 "_id": f"fill-{name}-{o}", "active_ip": ip, "ip": ip, "gen": 1,
@@ -82,6 +82,7 @@ async def main() -> None:
     parser.add_argument("--mongo-url", default="mongodb://127.0.0.1:27017/")
     parser.add_argument("--ops", type=int, default=400, help="operations per configuration")
     parser.add_argument("--prefix", type=int, default=16, help="pool size (a /16 by default)")
+    parser.add_argument("--block", type=int, default=BLOCK, help="ipam block size")
     args = parser.parse_args()
 
     client = mongo_client(args.mongo_url, app_name="dockvm-bench-ipam")
@@ -89,12 +90,12 @@ async def main() -> None:
     try:
         store = MongoIpamStore(db)
         await store.setup()
-        ipam = Ipam(store, block_size=BLOCK)
+        ipam = Ipam(store, block_size=args.block)
         for name, vlan, fraction in (("p10", 210, 0.10), ("p95", 220, 0.95)):
             net = f"10.{vlan}.0.0/{args.prefix}"
             await ipam.create_pool(name, "dc1", vlan, net, IPv4Address(f"10.{vlan}.0.1"), [],
                                    7 * 24 * 3600)
-            await _fill(db, ipam, name, fraction)
+            await _fill(db, ipam, name, fraction, args.block)
         print(f"leases in store after fill: {await db[LEASES].count_documents({})}")
 
         rows = []

@@ -171,7 +171,7 @@ class Ipam:
 
     store: IpamStore
     owner: str = field(default_factory=lambda: uuid.uuid4().hex)
-    block_size: int = 32
+    block_size: int = 128
     pool_cache_s: float = 1.0
     max_attempts: int = 256
     clock: Callable[[], datetime] = utcnow
@@ -307,7 +307,7 @@ class Ipam:
 
     async def _restore(self, pool: Pool, doc: dict, lo: int, hi: int) -> None:
         """Queue un-reserved addresses of already claimed blocks (later blocks find them)."""
-        claimed_end = pool.first + (doc.get("block_hint", -1) + 1) * self.block_size - 1
+        claimed_end = pool.first + (doc.get("block_hint", -1) + 1) * self._bs(pool) - 1
         for ip in range(lo, min(hi, claimed_end) + 1):
             if not pool.allocatable(ip):
                 continue
@@ -503,6 +503,11 @@ class Ipam:
             return record is None or record.get("machine_id") == lease["_id"]
         return record is not None and record.get("machine_id") == lease["_id"]
 
+    def _bs(self, pool: Pool) -> int:
+        """Block size for ``pool``: large blocks save writes; a small pool gets small blocks
+        so that every replica can hold one."""
+        return min(self.block_size, max(8, pool.size // 16))
+
     def _give_back(self, cand: _Candidate) -> None:
         if cand.block is not None:
             cand.block.queue.appendleft(cand.ip - cand.block.first)
@@ -546,13 +551,13 @@ class Ipam:
             hint = -1 if doc is None else doc.get("block_hint", -1)
             k: int | None = max(hint + 1, 0 if blk is None else blk.k + 1)
             for _ in range(self.max_attempts):
-                k = next_block(pool, k, self.block_size) if k is not None else None
+                k = next_block(pool, k, self._bs(pool)) if k is not None else None
                 if k is None:
                     self._cursor_done[pool.uid] = time.monotonic()
                     return False
                 if await self.store.claim_block(pool.uid, k, self.owner, self.clock()):
                     await self.store.raise_hint(pool.name, "block_hint", k)
-                    offsets = block_offsets(pool, k, self.block_size)
+                    offsets = block_offsets(pool, k, self._bs(pool))
                     self._blocks[pool.uid] = _Block(
                         pool.uid, k, pool.first, deque(offsets), len(offsets)
                     )
@@ -570,7 +575,7 @@ class Ipam:
             if mine is not None and mine.k == k:
                 continue
             pending = False
-            for o in block_offsets(pool, k, self.block_size):
+            for o in block_offsets(pool, k, self._bs(pool)):
                 ip = pool.first + o
                 if (pool.uid, ip) in self._used:
                     continue

@@ -14,8 +14,9 @@ class IpamSettings(CommonSettings):
 
     port: int = Field(default=9102, ge=1, le=65535, validation_alias="DOCKVM_IPAM_PORT")
     ipam_block_size: int = Field(
-        default=32, ge=1, le=4096,
-        description="never-used addresses a replica claims at once (DOCKVM_IPAM_BLOCK_SIZE)",
+        default=128, ge=1, le=4096,
+        description="never-used addresses a replica claims at once, at most a 16th of the "
+        "pool (DOCKVM_IPAM_BLOCK_SIZE)",
     )
     ipam_pool_cache_s: float = Field(
         default=1.0, ge=0,
