@@ -1,10 +1,16 @@
 """The monitor's history in MongoDB: samples keyed by IP and time, and lifecycle events.
 
 Collections:
-- ``samples``: one document per container per interval ``{ip, t, host, machine_id, ..., d}``
-  where ``d`` holds the counter deltas since the previous sample; indexed by ``(ip, t)``.
-  Samples outlive their container: the history of an IP stays queryable after a destroy.
-  Retention is an explicit job (:meth:`SampleStore.prune`), FerretDB v1 having no TTL index.
+- ``sample_buckets``: one document per IP per hour, ``_id = "<ip>|<YYYYMMDDHH>"``, holding that
+  hour's samples as an array of sub-documents ``s: [{t, host, machine_id, ..., d}]`` (``d``: the
+  counter deltas since the previous sample) and their count ``n``. FerretDB v1 (SQLite) uses an
+  index only for an exact ``_id`` lookup (``$in``, ranges and secondary indexes scan the whole
+  collection), so a query computes the ids of the hours it covers and fetches each one by
+  ``_id``; a round writes one ``$push`` upsert per IP. Samples outlive their container: the
+  history of an IP stays queryable after a destroy.
+- ``sample_hours``: one small document per hour, ``_id = "<YYYYMMDDHH>"``, listing the IPs with
+  a bucket that hour; retention (:meth:`SampleStore.prune`, an explicit job since FerretDB v1
+  has no TTL index) reads this short collection to find the buckets to delete by ``_id``.
 - ``lifecycle``: one document per lifecycle event, ``_id`` = its deterministic envelope id; the
   unique ``_id`` is what makes a replayed event publish once across monitor restarts.
 - ``monitor_state``: per host, the time of the last Docker event handled (the replay point)
@@ -13,11 +19,12 @@ Collections:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from pymongo import ASCENDING, IndexModel
+from pymongo import ASCENDING, IndexModel, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
@@ -28,9 +35,15 @@ from libs.common.errors import translate_errors
 
 from .domain import Emit
 
-__all__ = ["MemorySampleStore", "MongoSampleStore", "SampleStore", "sample_doc"]
+__all__ = [
+    "MemorySampleStore", "MongoSampleStore", "SampleStore", "bucket_id", "hour_key", "sample_doc",
+]
 
-_SAMPLES, _LIFECYCLE, _STATE = "samples", "lifecycle", "monitor_state"
+_BUCKETS, _HOURS, _LIFECYCLE, _STATE = (
+    "sample_buckets", "sample_hours", "lifecycle", "monitor_state",
+)
+_FETCH_CONCURRENCY = 8  # parallel _id lookups of one query: enough to hide the round trips
+_HOUR = timedelta(hours=1)
 
 
 def sample_doc(host: str, sample: ContainerSample, deltas: Mapping[str, int | float]) -> dict:
@@ -38,6 +51,27 @@ def sample_doc(host: str, sample: ContainerSample, deltas: Mapping[str, int | fl
     doc = sample.model_dump(mode="python", exclude={"at", "ip"})
     doc.update(ip=str(sample.ip) if sample.ip else None, t=sample.at, host=host, d=dict(deltas))
     return doc
+
+
+def hour_key(t: datetime) -> str:
+    """The hour of ``t`` (UTC) as ``YYYYMMDDHH``; sorts like time."""
+    return _aware(t).astimezone(UTC).strftime("%Y%m%d%H")
+
+
+def bucket_id(ip: str, t: datetime) -> str:
+    """The ``_id`` of the bucket holding the samples of ``ip`` in the hour of ``t``."""
+    return f"{ip}|{hour_key(t)}"
+
+
+def _hours(start: datetime, end: datetime) -> list[datetime]:
+    """The hour starts of every hour overlapping ``[start, end)``."""
+    first = _aware(start).astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    end = _aware(end)
+    out = []
+    while first < end:
+        out.append(first)
+        first += _HOUR
+    return out
 
 
 class SampleStore(Protocol):
@@ -89,10 +123,8 @@ class SampleStore(Protocol):
         ...
 
 
-_PROJECTION = {
-    "_id": 0, "t": 1, "machine_id": 1, "cpu_percent": 1, "mem_usage": 1,
-    "mem_working_set": 1, "mem_limit": 1, "pids": 1, "d": 1,
-}
+_FIELDS = ("t", "machine_id", "cpu_percent", "mem_usage", "mem_working_set", "mem_limit",
+           "pids", "d")
 
 
 class MongoSampleStore:
@@ -103,41 +135,98 @@ class MongoSampleStore:
 
     @translate_errors
     async def setup(self) -> None:
-        """Index samples by (ip, t) and by t (for retention)."""
+        """Index lifecycle records; buckets need none (every read is by ``_id``)."""
         await ensure_indexes(
             self._db,
-            {
-                _SAMPLES: [
-                    IndexModel([("ip", ASCENDING), ("t", ASCENDING)], name="ip_t"),
-                    IndexModel([("t", ASCENDING)], name="t"),
-                ],
-                _LIFECYCLE: [IndexModel([("machine_id", ASCENDING), ("at", ASCENDING)],
-                                        name="machine_at")],
-            },
+            {_LIFECYCLE: [IndexModel([("machine_id", ASCENDING), ("at", ASCENDING)],
+                                     name="machine_at")]},
         )
 
     @translate_errors
     async def add_samples(self, docs: list[dict]) -> None:
-        """Insert a round's samples in one call."""
-        if docs:
-            await self._db[_SAMPLES].insert_many([dict(d) for d in docs], ordered=False)
+        """Append each sample to its IP's hour bucket (one upsert per IP) and record which
+        IPs have a bucket in which hours."""
+        by_bucket: dict[str, list[dict]] = {}
+        hours: dict[str, set[str]] = {}
+        for doc in docs:
+            ip = doc.get("ip")
+            if not ip:  # no IP, no way to query it: not kept
+                continue
+            sub = {k: v for k, v in doc.items() if k != "ip"}
+            by_bucket.setdefault(bucket_id(ip, doc["t"]), []).append(sub)
+            hours.setdefault(hour_key(doc["t"]), set()).add(ip)
+        if not by_bucket:
+            return
+        # The hour index first: a bucket is then always found by retention.
+        await self._db[_HOURS].bulk_write(
+            [UpdateOne({"_id": h}, {"$addToSet": {"ips": {"$each": sorted(ips)}}}, upsert=True)
+             for h, ips in sorted(hours.items())],
+            ordered=False,
+        )
+        await self._db[_BUCKETS].bulk_write(
+            [UpdateOne({"_id": bid},
+                       {"$push": {"s": {"$each": subs}}, "$inc": {"n": len(subs)},
+                        "$setOnInsert": {"ip": bid.rpartition("|")[0]}},
+                       upsert=True)
+             for bid, subs in by_bucket.items()],
+            ordered=False,
+        )
 
     @translate_errors
     async def samples(self, ip: str, start: datetime, end: datetime) -> list[dict]:
-        """Samples of ``ip`` in ``[start, end)``, oldest first."""
-        cursor = self._db[_SAMPLES].find(
-            {"ip": ip, "t": {"$gte": start, "$lt": end}}, _PROJECTION
-        ).sort("t", ASCENDING)
-        return [doc async for doc in cursor]
+        """Samples of ``ip`` in ``[start, end)``, oldest first: one ``_id`` lookup per hour."""
+        gate = asyncio.Semaphore(_FETCH_CONCURRENCY)
+
+        async def fetch(hour: datetime) -> dict | None:
+            async with gate:
+                return await self._db[_BUCKETS].find_one({"_id": bucket_id(ip, hour)}, {"s": 1})
+
+        buckets = await asyncio.gather(*(fetch(h) for h in _hours(start, end)))
+        lo, hi = _aware(start), _aware(end)
+        found = [
+            {k: sub[k] for k in _FIELDS if k in sub}
+            for bucket in buckets if bucket
+            for sub in bucket.get("s", [])
+            if lo <= _aware(sub["t"]) < hi
+        ]
+        return sorted(found, key=lambda d: d["t"])
 
     @translate_errors
     async def prune(self, before: datetime) -> int:
-        """Delete samples older than ``before``, and the published lifecycle records too."""
-        res = await self._db[_SAMPLES].delete_many({"t": {"$lt": before}})
+        """Delete samples older than ``before``, and the published lifecycle records too.
+
+        Whole hours go by ``_id``; in the hour ``before`` falls in, each bucket is rewritten
+        without its older samples, only if no sample was added meanwhile (else next time)."""
+        cutoff = hour_key(before)
+        hours = self._db[_HOURS]
+        buckets = self._db[_BUCKETS]
+        deleted = 0
+        async for hour in hours.find({"_id": {"$lte": cutoff}}):  # a short collection
+            for ip in hour.get("ips", []):
+                bid = f"{ip}|{hour['_id']}"
+                if hour["_id"] < cutoff:
+                    # No write reaches an hour this old, so counting then deleting is exact
+                    # (FerretDB v1's findAndModify takes no projection).
+                    doc = await buckets.find_one({"_id": bid}, {"n": 1})
+                    res = await buckets.delete_one({"_id": bid})
+                    deleted += int(doc.get("n", 0)) if doc and res.deleted_count else 0
+                    continue
+                doc = await buckets.find_one({"_id": bid})
+                if doc is None:
+                    continue
+                keep = [sub for sub in doc.get("s", []) if _aware(sub["t"]) >= _aware(before)]
+                if len(keep) == len(doc.get("s", [])):
+                    continue
+                res = await buckets.update_one(
+                    {"_id": bid, "n": doc.get("n", 0)}, {"$set": {"s": keep, "n": len(keep)}}
+                )
+                deleted += (len(doc.get("s", [])) - len(keep)) if res.modified_count else 0
+            if hour["_id"] < cutoff:
+                await hours.delete_one({"_id": hour["_id"]})
         await self._db[_LIFECYCLE].delete_many(
             {"published": True, "recorded_at": {"$lt": before}}
         )
-        return res.deleted_count
+        return deleted
 
     @translate_errors
     async def claim_event(self, host: str, emit: Emit) -> bool:

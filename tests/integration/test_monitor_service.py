@@ -110,6 +110,32 @@ async def test_store_retention_deletes_only_older_samples(store: SampleStore):
     assert (deleted, [d["cpu_percent"] for d in left]) == (1, [2.0, 3.0])
 
 
+async def test_store_query_spans_hours_and_rounds(store: SampleStore):
+    for minutes in (10, 50, 70, 125, 135, 190):  # one round each, over four hours
+        await store.add_samples([_doc("10.0.0.1", minutes), _doc("10.0.0.2", minutes + 1)])
+    found = await store.samples("10.0.0.1", T0 + timedelta(minutes=30),
+                                T0 + timedelta(minutes=135))
+    assert [d["cpu_percent"] for d in found] == [50.0, 70.0, 125.0]
+
+
+async def test_store_retention_drops_whole_hours_and_trims_the_boundary_hour(store: SampleStore):
+    await store.add_samples(
+        [_doc(ip, m) for ip in ("10.0.0.1", "10.0.0.2") for m in (10, 70, 125, 135)]
+    )
+    deleted = await store.prune(T0 + timedelta(minutes=130))
+    left = {ip: [d["cpu_percent"] for d in await store.samples(ip, T0, T0 + timedelta(days=1))]
+            for ip in ("10.0.0.1", "10.0.0.2")}
+    assert (deleted, left) == (6, {"10.0.0.1": [135.0], "10.0.0.2": [135.0]})
+
+
+async def test_store_keeps_adding_to_an_hour_after_its_boundary_was_trimmed(store: SampleStore):
+    await store.add_samples([_doc("10.0.0.1", m) for m in (1, 2)])
+    await store.prune(T0 + timedelta(minutes=2))
+    await store.add_samples([_doc("10.0.0.1", 3)])
+    left = await store.samples("10.0.0.1", T0, T0 + timedelta(hours=1))
+    assert [d["cpu_percent"] for d in left] == [2.0, 3.0]
+
+
 async def test_store_claims_a_lifecycle_event_until_it_is_published(store: SampleStore):
     msg = ContainerStarted(machine_id="m", container_id="c", host="h", at=T0, ip="10.0.0.1")
     emit = Emit("e1", msg)
