@@ -455,8 +455,7 @@ class Ipam:
                     _refuse_released(other)
                     if await self._confirmed(other):
                         return Allocation.of(other)
-                    await asyncio.sleep(0.02)  # it is still checking its claim, or undoing it
-                    return None
+                    return None  # a stale claim, now undone: try again
                 self._used.add((pool.uid, cand.ip))  # active elsewhere
                 await self._resolve(cand)
                 return None
@@ -493,15 +492,32 @@ class Ipam:
             self._inflight.discard(cand.ip)
 
     async def _confirmed(self, lease: dict) -> bool:
-        """Whether another delivery's lease passed its claim check (so it may be answered)."""
+        """Settle another delivery's lease of this machine: True if it holds, False if it was
+        a stale claim (then it is undone here, so a crash mid-claim leaves nothing stuck)."""
         if lease.get("state") != "active":
             return True
-        record = await self.store.get_history(
-            history_id(lease["ip"], lease["pool_uid"], lease["gen"])
-        )
+        machine, ip = lease["_id"], lease["ip"]
+        hid = history_id(ip, lease["pool_uid"], lease["gen"])
+        record = await self.store.get_history(hid)
         if lease.get("claim", "history") == "probe":
-            return record is None or record.get("machine_id") == lease["_id"]
-        return record is not None and record.get("machine_id") == lease["_id"]
+            holds = record is None or record.get("machine_id") == machine
+        else:
+            if record is None:  # its claim never finished (the claimer died): finish it
+                try:
+                    await self.store.insert_history({
+                        "_id": hid, "ip": ip, "pool": lease["pool"],
+                        "pool_uid": lease["pool_uid"], "gen": lease["gen"],
+                        "machine_id": machine, "allocated_at": lease["allocated_at"],
+                        "released_at": None,
+                    })
+                except LeaseConflict:
+                    record = await self.store.get_history(hid)
+                else:
+                    record = {"machine_id": machine}
+            holds = record is not None and record.get("machine_id") == machine
+        if not holds:
+            await self.store.delete_lease(machine, ip)
+        return holds
 
     def _bs(self, pool: Pool) -> int:
         """Block size for ``pool``: large blocks save writes; a small pool gets small blocks
