@@ -1,16 +1,16 @@
 """The monitor's history in MongoDB: samples keyed by IP and time, and lifecycle events.
 
 Collections:
-- ``sample_buckets``: one document per IP per hour, ``_id = "<ip>|<YYYYMMDDHH>"``, holding that
-  hour's samples as an array of sub-documents ``s: [{t, host, machine_id, ..., d}]`` (``d``: the
-  counter deltas since the previous sample) and their count ``n``. FerretDB v1 (SQLite) uses an
-  index only for an exact ``_id`` lookup (``$in``, ranges and secondary indexes scan the whole
-  collection), so a query computes the ids of the hours it covers and fetches each one by
-  ``_id``; a round writes one ``$push`` upsert per IP. Samples outlive their container: the
-  history of an IP stays queryable after a destroy.
-- ``sample_hours``: one small document per hour, ``_id = "<YYYYMMDDHH>"``, listing the IPs with
-  a bucket that hour; retention (:meth:`SampleStore.prune`, an explicit job since FerretDB v1
-  has no TTL index) reads this short collection to find the buckets to delete by ``_id``.
+- ``hist.<ip>.<YYYYMMDD>``: the samples of one IP for one UTC day, one small document per
+  sample ``{_id: <t iso>, t, machine_id, cpu_percent, mem_*, pids, d}`` (``d``: the counter
+  deltas since the previous sample; only the fields a ``metrics.query`` serves are kept).
+  FerretDB v1 (SQLite) scans the whole table for every query but an exact ``_id`` lookup, and
+  even that costs time in proportion to the table's size (measured), so a query's cost is
+  bounded by giving each (IP, day) its own table: a query reads the one to eight tables its
+  range covers, whatever the rest of the history holds. Writes are plain inserts (the ``_id``
+  makes a repeated round a no-op); retention drops whole past days' tables and trims the day
+  the cutoff falls in. Samples outlive their container: the history of an IP stays queryable
+  after a destroy.
 - ``lifecycle``: one document per lifecycle event, ``_id`` = its deterministic envelope id; the
   unique ``_id`` is what makes a replayed event publish once across monitor restarts.
 - ``monitor_state``: per host, the time of the last Docker event handled (the replay point)
@@ -24,9 +24,9 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from pymongo import ASCENDING, IndexModel, UpdateOne
+from pymongo import ASCENDING, IndexModel
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from libs.common.contracts.envelope import message_model
 from libs.common.contracts.monitor import ContainerSample
@@ -36,14 +36,12 @@ from libs.common.errors import translate_errors
 from .domain import Emit
 
 __all__ = [
-    "MemorySampleStore", "MongoSampleStore", "SampleStore", "bucket_id", "hour_key", "sample_doc",
+    "MemorySampleStore", "MongoSampleStore", "SampleStore", "history_collection", "sample_doc",
 ]
 
-_BUCKETS, _HOURS, _LIFECYCLE, _STATE = (
-    "sample_buckets", "sample_hours", "lifecycle", "monitor_state",
-)
-_FETCH_CONCURRENCY = 8  # parallel _id lookups of one query: enough to hide the round trips
-_HOUR = timedelta(hours=1)
+_LIFECYCLE, _STATE = "lifecycle", "monitor_state"
+_HIST = "hist."
+_CONCURRENCY = 8  # parallel table reads/writes: enough to hide round trips on 2 cores
 
 
 def sample_doc(host: str, sample: ContainerSample, deltas: Mapping[str, int | float]) -> dict:
@@ -53,24 +51,18 @@ def sample_doc(host: str, sample: ContainerSample, deltas: Mapping[str, int | fl
     return doc
 
 
-def hour_key(t: datetime) -> str:
-    """The hour of ``t`` (UTC) as ``YYYYMMDDHH``; sorts like time."""
-    return _aware(t).astimezone(UTC).strftime("%Y%m%d%H")
+def history_collection(ip: str, t: datetime) -> str:
+    """The collection holding the samples of ``ip`` on the UTC day of ``t``."""
+    return f"{_HIST}{ip}.{_aware(t).astimezone(UTC):%Y%m%d}"
 
 
-def bucket_id(ip: str, t: datetime) -> str:
-    """The ``_id`` of the bucket holding the samples of ``ip`` in the hour of ``t``."""
-    return f"{ip}|{hour_key(t)}"
-
-
-def _hours(start: datetime, end: datetime) -> list[datetime]:
-    """The hour starts of every hour overlapping ``[start, end)``."""
-    first = _aware(start).astimezone(UTC).replace(minute=0, second=0, microsecond=0)
-    end = _aware(end)
+def _days(start: datetime, end: datetime) -> list[datetime]:
+    """Midnights (UTC) of every day overlapping ``[start, end)``."""
+    day = _aware(start).astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     out = []
-    while first < end:
-        out.append(first)
-        first += _HOUR
+    while day < _aware(end):
+        out.append(day)
+        day += timedelta(days=1)
     return out
 
 
@@ -135,7 +127,7 @@ class MongoSampleStore:
 
     @translate_errors
     async def setup(self) -> None:
-        """Index lifecycle records; buckets need none (every read is by ``_id``)."""
+        """Index lifecycle records; history tables need none (each is one IP's day)."""
         await ensure_indexes(
             self._db,
             {_LIFECYCLE: [IndexModel([("machine_id", ASCENDING), ("at", ASCENDING)],
@@ -144,85 +136,58 @@ class MongoSampleStore:
 
     @translate_errors
     async def add_samples(self, docs: list[dict]) -> None:
-        """Append each sample to its IP's hour bucket (one upsert per IP) and record which
-        IPs have a bucket in which hours."""
-        by_bucket: dict[str, list[dict]] = {}
-        hours: dict[str, set[str]] = {}
+        """Insert each sample into its IP's day table; a sample stored already is skipped."""
+        by_table: dict[str, list[dict]] = {}
         for doc in docs:
-            ip = doc.get("ip")
-            if not ip:  # no IP, no way to query it: not kept
+            if not doc.get("ip"):  # no IP, no way to query it: not kept
                 continue
-            sub = {k: v for k, v in doc.items() if k != "ip"}
-            by_bucket.setdefault(bucket_id(ip, doc["t"]), []).append(sub)
-            hours.setdefault(hour_key(doc["t"]), set()).add(ip)
-        if not by_bucket:
-            return
-        # The hour index first: a bucket is then always found by retention.
-        await self._db[_HOURS].bulk_write(
-            [UpdateOne({"_id": h}, {"$addToSet": {"ips": {"$each": sorted(ips)}}}, upsert=True)
-             for h, ips in sorted(hours.items())],
-            ordered=False,
-        )
-        await self._db[_BUCKETS].bulk_write(
-            [UpdateOne({"_id": bid},
-                       {"$push": {"s": {"$each": subs}}, "$inc": {"n": len(subs)},
-                        "$setOnInsert": {"ip": bid.rpartition("|")[0]}},
-                       upsert=True)
-             for bid, subs in by_bucket.items()],
-            ordered=False,
-        )
+            t = _aware(doc["t"])
+            kept = {k: doc[k] for k in _FIELDS if k in doc}
+            by_table.setdefault(history_collection(doc["ip"], t), []).append(
+                {"_id": t.isoformat(), **kept}
+            )
+        gate = asyncio.Semaphore(_CONCURRENCY)
+
+        async def insert(name: str, rows: list[dict]) -> None:
+            async with gate:
+                try:
+                    await self._db[name].insert_many(rows, ordered=False)
+                except BulkWriteError as err:  # only duplicates (a replayed round) are fine
+                    if any(e.get("code") != 11000 for e in err.details.get("writeErrors", [])):
+                        raise
+
+        await asyncio.gather(*(insert(n, rows) for n, rows in by_table.items()))
 
     @translate_errors
     async def samples(self, ip: str, start: datetime, end: datetime) -> list[dict]:
-        """Samples of ``ip`` in ``[start, end)``, oldest first: one ``_id`` lookup per hour."""
-        gate = asyncio.Semaphore(_FETCH_CONCURRENCY)
+        """Samples of ``ip`` in ``[start, end)``, oldest first, read from its days' tables."""
+        gate = asyncio.Semaphore(_CONCURRENCY)
+        span = {"t": {"$gte": start, "$lt": end}}
 
-        async def fetch(hour: datetime) -> dict | None:
+        async def read(day: datetime) -> list[dict]:
             async with gate:
-                return await self._db[_BUCKETS].find_one({"_id": bucket_id(ip, hour)}, {"s": 1})
+                cursor = self._db[history_collection(ip, day)].find(span, {"_id": 0})
+                return [doc async for doc in cursor]
 
-        buckets = await asyncio.gather(*(fetch(h) for h in _hours(start, end)))
-        lo, hi = _aware(start), _aware(end)
-        found = [
-            {k: sub[k] for k in _FIELDS if k in sub}
-            for bucket in buckets if bucket
-            for sub in bucket.get("s", [])
-            if lo <= _aware(sub["t"]) < hi
-        ]
-        return sorted(found, key=lambda d: d["t"])
+        parts = await asyncio.gather(*(read(d) for d in _days(start, end)))
+        return sorted((doc for part in parts for doc in part), key=lambda d: d["t"])
 
     @translate_errors
     async def prune(self, before: datetime) -> int:
-        """Delete samples older than ``before``, and the published lifecycle records too.
-
-        Whole hours go by ``_id``; in the hour ``before`` falls in, each bucket is rewritten
-        without its older samples, only if no sample was added meanwhile (else next time)."""
-        cutoff = hour_key(before)
-        hours = self._db[_HOURS]
-        buckets = self._db[_BUCKETS]
+        """Delete samples older than ``before`` (past days' tables dropped whole, the
+        cutoff's day trimmed), and the published lifecycle records too."""
+        cutoff = f"{_aware(before).astimezone(UTC):%Y%m%d}"
         deleted = 0
-        async for hour in hours.find({"_id": {"$lte": cutoff}}):  # a short collection
-            for ip in hour.get("ips", []):
-                bid = f"{ip}|{hour['_id']}"
-                if hour["_id"] < cutoff:
-                    # No write reaches an hour this old, so counting then deleting is exact
-                    # (FerretDB v1's findAndModify takes no projection).
-                    doc = await buckets.find_one({"_id": bid}, {"n": 1})
-                    res = await buckets.delete_one({"_id": bid})
-                    deleted += int(doc.get("n", 0)) if doc and res.deleted_count else 0
-                    continue
-                doc = await buckets.find_one({"_id": bid})
-                if doc is None:
-                    continue
-                keep = [sub for sub in doc.get("s", []) if _aware(sub["t"]) >= _aware(before)]
-                if len(keep) == len(doc.get("s", [])):
-                    continue
-                res = await buckets.update_one(
-                    {"_id": bid, "n": doc.get("n", 0)}, {"$set": {"s": keep, "n": len(keep)}}
-                )
-                deleted += (len(doc.get("s", [])) - len(keep)) if res.modified_count else 0
-            if hour["_id"] < cutoff:
-                await hours.delete_one({"_id": hour["_id"]})
+        for name in await self._db.list_collection_names():
+            if not name.startswith(_HIST):
+                continue
+            day = name.rpartition(".")[2]
+            if day < cutoff:
+                deleted += await self._db[name].count_documents({})
+                await self._db.drop_collection(name)
+            elif day == cutoff:
+                res = await self._db[name].delete_many({"t": {"$lt": before}})
+                deleted += res.deleted_count
         await self._db[_LIFECYCLE].delete_many(
             {"published": True, "recorded_at": {"$lt": before}}
         )
@@ -296,8 +261,13 @@ class MemorySampleStore:
         """Nothing to create."""
 
     async def add_samples(self, docs: list[dict]) -> None:
-        """Keep copies."""
-        self.docs.extend(dict(d) for d in docs)
+        """Keep copies; a sample of an IP at a time stored already is skipped."""
+        seen = {(d["ip"], _aware(d["t"])) for d in self.docs}
+        for doc in docs:
+            key = (doc["ip"], _aware(doc["t"]))
+            if key not in seen:
+                seen.add(key)
+                self.docs.append(dict(doc))
 
     async def samples(self, ip: str, start: datetime, end: datetime) -> list[dict]:
         """Filter and sort like the real store."""

@@ -136,6 +136,25 @@ async def test_store_keeps_adding_to_an_hour_after_its_boundary_was_trimmed(stor
     assert [d["cpu_percent"] for d in left] == [2.0, 3.0]
 
 
+async def test_store_query_and_retention_span_days(store: SampleStore):
+    days = (-1500, -10, 5, 1445, 2890)  # minutes from T0 (a midnight): four UTC days
+    await store.add_samples([_doc(ip, m) for ip in ("10.0.0.1", "10.0.0.2") for m in days])
+    found = await store.samples("10.0.0.1", T0 - timedelta(minutes=20),
+                                T0 + timedelta(minutes=1445))
+    deleted = await store.prune(T0 + timedelta(minutes=1440))
+    left = await store.samples("10.0.0.1", T0 - timedelta(days=9), T0 + timedelta(days=9))
+    assert [d["cpu_percent"] for d in found] == [-10.0, 5.0]
+    assert (deleted, [d["cpu_percent"] for d in left]) == (6, [1445.0, 2890.0])
+
+
+async def test_store_keeps_a_replayed_round_once(store: SampleStore):
+    round_ = [_doc("10.0.0.1", 1), _doc("10.0.0.2", 1)]
+    await store.add_samples(round_)
+    await store.add_samples([*round_, _doc("10.0.0.1", 2)])
+    found = await store.samples("10.0.0.1", T0, T0 + timedelta(hours=1))
+    assert [d["cpu_percent"] for d in found] == [1.0, 2.0]
+
+
 async def test_store_claims_a_lifecycle_event_until_it_is_published(store: SampleStore):
     msg = ContainerStarted(machine_id="m", container_id="c", host="h", at=T0, ip="10.0.0.1")
     emit = Emit("e1", msg)
