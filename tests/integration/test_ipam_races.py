@@ -85,7 +85,12 @@ async def _assert_consistent(mongo_db, rpc: RpcClient, log: list) -> None:
 
 
 async def _allocate_once(rpc: RpcClient, machine: str) -> IpAllocated:
-    reply = await _ask(rpc, IpAllocate(machine_id=machine, pool="race"))
+    """Allocate, allowing a replica a moment to see the addresses other replicas hold."""
+    for _ in range(50):
+        reply = await _ask(rpc, IpAllocate(machine_id=machine, pool="race"))
+        if isinstance(reply, IpAllocated) or reply.reason != "pool_exhausted":
+            break
+        await asyncio.sleep(0.1)
     assert isinstance(reply, IpAllocated), reply
     return reply
 
