@@ -476,7 +476,9 @@ class Ipam:
                     })
                     stale = False
                 except LeaseConflict:
-                    stale = True
+                    # A duplicate delivery may have finished this very claim for us.
+                    record = await self.store.get_history(hid)
+                    stale = record is None or record.get("machine_id") != machine_id
             if stale:
                 await self.store.delete_lease(machine_id, doc["ip"])
                 self._used.add((pool.uid, cand.ip))
