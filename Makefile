@@ -42,10 +42,9 @@ test: stack
 unit: install
 	$(PYTEST) -m unit $(PYTEST_ARGS)
 
+# Each bench/<area>.py is a program (run as a module, so that bench/_common.py is importable).
 bench: stack
-	@shopt -s nullglob; files=(bench/*.py); \
-	if (( $${#files[@]} == 0 )); then echo "bench: no bench/*.py yet"; exit 0; fi; \
-	for f in "$${files[@]}"; do echo "== $$f"; $(VENV)/bin/python "$$f"; done
+	@for f in bench/[a-z]*.py; do m=$${f%.py}; echo "== $$m"; $(VENV)/bin/python -m $${m//\//.}; done
 
 # Stops everything, then removes the state (data, logs, images' registry storage). Asks nothing.
 clean:
