@@ -23,10 +23,12 @@ __all__ = [
     "KvmDeployRequested",
     "ReleaseFailed",
     "ReleaseRequested",
+    "ReleaseSpec",
     "ReleaseSucceeded",
 ]
 
 _MAVEN_ID = r"^[A-Za-z0-9_.-]+$"
+RELEASE_ID = r"^[A-Za-z0-9_.:-]{1,64}$"
 
 
 class Artifact(Command):
@@ -49,12 +51,10 @@ class HealthCheck(Command):
     timeout_s: float = Field(default=30.0, gt=0, le=600)
 
 
-@register
-class ReleaseRequested(Command):
-    """Roll ``artifact`` onto every running machine of ``app``, in batches."""
+class ReleaseSpec(Command):
+    """What a release rolls out and how: Maven coordinates, batches, the health check."""
 
-    TYPE = "release.requested"
-    release_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    TYPE = "release.spec"
     app: str = Field(min_length=1, max_length=64)
     group_id: str = Field(min_length=1, max_length=200, pattern=_MAVEN_ID)
     artifact_id: str = Field(min_length=1, max_length=200, pattern=_MAVEN_ID)
@@ -67,10 +67,18 @@ class ReleaseRequested(Command):
     health_check: HealthCheck
 
     @model_validator(mode="after")
-    def _one_batch_rule(self) -> ReleaseRequested:
+    def _one_batch_rule(self) -> ReleaseSpec:
         if (self.batch_size is None) == (self.batch_percent is None):
             raise ValueError("give exactly one of batch_size and batch_percent")
         return self
+
+
+@register
+class ReleaseRequested(ReleaseSpec):
+    """Roll ``artifact`` onto every running machine of ``app``, in batches."""
+
+    TYPE = "release.requested"
+    release_id: str = Field(min_length=1, max_length=64, pattern=RELEASE_ID)
 
     def artifact(self) -> Artifact:
         """The Maven coordinates of this release."""

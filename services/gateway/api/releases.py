@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from libs.common.contracts.releases import HealthCheck, ReleaseRequested
+from libs.common.contracts.releases import RELEASE_ID, ReleaseRequested, ReleaseSpec
 from libs.common.errors import NotFoundError
 
 from ..releases import Releases, ReleaseStore
@@ -18,32 +18,12 @@ from .framework import ANY, Api, json_response, parse_body, parse_query
 __all__ = ["RELEASE", "ReleaseCreate", "ReleaseOut", "add_release_routes"]
 
 RELEASE = frozenset({"admin", "release"})
-_ID = r"^[A-Za-z0-9_.:-]{1,64}$"
-_MAVEN_ID = r"^[A-Za-z0-9_.-]+$"
 
 
-class ReleaseCreate(BaseModel):
-    """A release request: Maven coordinates, batches, and the health check."""
+class ReleaseCreate(ReleaseSpec):
+    """A release request; ``release_id`` is minted when not given."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    release_id: str | None = Field(default=None, pattern=_ID)
-    app: str = Field(min_length=1, max_length=64)
-    group_id: str = Field(min_length=1, max_length=200, pattern=_MAVEN_ID)
-    artifact_id: str = Field(min_length=1, max_length=200, pattern=_MAVEN_ID)
-    version: str = Field(min_length=1, max_length=100, pattern=_MAVEN_ID)
-    packaging: Literal["war", "jar", "tar.gz"] = "tar.gz"
-    classifier: str | None = Field(default=None, max_length=100, pattern=_MAVEN_ID)
-    batch_size: int | None = Field(default=None, ge=1, le=1000)
-    batch_percent: int | None = Field(default=None, ge=1, le=100)
-    max_failures: int = Field(default=0, ge=0)
-    health_check: HealthCheck
-
-    @model_validator(mode="after")
-    def _one_batch_rule(self) -> ReleaseCreate:
-        if (self.batch_size is None) == (self.batch_percent is None):
-            raise ValueError("give exactly one of batch_size and batch_percent")
-        return self
+    release_id: str | None = Field(default=None, pattern=RELEASE_ID)
 
 
 class ReleaseMachineOut(BaseModel):
