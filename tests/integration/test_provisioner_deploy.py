@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import random
 import uuid
 
 import aiohttp
@@ -17,17 +19,17 @@ from services.provisioner.domain import container_name
 from tests.integration.test_maven import MAVEN_URL, tampered_repo  # noqa: F401 - fixture
 
 IMAGE = os.environ.get("DOCKVM_BASE_IMAGE", "dockvm/base:bookworm")
-SUBNET = "10.234.17.0/24"
 
 
 @pytest.fixture(scope="module")
 def machine():
     """One running machine on its own bridge network; removed with the network after."""
     client = docker.from_env()
+    subnet = f"10.234.{random.randint(0, 255)}.0/24"
     net = client.networks.create(
         f"dockvm-test-deploy-{uuid.uuid4().hex[:6]}",
         driver="bridge",
-        ipam=docker.types.IPAMConfig(pool_configs=[docker.types.IPAMPool(subnet=SUBNET)]),
+        ipam=docker.types.IPAMConfig(pool_configs=[docker.types.IPAMPool(subnet=subnet)]),
         labels={"dockvm.test": "deploy"},
     )
     mid = f"deploy-{uuid.uuid4().hex[:8]}"
@@ -37,11 +39,13 @@ def machine():
         labels={"dockvm.machine_id": mid, "dockvm.test": "deploy"},
         network=net.name,
     )
-    container.start()
-    yield mid
-    container.remove(force=True)
-    net.remove()
-    client.close()
+    try:
+        container.start()
+        yield mid
+    finally:
+        container.remove(force=True)
+        net.remove()
+        client.close()
 
 
 @pytest.fixture
@@ -125,3 +129,20 @@ async def test_unknown_artifact_changes_nothing(machine, deployer):
 
     assert (result.TYPE, result.reason) == ("deploy.failed", "not_found")
     assert after == before
+
+
+async def test_concurrent_app_starts_run_one_app(machine, deployer):
+    """dockvm-init's start at boot may race a release's restart: one app must come out."""
+    d, shell = deployer
+    await d.run(deploy(machine, "2.0.0", release="race"))
+    await shell.exec(machine, ["/usr/local/sbin/dockvm-app", "stop"])
+
+    await asyncio.gather(
+        *(shell.exec(machine, ["/usr/local/sbin/dockvm-app", "start"]) for _ in range(6))
+    )
+    await asyncio.sleep(1)
+    _, count = await shell.exec(machine, ["pgrep", "-c", "-f", "^python3 .*server.py"])
+    code, _ = await shell.exec(machine, ["sh", "-c", "kill -0 $(cat /run/dockvm-app.pid)"])
+
+    assert count.strip() == "1"
+    assert code == 0
