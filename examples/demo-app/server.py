@@ -9,7 +9,7 @@ VERSION = (pathlib.Path(__file__).parent / "VERSION").read_text().strip()
 class Handler(http.server.BaseHTTPRequestHandler):
     """Answers every GET with the version."""
 
-    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+    def do_GET(self) -> None:
         body = f"demo-app {VERSION}\n".encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
