@@ -85,8 +85,13 @@ async def _assert_consistent(mongo_db, rpc: RpcClient, log: list) -> None:
 
 
 async def _allocate_once(rpc: RpcClient, machine: str) -> IpAllocated:
-    """Allocate, allowing a replica a moment to see the addresses other replicas hold."""
-    for _ in range(50):
+    """Allocate, allowing a replica a moment to see the addresses other replicas hold.
+
+    Under the full suite's load a replica can answer pool_exhausted for a few seconds while
+    another replica's block or the free queue still holds addresses (its caches last about a
+    second per pass); the whole pool must still come back within 30 s.
+    """
+    for _ in range(300):
         reply = await _ask(rpc, IpAllocate(machine_id=machine, pool="race"))
         if isinstance(reply, IpAllocated) or reply.reason != "pool_exhausted":
             break
