@@ -1,18 +1,20 @@
 """Rolling releases: the release system's request becomes per-machine deploys, batch by batch.
 
-State lives in the ``releases`` collection, so a restarted gateway resumes a release where it
-was: :meth:`Releases.sweep` re-sends the deploys of the current batch that were never sent and
-fails those that got no answer in time. Every step is a conditional update, so duplicate or
-concurrent results advance a release once.
+State lives in MongoDB (see :class:`ReleaseStore`), so a restarted gateway resumes a release
+where it was: :meth:`Releases.sweep` re-sends the deploys of the current batch that were never
+sent, fails those that got no answer in time and finishes a step whose taker died. Each step
+(the next batch, the end) is taken by exactly one caller, so duplicate or concurrent results,
+on one gateway replica or several, move a release on once.
 """
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import structlog
-from pymongo import DESCENDING, ReturnDocument
+from pymongo import DESCENDING
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
@@ -61,10 +63,24 @@ class ArtifactCheck(Protocol):
 
 
 class ReleaseStore:
-    """The ``releases`` collection: one document per release with a status per machine."""
+    """Releases, stored so that concurrent writers never touch the same document.
+
+    FerretDB v1 applies two concurrent updates of one document as read-modify-write, so one is
+    lost; results of one batch arrive together, from two gateway replicas as easily as from one.
+    Hence three collections:
+
+    - ``releases``: the plan, written once (spec, batches, each machine's host and IP), plus
+      ``current_batch``/``status``, written only by the winner of a step below;
+    - ``release_machines``: one document per (release, machine) with its deploy status; a
+      machine with none is pending;
+    - ``release_steps``: ``<release>/batch/<n>`` and ``<release>/end``, whose unique ``_id``
+      elects the one caller that moves the release on.
+    """
 
     def __init__(self, db: AsyncDatabase) -> None:
         self.coll = db["releases"]
+        self.machines = db["release_machines"]
+        self.steps = db["release_steps"]
 
     async def setup(self) -> None:
         """Indexes for listing."""
@@ -79,51 +95,77 @@ class ReleaseStore:
         except DuplicateKeyError:
             return False
 
-    async def get(self, release_id: str) -> dict[str, Any] | None:
-        """One release."""
+    async def plan(self, release_id: str) -> dict[str, Any] | None:
+        """The release document alone, without machine statuses."""
         return await self.coll.find_one({"_id": release_id})
+
+    async def statuses(
+        self, release_id: str, machine_ids: list[str]
+    ) -> dict[str, dict[str, Any]]:
+        """The status documents of these machines (by ``_id``: the one lookup FerretDB v1
+        indexes); a machine without one is absent."""
+        docs = await asyncio.gather(
+            *(self.machines.find_one({"_id": f"{release_id}/{m}"}) for m in machine_ids)
+        )
+        return {d["machine_id"]: d for d in docs if d is not None}
+
+    async def _with_statuses(self, doc: dict[str, Any]) -> dict[str, Any]:
+        found = await self.statuses(doc["_id"], list(doc["machines"]))
+        machines = {}
+        for mid, static in doc["machines"].items():
+            status = found.get(mid, {})
+            machines[mid] = {**static, **{k: v for k, v in status.items()
+                                          if k not in ("_id", "release_id", "machine_id")}}
+        latest = max((m["at"] for m in found.values()), default=doc["updated_at"])
+        return {**doc, "machines": machines, "updated_at": max(doc["updated_at"], latest)}
+
+    async def get(self, release_id: str) -> dict[str, Any] | None:
+        """One release with the status of each of its machines."""
+        doc = await self.plan(release_id)
+        return None if doc is None else await self._with_statuses(doc)
 
     async def list(self, app: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         """Newest releases first."""
         query = {"app": app} if app else {}
-        return await self.coll.find(query).sort("created_at", DESCENDING).limit(limit).to_list()
+        docs = await self.coll.find(query).sort("created_at", DESCENDING).limit(limit).to_list()
+        return [await self._with_statuses(d) for d in docs]
 
     async def running(self) -> list[dict[str, Any]]:
-        """Releases still in progress."""
+        """Releases still in progress (plans only)."""
         return await self.coll.find({"status": ReleaseStatus.RUNNING.value}).to_list()
 
     async def set_machine(
         self, release_id: str, machine_id: str, status: MachineStatus, from_: list[str],
         **fields: Any,
-    ) -> dict[str, Any] | None:
-        """Move one machine to ``status`` if it is in one of ``from_``; the new doc or None."""
-        key = f"machines.{machine_id}"
-        update = {f"{key}.status": status.value, f"{key}.at": _now(), "updated_at": _now()}
-        update |= {f"{key}.{k}": v for k, v in fields.items()}
-        return await self.coll.find_one_and_update(
-            {"_id": release_id, f"{key}.status": {"$in": from_}},
+    ) -> bool:
+        """Move one machine to ``status`` if it is in one of ``from_``; whether it moved."""
+        update = {"status": status.value, "at": _now(), **fields}
+        key = f"{release_id}/{machine_id}"
+        if MachineStatus.PENDING.value in from_:
+            try:
+                await self.machines.insert_one(
+                    {"_id": key, "release_id": release_id, "machine_id": machine_id, **update}
+                )
+                return True
+            except DuplicateKeyError:
+                pass  # no longer pending
+        moved = await self.machines.find_one_and_update(
+            {"_id": key, "status": {"$in": [s for s in from_ if s != MachineStatus.PENDING]}},
             {"$set": update},
-            return_document=ReturnDocument.AFTER,
         )
+        return moved is not None
 
-    async def advance(self, release_id: str, from_batch: int) -> dict[str, Any] | None:
-        """Move to the next batch, once: only the caller that sees ``from_batch`` wins."""
-        return await self.coll.find_one_and_update(
-            {"_id": release_id, "current_batch": from_batch, "status": ReleaseStatus.RUNNING.value},
-            {"$set": {"current_batch": from_batch + 1, "updated_at": _now()}},
-            return_document=ReturnDocument.AFTER,
-        )
+    async def take_step(self, release_id: str, step: str) -> bool:
+        """Elect the caller that takes ``step`` (``batch/<n>`` or ``end``); True once."""
+        try:
+            await self.steps.insert_one({"_id": f"{release_id}/{step}", "at": _now()})
+            return True
+        except DuplicateKeyError:
+            return False
 
-    async def finish(
-        self, release_id: str, status: ReleaseStatus, reason: str | None = None
-    ) -> dict[str, Any] | None:
-        """End a running release, once."""
-        return await self.coll.find_one_and_update(
-            {"_id": release_id, "status": ReleaseStatus.RUNNING.value},
-            {"$set": {"status": status.value, "reason": reason, "finished_at": _now(),
-                      "updated_at": _now()}},
-            return_document=ReturnDocument.AFTER,
-        )
+    async def update(self, release_id: str, fields: dict[str, Any]) -> None:
+        """Write the release-level fields a step's winner owns."""
+        await self.coll.update_one({"_id": release_id}, {"$set": {**fields, "updated_at": _now()}})
 
 
 def _spec(req: ReleaseRequested) -> dict[str, Any]:
@@ -176,6 +218,7 @@ class Releases:
             # FerretDB v1 stores no nested arrays, hence a document per batch.
             "batches": [{"machines": b} for b in batches],
             "current_batch": 0,
+            "failed_before": 0,  # failures in the batches before current_batch
             "machines": {
                 m["_id"]: {
                     "status": MachineStatus.PENDING.value,
@@ -198,11 +241,14 @@ class Releases:
         return await self._store.get(req.release_id) or doc
 
     async def _dispatch(self, doc: dict[str, Any], index: int) -> None:
+        """Send the deploys of batch ``index`` that were never sent."""
         req = ReleaseRequested(release_id=doc["_id"], **doc["spec"])
-        for mid in doc["batches"][index]["machines"]:
-            machine = doc["machines"][mid]
-            if machine["status"] != MachineStatus.PENDING.value:
+        batch = doc["batches"][index]["machines"]
+        sent = await self._store.statuses(doc["_id"], batch)
+        for mid in batch:
+            if mid in sent:
                 continue
+            machine = doc["machines"][mid]
             # Publish first, then mark: a crash in between re-sends the deploy on the next
             # sweep, and the host's deploy is idempotent, so nothing is lost or done twice.
             if machine["type"] == "kvm":
@@ -224,6 +270,8 @@ class Releases:
                 doc["_id"], mid, MachineStatus.DEPLOYING, [MachineStatus.PENDING.value],
                 sent_at=_now(),
             )
+        log.info("batch dispatched", release_id=doc["_id"], batch=index,
+                 machines=len(batch) - len(sent))
 
     async def on_result(self, evt: DeploySucceeded | DeployFailed) -> None:
         """Record one machine's outcome and move the release on."""
@@ -233,74 +281,82 @@ class Releases:
         fields: dict[str, Any] = {"version": evt.version}
         if not ok:
             fields |= {"reason": evt.reason, "detail": evt.detail, "rolled_back": evt.rolled_back}
-        doc = await self._store.set_machine(
+        moved = await self._store.set_machine(
             evt.release_id, evt.machine_id,
             MachineStatus.SUCCEEDED if ok else MachineStatus.FAILED,
             [MachineStatus.DEPLOYING.value, MachineStatus.PENDING.value],
             **fields,
         )
-        if doc is None:
-            log.info("deploy result ignored (duplicate or unknown)", release_id=evt.release_id,
-                     machine_id=evt.machine_id)
-            return
-        await self._progress(doc)
+        log.info("deploy result" if moved else "deploy result again (duplicate)",
+                 release_id=evt.release_id, machine_id=evt.machine_id, ok=ok)
+        # Also after a duplicate: its first delivery may have died before moving the release
+        # on, and every step below happens once whoever calls it.
+        await self._progress(evt.release_id)
 
-    async def _progress(self, doc: dict[str, Any]) -> None:
-        if doc["status"] != ReleaseStatus.RUNNING.value:
+    async def _progress(self, release_id: str, repair: bool = False) -> None:
+        """Move the release on if its current batch is done. Each step (next batch, end) is
+        taken by one caller; ``repair`` (the sweep) also finishes a step whose taker died."""
+        doc = await self._store.plan(release_id)
+        if doc is None or doc["status"] != ReleaseStatus.RUNNING.value:
             return
         index = doc["current_batch"]
-        statuses = {mid: m["status"] for mid, m in doc["machines"].items()}
-        earlier = {mid for batch in doc["batches"][:index] for mid in batch["machines"]}
-        failed_before = sum(statuses[m] == MachineStatus.FAILED for m in earlier)
-        verdict = batch_verdict(
-            doc["batches"][index]["machines"], statuses, failed_before,
-            doc["spec"]["max_failures"],
-        )
+        batch = doc["batches"][index]["machines"]
+        found = await self._store.statuses(release_id, batch)
+        statuses = {m: found[m]["status"] if m in found else MachineStatus.PENDING.value
+                    for m in batch}
+        failed_before = doc.get("failed_before", 0)
+        verdict = batch_verdict(batch, statuses, failed_before, doc["spec"]["max_failures"])
         if verdict == "wait":
             return
+        failed_here = [m for m in batch if statuses[m] == MachineStatus.FAILED]
         if verdict == "stop":
-            failed = sorted(m for m, s in statuses.items() if s == MachineStatus.FAILED)
+            earlier = [m for b in doc["batches"][:index] for m in b["machines"]]
+            before = await self._store.statuses(release_id, earlier)
+            failed = sorted(failed_here + [m for m, d in before.items()
+                                           if d["status"] == MachineStatus.FAILED])
             reason = f"{len(failed)} machine(s) failed, more than max_failures"
-            if await self._store.finish(doc["_id"], ReleaseStatus.FAILED, reason):
-                log.warning("release failed", release_id=doc["_id"], failed=failed)
+            if await self._store.take_step(release_id, "end") or repair:
+                await self._store.update(release_id, {
+                    "status": ReleaseStatus.FAILED.value, "reason": reason,
+                    "finished_at": _now()})
+                log.warning("release failed", release_id=release_id, failed=failed)
                 await self._publisher.publish(
-                    ReleaseFailed(release_id=doc["_id"], app=doc["app"], version=doc["version"],
+                    ReleaseFailed(release_id=release_id, app=doc["app"], version=doc["version"],
                                   reason=reason, failed_machines=failed)
                 )
             return
         if index + 1 >= len(doc["batches"]):
-            if await self._store.finish(doc["_id"], ReleaseStatus.SUCCEEDED):
-                log.info("release succeeded", release_id=doc["_id"])
+            if await self._store.take_step(release_id, "end") or repair:
+                await self._store.update(release_id, {
+                    "status": ReleaseStatus.SUCCEEDED.value, "finished_at": _now()})
+                log.info("release succeeded", release_id=release_id)
                 await self._publisher.publish(
-                    ReleaseSucceeded(release_id=doc["_id"], app=doc["app"],
-                                     version=doc["version"], machines=len(statuses))
+                    ReleaseSucceeded(release_id=release_id, app=doc["app"],
+                                     version=doc["version"], machines=len(doc["machines"]))
                 )
             return
-        advanced = await self._store.advance(doc["_id"], index)
-        if advanced is not None:
-            await self._dispatch(advanced, index + 1)
+        if await self._store.take_step(release_id, f"batch/{index + 1}") or repair:
+            fields = {"current_batch": index + 1, "failed_before": failed_before + len(failed_here)}
+            await self._store.update(release_id, fields)
+            await self._dispatch({**doc, **fields}, index + 1)
 
     async def sweep(self) -> None:
-        """Resume after a restart: send unsent deploys, fail those past the timeout."""
+        """Resume after a restart: send unsent deploys, fail those past the timeout, and
+        finish a step whose taker died."""
         cutoff = _now() - self._timeout
         for doc in await self._store.running():
-            index = doc["current_batch"]
+            rid, index = doc["_id"], doc["current_batch"]
             await self._dispatch(doc, index)
-            doc = await self._store.get(doc["_id"]) or doc
-            for mid in doc["batches"][index]["machines"]:
-                m = doc["machines"][mid]
+            batch = doc["batches"][index]["machines"]
+            for mid, m in (await self._store.statuses(rid, batch)).items():
                 sent = m.get("sent_at") or m["at"]
                 sent = sent if sent.tzinfo else sent.replace(tzinfo=UTC)
                 if m["status"] == MachineStatus.DEPLOYING.value and sent < cutoff:
-                    updated = await self._store.set_machine(
-                        doc["_id"], mid, MachineStatus.FAILED, [MachineStatus.DEPLOYING.value],
+                    await self._store.set_machine(
+                        rid, mid, MachineStatus.FAILED, [MachineStatus.DEPLOYING.value],
                         reason="timeout", detail="no deploy result in time",
                     )
-                    if updated is not None:
-                        await self._progress(updated)
-            fresh = await self._store.get(doc["_id"])
-            if fresh is not None:
-                await self._progress(fresh)
+            await self._progress(rid, repair=True)
 
 
 class StoreDirectory:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
+
+from libs.common.db import mongo_client
 
 from libs.common.contracts.releases import (
     DeployFailed,
@@ -14,6 +17,7 @@ from libs.common.contracts.releases import (
 )
 from libs.common.errors import DomainError, NotFoundError
 from services.gateway.releases import Releases, ReleaseStore
+from tests.support.stack import MONGO_URL
 
 MACHINES = [
     {"_id": "m1", "type": "docker", "host": "h1", "ip": "10.9.0.11"},
@@ -143,3 +147,35 @@ async def test_restarted_gateway_resumes_and_times_out_silent_machines(
 
     assert failed[0].failed_machines == ["m1", "m2", "m3", "m4"]
     assert (await store.get("r1"))["machines"]["m1"]["reason"] == "timeout"
+
+
+async def test_results_arriving_together_on_two_replicas_move_the_release_once(
+    mongo_db, publisher, releases, probe_factory
+):
+    """FerretDB v1 loses one of two concurrent updates of a document: a batch's results,
+    handled at once by two gateway replicas (two connections), must still both count."""
+    r, store = releases
+    other = mongo_client(MONGO_URL, app_name="dockvm-tests-replica-2")
+    try:
+        store2 = ReleaseStore(other[mongo_db.name])
+        r2 = Releases(store2, publisher, Directory({"demo": MACHINES}))
+        probe = await probe_factory("host.*.deploy", "kvm.#", "release.#")
+        await r.request(release(), requested_by="x")
+        await probe.wait_for("deploy", count=2)
+
+        await asyncio.gather(r.on_result(ok("m1")), r2.on_result(ok("m2")),
+                             r2.on_result(ok("m2")))
+        kvm = await probe.wait_for("kvm.deploy.requested")
+        await asyncio.gather(r.on_result(ok("m3")), r2.on_result(ok("m4")),
+                             r.on_result(ok("m4")))
+        done = await probe.wait_for("release.succeeded")
+        await asyncio.sleep(0.3)  # a second, wrong release.succeeded would arrive by now
+        doc = await store2.get("r1")
+    finally:
+        await other.close()
+
+    assert [k.machine_id for k in kvm] == ["m3"]
+    assert len(probe.of_type("deploy")) == 3  # m1, m2, then m4: no batch sent twice
+    assert len(done) == len(probe.of_type("release.succeeded")) == 1
+    assert (doc["status"], doc["current_batch"]) == ("succeeded", 1)
+    assert {m["status"] for m in doc["machines"].values()} == {"succeeded"}
