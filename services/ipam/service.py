@@ -378,7 +378,8 @@ class Ipam:
         p = await self._pool(pool, dc, vlan_id)
         waits = 0
         for _ in range(self.max_attempts):
-            cand = await self._candidate(p)
+            # pool_exhausted is only answered after a pass that trusts no cached "none left".
+            cand = await self._candidate(p) or await self._candidate(p, fresh=True)
             if cand is None:
                 other = await self.store.get_lease(machine_id)
                 if other is not None:  # a concurrent delivery for the same machine
@@ -444,6 +445,9 @@ class Ipam:
         """Take ``cand`` for the machine; None if another claimer has (or had) the address."""
         doc = self._lease_doc(pool, machine_id, cand, request_id)
         hid = history_id(doc["ip"], pool.uid, doc["gen"])
+        # An address goes back to its block only once it has left _inflight: while it is in
+        # flight, a task popping it from the block would take it for another task's and drop it.
+        give_back = True
         self._inflight.add(cand.ip)
         try:
             try:
@@ -451,17 +455,17 @@ class Ipam:
             except LeaseConflict:
                 other = await self.store.get_lease(machine_id)
                 if other is not None:  # a concurrent delivery for the same machine
-                    self._give_back(cand)
                     _refuse_released(other)
                     if await self._confirmed(other):
                         return Allocation.of(other)
                     return None  # a stale claim, now undone: try again
+                if await self.store.lease_of_ip(doc["ip"]) is None:
+                    return None  # its holder has just gone (a stale claim, undone): retry it
+                give_back = False
                 self._used.add((pool.uid, cand.ip))  # active elsewhere
                 await self._resolve(cand)
                 return None
-            except BaseException:
-                self._give_back(cand)
-                raise
+            give_back = False
             # The lease holds the IP; now make sure this generation was not handed out
             # before (a stale candidate): the history record of a release is written
             # before its lease goes, so a stale claim always sees it here.
@@ -492,6 +496,8 @@ class Ipam:
             return Allocation.of(doc)
         finally:
             self._inflight.discard(cand.ip)
+            if give_back:
+                self._give_back(cand)
 
     async def _confirmed(self, lease: dict) -> bool:
         """Settle another delivery's lease of this machine: True if it holds, False if it was
@@ -538,31 +544,34 @@ class Ipam:
         if blk.unresolved <= 0 and not blk.queue:
             await self.store.mark_block_full(blk.pool_uid, blk.k)
 
-    async def _candidate(self, pool: Pool) -> _Candidate | None:
-        """The next address worth trying, never-used first; None when the pool is full."""
+    async def _candidate(self, pool: Pool, fresh: bool = False) -> _Candidate | None:
+        """The next address worth trying, never-used first; None when the pool is full.
+
+        ``fresh`` looks again where a recent pass found nothing (no block left to claim, no
+        leftover), which is what answering ``pool_exhausted`` needs."""
         for _ in range(self.max_attempts):
             blk = self._blocks.get(pool.uid)
             while blk is not None and blk.queue:
                 ip = pool.first + blk.queue.popleft()
-                if ip in self._inflight or not pool.allocatable(ip):
+                if not pool.allocatable(ip):
                     await self._resolve(_Candidate(ip, 0, None, blk))
                     continue
                 return _Candidate(ip, 0, None, blk)
-            if not await self._claim_block(pool):
+            if not await self._claim_block(pool, fresh):
                 break
-        leftover = await self._leftover(pool)
+        leftover = await self._leftover(pool, fresh)
         if leftover is not None:
             return leftover
         return await self._next_released(pool)
 
-    async def _claim_block(self, pool: Pool) -> bool:
+    async def _claim_block(self, pool: Pool, fresh: bool = False) -> bool:
         """Claim the next block of never-used offsets; False when none is left."""
         lock = self._locks.setdefault(pool.uid, asyncio.Lock())
         async with lock:
             blk = self._blocks.get(pool.uid)
             if blk is not None and blk.queue:
                 return True  # another task of this process claimed one meanwhile
-            done = self._cursor_done.get(pool.uid)
+            done = None if fresh else self._cursor_done.get(pool.uid)
             if done is not None and time.monotonic() - done < 5 * max(self.pool_cache_s, 0.2):
                 return False
             doc = await self.store.get_pool(pool.name)
@@ -583,9 +592,9 @@ class Ipam:
                 k += 1
             raise TransientError(f"could not claim a block of pool {pool.name}")
 
-    async def _leftover(self, pool: Pool) -> _Candidate | None:
+    async def _leftover(self, pool: Pool, fresh: bool = False) -> _Candidate | None:
         """A never-used address of a claimed block that is not used up (its owner died)."""
-        empty = self._leftover_empty.get(pool.uid)
+        empty = None if fresh else self._leftover_empty.get(pool.uid)
         if empty is not None and time.monotonic() - empty < max(self.pool_cache_s, 0.2):
             return None
         mine = self._blocks.get(pool.uid)

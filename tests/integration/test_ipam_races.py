@@ -113,11 +113,6 @@ async def rpc(amqp, replicas):
     await client.close()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known defect (issue 3, open): under load ipam can strand addresses, so the final "
-    "whole-pool allocation sometimes fails; it still runs and reports XPASS when it holds",
-)
 @pytest.mark.timeout(480)  # a few minutes on a busy shared host
 async def test_four_replicas_64_requesters_never_share_or_leak_an_ip(rpc, mongo_db):
     log: list = []
@@ -126,11 +121,6 @@ async def test_four_replicas_64_requesters_never_share_or_leak_an_ip(rpc, mongo_
     await _assert_consistent(mongo_db, rpc, log)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known defect (issue 3, open): under load ipam can strand addresses, so the final "
-    "whole-pool allocation sometimes fails; it still runs and reports XPASS when it holds",
-)
 @pytest.mark.timeout(480)
 async def test_kill_9_of_a_replica_mid_run_leaves_the_store_consistent(rpc, replicas, mongo_db):
     log: list = []

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
+import random
 from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Address
 
@@ -271,3 +273,45 @@ async def test_a_late_allocate_of_a_released_machine_is_refused(ipam):
     with pytest.raises(AllocationError) as exc:
         await ipam.allocate("m", pool="p")
     assert exc.value.reason == "machine_released"
+
+
+class InterleavingStore(MemoryIpamStore):
+    """The in-memory store, but every call yields to the loop a random few times, so that
+    concurrent tasks interleave between any two store calls as they do on a real database."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self._rng = random.Random(seed)
+
+    def __getattribute__(self, name: str):
+        attr = super().__getattribute__(name)
+        if name.startswith("_") or not inspect.iscoroutinefunction(attr):
+            return attr
+
+        async def call(*args, **kwargs):
+            for _ in range(self._rng.randrange(4)):
+                await asyncio.sleep(0)
+            return await attr(*args, **kwargs)
+
+        return call
+
+
+@pytest.mark.parametrize("seed", range(40))
+async def test_duplicate_deliveries_on_two_replicas_strand_no_address(clock, seed):
+    store = InterleavingStore(seed)
+    a, b = (Ipam(store, block_size=8, pool_cache_s=0, clock=clock) for _ in range(2))
+    await a.create_pool("p", "dc1", 100, "10.100.0.0/27", IPv4Address("10.100.0.1"), [], 0)
+    for rnd in range(3):  # each machine's allocate delivered three times at once
+        got = await asyncio.gather(
+            *[(a, b)[(i + d) % 2].allocate(f"r{rnd}-m{i}", pool="p")
+              for i in range(12) for d in range(3)]
+        )
+        assert len({(x.machine_id, x.ip) for x in got}) == 12
+        await asyncio.gather(*[(a, b)[i % 2].release(f"r{rnd}-m{i}") for i in range(12)])
+        clock.advance(1)
+
+    final = await asyncio.gather(*[(a, b)[i % 2].allocate(f"f{i}", pool="p") for i in range(29)])
+
+    assert len({x.ip for x in final}) == 29  # the whole /27 (29 without the gateway) again
+    with pytest.raises(AllocationError, match="no free address"):
+        await a.allocate("one-too-many", pool="p")
