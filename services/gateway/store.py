@@ -1,14 +1,20 @@
 """The gateway's MongoDB state: machines, hosts, apps, tokens, the audit log, idempotency keys.
 
 Every state change is one conditional ``find_one_and_update`` (the expected current state is in
-the filter), so two deliveries of the same event, or two replicas, cannot both apply it.
+the filter), so on MongoDB two deliveries of the same event, or two replicas, cannot both apply
+it. FerretDB v1 runs that update as a read, then a whole-document write, so two concurrent
+writes to one machine can both match and the later one wins; within a process a machine's writes
+are therefore serialized (:meth:`GatewayStore._machine_lock`). Across gateway replicas on
+FerretDB the window remains: run several replicas on a real MongoDB.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
 import time
+import weakref
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -153,6 +159,16 @@ class GatewayStore:
         self.tokens = db[TOKENS]
         self.audit = db[AUDIT]
         self.idempotency = db[IDEMPOTENCY]
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
+
+    def _machine_lock(self, machine_id: str) -> asyncio.Lock:
+        """The lock that orders this process's writes to one machine (gone when unused)."""
+        lock = self._locks.get(machine_id)
+        if lock is None:
+            lock = self._locks[machine_id] = asyncio.Lock()
+        return lock
 
     @translate_errors
     async def setup(self) -> None:
@@ -221,22 +237,24 @@ class GatewayStore:
         if saga is not False:
             fields["saga"] = saga
         entry = {"state": to_state, "at": at, "reason": reason}
-        return await self.machines.find_one_and_update(
-            {"_id": machine_id, "state": {"$in": list(from_states)}},
-            {"$set": fields, "$push": {"transitions": entry}},
-            return_document=ReturnDocument.AFTER,
-        )
+        async with self._machine_lock(machine_id):
+            return await self.machines.find_one_and_update(
+                {"_id": machine_id, "state": {"$in": list(from_states)}},
+                {"$set": fields, "$push": {"transitions": entry}},
+                return_document=ReturnDocument.AFTER,
+            )
 
     @translate_errors
     async def update(
         self, machine_id: str, match: dict[str, Any], set_: dict[str, Any]
     ) -> dict[str, Any] | None:
         """Set fields on a machine that matches ``match``; None when it does not."""
-        return await self.machines.find_one_and_update(
-            {"_id": machine_id, **match},
-            {"$set": {**set_, "updated_at": now()}},
-            return_document=ReturnDocument.AFTER,
-        )
+        async with self._machine_lock(machine_id):
+            return await self.machines.find_one_and_update(
+                {"_id": machine_id, **match},
+                {"$set": {**set_, "updated_at": now()}},
+                return_document=ReturnDocument.AFTER,
+            )
 
     @translate_errors
     async def due_sagas(self, at: datetime, limit: int = 500) -> list[dict[str, Any]]:

@@ -450,21 +450,23 @@ class Ipam:
         give_back = True
         self._inflight.add(cand.ip)
         try:
-            try:
-                await self.store.insert_lease(doc)
-            except LeaseConflict:
-                other = await self.store.get_lease(machine_id)
-                if other is not None:  # a concurrent delivery for the same machine
-                    _refuse_released(other)
-                    if await self._confirmed(other):
-                        return Allocation.of(other)
-                    return None  # a stale claim, now undone: try again
-                if await self.store.lease_of_ip(doc["ip"]) is None:
-                    return None  # its holder has just gone (a stale claim, undone): retry it
-                give_back = False
-                self._used.add((pool.uid, cand.ip))  # active elsewhere
-                await self._resolve(cand)
-                return None
+            for attempt in range(2):
+                try:
+                    await self.store.insert_lease(doc)
+                    break
+                except LeaseConflict:
+                    other = await self.store.get_lease(machine_id)
+                    if other is not None:  # a concurrent delivery for the same machine
+                        _refuse_released(other)
+                        if await self._confirmed(other):
+                            return Allocation.of(other)
+                        return None  # a stale claim, now undone: try again
+                    if attempt == 0:
+                        continue  # the holder may have just gone (a stale claim undone)
+                    give_back = False
+                    self._used.add((pool.uid, cand.ip))  # active elsewhere
+                    await self._resolve(cand)
+                    return None
             give_back = False
             # The lease holds the IP; now make sure this generation was not handed out
             # before (a stale candidate): the history record of a release is written

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -35,6 +36,19 @@ async def test_transition_applies_only_from_the_expected_state(store):
     assert first["state"] == "running"
     assert [t["state"] for t in first["transitions"]] == ["running"]
     assert second is None
+
+
+async def test_concurrent_writes_to_one_machine_all_land(store):
+    """FerretDB v1 would let the later of two concurrent writes erase the earlier one."""
+    await store.insert_machines([_doc("m1", "creating")])
+    await asyncio.gather(
+        store.transition("m1", ["creating"], "running"),
+        *(store.update("m1", {}, {f"note{i}": i}) for i in range(5)),
+    )
+    doc = await store.get("m1")
+
+    assert doc["state"] == "running"
+    assert [doc.get(f"note{i}") for i in range(5)] == list(range(5))
 
 
 async def test_update_matches_dotted_saga_fields(store):
