@@ -86,6 +86,8 @@ class Consumer:
     _queue: AbstractQueue | None = None
     _tag: str | None = None
     _inflight: set[asyncio.Task] = field(default_factory=set)
+    _ok_children: dict[str, Any] = field(default_factory=dict)
+    _timer_children: dict[str, Any] = field(default_factory=dict)
 
     async def start(self) -> None:
         """Declare the topology and start consuming."""
@@ -163,7 +165,7 @@ class Consumer:
             await self._retry_or_give_up(message, env, err, count)
             return
         finally:
-            _DURATION.labels(queue, env.type).observe(time.perf_counter() - started)
+            self._timer(env.type).observe(time.perf_counter() - started)
 
         if reply is not None and message.reply_to:
             await self._reply(message, env, reply)
@@ -174,7 +176,7 @@ class Consumer:
                 # The effect is durable; a redelivery is absorbed by the idempotent handler.
                 log.warning("dedupe complete failed", error=repr(err))
         await message.ack()
-        _HANDLED.labels(queue, env.type, "ok").inc()
+        self._ok(env.type).inc()
 
     async def _claim(self, message: AbstractIncomingMessage, env: Envelope) -> Claim | None:
         """Claim the message id; settle the message unless it is ours to handle (NEW).
@@ -209,6 +211,19 @@ class Consumer:
                 _HANDLED.labels(queue, env.type, "busy").inc()
                 return claim
             await asyncio.sleep(min(1.0, self.busy_wait_s))
+
+    def _ok(self, type_: str) -> Any:
+        # Metric children are looked up once per type: ``labels()`` costs more than ``inc()``.
+        child = self._ok_children.get(type_)
+        if child is None:
+            child = self._ok_children[type_] = _HANDLED.labels(self.spec.name, type_, "ok")
+        return child
+
+    def _timer(self, type_: str) -> Any:
+        child = self._timer_children.get(type_)
+        if child is None:
+            child = self._timer_children[type_] = _DURATION.labels(self.spec.name, type_)
+        return child
 
     async def _forget(self, env: Envelope) -> None:
         if self.dedupe is not None:

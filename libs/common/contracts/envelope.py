@@ -102,7 +102,9 @@ class Envelope(BaseModel):
     ) -> Envelope:
         """Put ``msg`` in a new envelope; a new correlation id is minted when none is given."""
         env_id = id or uuid.uuid4().hex
-        return cls(
+        # ``msg`` is a validated model and the other fields are ours: constructing without a
+        # second validation halves the cost of every publish.
+        return cls.model_construct(
             id=env_id,
             type=msg.TYPE,
             version=msg.VERSION,
@@ -110,6 +112,7 @@ class Envelope(BaseModel):
             causation_id=causation_id,
             source=source,
             data=msg.model_dump(mode="json"),
+            occurred_at=_now(),
         )
 
     def to_bytes(self) -> bytes:
