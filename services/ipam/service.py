@@ -472,7 +472,10 @@ class Ipam:
             # before (a stale candidate): the history record of a release is written
             # before its lease goes, so a stale claim always sees it here.
             if doc["claim"] == "probe":
-                stale = await self.store.get_history(hid) is not None
+                # A record of this very machine is its own release, answered meanwhile through
+                # a duplicate delivery that confirmed this lease: the claim held.
+                record = await self.store.get_history(hid)
+                stale = record is not None and record.get("machine_id") != machine_id
             else:
                 try:
                     await self.store.insert_history({

@@ -72,7 +72,7 @@ async def _assert_consistent(mongo_db, rpc: RpcClient, log: list) -> None:
     gens_ok = all([d["gen"] for d in items] == list(range(1, len(items) + 1))
                   for items in chains.values())
     owners = {(record["machine_id"], record["ip"]) for record in records}
-    assert await mongo_db["leases"].count_documents({"state": "active"}) == 0
+    assert await mongo_db["leases"].find({"state": "active"}).to_list() == []
     assert overlaps == []
     assert gens_ok
     assert set(log) <= owners

@@ -279,9 +279,10 @@ class InterleavingStore(MemoryIpamStore):
     """The in-memory store, but every call yields to the loop a random few times, so that
     concurrent tasks interleave between any two store calls as they do on a real database."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, spread: int = 4) -> None:
         super().__init__()
         self._rng = random.Random(seed)
+        self._spread = spread
 
     def __getattribute__(self, name: str):
         attr = super().__getattribute__(name)
@@ -289,7 +290,7 @@ class InterleavingStore(MemoryIpamStore):
             return attr
 
         async def call(*args, **kwargs):
-            for _ in range(self._rng.randrange(4)):
+            for _ in range(self._rng.randrange(self._spread)):
                 await asyncio.sleep(0)
             return await attr(*args, **kwargs)
 
@@ -315,3 +316,57 @@ async def test_duplicate_deliveries_on_two_replicas_strand_no_address(clock, see
     assert len({x.ip for x in final}) == 29  # the whole /27 (29 without the gateway) again
     with pytest.raises(AllocationError, match="no free address"):
         await a.allocate("one-too-many", pool="p")
+
+
+
+class ReleaseDuringCheck(MemoryIpamStore):
+    """Holds the first history read (a claimer's check after its lease insert) until a release
+    has written its history record, and that release's end of lease until the check is done."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold = False
+        self.released = asyncio.Event()
+        self.checked = asyncio.Event()
+
+    async def get_history(self, hid: str) -> dict | None:
+        if not self.hold:
+            return await super().get_history(hid)
+        self.hold = False
+        await self.released.wait()
+        try:
+            return await super().get_history(hid)
+        finally:
+            self.checked.set()
+
+    async def upsert_history(self, hid: str, fields: dict) -> None:
+        await super().upsert_history(hid, fields)
+        self.released.set()
+
+    async def end_lease(self, machine_id: str, ip: str, at: datetime) -> None:
+        await self.checked.wait()
+        for _ in range(10):  # let the claimer act on what it read
+            await asyncio.sleep(0)
+        await super().end_lease(machine_id, ip, at)
+
+
+async def test_a_release_during_a_slow_duplicates_check_leaves_no_lease(clock):
+    """One delivery inserts the lease and is slow to check it; a duplicate confirms it and
+    answers; the requester releases at once. The slow one must see its own machine's release,
+    not a stale claim (which would delete the lease, or take a second address)."""
+    store = ReleaseDuringCheck()
+    a, b = (Ipam(store, block_size=8, pool_cache_s=0, clock=clock) for _ in range(2))
+    await a.create_pool("p", "dc1", 100, "10.100.0.0/27", IPv4Address("10.100.0.1"), [], 0)
+    uid = (await store.get_pool("p"))["uid"]
+    store.hold = True
+    slow = asyncio.create_task(a.allocate("m", pool="p"))
+    await asyncio.sleep(0)  # it inserts its lease, then waits in its check
+
+    answered = await b.allocate("m", pool="p")
+    await b.release("m")
+    late = await slow
+
+    assert late.ip == answered.ip
+    assert await store.leases_of_pool(uid) == []
+    with pytest.raises(AllocationError, match="released"):
+        await a.allocate("m", pool="p")
