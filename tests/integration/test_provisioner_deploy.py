@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
-import time
 import uuid
 
 import aiohttp
@@ -41,14 +41,6 @@ def machine():
     )
     try:
         container.start()
-        # dockvm-init starts the installed app before it becomes sshd; deploying before that
-        # would race its start (a machine that is just booting is not deployed to).
-        for _ in range(300):
-            container.reload()
-            top = container.top() if container.status == "running" else {"Processes": []}
-            if any("sshd" in " ".join(p) for p in top["Processes"]):
-                break
-            time.sleep(0.1)
         yield mid
     finally:
         container.remove(force=True)
@@ -138,3 +130,19 @@ async def test_unknown_artifact_changes_nothing(machine, deployer):
     assert (result.TYPE, result.reason) == ("deploy.failed", "not_found")
     assert after == before
 
+
+async def test_concurrent_app_starts_run_one_app(machine, deployer):
+    """dockvm-init's start at boot may race a release's restart: one app must come out."""
+    d, shell = deployer
+    await d.run(deploy(machine, "2.0.0", release="race"))
+    await shell.exec(machine, ["/usr/local/sbin/dockvm-app", "stop"])
+
+    await asyncio.gather(
+        *(shell.exec(machine, ["/usr/local/sbin/dockvm-app", "start"]) for _ in range(6))
+    )
+    await asyncio.sleep(1)
+    _, count = await shell.exec(machine, ["pgrep", "-c", "-f", "^python3 .*server.py"])
+    code, _ = await shell.exec(machine, ["sh", "-c", "kill -0 $(cat /run/dockvm-app.pid)"])
+
+    assert count.strip() == "1"
+    assert code == 0
