@@ -174,6 +174,9 @@ class Ipam:
     block_size: int = 128
     pool_cache_s: float = 1.0
     max_attempts: int = 256
+    # A stale claim is undone by its own claimer; another delivery undoes it only once it is
+    # this old (its claimer died): see _confirmed.
+    abandoned_claim_s: float = 15.0
     clock: Callable[[], datetime] = utcnow
     _blocks: dict[str, _Block] = field(default_factory=dict)
     _cursor_done: dict[str, float] = field(default_factory=dict)
@@ -460,7 +463,7 @@ class Ipam:
                         _refuse_released(other)
                         if await self._confirmed(other):
                             return Allocation.of(other)
-                        return None  # a stale claim, now undone: try again
+                        return None  # a stale claim, undone by its claimer: try again
                     if attempt == 0:
                         continue  # the holder may have just gone (a stale claim undone)
                     give_back = False
@@ -505,8 +508,14 @@ class Ipam:
                 self._give_back(cand)
 
     async def _confirmed(self, lease: dict) -> bool:
-        """Settle another delivery's lease of this machine: True if it holds, False if it was
-        a stale claim (then it is undone here, so a crash mid-claim leaves nothing stuck)."""
+        """Settle another delivery's lease of this machine: True if it holds, False if it is a
+        stale claim (the caller tries again).
+
+        A stale claim is deleted by its claimer alone. FerretDB v1 deletes by ``_id`` after
+        matching the filter, so a second deleter of the same lease could remove the machine's
+        next lease (or its release tombstone) inserted in between: an address held by nobody,
+        or a lease nobody releases. Only a claim older than ``abandoned_claim_s`` (its claimer
+        died mid-claim) is deleted here."""
         if lease.get("state") != "active":
             return True
         machine, ip = lease["_id"], lease["ip"]
@@ -528,9 +537,15 @@ class Ipam:
                 else:
                     record = {"machine_id": machine}
             holds = record is not None and record.get("machine_id") == machine
-        if not holds:
+        if holds:
+            return True
+        claimed_at = lease["allocated_at"]
+        claimed_at = claimed_at if claimed_at.tzinfo else claimed_at.replace(tzinfo=UTC)
+        if (self.clock() - claimed_at).total_seconds() >= self.abandoned_claim_s:
             await self.store.delete_lease(machine, ip)
-        return holds
+        else:
+            await asyncio.sleep(0.02)  # its claimer is about to undo it
+        return False
 
     def _bs(self, pool: Pool) -> int:
         """Block size for ``pool``: large blocks save writes; a small pool gets small blocks

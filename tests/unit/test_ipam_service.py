@@ -10,9 +10,10 @@ from ipaddress import IPv4Address
 
 import pytest
 
+from libs.common.errors import TransientError
 from services.ipam.domain import AllocationError, PoolRejectedError
 from services.ipam.service import Ipam
-from services.ipam.store import MemoryIpamStore
+from services.ipam.store import MemoryIpamStore, history_id
 
 
 class Clock:
@@ -370,3 +371,28 @@ async def test_a_release_during_a_slow_duplicates_check_leaves_no_lease(clock):
     assert await store.leases_of_pool(uid) == []
     with pytest.raises(AllocationError, match="released"):
         await a.allocate("m", pool="p")
+
+
+async def test_a_stale_claim_is_left_to_its_claimer_until_it_is_abandoned(store, ipam, clock):
+    """Another delivery must not delete a young stale claim (on FerretDB a second deleter can
+    remove whatever lease the machine has next); an abandoned one (claimer died) it cleans up."""
+    pool = await store.get_pool("p")
+    x = "10.100.0.2"
+    await store.upsert_history(history_id(x, pool["uid"], 1), {
+        "ip": x, "pool": "p", "pool_uid": pool["uid"], "gen": 1, "machine_id": "earlier",
+        "allocated_at": clock(), "released_at": clock()})
+    await store.insert_lease({
+        "claim": "probe", "_id": "m", "active_ip": x, "ip": x, "gen": 1, "pool": "p",
+        "pool_uid": pool["uid"], "dc": "dc1", "vlan_id": 100, "prefix_len": 27,
+        "gateway": "10.100.0.1", "allocated_at": clock(), "request_id": None, "state": "active"})
+    other = Ipam(store, block_size=8, pool_cache_s=0, clock=clock, max_attempts=3)
+
+    with pytest.raises(TransientError):
+        await other.allocate("m", pool="p")
+    still = await store.get_lease("m")
+    clock.advance(other.abandoned_claim_s)
+    got = await other.allocate("m", pool="p")
+
+    assert still is not None and still["ip"] == x
+    assert str(got.ip) != x
+    assert (await store.get_lease("m"))["ip"] == str(got.ip)
