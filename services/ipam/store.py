@@ -2,8 +2,11 @@
 
 Two facts about FerretDB v1 (SQLite) shape this module:
 
-- ``find_one_and_update`` and ``update_one`` are not atomic across connections (two writers
-  may both "win" them); an insert under a unique index and ``delete_one``'s count are.
+- ``find_one_and_update``, ``update_one`` and ``delete_one`` are not atomic across
+  connections: each matches its filter, then writes (or deletes) by ``_id``, so two writers may
+  both "win", and a conditional delete may remove a document that stopped matching in between.
+  An insert under a unique index is the one arbiter; a stale lease is deleted by its claimer
+  alone (see ``Ipam._confirmed``).
 - Only ``_id`` equality is served by an index; any other filter, range or sort reads the whole
   collection. So every call on the allocation path is an ``_id`` read or an insert; the
   queries that filter or sort (usage, lookups, leftovers) are off the hot path.
