@@ -59,9 +59,15 @@ def now() -> datetime:
     return t.replace(microsecond=t.microsecond // 1000 * 1000)
 
 
+_last_us = 0
+
+
 def new_machine_id() -> str:
-    """A machine id that sorts by creation time: ``m-<µs hex><random>``."""
-    return f"m-{time.time_ns() // 1000:x}{secrets.token_hex(3)}"
+    """A machine id that sorts by creation time: ``m-<µs hex><random>``. Ids made within one
+    microsecond (a bulk create) still sort in the order they were made."""
+    global _last_us
+    _last_us = max(time.time_ns() // 1000, _last_us + 1)
+    return f"m-{_last_us:x}{secrets.token_hex(3)}"
 
 
 def hash_token(token: str) -> str:

@@ -7,6 +7,7 @@ from pydantic import ValidationError
 
 from services.gateway.domain import HostView, Ratios, Res, can_act, host_status, largest, place
 from services.gateway.domain.models import MachineCreate, MachinePatch
+from services.gateway.store import new_machine_id
 
 GIB = 1 << 30
 
@@ -122,3 +123,10 @@ def test_sizes_are_parsed_in_binary_units():
 def test_a_resize_needs_at_least_one_resource():
     with pytest.raises(ValidationError):
         MachinePatch.model_validate({"force": True})
+
+
+def test_machine_ids_made_in_one_burst_sort_in_the_order_they_were_made():
+    ids = [new_machine_id() for _ in range(2000)]  # many share a microsecond
+
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
