@@ -3,7 +3,10 @@ which repositories hold which blob (for cross-repository mounts).
 
 Only the MongoDB subset FerretDB v1 serves: CRUD, ``find_one_and_update``, unique indexes.
 A job's claim is a conditional ``find_one_and_update`` (pending/failed, or running with an
-expired lease → running), so several replicas never run one job at once.
+expired lease → running). On MongoDB that makes one replica the job's runner; FerretDB v1
+matches the filter and writes in two steps, so two replicas claiming at the same moment can
+both run the job. A sync is idempotent (the target ends with the same manifest and blobs), so
+that costs a second copy, never a wrong result.
 """
 
 from __future__ import annotations
