@@ -356,6 +356,39 @@ def pool_create(
         out.print(f"pool {name} created")
 
 
+@pool_app.command("update")
+def pool_update(
+    ctx: typer.Context,
+    name: str,
+    reserved: Annotated[
+        list[str] | None, typer.Option(help="reserved IP or range (replaces the list)")
+    ] = None,
+    cooldown: Annotated[int | None, typer.Option(help="cool-down seconds")] = None,
+    json: JsonOpt = False,
+) -> None:
+    """Change a pool's reserved addresses and/or cool-down."""
+    body: dict[str, Any] = {}
+    if reserved is not None:
+        body["reserved"] = reserved
+    if cooldown is not None:
+        body["cooldown_s"] = cooldown
+    res = _run(ctx, lambda t: _call(t, "PATCH", f"/v1/pools/{name}", json=body))
+    if json:
+        _print_json(res)
+    else:
+        out.print(f"pool {name} updated")
+
+
+@pool_app.command("delete")
+def pool_delete(ctx: typer.Context, name: str, json: JsonOpt = False) -> None:
+    """Delete a pool that has no leases."""
+    res = _run(ctx, lambda t: _call(t, "DELETE", f"/v1/pools/{name}"))
+    if json:
+        _print_json(res)
+    else:
+        out.print(f"pool {name} deleted")
+
+
 @pool_app.command("list")
 def pool_list(
     ctx: typer.Context, dc: Annotated[str | None, typer.Option()] = None, json: JsonOpt = False

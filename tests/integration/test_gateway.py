@@ -461,3 +461,33 @@ async def test_metrics_and_sync_jobs_are_answered_by_monitor_and_imagesync(
     assert (metrics_status, metrics["ip"], metrics["points"]) == (200, "10.233.1.77", [])
     assert (jobs_status, jobs["jobs"]) == (200, [])
     assert bad_ip == 422
+
+
+async def test_pools_are_changed_and_deleted_through_ipam(api, start_service):
+    await start_service("ipam")
+    pool = {"name": "gw-pool", "dc": "dc9", "vlan_id": 901, "cidr": "10.199.0.0/24",
+            "gateway": "10.199.0.1"}
+    codes = {}
+    async with api.post("/v1/pools", json=pool) as r:
+        codes["create"] = r.status
+    async with api.patch("/v1/pools/gw-pool",
+                         json={"reserved": ["10.199.0.10-10.199.0.19"], "cooldown_s": 60}) as r:
+        codes["patch"] = r.status
+    async with api.patch("/v1/pools/gw-pool", json={"reserved": ["not-an-ip"]}) as r:
+        codes["bad reserved"], bad = r.status, await r.json()
+    async with api.patch("/v1/pools/gw-pool", json={"vlan_id": 3}) as r:
+        codes["unknown field"] = r.status
+    async with api.patch("/v1/pools/nope", json={"cooldown_s": 1}) as r:
+        codes["unknown pool"] = r.status
+    async with api.delete("/v1/pools/gw-pool") as r:
+        codes["delete"] = r.status
+    async with api.delete("/v1/pools/gw-pool") as r:
+        codes["delete again"] = r.status
+    async with api.post("/v1/pools", json={**pool, "cidr": "10.198.0.0/24",
+                                           "gateway": "10.198.0.1"}) as r:
+        codes["name free again"] = r.status
+
+    assert codes == {"create": 201, "patch": 200, "bad reserved": 422, "unknown field": 422,
+                     "unknown pool": 404, "delete": 200, "delete again": 404,
+                     "name free again": 201}
+    assert [e["field"] for e in bad["errors"]] == ["reserved"]

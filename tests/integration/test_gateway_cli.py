@@ -49,3 +49,24 @@ async def test_cli_creates_lists_and_deletes_with_the_local_admin_token(
     assert bad[0] == 1 and "memory:" in bad[2]
     assert anon[0] == 1 and "401" in anon[2]
     assert _admin_token(service_env).startswith("dvm_")
+
+
+async def test_cli_changes_and_deletes_a_pool(start_service, service_env, peers):  # noqa: F811
+    gateway = await start_service("gateway", env=GW_ENV)
+    await start_service("ipam")
+    env = {"DOCKVM_URL": gateway.url, "DOCKVM_STATE_DIR": service_env["DOCKVM_STATE_DIR"]}
+    pool = ("cli-pool", "--dc", "dc8", "--vlan", "801", "--cidr", "10.197.0.0/24",
+            "--gateway", "10.197.0.1")
+
+    created = await _cli(env, "pool", "create", *pool)
+    updated = await _cli(env, "pool", "update", "cli-pool", "--reserved", "10.197.0.5",
+                         "--cooldown", "30")
+    refused = await _cli(env, "pool", "update", "cli-pool", "--reserved", "10.1.1.1")
+    deleted = await _cli(env, "pool", "delete", "cli-pool")
+    gone = await _cli(env, "pool", "delete", "cli-pool")
+
+    assert created[0] == 0
+    assert (updated[0], updated[1].strip()) == (0, "pool cli-pool updated")
+    assert refused[0] == 1 and "reserved" in refused[2]
+    assert (deleted[0], deleted[1].strip()) == (0, "pool cli-pool deleted")
+    assert gone[0] == 1 and "404" in gone[2]

@@ -29,6 +29,8 @@ def doc() -> dict:
         ("get", "/v1/hosts", ["admin", "ops", "release", "viewer"]),
         ("post", "/v1/pools", ["admin", "ops"]),
         ("get", "/v1/pools", ["admin", "ops", "release", "viewer"]),
+        ("patch", "/v1/pools/{name}", ["admin", "ops"]),
+        ("delete", "/v1/pools/{name}", ["admin", "ops"]),
         ("get", "/v1/ips/{ip}", ["admin", "ops", "release", "viewer"]),
         ("post", "/v1/tokens", ["admin"]),
         ("delete", "/v1/tokens/{id}", ["admin"]),

@@ -36,6 +36,7 @@ from ..domain.models import (
     MachinePatch,
     MachineQuery,
     PoolCreateBody,
+    PoolPatchBody,
     ScaleResult,
     TokenCreate,
     TokenCreated,
@@ -410,6 +411,36 @@ def build_api(state: GatewayState) -> Api:
             raise ConflictError(f"pool rejected: {reply.reason}: {reply.detail}",
                                 reason=reply.reason)
         return json_response({"name": body.name, "status": "created"}, status=201)
+
+    def _pool_outcome(reply: Message, name: str) -> None:
+        if not isinstance(reply, ipam.PoolRejected):
+            return
+        if reply.reason == "unknown_pool":
+            raise NotFoundError(f"no pool {name}", reason="pool_not_found")
+        if reply.reason in _POOL_INPUT_REASONS:
+            # The body model already bounds cooldown_s: what ipam can find wrong is reserved.
+            raise FieldErrors([{"field": "reserved", "type": reply.reason,
+                                "message": reply.detail or reply.reason}])
+        raise ConflictError(f"pool {name}: {reply.reason}: {reply.detail}", reason=reply.reason)
+
+    @api.route("PATCH", "/v1/pools/{name}", roles=OPS, summary="Change a pool's reserved "
+               "addresses or cooldown", body=PoolPatchBody, errors=(404, 409, 503))
+    async def patch_pool(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        body = await parse_body(request, PoolPatchBody)
+        request["audit_target"] = name
+        reply = await rpc(ipam.PoolUpdate(name=name, reserved=body.reserved,
+                                          cooldown_s=body.cooldown_s))
+        _pool_outcome(reply, name)
+        return json_response({"name": name, "status": "updated"})
+
+    @api.route("DELETE", "/v1/pools/{name}", roles=OPS, summary="Delete a pool without leases",
+               errors=(404, 409, 503))
+    async def delete_pool(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        request["audit_target"] = name
+        _pool_outcome(await rpc(ipam.PoolDelete(name=name)), name)
+        return json_response({"name": name, "status": "deleted"})
 
     @api.route("GET", "/v1/pools", roles=ANY, summary="List pools with usage", query=_PoolQuery)
     async def list_pools(request: web.Request) -> web.Response:

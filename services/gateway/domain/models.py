@@ -31,6 +31,7 @@ __all__ = [
     "MachinePatch",
     "MachineQuery",
     "PoolCreateBody",
+    "PoolPatchBody",
     "Problem",
     "ScaleResult",
     "TokenCreate",
@@ -132,6 +133,13 @@ class PoolCreateBody(_Request):
     gateway: str
     reserved: list[str] = Field(default_factory=list)
     cooldown_s: int = Field(default=7 * 24 * 3600, ge=0)
+
+
+class PoolPatchBody(_Request):
+    """``PATCH /v1/pools/{name}``: new reserved addresses and/or cooldown."""
+
+    reserved: list[str] | None = None
+    cooldown_s: int | None = Field(default=None, ge=0)
 
 
 class TokenCreate(_Request):
