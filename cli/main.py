@@ -458,3 +458,9 @@ def token_revoke(ctx: typer.Context, token_id: str) -> None:
     """Revoke a token."""
     _run(ctx, lambda t: _call(t, "DELETE", f"/v1/tokens/{token_id}"))
     out.print(f"token {token_id} revoked")
+
+
+# Registered last: cli.releases builds on the helpers above.
+from .releases import release_app  # noqa: E402
+
+app.add_typer(release_app, name="release")

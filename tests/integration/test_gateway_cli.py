@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from libs.common.contracts.releases import DeploySucceeded
 from tests.integration.test_gateway import GW_ENV, Peers, _admin_token, peers  # noqa: F401
 
 DOCKVM = str(Path(sys.executable).parent / "dockvm")
@@ -70,3 +71,43 @@ async def test_cli_changes_and_deletes_a_pool(start_service, service_env, peers)
     assert refused[0] == 1 and "reserved" in refused[2]
     assert (deleted[0], deleted[1].strip()) == (0, "pool cli-pool deleted")
     assert gone[0] == 1 and "404" in gone[2]
+
+
+async def test_cli_starts_follows_and_lists_a_release(
+    start_service, service_env, peers, publisher  # noqa: F811
+):
+    gateway = await start_service("gateway", env=GW_ENV)
+    env = {"DOCKVM_URL": gateway.url, "DOCKVM_STATE_DIR": service_env["DOCKVM_STATE_DIR"]}
+    async with asyncio.timeout(15):
+        while len(json.loads((await _cli(env, "host", "list", "--json"))[1] or "[]")) < 2:
+            await asyncio.sleep(0.2)
+    code, out, _ = await _cli(
+        env, "machine", "create", "--app", "rel", "--image", "dockvm/base:bookworm", "--cpus",
+        "1", "--memory", "256m", "--disk", "1g", "--dc", "dc1", "--vlan", "233", "--count", "2",
+        "--json",
+    )
+    assert code == 0, out
+    machines = sorted(m["id"] for m in json.loads(out))
+    coords = ("--group", "com.example", "--artifact", "demo-app", "--version", "1.0.0")
+
+    started = await _cli(env, "release", "create", "rel", *coords, "--check", "http:8000/",
+                         "--no-wait", "--json")
+    rid = json.loads(started[1])["id"]
+    for mid in machines:  # the test plays the hosts' answers
+        await publisher.publish(DeploySucceeded(release_id=rid, machine_id=mid, host="h1",
+                                                version="1.0.0"))
+    async with asyncio.timeout(15):
+        while json.loads((await _cli(env, "release", "show", rid, "--json"))[1])["status"] \
+                == "running":
+            await asyncio.sleep(0.2)
+    shown = await _cli(env, "release", "show", rid)
+    listed = json.loads((await _cli(env, "release", "list", "--app", "rel", "--json"))[1])
+    bad_check = await _cli(env, "release", "create", "rel", *coords, "--check", "ping:x")
+    missing = await _cli(env, "release", "create", "rel", "--group", "com.example",
+                         "--artifact", "demo-app", "--version", "9.9.9", "--check", "tcp:22")
+
+    assert started[0] == 0
+    assert shown[0] == 0 and "succeeded" in shown[1] and machines[0] in shown[1]
+    assert [(r["id"], r["status"]) for r in listed] == [(rid, "succeeded")]
+    assert bad_check[0] == 2 and "--check" in bad_check[2]
+    assert missing[0] == 1 and "404" in missing[2]
