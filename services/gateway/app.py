@@ -6,6 +6,7 @@ import os
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import aiohttp
@@ -27,7 +28,7 @@ from .releases import (
 )
 from .sagas import SagaDriver
 from .settings import GatewaySettings
-from .store import GatewayStore
+from .store import GatewayStore, now
 
 __all__ = ["bootstrap_admin", "lifespan"]
 
@@ -84,6 +85,17 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
     ctx.every(settings.saga_tick_s, driver.tick, "saga-tick", now=False)
     ctx.every(settings.host_check_s, driver.check_hosts, "host-check")
     ctx.every(settings.known_announce_s, driver.announce_known, "machines-known", now=False)
+
+    async def prune() -> None:
+        at = now()
+        keys, audit = await store.prune(
+            at - timedelta(seconds=settings.idempotency_retention_s),
+            at - timedelta(days=settings.audit_retention_days),
+        )
+        if keys or audit:
+            log.info("retention pruned", idempotency_keys=keys, audit_entries=audit)
+
+    ctx.every(settings.prune_every_s, prune, "retention")
     try:
         yield
     finally:

@@ -37,6 +37,9 @@ class GatewaySettings(CommonSettings):
     maven_url: str = "http://127.0.0.1:8090"
     wait_max_s: float = Field(default=900.0, gt=0)
     resize_wait_s: float = Field(default=30.0, ge=0)
+    idempotency_retention_s: float = Field(default=86400.0, gt=0)
+    audit_retention_days: float = Field(default=90.0, gt=0)
+    prune_every_s: float = Field(default=3600.0, gt=0)
     admin_token_file: Path | None = Field(
         default=None, description="default: $DOCKVM_STATE_DIR/admin.token"
     )

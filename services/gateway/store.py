@@ -390,6 +390,13 @@ class GatewayStore:
         except DuplicateKeyError:
             return await self.idempotency.find_one({"_id": key})
 
+    @translate_errors
+    async def prune(self, idempotency_before: datetime, audit_before: datetime) -> tuple[int, int]:
+        """Forget idempotency keys and audit entries older than the cutoffs; how many of each."""
+        keys = await self.idempotency.delete_many({"at": {"$lt": idempotency_before}})
+        audit = await self.audit.delete_many({"at": {"$lt": audit_before}})
+        return keys.deleted_count, audit.deleted_count
+
     # --- tokens -----------------------------------------------------------------------------
 
     @translate_errors

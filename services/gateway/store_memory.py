@@ -216,8 +216,18 @@ class MemoryGatewayStore:
         """First writer wins."""
         if key in self.idempotency:
             return copy.deepcopy(self.idempotency[key])
-        self.idempotency[key] = {"_id": key, "fingerprint": fingerprint, "ids": machine_ids}
+        self.idempotency[key] = {"_id": key, "fingerprint": fingerprint, "ids": machine_ids,
+                                 "at": now()}
         return None
+
+    async def prune(self, idempotency_before: datetime, audit_before: datetime) -> tuple[int, int]:
+        """Forget idempotency keys and audit entries older than the cutoffs."""
+        old_keys = [k for k, d in self.idempotency.items() if d["at"] < idempotency_before]
+        for k in old_keys:
+            del self.idempotency[k]
+        kept = [e for e in self.audit if e["at"] >= audit_before]
+        dropped, self.audit[:] = len(self.audit) - len(kept), kept
+        return len(old_keys), dropped
 
     async def add_token(self, token: str, name: str, role: str) -> dict[str, Any]:
         """Store a token hashed."""

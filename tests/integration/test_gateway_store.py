@@ -106,3 +106,22 @@ async def test_host_status_is_compare_and_set(store):
 
     assert await store.set_host_status("h1", "online", "down") is True
     assert await store.set_host_status("h1", "online", "down") is False
+
+
+async def test_prune_forgets_old_idempotency_keys_and_audit_entries(store):
+    await store.claim_idempotency("old", "f", ["m1"])
+    cutoff = datetime.now(UTC) + timedelta(seconds=1)
+    await asyncio.sleep(1.1)
+    await store.claim_idempotency("new", "f", ["m2"])
+    if isinstance(store, GatewayStore):
+        await store.audit_write({"at": cutoff - timedelta(days=1), "who": "a"})
+        await store.audit_write({"at": cutoff + timedelta(days=1), "who": "b"})
+    else:
+        store.audit += [{"at": cutoff - timedelta(days=1), "who": "a"},
+                        {"at": cutoff + timedelta(days=1), "who": "b"}]
+
+    pruned = await store.prune(cutoff, cutoff)
+
+    assert pruned == (1, 1)
+    assert await store.get_idempotency("old") is None
+    assert (await store.get_idempotency("new"))["ids"] == ["m2"]
