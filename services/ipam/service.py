@@ -481,10 +481,13 @@ class Ipam:
                 stale = record is not None and record.get("machine_id") != machine_id
             else:
                 try:
+                    # Stamped now, after the lease insert succeeded, hence after the previous
+                    # holder's release (stamped before its lease ended): "who had this IP at t"
+                    # never finds two machines. The lease's own stamp predates the insert.
                     await self.store.insert_history({
                         "_id": hid, "ip": doc["ip"], "pool": pool.name, "pool_uid": pool.uid,
                         "gen": doc["gen"], "machine_id": machine_id,
-                        "allocated_at": doc["allocated_at"], "released_at": None,
+                        "allocated_at": self.clock(), "released_at": None,
                     })
                     stale = False
                 except LeaseConflict:
@@ -529,7 +532,7 @@ class Ipam:
                     await self.store.insert_history({
                         "_id": hid, "ip": ip, "pool": lease["pool"],
                         "pool_uid": lease["pool_uid"], "gen": lease["gen"],
-                        "machine_id": machine, "allocated_at": lease["allocated_at"],
+                        "machine_id": machine, "allocated_at": self.clock(),
                         "released_at": None,
                     })
                 except LeaseConflict:
@@ -748,11 +751,14 @@ class Ipam:
         # Order matters: the history record first (a stale claim checks it), then the queue
         # entry, then the lease; a crash in between is finished by the redelivered release.
         record = {"ip": lease["ip"], "pool": lease["pool"], "pool_uid": lease["pool_uid"],
-                  "gen": lease["gen"], "machine_id": machine_id,
-                  "allocated_at": lease["allocated_at"], "released_at": now}
+                  "gen": lease["gen"], "machine_id": machine_id, "released_at": now}
+        # A claim's record keeps the allocation time it was stamped with; a never-used
+        # address's first record is created here, with the lease's.
         await self.store.upsert_history(
-            history_id(lease["ip"], lease["pool_uid"], lease["gen"]), record
+            history_id(lease["ip"], lease["pool_uid"], lease["gen"]), record,
+            on_insert={"allocated_at": lease["allocated_at"]},
         )
+        record["allocated_at"] = lease["allocated_at"]
         await self._append(pool, int(IPv4Address(lease["ip"])), lease["gen"], now)
         await self.store.end_lease(machine_id, lease["ip"], now)
         return record

@@ -153,8 +153,8 @@ class IpamStore(Protocol):
         """Insert a history record; :class:`LeaseConflict` if that gen is taken."""
         ...
 
-    async def upsert_history(self, hid: str, fields: dict) -> None:
-        """Create or complete a history record."""
+    async def upsert_history(self, hid: str, fields: dict, on_insert: dict | None = None) -> None:
+        """Create or complete a history record (``on_insert`` only when creating it)."""
         ...
 
     async def delete_history(self, hid: str) -> None:
@@ -319,9 +319,12 @@ class MongoIpamStore:
             raise LeaseConflict(f"{doc['_id']} already taken") from err
 
     @translate_errors
-    async def upsert_history(self, hid: str, fields: dict) -> None:
-        """Create or complete a history record."""
-        await self._history.update_one({"_id": hid}, {"$set": fields}, upsert=True)
+    async def upsert_history(self, hid: str, fields: dict, on_insert: dict | None = None) -> None:
+        """Create or complete a history record (``on_insert`` only when creating it)."""
+        change: dict = {"$set": fields}
+        if on_insert:
+            change["$setOnInsert"] = on_insert
+        await self._history.update_one({"_id": hid}, change, upsert=True)
 
     @translate_errors
     async def delete_history(self, hid: str) -> None:
@@ -501,9 +504,11 @@ class MemoryIpamStore:
         """Insert a history record."""
         self._insert(HISTORY, doc)
 
-    async def upsert_history(self, hid: str, fields: dict) -> None:
-        """Create or complete a history record."""
-        self.c[HISTORY].setdefault(hid, {"_id": hid}).update(copy.deepcopy(fields))
+    async def upsert_history(self, hid: str, fields: dict, on_insert: dict | None = None) -> None:
+        """Create or complete a history record (``on_insert`` only when creating it)."""
+        if hid not in self.c[HISTORY]:
+            self.c[HISTORY][hid] = {"_id": hid, **copy.deepcopy(on_insert or {})}
+        self.c[HISTORY][hid].update(copy.deepcopy(fields))
 
     async def delete_history(self, hid: str) -> None:
         """Forget a history record."""

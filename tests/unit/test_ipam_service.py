@@ -340,8 +340,8 @@ class ReleaseDuringCheck(MemoryIpamStore):
         finally:
             self.checked.set()
 
-    async def upsert_history(self, hid: str, fields: dict) -> None:
-        await super().upsert_history(hid, fields)
+    async def upsert_history(self, hid: str, fields: dict, on_insert: dict | None = None) -> None:
+        await super().upsert_history(hid, fields, on_insert)
         self.released.set()
 
     async def end_lease(self, machine_id: str, ip: str, at: datetime) -> None:
@@ -396,3 +396,47 @@ async def test_a_stale_claim_is_left_to_its_claimer_until_it_is_abandoned(store,
     assert still is not None and still["ip"] == x
     assert str(got.ip) != x
     assert (await store.get_lease("m"))["ip"] == str(got.ip)
+
+
+class HoldClaimUntilRelease(MemoryIpamStore):
+    """Holds the lease insert of machine ``n`` until some lease has ended."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ended = asyncio.Event()
+
+    async def insert_lease(self, doc: dict) -> None:
+        if doc["_id"] == "n":
+            await self.ended.wait()
+        await super().insert_lease(doc)
+
+    async def end_lease(self, machine_id: str, ip: str, at: datetime) -> None:
+        await super().end_lease(machine_id, ip, at)
+        self.ended.set()
+
+
+async def test_history_never_shows_two_owners_when_a_claim_lands_after_a_slow_release(clock):
+    """A replica died mid-release (history and queue entry written, lease still active); the
+    next claimer stamps its lease, then its insert lands only after the redelivered release
+    ended the lease, seconds later. Its record must not start before the release."""
+    store = HoldClaimUntilRelease()
+    ipam = Ipam(store, block_size=8, pool_cache_s=0, clock=clock)
+    await ipam.create_pool("p", "dc1", 100, "10.100.0.0/27", IPv4Address("10.100.0.1"), [], 0)
+    ips = await _fill(ipam, 29)  # the whole pool
+    pool = await store.get_pool("p")
+    x, uid = ips[0], pool["uid"]
+    await store.upsert_history(history_id(x, uid, 1), {
+        "ip": x, "pool": "p", "pool_uid": uid, "gen": 1, "machine_id": "m0",
+        "released_at": clock()}, on_insert={"allocated_at": clock()})
+    await ipam._append(await ipam._pool("p", None, None), int(IPv4Address(x)), 1, clock())
+    claim = asyncio.create_task(ipam.allocate("n", pool="p"))
+    await asyncio.sleep(0)  # the claimer has stamped its lease and waits to insert it
+
+    clock.advance(5)
+    await ipam.release("m0")  # the redelivered release
+    got = await claim
+    first = await store.get_history(history_id(x, uid, 1))
+    second = await store.get_history(history_id(x, uid, 2))
+
+    assert (str(got.ip), second["machine_id"]) == (x, "n")
+    assert first["released_at"] <= second["allocated_at"]
