@@ -128,7 +128,7 @@ class ReleaseStore:
         """Newest releases first."""
         query = {"app": app} if app else {}
         docs = await self.coll.find(query).sort("created_at", DESCENDING).limit(limit).to_list()
-        return [await self._with_statuses(d) for d in docs]
+        return list(await asyncio.gather(*(self._with_statuses(d) for d in docs)))
 
     async def running(self) -> list[dict[str, Any]]:
         """Releases still in progress (plans only)."""

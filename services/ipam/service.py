@@ -381,8 +381,7 @@ class Ipam:
         p = await self._pool(pool, dc, vlan_id)
         waits = 0
         for _ in range(self.max_attempts):
-            # pool_exhausted is only answered after a pass that trusts no cached "none left".
-            cand = await self._candidate(p) or await self._candidate(p, fresh=True)
+            cand = await self._candidate(p)
             if cand is None:
                 other = await self.store.get_lease(machine_id)
                 if other is not None:  # a concurrent delivery for the same machine
@@ -394,7 +393,10 @@ class Ipam:
                     waits += 1
                     await asyncio.sleep(0.01)
                     continue
-                raise AllocationError("pool_exhausted", f"pool {p.name} has no free address")
+                # pool_exhausted only after a pass that trusts no cached "none left".
+                cand = await self._candidate(p, fresh=True)
+                if cand is None:
+                    raise AllocationError("pool_exhausted", f"pool {p.name} has no free address")
             got = await self._try(p, machine_id, cand, request_id)
             if got is not None:
                 return got
