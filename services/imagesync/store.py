@@ -11,13 +11,14 @@ that costs a second copy, never a wrong result.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from pymongo import ASCENDING, DESCENDING, IndexModel, ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
+from libs.common.clock import utcnow
 from libs.common.contracts.imagesync import SyncJobView
 from libs.common.db import ensure_indexes
 
@@ -47,10 +48,6 @@ INDEXES = {
 }
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
 class SyncStore:
     """sync_jobs, seen_events and the tag digests, on one database."""
 
@@ -70,7 +67,7 @@ class SyncStore:
         """Record a notification; False when its id was already recorded and published."""
         try:
             await self._seen.insert_one(
-                {"_id": event_id, "dc": dc, "published": False, "at": _now(), **detail}
+                {"_id": event_id, "dc": dc, "published": False, "at": utcnow(), **detail}
             )
             return True
         except DuplicateKeyError:
@@ -96,7 +93,7 @@ class SyncStore:
         unclaimable one makes the upsert collide on ``_id``.
         """
         jid = job_id(order.source, order.target, order.repo, order.tag, order.digest)
-        now = _now()
+        now = utcnow()
         try:
             return await self._jobs.find_one_and_update(
                 {
@@ -137,7 +134,7 @@ class SyncStore:
 
     async def attempt(self, jid: str, lease_s: float) -> None:
         """Count one attempt and extend the lease."""
-        now = _now()
+        now = utcnow()
         await self._jobs.update_one(
             {"_id": jid},
             {
@@ -148,7 +145,7 @@ class SyncStore:
 
     async def renew(self, jid: str, lease_s: float) -> None:
         """Extend the lease of a job this worker runs."""
-        now = _now()
+        now = utcnow()
         await self._jobs.update_one(
             {"_id": jid, "state": "running"},
             {"$set": {"lease_until": now + timedelta(seconds=lease_s), "updated_at": now}},
@@ -159,7 +156,7 @@ class SyncStore:
         await self._jobs.update_one(
             {"_id": jid, "state": "running"},
             {
-                "$set": {"state": "pending", "lease_until": None, "updated_at": _now()},
+                "$set": {"state": "pending", "lease_until": None, "updated_at": utcnow()},
                 "$inc": stats.as_doc(),
             },
         )
@@ -168,7 +165,7 @@ class SyncStore:
         self, jid: str, state: str, stats: SyncStats, error: str | None = None
     ) -> dict[str, Any] | None:
         """Close the job as ``state`` (done, failed, superseded) with what it moved."""
-        now = _now()
+        now = utcnow()
         return await self._jobs.find_one_and_update(
             {"_id": jid},
             {
@@ -209,7 +206,7 @@ class SyncStore:
 
     async def prune(self, older_than: timedelta) -> int:
         """Forget seen events and finished jobs older than ``older_than``; return how many."""
-        cutoff = _now() - older_than
+        cutoff = utcnow() - older_than
         seen = await self._seen.delete_many({"at": {"$lt": cutoff}})
         jobs = await self._jobs.delete_many(
             {"state": {"$in": ["done", "superseded", "failed"]}, "updated_at": {"$lt": cutoff}}
@@ -225,7 +222,7 @@ class SyncStore:
         history = add_to_history(doc.get("history", []) if doc else [], digest)
         await self._tags.update_one(
             {"_id": key},
-            {"$set": {"repo": repo, "tag": tag, "history": history, "dc": dc, "at": _now()}},
+            {"$set": {"repo": repo, "tag": tag, "history": history, "dc": dc, "at": utcnow()}},
             upsert=True,
         )
 

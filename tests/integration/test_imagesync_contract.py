@@ -21,8 +21,9 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
 from libs.common.errors import DomainError
-from services.imagesync.adapters import DigestMismatch, MemoryRegistry, RegistryUnauthorized
+from services.imagesync.adapters import DigestMismatch, RegistryUnauthorized
 from services.imagesync.domain import Manifest, digest_of
+from services.imagesync.fakes import MemoryRegistry
 from tests.integration.test_imagesync_support import (
     SCHEMA2,
     client,

@@ -9,9 +9,9 @@ import json
 import pytest
 
 from libs.common.contracts.imagesync import ImageReplicated, ImageSync, ImageSyncFailed
-from services.imagesync.adapters import MemoryBlobIndex, MemoryRegistry
 from services.imagesync.copier import Copier
 from services.imagesync.domain import Manifest
+from services.imagesync.fakes import MemoryBlobIndex, MemoryRegistry
 from services.imagesync.service import RetryPolicy, SyncService
 from services.imagesync.store import SyncStore
 

@@ -7,9 +7,10 @@ import json
 import pytest
 
 from libs.common.errors import NotFoundError
-from services.imagesync.adapters import DigestMismatch, MemoryBlobIndex, MemoryRegistry
+from services.imagesync.adapters import DigestMismatch
 from services.imagesync.copier import Copier
 from services.imagesync.domain import Manifest, SyncStats, digest_of
+from services.imagesync.fakes import MemoryBlobIndex, MemoryRegistry
 
 SCHEMA2 = "application/vnd.docker.distribution.manifest.v2+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

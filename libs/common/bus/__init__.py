@@ -2,8 +2,9 @@
 
 from .connection import BusUnavailable, connect
 from .consumer import REASON_HEADER, Consumer, Handler, MessageContext
-from .dedupe import Claim, Dedupe, MemoryDedupe, MongoDedupe
-from .publisher import AmqpPublisher, MemoryPublisher, Publisher
+from .dedupe import Claim, Dedupe, MongoDedupe
+from .fakes import MemoryDedupe, MemoryPublisher
+from .publisher import AmqpPublisher, Publisher
 from .rpc import RpcClient
 from .topology import DLX, EXCHANGE, QueueSpec, declare_queue, dlq_name, host_key, queue_name
 

@@ -7,14 +7,16 @@ crashed worker expires after ``lease_s`` and can then be taken over.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, timedelta
 from enum import StrEnum
 from typing import Protocol
 
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import DuplicateKeyError
 
-__all__ = ["Claim", "Dedupe", "MemoryDedupe", "MongoDedupe"]
+from ..clock import utcnow
+
+__all__ = ["Claim", "Dedupe", "MongoDedupe"]
 
 
 class Claim(StrEnum):
@@ -41,10 +43,6 @@ class Dedupe(Protocol):
         ...
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
 class MongoDedupe:
     """:class:`Dedupe` on a MongoDB collection shared by every replica of a consumer."""
 
@@ -58,7 +56,7 @@ class MongoDedupe:
 
     async def claim(self, message_id: str) -> Claim:
         """Insert the claim; on a duplicate look at who holds it."""
-        key, now = self._key(message_id), _now()
+        key, now = self._key(message_id), utcnow()
         try:
             await self._coll.insert_one({"_id": key, "state": "processing", "at": now})
             return Claim.NEW
@@ -80,7 +78,7 @@ class MongoDedupe:
     async def complete(self, message_id: str) -> None:
         """Record the id as handled."""
         await self._coll.update_one(
-            {"_id": self._key(message_id)}, {"$set": {"state": "done", "at": _now()}}, upsert=True
+            {"_id": self._key(message_id)}, {"$set": {"state": "done", "at": utcnow()}}, upsert=True
         )
 
     async def release(self, message_id: str) -> None:
@@ -89,31 +87,5 @@ class MongoDedupe:
 
     async def prune(self, older_than: timedelta) -> int:
         """Forget handled ids older than ``older_than``; return how many."""
-        res = await self._coll.delete_many({"state": "done", "at": {"$lt": _now() - older_than}})
+        res = await self._coll.delete_many({"state": "done", "at": {"$lt": utcnow() - older_than}})
         return res.deleted_count
-
-
-class MemoryDedupe:
-    """In-memory :class:`Dedupe` for unit tests."""
-
-    def __init__(self) -> None:
-        self.states: dict[str, str] = {}
-
-    async def claim(self, message_id: str) -> Claim:
-        """Take the id unless it is held or done."""
-        state = self.states.get(message_id)
-        if state == "done":
-            return Claim.DONE
-        if state == "processing":
-            return Claim.BUSY
-        self.states[message_id] = "processing"
-        return Claim.NEW
-
-    async def complete(self, message_id: str) -> None:
-        """Mark done."""
-        self.states[message_id] = "done"
-
-    async def release(self, message_id: str) -> None:
-        """Forget a claim in progress."""
-        if self.states.get(message_id) == "processing":
-            del self.states[message_id]

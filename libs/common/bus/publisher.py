@@ -19,7 +19,7 @@ from ..errors import TransientError
 from ..retry import transient_retrying
 from .topology import DLX, EXCHANGE, declare_exchanges
 
-__all__ = ["AmqpPublisher", "MemoryPublisher", "Publisher", "amqp_message"]
+__all__ = ["AmqpPublisher", "Publisher", "amqp_message"]
 
 
 class Publisher(Protocol):
@@ -140,31 +140,3 @@ class AmqpPublisher:
         """Close the publishing channel."""
         if self._channel is not None and not self._channel.is_closed:
             await self._channel.close()
-
-
-class MemoryPublisher:
-    """In-memory :class:`Publisher` for unit tests of pure handler logic."""
-
-    def __init__(self, source: str = "test") -> None:
-        self.source = source
-        self.sent: list[tuple[str, Envelope]] = []
-
-    async def publish(
-        self,
-        msg: Message,
-        *,
-        routing_key: str | None = None,
-        correlation_id: str | None = None,
-        causation_id: str | None = None,
-        id: str | None = None,
-    ) -> Envelope:
-        """Record the message instead of sending it."""
-        env = Envelope.wrap(
-            msg, source=self.source, correlation_id=correlation_id, causation_id=causation_id, id=id
-        )
-        self.sent.append((routing_key or env.type, env))
-        return env
-
-    def of_type(self, type_: str) -> list[Message]:
-        """The parsed messages of one type, in order."""
-        return [env.parse() for _, env in self.sent if env.type == type_]

@@ -9,11 +9,12 @@ version.
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..clock import utcnow
 from ..errors import ValidationFailed
 
 __all__ = [
@@ -72,10 +73,6 @@ def message_model(type_: str, version: int = 1) -> type[Message]:
         raise UnknownMessageType(f"no message model for {type_} v{version}") from None
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
 class Envelope(BaseModel):
     """The JSON document every bus message is."""
 
@@ -84,7 +81,7 @@ class Envelope(BaseModel):
     id: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=128)
     type: str = Field(min_length=1, max_length=128)
     version: int = Field(default=1, ge=1)
-    occurred_at: datetime = Field(default_factory=_now)
+    occurred_at: datetime = Field(default_factory=utcnow)
     correlation_id: str | None = None
     causation_id: str | None = None
     source: str
@@ -112,7 +109,7 @@ class Envelope(BaseModel):
             causation_id=causation_id,
             source=source,
             data=msg.model_dump(mode="json"),
-            occurred_at=_now(),
+            occurred_at=utcnow(),
         )
 
     def to_bytes(self) -> bytes:

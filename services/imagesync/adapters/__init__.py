@@ -1,13 +1,10 @@
-"""imagesync's adapters: the Registry HTTP API V2 client and in-memory twins for unit tests."""
+"""imagesync's adapters: the Registry HTTP API V2 client (its fakes are in ``..fakes``)."""
 
-from .memory import MemoryBlobIndex, MemoryRegistry
 from .registry import DigestMismatch, HttpRegistry, RegistryUnauthorized, new_session
 
 __all__ = [
     "DigestMismatch",
     "HttpRegistry",
-    "MemoryBlobIndex",
-    "MemoryRegistry",
     "RegistryUnauthorized",
     "new_session",
 ]

@@ -1,8 +1,8 @@
-"""In-memory twins of imagesync's ports, for unit tests of the replication logic.
+"""In-memory fakes of imagesync's ports, for unit tests of the replication logic.
 
 They follow the real adapters' contract (tests/integration/test_imagesync_contract.py runs the
-same checks against both): digests are verified, mounts need the blob in the other repository,
-uploads stream.
+same checks against each fake and its real adapter, the registry client and the MongoDB blob
+index): digests are verified, mounts need the blob in the other repository, uploads stream.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 from libs.common.errors import NotFoundError, TransientError
 
-from ..domain import Manifest, digest_of
-from .registry import DigestMismatch
+from .adapters.registry import DigestMismatch
+from .domain import Manifest, digest_of
 
 __all__ = ["MemoryBlobIndex", "MemoryRegistry"]
 
