@@ -6,7 +6,8 @@ A job's claim is a conditional ``find_one_and_update`` (pending/failed, or runni
 expired lease → running). On MongoDB that makes one replica the job's runner; FerretDB v1
 matches the filter and writes in two steps, so two replicas claiming at the same moment can
 both run the job. A sync is idempotent (the target ends with the same manifest and blobs), so
-that costs a second copy, never a wrong result.
+that costs a second copy, never a wrong result. FerretDB v1 also applies ``$addToSet`` as a
+read then a write, so the blob index keeps one document per holder instead of an array.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ __all__ = ["JOBS", "SEEN", "MongoBlobIndex", "SyncStore"]
 JOBS = "sync_jobs"
 SEEN = "seen_events"
 TAGS = "sync_tags"
-BLOBS = "sync_blobs"
+BLOB_HOLDERS = "sync_blob_holders"
 
 INDEXES = {
     JOBS: [
@@ -44,7 +45,7 @@ INDEXES = {
     ],
     SEEN: [IndexModel([("at", ASCENDING)], name="at")],
     TAGS: [],
-    BLOBS: [],
+    BLOB_HOLDERS: [IndexModel([("dc", ASCENDING), ("digest", ASCENDING)], name="blob")],
 }
 
 
@@ -232,22 +233,26 @@ class SyncStore:
 
 
 class MongoBlobIndex:
-    """:class:`~services.imagesync.ports.BlobIndex` on the ``sync_blobs`` collection."""
+    """:class:`~services.imagesync.ports.BlobIndex` on the ``sync_blob_holders`` collection.
+
+    One document per (dc, blob, repository) under a unique ``_id``, because FerretDB v1 applies
+    ``$addToSet`` as a read then a write: concurrent adds to one array lose holders, while
+    concurrent inserts of distinct ``_id`` s all land.
+    """
 
     def __init__(self, db: AsyncDatabase) -> None:
-        self._coll = db[BLOBS]
+        self._coll = db[BLOB_HOLDERS]
 
     async def where(self, dc: str, digest: str) -> list[str]:
         """Repositories of ``dc`` known to hold ``digest``."""
-        doc = await self._coll.find_one({"_id": f"{dc}|{digest}"})
-        return list(doc.get("repos", [])) if doc else []
+        cursor = self._coll.find({"dc": dc, "digest": digest}, {"repo": 1})
+        return sorted([doc["repo"] async for doc in cursor])
 
     async def add(self, dc: str, digest: str, repo: str) -> None:
         """Remember that ``repo`` holds ``digest``."""
-        key, change = f"{dc}|{digest}", {"$addToSet": {"repos": repo}}
         try:
-            await self._coll.update_one({"_id": key}, change, upsert=True)
+            await self._coll.insert_one(
+                {"_id": f"{dc}|{digest}|{repo}", "dc": dc, "digest": digest, "repo": repo}
+            )
         except DuplicateKeyError:
-            # Two blobs tasks upserted the same new key at once (FerretDB does not retry the
-            # losing upsert as MongoDB does); the document exists now, so update it.
-            await self._coll.update_one({"_id": key}, change)
+            pass  # known already: a holder is a fact, recording it twice changes nothing

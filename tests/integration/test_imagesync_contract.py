@@ -1,9 +1,12 @@
-"""The Registry port's contract, run against the in-memory twin and the real client on real
-Distribution registries: anonymous, with basic auth (htpasswd) and with the bearer-token flow
-(a token service signing JWTs that the registry verifies)."""
+"""imagesync's port contracts, each run against its in-memory fake and the real adapter.
+
+The Registry port: the fake and the real client on real Distribution registries: anonymous, with
+basic auth (htpasswd) and with the bearer-token flow (a token service signing JWTs that the
+registry verifies). The BlobIndex port: the fake and the index on the real MongoDB API."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import json
@@ -23,7 +26,9 @@ from cryptography.x509.oid import NameOID
 from libs.common.errors import DomainError
 from services.imagesync.adapters import DigestMismatch, RegistryUnauthorized
 from services.imagesync.domain import Manifest, digest_of
-from services.imagesync.fakes import MemoryRegistry
+from services.imagesync.fakes import MemoryBlobIndex, MemoryRegistry
+from services.imagesync.ports import BlobIndex
+from services.imagesync.store import MongoBlobIndex
 from tests.integration.test_imagesync_support import (
     SCHEMA2,
     client,
@@ -248,3 +253,38 @@ async def test_bearer_tokens_are_asked_per_scope_and_cached(
 
     assert len(token_service.requests) == asked + 1
     assert f"repository:{repo}:pull" in token_service.requests[-1]
+
+
+# --- the BlobIndex port: the in-memory fake and the MongoDB index behave the same ----------
+
+
+@pytest.fixture(params=["memory", "mongo"])
+def blob_index(request, mongo_db) -> BlobIndex:
+    """The BlobIndex port, as the fake or the real MongoDB-backed index."""
+    if request.param == "memory":
+        return MemoryBlobIndex()
+    return MongoBlobIndex(mongo_db)
+
+
+async def test_an_unknown_blob_is_held_nowhere(blob_index):
+    assert await blob_index.where("dc1", digest_of(b"never seen")) == []
+
+
+async def test_holders_are_remembered_once_each_and_per_dc(blob_index):
+    digest = digest_of(b"layer")
+    await blob_index.add("dc1", digest, "team/a")
+    await blob_index.add("dc1", digest, "team/b")
+    await blob_index.add("dc1", digest, "team/a")
+    await blob_index.add("dc2", digest, "team/c")
+
+    assert sorted(await blob_index.where("dc1", digest)) == ["team/a", "team/b"]
+    assert await blob_index.where("dc2", digest) == ["team/c"]
+    assert await blob_index.where("dc1", digest_of(b"other layer")) == []
+
+
+async def test_concurrent_adds_of_a_new_blob_are_all_kept(blob_index):
+    digest, repos = digest_of(secrets.token_bytes(16)), [f"team/r{i}" for i in range(8)]
+
+    await asyncio.gather(*(blob_index.add("dc1", digest, repo) for repo in repos))
+
+    assert sorted(await blob_index.where("dc1", digest)) == repos
