@@ -1,14 +1,19 @@
-"""The small frame every API route goes through: roles, body validation, problems, audit, OpenAPI.
+"""The small frame every API route goes through: roles, validation, problems, audit, OpenAPI.
 
-A route is declared once with its roles and pydantic models; from that declaration the gateway
-checks the bearer token's role, validates the body (unknown fields rejected), writes the audit
-entry of a mutating request, and generates the OpenAPI document.
+A route is declared once, with its roles and its body and query models. From that one
+declaration the wrapper checks the bearer token's role, validates the query string and the JSON
+body (unknown fields rejected, 422 naming every failing field) and hands the validated models to
+the handler as ``body=`` and ``query=``; it writes the audit entry of a mutating request; and the
+OpenAPI document is generated from the same models. A handler never parses its input itself, and
+a handler whose signature disagrees with its declaration is refused at import time.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
-from collections.abc import Awaitable, Callable
+import typing
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -17,24 +22,26 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 
+from libs.common.clock import utcnow
 from libs.common.errors import DomainError, TransientError
 
 from ..domain.models import Problem
-from ..store import GatewayStore, now
+from .deps import STORE
 
 __all__ = [
     "ADMIN",
     "ANY",
+    "AUDIT_TARGET",
     "OPS",
     "PROBLEM_TYPE",
+    "WHO",
     "Api",
     "FieldErrors",
     "Handler",
     "Route",
+    "RouteTable",
     "Who",
     "json_response",
-    "parse_body",
-    "parse_query",
     "problem_middleware",
 ]
 
@@ -45,8 +52,9 @@ ANY = frozenset({"admin", "ops", "release", "viewer"})
 OPS = frozenset({"admin", "ops"})
 ADMIN = frozenset({"admin"})
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-M = TypeVar("M", bound=BaseModel)
+Handler = Callable[..., Awaitable[web.StreamResponse]]
+H = TypeVar("H", bound=Handler)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,9 +65,14 @@ class Who:
     role: str
 
 
+WHO = web.RequestKey("gateway.who", Who)
+# What a mutating request acted on, for its audit entry (the path's ``{id}`` when not set).
+AUDIT_TARGET = web.RequestKey("gateway.audit_target", str)
+
+
 @dataclass(frozen=True)
 class Route:
-    """One API operation."""
+    """One API operation: the single source of its checks, its validation and its document."""
 
     method: str
     path: str
@@ -71,6 +84,56 @@ class Route:
     response: type[BaseModel] | None = None
     status: int = 200
     errors: tuple[int, ...] = ()
+
+    @property
+    def operation_id(self) -> str:
+        """The OpenAPI ``operationId``: the handler's name."""
+        return self.handler.__name__
+
+
+class RouteTable:
+    """The routes one module declares, in declaration order."""
+
+    def __init__(self) -> None:
+        self._routes: list[Route] = []
+
+    def __iter__(self) -> Iterator[Route]:
+        return iter(self._routes)
+
+    def route(
+        self,
+        method: str,
+        path: str,
+        *,
+        roles: frozenset[str],
+        summary: str,
+        body: type[BaseModel] | None = None,
+        query: type[BaseModel] | None = None,
+        response: type[BaseModel] | None = None,
+        status: int = 200,
+        errors: tuple[int, ...] = (),
+    ) -> Callable[[H], H]:
+        """Declare a route (decorator); the handler takes ``body``/``query`` iff declared."""
+
+        def deco(fn: H) -> H:
+            _check_signature(fn, body=body, query=query)
+            self._routes.append(
+                Route(method, path, fn, roles, summary, body, query, response, status, errors)
+            )
+            return fn
+
+        return deco
+
+
+def _check_signature(fn: Handler, **declared: type[BaseModel] | None) -> None:
+    """Refuse a handler whose ``body``/``query`` parameters disagree with the declaration."""
+    params = inspect.signature(fn).parameters
+    hints = typing.get_type_hints(fn)
+    for name, model in declared.items():
+        if model is None and name in params:
+            raise TypeError(f"{fn.__name__} takes {name} but its route declares none")
+        if model is not None and hints.get(name) is not model:
+            raise TypeError(f"{fn.__name__} must take {name}: {model.__name__}, as declared")
 
 
 def _problem(status: int, title: str, detail: str | None = None, **extra: Any) -> web.Response:
@@ -98,6 +161,11 @@ class FieldErrors(DomainError):
         super().__init__("; ".join(f"{e['field']}: {e['message']}" for e in errors))
         self.errors = errors
 
+    @classmethod
+    def one(cls, field: str, kind: str, message: str) -> FieldErrors:
+        """The 422 of a single failing field."""
+        return cls([{"field": field, "type": kind, "message": message}])
+
 
 @web.middleware
 async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -106,47 +174,70 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         return await handler(request)
     except FieldErrors as err:
         return _problem(
-            422, "Unprocessable Content", str(err), reason=err.reason, errors=err.errors,
+            422,
+            "Unprocessable Content",
+            str(err),
+            reason=err.reason,
+            errors=err.errors,
             instance=request.path,
         )
     except DomainError as err:
         status = getattr(err, "status", 400)
-        return _problem(status, _TITLES.get(status, "Bad Request"), str(err), reason=err.reason,
-                        instance=request.path)
+        return _problem(
+            status,
+            _TITLES.get(status, "Bad Request"),
+            str(err),
+            reason=err.reason,
+            instance=request.path,
+        )
     except TransientError as err:
-        return _problem(503, "Service Unavailable", str(err), reason="unavailable",
-                        instance=request.path)
+        return _problem(
+            503, "Service Unavailable", str(err), reason="unavailable", instance=request.path
+        )
     except web.HTTPException as err:
         if err.status < 400:
             raise
-        return _problem(err.status, err.reason, err.text if err.text != err.reason else None,
-                        instance=request.path)
+        return _problem(
+            err.status,
+            err.reason,
+            err.text if err.text != err.reason else None,
+            instance=request.path,
+        )
     except Exception:
         log.exception("unhandled API error", path=request.path)
         return _problem(500, "Internal Server Error", instance=request.path)
 
 
-_TITLES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-           409: "Conflict", 422: "Unprocessable Content"}
+_TITLES = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    409: "Conflict",
+    422: "Unprocessable Content",
+}
 
 
-async def parse_body(request: web.Request, model: type[M]) -> M:
-    """Validate the JSON body into ``model``; 422 naming each failing field."""
-    raw = await request.read()
-    try:
-        return model.model_validate_json(raw or b"{}")
-    except ValidationError as err:
-        if any(e["type"] == "json_invalid" for e in err.errors()):
-            raise DomainError("the body is not valid JSON", reason="malformed_json") from err
-        raise FieldErrors(_field_errors(err)) from err
-
-
-def parse_query(request: web.Request, model: type[M]) -> M:
-    """Validate the query string into ``model``; 422 naming each failing parameter."""
-    try:
-        return model.model_validate(dict(request.query))
-    except ValidationError as err:
-        raise FieldErrors(_field_errors(err, "query.")) from err
+async def _validated_input(route: Route, request: web.Request) -> dict[str, BaseModel]:
+    """The declared body and query, validated; one 422 naming every failing field of both."""
+    found: dict[str, BaseModel] = {}
+    errors: list[dict[str, Any]] = []
+    if route.body is not None:
+        raw = await request.read()
+        try:
+            found["body"] = route.body.model_validate_json(raw or b"{}")
+        except ValidationError as err:
+            if any(e["type"] == "json_invalid" for e in err.errors()):
+                raise DomainError("the body is not valid JSON", reason="malformed_json") from err
+            errors += _field_errors(err)
+    if route.query is not None:
+        try:
+            found["query"] = route.query.model_validate(dict(request.query))
+        except ValidationError as err:
+            errors += _field_errors(err, "query.")
+    if errors:
+        raise FieldErrors(errors)
+    return found
 
 
 def json_response(model: BaseModel | dict | list, status: int = 200) -> web.Response:
@@ -159,95 +250,34 @@ def json_response(model: BaseModel | dict | list, status: int = 200) -> web.Resp
 
 
 class Api:
-    """The route table: mounts the routes on an aiohttp app and builds the OpenAPI document."""
+    """The assembled route table and the dependencies its handlers read from the app."""
 
-    def __init__(
-        self, store: GatewayStore, title: str = "dockvm gateway", version: str = "1"
-    ) -> None:
-        self.store = store
+    def __init__(self, title: str = "dockvm gateway", version: str = "1") -> None:
         self.title = title
         self.version = version
         self.routes: list[Route] = []
+        self._deps: dict[web.AppKey[Any], Any] = {}
 
-    def route(
-        self,
-        method: str,
-        path: str,
-        *,
-        roles: frozenset[str],
-        summary: str,
-        body: type[BaseModel] | None = None,
-        query: type[BaseModel] | None = None,
-        response: type[BaseModel] | None = None,
-        status: int = 200,
-        errors: tuple[int, ...] = (),
-    ) -> Callable[[Handler], Handler]:
-        """Declare a route (decorator)."""
+    def include(self, routes: Iterable[Route]) -> None:
+        """Add a module's declared routes."""
+        self.routes.extend(routes)
 
-        def deco(fn: Handler) -> Handler:
-            self.routes.append(
-                Route(method, path, fn, roles, summary, body, query, response, status, errors)
-            )
-            return fn
-
-        return deco
+    def provide(self, key: web.AppKey[T], value: T) -> None:
+        """Give the handlers a dependency under ``key`` once mounted."""
+        self._deps[key] = value
 
     def mount(self, app: web.Application) -> None:
-        """Add every route (wrapped with auth and audit) and ``/v1/openapi.json``."""
+        """Store the dependencies, add every wrapped route and ``/v1/openapi.json``."""
+        for key, value in self._deps.items():
+            app[key] = value
         for r in self.routes:
-            app.router.add_route(r.method, r.path, self._wrap(r))
+            app.router.add_route(r.method, r.path, _wrap(r))
         doc = self.openapi()
 
         async def openapi(_: web.Request) -> web.Response:
             return json_response(doc)
 
         app.router.add_get("/v1/openapi.json", openapi)
-
-    def _wrap(self, route: Route) -> Handler:
-        mutating = route.method not in ("GET", "HEAD")
-
-        async def handler(request: web.Request) -> web.StreamResponse:
-            who = await self._authenticate(request)
-            if who.role not in route.roles:
-                resp: web.StreamResponse = _problem(
-                    403, "Forbidden", f"role {who.role} may not {route.summary.lower()}",
-                    reason="forbidden", instance=request.path,
-                )
-            else:
-                request["who"] = who
-                resp = await problem_middleware(request, route.handler)
-            if mutating:
-                await self._audit(request, who, resp)
-            return resp
-
-        return handler
-
-    async def _authenticate(self, request: web.Request) -> Who:
-        header = request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise _Unauthorized("a bearer token is required (Authorization: Bearer <token>)")
-        doc = await self.store.token_by_secret(token.strip())
-        if doc is None:
-            raise _Unauthorized("the token is invalid or revoked")
-        return Who(doc["name"], doc["role"])
-
-    async def _audit(self, request: web.Request, who: Who, resp: web.StreamResponse) -> None:
-        try:
-            await self.store.audit_write(
-                {
-                    "at": now(),
-                    "who": who.name,
-                    "role": who.role,
-                    "method": request.method,
-                    "path": request.path_qs,
-                    "status": resp.status,
-                    "target": request.get("audit_target") or request.match_info.get("id"),
-                }
-            )
-        except Exception:
-            # The action already happened; a lost audit line must be loud, not a 500.
-            log.exception("audit write failed", path=request.path)
 
     def openapi(self) -> dict[str, Any]:
         """The OpenAPI 3.1 document, generated from the routes' pydantic models."""
@@ -263,40 +293,7 @@ class Api:
         )
         paths: dict[str, dict[str, Any]] = {}
         for r in self.routes:
-            op: dict[str, Any] = {
-                "summary": r.summary,
-                "operationId": r.handler.__name__,
-                "security": [{"bearer": []}],
-                "x-roles": sorted(r.roles),
-                "responses": {},
-            }
-            params = [
-                {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
-                for p in _path_params(r.path)
-            ]
-            if r.query:
-                schema = r.query.model_json_schema()
-                for name, prop in schema.get("properties", {}).items():
-                    params.append({"name": name, "in": "query",
-                                   "required": name in schema.get("required", []),
-                                   "schema": prop})
-            if params:
-                op["parameters"] = params
-            if r.body:
-                op["requestBody"] = {
-                    "required": True,
-                    "content": {"application/json": {"schema": _ref(r.body)}},
-                }
-            ok: dict[str, Any] = {"description": "success"}
-            if r.response:
-                ok["content"] = {"application/json": {"schema": _ref(r.response)}}
-            op["responses"][str(r.status)] = ok
-            for code in sorted({401, 403, *r.errors, *((422,) if r.body or r.query else ())}):
-                op["responses"][str(code)] = {
-                    "description": _TITLES.get(code, "error"),
-                    "content": {PROBLEM_TYPE: {"schema": _ref(Problem)}},
-                }
-            paths.setdefault(r.path, {})[r.method.lower()] = op
+            paths.setdefault(r.path, {})[r.method.lower()] = _operation(r)
         return {
             "openapi": "3.1.0",
             "info": {"title": self.title, "version": self.version},
@@ -306,6 +303,103 @@ class Api:
                 "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             },
         }
+
+
+def _wrap(route: Route) -> Handler:
+    mutating = route.method not in ("GET", "HEAD")
+
+    async def call(request: web.Request) -> web.StreamResponse:
+        return await route.handler(request, **await _validated_input(route, request))
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        who = await _authenticate(request)
+        if who.role not in route.roles:
+            resp: web.StreamResponse = _problem(
+                403,
+                "Forbidden",
+                f"role {who.role} may not {route.summary.lower()}",
+                reason="forbidden",
+                instance=request.path,
+            )
+        else:
+            request[WHO] = who
+            resp = await problem_middleware(request, call)
+        if mutating:
+            await _audit(request, who, resp)
+        return resp
+
+    return handler
+
+
+async def _authenticate(request: web.Request) -> Who:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise _Unauthorized("a bearer token is required (Authorization: Bearer <token>)")
+    doc = await request.app[STORE].token_by_secret(token.strip())
+    if doc is None:
+        raise _Unauthorized("the token is invalid or revoked")
+    return Who(doc["name"], doc["role"])
+
+
+async def _audit(request: web.Request, who: Who, resp: web.StreamResponse) -> None:
+    try:
+        await request.app[STORE].audit_write(
+            {
+                "at": utcnow(),
+                "who": who.name,
+                "role": who.role,
+                "method": request.method,
+                "path": request.path_qs,
+                "status": resp.status,
+                "target": request.get(AUDIT_TARGET) or request.match_info.get("id"),
+            }
+        )
+    except Exception:
+        # The action already happened; a lost audit line must be loud, not a 500.
+        log.exception("audit write failed", path=request.path)
+
+
+def _operation(r: Route) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": r.summary,
+        "operationId": r.operation_id,
+        "security": [{"bearer": []}],
+        "x-roles": sorted(r.roles),
+        "responses": {},
+    }
+    params = [
+        {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+        for p in _path_params(r.path)
+    ]
+    if r.query:
+        schema = r.query.model_json_schema()
+        for name, prop in schema.get("properties", {}).items():
+            params.append(
+                {
+                    "name": name,
+                    "in": "query",
+                    "required": name in schema.get("required", []),
+                    "schema": prop,
+                }
+            )
+    if params:
+        op["parameters"] = params
+    if r.body:
+        op["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": _ref(r.body)}},
+        }
+    ok: dict[str, Any] = {"description": "success"}
+    if r.response:
+        ok["content"] = {"application/json": {"schema": _ref(r.response)}}
+    op["responses"][str(r.status)] = ok
+    for code in sorted({401, 403, *r.errors, *((422,) if r.body or r.query else ())}):
+        op["responses"][str(code)] = {
+            "description": _TITLES.get(code, "error"),
+            "content": {PROBLEM_TYPE: {"schema": _ref(Problem)}},
+        }
+    return op
 
 
 class _Unauthorized(DomainError):
@@ -319,4 +413,3 @@ def _ref(model: type[BaseModel]) -> dict[str, str]:
 
 def _path_params(path: str) -> list[str]:
     return [seg[1:-1].split(":")[0] for seg in path.split("/") if seg.startswith("{")]
-

@@ -13,11 +13,21 @@ from libs.common.contracts.releases import RELEASE_ID, ReleaseRequested, Release
 from libs.common.errors import NotFoundError
 
 from ..releases import Releases, ReleaseStore
-from .framework import ANY, Api, json_response, parse_body, parse_query
+from .deps import RELEASE_STORE, RELEASES
+from .framework import ANY, AUDIT_TARGET, WHO, Api, RouteTable, json_response
 
-__all__ = ["RELEASE", "ReleaseCreate", "ReleaseOut", "add_release_routes"]
+__all__ = [
+    "RELEASE",
+    "ReleaseCreate",
+    "ReleaseOut",
+    "ReleaseQuery",
+    "add_release_routes",
+    "routes",
+]
 
 RELEASE = frozenset({"admin", "release"})
+
+routes = RouteTable()
 
 
 class ReleaseCreate(ReleaseSpec):
@@ -64,7 +74,9 @@ class ReleaseList(BaseModel):
     items: list[ReleaseOut]
 
 
-class _ReleaseQuery(BaseModel):
+class ReleaseQuery(BaseModel):
+    """``?app=&limit=`` of the release listing."""
+
     model_config = ConfigDict(extra="forbid")
     app: str | None = None
     limit: int = Field(default=50, ge=1, le=500)
@@ -79,33 +91,60 @@ def release_out(doc: dict[str, Any]) -> ReleaseOut:
     )
 
 
+@routes.route(
+    "POST",
+    "/v1/releases",
+    roles=RELEASE,
+    summary="Start a release",
+    body=ReleaseCreate,
+    response=ReleaseOut,
+    status=202,
+    errors=(404, 409),
+)
+async def create_release(request: web.Request, body: ReleaseCreate) -> web.Response:
+    """Start a rolling deploy (idempotent on ``release_id``)."""
+    req = ReleaseRequested(
+        **body.model_dump(exclude={"release_id"}),
+        release_id=body.release_id or f"rel-{uuid.uuid4().hex[:12]}",
+    )
+    request[AUDIT_TARGET] = req.release_id
+    doc = await request.app[RELEASES].request(req, requested_by=request[WHO].name)
+    return json_response(release_out(doc), status=202)
+
+
+@routes.route(
+    "GET",
+    "/v1/releases",
+    roles=ANY,
+    summary="List releases",
+    query=ReleaseQuery,
+    response=ReleaseList,
+)
+async def list_releases(request: web.Request, query: ReleaseQuery) -> web.Response:
+    """Newest releases first, optionally of one app."""
+    docs = await request.app[RELEASE_STORE].list(query.app, query.limit)
+    return json_response(ReleaseList(items=[release_out(d) for d in docs]))
+
+
+@routes.route(
+    "GET",
+    "/v1/releases/{release_id}",
+    roles=ANY,
+    summary="Show a release",
+    response=ReleaseOut,
+    errors=(404,),
+)
+async def show_release(request: web.Request) -> web.Response:
+    """One release and where each of its machines is."""
+    rid = request.match_info["release_id"]
+    doc = await request.app[RELEASE_STORE].get(rid)
+    if doc is None:
+        raise NotFoundError(f"no release {rid}")
+    return json_response(release_out(doc))
+
+
 def add_release_routes(api: Api, releases: Releases, store: ReleaseStore) -> None:
-    """Declare the release routes on ``api``."""
-
-    @api.route("POST", "/v1/releases", roles=RELEASE, summary="Start a release",
-               body=ReleaseCreate, response=ReleaseOut, status=202, errors=(404, 409))
-    async def create_release(request: web.Request) -> web.Response:
-        body = await parse_body(request, ReleaseCreate)
-        req = ReleaseRequested(
-            **body.model_dump(exclude={"release_id"}),
-            release_id=body.release_id or f"rel-{uuid.uuid4().hex[:12]}",
-        )
-        request["audit_target"] = req.release_id
-        doc = await releases.request(req, requested_by=request["who"].name)
-        return json_response(release_out(doc), status=202)
-
-    @api.route("GET", "/v1/releases", roles=ANY, summary="List releases", query=_ReleaseQuery,
-               response=ReleaseList)
-    async def list_releases(request: web.Request) -> web.Response:
-        q = parse_query(request, _ReleaseQuery)
-        docs = await store.list(q.app, q.limit)
-        return json_response(ReleaseList(items=[release_out(d) for d in docs]))
-
-    @api.route("GET", "/v1/releases/{release_id}", roles=ANY, summary="Show a release",
-               response=ReleaseOut, errors=(404,))
-    async def show_release(request: web.Request) -> web.Response:
-        rid = request.match_info["release_id"]
-        doc = await store.get(rid)
-        if doc is None:
-            raise NotFoundError(f"no release {rid}")
-        return json_response(release_out(doc))
+    """Add the release routes to ``api``, with the release use case and store they call."""
+    api.provide(RELEASES, releases)
+    api.provide(RELEASE_STORE, store)
+    api.include(routes)
