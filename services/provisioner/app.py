@@ -9,8 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 import aiohttp
 import structlog
 
-from libs.common.bus import MessageContext, queue_name
-from libs.common.contracts.releases import Deploy, DeployFailed, DeploySucceeded
+from libs.common.bus import Publisher, queue_name
 from libs.common.errors import DomainError, TransientError
 from libs.common.maven import MavenRepository
 from libs.common.runner import ServiceContext
@@ -20,8 +19,10 @@ from .adapters.runtime import RESYNC, DockerRuntime
 from .adapters.shell import DockerMachineShell
 from .adapters.volumes import make_volumes
 from .deploy import Deployer
-from .handlers import AgentConfig, Provisioner
+from .handlers import bus_handlers
+from .service import AgentConfig, ProvisionerService
 from .settings import ProvisionerSettings
+from .upkeep import HostUpkeep
 
 __all__ = ["lifespan"]
 
@@ -35,12 +36,27 @@ def _version() -> str:
         return "0+unknown"
 
 
-@asynccontextmanager
-async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
-    """Wire the provisioner service for the life of the process."""
-    settings = ctx.settings
-    assert isinstance(settings, ProvisionerSettings)
-    runtime = DockerRuntime(settings.docker_url, workers=settings.docker_workers)
+def _agent_config(settings: ProvisionerSettings) -> AgentConfig:
+    """The agent's settings, from the service's."""
+    return AgentConfig(
+        host_id=settings.host_id,
+        dc=settings.dc,
+        version=_version(),
+        labels=tuple(sorted(settings.labels.items())),
+        lxcfs_path=settings.lxcfs_path,
+        pids_limit=settings.pids_limit,
+        min_memory=settings.min_memory,
+        memory_margin=settings.memory_margin,
+        stop_timeout_s=settings.stop_timeout_s,
+        orphan_grace_s=settings.orphan_grace_s,
+        files_dir=settings.state_dir / "machines",
+    )
+
+
+def _agent(
+    settings: ProvisionerSettings, runtime: DockerRuntime, publisher: Publisher
+) -> ProvisionerService:
+    """The agent on the network and volume drivers the settings name."""
     network = make_network(
         settings.network_driver,
         runtime,
@@ -49,27 +65,12 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
         ovs_bridge=settings.ovs_bridge,
     )
     volumes = make_volumes(settings.volume_driver, settings.state_dir, vg=settings.lvm_vg)
-    agent = Provisioner(
-        AgentConfig(
-            host_id=settings.host_id,
-            dc=settings.dc,
-            version=_version(),
-            labels=tuple(sorted(settings.labels.items())),
-            lxcfs_path=settings.lxcfs_path,
-            pids_limit=settings.pids_limit,
-            min_memory=settings.min_memory,
-            memory_margin=settings.memory_margin,
-            stop_timeout_s=settings.stop_timeout_s,
-            orphan_grace_s=settings.orphan_grace_s,
-            files_dir=settings.state_dir / "machines",
-        ),
-        runtime,
-        network,
-        volumes,
-        ctx.publisher,
-    )
-    session = aiohttp.ClientSession()
-    deployer = Deployer(
+    return ProvisionerService(_agent_config(settings), runtime, network, volumes, publisher)
+
+
+def _deployer(settings: ProvisionerSettings, session: aiohttp.ClientSession) -> Deployer:
+    """The deployer, on the machines' shells and the Maven repository."""
+    return Deployer(
         DockerMachineShell(settings.docker_url),
         MavenRepository(settings.maven_url, session),
         session,
@@ -77,46 +78,36 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
         settings.host_id,
     )
 
-    async def on_deploy(cmd: Deploy, mctx: MessageContext) -> DeploySucceeded | DeployFailed:
-        """``host.<id>.deploy`` → ``deploy.succeeded`` or ``deploy.failed``."""
-        try:
-            result: DeploySucceeded | DeployFailed = await deployer.run(cmd)
-        except DomainError as err:
-            # Every command gets its answer, even one the deployer refuses outright.
-            result = DeployFailed(
-                release_id=cmd.release_id,
-                machine_id=cmd.machine_id,
-                host=settings.host_id,
-                version=cmd.artifact.version,
-                reason=err.reason,
-                detail=str(err),
-                action=cmd.action,
-            )
-        await mctx.publish(result)
-        return result
 
+@asynccontextmanager
+async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
+    """Wire the provisioner service for the life of the process."""
+    settings = ctx.settings
+    assert isinstance(settings, ProvisionerSettings)
+    runtime = DockerRuntime(settings.docker_url, workers=settings.docker_workers)
+    agent = _agent(settings, runtime, ctx.publisher)
+    upkeep = HostUpkeep(agent)
+    session = aiohttp.ClientSession()
     ctx.add_check("docker", runtime.host_resources)
     try:
         # Reconcile first, so a create cut short by a crash is seen before commands flow; if
         # the engine is not answering yet, the periodic reconcile catches up.
-        try:
-            await agent.reconcile()
-        except (DomainError, TransientError) as err:
-            log.error("initial reconcile failed", error=str(err))
+        await _reconcile(upkeep, "initial reconcile failed")
         await ctx.consume(
             queue_name("provisioner", settings.host_id),
             [f"host.{settings.host_id}.#"],
-            {**agent.handlers(), Deploy.TYPE: on_deploy},
+            bus_handlers(agent, _deployer(settings, session)),
             # Handlers are idempotent by machine_id; a message-id lease would instead hold a
             # create redelivered after a crash (kill -9) until the lease expires.
             dedupe=False,
             # Creates run in parallel up to the Docker pool; more would only queue there.
             prefetch=settings.docker_workers * 2,
         )
-        ctx.every(settings.heartbeat_interval_s, agent.heartbeat, "heartbeat")
-        ctx.every(settings.reconcile_interval_s, agent.reconcile, "reconcile", now=False)
-        if network.kind == "ovs":
-            ctx.spawn(_replumb_on_start(runtime, agent), "replumb")
+        ctx.every(settings.heartbeat_interval_s, upkeep.heartbeat, "heartbeat")
+        ctx.every(settings.reconcile_interval_s, upkeep.reconcile, "reconcile", now=False)
+        # Only an OVS port goes with the network namespace that every container start replaces.
+        if agent.network.kind == "ovs":
+            ctx.spawn(_replumb_on_start(runtime, upkeep), "replumb")
         log.info(
             "provisioner wired",
             network=settings.network_driver,
@@ -128,13 +119,18 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
         runtime.close()
 
 
-async def _replumb_on_start(runtime: DockerRuntime, agent: Provisioner) -> None:
+async def _reconcile(upkeep: HostUpkeep, failure: str) -> None:
+    """One reconcile outside the periodic job, whose failure is logged, not fatal."""
+    try:
+        await upkeep.reconcile()
+    except (DomainError, TransientError) as err:
+        log.error(failure, error=str(err))
+
+
+async def _replumb_on_start(runtime: DockerRuntime, upkeep: HostUpkeep) -> None:
     """Docker gives a container a fresh network namespace on every start: re-add its port."""
     async for machine_id in runtime.starts():
         if machine_id == RESYNC:
-            try:
-                await agent.reconcile()
-            except (DomainError, TransientError) as err:
-                log.error("reconcile after the events stream came back failed", error=str(err))
+            await _reconcile(upkeep, "reconcile after the events stream came back failed")
         else:
-            await agent.replumb(machine_id)
+            await upkeep.replumb(machine_id)

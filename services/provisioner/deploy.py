@@ -3,7 +3,8 @@ it under ``/app/releases/<version>/``, switch ``/app/current`` atomically, resta
 check its health; on failure switch back and restart the previous version.
 
 A deploy is idempotent by (release_id, machine_id): a machine that already runs the release's
-version for that release answers success without touching anything.
+version for that release answers success without touching anything. Every deploy gets an answer:
+a refusal (a ``DomainError``) becomes ``deploy.failed``; a transient error is raised, to retry.
 """
 
 from __future__ import annotations
@@ -82,9 +83,13 @@ class Deployer:
         """Carry out ``cmd``; one deploy at a time per machine."""
         lock = self._locks.setdefault(cmd.machine_id, asyncio.Lock())
         async with lock:
-            if cmd.action == "rollback":
-                return await self._rollback(cmd)
-            return await self._deploy(cmd)
+            try:
+                if cmd.action == "rollback":
+                    return await self._rollback(cmd)
+                return await self._deploy(cmd)
+            except DomainError as err:
+                # Every command gets its answer, even one refused outright (a bad health target).
+                return self._failed(cmd, err.reason, str(err), None)
 
     async def _sh(self, machine_id: str, script: str) -> tuple[int, str]:
         return await self._shell.exec(machine_id, ["/bin/sh", "-c", script])
@@ -92,20 +97,27 @@ class Deployer:
     async def _current(self, machine_id: str) -> tuple[str | None, str | None]:
         code, out = await self._sh(
             machine_id,
-            f"v=$(readlink {CURRENT}) && basename \"$v\" && cat \"$v/{MARKER}\" 2>/dev/null",
+            f'v=$(readlink {CURRENT}) && basename "$v" && cat "$v/{MARKER}" 2>/dev/null',
         )
         if code != 0 and not out.strip():
             return None, None
         lines = out.strip().splitlines()
         return (lines[0] if lines else None), (lines[1] if len(lines) > 1 else None)
 
-    def _failed(self, cmd: Deploy, reason: str, detail: str, previous: str | None,
-                rolled_back: bool = False) -> DeployFailed:
+    def _failed(
+        self, cmd: Deploy, reason: str, detail: str, previous: str | None, rolled_back: bool = False
+    ) -> DeployFailed:
         log.warning("deploy failed", machine_id=cmd.machine_id, reason=reason, detail=detail)
         return DeployFailed(
-            release_id=cmd.release_id, machine_id=cmd.machine_id, host=self._host,
-            version=cmd.artifact.version, reason=reason, detail=detail[:2000],
-            previous_version=previous, rolled_back=rolled_back, action=cmd.action,
+            release_id=cmd.release_id,
+            machine_id=cmd.machine_id,
+            host=self._host,
+            version=cmd.artifact.version,
+            reason=reason,
+            detail=detail[:2000],
+            previous_version=previous,
+            rolled_back=rolled_back,
+            action=cmd.action,
         )
 
     async def _deploy(self, cmd: Deploy) -> DeploySucceeded | DeployFailed:
@@ -122,9 +134,7 @@ class Deployer:
             return self._failed(cmd, "repository_unreachable", str(err), previous)
 
         target = f"{RELEASES}/{version}"
-        code, out = await self._sh(
-            cmd.machine_id, f"rm -rf {target}.new && mkdir -p {target}.new"
-        )
+        code, out = await self._sh(cmd.machine_id, f"rm -rf {target}.new && mkdir -p {target}.new")
         if code != 0:
             return self._failed(cmd, "install_failed", out, previous)
         archive = _archive_for(cmd.artifact, file)
@@ -158,8 +168,12 @@ class Deployer:
 
     def _succeeded(self, cmd: Deploy, version: str, previous: str | None) -> DeploySucceeded:
         return DeploySucceeded(
-            release_id=cmd.release_id, machine_id=cmd.machine_id, host=self._host,
-            version=version, previous_version=previous, action=cmd.action,
+            release_id=cmd.release_id,
+            machine_id=cmd.machine_id,
+            host=self._host,
+            version=version,
+            previous_version=previous,
+            action=cmd.action,
         )
 
     async def _switch_restart_check(self, cmd: Deploy, version: str) -> str | None:

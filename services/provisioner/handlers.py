@@ -1,508 +1,62 @@
-"""The host agent's entrypoints: host commands from the bus, and its periodic jobs.
+"""The provisioner's bus edge: each host command (``host.<host_id>.#``) goes to one use-case
+method, and the result that method returns is published as the command's answer.
 
-Delivery guarantee: commands arrive at least once (``host.<host_id>.#``). Every handler is
-idempotent by machine_id: Docker's container-name uniqueness (``dockvm-<machine_id>``) makes a
-second container impossible, a repeated create adopts the existing one, and each volume and
-network step reuses what an earlier attempt left. Within one agent, commands for the same
-machine run one at a time. Every command gets a result event; a failed create leaves nothing
-behind (no container, volume, loop device or VLAN network made for it).
+Delivery guarantee: commands arrive at least once. Every method is idempotent by machine_id (see
+``service``) or by (release_id, machine_id) for a deploy (see ``deploy``), so a redelivered
+command does its work once and answers again; every command gets a result event.
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections import defaultdict
-from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from ipaddress import IPv4Address
-from pathlib import Path
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
 
-import structlog
-
-from libs.common.bus import Handler, MessageContext, Publisher
+from libs.common.bus import Handler, MessageContext
 from libs.common.contracts import Message
 from libs.common.contracts.provisioner import (
-    ContainerActionDone,
-    ContainerActionFailed,
     ContainerCreate,
-    ContainerCreated,
-    ContainerCreateFailed,
     ContainerDestroy,
-    ContainerDestroyed,
-    ContainerObserved,
     ContainerResize,
-    ContainerResized,
-    ContainerResizeFailed,
     ContainerRestart,
     ContainerStart,
     ContainerStop,
-    HostHeartbeat,
     ImagePrewarm,
-    ImagePrewarmed,
     MachinesKnown,
-    Resources,
 )
-from libs.common.errors import DomainError, NotFoundError, TransientError, ValidationFailed
+from libs.common.contracts.releases import Deploy
 
-from .adapters.network import NetworkDriver
-from .adapters.runtime import ContainerInfo, ContainerRuntime
-from .adapters.volumes import VolumeDriver
-from .domain import (
-    LABEL_VLAN,
-    LXCFS_FILES,
-    HostFacts,
-    Limits,
-    OrphanTracker,
-    allocation,
-    build_spec,
-    check_create,
-    check_machine_id,
-    machine_environment,
-    plan_resize,
-    subnet_of,
-)
+from .deploy import Deployer
+from .service import ProvisionerService
 
-__all__ = ["AgentConfig", "Provisioner"]
+__all__ = ["answer", "bus_handlers", "machine_handlers"]
 
-log = structlog.get_logger("provisioner")
+Command = Callable[[Any], Awaitable[Message | None]]
 
 
-@dataclass(frozen=True, slots=True)
-class AgentConfig:
-    """The settings the agent's decisions depend on."""
-
-    host_id: str
-    dc: str
-    version: str = "0"
-    labels: tuple[tuple[str, str], ...] = ()
-    lxcfs_path: Path | None = Path("/var/lib/lxcfs")
-    pids_limit: int = 4096
-    min_memory: int = 64 << 20
-    memory_margin: int = 64 << 20
-    stop_timeout_s: int = 30
-    orphan_grace_s: float = 600.0
-    # Per-machine files bound into the container (/etc/environment); None: none are made.
-    files_dir: Path | None = None
-
-
-def _reason(err: Exception) -> str:
-    code = err.reason if isinstance(err, DomainError) else "transient"
-    return f"{code}: {err}"
-
-
-class Provisioner:
-    """One Docker host's agent: turns host commands into VM-like containers."""
-
-    def __init__(
-        self,
-        config: AgentConfig,
-        runtime: ContainerRuntime,
-        network: NetworkDriver,
-        volumes: VolumeDriver,
-        publisher: Publisher,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.config = config
-        self.runtime = runtime
-        self.network = network
-        self.volumes = volumes
-        self.publisher = publisher
-        self.clock = clock
-        self.orphans = OrphanTracker(config.orphan_grace_s)
-        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-
-    @property
-    def host(self) -> str:
-        """This host's id."""
-        return self.config.host_id
-
-    def handlers(self) -> dict[str, Handler]:
-        """The bus handlers, by message type."""
-        return {
-            ContainerCreate.TYPE: self.on_create,
-            ContainerStart.TYPE: self.on_action,
-            ContainerStop.TYPE: self.on_action,
-            ContainerRestart.TYPE: self.on_action,
-            ContainerDestroy.TYPE: self.on_destroy,
-            ContainerResize.TYPE: self.on_resize,
-            ImagePrewarm.TYPE: self.on_prewarm,
-            MachinesKnown.TYPE: self.on_known,
-        }
-
-    # ---- create -------------------------------------------------------------------------
-
-    async def on_create(self, cmd: ContainerCreate, ctx: MessageContext) -> Message:
-        """``container.create`` → ``container.created`` or ``container.create_failed``."""
-        async with self._locks[cmd.machine_id]:
-            result = await self.create(cmd)
+async def answer(command: Command, msg: Message, ctx: MessageContext) -> Message | None:
+    """Run ``command`` on the message and publish its result (if any) as the answer."""
+    result = await command(msg)
+    if result is not None:
         await ctx.publish(result)
-        return result
+    return result
 
-    async def create(self, cmd: ContainerCreate) -> ContainerCreated | ContainerCreateFailed:
-        """Make (or adopt) the machine's container; on failure undo every step taken."""
-        try:
-            check_machine_id(cmd.machine_id)
-        except DomainError as err:
-            return self._create_failed(cmd, err)
-        existing = await self.runtime.find(cmd.machine_id)
-        if existing is not None:
-            return await self._adopt(cmd.machine_id, existing)
-        try:
-            check_create(cmd, await self._facts())
-        except DomainError as err:
-            return self._create_failed(cmd, err)
-        log.info("creating machine", machine_id=cmd.machine_id, ip=str(cmd.ip))
-        made_network = False
-        try:
-            await self._ensure_image(cmd.image)
-            mode, made_network = await self.network.prepare(
-                cmd.vlan_id, subnet_of(cmd.ip, cmd.prefix_len), cmd.gateway
-            )
-            data = await self.volumes.ensure(cmd.machine_id, cmd.disk)
-            environment = self._write_environment(cmd.machine_id, cmd.cpus)
-            spec = build_spec(
-                cmd,
-                data_path=str(data),
-                network=mode,
-                static_ip=self.network.static_ip,
-                lxcfs_root=self._lxcfs_root(),
-                lxcfs_present=self._lxcfs_present(),
-                environment_file=environment,
-                pids_limit=self.config.pids_limit,
-                stop_timeout_s=self.config.stop_timeout_s,
-            )
-            await self.runtime.create(spec)
-            info = await self.runtime.start(cmd.machine_id)
-            await self.network.plumb(info)
-        except (DomainError, TransientError) as err:
-            log.warning("create failed, undoing", machine_id=cmd.machine_id, error=str(err))
-            # A VLAN network that existed before serves other machines: only ours goes.
-            await self._undo(cmd.machine_id, cmd.vlan_id, drop_network=made_network)
-            return self._create_failed(cmd, err)
-        return self._created(info)
 
-    async def _adopt(
-        self, machine_id: str, info: ContainerInfo
-    ) -> ContainerCreated | ContainerCreateFailed:
-        """A repeated create: make sure the existing container runs, and report it."""
-        try:
-            if not info.running:
-                await self.volumes.mount(machine_id)
-                info = await self.runtime.start(machine_id)
-            await self.network.plumb(info)
-        except (DomainError, TransientError) as err:
-            return ContainerCreateFailed(
-                machine_id=machine_id,
-                host=self.host,
-                reason=_reason(err),
-                retriable=True,
-            )
-        log.info("create repeated, existing container kept", machine_id=machine_id)
-        return self._created(info)
+def machine_handlers(agent: ProvisionerService) -> dict[str, Handler]:
+    """The handlers of the machine and image commands, by message type."""
+    commands: dict[str, Command] = {
+        ContainerCreate.TYPE: agent.create,
+        ContainerStart.TYPE: agent.act,
+        ContainerStop.TYPE: agent.act,
+        ContainerRestart.TYPE: agent.act,
+        ContainerDestroy.TYPE: agent.destroy,
+        ContainerResize.TYPE: agent.resize,
+        ImagePrewarm.TYPE: agent.prewarm,
+        MachinesKnown.TYPE: agent.record_known,
+    }
+    return {kind: partial(answer, command) for kind, command in commands.items()}
 
-    def _created(self, info: ContainerInfo) -> ContainerCreated:
-        return ContainerCreated(
-            machine_id=info.machine_id,
-            container_id=info.id,
-            host=self.host,
-            ip=IPv4Address(info.ip or "0.0.0.0"),
-            started_at=info.started_at or datetime.now(UTC),
-        )
 
-    def _create_failed(self, cmd: ContainerCreate, err: Exception) -> ContainerCreateFailed:
-        return ContainerCreateFailed(
-            machine_id=cmd.machine_id,
-            host=self.host,
-            reason=_reason(err),
-            retriable=isinstance(err, TransientError),
-        )
-
-    async def _ensure_image(self, ref: str) -> None:
-        if await self.runtime.has_image(ref):
-            return
-        try:
-            await self.runtime.pull(ref)
-        except TransientError as err:
-            raise TransientError(f"image {ref} is not here and its registry failed: {err}") from err
-        except DomainError as err:
-            raise ValidationFailed(
-                f"image {ref} is not on this host nor in its registry: {err}",
-                reason="image_not_found",
-            ) from err
-
-    async def _undo(self, machine_id: str, vlan_id: int, *, drop_network: bool) -> None:
-        """Remove whatever a failed create made; each step is tried even if one fails."""
-        steps = [
-            ("container", self.runtime.remove(machine_id)),
-            ("volume", self.volumes.destroy(machine_id)),
-            ("files", self._remove_files(machine_id)),
-            ("network", self.network.release(machine_id, vlan_id, drop_network=drop_network)),
-        ]
-        for what, step in steps:
-            try:
-                await step
-            except Exception as err:
-                log.error("cleanup step failed", machine_id=machine_id, step=what, error=str(err))
-
-    def _write_environment(self, machine_id: str, cpus: float) -> str | None:
-        """Write the machine's /etc/environment in place (a bind mount follows the inode)."""
-        if self.config.files_dir is None:
-            return None
-        path = self.config.files_dir / machine_id / "environment"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w") as f:
-            f.write(machine_environment(cpus))
-        return str(path)
-
-    async def _remove_files(self, machine_id: str) -> None:
-        if self.config.files_dir is None:
-            return
-        folder = self.config.files_dir / machine_id
-        for child in folder.glob("*"):
-            child.unlink()
-        if folder.exists():
-            folder.rmdir()
-
-    def _lxcfs_root(self) -> str | None:
-        root = self.config.lxcfs_path
-        if root is None or not (root / "proc" / "meminfo").exists():
-            log.warning("LXCFS is absent: machines will see the host's /proc", path=str(root))
-            return None
-        return str(root)
-
-    def _lxcfs_present(self) -> list[str]:
-        root = self.config.lxcfs_path
-        return [rel for rel in LXCFS_FILES if root is not None and (root / rel).exists()]
-
-    async def _facts(self) -> HostFacts:
-        cpus, memory = await self.runtime.host_resources()
-        _, disk_free = await self.volumes.capacity()
-        return HostFacts(cpus, memory, disk_free, self.config.min_memory)
-
-    # ---- start / stop / restart / destroy ------------------------------------------------
-
-    async def on_action(
-        self, cmd: ContainerStart | ContainerStop | ContainerRestart, ctx: MessageContext
-    ) -> Message:
-        """Start, stop or restart → ``container.action_done`` or ``container.action_failed``."""
-        action = cmd.TYPE.split(".", 1)[1]
-        async with self._locks[cmd.machine_id]:
-            try:
-                check_machine_id(cmd.machine_id)
-                if isinstance(cmd, ContainerStop):
-                    info = await self.runtime.stop(cmd.machine_id, cmd.timeout_s)
-                else:
-                    if await self.runtime.find(cmd.machine_id) is None:
-                        raise NotFoundError(f"no container for machine {cmd.machine_id}")
-                    # After a host reboot the disk must be back before the machine starts.
-                    await self.volumes.mount(cmd.machine_id)
-                    if isinstance(cmd, ContainerRestart):
-                        info = await self.runtime.restart(cmd.machine_id, cmd.timeout_s)
-                    else:
-                        info = await self.runtime.start(cmd.machine_id)
-                    await self.network.plumb(info)
-                result: Message = ContainerActionDone(
-                    machine_id=cmd.machine_id, host=self.host, action=action, state=info.state
-                )
-            except (DomainError, TransientError) as err:
-                result = ContainerActionFailed(
-                    machine_id=cmd.machine_id,
-                    host=self.host,
-                    action=action,
-                    reason=_reason(err),
-                    retriable=isinstance(err, TransientError),
-                )
-        await ctx.publish(result)
-        return result
-
-    async def on_destroy(self, cmd: ContainerDestroy, ctx: MessageContext) -> Message:
-        """Destroy → ``container.destroyed`` (also when it was gone already)."""
-        async with self._locks[cmd.machine_id]:
-            try:
-                check_machine_id(cmd.machine_id)
-                await self.destroy(cmd.machine_id, cmd.timeout_s)
-                result: Message = ContainerDestroyed(machine_id=cmd.machine_id, host=self.host)
-            except (DomainError, TransientError) as err:
-                result = ContainerActionFailed(
-                    machine_id=cmd.machine_id,
-                    host=self.host,
-                    action="destroy",
-                    reason=_reason(err),
-                    retriable=isinstance(err, TransientError),
-                )
-        await ctx.publish(result)
-        return result
-
-    async def destroy(self, machine_id: str, timeout_s: int) -> None:
-        """Stop gracefully, remove the container, its disk and its network port."""
-        info = await self.runtime.find(machine_id)
-        vlan: int | None = None
-        if info is not None:
-            vlan = int(info.labels[LABEL_VLAN]) if LABEL_VLAN in info.labels else None
-            if info.running:
-                await self.runtime.stop(machine_id, timeout_s)
-            await self.runtime.remove(machine_id)
-        await self.volumes.destroy(machine_id)
-        await self._remove_files(machine_id)
-        if vlan is not None:
-            await self.network.release(machine_id, vlan)
-        self.orphans.forget(machine_id)
-        log.info("machine destroyed", machine_id=machine_id)
-
-    # ---- resize -------------------------------------------------------------------------
-
-    async def on_resize(self, cmd: ContainerResize, ctx: MessageContext) -> Message:
-        """Live resize → ``container.resized`` or ``container.resize_failed``."""
-        async with self._locks[cmd.machine_id]:
-            result = await self.resize(cmd)
-        await ctx.publish(result)
-        return result
-
-    async def resize(self, cmd: ContainerResize) -> ContainerResized | ContainerResizeFailed:
-        """Grow the disk online, then change CPU and memory with ``docker update``."""
-        try:
-            check_machine_id(cmd.machine_id)
-            info = await self.runtime.find(cmd.machine_id)
-            if info is None:
-                raise NotFoundError(f"no container for machine {cmd.machine_id}")
-            current = Limits(info.cpus, info.memory, await self.volumes.size(cmd.machine_id) or 0)
-            shrinking = cmd.memory is not None and cmd.memory < current.memory
-            used = await self.runtime.memory_used(cmd.machine_id) if shrinking else 0
-            plan = plan_resize(
-                cmd,
-                current,
-                memory_used=used,
-                margin=self.config.memory_margin,
-                host=await self._facts(),
-            )
-            if plan.disk is not None:
-                await self.volumes.grow(cmd.machine_id, plan.disk)
-            if plan.cpus is not None or plan.memory is not None:
-                await self.runtime.update(cmd.machine_id, plan.cpus, plan.memory)
-            if plan.cpus is not None:
-                self._write_environment(cmd.machine_id, plan.cpus)
-        except (DomainError, TransientError) as err:
-            return ContainerResizeFailed(
-                machine_id=cmd.machine_id,
-                host=self.host,
-                reason=err.reason if isinstance(err, DomainError) else "transient",
-                detail=str(err),
-                retriable=isinstance(err, TransientError),
-            )
-        return ContainerResized(
-            machine_id=cmd.machine_id,
-            host=self.host,
-            cpus=plan.cpus if plan.cpus is not None else current.cpus,
-            memory=plan.memory if plan.memory is not None else current.memory,
-            disk=plan.disk if plan.disk is not None else current.disk,
-        )
-
-    # ---- images and the control plane's list --------------------------------------------
-
-    async def on_prewarm(self, cmd: ImagePrewarm, ctx: MessageContext) -> Message:
-        """Pull an image ahead of the first create → ``image.prewarmed``."""
-        try:
-            if await self.runtime.has_image(cmd.ref):
-                result = ImagePrewarmed(host=self.host, ref=cmd.ref, pulled=False)
-            else:
-                await self.runtime.pull(cmd.ref)
-                result = ImagePrewarmed(host=self.host, ref=cmd.ref, pulled=True)
-        except (DomainError, TransientError) as err:
-            result = ImagePrewarmed(host=self.host, ref=cmd.ref, pulled=False, error=_reason(err))
-        await ctx.publish(result)
-        return result
-
-    async def on_known(self, cmd: MachinesKnown, ctx: MessageContext) -> None:
-        """Record the control plane's list of this host's machines (for orphan removal)."""
-        self.orphans.update_known(cmd.machine_ids, self.clock())
-
-    # ---- periodic jobs ------------------------------------------------------------------
-
-    async def heartbeat(self) -> HostHeartbeat:
-        """Publish ``host.heartbeat``: capacity, allocation, images, version."""
-        infos = await self.runtime.list_managed()
-        limits = [
-            Limits(i.cpus, i.memory, await self.volumes.size(i.machine_id) or 0) for i in infos
-        ]
-        alloc = allocation(limits)
-        cpus, memory = await self.runtime.host_resources()
-        disk_total, _ = await self.volumes.capacity()
-        beat = HostHeartbeat(
-            host_id=self.host,
-            dc=self.config.dc,
-            labels=dict(self.config.labels),
-            capacity=Resources(cpus=cpus, memory=memory, disk=disk_total),
-            allocated=Resources(cpus=alloc.cpus, memory=alloc.memory, disk=alloc.disk),
-            machines=len(infos),
-            images=await self.runtime.images(),
-            version=self.config.version,
-            at=datetime.now(UTC),
-        )
-        await self.publisher.publish(beat)
-        return beat
-
-    async def reconcile(self) -> list[ContainerObserved]:
-        """Report every labelled container, heal disks and ports, remove overdue orphans."""
-        infos = await self.runtime.list_managed()
-        observed = []
-        for info in infos:
-            async with self._locks[info.machine_id]:
-                await self._heal(info)
-            obs = ContainerObserved(
-                host=self.host,
-                machine_id=info.machine_id,
-                container_id=info.id,
-                state=info.state,
-                ip=IPv4Address(info.ip) if info.ip else None,
-                cpus=info.cpus,
-                memory=info.memory,
-                disk=await self.volumes.size(info.machine_id),
-                vlan_id=int(info.labels[LABEL_VLAN]) if LABEL_VLAN in info.labels else None,
-                orphan=self.orphans.is_orphan(info.machine_id),
-            )
-            await self.publisher.publish(obs)
-            observed.append(obs)
-        # A disk without a container (a create cut short and never repeated) is tracked too.
-        present = {i.machine_id for i in infos} | set(await self.volumes.list())
-        for machine_id in self.orphans.sweep(present, self.clock()):
-            await self._remove_orphan(machine_id)
-        return observed
-
-    async def _heal(self, info: ContainerInfo) -> None:
-        """Put back what a host reboot or a dockerd restart took: the disk, the OVS port."""
-        if not info.running:
-            return
-        try:
-            if await self.volumes.mount(info.machine_id):
-                # It started on an empty mountpoint: restart it onto the real disk.
-                log.warning("disk was not mounted, restarting machine", machine_id=info.machine_id)
-                info = await self.runtime.restart(info.machine_id, self.config.stop_timeout_s)
-            await self.network.plumb(info)
-        except (DomainError, TransientError) as err:
-            log.error("heal failed", machine_id=info.machine_id, error=str(err))
-
-    async def _remove_orphan(self, machine_id: str) -> None:
-        async with self._locks[machine_id]:
-            if not self.orphans.is_orphan(machine_id):
-                return
-            log.warning("removing orphan machine", machine_id=machine_id)
-            try:
-                await self.destroy(machine_id, self.config.stop_timeout_s)
-            except (DomainError, TransientError) as err:
-                log.error("orphan removal failed", machine_id=machine_id, error=str(err))
-                return
-        await self.publisher.publish(
-            ContainerDestroyed(machine_id=machine_id, host=self.host, reason="orphan")
-        )
-
-    async def replumb(self, machine_id: str) -> None:
-        """After the engine reports a start: re-attach the machine's network port."""
-        async with self._locks[machine_id]:
-            info = await self.runtime.find(machine_id)
-            if info is not None:
-                try:
-                    await self.network.plumb(info)
-                except (DomainError, TransientError) as err:
-                    log.error("re-plumb failed", machine_id=machine_id, error=str(err))
+def bus_handlers(agent: ProvisionerService, deployer: Deployer) -> dict[str, Handler]:
+    """Every handler of the host's queue, by message type: machine commands and deploys."""
+    return {**machine_handlers(agent), Deploy.TYPE: partial(answer, deployer.run)}

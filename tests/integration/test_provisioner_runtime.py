@@ -11,8 +11,9 @@ import docker
 import pytest
 
 from libs.common.errors import ConflictError, NotFoundError
-from services.provisioner.adapters import DockerRuntime, MemoryRuntime
+from services.provisioner.adapters import DockerRuntime
 from services.provisioner.domain import ContainerSpec
+from services.provisioner.fakes import MemoryRuntime
 
 IMAGE = os.environ.get("DOCKVM_BASE_IMAGE", "dockvm/base:bookworm")
 RUN = uuid.uuid4().hex[:6]

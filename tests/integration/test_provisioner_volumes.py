@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from services.provisioner.adapters import MemoryVolumes, XfsLoopVolumes
+from services.provisioner.adapters import XfsLoopVolumes
+from services.provisioner.fakes import MemoryVolumes
 
 M = 1 << 20
 

@@ -1,8 +1,9 @@
-"""The provisioner's ports and adapters: the Docker runtime, the network and volume drivers."""
+"""The provisioner's ports and adapters: the Docker runtime, the network and volume drivers
+(their in-memory fakes are in ``services.provisioner.fakes``)."""
 
 from .network import BridgeNetwork, MacvlanNetwork, NetworkDriver, OvsNetwork, make_network
-from .runtime import ContainerInfo, ContainerRuntime, DockerRuntime, MemoryRuntime
-from .volumes import LvmVolumes, MemoryVolumes, VolumeDriver, XfsLoopVolumes, make_volumes
+from .runtime import ContainerInfo, ContainerRuntime, DockerRuntime
+from .volumes import LvmVolumes, VolumeDriver, XfsLoopVolumes, make_volumes
 
 __all__ = [
     "BridgeNetwork",
@@ -11,8 +12,6 @@ __all__ = [
     "DockerRuntime",
     "LvmVolumes",
     "MacvlanNetwork",
-    "MemoryRuntime",
-    "MemoryVolumes",
     "NetworkDriver",
     "OvsNetwork",
     "VolumeDriver",

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -24,7 +23,7 @@ import structlog
 from ..domain import free_disk
 from .host import HostCommandFailed, run
 
-__all__ = ["LvmVolumes", "MemoryVolumes", "VolumeDriver", "XfsLoopVolumes", "make_volumes"]
+__all__ = ["LvmVolumes", "VolumeDriver", "XfsLoopVolumes", "make_volumes"]
 
 log = structlog.get_logger("provisioner.volumes")
 
@@ -281,51 +280,6 @@ class LvmVolumes(_BlockVolumes):
         )
         total, free = (int(float(x)) for x in out.split())
         return total, free
-
-
-@dataclass
-class MemoryVolumes:
-    """In-memory :class:`VolumeDriver` for unit tests."""
-
-    root: Path = Path("/nonexistent/volumes")
-    total: int = 100 << 30
-    sizes: dict[str, int] = field(default_factory=dict)
-    fail_ensure: bool = False
-
-    def path(self, machine_id: str) -> Path:
-        """A fake mountpoint."""
-        return self.root / "mnt" / machine_id
-
-    async def ensure(self, machine_id: str, size: int) -> Path:
-        """Record a disk."""
-        if self.fail_ensure:
-            raise HostCommandFailed(("mkfs.xfs",), 1, "no space left")
-        self.sizes.setdefault(machine_id, size)
-        return self.path(machine_id)
-
-    async def mount(self, machine_id: str) -> bool | None:
-        """Nothing to mount."""
-        return False if machine_id in self.sizes else None
-
-    async def size(self, machine_id: str) -> int | None:
-        """The recorded size."""
-        return self.sizes.get(machine_id)
-
-    async def grow(self, machine_id: str, size: int) -> None:
-        """Record the new size."""
-        self.sizes[machine_id] = size
-
-    async def destroy(self, machine_id: str) -> bool:
-        """Forget the disk."""
-        return self.sizes.pop(machine_id, None) is not None
-
-    async def list(self) -> list[str]:
-        """Machines with a disk."""
-        return sorted(self.sizes)
-
-    async def capacity(self) -> tuple[int, int]:
-        """Total and what is left after the recorded disks."""
-        return self.total, self.total - sum(self.sizes.values())
 
 
 def make_volumes(kind: str, state_dir: Path, *, vg: str) -> VolumeDriver:

@@ -1,4 +1,5 @@
-"""The agent's handlers on in-memory fakes of its ports: idempotency, undo, guards, orphans."""
+"""The agent's service, reached through its bus handlers, and its periodic jobs, on in-memory
+fakes of its ports: idempotency, undo, guards, orphans."""
 
 from __future__ import annotations
 
@@ -19,8 +20,11 @@ from libs.common.contracts.provisioner import (
     ImagePrewarm,
     MachinesKnown,
 )
-from services.provisioner.adapters import BridgeNetwork, MemoryRuntime, MemoryVolumes
-from services.provisioner.handlers import AgentConfig, Provisioner
+from services.provisioner.adapters import BridgeNetwork
+from services.provisioner.fakes import MemoryRuntime, MemoryVolumes
+from services.provisioner.handlers import machine_handlers
+from services.provisioner.service import AgentConfig, ProvisionerService
+from services.provisioner.upkeep import HostUpkeep
 
 G = 1 << 30
 
@@ -41,12 +45,17 @@ def parts():
     volumes = MemoryVolumes(total=100 * G)
     publisher = MemoryPublisher()
     clock = Clock()
-    agent = Provisioner(
+    agent = ProvisionerService(
         AgentConfig(host_id="h1", dc="dc1", version="1.2", labels=(("rack", "r1"),),
                     lxcfs_path=Path("/nonexistent/lxcfs"), orphan_grace_s=10),
         runtime, BridgeNetwork(runtime, "dockvm"), volumes, publisher, clock,
     )  # fmt: skip
     return agent, runtime, volumes, publisher, clock
+
+
+@pytest.fixture
+def upkeep(parts) -> HostUpkeep:
+    return HostUpkeep(parts[0])
 
 
 def _ctx(publisher: MemoryPublisher, msg: Message) -> MessageContext:
@@ -63,8 +72,8 @@ def _create(mid: str = "m1", **overrides: object) -> ContainerCreate:
     return ContainerCreate.model_validate(fields)
 
 
-async def _send(agent: Provisioner, publisher: MemoryPublisher, msg: Message):
-    handler = agent.handlers()[msg.TYPE]
+async def _send(agent: ProvisionerService, publisher: MemoryPublisher, msg: Message):
+    handler = machine_handlers(agent)[msg.TYPE]
     return await handler(msg, _ctx(publisher, msg))
 
 
@@ -238,12 +247,12 @@ async def test_prewarm(parts, ref, pullable, pulled, error):
     assert (result.pulled, result.error is not None) == (pulled, error)
 
 
-async def test_heartbeat_sums_what_machines_were_given(parts):
+async def test_heartbeat_sums_what_machines_were_given(parts, upkeep):
     agent, _, _, publisher, _ = parts
     await _send(agent, publisher, _create("m1", cpus=1.5))
     await _send(agent, publisher, _create("m2", ip="10.9.0.11", memory="512m", disk="5g"))
 
-    beat = await agent.heartbeat()
+    beat = await upkeep.heartbeat()
 
     assert (beat.host_id, beat.dc, beat.version) == ("h1", "dc1", "1.2")
     assert beat.labels == {"rack": "r1"}
@@ -255,18 +264,20 @@ async def test_heartbeat_sums_what_machines_were_given(parts):
     assert publisher.of_type("host.heartbeat") == [beat]
 
 
-async def test_reconcile_reports_every_machine_and_removes_an_orphan_only_after_grace(parts):
+async def test_reconcile_reports_every_machine_and_removes_an_orphan_only_after_grace(
+    parts, upkeep
+):
     agent, runtime, volumes, publisher, clock = parts
     await _send(agent, publisher, _create("m1"))
     await _send(agent, publisher, _create("m2", ip="10.9.0.11"))
     await _send(agent, publisher, MachinesKnown(machine_ids=["m1"]))
 
     clock.now = 1
-    observed = await agent.reconcile()
+    observed = await upkeep.reconcile()
     clock.now = 12
     await _send(agent, publisher, MachinesKnown(machine_ids=["m1"]))
     clock.now = 13
-    await agent.reconcile()
+    await upkeep.reconcile()
 
     assert {(o.machine_id, o.orphan) for o in observed} == {("m1", False), ("m2", True)}
     assert list(runtime.containers) == ["m1"] and list(volumes.sizes) == ["m1"]
@@ -275,16 +286,16 @@ async def test_reconcile_reports_every_machine_and_removes_an_orphan_only_after_
     ]
 
 
-async def test_a_disk_without_a_container_is_an_orphan_too(parts):
+async def test_a_disk_without_a_container_is_an_orphan_too(parts, upkeep):
     agent, _, volumes, publisher, clock = parts
     await volumes.ensure("left-over", 10 * G)
     await _send(agent, publisher, MachinesKnown(machine_ids=[]))
 
     clock.now = 1
-    await agent.reconcile()
+    await upkeep.reconcile()
     clock.now = 20
     await _send(agent, publisher, MachinesKnown(machine_ids=[]))
-    await agent.reconcile()
+    await upkeep.reconcile()
 
     assert volumes.sizes == {}
 

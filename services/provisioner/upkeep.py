@@ -1,0 +1,132 @@
+"""The agent's periodic jobs: the heartbeat, the reconcile that reports every labelled container,
+heals what a reboot took and removes overdue orphans, and the re-plumbing after an engine start.
+
+Docker labels are the agent's only truth, so each job reads the engine afresh, under the same
+per-machine locks as the commands. A heartbeat and a ``container.observed`` state the current
+state in full, so one lost (a job whose publish fails is logged and runs again at its next tick)
+is made good by the next. The ``container.destroyed`` of a removed orphan is sent at most once:
+once the machine is gone, no later reconcile sees it (the control plane never knew it anyway).
+"""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address
+
+import structlog
+
+from libs.common.clock import utcnow
+from libs.common.contracts.provisioner import (
+    ContainerDestroyed,
+    ContainerObserved,
+    HostHeartbeat,
+    Resources,
+)
+from libs.common.errors import DomainError, TransientError
+
+from .adapters.runtime import ContainerInfo
+from .domain import LABEL_VLAN, Limits, allocation
+from .service import ProvisionerService
+
+__all__ = ["HostUpkeep"]
+
+log = structlog.get_logger("provisioner")
+
+
+class HostUpkeep:
+    """The periodic jobs of one host's agent, on the same ports and machine locks."""
+
+    def __init__(self, agent: ProvisionerService) -> None:
+        self.agent = agent
+        self.runtime = agent.runtime
+        self.volumes = agent.volumes
+        self.network = agent.network
+        self.publisher = agent.publisher
+
+    async def heartbeat(self) -> HostHeartbeat:
+        """Publish ``host.heartbeat``: capacity, allocation, images, version."""
+        config = self.agent.config
+        infos = await self.runtime.list_managed()
+        limits = [
+            Limits(i.cpus, i.memory, await self.volumes.size(i.machine_id) or 0) for i in infos
+        ]
+        alloc = allocation(limits)
+        cpus, memory = await self.runtime.host_resources()
+        disk_total, _ = await self.volumes.capacity()
+        beat = HostHeartbeat(
+            host_id=config.host_id,
+            dc=config.dc,
+            labels=dict(config.labels),
+            capacity=Resources(cpus=cpus, memory=memory, disk=disk_total),
+            allocated=Resources(cpus=alloc.cpus, memory=alloc.memory, disk=alloc.disk),
+            machines=len(infos),
+            images=await self.runtime.images(),
+            version=config.version,
+            at=utcnow(),
+        )
+        await self.publisher.publish(beat)
+        return beat
+
+    async def reconcile(self) -> list[ContainerObserved]:
+        """Report every labelled container, heal disks and ports, remove overdue orphans."""
+        orphans = self.agent.orphans
+        infos = await self.runtime.list_managed()
+        observed = []
+        for info in infos:
+            async with self.agent.lock(info.machine_id):
+                await self._heal(info)
+            obs = ContainerObserved(
+                host=self.agent.host,
+                machine_id=info.machine_id,
+                container_id=info.id,
+                state=info.state,
+                ip=IPv4Address(info.ip) if info.ip else None,
+                cpus=info.cpus,
+                memory=info.memory,
+                disk=await self.volumes.size(info.machine_id),
+                vlan_id=int(info.labels[LABEL_VLAN]) if LABEL_VLAN in info.labels else None,
+                orphan=orphans.is_orphan(info.machine_id),
+            )
+            await self.publisher.publish(obs)
+            observed.append(obs)
+        # A disk without a container (a create cut short and never repeated) is tracked too.
+        present = {i.machine_id for i in infos} | set(await self.volumes.list())
+        for machine_id in orphans.sweep(present, self.agent.clock()):
+            await self._remove_orphan(machine_id)
+        return observed
+
+    async def _heal(self, info: ContainerInfo) -> None:
+        """Put back what a host reboot or a dockerd restart took: the disk, the OVS port."""
+        if not info.running:
+            return
+        try:
+            if await self.volumes.mount(info.machine_id):
+                # It started on an empty mountpoint: restart it onto the real disk.
+                log.warning("disk was not mounted, restarting machine", machine_id=info.machine_id)
+                info = await self.runtime.restart(info.machine_id, self.agent.config.stop_timeout_s)
+            await self.network.plumb(info)
+        except (DomainError, TransientError) as err:
+            log.error("heal failed", machine_id=info.machine_id, error=str(err))
+
+    async def _remove_orphan(self, machine_id: str) -> None:
+        async with self.agent.lock(machine_id):
+            if not self.agent.orphans.is_orphan(machine_id):
+                return
+            log.warning("removing orphan machine", machine_id=machine_id)
+            try:
+                await self.agent.remove_machine(machine_id, self.agent.config.stop_timeout_s)
+            except (DomainError, TransientError) as err:
+                log.error("orphan removal failed", machine_id=machine_id, error=str(err))
+                return
+        await self.publisher.publish(
+            ContainerDestroyed(machine_id=machine_id, host=self.agent.host, reason="orphan")
+        )
+
+    async def replumb(self, machine_id: str) -> None:
+        """After the engine reports a start: re-attach the machine's network port."""
+        async with self.agent.lock(machine_id):
+            info = await self.runtime.find(machine_id)
+            if info is not None:
+                try:
+                    await self.network.plumb(info)
+                except (DomainError, TransientError) as err:
+                    log.error("re-plumb failed", machine_id=machine_id, error=str(err))
