@@ -15,8 +15,7 @@ from aiohttp import web
 from libs.common.contracts import Message
 from libs.common.errors import TransientError
 
-from ..releases import Releases, ReleaseStore
-from ..sagas import SagaDriver
+from ..service import Releases, ReleaseStore, SagaDriver
 from ..settings import GatewaySettings
 from ..store import GatewayStore
 

@@ -10,7 +10,7 @@ from libs.common.clock import utcnow
 
 from ..domain import HostView
 from ..domain.models import HostOut
-from ..sagas import host_views
+from ..service import host_views
 from .deps import SETTINGS, STORE
 from .framework import ANY, RouteTable, json_response
 

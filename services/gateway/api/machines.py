@@ -28,7 +28,7 @@ from ..domain.models import (
     MachineQuery,
     WaitQuery,
 )
-from ..sagas import host_views
+from ..service import host_views
 from .deps import DRIVER, SETTINGS, STORE, rpc_call
 from .framework import ANY, AUDIT_TARGET, OPS, FieldErrors, RouteTable, json_response
 from .views import ipv4, machine_links, machine_out

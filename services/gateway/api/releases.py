@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from libs.common.contracts.releases import RELEASE_ID, ReleaseRequested, ReleaseSpec
 from libs.common.errors import NotFoundError
 
-from ..releases import Releases, ReleaseStore
+from ..service import Releases, ReleaseStore
 from .deps import RELEASE_STORE, RELEASES
 from .framework import ANY, AUDIT_TARGET, WHO, Api, RouteTable, json_response
 
