@@ -15,10 +15,13 @@ from libs.common.bus import (
     MessageContext,
     MongoDedupe,
     QueueSpec,
+    connect,
     dlq_name,
 )
 from libs.common.contracts import Command, register
 from libs.common.errors import DomainError, TransientError
+from tests.support.proxy import TcpProxy
+from tests.support.stack import AMQP_HOST, AMQP_PORT
 
 
 @register
@@ -171,6 +174,42 @@ async def test_rpc_reply(amqp, publisher):
     await consumer.stop()
 
     assert reply == _Work(n=42)
+
+
+@pytest.fixture
+async def proxy():
+    """A TCP proxy in front of RabbitMQ."""
+    p = await TcpProxy(AMQP_HOST, AMQP_PORT).start()
+    yield p
+    await p.close()
+
+
+@pytest.mark.parametrize("cut_by", ["broker", "network"])
+async def test_rpc_reply_after_the_connection_is_cut_and_restored(
+    amqp, publisher, vhost, proxy, cut_by
+):
+    """The broker closing the connection, or the network dropping it while the broker still
+    holds the old one (what an exclusive reply queue does not survive), then a reconnect."""
+    from libs.common.bus import RpcClient
+
+    async def handler(msg: _Work, ctx: MessageContext) -> _Work:
+        return _Work(n=msg.n * 2)
+
+    consumer = await _consumer(amqp, publisher, handler)
+    rpc_connection = await connect(vhost.url_via("127.0.0.1", proxy.port), name="tests-rpc")
+    rpc = RpcClient(rpc_connection, source="tests")
+    before = await rpc.request(_Work(n=1), timeout=10)
+    reconnected = asyncio.Event()
+    rpc_connection.reconnect_callbacks.add(lambda *_: reconnected.set())
+    await (vhost.close_connections() if cut_by == "broker" else proxy.cut())
+    await asyncio.wait_for(reconnected.wait(), 30)
+    after = await rpc.request(_Work(n=21), timeout=10)
+    await rpc.close()
+    await rpc_connection.close()
+    await consumer.stop()
+
+    assert before == _Work(n=2)
+    assert after == _Work(n=42)
 
 
 async def amqp_queue_depth(amqp, name: str) -> int:

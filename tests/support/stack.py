@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import uuid
@@ -33,7 +34,11 @@ class Vhost:
     @property
     def url(self) -> str:
         """The AMQP URL of this vhost."""
-        return f"amqp://guest:guest@{AMQP_HOST}:{AMQP_PORT}/{quote(self.name, safe='')}"
+        return self.url_via(AMQP_HOST, AMQP_PORT)
+
+    def url_via(self, host: str, port: int) -> str:
+        """The AMQP URL of this vhost through ``host:port`` (a proxy in front of RabbitMQ)."""
+        return f"amqp://guest:guest@{host}:{port}/{quote(self.name, safe='')}"
 
     async def queue(self, name: str) -> dict:
         """The management API's view of one queue (messages, arguments...)."""
@@ -42,6 +47,29 @@ class Vhost:
             async with s.get(url) as r:
                 r.raise_for_status()
                 return await r.json()
+
+    async def close_connections(self, timeout: float = 30.0) -> int:
+        """Have RabbitMQ close every client connection of this vhost; return how many.
+
+        The management API lists a connection only once its statistics are emitted, so this
+        waits (up to ``timeout``) for at least one to show.
+        """
+        async with aiohttp.ClientSession(headers=RABBIT_HEADERS) as s, asyncio.timeout(timeout):
+            url = f"{RABBIT_API}/vhosts/{quote(self.name, safe='')}/connections"
+            while True:
+                async with s.get(url) as r:
+                    r.raise_for_status()
+                    names = [c["name"] for c in await r.json()]
+                if names:
+                    break
+                await asyncio.sleep(0.2)
+            for name in names:
+                headers = {"X-Reason": "closed by a test"}
+                url = f"{RABBIT_API}/connections/{quote(name, safe='')}"
+                async with s.delete(url, headers=headers) as r:
+                    if r.status not in (204, 404):
+                        r.raise_for_status()
+        return len(names)
 
 
 async def create_vhost() -> Vhost:

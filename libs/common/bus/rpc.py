@@ -1,8 +1,15 @@
 """Request/reply over the bus, for queries that need an answer (pool usage, IP history).
 
+Replies come back through RabbitMQ's Direct Reply-to: the client consumes the pseudo-queue
+``amq.rabbitmq.reply-to`` (no-ack) on the channel it publishes requests from, and the broker
+routes each reply straight to that channel. There is no reply queue to declare, so nothing has to
+be re-declared when the robust connection comes back (an exclusive server-named reply queue cannot
+be: its ``amq.gen-`` name is refused on reconnect). The robust channel restores the consumer
+before it reports itself ready, and a request waits for that.
+
 Delivery guarantee: at most once per call from the caller's view: a request that gets no reply
-within the timeout raises :class:`TransientError`; the callee's handler must be a read or
-idempotent.
+within the timeout raises :class:`TransientError` (a request in flight while the connection drops
+is one of those); the callee's handler must be a read or idempotent.
 """
 
 from __future__ import annotations
@@ -11,14 +18,21 @@ import asyncio
 import uuid
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+)
 
 from ..contracts.envelope import Envelope, Message
 from ..errors import TransientError
 from .publisher import amqp_message
 from .topology import EXCHANGE
 
-__all__ = ["RpcClient"]
+__all__ = ["DIRECT_REPLY_TO", "RpcClient"]
+
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 
 
 class RpcClient:
@@ -27,19 +41,26 @@ class RpcClient:
     def __init__(self, connection: AbstractRobustConnection, source: str) -> None:
         self._connection = connection
         self._source = source
-        self._channel: AbstractChannel | None = None
-        self._reply_queue: str | None = None
+        self._channel: AbstractRobustChannel | None = None
+        self._exchange: AbstractExchange | None = None
         self._futures: dict[str, asyncio.Future[Envelope]] = {}
         self._lock = asyncio.Lock()
 
-    async def _ready(self) -> AbstractChannel:
+    async def _ready(self) -> AbstractExchange:
         async with self._lock:
-            if self._channel is None or self._channel.is_closed:
-                self._channel = await self._connection.channel(publisher_confirms=False)
-                queue = await self._channel.declare_queue(exclusive=True, auto_delete=True)
-                await queue.consume(self._on_reply, no_ack=True)
-                self._reply_queue = queue.name
-            return self._channel
+            if self._channel is None or self._channel.is_closed or self._exchange is None:
+                channel = await self._connection.channel(publisher_confirms=False)
+                # Declared (passively) through the robust channel so that it re-consumes the
+                # pseudo-queue on every reopened channel; Direct Reply-to wants no-ack.
+                replies = await channel.declare_queue(DIRECT_REPLY_TO, passive=True)
+                await replies.consume(self._on_reply, no_ack=True)
+                self._channel = channel  # type: ignore[assignment]
+                self._exchange = await channel.get_exchange(EXCHANGE, ensure=False)
+            channel, exchange = self._channel, self._exchange
+        # After a reconnect, publishing before the consumer is back is refused by the broker
+        # ("fast reply consumer does not exist"): wait for the channel's restore to finish.
+        await channel.ready()
+        return exchange
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         fut = self._futures.pop(message.correlation_id or "", None)
@@ -53,21 +74,27 @@ class RpcClient:
         self, msg: Message, *, routing_key: str | None = None, timeout: float = 10.0
     ) -> Message:
         """Send ``msg`` and return the parsed reply."""
-        channel = await self._ready()
         env = Envelope.wrap(msg, source=self._source)
         corr = uuid.uuid4().hex
         fut: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
         self._futures[corr] = fut
         amsg = amqp_message(env)
-        amsg.reply_to = self._reply_queue
+        amsg.reply_to = DIRECT_REPLY_TO
         amsg.correlation_id = corr
         amsg.delivery_mode = aio_pika.DeliveryMode.NOT_PERSISTENT
-        exchange = await channel.get_exchange(EXCHANGE, ensure=False)
         try:
-            await exchange.publish(amsg, routing_key=routing_key or env.type)
-            reply = await asyncio.wait_for(fut, timeout)
+            async with asyncio.timeout(timeout):
+                exchange = await self._ready()
+                await exchange.publish(amsg, routing_key=routing_key or env.type)
+                reply = await fut
         except TimeoutError as err:
             raise TransientError(f"no reply to {env.type} within {timeout}s") from err
+        except (
+            aio_pika.exceptions.AMQPError,
+            aio_pika.exceptions.ChannelInvalidStateError,
+            OSError,
+        ) as err:
+            raise TransientError(f"request {env.type} not sent: {err!r}") from err
         finally:
             self._futures.pop(corr, None)
         return reply.parse()
