@@ -23,9 +23,10 @@ import uuid
 from collections.abc import Awaitable, Callable
 from ipaddress import IPv4Address
 
+from libs.common.clock import utcnow
 from libs.common.db import mongo_client
 from services.ipam.domain import block_offsets
-from services.ipam.service import Ipam, utcnow
+from services.ipam.service import Ipam
 from services.ipam.store import BLOCKS, LEASES, MongoIpamStore
 
 BLOCK = 128  # the default of DOCKVM_IPAM_BLOCK_SIZE; --block overrides it
@@ -55,23 +56,42 @@ async def _measure(fn: Callable[[int], Awaitable[object]], ops: int, conc: int) 
 
 async def _fill(db, ipam: Ipam, name: str, fraction: float, block: int) -> None:
     """Make ``fraction`` of the pool's addresses leased, as block-wise allocation would."""
-    pool = await ipam._pool(name, None, None)
+    pool = await ipam.pools.active(name)
     target = int(pool.usable_count() * fraction)
     leases, blocks, k, now = [], [], 0, utcnow()
     while len(leases) < target:
         for o in block_offsets(pool, k, block):
             ip = str(IPv4Address(pool.first + o))
-            leases.append({
-                "_id": f"fill-{name}-{o}", "active_ip": ip, "ip": ip, "gen": 1,
-                "pool": name, "pool_uid": pool.uid, "dc": pool.dc, "vlan_id": pool.vlan_id,
-                "prefix_len": pool.network.prefixlen, "gateway": str(pool.gateway),
-                "allocated_at": now, "request_id": None, "state": "active",
-            })
-        blocks.append({"_id": f"{pool.uid}:{k}", "pool_uid": pool.uid, "k": k,
-                       "owner": "bench", "at": now, "full": True})
+            leases.append(
+                {
+                    "_id": f"fill-{name}-{o}",
+                    "active_ip": ip,
+                    "ip": ip,
+                    "gen": 1,
+                    "pool": name,
+                    "pool_uid": pool.uid,
+                    "dc": pool.dc,
+                    "vlan_id": pool.vlan_id,
+                    "prefix_len": pool.network.prefixlen,
+                    "gateway": str(pool.gateway),
+                    "allocated_at": now,
+                    "request_id": None,
+                    "state": "active",
+                }
+            )
+        blocks.append(
+            {
+                "_id": f"{pool.uid}:{k}",
+                "pool_uid": pool.uid,
+                "k": k,
+                "owner": "bench",
+                "at": now,
+                "full": True,
+            }
+        )
         k += 1
     for i in range(0, len(leases), 2000):
-        await db[LEASES].insert_many(leases[i:i + 2000])
+        await db[LEASES].insert_many(leases[i : i + 2000])
     await db[BLOCKS].insert_many(blocks)
     await db["pools"].update_one({"_id": name}, {"$set": {"block_hint": k - 1}})
 
@@ -93,8 +113,9 @@ async def main() -> None:
         ipam = Ipam(store, block_size=args.block)
         for name, vlan, fraction in (("p10", 210, 0.10), ("p95", 220, 0.95)):
             net = f"10.{vlan}.0.0/{args.prefix}"
-            await ipam.create_pool(name, "dc1", vlan, net, IPv4Address(f"10.{vlan}.0.1"), [],
-                                   7 * 24 * 3600)
+            await ipam.create_pool(
+                name, "dc1", vlan, net, IPv4Address(f"10.{vlan}.0.1"), [], 7 * 24 * 3600
+            )
             await _fill(db, ipam, name, fraction, args.block)
         print(f"leases in store after fill: {await db[LEASES].count_documents({})}")
 
@@ -102,25 +123,35 @@ async def main() -> None:
         for conc in (1, 16, 64):
             run = uuid.uuid4().hex[:6]
             raw = await _measure(
-                lambda i, run=run: db["bench_raw"].insert_one({
-                    "_id": f"raw-{run}-{i}", "active_ip": f"{run}-{i}", "ip": "10.0.0.1",
-                    "gen": 1, "pool": "p", "machine": f"m-{run}-{i}", "at": utcnow(),
-                }),
-                args.ops, conc,
+                lambda i, run=run: db["bench_raw"].insert_one(
+                    {
+                        "_id": f"raw-{run}-{i}",
+                        "active_ip": f"{run}-{i}",
+                        "ip": "10.0.0.1",
+                        "gen": 1,
+                        "pool": "p",
+                        "machine": f"m-{run}-{i}",
+                        "at": utcnow(),
+                    }
+                ),
+                args.ops,
+                conc,
             )
             rows.append(("raw insert_one", conc, raw, raw["rate"]))
             for name, label in (("p10", "alloc 10% full"), ("p95", "alloc 95% full")):
                 res = await _measure(
                     lambda i, name=name, run=run: ipam.allocate(f"{name}-{run}-{i}", pool=name),
-                    args.ops, conc,
+                    args.ops,
+                    conc,
                 )
                 rows.append((label, conc, res, raw["rate"]))
 
-        print(f"{'what':<16} {'conc':>4} {'ops/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
-              f"{'vs raw':>7}")
+        print(f"{'what':<16} {'conc':>4} {'ops/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs raw':>7}")
         for label, conc, res, base in rows:
-            print(f"{label:<16} {conc:>4} {res['rate']:>9.0f} {res['p50']:>8.2f} "
-                  f"{res['p99']:>8.2f} {res['rate'] / base:>7.0%}")
+            print(
+                f"{label:<16} {conc:>4} {res['rate']:>9.0f} {res['p50']:>8.2f} "
+                f"{res['p99']:>8.2f} {res['rate'] / base:>7.0%}"
+            )
     finally:
         await client.drop_database(db.name)
         await client.close()

@@ -230,8 +230,14 @@ def next_block(pool: Pool, block: int, block_size: int) -> int | None:
 
 
 def validate_pool(
-    name: str, dc: str, vlan_id: int, cidr: str, gateway: IPv4Address, reserved: Sequence[str],
-    cooldown_s: int, uid: str,
+    name: str,
+    dc: str,
+    vlan_id: int,
+    cidr: str,
+    gateway: IPv4Address,
+    reserved: Sequence[str],
+    cooldown_s: int,
+    uid: str,
 ) -> Pool:
     """Check a pool's own fields (not its neighbours) and build it."""
     if not 1 <= vlan_id <= 4094:
@@ -263,9 +269,7 @@ def history_of(leases: Iterable[dict]) -> Iterator[HistoryEvent]:
     for lease in sorted(leases, key=lambda d: (d["allocated_at"], d.get("gen", 0))):
         yield HistoryEvent(lease["machine_id"], "allocated", lease["allocated_at"], lease["pool"])
         if lease.get("released_at") is not None:
-            yield HistoryEvent(
-                lease["machine_id"], "released", lease["released_at"], lease["pool"]
-            )
+            yield HistoryEvent(lease["machine_id"], "released", lease["released_at"], lease["pool"])
 
 
 def owner_at(leases: Iterable[dict], at: datetime) -> str | None:

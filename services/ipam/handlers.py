@@ -44,16 +44,25 @@ log = structlog.get_logger("ipam.handlers")
 
 # Explicit keys, not ``pool.*``: ipam's own pool.changed/pool.rejected must not come back to it.
 COMMAND_KEYS = (
-    IpAllocate.TYPE, IpAllocateMany.TYPE, IpRelease.TYPE,
-    PoolCreate.TYPE, PoolUpdate.TYPE, PoolDelete.TYPE,
+    IpAllocate.TYPE,
+    IpAllocateMany.TYPE,
+    IpRelease.TYPE,
+    PoolCreate.TYPE,
+    PoolUpdate.TYPE,
+    PoolDelete.TYPE,
 )
 QUERY_KEYS = (PoolList.TYPE, IpLookup.TYPE)
 
 
 def _allocated(a: Allocation) -> IpAllocated:
     return IpAllocated(
-        machine_id=a.machine_id, ip=a.ip, prefix_len=a.prefix_len, gateway=a.gateway,
-        vlan_id=a.vlan_id, pool=a.pool, dc=a.dc,
+        machine_id=a.machine_id,
+        ip=a.ip,
+        prefix_len=a.prefix_len,
+        gateway=a.gateway,
+        vlan_id=a.vlan_id,
+        pool=a.pool,
+        dc=a.dc,
     )
 
 
@@ -88,8 +97,9 @@ class IpamHandlers:
             out = _allocated(a)
             log.info("ip allocated", machine_id=a.machine_id, ip=str(a.ip), pool=a.pool)
         except AllocationError as err:
-            log.warning("allocation refused", machine_id=msg.machine_id, reason=err.reason,
-                        detail=str(err))
+            log.warning(
+                "allocation refused", machine_id=msg.machine_id, reason=err.reason, detail=str(err)
+            )
             out = IpAllocationFailed(machine_id=msg.machine_id, reason=err.reason, detail=str(err))
         await ctx.publish(out)
         return out
@@ -99,15 +109,18 @@ class IpamHandlers:
         out: Message
         try:
             got = await self.ipam.allocate_many(
-                msg.request_id, list(msg.machine_ids), pool=msg.pool, dc=msg.dc,
+                msg.request_id,
+                list(msg.machine_ids),
+                pool=msg.pool,
+                dc=msg.dc,
                 vlan_id=msg.vlan_id,
             )
-            out = IpAllocatedMany(request_id=msg.request_id, allocations=[_allocated(a)
-                                                                          for a in got])
+            out = IpAllocatedMany(
+                request_id=msg.request_id, allocations=[_allocated(a) for a in got]
+            )
         except AllocationError as err:
             log.warning("bulk allocation refused", request_id=msg.request_id, reason=err.reason)
-            out = IpAllocationFailed(request_id=msg.request_id, reason=err.reason,
-                                     detail=str(err))
+            out = IpAllocationFailed(request_id=msg.request_id, reason=err.reason, detail=str(err))
         await ctx.publish(out)
         return out
 
@@ -115,8 +128,7 @@ class IpamHandlers:
         """``ip.release`` → ``ip.released`` (a machine without lease: warning, no event)."""
         lease = await self.ipam.release(msg.machine_id)
         if lease is None:
-            log.warning("release of a machine that holds no IP ignored",
-                        machine_id=msg.machine_id)
+            log.warning("release of a machine that holds no IP ignored", machine_id=msg.machine_id)
             return None
         out = IpReleased(machine_id=msg.machine_id, ip=lease["ip"], pool=lease["pool"])
         log.info("ip released", machine_id=msg.machine_id, ip=lease["ip"])
@@ -137,8 +149,9 @@ class IpamHandlers:
 
     async def pool_create(self, msg: PoolCreate, ctx: MessageContext) -> Message:
         """``pool.create`` → ``pool.changed`` (created) or ``pool.rejected``."""
-        op = self.ipam.create_pool(msg.name, msg.dc, msg.vlan_id, msg.cidr, msg.gateway,
-                                   list(msg.reserved), msg.cooldown_s)
+        op = self.ipam.create_pool(
+            msg.name, msg.dc, msg.vlan_id, msg.cidr, msg.gateway, list(msg.reserved), msg.cooldown_s
+        )
         return await self._pool_outcome(msg.name, "created", op, ctx)
 
     async def pool_update(self, msg: PoolUpdate, ctx: MessageContext) -> Message:
@@ -154,23 +167,40 @@ class IpamHandlers:
     async def pool_list(self, msg: PoolList, ctx: MessageContext) -> Message:
         """``pool.list`` → ``pool.listing`` (reply only)."""
         views = await self.ipam.list_pools(msg.dc)
-        return PoolListing(pools=[
-            PoolInfo(
-                name=v.pool.name, dc=v.pool.dc, vlan_id=v.pool.vlan_id, cidr=str(v.pool.network),
-                gateway=v.pool.gateway, reserved=list(v.pool.reserved_items),
-                cooldown_s=v.pool.cooldown_s,
-                usage=PoolUsage(total=v.total, allocated=v.allocated, cooling=v.cooling,
-                                reserved=v.reserved, free=v.free),
-            )
-            for v in views
-        ])
+        return PoolListing(
+            pools=[
+                PoolInfo(
+                    name=v.pool.name,
+                    dc=v.pool.dc,
+                    vlan_id=v.pool.vlan_id,
+                    cidr=str(v.pool.network),
+                    gateway=v.pool.gateway,
+                    reserved=list(v.pool.reserved_items),
+                    cooldown_s=v.pool.cooldown_s,
+                    usage=PoolUsage(
+                        total=v.total,
+                        allocated=v.allocated,
+                        cooling=v.cooling,
+                        reserved=v.reserved,
+                        free=v.free,
+                    ),
+                )
+                for v in views
+            ]
+        )
 
     async def ip_lookup(self, msg: IpLookup, ctx: MessageContext) -> Message:
         """``ip.lookup`` → ``ip.info`` (reply only)."""
         r = await self.ipam.lookup(msg.ip, msg.at)
         return IpInfo(
-            ip=r.ip, pool=r.pool, state=r.state, owner=r.owner,  # type: ignore[arg-type]
-            owner_at=r.owner_at, cooling_until=r.cooling_until,
-            history=[IpHistoryEntry(machine_id=e.machine_id, action=e.action, at=e.at,
-                                    pool=e.pool) for e in r.history],
+            ip=r.ip,
+            pool=r.pool,
+            state=r.state,
+            owner=r.owner,  # type: ignore[arg-type]
+            owner_at=r.owner_at,
+            cooling_until=r.cooling_until,
+            history=[
+                IpHistoryEntry(machine_id=e.machine_id, action=e.action, at=e.at, pool=e.pool)
+                for e in r.history
+            ],
         )

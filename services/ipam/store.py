@@ -1,4 +1,6 @@
-"""IPAM persistence: the :class:`IpamStore` port, its MongoDB adapter and an in-memory fake.
+"""IPAM persistence: the :class:`IpamStore` port and its MongoDB adapter.
+
+The in-memory twin is :class:`services.ipam.fakes.MemoryIpamStore`; the contract test runs both.
 
 Two facts about FerretDB v1 (SQLite) shape this module:
 
@@ -6,7 +8,7 @@ Two facts about FerretDB v1 (SQLite) shape this module:
   connections: each matches its filter, then writes (or deletes) by ``_id``, so two writers may
   both "win", and a conditional delete may remove a document that stopped matching in between.
   An insert under a unique index is the one arbiter; a stale lease is deleted by its claimer
-  alone (see ``Ipam._confirmed``).
+  alone (see ``Claims._other_delivery_holds`` in ``service/claims.py``).
 - Only ``_id`` equality is served by an index; any other filter, range or sort reads the whole
   collection. So every call on the allocation path is an ``_id`` read or an insert; the
   queries that filter or sort (usage, lookups, leftovers) are off the hot path.
@@ -30,9 +32,8 @@ Collections:
 
 from __future__ import annotations
 
-import copy
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Protocol
 
 from pymongo import ASCENDING, IndexModel
 from pymongo.asynchronous.database import AsyncDatabase
@@ -41,11 +42,38 @@ from pymongo.errors import DuplicateKeyError
 from libs.common.db import ensure_indexes
 from libs.common.errors import ConflictError, translate_errors
 
-__all__ = ["INDEXES", "IpamStore", "LeaseConflict", "MemoryIpamStore", "MongoIpamStore",
-           "history_id", "slot_id"]
+from .documents import (
+    FreeSlotDoc,
+    HintField,
+    HistoryDoc,
+    HistoryFields,
+    LeaseDoc,
+    PoolChanges,
+    PoolDoc,
+)
+
+__all__ = [
+    "ARCHIVE",
+    "BLOCKS",
+    "FREE",
+    "HISTORY",
+    "INDEXES",
+    "LEASES",
+    "POOLS",
+    "IpamStore",
+    "LeaseConflict",
+    "MongoIpamStore",
+    "history_id",
+    "slot_id",
+]
 
 POOLS, ARCHIVE, LEASES, HISTORY, FREE, BLOCKS = (
-    "pools", "pools_deleted", "leases", "ip_history", "ip_free", "ip_blocks"
+    "pools",
+    "pools_deleted",
+    "leases",
+    "ip_history",
+    "ip_free",
+    "ip_blocks",
 )
 
 INDEXES: dict[str, list[IndexModel]] = {
@@ -79,48 +107,48 @@ class IpamStore(Protocol):
         ...
 
     # pools (small collection: filters are fine)
-    async def insert_pool(self, doc: dict) -> None:
+    async def insert_pool(self, doc: PoolDoc) -> None:
         """Insert a pool; :class:`LeaseConflict` if its name, uid or (dc, vlan) is taken."""
         ...
 
-    async def get_pool(self, name: str) -> dict | None:
+    async def get_pool(self, name: str) -> PoolDoc | None:
         """The pool named ``name``."""
         ...
 
-    async def pool_by_vlan(self, dc: str, vlan_id: int) -> dict | None:
+    async def pool_by_vlan(self, dc: str, vlan_id: int) -> PoolDoc | None:
         """The pool of ``vlan_id`` in ``dc``."""
         ...
 
-    async def list_pools(self, dc: str | None = None) -> list[dict]:
+    async def list_pools(self, dc: str | None = None) -> list[PoolDoc]:
         """Every pool (of ``dc``), by name."""
         ...
 
-    async def pools_containing(self, ip_int: int) -> list[dict]:
+    async def pools_containing(self, ip_int: int) -> list[PoolDoc]:
         """Pools, current and deleted, whose cidr holds ``ip_int``."""
         ...
 
-    async def overlapping_pools(self, first: int, last: int, uid: str) -> list[dict]:
+    async def overlapping_pools(self, first: int, last: int, uid: str) -> list[PoolDoc]:
         """Other current pools sharing an address with ``[first, last]``."""
         ...
 
-    async def update_pool(self, name: str, fields: dict) -> None:
+    async def update_pool(self, name: str, fields: PoolChanges) -> None:
         """Set ``fields`` on the pool."""
         ...
 
-    async def raise_hint(self, name: str, field: str, value: int) -> None:
+    async def raise_hint(self, name: str, field: HintField, value: int) -> None:
         """Raise a pool's hint counter to ``value`` (never lowers it on MongoDB)."""
         ...
 
-    async def delete_pool(self, doc: dict) -> None:
+    async def delete_pool(self, doc: PoolDoc) -> None:
         """Archive the pool (for lookups of its history) and drop its queues and blocks."""
         ...
 
     # leases (active)
-    async def insert_lease(self, doc: dict) -> None:
+    async def insert_lease(self, doc: LeaseDoc) -> None:
         """Insert an active lease; :class:`LeaseConflict` if the machine or the IP has one."""
         ...
 
-    async def get_lease(self, machine_id: str) -> dict | None:
+    async def get_lease(self, machine_id: str) -> LeaseDoc | None:
         """The machine's active lease."""
         ...
 
@@ -132,28 +160,30 @@ class IpamStore(Protocol):
         """Turn the active lease into a tombstone: the IP is free, the machine stays known."""
         ...
 
-    async def lease_of_ip(self, ip: str) -> dict | None:
+    async def lease_of_ip(self, ip: str) -> LeaseDoc | None:
         """The active lease of ``ip`` (a filter: off the hot path)."""
         ...
 
-    async def leases_of_pool(self, pool_uid: str) -> list[dict]:
+    async def leases_of_pool(self, pool_uid: str) -> list[LeaseDoc]:
         """Active leases of a pool (a filter: off the hot path)."""
         ...
 
-    async def leases_of_request(self, request_id: str) -> list[dict]:
+    async def leases_of_request(self, request_id: str) -> list[LeaseDoc]:
         """Active leases made for a bulk request (a filter: off the hot path)."""
         ...
 
     # history
-    async def get_history(self, hid: str) -> dict | None:
+    async def get_history(self, hid: str) -> HistoryDoc | None:
         """One history record."""
         ...
 
-    async def insert_history(self, doc: dict) -> None:
+    async def insert_history(self, doc: HistoryDoc) -> None:
         """Insert a history record; :class:`LeaseConflict` if that gen is taken."""
         ...
 
-    async def upsert_history(self, hid: str, fields: dict, on_insert: dict | None = None) -> None:
+    async def upsert_history(
+        self, hid: str, fields: HistoryFields, on_insert: HistoryFields | None = None
+    ) -> None:
         """Create or complete a history record (``on_insert`` only when creating it)."""
         ...
 
@@ -161,7 +191,7 @@ class IpamStore(Protocol):
         """Forget a history record (rollback of an unannounced bulk allocation)."""
         ...
 
-    async def history_of_machine(self, machine_id: str) -> dict | None:
+    async def history_of_machine(self, machine_id: str) -> HistoryDoc | None:
         """The machine's latest history record (a filter: off the hot path)."""
         ...
 
@@ -170,11 +200,11 @@ class IpamStore(Protocol):
         ...
 
     # free queue
-    async def get_slot(self, sid: str) -> dict | None:
+    async def get_slot(self, sid: str) -> FreeSlotDoc | None:
         """One entry of a free queue."""
         ...
 
-    async def insert_slot(self, doc: dict) -> bool:
+    async def insert_slot(self, doc: FreeSlotDoc) -> bool:
         """Append at ``doc['_id']``; False if that sequence number is taken."""
         ...
 
@@ -207,7 +237,7 @@ class MongoIpamStore:
         await ensure_indexes(self._db, INDEXES)
 
     @translate_errors
-    async def insert_pool(self, doc: dict) -> None:
+    async def insert_pool(self, doc: PoolDoc) -> None:
         """Insert a pool."""
         try:
             await self._pools.insert_one(dict(doc))
@@ -215,46 +245,48 @@ class MongoIpamStore:
             raise LeaseConflict(f"pool {doc['_id']} conflicts with an existing pool") from err
 
     @translate_errors
-    async def get_pool(self, name: str) -> dict | None:
+    async def get_pool(self, name: str) -> PoolDoc | None:
         """The pool named ``name``."""
         return await self._pools.find_one({"_id": name})
 
     @translate_errors
-    async def pool_by_vlan(self, dc: str, vlan_id: int) -> dict | None:
+    async def pool_by_vlan(self, dc: str, vlan_id: int) -> PoolDoc | None:
         """The pool of ``vlan_id`` in ``dc``."""
         return await self._pools.find_one({"dc": dc, "vlan_id": vlan_id})
 
     @translate_errors
-    async def list_pools(self, dc: str | None = None) -> list[dict]:
+    async def list_pools(self, dc: str | None = None) -> list[PoolDoc]:
         """Every pool (of ``dc``), by name."""
         query = {} if dc is None else {"dc": dc}
         return await self._pools.find(query).sort("_id", ASCENDING).to_list()
 
     @translate_errors
-    async def pools_containing(self, ip_int: int) -> list[dict]:
+    async def pools_containing(self, ip_int: int) -> list[PoolDoc]:
         """Pools, current and deleted, whose cidr holds ``ip_int``."""
         query = {"first": {"$lte": ip_int}, "last": {"$gte": ip_int}}
-        return [*await self._pools.find(query).to_list(),
-                *await self._archive.find(query).to_list()]
+        return [
+            *await self._pools.find(query).to_list(),
+            *await self._archive.find(query).to_list(),
+        ]
 
     @translate_errors
-    async def overlapping_pools(self, first: int, last: int, uid: str) -> list[dict]:
+    async def overlapping_pools(self, first: int, last: int, uid: str) -> list[PoolDoc]:
         """Other current pools sharing an address with ``[first, last]``."""
         query = {"first": {"$lte": last}, "last": {"$gte": first}, "uid": {"$ne": uid}}
         return await self._pools.find(query).to_list()
 
     @translate_errors
-    async def update_pool(self, name: str, fields: dict) -> None:
+    async def update_pool(self, name: str, fields: PoolChanges) -> None:
         """Set ``fields`` on the pool."""
         await self._pools.update_one({"_id": name}, {"$set": fields})
 
     @translate_errors
-    async def raise_hint(self, name: str, field: str, value: int) -> None:
+    async def raise_hint(self, name: str, field: HintField, value: int) -> None:
         """Raise a hint counter (a lost race only leaves it lower: it stays a valid hint)."""
         await self._pools.update_one({"_id": name}, {"$max": {field: value}})
 
     @translate_errors
-    async def delete_pool(self, doc: dict) -> None:
+    async def delete_pool(self, doc: PoolDoc) -> None:
         """Archive the pool and drop its queue and blocks (history is kept)."""
         uid = doc["uid"]
         await self._archive.update_one({"_id": uid}, {"$set": {**doc, "_id": uid}}, upsert=True)
@@ -263,7 +295,7 @@ class MongoIpamStore:
         await self._pools.delete_one({"uid": uid})
 
     @translate_errors
-    async def insert_lease(self, doc: dict) -> None:
+    async def insert_lease(self, doc: LeaseDoc) -> None:
         """Insert an active lease."""
         try:
             await self._leases.insert_one(dict(doc))
@@ -271,7 +303,7 @@ class MongoIpamStore:
             raise LeaseConflict(f"{doc['_id']} or {doc['active_ip']} already leased") from err
 
     @translate_errors
-    async def get_lease(self, machine_id: str) -> dict | None:
+    async def get_lease(self, machine_id: str) -> LeaseDoc | None:
         """The machine's active lease."""
         return await self._leases.find_one({"_id": machine_id})
 
@@ -286,32 +318,37 @@ class MongoIpamStore:
         """Turn the active lease into a tombstone."""
         await self._leases.update_one(
             {"_id": machine_id, "active_ip": ip},
-            {"$set": {"state": "released", "released_at": at,
-                      "active_ip": f"released:{machine_id}"}},
+            {
+                "$set": {
+                    "state": "released",
+                    "released_at": at,
+                    "active_ip": f"released:{machine_id}",
+                }
+            },
         )
 
     @translate_errors
-    async def lease_of_ip(self, ip: str) -> dict | None:
+    async def lease_of_ip(self, ip: str) -> LeaseDoc | None:
         """The active lease of ``ip``."""
         return await self._leases.find_one({"active_ip": ip})
 
     @translate_errors
-    async def leases_of_pool(self, pool_uid: str) -> list[dict]:
+    async def leases_of_pool(self, pool_uid: str) -> list[LeaseDoc]:
         """Active leases of a pool."""
         return await self._leases.find({"pool_uid": pool_uid, "state": "active"}).to_list()
 
     @translate_errors
-    async def leases_of_request(self, request_id: str) -> list[dict]:
+    async def leases_of_request(self, request_id: str) -> list[LeaseDoc]:
         """Active leases made for a bulk request."""
         return await self._leases.find({"request_id": request_id, "state": "active"}).to_list()
 
     @translate_errors
-    async def get_history(self, hid: str) -> dict | None:
+    async def get_history(self, hid: str) -> HistoryDoc | None:
         """One history record."""
         return await self._history.find_one({"_id": hid})
 
     @translate_errors
-    async def insert_history(self, doc: dict) -> None:
+    async def insert_history(self, doc: HistoryDoc) -> None:
         """Insert a history record; :class:`LeaseConflict` if that gen is taken."""
         try:
             await self._history.insert_one(dict(doc))
@@ -319,7 +356,9 @@ class MongoIpamStore:
             raise LeaseConflict(f"{doc['_id']} already taken") from err
 
     @translate_errors
-    async def upsert_history(self, hid: str, fields: dict, on_insert: dict | None = None) -> None:
+    async def upsert_history(
+        self, hid: str, fields: HistoryFields, on_insert: HistoryFields | None = None
+    ) -> None:
         """Create or complete a history record (``on_insert`` only when creating it)."""
         change: dict = {"$set": fields}
         if on_insert:
@@ -332,10 +371,9 @@ class MongoIpamStore:
         await self._history.delete_one({"_id": hid})
 
     @translate_errors
-    async def history_of_machine(self, machine_id: str) -> dict | None:
+    async def history_of_machine(self, machine_id: str) -> HistoryDoc | None:
         """The machine's latest history record."""
-        return await self._history.find_one({"machine_id": machine_id},
-                                            sort=[("allocated_at", -1)])
+        return await self._history.find_one({"machine_id": machine_id}, sort=[("allocated_at", -1)])
 
     @translate_errors
     async def released_since(self, pool_uid: str, since: datetime) -> int:
@@ -345,12 +383,12 @@ class MongoIpamStore:
         )
 
     @translate_errors
-    async def get_slot(self, sid: str) -> dict | None:
+    async def get_slot(self, sid: str) -> FreeSlotDoc | None:
         """One entry of a free queue."""
         return await self._free.find_one({"_id": sid})
 
     @translate_errors
-    async def insert_slot(self, doc: dict) -> bool:
+    async def insert_slot(self, doc: FreeSlotDoc) -> bool:
         """Append at ``doc['_id']``; False if that sequence number is taken."""
         try:
             await self._free.insert_one(dict(doc))
@@ -361,8 +399,14 @@ class MongoIpamStore:
     @translate_errors
     async def claim_block(self, pool_uid: str, k: int, owner: str, at: datetime) -> bool:
         """Claim block ``k``; False if another replica has it."""
-        doc = {"_id": f"{pool_uid}:{k}", "pool_uid": pool_uid, "k": k, "owner": owner,
-               "at": at, "full": False}
+        doc = {
+            "_id": f"{pool_uid}:{k}",
+            "pool_uid": pool_uid,
+            "k": k,
+            "owner": owner,
+            "at": at,
+            "full": False,
+        }
         try:
             await self._blocks.insert_one(doc)
         except DuplicateKeyError:
@@ -379,180 +423,3 @@ class MongoIpamStore:
     async def mark_block_full(self, pool_uid: str, k: int) -> None:
         """Record that every address of block ``k`` was handed out."""
         await self._blocks.update_one({"_id": f"{pool_uid}:{k}"}, {"$set": {"full": True}})
-
-
-class MemoryIpamStore:
-    """In-memory :class:`IpamStore` with the same unique keys, for unit tests."""
-
-    def __init__(self) -> None:
-        self.c: dict[str, dict[Any, dict]] = {
-            n: {} for n in (POOLS, ARCHIVE, LEASES, HISTORY, FREE, BLOCKS)
-        }
-
-    def _insert(self, coll: str, doc: dict, unique: tuple[tuple[str, ...], ...] = ()) -> None:
-        docs = self.c[coll]
-        if doc["_id"] in docs:
-            raise LeaseConflict(f"duplicate _id {doc['_id']}")
-        for fields in unique:
-            key = tuple(doc.get(f) for f in fields)
-            if any(tuple(d.get(f) for f in fields) == key for d in docs.values()):
-                raise LeaseConflict(f"duplicate {fields}={key}")
-        docs[doc["_id"]] = copy.deepcopy(doc)
-
-    def _find(self, coll: str, pred) -> list[dict]:
-        return [copy.deepcopy(d) for d in self.c[coll].values() if pred(d)]
-
-    def _get(self, coll: str, key: str) -> dict | None:
-        return copy.deepcopy(self.c[coll].get(key))
-
-    async def setup(self) -> None:
-        """Nothing to create."""
-
-    async def insert_pool(self, doc: dict) -> None:
-        """Insert a pool."""
-        self._insert(POOLS, doc, (("uid",), ("dc", "vlan_id")))
-
-    async def get_pool(self, name: str) -> dict | None:
-        """The pool named ``name``."""
-        return self._get(POOLS, name)
-
-    async def pool_by_vlan(self, dc: str, vlan_id: int) -> dict | None:
-        """The pool of ``vlan_id`` in ``dc``."""
-        found = self._find(POOLS, lambda d: d["dc"] == dc and d["vlan_id"] == vlan_id)
-        return found[0] if found else None
-
-    async def list_pools(self, dc: str | None = None) -> list[dict]:
-        """Every pool (of ``dc``), by name."""
-        return sorted(self._find(POOLS, lambda d: dc is None or d["dc"] == dc),
-                      key=lambda d: d["_id"])
-
-    async def pools_containing(self, ip_int: int) -> list[dict]:
-        """Pools, current and deleted, whose cidr holds ``ip_int``."""
-        def hit(d: dict) -> bool:
-            return d["first"] <= ip_int <= d["last"]
-        return [*self._find(POOLS, hit), *self._find(ARCHIVE, hit)]
-
-    async def overlapping_pools(self, first: int, last: int, uid: str) -> list[dict]:
-        """Other current pools sharing an address with ``[first, last]``."""
-        return self._find(
-            POOLS, lambda d: d["first"] <= last and d["last"] >= first and d["uid"] != uid
-        )
-
-    async def update_pool(self, name: str, fields: dict) -> None:
-        """Set ``fields`` on the pool."""
-        if name in self.c[POOLS]:
-            self.c[POOLS][name].update(copy.deepcopy(fields))
-
-    async def raise_hint(self, name: str, field: str, value: int) -> None:
-        """Raise a hint counter."""
-        doc = self.c[POOLS].get(name)
-        if doc is not None:
-            doc[field] = max(doc.get(field, 0), value)
-
-    async def delete_pool(self, doc: dict) -> None:
-        """Archive the pool and drop its queue and blocks."""
-        uid = doc["uid"]
-        self.c[ARCHIVE][uid] = {**copy.deepcopy(doc), "_id": uid}
-        for coll in (FREE, BLOCKS):
-            for k in [k for k, d in self.c[coll].items() if d["pool_uid"] == uid]:
-                del self.c[coll][k]
-        for k in [k for k, d in self.c[POOLS].items() if d["uid"] == uid]:
-            del self.c[POOLS][k]
-
-    async def insert_lease(self, doc: dict) -> None:
-        """Insert an active lease."""
-        self._insert(LEASES, doc, (("active_ip",),))
-
-    async def get_lease(self, machine_id: str) -> dict | None:
-        """The machine's active lease."""
-        return self._get(LEASES, machine_id)
-
-    async def delete_lease(self, machine_id: str, ip: str) -> bool:
-        """Drop the machine's active lease of ``ip``."""
-        doc = self.c[LEASES].get(machine_id)
-        if doc is None or doc["active_ip"] != ip:
-            return False
-        del self.c[LEASES][machine_id]
-        return True
-
-    async def end_lease(self, machine_id: str, ip: str, at: datetime) -> None:
-        """Turn the active lease into a tombstone."""
-        doc = self.c[LEASES].get(machine_id)
-        if doc is not None and doc["active_ip"] == ip:
-            doc.update(state="released", released_at=at, active_ip=f"released:{machine_id}")
-
-    async def lease_of_ip(self, ip: str) -> dict | None:
-        """The active lease of ``ip``."""
-        found = self._find(LEASES, lambda d: d["active_ip"] == ip)
-        return found[0] if found else None
-
-    async def leases_of_pool(self, pool_uid: str) -> list[dict]:
-        """Active leases of a pool."""
-        return self._find(LEASES, lambda d: d["pool_uid"] == pool_uid and d["state"] == "active")
-
-    async def leases_of_request(self, request_id: str) -> list[dict]:
-        """Active leases made for a bulk request."""
-        return self._find(
-            LEASES, lambda d: d.get("request_id") == request_id and d["state"] == "active"
-        )
-
-    async def get_history(self, hid: str) -> dict | None:
-        """One history record."""
-        return self._get(HISTORY, hid)
-
-    async def insert_history(self, doc: dict) -> None:
-        """Insert a history record."""
-        self._insert(HISTORY, doc)
-
-    async def upsert_history(self, hid: str, fields: dict, on_insert: dict | None = None) -> None:
-        """Create or complete a history record (``on_insert`` only when creating it)."""
-        if hid not in self.c[HISTORY]:
-            self.c[HISTORY][hid] = {"_id": hid, **copy.deepcopy(on_insert or {})}
-        self.c[HISTORY][hid].update(copy.deepcopy(fields))
-
-    async def delete_history(self, hid: str) -> None:
-        """Forget a history record."""
-        self.c[HISTORY].pop(hid, None)
-
-    async def history_of_machine(self, machine_id: str) -> dict | None:
-        """The machine's latest history record."""
-        found = self._find(HISTORY, lambda d: d.get("machine_id") == machine_id)
-        return max(found, key=lambda d: d["allocated_at"]) if found else None
-
-    async def released_since(self, pool_uid: str, since: datetime) -> int:
-        """Releases in the pool after ``since``."""
-        return len(self._find(
-            HISTORY, lambda d: d.get("pool_uid") == pool_uid
-            and d.get("released_at") is not None and d["released_at"] > since,
-        ))
-
-    async def get_slot(self, sid: str) -> dict | None:
-        """One entry of a free queue."""
-        return self._get(FREE, sid)
-
-    async def insert_slot(self, doc: dict) -> bool:
-        """Append at ``doc['_id']``."""
-        if doc["_id"] in self.c[FREE]:
-            return False
-        self.c[FREE][doc["_id"]] = copy.deepcopy(doc)
-        return True
-
-    async def claim_block(self, pool_uid: str, k: int, owner: str, at: datetime) -> bool:
-        """Claim block ``k``."""
-        key = f"{pool_uid}:{k}"
-        if key in self.c[BLOCKS]:
-            return False
-        self.c[BLOCKS][key] = {"_id": key, "pool_uid": pool_uid, "k": k, "owner": owner,
-                               "at": at, "full": False}
-        return True
-
-    async def open_blocks(self, pool_uid: str) -> list[int]:
-        """Claimed blocks not known to be used up."""
-        return sorted(d["k"] for d in self.c[BLOCKS].values()
-                      if d["pool_uid"] == pool_uid and not d["full"])
-
-    async def mark_block_full(self, pool_uid: str, k: int) -> None:
-        """Record that block ``k`` is used up."""
-        doc = self.c[BLOCKS].get(f"{pool_uid}:{k}")
-        if doc is not None:
-            doc["full"] = True

@@ -24,8 +24,14 @@ from libs.common.contracts.ipam import (
 )
 from libs.common.errors import TransientError
 
-POOL = PoolCreate(name="race", dc="dc1", vlan_id=42, cidr="10.42.0.0/26",
-                  gateway=IPv4Address("10.42.0.1"), cooldown_s=0)
+POOL = PoolCreate(
+    name="race",
+    dc="dc1",
+    vlan_id=42,
+    cidr="10.42.0.0/26",
+    gateway=IPv4Address("10.42.0.1"),
+    cooldown_s=0,
+)
 ALLOCATABLE = 64 - 3  # network, broadcast, gateway
 CYCLES = 12  # per requester: 64 x 12 allocate/release cycles
 
@@ -69,8 +75,9 @@ async def _assert_consistent(mongo_db, rpc: RpcClient, log: list) -> None:
         for a, b in itertools.pairwise(items)
         if a["released_at"] is None or a["released_at"] > b["allocated_at"]
     ]
-    gens_ok = all([d["gen"] for d in items] == list(range(1, len(items) + 1))
-                  for items in chains.values())
+    gens_ok = all(
+        [d["gen"] for d in items] == list(range(1, len(items) + 1)) for items in chains.values()
+    )
     owners = {(record["machine_id"], record["ip"]) for record in records}
     assert await mongo_db["leases"].find({"state": "active"}).to_list() == []
     assert overlaps == []

@@ -27,8 +27,14 @@ from libs.common.contracts.ipam import (
     PoolUpdate,
 )
 
-POOL = PoolCreate(name="v100", dc="dc1", vlan_id=100, cidr="10.100.0.0/29",
-                  gateway=IPv4Address("10.100.0.1"), cooldown_s=0)  # 5 allocatable addresses
+POOL = PoolCreate(
+    name="v100",
+    dc="dc1",
+    vlan_id=100,
+    cidr="10.100.0.0/29",
+    gateway=IPv4Address("10.100.0.1"),
+    cooldown_s=0,
+)  # 5 allocatable addresses
 
 
 @pytest.fixture
@@ -68,7 +74,11 @@ async def test_pool_lifecycle_over_rpc(rpc, probe_factory):
     pool = listed.pools[0]
     assert (pool.cidr, pool.reserved, pool.cooldown_s) == ("10.100.0.0/29", ["10.100.0.6"], 60)
     assert pool.usage.model_dump() == {
-        "total": 6, "allocated": 0, "cooling": 0, "reserved": 2, "free": 4
+        "total": 6,
+        "allocated": 0,
+        "cooling": 0,
+        "reserved": 2,
+        "free": 4,
     }
     assert (await _listing(rpc)).pools == []
 
@@ -79,12 +89,28 @@ async def test_pool_lifecycle_over_rpc(rpc, probe_factory):
         (POOL.model_copy(update={"name": "bad", "cidr": "10.7.0.0/33"}), "invalid"),
         (POOL.model_copy(update={"name": "bad", "cidr": "10.7.0.5/24"}), "invalid"),
         (POOL.model_copy(update={"name": "bad", "cidr": "10.7.0.0/24"}), "invalid"),  # gateway
-        (POOL.model_copy(update={"name": "bad", "vlan_id": 5000, "cidr": "10.100.9.0/24",
-                                 "gateway": IPv4Address("10.100.9.1")}), "invalid"),
-        (POOL.model_copy(update={"name": "bad", "vlan_id": 7, "cidr": "10.100.0.0/16"}),
-         "overlap"),
-        (POOL.model_copy(update={"name": "bad", "cidr": "10.101.0.0/24",
-                                 "gateway": IPv4Address("10.101.0.1")}), "vlan_taken"),
+        (
+            POOL.model_copy(
+                update={
+                    "name": "bad",
+                    "vlan_id": 5000,
+                    "cidr": "10.100.9.0/24",
+                    "gateway": IPv4Address("10.100.9.1"),
+                }
+            ),
+            "invalid",
+        ),
+        (POOL.model_copy(update={"name": "bad", "vlan_id": 7, "cidr": "10.100.0.0/16"}), "overlap"),
+        (
+            POOL.model_copy(
+                update={
+                    "name": "bad",
+                    "cidr": "10.101.0.0/24",
+                    "gateway": IPv4Address("10.101.0.1"),
+                }
+            ),
+            "vlan_taken",
+        ),
         (PoolUpdate(name="nope", cooldown_s=5), "unknown_pool"),
         (PoolUpdate(name="v100", reserved=["10.100.0.2"]), "ip_taken"),
         (PoolDelete(name="v100"), "pool_in_use"),
@@ -114,8 +140,9 @@ async def test_bad_pool_commands_are_rejected_with_a_reason_and_change_nothing(
         ({"ip": IPv4Address("10.100.0.2")}, "ip_taken"),
     ],
 )
-async def test_bad_allocations_fail_with_a_reason_and_change_nothing(rpc, probe_factory, kw,
-                                                                     reason):
+async def test_bad_allocations_fail_with_a_reason_and_change_nothing(
+    rpc, probe_factory, kw, reason
+):
     await rpc.request(POOL)
     await _alloc(rpc, "holder")
     probe = await probe_factory("ip.allocation_failed")
@@ -126,8 +153,9 @@ async def test_bad_allocations_fail_with_a_reason_and_change_nothing(rpc, probe_
     assert (await _listing(rpc)).pools[0].usage.allocated == 1
 
 
-async def test_duplicate_and_concurrent_delivery_gives_one_lease(rpc, publisher, probe_factory,
-                                                                 mongo_db):
+async def test_duplicate_and_concurrent_delivery_gives_one_lease(
+    rpc, publisher, probe_factory, mongo_db
+):
     await rpc.request(POOL)
     probe = await probe_factory("ip.allocated")
     cmd = IpAllocate(machine_id="dup", pool="v100")
@@ -166,13 +194,15 @@ async def test_exact_ip_and_history_lookup(rpc):
     assert (str(kvm.ip), again.reason) == ("10.100.0.5", "ip_cooling")
     assert (info.state, info.owner, info.pool) == ("cooling", None, "v100")
     assert [(h.machine_id, h.action) for h in info.history] == [
-        ("kvm-1", "allocated"), ("kvm-1", "released")
+        ("kvm-1", "allocated"),
+        ("kvm-1", "released"),
     ]
     assert then.owner_at == "kvm-1"
 
 
-async def test_release_without_lease_is_a_noop_with_no_dead_letter(rpc, publisher, probe_factory,
-                                                                   amqp):
+async def test_release_without_lease_is_a_noop_with_no_dead_letter(
+    rpc, publisher, probe_factory, amqp
+):
     await rpc.request(POOL)
     await _alloc(rpc, "real")
     probe = await probe_factory("ip.released")
@@ -188,11 +218,13 @@ async def test_release_without_lease_is_a_noop_with_no_dead_letter(rpc, publishe
 
 async def test_bulk_is_all_or_nothing(rpc):
     await rpc.request(POOL)
-    too_many = await rpc.request(IpAllocateMany(request_id="r1", pool="v100",
-                                                machine_ids=[f"s{i}" for i in range(6)]))
+    too_many = await rpc.request(
+        IpAllocateMany(request_id="r1", pool="v100", machine_ids=[f"s{i}" for i in range(6)])
+    )
     usage_after_failure = (await _listing(rpc)).pools[0].usage
-    fits = await rpc.request(IpAllocateMany(request_id="r2", pool="v100",
-                                            machine_ids=[f"s{i}" for i in range(5)]))
+    fits = await rpc.request(
+        IpAllocateMany(request_id="r2", pool="v100", machine_ids=[f"s{i}" for i in range(5)])
+    )
     assert isinstance(too_many, IpAllocationFailed)
     assert (too_many.reason, too_many.request_id) == ("pool_exhausted", "r1")
     assert (usage_after_failure.allocated, usage_after_failure.free) == (0, 5)

@@ -7,13 +7,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from services.ipam.store import (
-    LeaseConflict,
-    MemoryIpamStore,
-    MongoIpamStore,
-    history_id,
-    slot_id,
-)
+from services.ipam.fakes import MemoryIpamStore
+from services.ipam.store import LeaseConflict, MongoIpamStore, history_id, slot_id
 
 T0 = datetime(2026, 11, 24, 12, tzinfo=UTC)
 
@@ -26,8 +21,17 @@ async def store(request, mongo_db):
 
 
 def _lease(machine: str, ip: str, **extra) -> dict:
-    return {"_id": machine, "active_ip": ip, "ip": ip, "gen": 1, "pool": "p", "pool_uid": "u",
-            "allocated_at": T0, "request_id": None, **extra}
+    return {
+        "_id": machine,
+        "active_ip": ip,
+        "ip": ip,
+        "gen": 1,
+        "pool": "p",
+        "pool_uid": "u",
+        "allocated_at": T0,
+        "request_id": None,
+        **extra,
+    }
 
 
 @pytest.mark.parametrize("second", [_lease("m1", "10.0.0.9"), _lease("m2", "10.0.0.5")])
@@ -58,14 +62,21 @@ async def test_delete_lease_only_of_that_ip_and_frees_both_keys(store):
 
 async def test_history_generation_is_claimed_once_and_completed_by_upsert(store):
     hid = history_id("10.0.0.5", "u", 2)
-    await store.insert_history({"_id": hid, "machine_id": "m", "pool_uid": "u",
-                                "allocated_at": T0, "released_at": None})
+    await store.insert_history(
+        {"_id": hid, "machine_id": "m", "pool_uid": "u", "allocated_at": T0, "released_at": None}
+    )
     with pytest.raises(LeaseConflict):
         await store.insert_history({"_id": hid, "machine_id": "other"})
     await store.upsert_history(hid, {"released_at": T0 + timedelta(hours=1)})
-    await store.upsert_history(history_id("10.0.0.6", "u", 1),
-                               {"machine_id": "n", "pool_uid": "u", "allocated_at": T0,
-                                "released_at": T0 + timedelta(hours=3)})
+    await store.upsert_history(
+        history_id("10.0.0.6", "u", 1),
+        {
+            "machine_id": "n",
+            "pool_uid": "u",
+            "allocated_at": T0,
+            "released_at": T0 + timedelta(hours=3),
+        },
+    )
     assert (await store.get_history(hid))["machine_id"] == "m"
     assert (await store.history_of_machine("n"))["_id"] == history_id("10.0.0.6", "u", 1)
     assert await store.released_since("u", T0 + timedelta(hours=2)) == 1
@@ -88,13 +99,22 @@ async def test_a_block_is_claimed_once(store):
 
 
 async def test_pools_unique_by_name_and_vlan_and_archived_on_delete(store):
-    doc = {"_id": "p", "uid": "u1", "dc": "dc1", "vlan_id": 10, "first": 100, "last": 200,
-           "state": "active", "block_hint": 3}
+    doc = {
+        "_id": "p",
+        "uid": "u1",
+        "dc": "dc1",
+        "vlan_id": 10,
+        "first": 100,
+        "last": 200,
+        "state": "active",
+        "block_hint": 3,
+    }
     await store.insert_pool(doc)
     with pytest.raises(LeaseConflict):
         await store.insert_pool({**doc, "_id": "q", "uid": "u2"})
-    await store.insert_pool({**doc, "_id": "r", "uid": "u3", "vlan_id": 11, "first": 300,
-                             "last": 400})
+    await store.insert_pool(
+        {**doc, "_id": "r", "uid": "u3", "vlan_id": 11, "first": 300, "last": 400}
+    )
     await store.raise_hint("p", "block_hint", 7)
     await store.raise_hint("p", "block_hint", 5)
     hint = (await store.get_pool("p"))["block_hint"]

@@ -20,8 +20,9 @@ from services.ipam.domain import (
 
 
 def _pool(cidr="10.0.0.0/24", gateway="10.0.0.1", reserved=(), vlan=10, cooldown=0):
-    return validate_pool("p", "dc1", vlan, cidr, IPv4Address(gateway), list(reserved), cooldown,
-                         "uid")
+    return validate_pool(
+        "p", "dc1", vlan, cidr, IPv4Address(gateway), list(reserved), cooldown, "uid"
+    )
 
 
 def _ip(text: str) -> int:
@@ -99,7 +100,9 @@ def test_blocks_cover_only_allocatable_offsets():
 def test_next_block_skips_fully_reserved_blocks():
     pool = _pool(cidr="10.0.0.0/24", reserved=("10.0.0.32-10.0.0.127",))
     assert [next_block(pool, 1, 32), next_block(pool, 4, 32), next_block(pool, 8, 32)] == [
-        4, 4, None
+        4,
+        4,
+        None,
     ]
 
 
@@ -132,8 +135,7 @@ LEASES = [
 
 def test_history_lists_allocations_and_releases_in_order():
     steps = [(e.machine_id, e.action, e.at) for e in history_of(reversed(LEASES))]
-    assert steps == [("a", "allocated", _t(1)), ("a", "released", _t(5)),
-                     ("b", "allocated", _t(5))]
+    assert steps == [("a", "allocated", _t(1)), ("a", "released", _t(5)), ("b", "allocated", _t(5))]
 
 
 @pytest.mark.parametrize(("hour", "owner"), [(0, None), (1, "a"), (4, "a"), (5, "b"), (9, "b")])

@@ -12,8 +12,9 @@ import pytest
 
 from libs.common.errors import TransientError
 from services.ipam.domain import AllocationError, PoolRejectedError
+from services.ipam.fakes import MemoryIpamStore
 from services.ipam.service import Ipam
-from services.ipam.store import MemoryIpamStore, history_id
+from services.ipam.store import history_id
 
 
 class Clock:
@@ -43,8 +44,15 @@ def store() -> MemoryIpamStore:
 async def ipam(store, clock) -> Ipam:
     ipam = Ipam(store, block_size=8, pool_cache_s=0, clock=clock)
     # /27: 30 usable, gateway .1 and .10-.12 reserved: 26 allocatable.
-    await ipam.create_pool("p", "dc1", 100, "10.100.0.0/27", IPv4Address("10.100.0.1"),
-                           ["10.100.0.10-10.100.0.12"], 3600)
+    await ipam.create_pool(
+        "p",
+        "dc1",
+        100,
+        "10.100.0.0/27",
+        IPv4Address("10.100.0.1"),
+        ["10.100.0.10-10.100.0.12"],
+        3600,
+    )
     return ipam
 
 
@@ -55,7 +63,12 @@ async def _fill(ipam: Ipam, n: int, prefix: str = "m") -> list[str]:
 async def test_allocation_carries_the_network_settings(ipam):
     a = await ipam.allocate("m1", dc="dc1", vlan_id=100)
     assert (str(a.ip), a.prefix_len, str(a.gateway), a.vlan_id, a.pool, a.dc) == (
-        "10.100.0.2", 27, "10.100.0.1", 100, "p", "dc1"
+        "10.100.0.2",
+        27,
+        "10.100.0.1",
+        100,
+        "p",
+        "dc1",
     )
 
 
@@ -165,8 +178,10 @@ async def test_lookup_states_and_owner(ipam, clock):
     clock.advance(3600)
     await ipam.allocate("kvm", pool="p", ip=IPv4Address("10.100.0.2"))
     r = await ipam.lookup(IPv4Address("10.100.0.2"), at=at)
-    states = [(await ipam.lookup(IPv4Address(ip))).state
-              for ip in ("10.100.0.3", "10.100.0.10", "192.168.1.1")]
+    states = [
+        (await ipam.lookup(IPv4Address(ip))).state
+        for ip in ("10.100.0.3", "10.100.0.10", "192.168.1.1")
+    ]
     assert (r.state, r.owner, r.owner_at) == ("active", "kvm", "m0")
     assert states == ["free", "reserved", "unknown"]
 
@@ -305,8 +320,11 @@ async def test_duplicate_deliveries_on_two_replicas_strand_no_address(clock, see
     await a.create_pool("p", "dc1", 100, "10.100.0.0/27", IPv4Address("10.100.0.1"), [], 0)
     for rnd in range(3):  # each machine's allocate delivered three times at once
         got = await asyncio.gather(
-            *[(a, b)[(i + d) % 2].allocate(f"r{rnd}-m{i}", pool="p")
-              for i in range(12) for d in range(3)]
+            *[
+                (a, b)[(i + d) % 2].allocate(f"r{rnd}-m{i}", pool="p")
+                for i in range(12)
+                for d in range(3)
+            ]
         )
         assert len({(x.machine_id, x.ip) for x in got}) == 12
         await asyncio.gather(*[(a, b)[i % 2].release(f"r{rnd}-m{i}") for i in range(12)])
@@ -317,7 +335,6 @@ async def test_duplicate_deliveries_on_two_replicas_strand_no_address(clock, see
     assert len({x.ip for x in final}) == 29  # the whole /27 (29 without the gateway) again
     with pytest.raises(AllocationError, match="no free address"):
         await a.allocate("one-too-many", pool="p")
-
 
 
 class ReleaseDuringCheck(MemoryIpamStore):
@@ -378,13 +395,36 @@ async def test_a_stale_claim_is_left_to_its_claimer_until_it_is_abandoned(store,
     remove whatever lease the machine has next); an abandoned one (claimer died) it cleans up."""
     pool = await store.get_pool("p")
     x = "10.100.0.2"
-    await store.upsert_history(history_id(x, pool["uid"], 1), {
-        "ip": x, "pool": "p", "pool_uid": pool["uid"], "gen": 1, "machine_id": "earlier",
-        "allocated_at": clock(), "released_at": clock()})
-    await store.insert_lease({
-        "claim": "probe", "_id": "m", "active_ip": x, "ip": x, "gen": 1, "pool": "p",
-        "pool_uid": pool["uid"], "dc": "dc1", "vlan_id": 100, "prefix_len": 27,
-        "gateway": "10.100.0.1", "allocated_at": clock(), "request_id": None, "state": "active"})
+    await store.upsert_history(
+        history_id(x, pool["uid"], 1),
+        {
+            "ip": x,
+            "pool": "p",
+            "pool_uid": pool["uid"],
+            "gen": 1,
+            "machine_id": "earlier",
+            "allocated_at": clock(),
+            "released_at": clock(),
+        },
+    )
+    await store.insert_lease(
+        {
+            "claim": "probe",
+            "_id": "m",
+            "active_ip": x,
+            "ip": x,
+            "gen": 1,
+            "pool": "p",
+            "pool_uid": pool["uid"],
+            "dc": "dc1",
+            "vlan_id": 100,
+            "prefix_len": 27,
+            "gateway": "10.100.0.1",
+            "allocated_at": clock(),
+            "request_id": None,
+            "state": "active",
+        }
+    )
     other = Ipam(store, block_size=8, pool_cache_s=0, clock=clock, max_attempts=3)
 
     with pytest.raises(TransientError):
@@ -425,10 +465,20 @@ async def test_history_never_shows_two_owners_when_a_claim_lands_after_a_slow_re
     ips = await _fill(ipam, 29)  # the whole pool
     pool = await store.get_pool("p")
     x, uid = ips[0], pool["uid"]
-    await store.upsert_history(history_id(x, uid, 1), {
-        "ip": x, "pool": "p", "pool_uid": uid, "gen": 1, "machine_id": "m0",
-        "released_at": clock()}, on_insert={"allocated_at": clock()})
-    await ipam._append(await ipam._pool("p", None, None), int(IPv4Address(x)), 1, clock())
+    await store.upsert_history(
+        history_id(x, uid, 1),
+        {
+            "ip": x,
+            "pool": "p",
+            "pool_uid": uid,
+            "gen": 1,
+            "machine_id": "m0",
+            "released_at": clock(),
+        },
+        on_insert={"allocated_at": clock()},
+    )
+    pool_def = await ipam.pools.active("p")
+    await ipam.sources.append_released(pool_def, int(IPv4Address(x)), 1, clock())
     claim = asyncio.create_task(ipam.allocate("n", pool="p"))
     await asyncio.sleep(0)  # the claimer has stamped its lease and waits to insert it
 
