@@ -18,16 +18,38 @@ import argparse
 import asyncio
 import time
 import uuid
+from dataclasses import dataclass
 
 import aio_pika
 
 from bench._common import machine, median
-from libs.common.bus import AmqpPublisher, Consumer, MessageContext, MongoDedupe, QueueSpec, connect
+from libs.common.bus import (
+    AmqpPublisher,
+    Consumer,
+    MessageContext,
+    MongoDedupe,
+    QueueSpec,
+    connect,
+    dlq_name,
+)
 from libs.common.contracts import Command, register
 from libs.common.db import mongo_client
 from tests.support.stack import MONGO_URL, create_vhost, delete_vhost
 
 WINDOW = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """One round of one side: messages per second, and this process's CPU per message."""
+
+    rate: float
+    cpu_us: float
+
+    @classmethod
+    def measure(cls, total: int, wall: float, cpu: float) -> Run:
+        """Build from elapsed wall-clock and process CPU seconds for ``total`` messages."""
+        return cls(total / wall, cpu / total * 1e6)
 
 
 @register
@@ -49,7 +71,7 @@ async def _windowed(coros_factory, total: int) -> None:
     await asyncio.gather(*(one(i) for i in range(total)))
 
 
-async def bare(url: str, total: int) -> float:
+async def bare(url: str, total: int) -> Run:
     """Bare aio-pika: confirms + persistent publish, manual-ack consume, quorum queue."""
     conn = await aio_pika.connect_robust(url)
     pub_ch = await conn.channel(publisher_confirms=True)
@@ -72,7 +94,7 @@ async def bare(url: str, total: int) -> float:
 
     await q.consume(on_message)
     body = b'{"n": 0, "payload": "' + b"x" * 200 + b'"}'
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     await _windowed(
         lambda i: ex.publish(
             aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
@@ -81,13 +103,13 @@ async def bare(url: str, total: int) -> float:
         total,
     )
     await done.wait()
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     await q.delete(if_unused=False, if_empty=False)
     await conn.close()
-    return total / elapsed
+    return Run.measure(total, elapsed, cpu)
 
 
-async def dockvm(url: str, total: int, with_dedupe: bool) -> float:
+async def dockvm(url: str, total: int, with_dedupe: bool) -> Run:
     """The same through AmqpPublisher and the Consumer wrapper."""
     conn = await connect(url, name="bench")
     publisher = AmqpPublisher(conn, source="bench")
@@ -110,16 +132,21 @@ async def dockvm(url: str, total: int, with_dedupe: bool) -> float:
         channel, QueueSpec(name, ("bench.#",)), {"bench.ping": handler}, publisher, dedupe=dedupe
     )
     await consumer.start()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     await _windowed(lambda i: publisher.publish(BenchPing(n=i, payload="x" * 200)), total)
     await done.wait()
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     await consumer.stop()
+    # The queue is bound to ``bench.#`` on the shared ``dockvm`` exchange: left behind, it would
+    # take a copy of every message of the later rounds, and the broker would write each message
+    # into one more quorum queue per round (this skewed the figures before 2026-11-29).
+    for queue in (name, dlq_name(name)):
+        await channel.queue_delete(queue)
     await publisher.close()
     await conn.close()
     await mongo.drop_database(db_name)
     await mongo.close()
-    return total / elapsed
+    return Run.measure(total, elapsed, cpu)
 
 
 SIDES = {
@@ -140,18 +167,31 @@ async def main() -> None:
     sides = [args.only] if args.only else list(SIDES)
     vhost = await create_vhost()
     try:
-        results: dict[str, list[float]] = {side: [] for side in sides}
+        results: dict[str, list[Run]] = {side: [] for side in sides}
         for _ in range(args.rounds):
             for side in sides:
                 results[side].append(await SIDES[side](vhost.url, args.messages))
     finally:
         await delete_vhost(vhost)
+    _report(args, results)
+
+
+def _report(args: argparse.Namespace, results: dict[str, list[Run]]) -> None:
     print(f"# bench/bus.py  {machine()}  messages={args.messages} rounds={args.rounds}")
-    print(f"{'path':<16}{'msg/s (median)':>16}{'ratio to bare':>16}")
-    base = median(results["bare"]) if "bare" in results else None
-    for name, values in results.items():
-        ratio = f"{median(values) / base:>16.2f}" if base else f"{'-':>16}"
-        print(f"{name:<16}{median(values):>16.0f}{ratio}")
+    header = ("msg/s (median)", 16), ("ratio to bare", 16), ("CPU µs/msg", 12), ("CPU ratio", 11)
+    print(f"{'path':<16}" + "".join(f"{title:>{width}}" for title, width in header))
+    bare_runs = results.get("bare")
+    for name, runs in results.items():
+        rate, cpu = median([r.rate for r in runs]), median([r.cpu_us for r in runs])
+        if bare_runs:
+            # Ratios of medians over the same rounds; the CPU ratio is bare's over ours, so
+            # that above 1 is better, like the throughput ratio.
+            ratio = f"{rate / median([r.rate for r in bare_runs]):>16.2f}"
+            cpu_ratio = f"{median([r.cpu_us for r in bare_runs]) / cpu:>11.2f}"
+        else:
+            ratio, cpu_ratio = f"{'-':>16}", f"{'-':>11}"
+        print(f"{name:<16}{rate:>16.0f}{ratio}{cpu:>12.0f}{cpu_ratio}")
+        print(f"{'':<16}rounds: " + ", ".join(f"{r.rate:.0f}" for r in runs))
 
 
 if __name__ == "__main__":
