@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from tenacity import (
     AsyncRetrying,
-    retry,
     retry_if_exception_type,
     stop_after_attempt,
     stop_after_delay,
@@ -13,7 +12,7 @@ from tenacity import (
 
 from .errors import TransientError
 
-__all__ = ["retry_transient", "transient_retrying"]
+__all__ = ["transient_retrying"]
 
 
 def transient_retrying(
@@ -27,12 +26,3 @@ def transient_retrying(
         reraise=True,
     )
 
-
-def retry_transient(attempts: int = 5, initial: float = 0.1, cap: float = 5.0):
-    """Decorator form of :func:`transient_retrying` for sync or async functions."""
-    return retry(
-        retry=retry_if_exception_type(TransientError),
-        wait=wait_exponential_jitter(multiplier=initial, max=cap),
-        stop=stop_after_attempt(attempts),
-        reraise=True,
-    )

@@ -51,8 +51,6 @@ class MessageContext:
 
     envelope: Envelope
     publisher: AmqpPublisher
-    redelivered: bool = False
-    delivery_count: int = 0
 
     async def publish(
         self, msg: Message, *, routing_key: str | None = None, id: str | None = None
@@ -146,7 +144,7 @@ class Consumer:
                 return
 
         count = _delivery_count(message)
-        ctx = MessageContext(env, self.publisher, bool(message.redelivered), count)
+        ctx = MessageContext(env, self.publisher)
         started = time.perf_counter()
         try:
             reply = await handler(data, ctx)

@@ -21,7 +21,6 @@ __all__ = [
     "KVM_EVENT_TYPES",
     "KvmActionDone",
     "KvmActionFailed",
-    "KvmMachineAction",
     "KvmMachineCreate",
     "KvmMachineCreateFailed",
     "KvmMachineCreated",
@@ -126,9 +125,6 @@ class KvmMachineDestroy(_KvmAction):
     """Remove a KVM guest and its disk."""
 
     TYPE = "kvm.machine.destroy"
-
-
-KvmMachineAction = KvmMachineStart | KvmMachineStop | KvmMachineRestart | KvmMachineDestroy
 
 
 @register

@@ -39,7 +39,6 @@ __all__ = [
 ]
 
 MachineId = str
-VlanId = int
 
 
 class _PoolSelector(Command):

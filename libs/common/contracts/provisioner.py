@@ -21,7 +21,6 @@ from ..units import ByteSize
 from .envelope import Command, Event, register
 
 __all__ = [
-    "ContainerAction",
     "ContainerActionDone",
     "ContainerActionFailed",
     "ContainerCreate",
@@ -122,9 +121,6 @@ class ContainerDestroy(_Action):
     """Remove the container, its volume and its loop device."""
 
     TYPE = "container.destroy"
-
-
-ContainerAction = ContainerStart | ContainerStop | ContainerRestart | ContainerDestroy
 
 
 @register
