@@ -1,11 +1,11 @@
 """The provisioner's use-case layer: host commands become VM-like containers on this host.
 
-Every method is idempotent by machine_id: Docker's container-name uniqueness
+Every machine command is idempotent by machine_id: Docker's container-name uniqueness
 (``dockvm-<machine_id>``) makes a second container impossible, a repeated create adopts the
 existing one, and each volume and network step reuses what an earlier attempt left. Within one
-agent, commands for the same machine run one at a time (``lock``). Every command returns its
-result event; a failed create leaves nothing behind (no container, volume, loop device or VLAN
-network made for it). The periodic jobs (heartbeat, reconcile) are in ``upkeep``.
+agent, commands for the same machine run one at a time (``lock``). Each returns its result event;
+a failed create leaves nothing behind (no container, volume, loop device or VLAN network made for
+it). The periodic jobs (heartbeat, reconcile, re-plumbing) are in ``upkeep``.
 """
 
 from __future__ import annotations
