@@ -19,11 +19,11 @@ from .adapters import (
     make_reader,
     raise_fd_limit,
 )
-from .coordinator import Monitor
 from .domain import LifecycleTracker
 from .exporter import ContainerCollector
 from .handlers import query_handlers
 from .sampler import Sampler
+from .service import MonitorService
 from .settings import MonitorSettings
 from .store import MongoSampleStore
 
@@ -37,8 +37,9 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
     assert isinstance(settings, MonitorSettings)
     store = MongoSampleStore(ctx.db)
     await store.setup()
-    engine = DockerEngine(settings.docker_url, workers=settings.docker_workers,
-                          label=settings.monitor_label)
+    engine = DockerEngine(
+        settings.docker_url, workers=settings.docker_workers, label=settings.monitor_label
+    )
     events = DockerEvents(settings.docker_url, label=settings.monitor_label)
     proc = settings.monitor_proc_root
     raise_fd_limit()
@@ -50,7 +51,7 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
         host_memory=host_memory(proc),
     )
     collector = ContainerCollector(settings.host_id)
-    monitor = Monitor(
+    monitor = MonitorService(
         host=settings.host_id,
         containers=engine,
         events=events,
@@ -84,9 +85,7 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
             "retention",
         )
         ctx.every(30, monitor.republish, "republish-lifecycle", now=False)
-        await ctx.consume(
-            QUERIES_QUEUE, [MetricsQuery.TYPE], query_handlers(store), dedupe=False
-        )
+        await ctx.consume(QUERIES_QUEUE, [MetricsQuery.TYPE], query_handlers(store), dedupe=False)
         ctx.add_check("docker", engine.ping)
         yield
     finally:

@@ -473,19 +473,29 @@ class LifecycleTracker:
         """Learn the current state without emitting anything (at service start)."""
         for o in observed:
             self._tracks[o.meta.container_id] = _Track(
-                o.meta, running=o.running, started_ns=o.started_ns,
-                restarted_for_ns=o.started_ns, last_action="start" if o.running else "die",
+                o.meta,
+                running=o.running,
+                started_ns=o.started_ns,
+                restarted_for_ns=o.started_ns,
+                last_action="start" if o.running else "die",
             )
 
     def snapshot(self) -> list[dict[str, Any]]:
         """What the tracker knows, as plain documents (stored so a restart resumes from it)."""
         return [
             {
-                "container_id": t.meta.container_id, "machine_id": t.meta.machine_id,
-                "ip": t.meta.ip, "app": t.meta.app, "running": t.running,
-                "started_ns": t.started_ns, "last_action": t.last_action,
-                "last_oom_ns": t.last_oom_ns, "restarted_for_ns": t.restarted_for_ns,
-                "health": t.health, "restarts": list(t.restarts), "flapping": t.flapping,
+                "container_id": t.meta.container_id,
+                "machine_id": t.meta.machine_id,
+                "ip": t.meta.ip,
+                "app": t.meta.app,
+                "running": t.running,
+                "started_ns": t.started_ns,
+                "last_action": t.last_action,
+                "last_oom_ns": t.last_oom_ns,
+                "restarted_for_ns": t.restarted_for_ns,
+                "health": t.health,
+                "restarts": list(t.restarts),
+                "flapping": t.flapping,
             }
             for t in self._tracks.values()
         ]
@@ -499,9 +509,13 @@ class LifecycleTracker:
         for d in snapshot:
             meta = ContainerMeta(d["container_id"], d["machine_id"], d.get("ip"), d.get("app"))
             self._tracks[meta.container_id] = _Track(
-                meta, running=d["running"], started_ns=int(d["started_ns"]),
-                last_action=d.get("last_action", ""), last_oom_ns=int(d.get("last_oom_ns", 0)),
-                restarted_for_ns=int(d.get("restarted_for_ns", -1)), health=d.get("health"),
+                meta,
+                running=d["running"],
+                started_ns=int(d["started_ns"]),
+                last_action=d.get("last_action", ""),
+                last_oom_ns=int(d.get("last_oom_ns", 0)),
+                restarted_for_ns=int(d.get("restarted_for_ns", -1)),
+                health=d.get("health"),
                 restarts=deque(int(x) for x in d.get("restarts", [])),
                 flapping=bool(d.get("flapping")),
             )

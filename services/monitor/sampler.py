@@ -8,8 +8,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
+from libs.common.clock import utcnow
 from libs.common.contracts.monitor import ContainerSample
 
 from .adapters.cgroups import CgroupReader, CgroupUnavailable
@@ -54,7 +54,7 @@ class Sampler:
         self, targets: Mapping[str, Target]
     ) -> list[tuple[ContainerSample, dict[str, int | float]]]:
         """Sample every target; a container that vanished mid-round is skipped."""
-        at = datetime.now(UTC)
+        at = utcnow()
         out = []
         for cid, target in targets.items():
             try:

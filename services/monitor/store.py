@@ -22,12 +22,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Protocol
 
 from pymongo import ASCENDING, IndexModel
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
+from libs.common.clock import utcnow
 from libs.common.contracts.envelope import message_model
 from libs.common.contracts.monitor import ContainerSample
 from libs.common.db import ensure_indexes
@@ -35,9 +36,7 @@ from libs.common.errors import translate_errors
 
 from .domain import Emit
 
-__all__ = [
-    "MemorySampleStore", "MongoSampleStore", "SampleStore", "history_collection", "sample_doc",
-]
+__all__ = ["MongoSampleStore", "SampleStore", "assume_utc", "history_collection", "sample_doc"]
 
 _LIFECYCLE, _STATE = "lifecycle", "monitor_state"
 _HIST = "hist."
@@ -53,14 +52,14 @@ def sample_doc(host: str, sample: ContainerSample, deltas: Mapping[str, int | fl
 
 def history_collection(ip: str, t: datetime) -> str:
     """The collection holding the samples of ``ip`` on the UTC day of ``t``."""
-    return f"{_HIST}{ip}.{_aware(t).astimezone(UTC):%Y%m%d}"
+    return f"{_HIST}{ip}.{assume_utc(t).astimezone(UTC):%Y%m%d}"
 
 
 def _days(start: datetime, end: datetime) -> list[datetime]:
     """Midnights (UTC) of every day overlapping ``[start, end)``."""
-    day = _aware(start).astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    day = assume_utc(start).astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     out = []
-    while day < _aware(end):
+    while day < assume_utc(end):
         out.append(day)
         day += timedelta(days=1)
     return out
@@ -115,8 +114,16 @@ class SampleStore(Protocol):
         ...
 
 
-_FIELDS = ("t", "machine_id", "cpu_percent", "mem_usage", "mem_working_set", "mem_limit",
-           "pids", "d")
+_FIELDS = (
+    "t",
+    "machine_id",
+    "cpu_percent",
+    "mem_usage",
+    "mem_working_set",
+    "mem_limit",
+    "pids",
+    "d",
+)
 
 
 class MongoSampleStore:
@@ -130,8 +137,11 @@ class MongoSampleStore:
         """Index lifecycle records; history tables need none (each is one IP's day)."""
         await ensure_indexes(
             self._db,
-            {_LIFECYCLE: [IndexModel([("machine_id", ASCENDING), ("at", ASCENDING)],
-                                     name="machine_at")]},
+            {
+                _LIFECYCLE: [
+                    IndexModel([("machine_id", ASCENDING), ("at", ASCENDING)], name="machine_at")
+                ]
+            },
         )
 
     @translate_errors
@@ -141,7 +151,7 @@ class MongoSampleStore:
         for doc in docs:
             if not doc.get("ip"):  # no IP, no way to query it: not kept
                 continue
-            t = _aware(doc["t"])
+            t = assume_utc(doc["t"])
             kept = {k: doc[k] for k in _FIELDS if k in doc}
             by_table.setdefault(history_collection(doc["ip"], t), []).append(
                 {"_id": t.isoformat(), **kept}
@@ -176,7 +186,7 @@ class MongoSampleStore:
     async def prune(self, before: datetime) -> int:
         """Delete samples older than ``before`` (past days' tables dropped whole, the
         cutoff's day trimmed), and the published lifecycle records too."""
-        cutoff = f"{_aware(before).astimezone(UTC):%Y%m%d}"
+        cutoff = f"{assume_utc(before).astimezone(UTC):%Y%m%d}"
         deleted = 0
         for name in await self._db.list_collection_names():
             if not name.startswith(_HIST):
@@ -188,19 +198,22 @@ class MongoSampleStore:
             elif day == cutoff:
                 res = await self._db[name].delete_many({"t": {"$lt": before}})
                 deleted += res.deleted_count
-        await self._db[_LIFECYCLE].delete_many(
-            {"published": True, "recorded_at": {"$lt": before}}
-        )
+        await self._db[_LIFECYCLE].delete_many({"published": True, "recorded_at": {"$lt": before}})
         return deleted
 
     @translate_errors
     async def claim_event(self, host: str, emit: Emit) -> bool:
         """Insert the event; an existing one is ours again only if it never went out."""
         msg = emit.message
-        doc = {"_id": emit.id, "type": msg.TYPE, "host": host, "published": False,
-               "recorded_at": datetime.now(UTC),
-               **msg.model_dump(mode="python", exclude={"ip"}),
-               "ip": str(getattr(msg, "ip", None) or "") or None}
+        doc = {
+            "_id": emit.id,
+            "type": msg.TYPE,
+            "host": host,
+            "published": False,
+            "recorded_at": utcnow(),
+            **msg.model_dump(mode="python", exclude={"ip"}),
+            "ip": str(getattr(msg, "ip", None) or "") or None,
+        }
         try:
             await self._db[_LIFECYCLE].insert_one(doc)
             return True
@@ -216,23 +229,24 @@ class MongoSampleStore:
     @translate_errors
     async def unpublished(self, host: str, older_than_s: float) -> list[Emit]:
         """Rebuild the messages of events never marked published."""
-        cutoff = datetime.now(UTC) - timedelta(seconds=older_than_s)
-        cursor = self._db[_LIFECYCLE].find(
-            {"host": host, "published": False, "recorded_at": {"$lt": cutoff}}
-        ).limit(1000)
+        cutoff = utcnow() - timedelta(seconds=older_than_s)
+        cursor = (
+            self._db[_LIFECYCLE]
+            .find({"host": host, "published": False, "recorded_at": {"$lt": cutoff}})
+            .limit(1000)
+        )
         return [_emit(doc) async for doc in cursor]
 
     @translate_errors
     async def last_event_ns(self, host: str) -> int:
         """The host's replay point."""
         doc = await self._db[_STATE].find_one({"_id": host})
-        return int(doc["last_event_ns"]) if doc else 0
+        return int(doc.get("last_event_ns", 0)) if doc else 0
 
     @translate_errors
     async def save_tracks(self, host: str, tracks: list[dict]) -> None:
         """Replace the host's tracker state."""
-        await self._db[_STATE].update_one({"_id": host}, {"$set": {"tracks": tracks}},
-                                          upsert=True)
+        await self._db[_STATE].update_one({"_id": host}, {"$set": {"tracks": tracks}}, upsert=True)
 
     @translate_errors
     async def load_tracks(self, host: str) -> list[dict] | None:
@@ -248,69 +262,6 @@ class MongoSampleStore:
         )
 
 
-class MemorySampleStore:
-    """In-memory :class:`SampleStore` for unit tests."""
-
-    def __init__(self) -> None:
-        self.docs: list[dict] = []
-        self.events: dict[str, dict[str, Any]] = {}
-        self.state: dict[str, int] = {}
-        self.tracks: dict[str, list[dict]] = {}
-
-    async def setup(self) -> None:
-        """Nothing to create."""
-
-    async def add_samples(self, docs: list[dict]) -> None:
-        """Keep copies; a sample of an IP at a time stored already is skipped."""
-        seen = {(d["ip"], _aware(d["t"])) for d in self.docs}
-        for doc in docs:
-            key = (doc["ip"], _aware(doc["t"]))
-            if key not in seen:
-                seen.add(key)
-                self.docs.append(dict(doc))
-
-    async def samples(self, ip: str, start: datetime, end: datetime) -> list[dict]:
-        """Filter and sort like the real store."""
-        found = [d for d in self.docs if d["ip"] == ip and start <= _aware(d["t"]) < end]
-        return sorted(found, key=lambda d: d["t"])
-
-    async def prune(self, before: datetime) -> int:
-        """Drop old docs."""
-        keep = [d for d in self.docs if _aware(d["t"]) >= before]
-        n = len(self.docs) - len(keep)
-        self.docs = keep
-        return n
-
-    async def claim_event(self, host: str, emit: Emit) -> bool:
-        """Same semantics as the Mongo store."""
-        old = self.events.setdefault(emit.id, {"published": False, "emit": emit})
-        return not old["published"]
-
-    async def event_published(self, emit: Emit) -> None:
-        """Mark published."""
-        self.events[emit.id]["published"] = True
-
-    async def unpublished(self, host: str, older_than_s: float) -> list[Emit]:
-        """Events never marked published (age is not tracked by the fake)."""
-        return [e["emit"] for e in self.events.values() if not e["published"]]
-
-    async def last_event_ns(self, host: str) -> int:
-        """Replay point."""
-        return self.state.get(host, 0)
-
-    async def save_tracks(self, host: str, tracks: list[dict]) -> None:
-        """Keep a copy."""
-        self.tracks[host] = [dict(t) for t in tracks]
-
-    async def load_tracks(self, host: str) -> list[dict] | None:
-        """The copy, if any."""
-        return self.tracks.get(host)
-
-    async def set_last_event_ns(self, host: str, time_ns: int) -> None:
-        """Only forward."""
-        self.state[host] = max(self.state.get(host, 0), time_ns)
-
-
 def _emit(doc: dict) -> Emit:
     """The :class:`Emit` a lifecycle document was recorded from."""
     model = message_model(doc["type"])
@@ -318,7 +269,6 @@ def _emit(doc: dict) -> Emit:
     return Emit(doc["_id"], model.model_validate(fields))
 
 
-def _aware(t: datetime) -> datetime:
+def assume_utc(t: datetime) -> datetime:
+    """``t``, read as UTC when it carries no timezone (as pymongo returns BSON dates)."""
     return t if t.tzinfo else t.replace(tzinfo=UTC)
-
-

@@ -1,6 +1,6 @@
 """Lifecycle events from the real Docker events stream: OOM, restart loops, and a cut stream.
 
-The monitor's coordinator runs with the real Docker adapters; the bus and the database are the
+The monitor's service runs with the real Docker adapters; the bus and the database are the
 in-memory fakes here (the service test covers them), since what is under test is Docker.
 
 A dockerd restart is not done here: the engine is shared with other engineers' tests and
@@ -32,11 +32,11 @@ from services.monitor.adapters import (
     make_reader,
     read_net,
 )
-from services.monitor.coordinator import Monitor
 from services.monitor.domain import LifecycleTracker
 from services.monitor.exporter import ContainerCollector
+from services.monitor.fakes import MemorySampleStore
 from services.monitor.sampler import Sampler
-from services.monitor.store import MemorySampleStore
+from services.monitor.service import MonitorService
 
 from .test_monitor_support import Sandbox, sandbox  # noqa: F401
 
@@ -89,11 +89,11 @@ class DockerProxy:
 
 def _monitor(
     url: str, box: Sandbox, store: MemorySampleStore | None = None
-) -> tuple[Monitor, MemoryPublisher, DockerEvents, DockerEngine]:
+) -> tuple[MonitorService, MemoryPublisher, DockerEvents, DockerEngine]:
     engine = DockerEngine(url, label=box.selector)
     events = DockerEvents(url, label=box.selector, backoff_cap_s=0.5)
     pub = MemoryPublisher("monitor")
-    mon = Monitor(
+    mon = MonitorService(
         host="it", containers=engine, events=events,
         sampler=Sampler(make_reader(), read_net, host_cpus=host_cpus(),
                         host_memory=host_memory()),
@@ -106,7 +106,7 @@ def _monitor(
 @contextlib.asynccontextmanager
 async def _running(
     url: str, box: Sandbox, store: MemorySampleStore | None = None
-) -> AsyncIterator[tuple[Monitor, MemoryPublisher]]:
+) -> AsyncIterator[tuple[MonitorService, MemoryPublisher]]:
     mon, pub, events, engine = _monitor(url, box, store)
     since = await mon.start()
     task = asyncio.create_task(mon.follow_events(since))

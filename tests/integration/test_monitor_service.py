@@ -22,7 +22,8 @@ from libs.common.contracts.monitor import (
 )
 from libs.common.db import mongo_client
 from services.monitor.domain import ContainerMeta, Emit
-from services.monitor.store import MemorySampleStore, MongoSampleStore, SampleStore
+from services.monitor.fakes import MemorySampleStore
+from services.monitor.store import MongoSampleStore, SampleStore
 from tests.support.stack import MONGO_URL
 
 from .test_monitor_support import Sandbox, sandbox  # noqa: F401

@@ -1,4 +1,4 @@
-"""The monitor's contracts, its query handler and its coordinator, with in-memory fakes."""
+"""The monitor's contracts, its query handler and its service, with in-memory fakes."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from libs.common.contracts import Envelope
 from libs.common.contracts.monitor import MetricsQuery, MetricsQueryResult
 from libs.common.errors import TransientError, ValidationFailed
 from services.monitor.adapters import Connected, Disconnected
-from services.monitor.coordinator import Monitor
 from services.monitor.domain import (
     CgroupStats,
     ContainerMeta,
@@ -20,9 +19,10 @@ from services.monitor.domain import (
     Observed,
 )
 from services.monitor.exporter import ContainerCollector
+from services.monitor.fakes import MemorySampleStore
 from services.monitor.handlers import query_handlers
 from services.monitor.sampler import Sampler
-from services.monitor.store import MemorySampleStore
+from services.monitor.service import MonitorService
 
 NS = 1_000_000_000
 NOW = datetime.now(UTC)
@@ -117,7 +117,7 @@ def _monitor(docker: FakeDocker, events: list | None = None, clock=None):
     ticks = iter(range(0, 10_000, 10))
     store, pub = MemorySampleStore(), MemoryPublisher("monitor")
     collector = ContainerCollector("h1")
-    mon = Monitor(
+    mon = MonitorService(
         host="h1", containers=docker, events=FakeEvents(events or []),
         sampler=Sampler(FakeCgroups(5 * NS), lambda pid: NetStats(), host_cpus=2,
                         host_memory=4000, clock=clock or (lambda: float(next(ticks)))),

@@ -143,7 +143,7 @@ class CgroupV1Reader:
     def __post_init__(self) -> None:
         self._paths: dict[tuple[str, int | None], dict[str, str]] = {}
         # quota and limit change only on a resize: re-read every ``static_every`` reads (and
-        # at once after forget(), which the coordinator calls on Docker's update event).
+        # at once after forget(), which the service calls on Docker's update event).
         self._static: dict[str, tuple[int, float | None, int]] = {}
         self._files = FdCache()
 

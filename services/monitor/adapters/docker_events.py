@@ -76,8 +76,9 @@ class Disconnected:
 class DockerEngine:
     """List and inspect the dockvm containers of this host, off the event loop."""
 
-    def __init__(self, url: str, *, workers: int = 4, label: str | None = None,
-                 timeout: float = 30.0) -> None:
+    def __init__(
+        self, url: str, *, workers: int = 4, label: str | None = None, timeout: float = 30.0
+    ) -> None:
         self._url = url
         self._timeout = timeout
         self._labels = label_filters(label)
@@ -89,8 +90,9 @@ class DockerEngine:
     def _api(self) -> docker.APIClient:
         # Made on first use, in a worker thread: version negotiation is a blocking call.
         if self._client is None:
-            self._client = docker.APIClient(base_url=self._url, timeout=self._timeout,
-                                            version="auto")
+            self._client = docker.APIClient(
+                base_url=self._url, timeout=self._timeout, version="auto"
+            )
         return self._client
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -157,8 +159,14 @@ class DockerEngine:
 class DockerEvents:
     """The container events of dockvm containers, forever, across dockerd restarts."""
 
-    def __init__(self, url: str, *, label: str | None = None, backoff_s: float = 0.2,
-                 backoff_cap_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        label: str | None = None,
+        backoff_s: float = 0.2,
+        backoff_cap_s: float = 5.0,
+    ) -> None:
         self._url = url
         self._labels = label_filters(label)
         self._backoff = (backoff_s, backoff_cap_s)
@@ -204,8 +212,9 @@ class DockerEvents:
             self._stop.wait(delay)
             delay = min(delay * 2, cap)
 
-    async def stream(self, since_ns: int = 0) -> AsyncIterator[Mapping[str, Any] | Connected
-                                                               | Disconnected]:
+    async def stream(
+        self, since_ns: int = 0
+    ) -> AsyncIterator[Mapping[str, Any] | Connected | Disconnected]:
         """Yield events (decoded dicts) and connection markers until :meth:`close`."""
         if since_ns:
             self.last_ns = since_ns

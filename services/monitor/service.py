@@ -1,4 +1,4 @@
-"""The monitor's coordinator: the one place that talks to Docker, the sampler, the store and
+"""The monitor's use-case layer: the one place that talks to Docker, the sampler, the store and
 the bus on behalf of the service.
 
 Delivery guarantee of what it publishes: lifecycle events are at least once, each under a
@@ -10,14 +10,15 @@ per round (a round whose publish fails is logged and the next round goes on).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import structlog
 
 from libs.common.bus import Publisher
+from libs.common.clock import utcnow
 from libs.common.contracts.monitor import ContainerSample, MetricsBatch
 
 from .adapters.docker_events import Connected, Disconnected
@@ -26,7 +27,7 @@ from .exporter import ContainerCollector
 from .sampler import Sampler, Target
 from .store import SampleStore, sample_doc
 
-__all__ = ["ContainerSource", "EventSource", "Monitor"]
+__all__ = ["ContainerSource", "EventSource", "MonitorService"]
 
 log = structlog.get_logger("monitor")
 _NS = 1_000_000_000
@@ -52,7 +53,7 @@ class EventSource(Protocol):
         ...
 
 
-class Monitor:
+class MonitorService:
     """Samples the host's dockvm containers and turns Docker events into lifecycle events."""
 
     def __init__(
@@ -100,7 +101,7 @@ class Monitor:
         # The resync publishes what happened while we were down; the replay of dockerd's
         # buffer that follows is then dropped as already known (same as after a cut stream).
         await self.resync()
-        floor = int(datetime.now(UTC).timestamp() * _NS) - self._replay_max_ns
+        floor = time.time_ns() - self._replay_max_ns
         return max(last, floor) if last else 0
 
     async def _save(self) -> None:
@@ -117,19 +118,20 @@ class Monitor:
         results = await loop.run_in_executor(self._pool, self._sampler.round, dict(self.targets))
         samples = [s for s, _ in results]
         self._collector.update(samples)
-        at = datetime.now(UTC)
+        at = utcnow()
         rated = [(s, d) for s, d in results if s.cpu_percent is not None]
         await self._store.add_samples([sample_doc(self.host, s, d) for s, d in rated])
         self.rounds += 1
         await self._publisher.publish(
-            MetricsBatch(host=self.host, at=at, interval_s=self._interval,
-                         samples=[s for s, _ in rated])
+            MetricsBatch(
+                host=self.host, at=at, interval_s=self._interval, samples=[s for s, _ in rated]
+            )
         )
         return samples
 
     async def prune(self, days: float) -> int:
         """Delete history older than ``days``."""
-        n = await self._store.prune(retention_cutoff(datetime.now(UTC), days))
+        n = await self._store.prune(retention_cutoff(utcnow(), days))
         if n:
             log.info("history pruned", deleted=n, days=days)
         return n
@@ -137,7 +139,7 @@ class Monitor:
     async def resync(self, full: bool = True) -> None:
         """Compare the API's view with ours; publish what the events stream missed."""
         observed = await self._containers.observe(full)
-        emits = self.tracker.resync(observed, now_ns=int(datetime.now(UTC).timestamp() * _NS))
+        emits = self.tracker.resync(observed, now_ns=time.time_ns())
         self._set_targets(observed)
         if emits:
             log.info("resync found missed transitions", count=len(emits))
@@ -191,8 +193,11 @@ class Monitor:
                 continue
             await self._publisher.publish(emit.message, id=emit.id)
             await self._store.event_published(emit)
-            log.info("lifecycle event", type=emit.message.TYPE,
-                     machine_id=getattr(emit.message, "machine_id", None))
+            log.info(
+                "lifecycle event",
+                type=emit.message.TYPE,
+                machine_id=getattr(emit.message, "machine_id", None),
+            )
 
     async def republish(self, older_than_s: float = 30.0) -> int:
         """Send again the lifecycle events recorded but never confirmed (a publish failed)."""
