@@ -12,23 +12,23 @@ from pathlib import Path
 import aiohttp
 import structlog
 
+from libs.common.clock import utcnow
 from libs.common.maven import MavenRepository
 from libs.common.runner import ServiceContext
 
 from .api import GatewayState, build_api, problem_middleware
 from .api.releases import add_release_routes
-from .handlers import BINDINGS, QUEUE, build_handlers
-from .releases import (
+from .handlers import (
+    BINDINGS,
+    QUEUE,
     RELEASE_BINDINGS,
     RELEASE_QUEUE,
-    Releases,
-    ReleaseStore,
-    StoreDirectory,
+    build_handlers,
     release_handlers,
 )
-from .sagas import SagaDriver
+from .service import Releases, SagaDriver, StoreDirectory
 from .settings import GatewaySettings
-from .store import GatewayStore, now
+from .store import GatewayStore, ReleaseStore
 
 __all__ = ["bootstrap_admin", "lifespan"]
 
@@ -66,7 +66,10 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
     await release_store.setup()
     http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15))
     releases = Releases(
-        release_store, ctx.publisher, StoreDirectory(store), settings.deploy_timeout_s,
+        release_store,
+        ctx.publisher,
+        StoreDirectory(store),
+        settings.deploy_timeout_s,
         artifacts=MavenRepository(settings.maven_url, http),
     )
 
@@ -83,11 +86,11 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
     await driver.resume()
     ctx.every(settings.release_sweep_s, releases.sweep, "release-sweep")
     ctx.every(settings.saga_tick_s, driver.tick, "saga-tick", now=False)
-    ctx.every(settings.host_check_s, driver.check_hosts, "host-check")
-    ctx.every(settings.known_announce_s, driver.announce_known, "machines-known", now=False)
+    ctx.every(settings.host_check_s, driver.hosts.check_hosts, "host-check")
+    ctx.every(settings.known_announce_s, driver.hosts.announce_known, "machines-known", now=False)
 
     async def prune() -> None:
-        at = now()
+        at = utcnow()
         keys, audit = await store.prune(
             at - timedelta(seconds=settings.idempotency_retention_s),
             at - timedelta(days=settings.audit_retention_days),

@@ -1,147 +1,225 @@
-"""Bus entrypoints of the gateway: thin handlers that hand each result event to the saga driver.
+"""Bus entrypoints of the gateway: each event it consumes, handed to the use-case layer.
 
-Delivery guarantee: at least once; every driver method is conditional on the machine's current
-state (the machine id is the natural key), so a redelivered or duplicated event changes nothing.
+The two tables, :data:`MACHINE_EVENTS` and :data:`RELEASE_EVENTS`, are the only declaration:
+the handlers of each queue and the queue's bindings are derived from them.
+
+Delivery guarantee: at least once. Every saga method is conditional on the machine's current
+state (the machine id is the natural key), a release request is idempotent by release_id and a
+deploy result by the machine's status in the release, so a redelivered or duplicated event
+changes nothing.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
+from typing import Any
+
 from libs.common.bus import Handler, MessageContext
 from libs.common.contracts import gateway as gw
 from libs.common.contracts import imagesync, ipam, monitor, provisioner
+from libs.common.contracts.envelope import Message
+from libs.common.contracts.releases import (
+    DeployFailed,
+    DeploySucceeded,
+    ReleaseFailed,
+    ReleaseRequested,
+)
+from libs.common.errors import DomainError
 
-from .sagas import SagaDriver
+from .service import Releases, SagaDriver
+from .service.lifecycle import LifecycleEvent
 
-__all__ = ["BINDINGS", "QUEUE", "build_handlers"]
+__all__ = [
+    "BINDINGS",
+    "MACHINE_EVENTS",
+    "QUEUE",
+    "RELEASE_BINDINGS",
+    "RELEASE_EVENTS",
+    "RELEASE_QUEUE",
+    "build_handlers",
+    "release_handlers",
+]
 
+# --- machines: results of the sagas' commands, heartbeats, what the monitor saw --------------
+
+
+async def _ip_allocated(d: SagaDriver, msg: ipam.IpAllocated, ctx: MessageContext) -> None:
+    await d.creates.on_ip_allocated(msg)
+
+
+async def _ip_allocated_many(d: SagaDriver, msg: ipam.IpAllocatedMany, ctx: MessageContext) -> None:
+    await d.creates.on_ip_allocated_many(list(msg.allocations))
+
+
+async def _ip_failed(d: SagaDriver, msg: ipam.IpAllocationFailed, ctx: MessageContext) -> None:
+    await d.creates.on_ip_failed(msg)
+
+
+async def _ip_released(d: SagaDriver, msg: ipam.IpReleased, ctx: MessageContext) -> None:
+    await d.lifecycle.on_ip_released(msg.machine_id)
+
+
+async def _created(d: SagaDriver, msg: provisioner.ContainerCreated, ctx: MessageContext) -> None:
+    await d.creates.on_created(msg.machine_id, msg.host, msg.container_id)
+
+
+async def _kvm_created(d: SagaDriver, msg: gw.KvmMachineCreated, ctx: MessageContext) -> None:
+    await d.creates.on_created(msg.machine_id, msg.host, None)
+
+
+async def _create_failed(
+    d: SagaDriver, msg: provisioner.ContainerCreateFailed, ctx: MessageContext
+) -> None:
+    await d.creates.on_create_failed(msg.machine_id, msg.reason, msg.retriable)
+
+
+async def _kvm_create_failed(
+    d: SagaDriver, msg: gw.KvmMachineCreateFailed, ctx: MessageContext
+) -> None:
+    await d.creates.on_create_failed(msg.machine_id, msg.reason)
+
+
+async def _action_done(
+    d: SagaDriver, msg: provisioner.ContainerActionDone | gw.KvmActionDone, ctx: MessageContext
+) -> None:
+    await d.lifecycle.on_action_done(msg.machine_id, msg.action)
+
+
+async def _action_failed(
+    d: SagaDriver,
+    msg: provisioner.ContainerActionFailed | gw.KvmActionFailed,
+    ctx: MessageContext,
+) -> None:
+    await d.lifecycle.on_action_failed(msg.machine_id, msg.action, msg.reason)
+
+
+async def _destroyed(
+    d: SagaDriver,
+    msg: provisioner.ContainerDestroyed | gw.KvmMachineDestroyed,
+    ctx: MessageContext,
+) -> None:
+    await d.lifecycle.on_destroyed(msg.machine_id)
+
+
+async def _resized(
+    d: SagaDriver, msg: provisioner.ContainerResized | gw.KvmMachineResized, ctx: MessageContext
+) -> None:
+    await d.lifecycle.on_resized(msg.machine_id, msg.cpus, msg.memory, msg.disk)
+
+
+async def _resize_failed(
+    d: SagaDriver,
+    msg: provisioner.ContainerResizeFailed | gw.KvmMachineResizeFailed,
+    ctx: MessageContext,
+) -> None:
+    await d.lifecycle.on_resize_failed(msg.machine_id, msg.reason, msg.detail)
+
+
+async def _observed(d: SagaDriver, msg: provisioner.ContainerObserved, ctx: MessageContext) -> None:
+    await d.lifecycle.on_observed(msg.machine_id, msg.state)
+
+
+async def _started(d: SagaDriver, msg: monitor.ContainerStarted, ctx: MessageContext) -> None:
+    await d.lifecycle.on_lifecycle(msg.machine_id, LifecycleEvent.STARTED)
+
+
+async def _died(d: SagaDriver, msg: monitor.ContainerDied, ctx: MessageContext) -> None:
+    kind = LifecycleEvent.OOM_KILLED if msg.oom_killed else LifecycleEvent.DIED
+    await d.lifecycle.on_lifecycle(msg.machine_id, kind, f"{kind} (exit {msg.exit_code})")
+
+
+async def _flapping(d: SagaDriver, msg: monitor.ContainerFlapping, ctx: MessageContext) -> None:
+    await d.lifecycle.on_lifecycle(
+        msg.machine_id,
+        LifecycleEvent.FLAPPING,
+        f"flapping: {msg.restarts} restarts in {msg.window_s}s",
+    )
+
+
+async def _heartbeat(d: SagaDriver, msg: provisioner.HostHeartbeat, ctx: MessageContext) -> None:
+    await d.hosts.on_heartbeat(msg)
+
+
+async def _replicated(d: SagaDriver, msg: imagesync.ImageReplicated, ctx: MessageContext) -> None:
+    ref = msg.ref or f"{msg.registry}/{msg.repo}:{msg.tag}"
+    await d.hosts.prewarm(msg.dc, ref)
+
+
+# What each consumed event does. Exact event types only: a pattern like ``kvm.#`` would also
+# bind our own commands.
+MACHINE_EVENTS: Mapping[type[Message], Callable[[SagaDriver, Any, MessageContext], Awaitable[None]]]
+MACHINE_EVENTS = {
+    imagesync.ImageReplicated: _replicated,
+    monitor.ContainerStarted: _started,
+    monitor.ContainerDied: _died,
+    monitor.ContainerFlapping: _flapping,
+    ipam.IpAllocated: _ip_allocated,
+    ipam.IpAllocatedMany: _ip_allocated_many,
+    ipam.IpAllocationFailed: _ip_failed,
+    ipam.IpReleased: _ip_released,
+    provisioner.ContainerCreated: _created,
+    provisioner.ContainerCreateFailed: _create_failed,
+    provisioner.ContainerActionDone: _action_done,
+    provisioner.ContainerActionFailed: _action_failed,
+    provisioner.ContainerDestroyed: _destroyed,
+    provisioner.ContainerResized: _resized,
+    provisioner.ContainerResizeFailed: _resize_failed,
+    provisioner.HostHeartbeat: _heartbeat,
+    provisioner.ContainerObserved: _observed,
+    gw.KvmMachineCreated: _kvm_created,
+    gw.KvmMachineCreateFailed: _kvm_create_failed,
+    gw.KvmActionDone: _action_done,
+    gw.KvmActionFailed: _action_failed,
+    gw.KvmMachineResized: _resized,
+    gw.KvmMachineResizeFailed: _resize_failed,
+    gw.KvmMachineDestroyed: _destroyed,
+}
 QUEUE = "gateway"
+BINDINGS = tuple(event.TYPE for event in MACHINE_EVENTS)
 
 
 def build_handlers(driver: SagaDriver) -> dict[str, Handler]:
-    """The handler of every event type the gateway consumes."""
+    """The handler of every machine event the gateway consumes, bound to ``driver``."""
+    return {event.TYPE: partial(act, driver) for event, act in MACHINE_EVENTS.items()}
 
-    async def ip_allocated(msg: ipam.IpAllocated, ctx: MessageContext) -> None:
-        await driver.on_ip_allocated(msg)
 
-    async def ip_allocated_many(msg: ipam.IpAllocatedMany, ctx: MessageContext) -> None:
-        await driver.on_ip_allocated_many(list(msg.allocations))
+# --- releases: the release system's requests and the hosts' deploy results --------------------
 
-    async def ip_failed(msg: ipam.IpAllocationFailed, ctx: MessageContext) -> None:
-        await driver.on_ip_failed(msg)
 
-    async def ip_released(msg: ipam.IpReleased, ctx: MessageContext) -> None:
-        await driver.on_ip_released(msg.machine_id)
-
-    async def created(msg: provisioner.ContainerCreated, ctx: MessageContext) -> None:
-        await driver.on_created(msg.machine_id, msg.host, msg.container_id)
-
-    async def create_failed(msg: provisioner.ContainerCreateFailed, ctx: MessageContext) -> None:
-        await driver.on_create_failed(msg.machine_id, msg.reason, msg.retriable)
-
-    async def action_done(msg: provisioner.ContainerActionDone, ctx: MessageContext) -> None:
-        await driver.on_action_done(msg.machine_id, msg.action)
-
-    async def action_failed(msg: provisioner.ContainerActionFailed, ctx: MessageContext) -> None:
-        await driver.on_action_failed(msg.machine_id, msg.action, msg.reason)
-
-    async def destroyed(msg: provisioner.ContainerDestroyed, ctx: MessageContext) -> None:
-        await driver.on_destroyed(msg.machine_id)
-
-    async def resized(msg: provisioner.ContainerResized, ctx: MessageContext) -> None:
-        await driver.on_resized(msg.machine_id, msg.cpus, msg.memory, msg.disk)
-
-    async def resize_failed(msg: provisioner.ContainerResizeFailed, ctx: MessageContext) -> None:
-        await driver.on_resize_failed(msg.machine_id, msg.reason, msg.detail)
-
-    async def heartbeat(msg: provisioner.HostHeartbeat, ctx: MessageContext) -> None:
-        await driver.on_heartbeat(msg)
-
-    async def observed(msg: provisioner.ContainerObserved, ctx: MessageContext) -> None:
-        await driver.on_observed(msg.machine_id, msg.state)
-
-    async def kvm_created(msg: gw.KvmMachineCreated, ctx: MessageContext) -> None:
-        await driver.on_created(msg.machine_id, msg.host, None)
-
-    async def kvm_create_failed(msg: gw.KvmMachineCreateFailed, ctx: MessageContext) -> None:
-        await driver.on_create_failed(msg.machine_id, msg.reason)
-
-    async def kvm_action_done(msg: gw.KvmActionDone, ctx: MessageContext) -> None:
-        await driver.on_action_done(msg.machine_id, msg.action)
-
-    async def kvm_action_failed(msg: gw.KvmActionFailed, ctx: MessageContext) -> None:
-        await driver.on_action_failed(msg.machine_id, msg.action, msg.reason)
-
-    async def kvm_resized(msg: gw.KvmMachineResized, ctx: MessageContext) -> None:
-        await driver.on_resized(msg.machine_id, msg.cpus, msg.memory, msg.disk)
-
-    async def kvm_resize_failed(msg: gw.KvmMachineResizeFailed, ctx: MessageContext) -> None:
-        await driver.on_resize_failed(msg.machine_id, msg.reason, msg.detail)
-
-    async def kvm_destroyed(msg: gw.KvmMachineDestroyed, ctx: MessageContext) -> None:
-        await driver.on_destroyed(msg.machine_id)
-
-    async def replicated(msg: imagesync.ImageReplicated, ctx: MessageContext) -> None:
-        ref = msg.ref or f"{msg.registry}/{msg.repo}:{msg.tag}"
-        await driver.prewarm(msg.dc, ref)
-
-    async def started(msg: monitor.ContainerStarted, ctx: MessageContext) -> None:
-        await driver.on_lifecycle(msg.machine_id, "started")
-
-    async def died(msg: monitor.ContainerDied, ctx: MessageContext) -> None:
-        kind = "oom_killed" if msg.oom_killed else "died"
-        await driver.on_lifecycle(msg.machine_id, kind, f"{kind} (exit {msg.exit_code})")
-
-    async def flapping(msg: monitor.ContainerFlapping, ctx: MessageContext) -> None:
-        await driver.on_lifecycle(
-            msg.machine_id, "flapping", f"flapping: {msg.restarts} restarts in {msg.window_s}s"
+async def _release_requested(
+    releases: Releases, msg: ReleaseRequested, ctx: MessageContext
+) -> None:
+    try:
+        await releases.request(msg, requested_by=ctx.envelope.source)
+    except DomainError as err:
+        # The release system hears back on its own channel rather than from a DLQ.
+        await ctx.publish(
+            ReleaseFailed(
+                release_id=msg.release_id,
+                app=msg.app,
+                version=msg.version,
+                reason=f"{err.reason}: {err}",
+            )
         )
 
-    return {
-        imagesync.ImageReplicated.TYPE: replicated,
-        monitor.ContainerStarted.TYPE: started,
-        monitor.ContainerDied.TYPE: died,
-        monitor.ContainerFlapping.TYPE: flapping,
-        ipam.IpAllocated.TYPE: ip_allocated,
-        ipam.IpAllocatedMany.TYPE: ip_allocated_many,
-        ipam.IpAllocationFailed.TYPE: ip_failed,
-        ipam.IpReleased.TYPE: ip_released,
-        provisioner.ContainerCreated.TYPE: created,
-        provisioner.ContainerCreateFailed.TYPE: create_failed,
-        provisioner.ContainerActionDone.TYPE: action_done,
-        provisioner.ContainerActionFailed.TYPE: action_failed,
-        provisioner.ContainerDestroyed.TYPE: destroyed,
-        provisioner.ContainerResized.TYPE: resized,
-        provisioner.ContainerResizeFailed.TYPE: resize_failed,
-        provisioner.HostHeartbeat.TYPE: heartbeat,
-        provisioner.ContainerObserved.TYPE: observed,
-        gw.KvmMachineCreated.TYPE: kvm_created,
-        gw.KvmMachineCreateFailed.TYPE: kvm_create_failed,
-        gw.KvmActionDone.TYPE: kvm_action_done,
-        gw.KvmActionFailed.TYPE: kvm_action_failed,
-        gw.KvmMachineResized.TYPE: kvm_resized,
-        gw.KvmMachineResizeFailed.TYPE: kvm_resize_failed,
-        gw.KvmMachineDestroyed.TYPE: kvm_destroyed,
-    }
+
+async def _deploy_result(
+    releases: Releases, msg: DeploySucceeded | DeployFailed, ctx: MessageContext
+) -> None:
+    await releases.on_result(msg)
 
 
-# Exact event keys only: a pattern like ``kvm.#`` would also catch our own commands.
-BINDINGS = (
-    imagesync.ImageReplicated.TYPE,
-    monitor.ContainerStarted.TYPE,
-    monitor.ContainerDied.TYPE,
-    monitor.ContainerFlapping.TYPE,
-    ipam.IpAllocated.TYPE,
-    ipam.IpAllocatedMany.TYPE,
-    ipam.IpAllocationFailed.TYPE,
-    ipam.IpReleased.TYPE,
-    provisioner.ContainerCreated.TYPE,
-    provisioner.ContainerCreateFailed.TYPE,
-    provisioner.ContainerActionDone.TYPE,
-    provisioner.ContainerActionFailed.TYPE,
-    provisioner.ContainerDestroyed.TYPE,
-    provisioner.ContainerResized.TYPE,
-    provisioner.ContainerResizeFailed.TYPE,
-    provisioner.HostHeartbeat.TYPE,
-    provisioner.ContainerObserved.TYPE,
-    *gw.KVM_EVENT_TYPES,
-)
+RELEASE_EVENTS: Mapping[type[Message], Callable[[Releases, Any, MessageContext], Awaitable[None]]]
+RELEASE_EVENTS = {
+    ReleaseRequested: _release_requested,
+    DeploySucceeded: _deploy_result,
+    DeployFailed: _deploy_result,
+}
+RELEASE_QUEUE = "gateway.releases"
+RELEASE_BINDINGS = tuple(event.TYPE for event in RELEASE_EVENTS)
+
+
+def release_handlers(releases: Releases) -> dict[str, Handler]:
+    """The handler of every release event the gateway consumes, bound to ``releases``."""
+    return {event.TYPE: partial(act, releases) for event, act in RELEASE_EVENTS.items()}

@@ -1,11 +1,13 @@
-"""The gateway's MongoDB state: machines, hosts, apps, tokens, the audit log, idempotency keys.
+"""The gateway's MongoDB state: machines, hosts, apps, tokens, the audit log, idempotency keys,
+and releases.
 
 Every state change is one conditional ``find_one_and_update`` (the expected current state is in
 the filter), so on MongoDB two deliveries of the same event, or two replicas, cannot both apply
 it. FerretDB v1 runs that update as a read, then a whole-document write, so two concurrent
 writes to one machine can both match and the later one wins; within a process a machine's writes
 are therefore serialized (:meth:`GatewayStore._machine_lock`). Across gateway replicas on
-FerretDB the window remains: run several replicas on a real MongoDB.
+FerretDB the window remains: run several replicas on a real MongoDB. Releases avoid the
+problem by never having two writers on one document (see :class:`ReleaseStore`).
 """
 
 from __future__ import annotations
@@ -16,19 +18,35 @@ import secrets
 import time
 import weakref
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Protocol
 
 from pymongo import ASCENDING, DESCENDING, IndexModel, ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
+from libs.common.clock import utcnow
 from libs.common.db import ensure_indexes
 from libs.common.errors import translate_errors
 
+from .documents import (
+    AppDoc,
+    HostDoc,
+    MachineDoc,
+    ReleaseDoc,
+    ReleaseMachineStatus,
+    SagaRecord,
+)
 from .domain import ACTIVE_STATES, Res
+from .domain.rollout import MachineStatus, ReleaseStatus
 
-__all__ = ["GatewayStore", "MachineStore", "hash_token", "new_machine_id", "now"]
+__all__ = [
+    "GatewayStore",
+    "MachineStore",
+    "ReleaseStore",
+    "hash_token",
+    "new_machine_id",
+]
 
 MACHINES, HOSTS, APPS, TOKENS, AUDIT, IDEMPOTENCY = (
     "machines",
@@ -53,12 +71,6 @@ INDEXES = {
 _ACTIVE = sorted(s.value for s in ACTIVE_STATES)
 
 
-def now() -> datetime:
-    """The current time, UTC, at millisecond precision (what BSON keeps)."""
-    t = datetime.now(UTC)
-    return t.replace(microsecond=t.microsecond // 1000 * 1000)
-
-
 _last_us = 0
 
 
@@ -78,15 +90,15 @@ def hash_token(token: str) -> str:
 class MachineStore(Protocol):
     """Port: what the saga driver needs of the store (Mongo, or the in-memory twin)."""
 
-    async def get(self, machine_id: str) -> dict[str, Any] | None:
+    async def get(self, machine_id: str) -> MachineDoc | None:
         """One machine, or None."""
         ...
 
-    async def by_ids(self, ids: Iterable[str]) -> list[dict[str, Any]]:
+    async def by_ids(self, ids: Iterable[str]) -> list[MachineDoc]:
         """The machines with these ids."""
         ...
 
-    async def insert_machines(self, docs: list[dict[str, Any]]) -> None:
+    async def insert_machines(self, docs: list[MachineDoc]) -> None:
         """Insert, keeping existing ids."""
         ...
 
@@ -98,22 +110,22 @@ class MachineStore(Protocol):
         *,
         reason: str | None = None,
         set_: dict[str, Any] | None = None,
-        saga: dict[str, Any] | bool | None = False,
-    ) -> dict[str, Any] | None:
+        saga: SagaRecord | bool | None = False,
+    ) -> MachineDoc | None:
         """Conditional state change."""
         ...
 
     async def update(
         self, machine_id: str, match: dict[str, Any], set_: dict[str, Any]
-    ) -> dict[str, Any] | None:
+    ) -> MachineDoc | None:
         """Conditional field update."""
         ...
 
-    async def due_sagas(self, at: datetime, limit: int = 500) -> list[dict[str, Any]]:
+    async def due_sagas(self, at: datetime, limit: int = 500) -> list[MachineDoc]:
         """Sagas past their deadline."""
         ...
 
-    async def in_flight(self) -> list[dict[str, Any]]:
+    async def in_flight(self) -> list[MachineDoc]:
         """Machines with a saga."""
         ...
 
@@ -125,11 +137,11 @@ class MachineStore(Protocol):
         """Active machines of ``app`` per host."""
         ...
 
-    async def mark_host_unknown(self, host_id: str, states: Iterable[str]) -> list[dict[str, Any]]:
+    async def mark_host_unknown(self, host_id: str, states: Iterable[str]) -> list[MachineDoc]:
         """Mark the host's machines unknown."""
         ...
 
-    async def unknown_on_host(self, host_id: str) -> list[dict[str, Any]]:
+    async def unknown_on_host(self, host_id: str) -> list[MachineDoc]:
         """The host's unknown machines."""
         ...
 
@@ -137,11 +149,11 @@ class MachineStore(Protocol):
         """Ids of the host's machines in ``states``."""
         ...
 
-    async def record_heartbeat(self, doc: dict[str, Any]) -> dict[str, Any] | None:
+    async def record_heartbeat(self, doc: HostDoc) -> HostDoc | None:
         """Upsert a host."""
         ...
 
-    async def list_hosts(self) -> list[dict[str, Any]]:
+    async def list_hosts(self) -> list[HostDoc]:
         """Every host."""
         ...
 
@@ -151,6 +163,20 @@ class MachineStore(Protocol):
 
     async def save_app_spec(self, app: str, spec: dict[str, Any]) -> None:
         """Remember the app's last spec."""
+        ...
+
+    async def find(
+        self, filters: dict[str, Any], limit: int, after: str | None = None
+    ) -> list[MachineDoc]:
+        """A page of machines matching ``filters``, in id order."""
+        ...
+
+    async def app_machines(self, app: str, active_only: bool = True) -> list[MachineDoc]:
+        """The app's machines, oldest first."""
+        ...
+
+    async def get_app(self, app: str) -> AppDoc | None:
+        """The app document, or None."""
         ...
 
 
@@ -165,9 +191,7 @@ class GatewayStore:
         self.tokens = db[TOKENS]
         self.audit = db[AUDIT]
         self.idempotency = db[IDEMPOTENCY]
-        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
-            weakref.WeakValueDictionary()
-        )
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     def _machine_lock(self, machine_id: str) -> asyncio.Lock:
         """The lock that orders this process's writes to one machine (gone when unused)."""
@@ -184,7 +208,7 @@ class GatewayStore:
     # --- machines ---------------------------------------------------------------------------
 
     @translate_errors
-    async def insert_machines(self, docs: list[dict[str, Any]]) -> None:
+    async def insert_machines(self, docs: list[MachineDoc]) -> None:
         """Insert machine documents; ones that already exist (a replayed request) are kept."""
         if not docs:
             return
@@ -195,19 +219,19 @@ class GatewayStore:
                 raise
 
     @translate_errors
-    async def get(self, machine_id: str) -> dict[str, Any] | None:
+    async def get(self, machine_id: str) -> MachineDoc | None:
         """One machine, or None."""
         return await self.machines.find_one({"_id": machine_id})
 
     @translate_errors
-    async def by_ids(self, ids: Iterable[str]) -> list[dict[str, Any]]:
+    async def by_ids(self, ids: Iterable[str]) -> list[MachineDoc]:
         """The machines with these ids, in id order."""
         return await self.machines.find({"_id": {"$in": list(ids)}}).sort("_id", 1).to_list()
 
     @translate_errors
     async def find(
         self, filters: dict[str, Any], limit: int, after: str | None = None
-    ) -> list[dict[str, Any]]:
+    ) -> list[MachineDoc]:
         """A page of machines matching ``filters``, after the cursor ``after``, in id order."""
         query = dict(filters)
         if after:
@@ -215,7 +239,7 @@ class GatewayStore:
         return await self.machines.find(query).sort("_id", 1).limit(limit).to_list()
 
     @translate_errors
-    async def app_machines(self, app: str, active_only: bool = True) -> list[dict[str, Any]]:
+    async def app_machines(self, app: str, active_only: bool = True) -> list[MachineDoc]:
         """The app's machines, oldest first."""
         query: dict[str, Any] = {"app": app}
         if active_only:
@@ -231,13 +255,13 @@ class GatewayStore:
         *,
         reason: str | None = None,
         set_: dict[str, Any] | None = None,
-        saga: dict[str, Any] | bool | None = False,
-    ) -> dict[str, Any] | None:
+        saga: SagaRecord | bool | None = False,
+    ) -> MachineDoc | None:
         """Move a machine from one of ``from_states`` to ``to_state``; None when it was not there.
 
         ``saga`` replaces the saga record (None clears it; False leaves it alone).
         """
-        at = now()
+        at = utcnow()
         fields: dict[str, Any] = {"state": to_state, "updated_at": at, "reason": reason}
         fields.update(set_ or {})
         if saga is not False:
@@ -253,22 +277,22 @@ class GatewayStore:
     @translate_errors
     async def update(
         self, machine_id: str, match: dict[str, Any], set_: dict[str, Any]
-    ) -> dict[str, Any] | None:
+    ) -> MachineDoc | None:
         """Set fields on a machine that matches ``match``; None when it does not."""
         async with self._machine_lock(machine_id):
             return await self.machines.find_one_and_update(
                 {"_id": machine_id, **match},
-                {"$set": {**set_, "updated_at": now()}},
+                {"$set": {**set_, "updated_at": utcnow()}},
                 return_document=ReturnDocument.AFTER,
             )
 
     @translate_errors
-    async def due_sagas(self, at: datetime, limit: int = 500) -> list[dict[str, Any]]:
+    async def due_sagas(self, at: datetime, limit: int = 500) -> list[MachineDoc]:
         """Machines whose current saga step has passed its deadline."""
         return await self.machines.find({"saga.deadline": {"$lte": at}}).limit(limit).to_list()
 
     @translate_errors
-    async def in_flight(self) -> list[dict[str, Any]]:
+    async def in_flight(self) -> list[MachineDoc]:
         """Every machine with a saga in progress (resumed at start)."""
         return await self.machines.find({"saga.op": {"$exists": True}}).to_list()
 
@@ -299,7 +323,7 @@ class GatewayStore:
         return counts
 
     @translate_errors
-    async def mark_host_unknown(self, host_id: str, states: Iterable[str]) -> list[dict[str, Any]]:
+    async def mark_host_unknown(self, host_id: str, states: Iterable[str]) -> list[MachineDoc]:
         """Mark the host's machines in ``states`` unknown, remembering their state; return them."""
         changed = []
         async for doc in self.machines.find({"host": host_id, "state": {"$in": list(states)}}):
@@ -315,34 +339,32 @@ class GatewayStore:
         return changed
 
     @translate_errors
-    async def unknown_on_host(self, host_id: str) -> list[dict[str, Any]]:
+    async def unknown_on_host(self, host_id: str) -> list[MachineDoc]:
         """The host's machines in state unknown."""
         return await self.machines.find({"host": host_id, "state": "unknown"}).to_list()
 
     @translate_errors
     async def ids_on_host(self, host_id: str, states: Iterable[str]) -> list[str]:
         """Ids of the host's machines in ``states``."""
-        cursor = self.machines.find(
-            {"host": host_id, "state": {"$in": list(states)}}, {"_id": 1}
-        )
+        cursor = self.machines.find({"host": host_id, "state": {"$in": list(states)}}, {"_id": 1})
         return [d["_id"] async for d in cursor]
 
     @translate_errors
-    async def machines_on_ip(self, ip: str) -> list[dict[str, Any]]:
+    async def machines_on_ip(self, ip: str) -> list[MachineDoc]:
         """Every machine that held ``ip``, oldest first."""
         return await self.machines.find({"ip": ip}).sort("_id", 1).to_list()
 
     # --- hosts ------------------------------------------------------------------------------
 
     @translate_errors
-    async def record_heartbeat(self, doc: dict[str, Any]) -> dict[str, Any] | None:
+    async def record_heartbeat(self, doc: HostDoc) -> HostDoc | None:
         """Upsert a host from its heartbeat; return the previous document (None if new)."""
         return await self.hosts.find_one_and_update(
             {"_id": doc["_id"]}, {"$set": doc}, upsert=True, return_document=ReturnDocument.BEFORE
         )
 
     @translate_errors
-    async def list_hosts(self) -> list[dict[str, Any]]:
+    async def list_hosts(self) -> list[HostDoc]:
         """Every host that ever sent a heartbeat."""
         return await self.hosts.find({}).sort("_id", 1).to_list()
 
@@ -359,14 +381,15 @@ class GatewayStore:
     @translate_errors
     async def save_app_spec(self, app: str, spec: dict[str, Any]) -> None:
         """Remember ``spec`` as the app's last spec (scale-out uses it)."""
+        at = utcnow()
         await self.apps.update_one(
             {"_id": app},
-            {"$set": {"spec": spec, "updated_at": now()}, "$setOnInsert": {"created_at": now()}},
+            {"$set": {"spec": spec, "updated_at": at}, "$setOnInsert": {"created_at": at}},
             upsert=True,
         )
 
     @translate_errors
-    async def get_app(self, app: str) -> dict[str, Any] | None:
+    async def get_app(self, app: str) -> AppDoc | None:
         """The app document, or None."""
         return await self.apps.find_one({"_id": app})
 
@@ -384,7 +407,7 @@ class GatewayStore:
         """Record the key with these ids; if it exists, return the earlier record instead."""
         try:
             await self.idempotency.insert_one(
-                {"_id": key, "fingerprint": fingerprint, "ids": machine_ids, "at": now()}
+                {"_id": key, "fingerprint": fingerprint, "ids": machine_ids, "at": utcnow()}
             )
             return None
         except DuplicateKeyError:
@@ -407,7 +430,7 @@ class GatewayStore:
             "hash": hash_token(token),
             "name": name,
             "role": role,
-            "created_at": now(),
+            "created_at": utcnow(),
             "revoked": False,
         }
         await self.tokens.insert_one(doc)
@@ -446,3 +469,117 @@ class GatewayStore:
         """The newest audit entries."""
         query = {"who": who} if who else {}
         return await self.audit.find(query).sort("at", -1).limit(limit).to_list()
+
+
+class ReleaseStore:
+    """Releases, stored so that concurrent writers never touch the same document.
+
+    FerretDB v1 applies two concurrent updates of one document as read-modify-write, so one is
+    lost; results of one batch arrive together, from two gateway replicas as easily as from one.
+    Hence three collections:
+
+    - ``releases``: the plan, written once (spec, batches, each machine's host and IP), plus
+      ``current_batch``/``status``, written only by the winner of a step below;
+    - ``release_machines``: one document per (release, machine) with its deploy status; a
+      machine with none is pending;
+    - ``release_steps``: ``<release>/batch/<n>`` and ``<release>/end``, whose unique ``_id``
+      elects the one caller that moves the release on.
+    """
+
+    def __init__(self, db: AsyncDatabase) -> None:
+        self.coll = db["releases"]
+        self.machines = db["release_machines"]
+        self.steps = db["release_steps"]
+
+    async def setup(self) -> None:
+        """Indexes for listing."""
+        await self.coll.create_index([("app", 1), ("created_at", DESCENDING)])
+        await self.coll.create_index([("status", 1)])
+
+    async def insert(self, doc: ReleaseDoc) -> bool:
+        """Insert a new release; False if its id exists already."""
+        try:
+            await self.coll.insert_one(doc)
+            return True
+        except DuplicateKeyError:
+            return False
+
+    async def plan(self, release_id: str) -> ReleaseDoc | None:
+        """The release document alone, without machine statuses."""
+        return await self.coll.find_one({"_id": release_id})
+
+    async def statuses(
+        self, release_id: str, machine_ids: list[str]
+    ) -> dict[str, ReleaseMachineStatus]:
+        """The status documents of these machines (by ``_id``: the one lookup FerretDB v1
+        indexes); a machine without one is absent."""
+        docs = await asyncio.gather(
+            *(self.machines.find_one({"_id": f"{release_id}/{m}"}) for m in machine_ids)
+        )
+        return {d["machine_id"]: d for d in docs if d is not None}
+
+    async def _with_statuses(self, doc: ReleaseDoc) -> ReleaseDoc:
+        found = await self.statuses(doc["_id"], list(doc["machines"]))
+        machines = {}
+        for mid, static in doc["machines"].items():
+            status = found.get(mid, {})
+            machines[mid] = {
+                **static,
+                **{k: v for k, v in status.items() if k not in ("_id", "release_id", "machine_id")},
+            }
+        latest = max((m["at"] for m in found.values()), default=doc["updated_at"])
+        return {**doc, "machines": machines, "updated_at": max(doc["updated_at"], latest)}
+
+    async def get(self, release_id: str) -> ReleaseDoc | None:
+        """One release with the status of each of its machines."""
+        doc = await self.plan(release_id)
+        return None if doc is None else await self._with_statuses(doc)
+
+    async def list(self, app: str | None = None, limit: int = 50) -> list[ReleaseDoc]:
+        """Newest releases first."""
+        query = {"app": app} if app else {}
+        docs = await self.coll.find(query).sort("created_at", DESCENDING).limit(limit).to_list()
+        return list(await asyncio.gather(*(self._with_statuses(d) for d in docs)))
+
+    async def running(self) -> list[ReleaseDoc]:
+        """Releases still in progress (plans only)."""
+        return await self.coll.find({"status": ReleaseStatus.RUNNING.value}).to_list()
+
+    async def set_machine(
+        self,
+        release_id: str,
+        machine_id: str,
+        status: MachineStatus,
+        from_: list[str],
+        **fields: Any,
+    ) -> bool:
+        """Move one machine to ``status`` if it is in one of ``from_``; whether it moved."""
+        update = {"status": status.value, "at": utcnow(), **fields}
+        key = f"{release_id}/{machine_id}"
+        if MachineStatus.PENDING.value in from_:
+            try:
+                await self.machines.insert_one(
+                    {"_id": key, "release_id": release_id, "machine_id": machine_id, **update}
+                )
+                return True
+            except DuplicateKeyError:
+                pass  # no longer pending
+        moved = await self.machines.find_one_and_update(
+            {"_id": key, "status": {"$in": [s for s in from_ if s != MachineStatus.PENDING]}},
+            {"$set": update},
+        )
+        return moved is not None
+
+    async def take_step(self, release_id: str, step: str) -> bool:
+        """Elect the caller that takes ``step`` (``batch/<n>`` or ``end``); True once."""
+        try:
+            await self.steps.insert_one({"_id": f"{release_id}/{step}", "at": utcnow()})
+            return True
+        except DuplicateKeyError:
+            return False
+
+    async def update(self, release_id: str, fields: dict[str, Any]) -> None:
+        """Write the release-level fields a step's winner owns."""
+        await self.coll.update_one(
+            {"_id": release_id}, {"$set": {**fields, "updated_at": utcnow()}}
+        )

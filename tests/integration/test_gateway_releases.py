@@ -16,7 +16,7 @@ from libs.common.contracts.releases import (
     ReleaseRequested,
 )
 from libs.common.errors import DomainError, NotFoundError
-from services.gateway.releases import Releases, ReleaseStore
+from services.gateway.service import Releases, ReleaseStore
 from tests.support.stack import MONGO_URL
 
 MACHINES = [

@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from services.gateway.domain import Res
+from services.gateway.fakes import MemoryGatewayStore
 from services.gateway.store import GatewayStore
-from services.gateway.store_memory import MemoryGatewayStore
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -8,9 +8,9 @@ import pytest
 
 from libs.common.bus import MemoryPublisher
 from libs.common.contracts import ipam, provisioner
-from services.gateway.sagas import SagaDriver, StepSpec
+from services.gateway.fakes import MemoryGatewayStore
+from services.gateway.service import SagaDriver, StepSpec
 from services.gateway.settings import GatewaySettings
-from services.gateway.store_memory import MemoryGatewayStore
 
 GIB = 1 << 30
 SPEC = {"type": "docker", "app": "web", "image": "img", "cpus": 1.0, "memory": GIB,
@@ -49,7 +49,7 @@ def store() -> MemoryGatewayStore:
 async def driver(store, pub, clock) -> SagaDriver:
     d = SagaDriver(store, pub, GatewaySettings(step_attempts=2), clock=clock)
     for host in ("h1", "h2"):
-        await d.on_heartbeat(provisioner.HostHeartbeat(
+        await d.hosts.on_heartbeat(provisioner.HostHeartbeat(
             host_id=host, dc="dc1", version="t", at=clock(),
             capacity=provisioner.Resources(cpus=2, memory=8 * GIB, disk=100 * GIB),
             allocated=provisioner.Resources(cpus=0, memory=0, disk=0)))
@@ -73,9 +73,9 @@ async def _create(driver: SagaDriver, n: int = 1, **over) -> list[str]:
 
 async def test_create_walks_every_step_to_running(driver, store, pub):
     [mid] = await _create(driver)
-    await driver.on_ip_allocated(_allocated(mid))
+    await driver.creates.on_ip_allocated(_allocated(mid))
     [host] = [k.split(".")[1] for k in _keys(pub, "container.create")]
-    await driver.on_created(mid, host, "c1")
+    await driver.creates.on_created(mid, host, "c1")
     doc = await store.get(mid)
 
     assert [t["state"] for t in doc["transitions"]] == [
@@ -88,14 +88,14 @@ async def test_create_walks_every_step_to_running(driver, store, pub):
 async def test_the_app_is_spread_then_packed(driver, pub):
     ids = await _create(driver, 3)
     for i, mid in enumerate(ids):
-        await driver.on_ip_allocated(_allocated(mid, f"10.233.1.{10 + i}"))
+        await driver.creates.on_ip_allocated(_allocated(mid, f"10.233.1.{10 + i}"))
 
     assert [k.split(".")[1] for k in _keys(pub, "container.create")] == ["h1", "h2", "h1"]
 
 
 async def test_no_capacity_fails_and_releases_the_ip(driver, store, pub):
     [mid] = await _create(driver, cpus=9.0)  # 2 cpus x 4 overcommit = 8
-    await driver.on_ip_allocated(_allocated(mid))
+    await driver.creates.on_ip_allocated(_allocated(mid))
     doc = await store.get(mid)
 
     assert (doc["state"], doc["reason"]) == ("failed", "no_capacity")
@@ -105,10 +105,10 @@ async def test_no_capacity_fails_and_releases_the_ip(driver, store, pub):
 
 async def test_duplicate_events_change_nothing(driver, store, pub):
     [mid] = await _create(driver)
-    await driver.on_ip_allocated(_allocated(mid))
-    await driver.on_ip_allocated(_allocated(mid))
-    await driver.on_created(mid, "h1", "c1")
-    await driver.on_created(mid, "h1", "c1")
+    await driver.creates.on_ip_allocated(_allocated(mid))
+    await driver.creates.on_ip_allocated(_allocated(mid))
+    await driver.creates.on_created(mid, "h1", "c1")
+    await driver.creates.on_created(mid, "h1", "c1")
 
     assert len(_keys(pub, "container.create")) == 1
     assert [t["state"] for t in (await store.get(mid))["transitions"]][-1:] == ["running"]
@@ -116,13 +116,13 @@ async def test_duplicate_events_change_nothing(driver, store, pub):
 
 async def test_a_silent_step_is_resent_then_failed_with_compensation(driver, store, pub, clock):
     [mid] = await _create(driver)
-    await driver.on_ip_allocated(_allocated(mid))
+    await driver.creates.on_ip_allocated(_allocated(mid))
     clock.advance(121)
     await driver.tick()  # attempt 2: re-sent
     clock.advance(121)
     await driver.tick()  # attempts exhausted: failed, partial container removed
-    await driver.on_destroyed(mid)
-    await driver.on_ip_released(mid)
+    await driver.lifecycle.on_destroyed(mid)
+    await driver.lifecycle.on_ip_released(mid)
     doc = await store.get(mid)
 
     assert len(_keys(pub, "container.create")) == 2
@@ -138,7 +138,7 @@ async def test_a_late_allocation_after_giving_up_is_released(driver, store, pub,
     await driver.tick()
     clock.advance(11)
     await driver.tick()
-    await driver.on_ip_allocated(_allocated(mid))
+    await driver.creates.on_ip_allocated(_allocated(mid))
 
     assert (await store.get(mid))["state"] == "failed"
     assert [m.machine_id for m in pub.of_type("ip.release")] == [mid, mid]
@@ -146,9 +146,9 @@ async def test_a_late_allocation_after_giving_up_is_released(driver, store, pub,
 
 async def test_a_create_that_lands_after_failure_is_destroyed(driver, store, pub):
     [mid] = await _create(driver)
-    await driver.on_ip_allocated(_allocated(mid))
-    await driver.on_create_failed(mid, "network_unavailable")
-    await driver.on_created(mid, "h2", "c9")
+    await driver.creates.on_ip_allocated(_allocated(mid))
+    await driver.creates.on_create_failed(mid, "network_unavailable")
+    await driver.creates.on_created(mid, "h2", "c9")
 
     assert (await store.get(mid))["state"] == "failed"
     assert _keys(pub, "container.destroy") == ["host.h2.container.destroy"]
@@ -156,7 +156,7 @@ async def test_a_create_that_lands_after_failure_is_destroyed(driver, store, pub
 
 async def test_resume_resends_every_step_in_flight(driver, store, pub):
     ids = await _create(driver, 2)
-    await driver.on_ip_allocated(_allocated(ids[0]))
+    await driver.creates.on_ip_allocated(_allocated(ids[0]))
     pub.sent.clear()
     resumed = await driver.resume()
 
@@ -166,10 +166,10 @@ async def test_resume_resends_every_step_in_flight(driver, store, pub):
 
 async def test_resize_refused_returns_to_running_with_the_reason(driver, store):
     [mid] = await _create(driver)
-    await driver.on_ip_allocated(_allocated(mid))
-    await driver.on_created(mid, "h1", "c1")
+    await driver.creates.on_ip_allocated(_allocated(mid))
+    await driver.creates.on_created(mid, "h1", "c1")
     _, op_id = await driver.begin_resize(mid, None, GIB // 2, None, False)
-    await driver.on_resize_failed(mid, "memory_below_usage", "uses 900m")
+    await driver.lifecycle.on_resize_failed(mid, "memory_below_usage", "uses 900m")
     doc = await store.get(mid)
 
     assert (doc["state"], doc["memory"]) == ("running", GIB)
@@ -179,12 +179,12 @@ async def test_resize_refused_returns_to_running_with_the_reason(driver, store):
 
 async def test_destroy_removes_the_container_then_releases_the_ip(driver, store, pub):
     [mid] = await _create(driver)
-    await driver.on_ip_allocated(_allocated(mid))
-    await driver.on_created(mid, "h1", "c1")
+    await driver.creates.on_ip_allocated(_allocated(mid))
+    await driver.creates.on_created(mid, "h1", "c1")
     await driver.begin_destroy(mid)
-    await driver.on_ip_released(mid)  # out of order: ignored until the container is gone
-    await driver.on_destroyed(mid)
-    await driver.on_ip_released(mid)
+    await driver.lifecycle.on_ip_released(mid)  # out of order: ignored until the container is gone
+    await driver.lifecycle.on_destroyed(mid)
+    await driver.lifecycle.on_ip_released(mid)
 
     assert (await store.get(mid))["state"] == "destroyed"
     assert _keys(pub, "container.destroy") == ["host.h1.container.destroy"]
@@ -193,12 +193,12 @@ async def test_destroy_removes_the_container_then_releases_the_ip(driver, store,
 
 async def test_a_host_that_goes_down_marks_its_machines_unknown_then_back(driver, store, clock):
     [mid] = await _create(driver)
-    await driver.on_ip_allocated(_allocated(mid))
-    await driver.on_created(mid, "h1", "c1")
+    await driver.creates.on_ip_allocated(_allocated(mid))
+    await driver.creates.on_created(mid, "h1", "c1")
     clock.advance(61)
-    await driver.check_hosts()
+    await driver.hosts.check_hosts()
     down = (await store.get(mid))["state"]
-    await driver.on_heartbeat(provisioner.HostHeartbeat(
+    await driver.hosts.on_heartbeat(provisioner.HostHeartbeat(
         host_id="h1", dc="dc1", version="t", at=clock(),
         capacity=provisioner.Resources(cpus=2, memory=8 * GIB, disk=100 * GIB),
         allocated=provisioner.Resources(cpus=1, memory=GIB, disk=GIB)))
@@ -209,7 +209,7 @@ async def test_a_host_that_goes_down_marks_its_machines_unknown_then_back(driver
 
 async def test_kvm_machines_skip_placement_and_use_the_kvm_channel(driver, pub):
     [mid] = await _create(driver, type="kvm")
-    await driver.on_ip_allocated(_allocated(mid))
+    await driver.creates.on_ip_allocated(_allocated(mid))
 
     assert _keys(pub, "kvm.machine.create") == ["kvm.machine.create"]
     assert _keys(pub, "container.create") == []
@@ -218,16 +218,16 @@ async def test_kvm_machines_skip_placement_and_use_the_kvm_channel(driver, pub):
 async def test_hosts_are_told_which_machines_we_know_for_orphan_cleanup(driver, pub):
     ids = await _create(driver, 2)
     for i, mid in enumerate(ids):
-        await driver.on_ip_allocated(_allocated(mid, f"10.233.1.{10 + i}"))
-        await driver.on_created(mid, None, f"c{i}")
-    await driver.announce_known()
+        await driver.creates.on_ip_allocated(_allocated(mid, f"10.233.1.{10 + i}"))
+        await driver.creates.on_created(mid, None, f"c{i}")
+    await driver.hosts.announce_known()
     known = {key: env.parse().machine_ids for key, env in pub.sent if env.type == "machines.known"}
 
     assert known == {"host.h1.machines.known": [ids[0]], "host.h2.machines.known": [ids[1]]}
 
 
 async def test_a_replicated_image_is_prewarmed_on_the_dc_hosts(driver, pub):
-    asked = await driver.prewarm("dc1", "127.0.0.1:5001/team/app:1")
+    asked = await driver.hosts.prewarm("dc1", "127.0.0.1:5001/team/app:1")
 
     assert asked == 2
     assert _keys(pub, "image.prewarm") == ["host.h1.image.prewarm", "host.h2.image.prewarm"]
@@ -238,18 +238,18 @@ async def test_a_replicated_image_is_prewarmed_on_the_dc_hosts(driver, pub):
 )
 async def test_monitor_lifecycle_events_update_an_idle_machine(driver, store, kind, state):
     [mid] = await _create(driver)
-    await driver.on_ip_allocated(_allocated(mid))
-    await driver.on_created(mid, "h1", "c1")
-    await driver.on_lifecycle(mid, "died")
-    await driver.on_lifecycle(mid, kind, kind)
+    await driver.creates.on_ip_allocated(_allocated(mid))
+    await driver.creates.on_created(mid, "h1", "c1")
+    await driver.lifecycle.on_lifecycle(mid, "died")
+    await driver.lifecycle.on_lifecycle(mid, kind, kind)
 
     assert (await store.get(mid))["state"] == state
 
 
 async def _running(driver: SagaDriver) -> str:
     [mid] = await _create(driver)
-    await driver.on_ip_allocated(_allocated(mid))
-    await driver.on_created(mid, "h1", "c1")
+    await driver.creates.on_ip_allocated(_allocated(mid))
+    await driver.creates.on_created(mid, "h1", "c1")
     return mid
 
 
@@ -295,7 +295,7 @@ async def test_a_registered_step_is_resent_then_timed_out(driver, store, clock):
 async def test_a_bulk_create_asks_ipam_once_and_places_the_batch(driver, store, pub):
     ids = await _create(driver, 3)
     [bulk] = pub.of_type("ip.allocate_many")
-    await driver.on_ip_allocated_many(
+    await driver.creates.on_ip_allocated_many(
         [_allocated(mid, f"10.233.1.{10 + i}") for i, mid in enumerate(ids)])
 
     assert (bulk.request_id, bulk.machine_ids) == (f"r-{ids[0]}", ids)
@@ -306,7 +306,7 @@ async def test_a_bulk_create_asks_ipam_once_and_places_the_batch(driver, store, 
 
 async def test_a_failed_bulk_allocation_fails_every_machine_of_the_request(driver, store):
     ids = await _create(driver, 2)
-    await driver.on_ip_failed(ipam.IpAllocationFailed(
+    await driver.creates.on_ip_failed(ipam.IpAllocationFailed(
         request_id=f"r-{ids[0]}", reason="pool_exhausted"))
 
     assert [(await store.get(mid))["reason"] for mid in ids] == ["pool_exhausted"] * 2
@@ -316,11 +316,11 @@ async def test_destroying_a_failed_machine_whose_ip_was_released_ends_without_ip
     driver, store, pub
 ):
     [mid] = await _create(driver)
-    await driver.on_ip_allocated(_allocated(mid))
-    await driver.on_create_failed(mid, "image_missing")
-    await driver.on_ip_released(mid)
+    await driver.creates.on_ip_allocated(_allocated(mid))
+    await driver.creates.on_create_failed(mid, "image_missing")
+    await driver.lifecycle.on_ip_released(mid)
     await driver.begin_destroy(mid)
-    await driver.on_destroyed(mid)
+    await driver.lifecycle.on_destroyed(mid)
 
     assert (await store.get(mid))["state"] == "destroyed"
     assert len(pub.of_type("ip.release")) == 1

@@ -1,23 +1,26 @@
-"""The gateway's use-case layer: machine sagas, host tracking and release rollouts."""
+"""The gateway's use-case layer: machine sagas (create, lifecycle, hosts) and rolling releases.
 
-from ..releases import (
-    RELEASE_BINDINGS,
-    RELEASE_QUEUE,
-    Releases,
-    ReleaseStore,
-    StoreDirectory,
-    release_handlers,
-)
-from ..sagas import SagaDriver, StepSpec, host_views
+:class:`SagaDriver` runs every machine operation from the step table (:mod:`.steps`); its parts
+hold each operation's logic. :class:`Releases` turns a release request into deploys.
+"""
+
+from ..store import ReleaseStore
+from .driver import Clock, SagaDriver
+from .hosts import host_views
+from .releases import ArtifactCheck, MachineDirectory, Releases, StoreDirectory
+from .steps import Op, Step, StepSpec
 
 __all__ = [
-    "RELEASE_BINDINGS",
-    "RELEASE_QUEUE",
+    "ArtifactCheck",
+    "Clock",
+    "MachineDirectory",
+    "Op",
+    # Re-exported for the API package, which takes the release store with the use case.
     "ReleaseStore",
     "Releases",
     "SagaDriver",
+    "Step",
     "StepSpec",
     "StoreDirectory",
     "host_views",
-    "release_handlers",
 ]

@@ -1,6 +1,6 @@
-"""An in-memory twin of :class:`~services.gateway.store.GatewayStore` for unit tests.
+"""The gateway's in-memory fakes: a twin of :class:`~services.gateway.store.GatewayStore`.
 
-It keeps the same conditional semantics (a transition or update applies only when the filter
+The twin keeps the same conditional semantics (a transition or update applies only when the filter
 matches), so the saga driver can be tested without MongoDB. The store contract test runs the
 same cases against both.
 """
@@ -8,14 +8,16 @@ same cases against both.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
+from libs.common.clock import utcnow
 from libs.common.errors import ConflictError
 
+from .documents import AppDoc, HostDoc, MachineDoc, SagaRecord
 from .domain import ACTIVE_STATES, Res
-from .store import hash_token, now
+from .store import hash_token
 
 __all__ = ["MemoryGatewayStore"]
 
@@ -23,7 +25,7 @@ _ACTIVE = {s.value for s in ACTIVE_STATES}
 _MISSING = object()
 
 
-def _get(doc: dict[str, Any], dotted: str) -> Any:
+def _get(doc: Mapping[str, Any], dotted: str) -> Any:
     cur: Any = doc
     for part in dotted.split("."):
         if not isinstance(cur, dict) or part not in cur:
@@ -32,7 +34,7 @@ def _get(doc: dict[str, Any], dotted: str) -> Any:
     return cur
 
 
-def _matches(doc: dict[str, Any], query: dict[str, Any]) -> bool:
+def _matches(doc: Mapping[str, Any], query: dict[str, Any]) -> bool:
     for key, cond in query.items():
         value = _get(doc, key)
         if isinstance(cond, dict) and cond and all(k.startswith("$") for k in cond):
@@ -58,9 +60,9 @@ class MemoryGatewayStore:
     """The subset of the gateway store the saga driver and the API use, in dicts."""
 
     def __init__(self) -> None:
-        self.machines: dict[str, dict[str, Any]] = {}
-        self.hosts: dict[str, dict[str, Any]] = {}
-        self.apps: dict[str, dict[str, Any]] = {}
+        self.machines: dict[str, MachineDoc] = {}
+        self.hosts: dict[str, HostDoc] = {}
+        self.apps: dict[str, AppDoc] = {}
         self.idempotency: dict[str, dict[str, Any]] = {}
         self.tokens: dict[str, dict[str, Any]] = {}
         self.audit: list[dict[str, Any]] = []
@@ -68,33 +70,39 @@ class MemoryGatewayStore:
     async def setup(self) -> None:
         """Nothing to prepare."""
 
-    async def insert_machines(self, docs: list[dict[str, Any]]) -> None:
+    async def insert_machines(self, docs: list[MachineDoc]) -> None:
         """Insert; existing ids are kept."""
         for d in docs:
             self.machines.setdefault(d["_id"], copy.deepcopy(d))
 
-    async def get(self, machine_id: str) -> dict[str, Any] | None:
+    async def get(self, machine_id: str) -> MachineDoc | None:
         """One machine (a copy)."""
         doc = self.machines.get(machine_id)
         return copy.deepcopy(doc) if doc else None
 
-    async def by_ids(self, ids: Iterable[str]) -> list[dict[str, Any]]:
+    async def by_ids(self, ids: Iterable[str]) -> list[MachineDoc]:
         """The machines with these ids, in id order."""
         wanted = set(ids)
         return [copy.deepcopy(d) for k, d in sorted(self.machines.items()) if k in wanted]
 
     async def find(
         self, filters: dict[str, Any], limit: int, after: str | None = None
-    ) -> list[dict[str, Any]]:
+    ) -> list[MachineDoc]:
         """A page in id order."""
-        out = [d for k, d in sorted(self.machines.items())
-               if _matches(d, filters) and (after is None or k > after)]
+        out = [
+            d
+            for k, d in sorted(self.machines.items())
+            if _matches(d, filters) and (after is None or k > after)
+        ]
         return copy.deepcopy(out[:limit])
 
-    async def app_machines(self, app: str, active_only: bool = True) -> list[dict[str, Any]]:
+    async def app_machines(self, app: str, active_only: bool = True) -> list[MachineDoc]:
         """The app's machines, oldest first."""
-        return [copy.deepcopy(d) for _, d in sorted(self.machines.items())
-                if d["app"] == app and (not active_only or d["state"] in _ACTIVE)]
+        return [
+            copy.deepcopy(d)
+            for _, d in sorted(self.machines.items())
+            if d["app"] == app and (not active_only or d["state"] in _ACTIVE)
+        ]
 
     async def transition(
         self,
@@ -104,13 +112,13 @@ class MemoryGatewayStore:
         *,
         reason: str | None = None,
         set_: dict[str, Any] | None = None,
-        saga: dict[str, Any] | bool | None = False,
-    ) -> dict[str, Any] | None:
+        saga: SagaRecord | bool | None = False,
+    ) -> MachineDoc | None:
         """Conditional state change, as in MongoDB."""
         doc = self.machines.get(machine_id)
         if doc is None or doc["state"] not in set(from_states):
             return None
-        at = now()
+        at = utcnow()
         doc.update({"state": to_state, "updated_at": at, "reason": reason, **(set_ or {})})
         if saga is not False:
             doc["saga"] = copy.deepcopy(saga)
@@ -119,21 +127,24 @@ class MemoryGatewayStore:
 
     async def update(
         self, machine_id: str, match: dict[str, Any], set_: dict[str, Any]
-    ) -> dict[str, Any] | None:
+    ) -> MachineDoc | None:
         """Conditional field update."""
         doc = self.machines.get(machine_id)
         if doc is None or not _matches(doc, match):
             return None
         doc.update(copy.deepcopy(set_))
-        doc["updated_at"] = now()
+        doc["updated_at"] = utcnow()
         return copy.deepcopy(doc)
 
-    async def due_sagas(self, at: datetime, limit: int = 500) -> list[dict[str, Any]]:
+    async def due_sagas(self, at: datetime, limit: int = 500) -> list[MachineDoc]:
         """Sagas past their deadline."""
-        return [copy.deepcopy(d) for d in self.machines.values()
-                if _matches(d, {"saga.deadline": {"$lte": at}})][:limit]
+        return [
+            copy.deepcopy(d)
+            for d in self.machines.values()
+            if _matches(d, {"saga.deadline": {"$lte": at}})
+        ][:limit]
 
-    async def in_flight(self) -> list[dict[str, Any]]:
+    async def in_flight(self) -> list[MachineDoc]:
         """Machines with a saga."""
         return [copy.deepcopy(d) for d in self.machines.values() if d.get("saga")]
 
@@ -153,40 +164,48 @@ class MemoryGatewayStore:
                 counts[d["host"]] = counts.get(d["host"], 0) + 1
         return counts
 
-    async def mark_host_unknown(self, host_id: str, states: Iterable[str]) -> list[dict[str, Any]]:
+    async def mark_host_unknown(self, host_id: str, states: Iterable[str]) -> list[MachineDoc]:
         """Mark the host's machines unknown."""
         changed = []
         for d in list(self.machines.values()):
             if d.get("host") == host_id and d["state"] in set(states):
-                moved = await self.transition(d["_id"], [d["state"]], "unknown",
-                                              reason="host_down",
-                                              set_={"state_before_unknown": d["state"]})
+                moved = await self.transition(
+                    d["_id"],
+                    [d["state"]],
+                    "unknown",
+                    reason="host_down",
+                    set_={"state_before_unknown": d["state"]},
+                )
                 if moved:
                     changed.append(moved)
         return changed
 
-    async def unknown_on_host(self, host_id: str) -> list[dict[str, Any]]:
+    async def unknown_on_host(self, host_id: str) -> list[MachineDoc]:
         """The host's unknown machines."""
-        return [copy.deepcopy(d) for d in self.machines.values()
-                if d.get("host") == host_id and d["state"] == "unknown"]
+        return [
+            copy.deepcopy(d)
+            for d in self.machines.values()
+            if d.get("host") == host_id and d["state"] == "unknown"
+        ]
 
     async def ids_on_host(self, host_id: str, states: Iterable[str]) -> list[str]:
         """Ids of the host's machines in ``states``."""
         wanted = set(states)
-        return [k for k, d in self.machines.items()
-                if d.get("host") == host_id and d["state"] in wanted]
+        return [
+            k for k, d in self.machines.items() if d.get("host") == host_id and d["state"] in wanted
+        ]
 
-    async def machines_on_ip(self, ip: str) -> list[dict[str, Any]]:
+    async def machines_on_ip(self, ip: str) -> list[MachineDoc]:
         """Machines that held ``ip``."""
         return [copy.deepcopy(d) for _, d in sorted(self.machines.items()) if d.get("ip") == ip]
 
-    async def record_heartbeat(self, doc: dict[str, Any]) -> dict[str, Any] | None:
+    async def record_heartbeat(self, doc: HostDoc) -> HostDoc | None:
         """Upsert a host; return the previous document."""
         before = copy.deepcopy(self.hosts.get(doc["_id"]))
         self.hosts.setdefault(doc["_id"], {}).update(copy.deepcopy(doc))
         return before
 
-    async def list_hosts(self) -> list[dict[str, Any]]:
+    async def list_hosts(self) -> list[HostDoc]:
         """Every host."""
         return [copy.deepcopy(h) for _, h in sorted(self.hosts.items())]
 
@@ -202,7 +221,7 @@ class MemoryGatewayStore:
         """Remember the app's last spec."""
         self.apps[app] = {"_id": app, "spec": copy.deepcopy(spec)}
 
-    async def get_app(self, app: str) -> dict[str, Any] | None:
+    async def get_app(self, app: str) -> AppDoc | None:
         """The app, or None."""
         return copy.deepcopy(self.apps.get(app))
 
@@ -216,8 +235,12 @@ class MemoryGatewayStore:
         """First writer wins."""
         if key in self.idempotency:
             return copy.deepcopy(self.idempotency[key])
-        self.idempotency[key] = {"_id": key, "fingerprint": fingerprint, "ids": machine_ids,
-                                 "at": now()}
+        self.idempotency[key] = {
+            "_id": key,
+            "fingerprint": fingerprint,
+            "ids": machine_ids,
+            "at": utcnow(),
+        }
         return None
 
     async def prune(self, idempotency_before: datetime, audit_before: datetime) -> tuple[int, int]:
@@ -231,8 +254,14 @@ class MemoryGatewayStore:
 
     async def add_token(self, token: str, name: str, role: str) -> dict[str, Any]:
         """Store a token hashed."""
-        doc = {"_id": f"t{len(self.tokens)}", "hash": hash_token(token), "name": name,
-               "role": role, "created_at": now(), "revoked": False}
+        doc = {
+            "_id": f"t{len(self.tokens)}",
+            "hash": hash_token(token),
+            "name": name,
+            "role": role,
+            "created_at": utcnow(),
+            "revoked": False,
+        }
         if any(t["hash"] == doc["hash"] for t in self.tokens.values()):
             raise ConflictError("token exists")
         self.tokens[doc["_id"]] = doc
@@ -241,5 +270,7 @@ class MemoryGatewayStore:
     async def token_by_secret(self, token: str) -> dict[str, Any] | None:
         """The live token with this secret."""
         h = hash_token(token)
-        return next((copy.deepcopy(t) for t in self.tokens.values()
-                     if t["hash"] == h and not t["revoked"]), None)
+        return next(
+            (copy.deepcopy(t) for t in self.tokens.values() if t["hash"] == h and not t["revoked"]),
+            None,
+        )

@@ -1,0 +1,429 @@
+"""The create saga: ip → place → container, and its compensation when a step fails.
+
+A machine is stored ``requested`` with its saga at ``ip``; ipam's answer moves it to
+``ip_assigned`` and placement to ``placed`` (a KVM guest skips placement: its hypervisor
+places it); the host's ``container.created`` ends the saga ``running``. A failure after the IP
+was given moves the machine ``failed`` and starts ``compensate``: remove any partial container,
+then release the IP.
+
+Delivery guarantee: at least once; every transition is conditional on the state it expects
+(see :mod:`.driver`), so duplicate or late results change nothing, and an IP or a container that
+arrives after the machine gave up is released or destroyed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from libs.common.bus import host_key
+from libs.common.contracts import gateway as gw
+from libs.common.contracts import ipam, provisioner
+
+from ..documents import MachineDoc
+from ..domain import Res, State, place
+from ..store import new_machine_id
+from .hosts import host_views
+from .lifecycle import send_action, send_ip_release
+from .steps import Op, SagaMatch, Step, StepSpec, StepTable, timeout_reason
+
+if TYPE_CHECKING:
+    from .driver import SagaDriver
+
+__all__ = ["CreateSaga"]
+
+log = structlog.get_logger("gateway.sagas")
+
+
+class CreateSaga:
+    """Creates machines, and compensates a create that failed part way."""
+
+    def __init__(self, driver: SagaDriver) -> None:
+        self._driver = driver
+        # Placement reads allocations then writes one; serialising it in the process keeps two
+        # concurrent placements from both taking the last slot of a host.
+        self._place_lock = asyncio.Lock()
+
+    def register(self, table: StepTable) -> None:
+        """Add the steps of create and compensate to ``table``."""
+        s = self._driver.settings
+        give_up_ip = self._giving_up(Step.IP)
+        table.register(
+            Op.CREATE,
+            Step.IP,
+            StepSpec(
+                self._send_allocate,
+                s.ip_step_timeout_s,
+                on_exhausted=give_up_ip,
+            ),
+        )
+        table.register(
+            Op.CREATE,
+            Step.PLACE,
+            StepSpec(
+                self._send_place,
+                s.ip_step_timeout_s,
+                on_exhausted=give_up_ip,
+            ),
+        )
+        table.register(
+            Op.CREATE,
+            Step.CONTAINER,
+            StepSpec(
+                self._send_create,
+                s.container_step_timeout_s,
+                on_exhausted=self._giving_up(Step.CONTAINER),
+            ),
+        )
+        table.register(
+            Op.COMPENSATE,
+            Step.CONTAINER,
+            StepSpec(
+                self._send_destroy,
+                s.action_step_timeout_s,
+                on_exhausted=self._skip_to_release,
+            ),
+        )
+        table.register(
+            Op.COMPENSATE,
+            Step.IP,
+            StepSpec(
+                self._send_release,
+                s.ip_step_timeout_s,
+                on_exhausted=self._release_unconfirmed,
+            ),
+        )
+
+    # --- request ----------------------------------------------------------------------------
+
+    @staticmethod
+    def new_ids(count: int) -> list[str]:
+        """``count`` fresh machine ids."""
+        return [new_machine_id() for _ in range(count)]
+
+    def new_machine_docs(self, spec: dict[str, Any], ids: list[str]) -> list[MachineDoc]:
+        """The documents of new machines with ``ids``, each with its create saga at step ip."""
+        at = self._driver.clock()
+        prefix = spec.get("hostname_prefix") or spec["app"]
+        # Derived from the ids, so a replayed request sends the same bulk request id.
+        request_id = f"r-{ids[0]}" if ids else None
+        return [
+            {
+                "_id": mid,
+                "type": spec.get("type", "docker"),
+                "app": spec["app"],
+                "image": spec["image"],
+                "cpus": float(spec["cpus"]),
+                "memory": int(spec["memory"]),
+                "disk": int(spec["disk"]),
+                "dc": spec["dc"],
+                "vlan_id": spec["vlan_id"],
+                "hostname": f"{prefix}-{mid[-8:]}",
+                "ssh_keys": list(spec.get("ssh_keys") or []),
+                "state": State.REQUESTED.value,
+                "reason": None,
+                "ip": None,
+                "host": None,
+                "created_at": at,
+                "updated_at": at,
+                "transitions": [{"state": State.REQUESTED.value, "at": at, "reason": None}],
+                "saga": self._driver.saga(Op.CREATE, Step.IP),
+                "ip_request": request_id,
+            }
+            for mid in ids
+        ]
+
+    async def create(self, spec: dict[str, Any], ids: list[str]) -> list[MachineDoc]:
+        """Store the machines (existing ids are kept) and start their create sagas."""
+        d = self._driver
+        await d.store.insert_machines(self.new_machine_docs(spec, ids))
+        await d.store.save_app_spec(spec["app"], {k: v for k, v in spec.items() if k != "count"})
+        stored = await d.store.by_ids(ids)
+        fresh = [
+            m
+            for m in stored
+            if m["state"] == State.REQUESTED and (m.get("saga") or {}).get("step") == Step.IP
+        ]
+        for doc in fresh:
+            await d.publisher.publish(
+                gw.MachineRequested(
+                    machine_id=doc["_id"],
+                    type=doc["type"],
+                    app=doc["app"],
+                    image=doc["image"],
+                    cpus=doc["cpus"],
+                    memory=doc["memory"],
+                    disk=doc["disk"],
+                    dc=doc["dc"],
+                    vlan_id=doc["vlan_id"],
+                    hostname=doc["hostname"],
+                )
+            )
+        if len(fresh) > 1:
+            # One bulk allocation for the request; a re-sent step falls back to ip.allocate.
+            await d.publisher.publish(
+                ipam.IpAllocateMany(
+                    request_id=fresh[0]["ip_request"],
+                    machine_ids=[m["_id"] for m in fresh],
+                    dc=fresh[0]["dc"],
+                    vlan_id=fresh[0]["vlan_id"],
+                )
+            )
+        elif fresh:
+            await d.send_step(fresh[0])
+        return stored
+
+    # --- ip ---------------------------------------------------------------------------------
+
+    async def on_ip_allocated(self, evt: ipam.IpAllocated) -> None:
+        """The machine has its IP: place it."""
+        await self.on_ip_allocated_many([evt])
+
+    async def on_ip_allocated_many(self, evts: list[ipam.IpAllocated]) -> None:
+        """The machines have their IPs: place them in one pass."""
+        moved = await asyncio.gather(*(self._assign_ip(e) for e in evts))
+        await self._place_batch([m for m in moved if m is not None])
+
+    async def _assign_ip(self, evt: ipam.IpAllocated) -> MachineDoc | None:
+        d = self._driver
+        doc = await d.move(
+            evt.machine_id,
+            [State.REQUESTED],
+            State.IP_ASSIGNED,
+            set_={
+                "ip": str(evt.ip),
+                "prefix_len": evt.prefix_len,
+                "gateway": str(evt.gateway),
+                "pool": evt.pool,
+            },
+            saga=d.saga(Op.CREATE, Step.PLACE),
+        )
+        if doc is not None:
+            return doc
+        current = await d.store.get(evt.machine_id)
+        if current is not None and current["state"] in (
+            State.FAILED,
+            State.DESTROYED,
+            State.DESTROYING,
+        ):
+            # The allocation arrived after the machine gave up: release it so it cannot leak.
+            await send_ip_release(d.publisher, current)
+        return None
+
+    async def on_ip_failed(self, evt: ipam.IpAllocationFailed) -> None:
+        """No IP: the machine (or every machine of a bulk request) fails; nothing to undo."""
+        d = self._driver
+        if evt.machine_id is not None:
+            ids = [evt.machine_id]
+        elif evt.request_id is not None:
+            docs = await d.store.find(
+                {"ip_request": evt.request_id, "state": State.REQUESTED.value}, 1000
+            )
+            ids = [m["_id"] for m in docs]
+        else:
+            return
+        reason = f"{evt.reason}: {evt.detail}" if evt.detail else evt.reason
+        for mid in ids:
+            doc = await d.move(mid, [State.REQUESTED], State.FAILED, reason=reason, saga=None)
+            if doc is not None:
+                await d.finish(doc, False, evt.reason, evt.detail)
+
+    async def _send_allocate(self, doc: MachineDoc) -> None:
+        await self._driver.publisher.publish(
+            ipam.IpAllocate(machine_id=doc["_id"], dc=doc["dc"], vlan_id=doc["vlan_id"])
+        )
+
+    # --- place ------------------------------------------------------------------------------
+
+    async def _send_place(self, doc: MachineDoc) -> None:
+        # Placement is the gateway's own step: "sending" it is doing it.
+        await self._place_batch([doc])
+
+    async def _place_batch(self, docs: list[MachineDoc]) -> None:
+        d = self._driver
+        docs = [m for m in docs if m["state"] == State.IP_ASSIGNED]
+        if not docs:
+            return
+        placed: list[MachineDoc | None] = []
+        for m in (m for m in docs if m["type"] == "kvm"):
+            placed.append(
+                await d.move(
+                    m, [State.IP_ASSIGNED], State.PLACED, saga=d.saga(Op.CREATE, Step.CONTAINER)
+                )
+            )
+        containers = [m for m in docs if m["type"] != "kvm"]
+        if containers:
+            async with self._place_lock:
+                decisions = await self._decide(containers)
+                # Written before the lock is released, so the next batch sees them.
+                placed += await asyncio.gather(
+                    *(self._commit_placement(m, h) for m, h in decisions)
+                )
+        await asyncio.gather(*(self._start_creating(p) for p in placed if p is not None))
+
+    async def _decide(self, docs: list[MachineDoc]) -> list[tuple[MachineDoc, str | None]]:
+        """A host (or None: no capacity) for each container; called under the place lock."""
+        d = self._driver
+        at = d.clock()
+        hosts = await d.store.list_hosts()
+        allocs = {dc: await d.store.allocations(dc) for dc in {m["dc"] for m in docs}}
+        counts = {app: await d.store.app_counts(app) for app in {m["app"] for m in docs}}
+        decisions = []
+        for m in docs:
+            need = Res(m["cpus"], m["memory"], m["disk"])
+            views = host_views(hosts, allocs[m["dc"]], d.settings, at)
+            host = place(views, need, m["dc"], counts[m["app"]])
+            if host is not None:
+                # Later machines of the batch see this one's share.
+                allocs[m["dc"]][host] = allocs[m["dc"]].get(host, Res()) + need
+                counts[m["app"]][host] = counts[m["app"]].get(host, 0) + 1
+            decisions.append((m, host))
+        return decisions
+
+    async def _commit_placement(self, doc: MachineDoc, host: str | None) -> MachineDoc | None:
+        d = self._driver
+        if host is None:
+            failed = await d.move(
+                doc,
+                [State.IP_ASSIGNED],
+                State.FAILED,
+                reason="no_capacity",
+                saga=d.saga(Op.COMPENSATE, Step.IP),
+            )
+            if failed is not None:
+                await d.finish(failed, False, "no_capacity")
+                await d.send_step(failed)
+            return None
+        return await d.move(
+            doc,
+            [State.IP_ASSIGNED],
+            State.PLACED,
+            set_={"host": host},
+            saga=d.saga(Op.CREATE, Step.CONTAINER),
+        )
+
+    async def _start_creating(self, placed: MachineDoc) -> None:
+        creating = await self._driver.move(placed, [State.PLACED], State.CREATING)
+        if creating is not None:
+            await self._driver.send_step(creating)
+
+    # --- container --------------------------------------------------------------------------
+
+    async def on_created(self, machine_id: str, host: str | None, container_id: str | None) -> None:
+        """The container (or guest) runs."""
+        d = self._driver
+        fields: dict[str, Any] = {"container_id": container_id}
+        if host:
+            fields["host"] = host
+        doc = await d.move(
+            machine_id, [State.CREATING, State.PLACED], State.RUNNING, set_=fields, saga=None
+        )
+        if doc is not None:
+            await d.finish(doc, True)
+            return
+        current = await d.store.get(machine_id)
+        if current is not None and current["state"] in (State.FAILED, State.DESTROYED):
+            # Created after we gave up on it (a re-sent create that won a race): remove it,
+            # or it would run unaccounted for. Destroy is idempotent.
+            target: MachineDoc = {**current, "host": host or current.get("host")}
+            log.warning(
+                "late create of a machine we gave up on; destroying it",
+                machine_id=machine_id,
+                host=target["host"],
+            )
+            await send_action(d.publisher, target, Op.DESTROY)
+
+    async def on_create_failed(self, machine_id: str, reason: str, retriable: bool = False) -> None:
+        """The provisioner made nothing: re-send if it may pass, else fail and release the IP."""
+        d = self._driver
+        if retriable:
+            doc = await d.store.get(machine_id)
+            saga = (doc or {}).get("saga") or {}
+            if (
+                doc is not None
+                and doc["state"] == State.CREATING
+                and saga.get("op") == Op.CREATE
+                and saga.get("attempt", 1) < d.settings.step_attempts
+            ):
+                log.info(
+                    "retriable create failure, re-sending", machine_id=machine_id, reason=reason
+                )
+                await d.goto(
+                    machine_id,
+                    {"saga.op": Op.CREATE, "saga.attempt": saga["attempt"]},
+                    d.saga(Op.CREATE, Step.CONTAINER, saga["attempt"] + 1),
+                )
+                return
+        doc = await d.move(
+            machine_id,
+            [State.CREATING, State.PLACED],
+            State.FAILED,
+            reason=reason,
+            saga=d.saga(Op.COMPENSATE, Step.IP),
+        )
+        if doc is not None:
+            await d.finish(doc, False, reason)
+            await d.send_step(doc)
+
+    async def _send_create(self, doc: MachineDoc) -> None:
+        common = {
+            "machine_id": doc["_id"],
+            "app": doc["app"],
+            "image": doc["image"],
+            "cpus": doc["cpus"],
+            "memory": doc["memory"],
+            "disk": doc["disk"],
+            "ip": doc["ip"],
+            "prefix_len": doc["prefix_len"],
+            "gateway": doc["gateway"],
+            "vlan_id": doc["vlan_id"],
+            "hostname": doc["hostname"],
+            "ssh_authorized_keys": doc.get("ssh_keys") or [],
+        }
+        if doc["type"] == "kvm":
+            await self._driver.publisher.publish(gw.KvmMachineCreate(dc=doc["dc"], **common))
+        else:
+            await self._driver.publisher.publish(
+                provisioner.ContainerCreate(**common),
+                routing_key=host_key(doc["host"], provisioner.ContainerCreate.TYPE),
+            )
+
+    # --- compensation -----------------------------------------------------------------------
+
+    def _giving_up(self, from_step: Step) -> Callable[[MachineDoc, SagaMatch], Awaitable[None]]:
+        """What a create step that never answered does: fail the machine and compensate (a
+        partial container may exist only once the container step was sent)."""
+        first = Step.CONTAINER if from_step == Step.CONTAINER else Step.IP
+
+        async def give_up(doc: MachineDoc, match: SagaMatch) -> None:
+            assert doc["saga"] is not None
+            d = self._driver
+            failed = await d.move(
+                doc,
+                [doc["state"]],
+                State.FAILED,
+                reason=timeout_reason(doc["saga"]),
+                saga=d.saga(Op.COMPENSATE, first),
+            )
+            if failed is not None:
+                await d.finish(doc, False, "timeout")
+                await d.send_step(failed)
+
+        return give_up
+
+    async def _send_destroy(self, doc: MachineDoc) -> None:
+        await send_action(self._driver.publisher, doc, Op.DESTROY)
+
+    async def _send_release(self, doc: MachineDoc) -> None:
+        await send_ip_release(self._driver.publisher, doc)
+
+    async def _skip_to_release(self, doc: MachineDoc, match: SagaMatch) -> None:
+        await self._driver.goto(doc["_id"], match, self._driver.saga(Op.COMPENSATE, Step.IP))
+
+    async def _release_unconfirmed(self, doc: MachineDoc, match: SagaMatch) -> None:
+        await self._driver.store.update(
+            doc["_id"], match, {"saga": None, "ip_release_unconfirmed": True}
+        )

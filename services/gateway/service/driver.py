@@ -1,0 +1,320 @@
+"""The saga driver: every machine operation as steps persisted on the machine's document.
+
+A machine's ``saga`` field holds ``{op, step, attempt, deadline, params}``. Each step sends one
+idempotent command (idempotent by machine_id on the receiving side) and waits for its result
+event; ``tick`` re-sends a step whose deadline passed, up to ``step_attempts`` times, and then
+does what the step's :class:`~.steps.StepSpec` says (a create is compensated: the IP released,
+any partial container removed). Because the saga lives in MongoDB, a restarted gateway picks up
+where the last one stopped (``resume``).
+
+Delivery guarantee: at least once both ways. Commands may be sent more than once (re-sends and
+resumes), and result events may arrive twice or late; every transition is conditional on the
+state it expects, so a duplicate or late event changes nothing.
+
+The driver itself knows no operation: it reads the step table. The operations and their steps
+(see :mod:`.create`, :mod:`.lifecycle`) are:
+
+- create: ip → place → container (running)
+- start/stop/restart: container
+- resize: container
+- destroy: container → ip (destroyed)
+- compensate (after a failed create): container → ip, the machine stays failed
+
+A new operation (a rolling deploy) registers its steps with :meth:`SagaDriver.register_step`
+(what to send, how long to wait) and calls :meth:`SagaDriver.advance` from its result handlers;
+re-sends, timeouts and resume then work for it unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+import structlog
+
+from libs.common.bus import Publisher
+from libs.common.clock import utcnow
+from libs.common.contracts import gateway as gw
+from libs.common.errors import ConflictError, DomainError, NotFoundError
+
+from ..documents import LastOp, MachineDoc, SagaRecord
+from ..domain import CREATE_TERMINAL
+from ..settings import GatewaySettings
+from ..store import MachineStore
+from .create import CreateSaga
+from .hosts import Hosts
+from .lifecycle import Lifecycle
+from .steps import SagaMatch, StepSpec, StepTable, new_op_id, timeout_reason
+
+__all__ = ["Clock", "SagaDriver"]
+
+log = structlog.get_logger("gateway.sagas")
+
+
+class Clock(Protocol):
+    """Port: the current time (a fake one lets unit tests move it)."""
+
+    def __call__(self) -> datetime:
+        """Now, UTC."""
+        ...
+
+
+class SagaDriver:
+    """Starts, advances, re-sends, times out and resumes machine sagas, by the step table.
+
+    The operations are its parts: :attr:`creates`, :attr:`lifecycle` and :attr:`hosts`; the bus
+    handlers call them directly.
+    """
+
+    def __init__(
+        self,
+        store: MachineStore,
+        publisher: Publisher,
+        settings: GatewaySettings,
+        clock: Clock = utcnow,
+    ) -> None:
+        self.store = store
+        self.publisher = publisher
+        self.settings = settings
+        self.clock = clock
+        self.steps = StepTable()
+        self.creates = CreateSaga(self)
+        self.lifecycle = Lifecycle(self)
+        self.hosts = Hosts(self)
+        self.creates.register(self.steps)
+        self.lifecycle.register(self.steps)
+
+    def register_step(self, op: str, step: str, spec: StepSpec) -> None:
+        """Add a step of a new operation (e.g. ``deploy``/``artifact``)."""
+        self.steps.register(op, step, spec)
+
+    # --- generic operations -----------------------------------------------------------------
+
+    async def begin(
+        self,
+        machine_id: str,
+        op: str,
+        step: str,
+        from_states: list[str],
+        to_state: str,
+        **params: Any,
+    ) -> MachineDoc | None:
+        """Start a registered operation on an idle machine; None if it was not in a from-state."""
+        doc = await self.require(machine_id, idle=True)
+        moved = await self.move(
+            doc,
+            from_states,
+            to_state,
+            set_={"state_before_op": doc["state"]},
+            saga=self.saga(op, step, op_id=new_op_id(), **params),
+        )
+        if moved is not None:
+            await self.send_step(moved)
+        return moved
+
+    async def advance(
+        self,
+        machine_id: str,
+        op: str,
+        from_step: str,
+        to_step: str | None,
+        *,
+        ok: bool = True,
+        reason: str | None = None,
+    ) -> MachineDoc | None:
+        """Move ``op`` past ``from_step``: to ``to_step`` (and send it), or finish it (None)."""
+        doc = await self.store.get(machine_id)
+        saga = (doc or {}).get("saga") or {}
+        if doc is None or saga.get("op") != op or saga.get("step") != from_step:
+            return None
+        if to_step is None:
+            back = doc.get("state_before_op") or doc["state"]
+            moved = await self.move(doc, [doc["state"]], back, reason=reason, saga=None)
+            if moved is not None:
+                await self.finish(doc, ok, reason)
+            return moved
+        return await self.goto(
+            machine_id,
+            {"saga.op": op, "saga.step": from_step},
+            self.saga(op, to_step, **(saga.get("params") or {})),
+        )
+
+    # --- building blocks of the operations --------------------------------------------------
+
+    def saga(self, op: str, step: str, attempt: int = 1, **params: Any) -> SagaRecord:
+        """A saga record for ``op`` at ``step`` with its deadline."""
+        timeout_s = self.steps.get(op, step).timeout_s
+        deadline = self.clock() + timedelta(seconds=timeout_s)
+        return {"op": op, "step": step, "attempt": attempt, "deadline": deadline, "params": params}
+
+    async def move(
+        self,
+        doc_or_id: MachineDoc | str,
+        from_states: Iterable[str],
+        to_state: str,
+        **kw: Any,
+    ) -> MachineDoc | None:
+        """Transition the machine (see the store) and announce the change; None if it was not
+        in one of ``from_states``."""
+        mid = doc_or_id if isinstance(doc_or_id, str) else doc_or_id["_id"]
+        before = None if isinstance(doc_or_id, str) else doc_or_id.get("state")
+        doc = await self.store.transition(mid, [str(s) for s in from_states], to_state, **kw)
+        if doc is not None:
+            await self.publisher.publish(
+                gw.MachineStateChanged(
+                    machine_id=mid,
+                    app=doc["app"],
+                    type=doc["type"],
+                    from_state=before,
+                    to_state=to_state,
+                    reason=doc.get("reason"),
+                    host=doc.get("host"),
+                    ip=doc.get("ip"),
+                    at=self.clock(),
+                )
+            )
+        return doc
+
+    async def goto(self, machine_id: str, match: SagaMatch, saga: SagaRecord) -> MachineDoc | None:
+        """Put the machine's saga at ``saga`` if it still matches ``match``, and send the step."""
+        moved = await self.store.update(machine_id, match, {"saga": saga})
+        if moved is not None:
+            await self.send_step(moved)
+        return moved
+
+    async def finish(
+        self, doc: MachineDoc, ok: bool, reason: str | None = None, detail: str = ""
+    ) -> None:
+        """Record how the operation in progress ended (the API's waiters read ``last_op``)."""
+        saga = doc.get("saga") or {}
+        last: LastOp = {
+            "id": (saga.get("params") or {}).get("op_id"),
+            "op": saga.get("op"),
+            "ok": ok,
+            "reason": reason,
+            "detail": detail,
+            "at": self.clock(),
+        }
+        await self.store.update(doc["_id"], {}, {"last_op": last})
+
+    async def send_step(self, doc: MachineDoc) -> None:
+        """Send the command of the machine's current saga step."""
+        saga = doc["saga"]
+        assert saga is not None
+        await self.steps.get(saga["op"], saga["step"]).send(doc)
+
+    async def require(self, machine_id: str, *, idle: bool = False) -> MachineDoc:
+        """The machine; NotFoundError if there is none, ConflictError if ``idle`` and busy."""
+        doc = await self.store.get(machine_id)
+        if doc is None:
+            raise NotFoundError(f"no machine {machine_id}", reason="machine_not_found")
+        if idle and doc.get("saga"):
+            raise ConflictError(
+                f"{machine_id} is busy with {doc['saga']['op']}", reason="machine_busy"
+            )
+        return doc
+
+    # --- timeouts and resume ----------------------------------------------------------------
+
+    async def tick(self) -> int:
+        """Re-send or fail every step past its deadline; return how many were handled."""
+        due = await self.store.due_sagas(self.clock())
+        for doc in due:
+            try:
+                await self._on_due(doc)
+            except DomainError as err:
+                log.warning("saga step could not be re-sent", machine_id=doc["_id"], error=str(err))
+        return len(due)
+
+    async def _on_due(self, doc: MachineDoc) -> None:
+        saga = doc["saga"]
+        assert saga is not None
+        match = {"saga.op": saga["op"], "saga.step": saga["step"], "saga.attempt": saga["attempt"]}
+        spec = self.steps.find(saga["op"], saga["step"])
+        if spec is not None and saga["attempt"] < self.settings.step_attempts:
+            params = saga.get("params") or {}
+            nxt = self.saga(saga["op"], saga["step"], saga["attempt"] + 1, **params)
+            log.info(
+                "saga step re-sent",
+                machine_id=doc["_id"],
+                op=saga["op"],
+                step=saga["step"],
+                attempt=nxt["attempt"],
+            )
+            await self.goto(doc["_id"], match, nxt)
+            return
+        log.warning("saga step timed out", machine_id=doc["_id"], op=saga["op"], step=saga["step"])
+        if spec is not None and spec.on_exhausted is not None:
+            await spec.on_exhausted(doc, match)
+            return
+        back = (spec.on_timeout_state if spec else None) or doc.get("state_before_op")
+        if await self.move(
+            doc, [doc["state"]], back or doc["state"], reason=timeout_reason(saga), saga=None
+        ):
+            await self.finish(doc, False, "timeout")
+
+    async def resume(self) -> int:
+        """At start: re-send the current step of every saga in flight; return how many."""
+        docs = await self.store.in_flight()
+        for doc in docs:
+            if doc.get("saga") is None:
+                continue
+            try:
+                await self.send_step(doc)
+            except DomainError as err:
+                log.warning("saga not resumed", machine_id=doc["_id"], error=str(err))
+        if docs:
+            log.info("sagas resumed", count=len(docs))
+        return len(docs)
+
+    # --- what the API calls -----------------------------------------------------------------
+
+    @staticmethod
+    def new_ids(count: int) -> list[str]:
+        """``count`` fresh machine ids."""
+        return CreateSaga.new_ids(count)
+
+    async def create(self, spec: dict[str, Any], ids: list[str]) -> list[MachineDoc]:
+        """Store the machines (existing ids are kept) and start their create sagas."""
+        return await self.creates.create(spec, ids)
+
+    async def begin_action(self, machine_id: str, action: str) -> tuple[MachineDoc, str]:
+        """Start a start/stop/restart; return the machine and the operation id."""
+        return await self.lifecycle.begin_action(machine_id, action)
+
+    async def begin_resize(
+        self, machine_id: str, cpus: float | None, memory: int | None, disk: int | None, force: bool
+    ) -> tuple[MachineDoc, str]:
+        """Start a live resize; a disk shrink is refused at once."""
+        return await self.lifecycle.begin_resize(machine_id, cpus, memory, disk, force)
+
+    async def begin_destroy(self, machine_id: str) -> MachineDoc:
+        """Start a destroy: the container (if any), then the IP."""
+        return await self.lifecycle.begin_destroy(machine_id)
+
+    async def wait_terminal(self, ids: list[str], timeout: float) -> list[MachineDoc]:
+        """Poll until every machine is in a create-terminal state or ``timeout`` passes."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            docs = await self.store.by_ids(ids)
+            if all(d["state"] in CREATE_TERMINAL and not d.get("saga") for d in docs):
+                return docs
+            if loop.time() >= deadline:
+                return docs
+            await asyncio.sleep(0.2)
+
+    async def wait_op(self, machine_id: str, op_id: str, timeout: float) -> LastOp | None:
+        """Poll until the operation ``op_id`` ended; return ``last_op`` (None on timeout)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            doc = await self.store.get(machine_id)
+            last = (doc or {}).get("last_op") or {}
+            if last.get("id") == op_id:
+                return last
+            if loop.time() >= deadline:
+                return None
+            await asyncio.sleep(0.1)

@@ -1,0 +1,141 @@
+"""Hosts as the gateway sees them: heartbeats, liveness, the machines they should hold, prewarm.
+
+A host is known by its heartbeats alone. One whose heartbeats stop is ``down`` and its machines
+``unknown`` (never destroyed: the host may come back with them); its next heartbeat brings them
+back to the state they had.
+
+Delivery guarantee: heartbeats are at least once and idempotent (an upsert of the host); a
+host's status is compare-and-set, so two workers record one change once.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+import structlog
+
+from libs.common.bus import host_key
+from libs.common.contracts import provisioner
+
+from ..documents import HostDoc
+from ..domain import HostView, Ratios, Res, State, host_status
+from ..domain.states import allowed_from
+from ..settings import GatewaySettings
+from .steps import Op
+
+if TYPE_CHECKING:
+    from .driver import SagaDriver
+
+__all__ = ["Hosts", "host_views"]
+
+log = structlog.get_logger("gateway.hosts")
+
+
+def host_views(
+    hosts: list[HostDoc],
+    allocations: dict[str, Res],
+    settings: GatewaySettings,
+    at: datetime,
+) -> list[HostView]:
+    """Placement's view of the hosts: liveness from heartbeat age, allocation from our records."""
+    views = []
+    for h in hosts:
+        cap = h.get("capacity") or {}
+        labels = h.get("labels") or {}
+        age = (at - h["last_seen"]).total_seconds()
+        views.append(
+            HostView(
+                host_id=h["_id"],
+                dc=h["dc"],
+                status=host_status(age, settings.host_stale_s, settings.host_down_s),
+                capacity=Res(
+                    cap.get("cpus", 0.0), int(cap.get("memory", 0)), int(cap.get("disk", 0))
+                ),
+                allocated=allocations.get(h["_id"], Res()),
+                ratios=Ratios(
+                    float(labels.get("dockvm.overcommit.cpu", settings.overcommit_cpu)),
+                    float(labels.get("dockvm.overcommit.memory", settings.overcommit_memory)),
+                    float(labels.get("dockvm.overcommit.disk", settings.overcommit_disk)),
+                ),
+            )
+        )
+    return views
+
+
+class Hosts:
+    """Records heartbeats, marks silent hosts down, tells hosts what to keep and to prewarm."""
+
+    def __init__(self, driver: SagaDriver) -> None:
+        self._driver = driver
+
+    def _status(self, host: HostDoc, at: datetime) -> str:
+        age = (at - host["last_seen"]).total_seconds()
+        s = self._driver.settings
+        return host_status(age, s.host_stale_s, s.host_down_s)
+
+    async def on_heartbeat(self, hb: provisioner.HostHeartbeat) -> None:
+        """Record the host; machines marked unknown while it was down come back."""
+        d = self._driver
+        host: HostDoc = {
+            "_id": hb.host_id,
+            "dc": hb.dc,
+            "labels": hb.labels,
+            "capacity": hb.capacity.model_dump(exclude={"TYPE"}),
+            "reported": hb.allocated.model_dump(exclude={"TYPE"}),
+            "machines": hb.machines,
+            "images": hb.images,
+            "version": hb.version,
+            "last_seen": d.clock(),
+            "status": "online",
+        }
+        await d.store.record_heartbeat(host)
+        for doc in await d.store.unknown_on_host(hb.host_id):
+            await d.move(
+                doc,
+                [State.UNKNOWN],
+                doc.get("state_before_unknown") or State.RUNNING,
+                reason="host_back",
+            )
+
+    async def check_hosts(self) -> None:
+        """Mark the machines of hosts whose heartbeats stopped ``unknown`` (never destroy them)."""
+        d = self._driver
+        at = d.clock()
+        for h in await d.store.list_hosts():
+            status = self._status(h, at)
+            if status == h.get("status"):
+                continue
+            if not await d.store.set_host_status(h["_id"], h.get("status"), status):
+                continue
+            if status == "down":
+                changed = await d.store.mark_host_unknown(h["_id"], [State.RUNNING, State.STOPPED])
+                log.warning("host down", host=h["_id"], machines=len(changed))
+
+    async def announce_known(self) -> None:
+        """Tell each live host which machines we hold on it, so it can remove orphans."""
+        d = self._driver
+        at = d.clock()
+        keep = [*allowed_from(Op.DESTROY)]
+        for h in await d.store.list_hosts():
+            if self._status(h, at) != "online":
+                continue
+            ids = await d.store.ids_on_host(h["_id"], keep)
+            await d.publisher.publish(
+                provisioner.MachinesKnown(machine_ids=ids),
+                routing_key=host_key(h["_id"], provisioner.MachinesKnown.TYPE),
+            )
+
+    async def prewarm(self, dc: str, ref: str) -> int:
+        """Ask every live host of ``dc`` to pull ``ref``; return how many were asked."""
+        d = self._driver
+        at, asked = d.clock(), 0
+        for h in await d.store.list_hosts():
+            if h["dc"] != dc or self._status(h, at) == "down":
+                continue
+            await d.publisher.publish(
+                provisioner.ImagePrewarm(ref=ref),
+                routing_key=host_key(h["_id"], provisioner.ImagePrewarm.TYPE),
+            )
+            asked += 1
+        return asked
