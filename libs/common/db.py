@@ -53,9 +53,7 @@ async def ping(db: AsyncDatabase) -> None:
         ) from err
 
 
-async def ensure_indexes(
-    db: AsyncDatabase, indexes: Mapping[str, Sequence[IndexModel]]
-) -> None:
+async def ensure_indexes(db: AsyncDatabase, indexes: Mapping[str, Sequence[IndexModel]]) -> None:
     """Create each collection's indexes (idempotent; run at service start)."""
     for collection, models in indexes.items():
         # One index per command: FerretDB v1 drops the connection when a multi-index

@@ -25,9 +25,7 @@ def configure_logging(service: str, level: str = "info", json: bool | None = Non
         structlog.processors.StackInfoRenderer(),
         structlog.processors.format_exc_info if use_json else structlog.dev.set_exc_info,
     ]
-    renderer = (
-        structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
-    )
+    renderer = structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
     structlog.configure(
         processors=[*processors, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),

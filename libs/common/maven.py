@@ -55,8 +55,10 @@ class MavenRepository:
                 if r.status >= 500:
                     raise TransientError(f"Maven repository answered {r.status} for {url}")
                 if r.status >= 400:
-                    raise DomainError(f"Maven repository refused {url}: HTTP {r.status}",
-                                      reason="repository_refused")
+                    raise DomainError(
+                        f"Maven repository refused {url}: HTTP {r.status}",
+                        reason="repository_refused",
+                    )
                 return await r.text()
         except aiohttp.ClientConnectionError as err:
             raise TransientError(f"Maven repository unreachable at {self._base}: {err}") from err

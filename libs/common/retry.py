@@ -25,4 +25,3 @@ def transient_retrying(
         stop=stop_after_attempt(attempts) | stop_after_delay(deadline),
         reraise=True,
     )
-

@@ -255,5 +255,3 @@ def main(
     except SettingsError as err:
         print(str(err), file=sys.stderr)
         raise SystemExit(2) from None
-
-

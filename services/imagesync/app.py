@@ -70,12 +70,11 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
         webhook = Webhook(secret, store, service, ctx.publisher)
         ctx.http.router.add_post("/v1/registry-events", webhook.handle)
 
-        bus = BusHandlers(service, store, index)
+        handlers = BusHandlers(service, store, index).table()
         await ctx.consume(
             QUEUE,
-            ["image.pushed", "image.sync", "sync_jobs.list"],
-            {"image.pushed": bus.on_pushed, "image.sync": bus.on_sync,
-             "sync_jobs.list": bus.on_list},
+            list(handlers),
+            handlers,
             # Copies hold their message while they run: leave room for pushes and queries.
             prefetch=settings.max_concurrent_jobs * 4,
             # Every handler is idempotent by natural key (the job) or a read; the message-id
@@ -87,8 +86,12 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
             for order in await service.reconcile():
                 await ctx.publisher.publish(
                     ImageSync(
-                        source=order.source, target=order.target, repo=order.repo,
-                        tag=order.tag, digest=order.digest, reason="reconcile",
+                        source=order.source,
+                        target=order.target,
+                        repo=order.repo,
+                        tag=order.tag,
+                        digest=order.digest,
+                        reason="reconcile",
                     )
                 )
 

@@ -19,7 +19,7 @@ from aiohttp import web
 from prometheus_client import Counter, Histogram
 from pymongo.errors import PyMongoError
 
-from libs.common.bus import MessageContext, Publisher
+from libs.common.bus import Handler, MessageContext, Publisher
 from libs.common.contracts.imagesync import (
     ImagePushed,
     ImageSync,
@@ -77,7 +77,8 @@ class Webhook:
             return _bad(401, "unauthorized", "missing or wrong bearer secret")
         if request.content_type != EVENTS_MEDIA_TYPE:
             return _bad(
-                400, "invalid",
+                400,
+                "invalid",
                 f"content type must be {EVENTS_MEDIA_TYPE}, got {request.content_type!r}",
             )
         try:
@@ -98,7 +99,8 @@ class Webhook:
             registry = self._source(request, ev)
             if registry is None:
                 return _bad(
-                    400, "unknown_registry",
+                    400,
+                    "unknown_registry",
                     f"event {decision.event_id} comes from a registry not in the topology "
                     f"(dc header {request.headers.get(DC_HEADER)!r}, host {event_host(ev)!r})",
                 )
@@ -108,7 +110,8 @@ class Webhook:
         duplicates = 0
         for decision, registry in actionable:
             if not await self.store.record_event(
-                registry.dc, decision.event_id,
+                registry.dc,
+                decision.event_id,
                 {"repo": decision.repo, "tag": decision.tag, "digest": decision.digest},
             ):
                 duplicates += 1
@@ -136,9 +139,15 @@ class Webhook:
             await self.store.event_published(decision.event_id)
             _EVENTS.labels("accepted").inc()
             accepted.append(decision.event_id)
-            log.info("push recorded", dc=registry.dc, repo=decision.repo, tag=decision.tag,
-                     digest=decision.digest, event_id=decision.event_id,
-                     blobs=len(decision.blobs))
+            log.info(
+                "push recorded",
+                dc=registry.dc,
+                repo=decision.repo,
+                tag=decision.tag,
+                digest=decision.digest,
+                event_id=decision.event_id,
+                blobs=len(decision.blobs),
+            )
         return web.json_response(
             {"accepted": accepted, "duplicates": duplicates, "ignored": ignored}, status=202
         )
@@ -194,6 +203,14 @@ class BusHandlers:
     async def on_sync(self, cmd: ImageSync, ctx: MessageContext) -> None:
         """Run the copy; failures end as ``image.sync_failed``, not as a rejected message."""
         await self.service.sync(cmd, ctx.publish)
+
+    def table(self) -> dict[str, Handler]:
+        """The queue's handlers by message type: the one source of its bindings too."""
+        return {
+            ImagePushed.TYPE: self.on_pushed,
+            ImageSync.TYPE: self.on_sync,
+            SyncJobsList.TYPE: self.on_list,
+        }
 
     async def on_list(self, query: SyncJobsList, ctx: MessageContext) -> SyncJobsListed:
         """Answer the ``sync_jobs.list`` RPC."""

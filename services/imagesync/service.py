@@ -107,8 +107,12 @@ class SyncService:
         async with self._slots:
             job = await self._store.claim(order, cmd.reason, self._policy.lease_s)
             if job is None:
-                log.info("job finished already or held by another worker",
-                         repo=order.repo, tag=order.tag, target=order.target)
+                log.info(
+                    "job finished already or held by another worker",
+                    repo=order.repo,
+                    tag=order.tag,
+                    target=order.target,
+                )
                 return None
             return await self._run(order, job["_id"], src, dst, publish)
 
@@ -179,8 +183,15 @@ class SyncService:
         stats: SyncStats,
     ) -> dict | None:
         error: DomainError | TransientError | None = None
-        log.info("job started", job=jid, source=order.source, target=order.target,
-                 repo=order.repo, tag=order.tag, digest=order.digest)
+        log.info(
+            "job started",
+            job=jid,
+            source=order.source,
+            target=order.target,
+            repo=order.repo,
+            tag=order.tag,
+            digest=order.digest,
+        )
         try:
             async for attempt in self._retrying():
                 with attempt:
@@ -269,8 +280,13 @@ class SyncService:
                 log.warning("reconcile skips a registry", dc=dc, error=str(err))
         plan = plan_reconcile(listing, await self._store.tag_history(), order=list(listing))
         for repo, tag, held in plan.conflicts:
-            log.warning("tag differs between registries, newest unknown", repo=repo, tag=tag,
-                        digests=held)
-        log.info("reconcile planned", registries=list(listing), copies=len(plan.orders),
-                 conflicts=len(plan.conflicts))
+            log.warning(
+                "tag differs between registries, newest unknown", repo=repo, tag=tag, digests=held
+            )
+        log.info(
+            "reconcile planned",
+            registries=list(listing),
+            copies=len(plan.orders),
+            conflicts=len(plan.conflicts),
+        )
         return plan.orders

@@ -35,8 +35,13 @@ BLOB_HOLDERS = "sync_blob_holders"
 INDEXES = {
     JOBS: [
         IndexModel(
-            [("source", ASCENDING), ("target", ASCENDING), ("repo", ASCENDING),
-             ("tag", ASCENDING), ("digest", ASCENDING)],
+            [
+                ("source", ASCENDING),
+                ("target", ASCENDING),
+                ("repo", ASCENDING),
+                ("tag", ASCENDING),
+                ("digest", ASCENDING),
+            ],
             unique=True,
             name="natural_key",
         ),

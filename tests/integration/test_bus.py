@@ -233,9 +233,7 @@ async def test_publisher_sends_persistent_messages(amqp, publisher: AmqpPublishe
     assert msg.correlation_id == "corr-1"
 
 
-async def test_claim_of_a_crashed_worker_is_waited_out_not_dead_lettered(
-    amqp, publisher, mongo_db
-):
+async def test_claim_of_a_crashed_worker_is_waited_out_not_dead_lettered(amqp, publisher, mongo_db):
     done = asyncio.Event()
 
     async def handler(msg: _Work, ctx: MessageContext) -> None:

@@ -32,9 +32,7 @@ async def test_ensure_indexes_is_idempotent_and_enforces_uniqueness(mongo_db):
 
 
 async def test_compound_unique_index(mongo_db):
-    await ensure_indexes(
-        mongo_db, {"pairs": [IndexModel([("a", 1), ("b", 1)], unique=True)]}
-    )
+    await ensure_indexes(mongo_db, {"pairs": [IndexModel([("a", 1), ("b", 1)], unique=True)]})
     await mongo_db.pairs.insert_one({"a": 1, "b": 1})
     await mongo_db.pairs.insert_one({"a": 1, "b": 2})
 

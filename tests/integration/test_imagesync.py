@@ -90,7 +90,9 @@ def docker_image():
             tar.addfile(info, BytesIO(data))
         subprocess.run(
             ["docker", "import", "--change", "LABEL dockvm.test=imagesync", "-", ref],
-            input=buf.getvalue(), check=True, capture_output=True,
+            input=buf.getvalue(),
+            check=True,
+            capture_output=True,
         )
         refs.append(ref)
         return ref
@@ -108,15 +110,19 @@ async def test_docker_push_to_dc1_appears_in_dc2_with_the_same_digest(
     repo = _repo()
     ref = docker_image(f"{dc1.host}/{repo}:v1")
 
-    await asyncio.to_thread(subprocess.run, ["docker", "push", ref], check=True,
-                            capture_output=True)
+    await asyncio.to_thread(
+        subprocess.run, ["docker", "push", ref], check=True, capture_output=True
+    )
     digest = await c1.manifest_digest(repo, "v1")
     await wait_for_digest(c2, repo, "v1", digest)
 
     [replicated] = await probe.wait_for("image.replicated")
     assert isinstance(replicated, ImageReplicated)
     assert (replicated.dc, replicated.repo, replicated.tag, replicated.digest) == (
-        "dc2", repo, "v1", digest,
+        "dc2",
+        repo,
+        "v1",
+        digest,
     )
     assert replicated.ref.endswith(f"/{repo}:v1")
 
@@ -175,7 +181,7 @@ async def test_our_own_copies_are_not_replicated_back(pair, amqp, probe_factory)
 
     # dc2 notifies imagesync of our copy; wait until that notification was answered.
     async with aiohttp.ClientSession() as s, asyncio.timeout(30):
-        while "outcome=\"ignored\"" not in await (await s.get(f"{svc.url}/metrics")).text():
+        while 'outcome="ignored"' not in await (await s.get(f"{svc.url}/metrics")).text():
             await asyncio.sleep(0.1)
 
     pushed = probe.of_type("image.pushed")
@@ -184,18 +190,28 @@ async def test_our_own_copies_are_not_replicated_back(pair, amqp, probe_factory)
 
 
 def _notification(event_id: str, repo: str, digest: str, host: str) -> bytes:
-    return json.dumps({"events": [{
-        "id": event_id,
-        "timestamp": "2026-01-01T00:00:00Z",
-        "action": "push",
-        "target": {
-            "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-            "digest": digest, "size": 500, "repository": repo, "tag": "v1",
-            "url": f"http://{host}/v2/{repo}/manifests/{digest}",
-        },
-        "request": {"id": "r", "host": host, "method": "PUT", "useragent": "docker/27"},
-        "actor": {}, "source": {"addr": host},
-    }]}).encode()
+    return json.dumps(
+        {
+            "events": [
+                {
+                    "id": event_id,
+                    "timestamp": "2026-01-01T00:00:00Z",
+                    "action": "push",
+                    "target": {
+                        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+                        "digest": digest,
+                        "size": 500,
+                        "repository": repo,
+                        "tag": "v1",
+                        "url": f"http://{host}/v2/{repo}/manifests/{digest}",
+                    },
+                    "request": {"id": "r", "host": host, "method": "PUT", "useragent": "docker/27"},
+                    "actor": {},
+                    "source": {"addr": host},
+                }
+            ]
+        }
+    ).encode()
 
 
 async def test_a_replayed_event_id_is_copied_once(
@@ -252,7 +268,8 @@ async def test_a_wrong_or_missing_secret_gets_401_and_records_nothing(
     body = _notification("ev-401", "it/app", "sha256:" + "a" * 64, "127.0.0.1:1")
     async with aiohttp.ClientSession() as s:
         async with s.post(
-            f"{lone_service.url}{EVENTS_URL}", data=body,
+            f"{lone_service.url}{EVENTS_URL}",
+            data=body,
             headers={**headers, "Content-Type": EVENTS_MEDIA_TYPE},
         ) as r:
             status = r.status
@@ -267,8 +284,11 @@ async def test_a_wrong_or_missing_secret_gets_401_and_records_nothing(
         (EVENTS_MEDIA_TYPE, b'{"events": 3}', "events"),
         ("application/json", b'{"events": []}', "content type must be"),
         ("text/plain", b"hello", "content type must be"),
-        (EVENTS_MEDIA_TYPE, _notification("ev-x", "it/app", "sha256:" + "b" * 64, "10.9.9.9:1"),
-         "not in the topology"),
+        (
+            EVENTS_MEDIA_TYPE,
+            _notification("ev-x", "it/app", "sha256:" + "b" * 64, "10.9.9.9:1"),
+            "not in the topology",
+        ),
     ],
 )
 async def test_malformed_notifications_get_400_with_a_reason(

@@ -66,7 +66,9 @@ class TokenService:
         now = dt.datetime.now(dt.UTC)
         self.cert = (
             x509.CertificateBuilder()
-            .subject_name(name).issuer_name(name).public_key(self.key.public_key())
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(self.key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(hours=1))
             .not_valid_after(now + dt.timedelta(days=1))
@@ -94,12 +96,21 @@ class TokenService:
             name, _, actions = rest.rpartition(":")
             access.append({"type": kind, "name": name, "actions": actions.split(",")})
         now = int(time.time())
-        header = {"typ": "JWT", "alg": "RS256",
-                  "x5c": [base64.b64encode(self.cert.public_bytes(
-                      serialization.Encoding.DER)).decode()]}
-        claims = {"iss": "dockvm-test-issuer", "sub": USER, "aud": "dockvm-test-registry",
-                  "exp": now + 300, "nbf": now - 10, "iat": now, "jti": uuid.uuid4().hex,
-                  "access": access}
+        header = {
+            "typ": "JWT",
+            "alg": "RS256",
+            "x5c": [base64.b64encode(self.cert.public_bytes(serialization.Encoding.DER)).decode()],
+        }
+        claims = {
+            "iss": "dockvm-test-issuer",
+            "sub": USER,
+            "aud": "dockvm-test-registry",
+            "exp": now + 300,
+            "nbf": now - 10,
+            "iat": now,
+            "jti": uuid.uuid4().hex,
+            "access": access,
+        }
         signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(claims).encode())}"
         sig = self.key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
         return f"{signing_input}.{_b64(sig)}"
@@ -167,11 +178,22 @@ async def _image(registry, repo: str, tag: str) -> tuple[Manifest, list[bytes]]:
     blobs = [secrets.token_bytes(30_000), json.dumps({"os": "linux"}).encode()]
     for b in blobs:
         await registry.upload_blob(repo, digest_of(b), _chunks(b), len(b))
-    doc = {"schemaVersion": 2, "mediaType": SCHEMA2,
-           "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
-                      "digest": digest_of(blobs[1]), "size": len(blobs[1])},
-           "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
-                       "digest": digest_of(blobs[0]), "size": len(blobs[0])}]}
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": SCHEMA2,
+        "config": {
+            "mediaType": "application/vnd.docker.container.image.v1+json",
+            "digest": digest_of(blobs[1]),
+            "size": len(blobs[1]),
+        },
+        "layers": [
+            {
+                "mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
+                "digest": digest_of(blobs[0]),
+                "size": len(blobs[0]),
+            }
+        ],
+    }
     m = Manifest(SCHEMA2, json.dumps(doc).encode())
     await registry.put_manifest(repo, tag, m)
     return m, blobs
@@ -220,9 +242,16 @@ async def test_manifests_by_tag_and_digest_and_listings(registry):
 
 async def test_a_manifest_with_missing_blobs_is_refused(registry):
     repo = _repo()
-    doc = {"schemaVersion": 2, "mediaType": SCHEMA2,
-           "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
-                      "digest": digest_of(b"absent"), "size": 6}, "layers": []}
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": SCHEMA2,
+        "config": {
+            "mediaType": "application/vnd.docker.container.image.v1+json",
+            "digest": digest_of(b"absent"),
+            "size": 6,
+        },
+        "layers": [],
+    }
     with pytest.raises(DomainError):
         await registry.put_manifest(repo, "v1", Manifest(SCHEMA2, json.dumps(doc).encode()))
     assert await registry.manifest_digest(repo, "v1") is None
@@ -241,8 +270,7 @@ async def test_wrong_credentials_are_a_final_error(
 async def test_bearer_tokens_are_asked_per_scope_and_cached(
     registry_factory, http_session, token_service
 ):
-    reg = await registry_factory("dc1", "http://127.0.0.1:9/",
-                                 auth_yaml=token_service.auth_yaml())
+    reg = await registry_factory("dc1", "http://127.0.0.1:9/", auth_yaml=token_service.auth_yaml())
     c = client(reg, http_session, USER, PASSWORD)
     repo = _repo()
     await _image(c, repo, "v1")

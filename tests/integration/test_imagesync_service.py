@@ -27,11 +27,22 @@ class Sent(list):
 
 def _push(reg: MemoryRegistry, repo: str, tag: str) -> Manifest:
     layer, config = reg.add_blob(repo, b"layer" * 100), reg.add_blob(repo, b'{"os":"linux"}')
-    doc = {"schemaVersion": 2, "mediaType": SCHEMA2,
-           "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
-                      "digest": config, "size": 14},
-           "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
-                       "digest": layer, "size": 500}]}
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": SCHEMA2,
+        "config": {
+            "mediaType": "application/vnd.docker.container.image.v1+json",
+            "digest": config,
+            "size": 14,
+        },
+        "layers": [
+            {
+                "mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
+                "digest": layer,
+                "size": 500,
+            }
+        ],
+    }
     m = Manifest(SCHEMA2, json.dumps(doc).encode())
     reg.add_manifest(repo, m, tag)
     return m
@@ -43,15 +54,26 @@ async def world(mongo_db):
     await store.setup()
     dc1, dc2 = MemoryRegistry("dc1", "r1:5000"), MemoryRegistry("dc2", "r2:5000")
     service = SyncService(
-        [dc1, dc2], store, Copier(MemoryBlobIndex()),
+        [dc1, dc2],
+        store,
+        Copier(MemoryBlobIndex()),
         RetryPolicy(attempts=4, initial_s=0.01, max_s=0.02),
     )
     return service, store, dc1, dc2
 
 
 def _cmd(digest: str | None = None, **over) -> ImageSync:
-    return ImageSync(**{"source": "dc1", "target": "dc2", "repo": "team/app", "tag": "v1",
-                        "digest": digest, "reason": "push", **over})
+    return ImageSync(
+        **{
+            "source": "dc1",
+            "target": "dc2",
+            "repo": "team/app",
+            "tag": "v1",
+            "digest": digest,
+            "reason": "push",
+            **over,
+        }
+    )
 
 
 async def test_transient_failures_are_retried_then_the_job_is_done(world):

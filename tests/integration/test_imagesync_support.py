@@ -93,7 +93,11 @@ notifications:
         self.root.mkdir(parents=True, exist_ok=True)
         log = open(self.root / f"{self.dc}.log", "ab")
         self.proc = await asyncio.create_subprocess_exec(
-            REGISTRY_BIN, "serve", str(self._config()), stdout=log, stderr=log,
+            REGISTRY_BIN,
+            "serve",
+            str(self._config()),
+            stdout=log,
+            stderr=log,
             env={**os.environ, "OTEL_TRACES_EXPORTER": "none"},
         )
         log.close()
@@ -143,11 +147,11 @@ async def http_session() -> AsyncIterator[aiohttp.ClientSession]:
         yield s
 
 
-def client(reg: RegistryProcess, session: aiohttp.ClientSession, user: str = "",
-           password: str = "") -> HttpRegistry:
+def client(
+    reg: RegistryProcess, session: aiohttp.ClientSession, user: str = "", password: str = ""
+) -> HttpRegistry:
     """A registry client for ``reg``."""
-    return HttpRegistry(RegistryEndpoint(reg.dc, reg.url, user or None, password or None),
-                        session)
+    return HttpRegistry(RegistryEndpoint(reg.dc, reg.url, user or None, password or None), session)
 
 
 def random_layer(size: int) -> bytes:
@@ -165,8 +169,12 @@ async def push_image(
 ) -> Manifest:
     """Push config, layers and manifest (under ``tag``, or by digest when None)."""
     config = json.dumps(
-        {"architecture": arch, "os": "linux", "rootfs": {"type": "layers", "diff_ids": []},
-         "nonce": secrets.token_hex(8)}
+        {
+            "architecture": arch,
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": []},
+            "nonce": secrets.token_hex(8),
+        }
     ).encode()
     config_type = (
         "application/vnd.docker.container.image.v1+json"
@@ -174,13 +182,18 @@ async def push_image(
         else "application/vnd.oci.image.config.v1+json"
     )
     layer_type = LAYER if media_type == SCHEMA2 else "application/vnd.oci.image.layer.v1.tar+gzip"
-    descs = [{"mediaType": layer_type, "digest": await reg.push_blob(repo, data),
-              "size": len(data)} for data in layers]
+    descs = [
+        {"mediaType": layer_type, "digest": await reg.push_blob(repo, data), "size": len(data)}
+        for data in layers
+    ]
     doc = {
         "schemaVersion": 2,
         "mediaType": media_type,
-        "config": {"mediaType": config_type, "digest": await reg.push_blob(repo, config),
-                   "size": len(config)},
+        "config": {
+            "mediaType": config_type,
+            "digest": await reg.push_blob(repo, config),
+            "size": len(config),
+        },
         "layers": descs,
     }
     manifest = Manifest(media_type, json.dumps(doc).encode())
@@ -188,15 +201,20 @@ async def push_image(
     return manifest
 
 
-async def push_index(reg: HttpRegistry, repo: str, tag: str, children: list[Manifest],
-                     arches: list[str]) -> Manifest:
+async def push_index(
+    reg: HttpRegistry, repo: str, tag: str, children: list[Manifest], arches: list[str]
+) -> Manifest:
     """Push an OCI index of already pushed ``children`` under ``tag``."""
     doc = {
         "schemaVersion": 2,
         "mediaType": OCI_INDEX,
         "manifests": [
-            {"mediaType": c.media_type, "digest": c.digest, "size": len(c.raw),
-             "platform": {"architecture": a, "os": "linux"}}
+            {
+                "mediaType": c.media_type,
+                "digest": c.digest,
+                "size": len(c.raw),
+                "platform": {"architecture": a, "os": "linux"},
+            }
             for c, a in zip(children, arches, strict=True)
         ],
     }
@@ -205,8 +223,9 @@ async def push_index(reg: HttpRegistry, repo: str, tag: str, children: list[Mani
     return index
 
 
-async def wait_for_digest(reg: HttpRegistry, repo: str, ref: str, digest: str,
-                          timeout: float = 30.0) -> None:
+async def wait_for_digest(
+    reg: HttpRegistry, repo: str, ref: str, digest: str, timeout: float = 30.0
+) -> None:
     """Poll until ``repo:ref`` resolves to ``digest`` on ``reg``."""
     async with asyncio.timeout(timeout):
         while True:

@@ -36,8 +36,16 @@ class ServiceProcess:
         assert self.log_path is not None
         log = open(self.log_path, "ab")
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", f"services.{self.name}", "--port", str(self.port), *self.args,
-            cwd=ROOT, env=env, stdout=log, stderr=log,
+            sys.executable,
+            "-m",
+            f"services.{self.name}",
+            "--port",
+            str(self.port),
+            *self.args,
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=log,
         )
         log.close()
         await self.wait_ready(ready_timeout)

@@ -21,16 +21,22 @@ def _manifest(config: str, layers: list[tuple[str, int]], media_type: str = SCHE
     doc = {
         "schemaVersion": 2,
         "mediaType": media_type,
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                   "digest": config, "size": 2},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                    "digest": d, "size": n} for d, n in layers],
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": config,
+            "size": 2,
+        },
+        "layers": [
+            {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d, "size": n}
+            for d, n in layers
+        ],
     }
     return Manifest(media_type, json.dumps(doc).encode())
 
 
-def _push(reg: MemoryRegistry, repo: str, tag: str | None, layers: list[bytes],
-          media_type: str = SCHEMA2) -> Manifest:
+def _push(
+    reg: MemoryRegistry, repo: str, tag: str | None, layers: list[bytes], media_type: str = SCHEMA2
+) -> Manifest:
     config = reg.add_blob(repo, json.dumps({"layers": len(layers), "tag": tag}).encode())
     digests = [(reg.add_blob(repo, data), len(data)) for data in layers]
     m = _manifest(config, digests, media_type)
@@ -39,11 +45,19 @@ def _push(reg: MemoryRegistry, repo: str, tag: str | None, layers: list[bytes],
 
 
 def _index(children: list[Manifest]) -> Manifest:
-    doc = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
-        {"mediaType": c.media_type, "digest": c.digest, "size": len(c.raw),
-         "platform": {"architecture": arch, "os": "linux"}}
-        for c, arch in zip(children, ["amd64", "arm64", "s390x"], strict=False)
-    ]}
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [
+            {
+                "mediaType": c.media_type,
+                "digest": c.digest,
+                "size": len(c.raw),
+                "platform": {"architecture": arch, "os": "linux"},
+            }
+            for c, arch in zip(children, ["amd64", "arm64", "s390x"], strict=False)
+        ],
+    }
     return Manifest(OCI_INDEX, json.dumps(doc).encode())
 
 
@@ -106,8 +120,9 @@ async def test_blobs_of_another_repository_are_mounted_not_copied(dcs, copier):
 
 async def test_every_child_of_an_index_is_copied(dcs, copier):
     src, dst = dcs
-    children = [_push(src, "team/multi", None, [f"layer-{arch}".encode()])
-                for arch in ("amd64", "arm64")]
+    children = [
+        _push(src, "team/multi", None, [f"layer-{arch}".encode()]) for arch in ("amd64", "arm64")
+    ]
     index = _index(children)
     src.add_manifest("team/multi", index, "v1")
 

@@ -75,8 +75,10 @@ def test_the_pushed_images_blobs_are_taken_from_its_references():
         ({"target__mediaType": "application/octet-stream"}, "not a manifest"),
         ({"target__tag": None}, "no tag"),
         ({"request__useragent": f"{USER_AGENT} aiohttp"}, "our own replication push"),
-        ({"target__mediaType": "application/vnd.docker.distribution.manifest.v1+prettyjws"},
-         "not a manifest"),
+        (
+            {"target__mediaType": "application/vnd.docker.distribution.manifest.v1+prettyjws"},
+            "not a manifest",
+        ),
     ],
 )
 def test_other_notifications_are_ignored_with_a_reason(override, why):
@@ -109,17 +111,31 @@ def _image(layers, config=D["c"], media_type=SCHEMA2, extra_layers=()):
     doc = {
         "schemaVersion": 2,
         "mediaType": media_type,
-        "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
-                   "digest": config, "size": 10},
-        "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
-                    "digest": d, "size": 5} for d in layers] + list(extra_layers),
+        "config": {
+            "mediaType": "application/vnd.docker.container.image.v1+json",
+            "digest": config,
+            "size": 10,
+        },
+        "layers": [
+            {
+                "mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
+                "digest": d,
+                "size": 5,
+            }
+            for d in layers
+        ]
+        + list(extra_layers),
     }
     return Manifest(media_type, json.dumps(doc).encode())
 
 
 def test_image_manifest_lists_config_then_layers_once_without_foreign_layers():
-    foreign = {"mediaType": "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
-               "digest": D["f"], "size": 9, "urls": ["https://example.invalid/l"]}
+    foreign = {
+        "mediaType": "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+        "digest": D["f"],
+        "size": 9,
+        "urls": ["https://example.invalid/l"],
+    }
     m = _image([D["a"], D["b"], D["a"]], extra_layers=[foreign])
     assert [d.digest for d in m.blobs()] == [D["c"], D["a"], D["b"]]
     assert m.children() == []
@@ -127,10 +143,24 @@ def test_image_manifest_lists_config_then_layers_once_without_foreign_layers():
 
 
 def test_index_lists_its_children_and_no_blobs():
-    doc = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
-        {"mediaType": SCHEMA2, "digest": D["a"], "size": 1, "platform": {"architecture": "amd64"}},
-        {"mediaType": SCHEMA2, "digest": D["b"], "size": 1, "platform": {"architecture": "arm64"}},
-    ]}
+    doc = {
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [
+            {
+                "mediaType": SCHEMA2,
+                "digest": D["a"],
+                "size": 1,
+                "platform": {"architecture": "amd64"},
+            },
+            {
+                "mediaType": SCHEMA2,
+                "digest": D["b"],
+                "size": 1,
+                "platform": {"architecture": "arm64"},
+            },
+        ],
+    }
     m = Manifest(OCI_INDEX, json.dumps(doc).encode())
     assert m.is_index
     assert [c.digest for c in m.children()] == [D["a"], D["b"]]
@@ -140,8 +170,10 @@ def test_index_lists_its_children_and_no_blobs():
 @pytest.mark.parametrize(
     ("manifest", "error"),
     [
-        (Manifest("application/vnd.docker.distribution.manifest.v1+prettyjws", b"{}"),
-         UnsupportedManifest),
+        (
+            Manifest("application/vnd.docker.distribution.manifest.v1+prettyjws", b"{}"),
+            UnsupportedManifest,
+        ),
         (Manifest(SCHEMA2, b"not json"), ValidationFailed),
         (Manifest(SCHEMA2, b'{"config": {"digest": "md5:abc"}}'), ValidationFailed),
     ],
@@ -171,13 +203,25 @@ K = ("team/app", "v1")
         # pushed to dc2 only: copy the other way
         ({"dc1": {}, "dc2": {K: D["b"]}}, {}, [SyncOrder("dc2", "dc1", *K, D["b"])], 0),
         # re-pushed in dc1 while we were down: the digest never seen is the newest
-        ({"dc1": {K: D["b"]}, "dc2": {K: D["a"]}}, {K: [D["a"]]},
-         [SyncOrder("dc1", "dc2", *K, D["b"])], 0),
+        (
+            {"dc1": {K: D["b"]}, "dc2": {K: D["a"]}},
+            {K: [D["a"]]},
+            [SyncOrder("dc1", "dc2", *K, D["b"])],
+            0,
+        ),
         # the push was seen but its copy failed (dc2 was down): the latest seen wins
-        ({"dc1": {K: D["b"]}, "dc2": {K: D["a"]}, "dc3": {}}, {K: [D["a"], D["b"]]},
-         [SyncOrder("dc1", "dc2", *K, D["b"]), SyncOrder("dc1", "dc3", *K, D["b"])], 0),
-        ({"dc1": {K: D["a"]}, "dc2": {K: D["b"]}}, {K: [D["b"], D["a"]]},
-         [SyncOrder("dc1", "dc2", *K, D["a"])], 0),
+        (
+            {"dc1": {K: D["b"]}, "dc2": {K: D["a"]}, "dc3": {}},
+            {K: [D["a"], D["b"]]},
+            [SyncOrder("dc1", "dc2", *K, D["b"]), SyncOrder("dc1", "dc3", *K, D["b"])],
+            0,
+        ),
+        (
+            {"dc1": {K: D["a"]}, "dc2": {K: D["b"]}},
+            {K: [D["b"], D["a"]]},
+            [SyncOrder("dc1", "dc2", *K, D["a"])],
+            0,
+        ),
         # two digests nobody saw pushed: which is newer is unknown, leave it alone
         ({"dc1": {K: D["a"]}, "dc2": {K: D["b"]}}, {}, [], 1),
         ({"dc1": {K: D["a"]}, "dc2": {K: D["b"]}, "dc3": {K: D["c"]}}, {K: [D["c"]]}, [], 1),

@@ -20,8 +20,15 @@ from services.ipam.settings import IpamSettings
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("512m", 512 << 20), ("4g", 4 << 30), ("4G", 4 << 30), ("1.5g", 3 << 29), ("4GiB", 4 << 30),
-     ("1024", 1024), (2048, 2048)],
+    [
+        ("512m", 512 << 20),
+        ("4g", 4 << 30),
+        ("4G", 4 << 30),
+        ("1.5g", 3 << 29),
+        ("4GiB", 4 << 30),
+        ("1024", 1024),
+        (2048, 2048),
+    ],
 )
 def test_parse_bytes(text, expected):
     assert parse_bytes(text) == expected

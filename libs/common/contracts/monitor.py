@@ -215,8 +215,9 @@ class MetricPoint(Event):
 class MetricsQueryResult(Event):
     """The answer to ``metrics.query``: points in time order (empty if the IP has no history)."""
 
-    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True,
-                              serialize_by_alias=True)
+    model_config = ConfigDict(
+        frozen=True, extra="ignore", populate_by_name=True, serialize_by_alias=True
+    )
     TYPE = "metrics.query_result"
     ip: IPv4Address
     from_: datetime = Field(alias="from")

@@ -296,9 +296,7 @@ class HttpRegistry:
 
     async def _cancel(self, location: URL, repo: str) -> None:
         try:
-            async with self._request(
-                "DELETE", location, (_repo_scope(repo, "pull,push"),)
-            ) as resp:
+            async with self._request("DELETE", location, (_repo_scope(repo, "pull,push"),)) as resp:
                 resp.release()
         except TransientError:
             pass  # the registry purges abandoned uploads itself
@@ -415,4 +413,3 @@ async def _error_text(resp: aiohttp.ClientResponse) -> str:
             return (await resp.text())[:300]
         except Exception:
             return resp.reason or ""
-
