@@ -31,7 +31,7 @@ from aiohttp import web
 
 from bench._common import machine, median, percentile
 from libs.common.db import mongo_client
-from services.gateway.sagas import SagaDriver
+from services.gateway.service import SagaDriver
 from services.gateway.settings import GatewaySettings
 from services.gateway.store import GatewayStore
 from tests.support.services import ServiceProcess
@@ -141,7 +141,7 @@ async def bench_list(gateway_url: str, token: str, db_name: str, seconds: float)
     driver = SagaDriver(store, publisher=None, settings=GatewaySettings())  # type: ignore[arg-type]
     spec = {"app": "listing", "image": IMAGE, "cpus": 1, "memory": 1 << 30, "disk": 1 << 30,
             "dc": "dc1", "vlan_id": 1}
-    docs = driver.new_machine_docs(spec, driver.new_ids(1000))
+    docs = driver.creates.new_machine_docs(spec, driver.new_ids(1000))
     for i, d in enumerate(docs):
         d.update(state="running", saga=None, ip=f"10.0.{i // 250}.{i % 250 + 1}", host="h1")
     await store.insert_machines(docs)

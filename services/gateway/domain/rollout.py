@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 from enum import StrEnum
 
-__all__ = ["MachineStatus", "ReleaseStatus", "batch_verdict", "plan_batches"]
+__all__ = ["MachineStatus", "ReleaseStatus", "Verdict", "batch_verdict", "plan_batches"]
 
 
 class ReleaseStatus(StrEnum):
@@ -24,6 +24,14 @@ class MachineStatus(StrEnum):
     DEPLOYING = "deploying"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+
+
+class Verdict(StrEnum):
+    """What a release does once it looked at its current batch."""
+
+    WAIT = "wait"
+    STOP = "stop"
+    NEXT = "next"
 
 
 DONE = frozenset({MachineStatus.SUCCEEDED, MachineStatus.FAILED})
@@ -44,10 +52,10 @@ def plan_batches(
 
 def batch_verdict(
     batch: Sequence[str], statuses: Mapping[str, str], failed_so_far: int, max_failures: int
-) -> str:
+) -> Verdict:
     """``wait`` while a machine of ``batch`` is unfinished, else ``stop`` past max_failures,
     else ``next``. ``failed_so_far`` counts failures of earlier batches."""
     if any(statuses.get(m) not in DONE for m in batch):
-        return "wait"
+        return Verdict.WAIT
     failed = failed_so_far + sum(statuses[m] == MachineStatus.FAILED for m in batch)
-    return "stop" if failed > max_failures else "next"
+    return Verdict.STOP if failed > max_failures else Verdict.NEXT

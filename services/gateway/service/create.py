@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -23,7 +24,7 @@ from libs.common.bus import host_key
 from libs.common.contracts import gateway as gw
 from libs.common.contracts import ipam, provisioner
 
-from ..documents import MachineDoc
+from ..documents import MachineDoc, SagaRecord
 from ..domain import Res, State, place
 from ..store import new_machine_id
 from .hosts import host_views
@@ -50,52 +51,21 @@ class CreateSaga:
     def register(self, table: StepTable) -> None:
         """Add the steps of create and compensate to ``table``."""
         s = self._driver.settings
-        give_up_ip = self._giving_up(Step.IP)
-        table.register(
-            Op.CREATE,
-            Step.IP,
-            StepSpec(
-                self._send_allocate,
-                s.ip_step_timeout_s,
-                on_exhausted=give_up_ip,
-            ),
+        ip_s, create_s, act_s = (
+            s.ip_step_timeout_s,
+            s.container_step_timeout_s,
+            s.action_step_timeout_s,
         )
-        table.register(
-            Op.CREATE,
-            Step.PLACE,
-            StepSpec(
-                self._send_place,
-                s.ip_step_timeout_s,
-                on_exhausted=give_up_ip,
-            ),
+        give_up_ip, give_up_container = self._giving_up(Step.IP), self._giving_up(Step.CONTAINER)
+        steps = (
+            (Op.CREATE, Step.IP, self._send_allocate, ip_s, give_up_ip),
+            (Op.CREATE, Step.PLACE, self._send_place, ip_s, give_up_ip),
+            (Op.CREATE, Step.CONTAINER, self._send_create, create_s, give_up_container),
+            (Op.COMPENSATE, Step.CONTAINER, self._send_destroy, act_s, self._skip_to_release),
+            (Op.COMPENSATE, Step.IP, self._send_release, ip_s, self._release_unconfirmed),
         )
-        table.register(
-            Op.CREATE,
-            Step.CONTAINER,
-            StepSpec(
-                self._send_create,
-                s.container_step_timeout_s,
-                on_exhausted=self._giving_up(Step.CONTAINER),
-            ),
-        )
-        table.register(
-            Op.COMPENSATE,
-            Step.CONTAINER,
-            StepSpec(
-                self._send_destroy,
-                s.action_step_timeout_s,
-                on_exhausted=self._skip_to_release,
-            ),
-        )
-        table.register(
-            Op.COMPENSATE,
-            Step.IP,
-            StepSpec(
-                self._send_release,
-                s.ip_step_timeout_s,
-                on_exhausted=self._release_unconfirmed,
-            ),
-        )
+        for op, step, send, timeout_s, on_exhausted in steps:
+            table.register(op, step, StepSpec(send, timeout_s, on_exhausted=on_exhausted))
 
     # --- request ----------------------------------------------------------------------------
 
@@ -107,34 +77,10 @@ class CreateSaga:
     def new_machine_docs(self, spec: dict[str, Any], ids: list[str]) -> list[MachineDoc]:
         """The documents of new machines with ``ids``, each with its create saga at step ip."""
         at = self._driver.clock()
-        prefix = spec.get("hostname_prefix") or spec["app"]
         # Derived from the ids, so a replayed request sends the same bulk request id.
         request_id = f"r-{ids[0]}" if ids else None
-        return [
-            {
-                "_id": mid,
-                "type": spec.get("type", "docker"),
-                "app": spec["app"],
-                "image": spec["image"],
-                "cpus": float(spec["cpus"]),
-                "memory": int(spec["memory"]),
-                "disk": int(spec["disk"]),
-                "dc": spec["dc"],
-                "vlan_id": spec["vlan_id"],
-                "hostname": f"{prefix}-{mid[-8:]}",
-                "ssh_keys": list(spec.get("ssh_keys") or []),
-                "state": State.REQUESTED.value,
-                "reason": None,
-                "ip": None,
-                "host": None,
-                "created_at": at,
-                "updated_at": at,
-                "transitions": [{"state": State.REQUESTED.value, "at": at, "reason": None}],
-                "saga": self._driver.saga(Op.CREATE, Step.IP),
-                "ip_request": request_id,
-            }
-            for mid in ids
-        ]
+        saga = self._driver.saga(Op.CREATE, Step.IP)
+        return [_machine_doc(spec, mid, at, request_id, saga) for mid in ids]
 
     async def create(self, spec: dict[str, Any], ids: list[str]) -> list[MachineDoc]:
         """Store the machines (existing ids are kept) and start their create sagas."""
@@ -148,20 +94,7 @@ class CreateSaga:
             if m["state"] == State.REQUESTED and (m.get("saga") or {}).get("step") == Step.IP
         ]
         for doc in fresh:
-            await d.publisher.publish(
-                gw.MachineRequested(
-                    machine_id=doc["_id"],
-                    type=doc["type"],
-                    app=doc["app"],
-                    image=doc["image"],
-                    cpus=doc["cpus"],
-                    memory=doc["memory"],
-                    disk=doc["disk"],
-                    dc=doc["dc"],
-                    vlan_id=doc["vlan_id"],
-                    hostname=doc["hostname"],
-                )
-            )
+            await d.publisher.publish(_requested(doc))
         if len(fresh) > 1:
             # One bulk allocation for the request; a re-sent step falls back to ip.allocate.
             await d.publisher.publish(
@@ -369,25 +302,11 @@ class CreateSaga:
             await d.send_step(doc)
 
     async def _send_create(self, doc: MachineDoc) -> None:
-        common = {
-            "machine_id": doc["_id"],
-            "app": doc["app"],
-            "image": doc["image"],
-            "cpus": doc["cpus"],
-            "memory": doc["memory"],
-            "disk": doc["disk"],
-            "ip": doc["ip"],
-            "prefix_len": doc["prefix_len"],
-            "gateway": doc["gateway"],
-            "vlan_id": doc["vlan_id"],
-            "hostname": doc["hostname"],
-            "ssh_authorized_keys": doc.get("ssh_keys") or [],
-        }
         if doc["type"] == "kvm":
-            await self._driver.publisher.publish(gw.KvmMachineCreate(dc=doc["dc"], **common))
+            await self._driver.publisher.publish(gw.KvmMachineCreate(dc=doc["dc"], **_spec(doc)))
         else:
             await self._driver.publisher.publish(
-                provisioner.ContainerCreate(**common),
+                provisioner.ContainerCreate(**_spec(doc)),
                 routing_key=host_key(doc["host"], provisioner.ContainerCreate.TYPE),
             )
 
@@ -427,3 +346,66 @@ class CreateSaga:
         await self._driver.store.update(
             doc["_id"], match, {"saga": None, "ip_release_unconfirmed": True}
         )
+
+
+def _machine_doc(
+    spec: dict[str, Any], mid: str, at: datetime, request_id: str | None, saga: SagaRecord
+) -> MachineDoc:
+    """A new machine of ``spec``, requested at ``at``."""
+    prefix = spec.get("hostname_prefix") or spec["app"]
+    return {
+        "_id": mid,
+        "type": spec.get("type", "docker"),
+        "app": spec["app"],
+        "image": spec["image"],
+        "cpus": float(spec["cpus"]),
+        "memory": int(spec["memory"]),
+        "disk": int(spec["disk"]),
+        "dc": spec["dc"],
+        "vlan_id": spec["vlan_id"],
+        "hostname": f"{prefix}-{mid[-8:]}",
+        "ssh_keys": list(spec.get("ssh_keys") or []),
+        "state": State.REQUESTED.value,
+        "reason": None,
+        "ip": None,
+        "host": None,
+        "created_at": at,
+        "updated_at": at,
+        "transitions": [{"state": State.REQUESTED.value, "at": at, "reason": None}],
+        "saga": saga,
+        "ip_request": request_id,
+    }
+
+
+def _requested(doc: MachineDoc) -> gw.MachineRequested:
+    """The announcement of a new machine."""
+    return gw.MachineRequested(
+        machine_id=doc["_id"],
+        type=doc["type"],
+        app=doc["app"],
+        image=doc["image"],
+        cpus=doc["cpus"],
+        memory=doc["memory"],
+        disk=doc["disk"],
+        dc=doc["dc"],
+        vlan_id=doc["vlan_id"],
+        hostname=doc["hostname"],
+    )
+
+
+def _spec(doc: MachineDoc) -> dict[str, Any]:
+    """What a create command carries, to a host or to the KVM channel."""
+    return {
+        "machine_id": doc["_id"],
+        "app": doc["app"],
+        "image": doc["image"],
+        "cpus": doc["cpus"],
+        "memory": doc["memory"],
+        "disk": doc["disk"],
+        "ip": doc["ip"],
+        "prefix_len": doc["prefix_len"],
+        "gateway": doc["gateway"],
+        "vlan_id": doc["vlan_id"],
+        "hostname": doc["hostname"],
+        "ssh_authorized_keys": doc.get("ssh_keys") or [],
+    }

@@ -80,43 +80,18 @@ class Lifecycle:
     def register(self, table: StepTable) -> None:
         """Add the steps of start, stop, restart, resize and destroy to ``table``."""
         s = self._driver.settings
-        for action in _ACTIONS:
-            table.register(
-                action,
-                Step.CONTAINER,
-                StepSpec(
-                    self._send_action,
-                    s.action_step_timeout_s,
-                    on_exhausted=self._action_timed_out,
-                ),
-            )
-        table.register(
-            Op.RESIZE,
-            Step.CONTAINER,
-            StepSpec(
-                self._send_resize,
-                s.action_step_timeout_s,
-                on_exhausted=self._resize_timed_out,
+        ip_s, act_s = s.ip_step_timeout_s, s.action_step_timeout_s
+        steps = [
+            *(
+                (op, Step.CONTAINER, self._send_action, act_s, self._action_timed_out)
+                for op in _ACTIONS
             ),
-        )
-        table.register(
-            Op.DESTROY,
-            Step.CONTAINER,
-            StepSpec(
-                self._send_destroy,
-                s.action_step_timeout_s,
-                on_exhausted=self._destroy_timed_out,
-            ),
-        )
-        table.register(
-            Op.DESTROY,
-            Step.IP,
-            StepSpec(
-                self._send_release,
-                s.ip_step_timeout_s,
-                on_exhausted=self._release_unconfirmed,
-            ),
-        )
+            (Op.RESIZE, Step.CONTAINER, self._send_resize, act_s, self._resize_timed_out),
+            (Op.DESTROY, Step.CONTAINER, self._send_destroy, act_s, self._destroy_timed_out),
+            (Op.DESTROY, Step.IP, self._send_release, ip_s, self._release_unconfirmed),
+        ]
+        for op, step, send, timeout_s, on_exhausted in steps:
+            table.register(op, step, StepSpec(send, timeout_s, on_exhausted=on_exhausted))
 
     # --- start / stop / restart -------------------------------------------------------------
 

@@ -30,12 +30,20 @@ from libs.common.errors import ConflictError, DomainError, NotFoundError
 
 from ..documents import MachineDoc, ReleaseDoc
 from ..domain import State
-from ..domain.rollout import MachineStatus, ReleaseStatus, batch_verdict, plan_batches
+from ..domain.rollout import MachineStatus, ReleaseStatus, Verdict, batch_verdict, plan_batches
 from ..store import MachineStore, ReleaseStore
 
 __all__ = ["ArtifactCheck", "MachineDirectory", "Releases", "StoreDirectory"]
 
 log = structlog.get_logger("gateway.releases")
+
+# The steps of a release that exactly one caller takes (see ReleaseStore.take_step).
+_END = "end"
+
+
+def _batch_step(index: int) -> str:
+    """The step that starts batch ``index``."""
+    return f"batch/{index}"
 
 
 class MachineDirectory(Protocol):
@@ -223,17 +231,17 @@ class Releases:
         }
         failed_before = doc.get("failed_before", 0)
         verdict = batch_verdict(batch, statuses, failed_before, doc["spec"]["max_failures"])
-        if verdict == "wait":
+        if verdict == Verdict.WAIT:
             return
         failed_here = [m for m in batch if statuses[m] == MachineStatus.FAILED]
-        if verdict == "stop":
+        if verdict == Verdict.STOP:
             earlier = [m for b in doc["batches"][:index] for m in b["machines"]]
             before = await self._store.statuses(release_id, earlier)
             failed = sorted(
                 failed_here + [m for m, d in before.items() if d["status"] == MachineStatus.FAILED]
             )
             reason = f"{len(failed)} machine(s) failed, more than max_failures"
-            if await self._store.take_step(release_id, "end") or repair:
+            if await self._store.take_step(release_id, _END) or repair:
                 await self._store.update(
                     release_id,
                     {
@@ -254,7 +262,7 @@ class Releases:
                 )
             return
         if index + 1 >= len(doc["batches"]):
-            if await self._store.take_step(release_id, "end") or repair:
+            if await self._store.take_step(release_id, _END) or repair:
                 await self._store.update(
                     release_id, {"status": ReleaseStatus.SUCCEEDED.value, "finished_at": utcnow()}
                 )
@@ -268,7 +276,7 @@ class Releases:
                     )
                 )
             return
-        if await self._store.take_step(release_id, f"batch/{index + 1}") or repair:
+        if await self._store.take_step(release_id, _batch_step(index + 1)) or repair:
             fields = {"current_batch": index + 1, "failed_before": failed_before + len(failed_here)}
             await self._store.update(release_id, fields)
             await self._dispatch({**doc, **fields}, index + 1)
