@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 
 from libs.common.clock import utcnow
 from libs.common.contracts.monitor import ContainerSample
@@ -38,12 +39,15 @@ class Sampler:
         host_cpus: int,
         host_memory: int,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self._cgroups = cgroups
         self._net = net
         self._cpus = host_cpus
         self._memory = host_memory
         self._clock = clock
+        # Rates come from the monotonic clock; the wall clock only stamps the samples.
+        self._wall_clock = wall_clock
         self._prev: dict[str, Reading] = {}
 
     def forget(self, container_id: str) -> None:
@@ -54,7 +58,7 @@ class Sampler:
         self, targets: Mapping[str, Target]
     ) -> list[tuple[ContainerSample, dict[str, int | float]]]:
         """Sample every target; a container that vanished mid-round is skipped."""
-        at = utcnow()
+        at = self._wall_clock()
         out = []
         for cid, target in targets.items():
             try:

@@ -115,12 +115,14 @@ def _observed(running: bool = True, started_s: int = 0, pid: int = 42) -> Observ
 
 def _monitor(docker: FakeDocker, events: list | None = None, clock=None):
     ticks = iter(range(0, 10_000, 10))
+    wall = (NOW + timedelta(seconds=s) for s in range(0, 10_000, 10))  # in step with ``ticks``
     store, pub = MemorySampleStore(), MemoryPublisher("monitor")
     collector = ContainerCollector("h1")
     mon = MonitorService(
         host="h1", containers=docker, events=FakeEvents(events or []),
         sampler=Sampler(FakeCgroups(5 * NS), lambda pid: NetStats(), host_cpus=2,
-                        host_memory=4000, clock=clock or (lambda: float(next(ticks)))),
+                        host_memory=4000, clock=clock or (lambda: float(next(ticks))),
+                        wall_clock=lambda: next(wall)),
         store=store, publisher=pub, tracker=LifecycleTracker("h1"), collector=collector,
         interval_s=10,
     )
