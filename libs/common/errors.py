@@ -69,6 +69,20 @@ class TransientError(DockvmError):
     """Worth retrying: the outside world did not answer, or answered with a 5xx."""
 
 
+# MongoDB's codes for a server that is shutting down or stepping down, and the text FerretDB's
+# SQLite backend answers with when a write waited too long for the database lock.
+_BUSY_CODES = frozenset({91, 189, 10107, 11600, 11602, 13435, 13436})
+_BUSY_TEXT = ("database is locked", "SQLITE_BUSY")
+
+
+def _busy(err: Exception) -> bool:
+    code = getattr(err, "code", None)
+    labels = getattr(err, "has_error_label", None)
+    if code in _BUSY_CODES or (labels is not None and labels("RetryableWriteError")):
+        return True
+    return any(text in str(err) for text in _BUSY_TEXT)
+
+
 def _translate(err: BaseException) -> DockvmError | None:
     # Imports are local so that this module stays importable by pure unit tests.
     import aiohttp
@@ -88,6 +102,8 @@ def _translate(err: BaseException) -> DockvmError | None:
         | pymongo.errors.ConnectionFailure,
     ):
         return TransientError(f"database unavailable: {err}")
+    if isinstance(err, pymongo.errors.OperationFailure) and _busy(err):
+        return TransientError(f"database busy: {err}")
     if isinstance(err, docker.errors.ImageNotFound | docker.errors.NotFound):
         return NotFoundError(str(err.explanation if hasattr(err, "explanation") else err))
     if isinstance(err, docker.errors.APIError):

@@ -73,6 +73,16 @@ def test_host_id_is_validated(monkeypatch):
         (pymongo.errors.DuplicateKeyError("E11000"), ConflictError),
         (pymongo.errors.AutoReconnect("gone"), TransientError),
         (pymongo.errors.ServerSelectionTimeoutError("no server"), TransientError),
+        # FerretDB's SQLite backend under concurrent writes (seen on 100 parallel DELETEs).
+        (
+            pymongo.errors.OperationFailure(
+                "[collection.go:191 sqlite.(*collection).UpdateAll] database is locked (5) "
+                "(SQLITE_BUSY)",
+                code=1,
+            ),
+            TransientError,
+        ),
+        (pymongo.errors.OperationFailure("shutting down", code=91), TransientError),
         (docker.errors.ImageNotFound("no such image"), NotFoundError),
         (docker.errors.APIError("boom", response=None), TransientError),
         (ConnectionRefusedError(), TransientError),
@@ -88,6 +98,17 @@ async def test_translate_errors_maps_library_errors(raised, expected):
         await call()
 
     assert info.value.__cause__ is raised
+
+
+def test_translate_errors_leaves_a_real_operation_failure_alone():
+    """A bad query is a bug to see, not something to retry."""
+
+    @translate_errors
+    def call() -> None:
+        raise pymongo.errors.OperationFailure("unknown operator: $foo", code=2)
+
+    with pytest.raises(pymongo.errors.OperationFailure):
+        call()
 
 
 def test_translate_errors_leaves_unknown_errors_alone():
