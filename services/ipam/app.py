@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 from libs.common.runner import ServiceContext
 
-from .handlers import COMMAND_KEYS, QUERY_KEYS, IpamHandlers
+from .handlers import COMMAND_KEYS, QUERY_KEYS, command_handlers, query_handlers
 from .service import Ipam
 from .settings import IpamSettings
 from .store import MongoIpamStore
@@ -32,8 +32,7 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
         block_size=settings.ipam_block_size,
         pool_cache_s=settings.ipam_pool_cache_s,
     )
-    handlers = IpamHandlers(ipam)
-    await ctx.consume(COMMAND_QUEUE, COMMAND_KEYS, handlers.commands())
+    await ctx.consume(COMMAND_QUEUE, COMMAND_KEYS, command_handlers(ipam))
     # Queries are reads: no dedupe bookkeeping, so an RPC costs no write.
-    await ctx.consume(QUERY_QUEUE, QUERY_KEYS, handlers.queries(), dedupe=False)
+    await ctx.consume(QUERY_QUEUE, QUERY_KEYS, query_handlers(ipam), dedupe=False)
     yield

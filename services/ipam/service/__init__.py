@@ -25,10 +25,10 @@ from ..domain import Pool
 from ..store import IpamStore
 from .allocator import AddressSources
 from .claims import Allocation, Claims
-from .pools import PoolCatalog, pool_doc, pool_of
+from .pools import PoolCatalog
 from .queries import IpamQueries, IpLookupResult, PoolView
 
-__all__ = ["Allocation", "IpLookupResult", "Ipam", "PoolView", "pool_doc", "pool_of"]
+__all__ = ["Allocation", "IpLookupResult", "Ipam", "PoolView"]
 
 
 @dataclass
