@@ -4,9 +4,12 @@ Both sides publish persistent messages with publisher confirms (a window of outs
 confirms) into a quorum queue and consume with manual acks, in the same run, on a fresh vhost.
 The dockvm side goes through ``AmqpPublisher`` and the ``Consumer`` wrapper (envelope parsing,
 pydantic validation, metrics, ack after the handler); it is measured without and with the
-MongoDB-backed message-id dedupe. Prints messages/s (median of the rounds) and the ratio.
+MongoDB-backed message-id dedupe. ``bare-wire`` is the bare loop sending what dockvm puts on
+the wire (envelope bytes, AMQP properties, queue arguments), which splits the gap into the
+broker's share and our Python's. Prints messages/s and this process's CPU per message (medians
+of the rounds) and the ratios to bare.
 
-    .venv/bin/python -m bench.bus [--messages 5000] [--rounds 3] [--only bare|dockvm|dockvm+dedupe]
+    .venv/bin/python -m bench.bus [--messages 5000] [--rounds 3] [--only SIDE]
 
 ``--only`` runs one side alone (same message count), so that a sampling profiler sees one loop:
 ``py-spy record --format raw -o /tmp/bare.txt -- .venv/bin/python -m bench.bus --only bare``.
@@ -32,7 +35,8 @@ from libs.common.bus import (
     connect,
     dlq_name,
 )
-from libs.common.contracts import Command, register
+from libs.common.bus.publisher import amqp_message
+from libs.common.contracts import Command, Envelope, register
 from libs.common.db import mongo_client
 from tests.support.stack import MONGO_URL, create_vhost, delete_vhost
 
@@ -71,16 +75,20 @@ async def _windowed(coros_factory, total: int) -> None:
     await asyncio.gather(*(one(i) for i in range(total)))
 
 
-async def bare(url: str, total: int) -> Run:
-    """Bare aio-pika: confirms + persistent publish, manual-ack consume, quorum queue."""
+async def bare(url: str, total: int, wire: bool = False) -> Run:
+    """Bare aio-pika: confirms + persistent publish, manual-ack consume, quorum queue.
+
+    With ``wire``, every message is what the dockvm side puts on the wire (an envelope's bytes,
+    its AMQP properties, our queue arguments), built once: the rest of the gap is our Python.
+    """
     conn = await aio_pika.connect_robust(url)
     pub_ch = await conn.channel(publisher_confirms=True)
     con_ch = await conn.channel()
     await con_ch.set_qos(prefetch_count=32)
     ex = await pub_ch.declare_exchange("bare", aio_pika.ExchangeType.TOPIC, durable=True)
-    q = await con_ch.declare_queue(
-        f"bare-{uuid.uuid4().hex[:6]}", durable=True, arguments={"x-queue-type": "quorum"}
-    )
+    name = f"bare-{uuid.uuid4().hex[:6]}"
+    arguments = QueueSpec(name, ()).arguments() if wire else {"x-queue-type": "quorum"}
+    q = await con_ch.declare_queue(name, durable=True, arguments=arguments)
     await q.bind("bare", "bench.#")
     done = asyncio.Event()
     seen = 0
@@ -94,10 +102,16 @@ async def bare(url: str, total: int) -> Run:
 
     await q.consume(on_message)
     body = b'{"n": 0, "payload": "' + b"x" * 200 + b'"}'
+    props: dict[str, object] = {}
+    if wire:
+        sample = amqp_message(Envelope.wrap(BenchPing(n=0, payload="x" * 200), source="bench"))
+        body = sample.body
+        props = {k: getattr(sample, k) for k in ("content_type", "message_id", "type")}
+        props["correlation_id"] = sample.correlation_id
     started, cpu_started = time.perf_counter(), time.process_time()
     await _windowed(
         lambda i: ex.publish(
-            aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+            aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, **props),
             routing_key="bench.ping",
         ),
         total,
@@ -151,6 +165,7 @@ async def dockvm(url: str, total: int, with_dedupe: bool) -> Run:
 
 SIDES = {
     "bare": bare,
+    "bare-wire": lambda url, total: bare(url, total, wire=True),
     "dockvm": lambda url, total: dockvm(url, total, False),
     # The dedupe costs two FerretDB writes per message: a fifth of the messages keeps it short.
     "dockvm+dedupe": lambda url, total: dockvm(url, max(1, total // 5), True),
