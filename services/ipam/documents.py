@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Literal, NotRequired, TypedDict
 
 __all__ = [
+    "CleanupDoc",
     "FreeSlotDoc",
     "HintField",
     "HistoryDoc",
@@ -73,6 +74,9 @@ class LeaseDoc(TypedDict):
     # How the claim is checked: "probe" (a never-used address: gen 1's history is read after
     # the insert) or "history" (its gen's history record is inserted); absent means "history".
     claim: NotRequired[str]
+    # Tells this claim from any other lease of the machine, even of the same address: a stale
+    # claim's cleanup deletes only it. Absent on leases written before it existed.
+    claim_id: NotRequired[str]
     released_at: NotRequired[datetime]  # on tombstones
 
 
@@ -122,3 +126,11 @@ class FreeSlotDoc(TypedDict):
     ip: str
     gen: int  # the generation that was released; a claim inserts gen + 1
     released_at: datetime
+
+
+class CleanupDoc(TypedDict):
+    """Who won the right to delete a stale claim (``lease_cleanups``, ``_id`` = ``cleanup_id``)."""
+
+    _id: str
+    machine_id: str
+    at: datetime  # a winner that has not deleted the claim after abandoned_claim_s died

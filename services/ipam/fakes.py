@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from .documents import (
+    CleanupDoc,
     FreeSlotDoc,
     HintField,
     HistoryDoc,
@@ -23,7 +24,7 @@ from .documents import (
     PoolChanges,
     PoolDoc,
 )
-from .store import ARCHIVE, BLOCKS, FREE, HISTORY, LEASES, POOLS, LeaseConflict
+from .store import ARCHIVE, BLOCKS, CLEANUPS, FREE, HISTORY, LEASES, POOLS, LeaseConflict
 
 __all__ = ["MemoryIpamStore"]
 
@@ -33,7 +34,7 @@ class MemoryIpamStore:
 
     def __init__(self) -> None:
         self.c: dict[str, dict[Any, dict]] = {
-            n: {} for n in (POOLS, ARCHIVE, LEASES, HISTORY, FREE, BLOCKS)
+            n: {} for n in (POOLS, ARCHIVE, LEASES, HISTORY, FREE, BLOCKS, CLEANUPS)
         }
 
     def _insert(
@@ -119,10 +120,12 @@ class MemoryIpamStore:
         """The machine's active lease."""
         return self._get(LEASES, machine_id)
 
-    async def delete_lease(self, machine_id: str, ip: str) -> bool:
-        """Drop the machine's active lease of ``ip``."""
+    async def delete_lease(self, machine_id: str, ip: str, claim_id: str | None = None) -> bool:
+        """Drop the machine's active lease of ``ip`` (of that claim, if named)."""
         doc = self.c[LEASES].get(machine_id)
         if doc is None or doc["active_ip"] != ip:
+            return False
+        if claim_id is not None and doc.get("claim_id") != claim_id:
             return False
         del self.c[LEASES][machine_id]
         return True
@@ -196,6 +199,18 @@ class MemoryIpamStore:
             return False
         self.c[FREE][doc["_id"]] = copy.deepcopy(doc)
         return True
+
+    async def claim_cleanup(self, doc: CleanupDoc) -> bool:
+        """Insert a cleanup marker; False if that round has a winner already."""
+        try:
+            self._insert(CLEANUPS, doc)
+        except LeaseConflict:
+            return False
+        return True
+
+    async def get_cleanup(self, cid: str) -> CleanupDoc | None:
+        """One cleanup marker."""
+        return self._get(CLEANUPS, cid)
 
     async def claim_block(self, pool_uid: str, k: int, owner: str, at: datetime) -> bool:
         """Claim block ``k``."""

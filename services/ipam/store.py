@@ -7,8 +7,9 @@ Two facts about FerretDB v1 (SQLite) shape this module:
 - ``find_one_and_update``, ``update_one`` and ``delete_one`` are not atomic across
   connections: each matches its filter, then writes (or deletes) by ``_id``, so two writers may
   both "win", and a conditional delete may remove a document that stopped matching in between.
-  An insert under a unique index is the one arbiter; a stale lease is deleted by its claimer
-  alone (see ``Claims._other_delivery_holds`` in ``service/claims.py``).
+  An insert under a unique index is the one arbiter; a stale lease is deleted only by the one
+  delivery that inserted its ``lease_cleanups`` marker, and only by its ``claim_id`` (see
+  ``Claims._delete_stale_claim`` in ``service/claims.py``).
 - Only ``_id`` equality is served by an index; any other filter, range or sort reads the whole
   collection. So every call on the allocation path is an ``_id`` read or an insert; the
   queries that filter or sort (usage, lookups, leftovers) are off the hot path.
@@ -28,6 +29,9 @@ Collections:
   sequence numbers, never deleted; an entry is consumed when ``ip_history`` has its next gen.
 - ``ip_blocks``: ``_id`` = ``<pool uid>:<k>``: block k of never-used offsets, claimed by one
   replica.
+- ``lease_cleanups``: ``_id`` = ``<machine>/<claim>#<round>``: the delivery that may delete a
+  stale claim; inserted once per stale claim (a later round only if a winner died), never
+  deleted.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from libs.common.db import ensure_indexes
 from libs.common.errors import ConflictError, translate_errors
 
 from .documents import (
+    CleanupDoc,
     FreeSlotDoc,
     HintField,
     HistoryDoc,
@@ -55,6 +60,7 @@ from .documents import (
 __all__ = [
     "ARCHIVE",
     "BLOCKS",
+    "CLEANUPS",
     "FREE",
     "HISTORY",
     "INDEXES",
@@ -63,17 +69,19 @@ __all__ = [
     "IpamStore",
     "LeaseConflict",
     "MongoIpamStore",
+    "cleanup_id",
     "history_id",
     "slot_id",
 ]
 
-POOLS, ARCHIVE, LEASES, HISTORY, FREE, BLOCKS = (
+POOLS, ARCHIVE, LEASES, HISTORY, FREE, BLOCKS, CLEANUPS = (
     "pools",
     "pools_deleted",
     "leases",
     "ip_history",
     "ip_free",
     "ip_blocks",
+    "lease_cleanups",
 )
 
 INDEXES: dict[str, list[IndexModel]] = {
@@ -88,6 +96,11 @@ INDEXES: dict[str, list[IndexModel]] = {
 def history_id(ip: str, pool_uid: str, gen: int) -> str:
     """The ``_id`` of the gen-th allocation of ``ip`` in a pool."""
     return f"{ip}@{pool_uid}#{gen}"
+
+
+def cleanup_id(machine_id: str, claim: str, rnd: int) -> str:
+    """The ``_id`` of the marker that elects round ``rnd``'s deleter of a stale claim."""
+    return f"{machine_id}/{claim}#{rnd}"
 
 
 def slot_id(pool_uid: str, seq: int) -> str:
@@ -152,8 +165,8 @@ class IpamStore(Protocol):
         """The machine's active lease."""
         ...
 
-    async def delete_lease(self, machine_id: str, ip: str) -> bool:
-        """Drop the machine's active lease of ``ip``; False if it was not there."""
+    async def delete_lease(self, machine_id: str, ip: str, claim_id: str | None = None) -> bool:
+        """Drop the machine's active lease of ``ip`` (of that claim, if named); False if none."""
         ...
 
     async def end_lease(self, machine_id: str, ip: str, at: datetime) -> None:
@@ -208,6 +221,15 @@ class IpamStore(Protocol):
         """Append at ``doc['_id']``; False if that sequence number is taken."""
         ...
 
+    # stale-claim cleanups
+    async def claim_cleanup(self, doc: CleanupDoc) -> bool:
+        """Insert a cleanup marker; False if that round has a winner already."""
+        ...
+
+    async def get_cleanup(self, cid: str) -> CleanupDoc | None:
+        """One cleanup marker."""
+        ...
+
     # blocks
     async def claim_block(self, pool_uid: str, k: int, owner: str, at: datetime) -> bool:
         """Claim block ``k``; False if another replica has it."""
@@ -230,6 +252,7 @@ class MongoIpamStore:
         self._pools, self._archive = db[POOLS], db[ARCHIVE]
         self._leases, self._history = db[LEASES], db[HISTORY]
         self._free, self._blocks = db[FREE], db[BLOCKS]
+        self._cleanups = db[CLEANUPS]
 
     @translate_errors
     async def setup(self) -> None:
@@ -308,9 +331,12 @@ class MongoIpamStore:
         return await self._leases.find_one({"_id": machine_id})
 
     @translate_errors
-    async def delete_lease(self, machine_id: str, ip: str) -> bool:
-        """Drop the machine's active lease of ``ip``."""
-        result = await self._leases.delete_one({"_id": machine_id, "active_ip": ip})
+    async def delete_lease(self, machine_id: str, ip: str, claim_id: str | None = None) -> bool:
+        """Drop the machine's active lease of ``ip`` (of that claim, if named)."""
+        match = {"_id": machine_id, "active_ip": ip}
+        if claim_id is not None:
+            match["claim_id"] = claim_id
+        result = await self._leases.delete_one(match)
         return result.deleted_count == 1
 
     @translate_errors
@@ -395,6 +421,20 @@ class MongoIpamStore:
         except DuplicateKeyError:
             return False
         return True
+
+    @translate_errors
+    async def claim_cleanup(self, doc: CleanupDoc) -> bool:
+        """Insert a cleanup marker; False if that round has a winner already."""
+        try:
+            await self._cleanups.insert_one(dict(doc))
+        except DuplicateKeyError:
+            return False
+        return True
+
+    @translate_errors
+    async def get_cleanup(self, cid: str) -> CleanupDoc | None:
+        """One cleanup marker."""
+        return await self._cleanups.find_one({"_id": cid})
 
     @translate_errors
     async def claim_block(self, pool_uid: str, k: int, owner: str, at: datetime) -> bool:

@@ -8,7 +8,13 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from services.ipam.fakes import MemoryIpamStore
-from services.ipam.store import LeaseConflict, MongoIpamStore, history_id, slot_id
+from services.ipam.store import (
+    LeaseConflict,
+    MongoIpamStore,
+    cleanup_id,
+    history_id,
+    slot_id,
+)
 
 T0 = datetime(2026, 11, 24, 12, tzinfo=UTC)
 
@@ -58,6 +64,27 @@ async def test_delete_lease_only_of_that_ip_and_frees_both_keys(store):
     await store.insert_lease(_lease("m1", "10.0.0.5", gen=2))
     assert (wrong, right) == (False, True)
     assert (await store.get_lease("m1"))["gen"] == 2
+
+
+async def test_a_delete_naming_a_claim_spares_a_later_claim_of_that_address(store):
+    await store.insert_lease(_lease("m1", "10.0.0.5", claim_id="a"))
+    first = await store.delete_lease("m1", "10.0.0.5", "a")
+    await store.insert_lease(_lease("m1", "10.0.0.5", claim_id="b"))
+    stale = await store.delete_lease("m1", "10.0.0.5", "a")
+    assert (first, stale) == (True, False)
+    assert (await store.get_lease("m1"))["claim_id"] == "b"
+
+
+async def test_a_cleanup_round_has_one_winner(store):
+    cid = cleanup_id("m1", "a", 0)
+    won = await asyncio.gather(
+        *[
+            store.claim_cleanup({"_id": cid, "machine_id": "m1", "at": T0 + timedelta(seconds=i)})
+            for i in range(8)
+        ]
+    )
+    assert sum(won) == 1
+    assert (await store.get_cleanup(cid))["at"] == T0 + timedelta(seconds=won.index(True))
 
 
 async def test_history_generation_is_claimed_once_and_completed_by_upsert(store):

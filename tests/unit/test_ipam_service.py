@@ -14,7 +14,7 @@ from libs.common.errors import TransientError
 from services.ipam.domain import AllocationError, PoolRejectedError
 from services.ipam.fakes import MemoryIpamStore
 from services.ipam.service import Ipam
-from services.ipam.store import history_id
+from services.ipam.store import LEASES, cleanup_id, history_id
 
 
 class Clock:
@@ -490,3 +490,103 @@ async def test_history_never_shows_two_owners_when_a_claim_lands_after_a_slow_re
 
     assert (str(got.ip), second["machine_id"]) == (x, "n")
     assert first["released_at"] <= second["allocated_at"]
+
+
+class FerretDeletes(InterleavingStore):
+    """The interleaving store, and a lease delete that works as FerretDB v1's does: it matches
+    its filter, other tasks run, then it deletes whatever document has that ``_id`` by then."""
+
+    async def delete_lease(self, machine_id: str, ip: str, claim_id: str | None = None) -> bool:
+        doc = self.c[LEASES].get(machine_id)
+        if doc is None or doc["active_ip"] != ip:
+            return False
+        if claim_id is not None and doc.get("claim_id") != claim_id:
+            return False
+        for _ in range(self._rng.randrange(4 * self._spread)):
+            await asyncio.sleep(0)
+        return self.c[LEASES].pop(machine_id, None) is not None
+
+
+@pytest.mark.parametrize("seed", range(24))
+async def test_one_delivery_alone_cleans_up_an_abandoned_claim(clock, seed):
+    """A replica died holding a stale claim of machine m (gen 1 of .2 was another machine's).
+    Once it is abandoned, three deliveries of m on two replicas find it; if two of them delete
+    it, the later delete (by _id on FerretDB) removes the lease the earlier one inserted next:
+    m is answered two addresses and one is stranded (issue 3, bug 6)."""
+    store = FerretDeletes(seed)
+    a, b = (Ipam(store, block_size=8, pool_cache_s=0, clock=clock) for _ in range(2))
+    await a.create_pool("p", "dc1", 100, "10.100.0.0/27", IPv4Address("10.100.0.1"), [], 0)
+    x = str((await a.allocate("earlier", pool="p")).ip)
+    await a.release("earlier")
+    pool = await store.get_pool("p")
+    await store.insert_lease(
+        {
+            "claim": "probe",
+            "claim_id": "of-the-dead-replica",
+            "_id": "m",
+            "active_ip": x,
+            "ip": x,
+            "gen": 1,
+            "pool": "p",
+            "pool_uid": pool["uid"],
+            "dc": "dc1",
+            "vlan_id": 100,
+            "prefix_len": 27,
+            "gateway": "10.100.0.1",
+            "allocated_at": clock(),
+            "request_id": None,
+            "state": "active",
+        }
+    )
+    clock.advance(a.abandoned_claim_s)
+
+    got = await asyncio.gather(*[(a, b)[d % 2].allocate("m", pool="p") for d in range(3)])
+    held = await store.get_lease("m")
+    assert {str(g.ip) for g in got} == {held["ip"]}  # one answer, and it is m's lease
+
+    await b.release("m")
+    final = await asyncio.gather(*[(a, b)[i % 2].allocate(f"f{i}", pool="p") for i in range(29)])
+    assert len({f.ip for f in final}) == 29  # nothing stranded: the whole /27 again
+    with pytest.raises(AllocationError, match="no free address"):
+        await a.allocate("one-too-many", pool="p")
+
+
+async def test_an_elected_deleter_that_died_is_replaced(store, ipam, clock):
+    """The delivery elected to delete an abandoned claim died before deleting it: the others
+    leave the claim to it for abandoned_claim_s, then elect another deleter, so the machine is
+    not stuck behind its stale claim for good."""
+    await ipam.allocate("earlier", pool="p")
+    await ipam.release("earlier")
+    x, uid = "10.100.0.2", (await store.get_pool("p"))["uid"]
+    stale = {
+        "claim": "probe",
+        "claim_id": "of-the-dead-replica",
+        "_id": "m",
+        "active_ip": x,
+        "ip": x,
+        "gen": 1,
+        "pool": "p",
+        "pool_uid": uid,
+        "dc": "dc1",
+        "vlan_id": 100,
+        "prefix_len": 27,
+        "gateway": "10.100.0.1",
+        "allocated_at": clock(),
+        "request_id": None,
+        "state": "active",
+    }
+    await store.insert_lease(stale)
+    clock.advance(ipam.abandoned_claim_s)
+    dead = {"_id": cleanup_id("m", "of-the-dead-replica", 0), "machine_id": "m", "at": clock()}
+    await store.claim_cleanup(dead)
+    other = Ipam(store, block_size=8, pool_cache_s=0, clock=clock, max_attempts=3)
+
+    with pytest.raises(TransientError):
+        await other.allocate("m", pool="p")
+    still = await store.get_lease("m")
+    clock.advance(ipam.abandoned_claim_s)
+    got = await other.allocate("m", pool="p")
+
+    assert still == stale
+    assert str(got.ip) != x
+    assert (await store.get_lease("m"))["ip"] == str(got.ip)

@@ -10,22 +10,28 @@ the walk repairs.
 
 The race fixes of issue 3 live here, and each has a unit test that fails without it:
 
-- a claim that lost gives its address back to its block only once it has left ``in_flight``
-  (else a task popping it meanwhile took it for another's and dropped it: a stranded address);
-- a conflicting insert whose holder has vanished is retried once before the address is taken
-  for used; ``pool_exhausted`` is answered only after a pass that trusts no cached "none left";
-- a claim that finds its own machine's record (a release answered through a duplicate
-  delivery) held; it was not stale;
-- a stale claim is deleted by its claimer alone (FerretDB v1 deletes by ``_id`` after matching,
-  so a second deleter can remove the machine's next lease); another delivery deletes only an
-  abandoned one;
-- a re-used address's history record is stamped after its lease insert succeeded, so "who had
-  this IP at t" never finds two machines.
+1. a claim that lost gives its address back to its block only once it has left ``in_flight``
+   (else a task popping it meanwhile took it for another's and dropped it: a stranded address);
+2. a conflicting insert whose holder has vanished is retried once before the address is taken
+   for used; ``pool_exhausted`` is answered only after a pass that trusts no cached "none left";
+3. a claim that finds its own machine's record (a release answered through a duplicate
+   delivery) held; it was not stale;
+4. a young stale claim is left to its claimer (FerretDB v1 deletes by ``_id`` after matching,
+   so a second deleter can remove the machine's next lease); another delivery cleans up only
+   an abandoned one;
+5. a re-used address's history record is stamped after its lease insert succeeded, so "who had
+   this IP at t" never finds two machines;
+6. an abandoned claim is deleted by one delivery alone: every delivery of the machine waits
+   until it is abandoned, then several deleted it, and the later delete removed the lease the
+   earlier one had just inserted next (the machine answered two addresses, one stranded). The
+   deleter of any stale claim, its claimer's or an abandoned one, is elected by inserting a
+   ``lease_cleanups`` marker, and deletes by the claim's ``claim_id``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -37,7 +43,7 @@ from libs.common.errors import TransientError
 
 from ..documents import LeaseDoc, ReleasedIp
 from ..domain import AllocationError, Pool
-from ..store import IpamStore, LeaseConflict, history_id
+from ..store import IpamStore, LeaseConflict, cleanup_id, history_id
 from .allocator import EPOCH, FROM_EXACT_REQUEST, AddressSources, Candidate, latest_generation
 from .pools import PoolCatalog
 
@@ -87,6 +93,7 @@ def lease_document(
     ip = str(IPv4Address(cand.ip))
     return {
         "claim": cand.claim_kind,
+        "claim_id": uuid.uuid4().hex,
         "_id": machine_id,
         "active_ip": ip,
         "ip": ip,
@@ -103,6 +110,11 @@ def lease_document(
     }
 
 
+def _age_s(at: datetime, now: datetime) -> float:
+    """Seconds from ``at`` (naive means UTC, as a store may return it) to ``now``."""
+    return (now - (at if at.tzinfo else at.replace(tzinfo=UTC))).total_seconds()
+
+
 @dataclass
 class Claims:
     """Allocate (one or many) and release, by the claim protocol; one instance per process."""
@@ -113,7 +125,8 @@ class Claims:
     clock: Callable[[], datetime]
     max_attempts: int = 256
     # A stale claim is undone by its own claimer; another delivery undoes it only once it is
-    # this old (its claimer died): see _other_delivery_holds.
+    # this old (its claimer died): see _other_delivery_holds. An elected deleter that has not
+    # deleted it after as long died too: see _elected_to_delete.
     abandoned_claim_s: float = 15.0
 
     async def allocate(
@@ -217,7 +230,7 @@ class Claims:
                     return None
             give_back = False
             if await self._generation_was_taken(pool, lease):
-                await self.store.delete_lease(machine_id, lease["ip"])
+                await self._delete_stale_claim(lease)
                 self.sources.mark_used(pool.uid, cand.ip)
                 self.sources.mark_consumed(pool.uid, cand)
                 await self.sources.mark_tried(cand)
@@ -268,11 +281,9 @@ class Claims:
         """Settle another delivery's lease of this machine: True if it holds, False if it is a
         stale claim (the caller tries again).
 
-        A stale claim is deleted by its claimer alone. FerretDB v1 deletes by ``_id`` after
-        matching the filter, so a second deleter of the same lease could remove the machine's
-        next lease (or its release tombstone) inserted in between: an address held by nobody,
-        or a lease nobody releases. Only a claim older than ``abandoned_claim_s`` (its claimer
-        died mid-claim) is deleted here."""
+        A young stale claim is left to its claimer; only one older than ``abandoned_claim_s``
+        (its claimer died mid-claim) is deleted here, by the one delivery elected to (see
+        :meth:`_delete_stale_claim`)."""
         if lease.get("state") != "active":
             return True
         machine, ip = lease["_id"], lease["ip"]
@@ -304,13 +315,38 @@ class Claims:
                 holds = record.get("machine_id") == machine
         if holds:
             return True
-        claimed_at = lease["allocated_at"]
-        claimed_at = claimed_at if claimed_at.tzinfo else claimed_at.replace(tzinfo=UTC)
-        if (self.clock() - claimed_at).total_seconds() >= self.abandoned_claim_s:
-            await self.store.delete_lease(machine, ip)
-        else:
-            await asyncio.sleep(0.02)  # its claimer is about to undo it
+        abandoned = _age_s(lease["allocated_at"], self.clock()) >= self.abandoned_claim_s
+        if not (abandoned and await self._delete_stale_claim(lease)):
+            await asyncio.sleep(0.02)  # its claimer, or the elected delivery, is undoing it
         return False
+
+    async def _delete_stale_claim(self, lease: LeaseDoc) -> bool:
+        """Delete a stale claim's lease if this delivery is elected to; False if it is not.
+
+        FerretDB v1 deletes by ``_id`` after matching the filter, so of two deleters of one
+        claim the later could remove the machine's next lease (or its release tombstone),
+        inserted in between: an address held by nobody, or a lease nobody releases. So one
+        deleter is elected per claim, and its delete names the claim's ``claim_id``: a later
+        lease of the machine, even of the same address, is another claim and never matches."""
+        if not await self._elected_to_delete(lease):
+            return False
+        await self.store.delete_lease(lease["_id"], lease["ip"], lease.get("claim_id"))
+        return True
+
+    async def _elected_to_delete(self, lease: LeaseDoc) -> bool:
+        """Whether this delivery inserted the claim's cleanup marker (the unique-index vote)."""
+        machine = lease["_id"]
+        # A lease from before claim ids is told apart by its address and generation.
+        claim = lease.get("claim_id") or f"{lease['ip']}@{lease['gen']}"
+        rnd = 0
+        while not await self.store.claim_cleanup(
+            {"_id": cleanup_id(machine, claim, rnd), "machine_id": machine, "at": self.clock()}
+        ):
+            winner = await self.store.get_cleanup(cleanup_id(machine, claim, rnd))
+            if winner is None or _age_s(winner["at"], self.clock()) < self.abandoned_claim_s:
+                return False  # the winner is deleting it
+            rnd += 1  # that winner died before deleting it: elect another delivery
+        return True
 
     async def allocate_many(
         self,
@@ -349,7 +385,7 @@ class Claims:
                 released = EPOCH if prev is None else prev.get("released_at") or EPOCH
             await self.store.delete_history(history_id(lease["ip"], pool.uid, gen + 1))
             await self.sources.append_released(pool, ip, gen, released)
-            await self.store.delete_lease(lease["_id"], lease["ip"])
+            await self.store.delete_lease(lease["_id"], lease["ip"], lease.get("claim_id"))
             log.info(
                 "bulk allocation rolled back",
                 machine_id=lease["_id"],
