@@ -3,6 +3,17 @@
 That is CRUD, ``find_one_and_update``, unique and compound indexes, and simple aggregation.
 No transactions, change streams or TTL indexes: uniqueness is enforced by unique indexes and
 retention is an explicit job.
+
+Reads that may return more than 101 documents go through :func:`read_all` (one batch). A
+find's first batch holds 101 documents by default; the rest comes by ``getMore``, and until the
+cursor is exhausted or killed FerretDB v1 keeps one of its SQLite connections (100 per
+database) for it. Many such cursors at once (100 placements each reading a dc's machines)
+took all 100; their ``getMore`` then waited for a client connection held by a write that
+waited for an SQLite connection, and FerretDB never recovered (every later query on that
+database hung, even after the clients left). Even ``limit(101)`` leaves a cursor open for a
+``killCursors``. With a batch size above the result, the first reply carries everything and
+cursor id 0, so FerretDB frees its connection before it answers. A batch is still capped at
+16 MiB by the server; past that the read continues by ``getMore`` as usual.
 """
 
 from __future__ import annotations
@@ -12,18 +23,24 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from pymongo import AsyncMongoClient, IndexModel
+from pymongo.asynchronous.cursor import AsyncCursor
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from .errors import ConflictError, TransientError
 
 __all__ = [
+    "ONE_BATCH",
     "DatabaseUnavailable",
     "conflict_on_duplicate",
     "ensure_indexes",
     "mongo_client",
     "ping",
+    "read_all",
 ]
+
+# Larger than any result we read, so the first reply holds it all (see the module docstring).
+ONE_BATCH = 1_000_000
 
 
 class DatabaseUnavailable(TransientError):
@@ -40,6 +57,11 @@ def mongo_client(url: str, app_name: str, timeout_ms: int = 5000) -> AsyncMongoC
         connectTimeoutMS=timeout_ms,
         retryWrites=False,  # FerretDB v1 has no retryable writes
     )
+
+
+async def read_all(cursor: AsyncCursor[Any]) -> list[Any]:
+    """Every document of ``cursor``, fetched in one batch so no server cursor stays open."""
+    return await cursor.batch_size(ONE_BATCH).to_list()
 
 
 async def ping(db: AsyncDatabase) -> None:

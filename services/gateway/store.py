@@ -8,6 +8,10 @@ writes to one machine can both match and the later one wins; within a process a 
 are therefore serialized (:meth:`GatewayStore._machine_lock`). Across gateway replicas on
 FerretDB the window remains: run several replicas on a real MongoDB. Releases avoid the
 problem by never having two writers on one document (see :class:`ReleaseStore`).
+
+Every read that may return more than 101 documents goes through
+:func:`~libs.common.db.read_all`, so it completes in one batch and FerretDB frees its SQLite
+connection at once (many open cursors at once wedged FerretDB for good).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from libs.common.clock import utcnow
-from libs.common.db import ensure_indexes
+from libs.common.db import ensure_indexes, read_all
 from libs.common.errors import translate_errors
 
 from .documents import (
@@ -226,7 +230,7 @@ class GatewayStore:
     @translate_errors
     async def by_ids(self, ids: Iterable[str]) -> list[MachineDoc]:
         """The machines with these ids, in id order."""
-        return await self.machines.find({"_id": {"$in": list(ids)}}).sort("_id", 1).to_list()
+        return await read_all(self.machines.find({"_id": {"$in": list(ids)}}).sort("_id", 1))
 
     @translate_errors
     async def find(
@@ -236,7 +240,7 @@ class GatewayStore:
         query = dict(filters)
         if after:
             query["_id"] = {"$gt": after}
-        return await self.machines.find(query).sort("_id", 1).limit(limit).to_list()
+        return await read_all(self.machines.find(query).sort("_id", 1).limit(limit))
 
     @translate_errors
     async def app_machines(self, app: str, active_only: bool = True) -> list[MachineDoc]:
@@ -244,7 +248,7 @@ class GatewayStore:
         query: dict[str, Any] = {"app": app}
         if active_only:
             query["state"] = {"$in": _ACTIVE}
-        return await self.machines.find(query).sort("_id", 1).to_list()
+        return await read_all(self.machines.find(query).sort("_id", 1))
 
     @translate_errors
     async def transition(
@@ -289,23 +293,25 @@ class GatewayStore:
     @translate_errors
     async def due_sagas(self, at: datetime, limit: int = 500) -> list[MachineDoc]:
         """Machines whose current saga step has passed its deadline."""
-        return await self.machines.find({"saga.deadline": {"$lte": at}}).limit(limit).to_list()
+        return await read_all(self.machines.find({"saga.deadline": {"$lte": at}}).limit(limit))
 
     @translate_errors
     async def in_flight(self) -> list[MachineDoc]:
         """Every machine with a saga in progress (resumed at start)."""
-        return await self.machines.find({"saga.op": {"$exists": True}}).to_list()
+        return await read_all(self.machines.find({"saga.op": {"$exists": True}}))
 
     @translate_errors
     async def allocations(self, dc: str) -> dict[str, Res]:
         """What the gateway has given each host of ``dc``, summed over its active machines."""
         # Summed here rather than with $group: FerretDB v1 returns 0 for $sum over integers.
         out: dict[str, Res] = {}
-        cursor = self.machines.find(
-            {"dc": dc, "state": {"$in": _ACTIVE}, "host": {"$ne": None}},
-            {"host": 1, "cpus": 1, "memory": 1, "disk": 1},
+        docs = await read_all(
+            self.machines.find(
+                {"dc": dc, "state": {"$in": _ACTIVE}, "host": {"$ne": None}},
+                {"host": 1, "cpus": 1, "memory": 1, "disk": 1},
+            )
         )
-        async for d in cursor:
+        for d in docs:
             out[d["host"]] = out.get(d["host"], Res()) + Res(
                 float(d["cpus"]), int(d["memory"]), int(d["disk"])
             )
@@ -315,10 +321,12 @@ class GatewayStore:
     async def app_counts(self, app: str) -> dict[str, int]:
         """How many active machines of ``app`` each host holds."""
         counts: dict[str, int] = {}
-        cursor = self.machines.find(
-            {"app": app, "state": {"$in": _ACTIVE}, "host": {"$ne": None}}, {"host": 1}
+        docs = await read_all(
+            self.machines.find(
+                {"app": app, "state": {"$in": _ACTIVE}, "host": {"$ne": None}}, {"host": 1}
+            )
         )
-        async for doc in cursor:
+        for doc in docs:
             counts[doc["host"]] = counts.get(doc["host"], 0) + 1
         return counts
 
@@ -326,7 +334,10 @@ class GatewayStore:
     async def mark_host_unknown(self, host_id: str, states: Iterable[str]) -> list[MachineDoc]:
         """Mark the host's machines in ``states`` unknown, remembering their state; return them."""
         changed = []
-        async for doc in self.machines.find({"host": host_id, "state": {"$in": list(states)}}):
+        # Read whole before writing: a cursor held open across writes keeps an SQLite
+        # connection that the writes may be waiting for.
+        docs = await read_all(self.machines.find({"host": host_id, "state": {"$in": list(states)}}))
+        for doc in docs:
             moved = await self.transition(
                 doc["_id"],
                 [doc["state"]],
@@ -341,18 +352,18 @@ class GatewayStore:
     @translate_errors
     async def unknown_on_host(self, host_id: str) -> list[MachineDoc]:
         """The host's machines in state unknown."""
-        return await self.machines.find({"host": host_id, "state": "unknown"}).to_list()
+        return await read_all(self.machines.find({"host": host_id, "state": "unknown"}))
 
     @translate_errors
     async def ids_on_host(self, host_id: str, states: Iterable[str]) -> list[str]:
         """Ids of the host's machines in ``states``."""
         cursor = self.machines.find({"host": host_id, "state": {"$in": list(states)}}, {"_id": 1})
-        return [d["_id"] async for d in cursor]
+        return [d["_id"] for d in await read_all(cursor)]
 
     @translate_errors
     async def machines_on_ip(self, ip: str) -> list[MachineDoc]:
         """Every machine that held ``ip``, oldest first."""
-        return await self.machines.find({"ip": ip}).sort("_id", 1).to_list()
+        return await read_all(self.machines.find({"ip": ip}).sort("_id", 1))
 
     # --- hosts ------------------------------------------------------------------------------
 
@@ -366,7 +377,7 @@ class GatewayStore:
     @translate_errors
     async def list_hosts(self) -> list[HostDoc]:
         """Every host that ever sent a heartbeat."""
-        return await self.hosts.find({}).sort("_id", 1).to_list()
+        return await read_all(self.hosts.find({}).sort("_id", 1))
 
     @translate_errors
     async def set_host_status(self, host_id: str, old: str | None, new: str) -> bool:
@@ -444,7 +455,7 @@ class GatewayStore:
     @translate_errors
     async def list_tokens(self) -> list[dict[str, Any]]:
         """Every token, oldest first."""
-        return await self.tokens.find({}).sort("created_at", 1).to_list()
+        return await read_all(self.tokens.find({}).sort("created_at", 1))
 
     @translate_errors
     async def revoke_token(self, token_id: str) -> bool:
@@ -468,7 +479,7 @@ class GatewayStore:
     async def audit_list(self, limit: int, who: str | None = None) -> list[dict[str, Any]]:
         """The newest audit entries."""
         query = {"who": who} if who else {}
-        return await self.audit.find(query).sort("at", -1).limit(limit).to_list()
+        return await read_all(self.audit.find(query).sort("at", -1).limit(limit))
 
 
 class ReleaseStore:
@@ -538,12 +549,12 @@ class ReleaseStore:
     async def list(self, app: str | None = None, limit: int = 50) -> list[ReleaseDoc]:
         """Newest releases first."""
         query = {"app": app} if app else {}
-        docs = await self.coll.find(query).sort("created_at", DESCENDING).limit(limit).to_list()
+        docs = await read_all(self.coll.find(query).sort("created_at", DESCENDING).limit(limit))
         return list(await asyncio.gather(*(self._with_statuses(d) for d in docs)))
 
     async def running(self) -> list[ReleaseDoc]:
         """Releases still in progress (plans only)."""
-        return await self.coll.find({"status": ReleaseStatus.RUNNING.value}).to_list()
+        return await read_all(self.coll.find({"status": ReleaseStatus.RUNNING.value}))
 
     async def set_machine(
         self,

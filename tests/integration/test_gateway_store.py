@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from libs.common.errors import TransientError
 from services.gateway.domain import Res
 from services.gateway.fakes import MemoryGatewayStore
 from services.gateway.store import GatewayStore
@@ -125,3 +126,33 @@ async def test_prune_forgets_old_idempotency_keys_and_audit_entries(store):
     assert pruned == (1, 1)
     assert await store.get_idempotency("old") is None
     assert (await store.get_idempotency("new"))["ids"] == ["m2"]
+
+
+async def test_more_concurrent_large_reads_than_ferretdbs_pool_all_finish(mongo_db):
+    """150 placements' reads of a 300-machine dc at once, with writes: none may wedge FerretDB
+    (a multi-batch cursor holds one of its 100 SQLite connections until exhausted)."""
+    store = GatewayStore(mongo_db)
+    await store.setup()
+    ids = [f"m{i:04d}" for i in range(300)]
+    await store.insert_machines([_doc(mid, host=f"h{i % 3}") for i, mid in enumerate(ids)])
+
+    async def write(mid: str, n: int) -> None:
+        while True:  # SQLITE_BUSY under write load is transient: a client retries it
+            try:
+                await store.update(mid, {}, {"note": n})
+                return
+            except TransientError:
+                await asyncio.sleep(0.05)
+
+    async def writes() -> None:
+        for n, mid in enumerate(ids[:60]):
+            await write(mid, n)
+
+    async with asyncio.timeout(120):
+        results = await asyncio.gather(
+            *(store.allocations("dc1") for _ in range(150)), *(writes() for _ in range(5))
+        )
+        after = await store.get(ids[-1])
+
+    assert all(sum(r.cpus for r in a.values()) == 300.0 for a in results[:150])
+    assert after is not None and after["_id"] == ids[-1]
