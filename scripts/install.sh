@@ -26,7 +26,7 @@ install_apt_packages() {
     return
   fi
   say "install: apt-get install ${missing[*]} (log: $LOG_DIR/install-apt.log)"
-  mkdir -p "$LOG_DIR"
+  ensure_state_dirs
   export DEBIAN_FRONTEND=noninteractive NEEDRESTART_MODE=a
   # No init system here: keep package scripts from starting daemons; stack.sh starts them.
   local own_policy=0
@@ -96,7 +96,7 @@ install_venv() {
     "$PYTHON" -m venv "$venv" || die "install: $PYTHON -m venv failed"
   fi
   say "install: pip install -e '.[dev]' (log: $LOG_DIR/install-pip.log)"
-  mkdir -p "$LOG_DIR"
+  ensure_state_dirs
   rm -f "$stamp"
   "$venv/bin/python" -m pip install -q --upgrade pip >>"$LOG_DIR/install-pip.log" 2>&1 ||
     warn "install: could not upgrade pip; going on with the bundled one"

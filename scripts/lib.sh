@@ -32,9 +32,37 @@ warn() { printf 'warning: %s\n' "$*" >&2; }
 # die prints the one line a failed step owes its caller, then exits non-zero.
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
+# The state holds secrets (admin.token, webhook.secret, the registries' configs, the database),
+# so it and its log, run, registry and database directories are its owner's alone. The chmod
+# runs every time, so that a state dir made before this rule (0755) is fixed too.
+PRIVATE_DIRS=("$STATE" "$LOG_DIR" "$RUN_DIR" "$STATE/registry" "$STATE/ferretdb")
+
 ensure_state_dirs() {
-  mkdir -p "$STATE" "$LOG_DIR" "$RUN_DIR" "$STATE/ferretdb" "$STATE/registry/dc1" \
-    "$STATE/registry/dc2" "$STATE/volumes" "$STATE/cache"
+  (umask 077 && mkdir -p "${PRIVATE_DIRS[@]}")
+  chmod 0700 "${PRIVATE_DIRS[@]}"
+  mkdir -p "$STATE/registry/dc1" "$STATE/registry/dc2" "$STATE/volumes" "$STATE/cache"
+  # Gateways before issue 21 printed the admin token into their log.
+  [[ ! -s $STATE/admin.token ]] || redact_in_logs "$(<"$STATE/admin.token")" "$LOG_DIR/gateway.log"
+}
+
+# redact_in_logs SECRET LOG...: overwrites every copy of SECRET in the LOGs with x's, in place
+# (same inode and length, so a process still appending loses nothing). The secret goes through
+# the environment: a command line is world-readable in /proc.
+redact_in_logs() {
+  local secret=$1; shift
+  [[ -n $secret ]] || return 0
+  DOCKVM_REDACT=$secret python3 - "$@" <<'PY'
+import mmap, os, sys
+secret = os.environ["DOCKVM_REDACT"].encode()
+for name in sys.argv[1:]:
+    if not os.path.isfile(name) or os.path.getsize(name) == 0:
+        continue
+    with open(name, "r+b") as f, mmap.mmap(f.fileno(), 0) as m:
+        at = m.find(secret)
+        while at >= 0:
+            m[at : at + len(secret)] = b"x" * len(secret)
+            at = m.find(secret, at)
+PY
 }
 
 # tcp_open HOST PORT: true if something accepts a TCP connection there.
@@ -79,6 +107,8 @@ pid_alive() {
 # recording "pid starttime" in $RUN_DIR/NAME.pid, so that it outlives the calling shell.
 spawn() {
   local name=$1 pid; shift
+  # The log is made 0600; the process keeps the caller's umask for what it creates.
+  (umask 077 && : >>"$LOG_DIR/$name.log")
   setsid "$@" </dev/null >>"$LOG_DIR/$name.log" 2>&1 &
   pid=$!
   echo "$pid $(_starttime "$pid")" >"$RUN_DIR/$name.pid"

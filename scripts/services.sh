@@ -55,8 +55,11 @@ cmd_start() {
   for svc in "${SERVICES[@]}"; do
     printf 'services: %-12s %s/healthz  /readyz  /metrics\n' "$svc" "$(url_of "$svc")"
   done
-  if ((!token_existed)) && [[ -s $STATE/admin.token ]]; then
-    say "services: admin token (also in $STATE/admin.token): $(<"$STATE/admin.token")"
+  if [[ -s $STATE/admin.token ]]; then
+    # A token file from an older gateway may be 0644. Its path is shown, never its content:
+    # this output ends up in terminals' scrollback and CI logs.
+    chmod 0600 "$STATE/admin.token"
+    ((token_existed)) || say "services: admin token written to $STATE/admin.token (mode 0600)"
   fi
 }
 

@@ -15,7 +15,9 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
 OVS_RUN=/var/run/openvswitch
-RABBITMQ_CONF=$STATE/rabbitmq/rabbitmq.conf
+# RabbitMQ runs as the rabbitmq user, which cannot enter the private state dir: its config
+# (addresses only, no secret) lives beside Debian's own.
+RABBITMQ_CONF=/etc/rabbitmq/dockvm-$DOCKVM_RABBITMQ_NODENAME.conf
 
 amqp_addr() { echo "$DOCKVM_HOST:$DOCKVM_RABBITMQ_PORT"; }
 mgmt_url() { echo "http://$DOCKVM_HOST:$DOCKVM_RABBITMQ_MGMT_PORT"; }
@@ -208,8 +210,9 @@ EOF
 registry_up() { [[ $(http_code "http://$DOCKVM_HOST:$(registry_port "$1")/v2/") == 200 ]]; }
 
 registry_start() {
-  local dc=$1 conf=$STATE/registry/$1.yml new
-  new=$(registry_config "$dc" "$(webhook_secret)")
+  local dc=$1 conf=$STATE/registry/$1.yml new secret
+  secret=$(webhook_secret)
+  new=$(registry_config "$dc" "$secret")
   if [[ ! -f $conf || $(<"$conf") != "$new" ]]; then
     (umask 077 && printf '%s\n' "$new" >"$conf")
     # A registry of ours running on an old config is restarted to pick up the new one.
@@ -218,11 +221,17 @@ registry_start() {
       stop_pidfile "registry-$dc"
     fi
   fi
-  registry_up "$dc" && return
-  say "stack: starting registry $dc"
-  spawn "registry-$dc" docker-registry serve "$conf"
-  wait_until 30 registry_up "$dc" ||
-    die "registry-$dc: GET http://$DOCKVM_HOST:$(registry_port "$dc")/v2/ not 200 after 30s (log: $LOG_DIR/registry-$dc.log)"
+  # It holds the webhook secret; a config written before that rule may be 0644.
+  chmod 0600 "$conf"
+  if ! registry_up "$dc"; then
+    say "stack: starting registry $dc"
+    spawn "registry-$dc" docker-registry serve "$conf"
+    wait_until 30 registry_up "$dc" ||
+      die "registry-$dc: GET http://$DOCKVM_HOST:$(registry_port "$dc")/v2/ not 200 after 30s (log: $LOG_DIR/registry-$dc.log)"
+  fi
+  # The registry logs its endpoints' headers, the secret with them, as it starts (before it
+  # answers), so the line is already written here.
+  redact_in_logs "$secret" "$LOG_DIR/registry-$dc.log"
 }
 
 # --- LXCFS (optional) -----------------------------------------------------------------------

@@ -40,14 +40,14 @@ async def bootstrap_admin(store: GatewayStore, path: Path) -> str | None:
     if await store.has_admin():
         return None
     token = f"dvm_{secrets.token_urlsafe(32)}"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(token + "\n")
     os.chmod(path, 0o600)
     await store.add_token(token, "admin", "admin")
-    # Shown once, as k3s does with its kubeconfig; afterwards only the file holds it.
-    print(f"dockvm admin token (also in {path}): {token}", flush=True)
+    # Only the path: stdout goes to a log file, and only the 0600 file may hold the token.
+    print(f"dockvm admin token written to {path} (mode 0600)", flush=True)
     log.warning("admin token created", path=str(path))
     return token
 
