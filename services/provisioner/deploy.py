@@ -5,6 +5,10 @@ check its health; on failure switch back and restart the previous version.
 A deploy is idempotent by (release_id, machine_id): a machine that already runs the release's
 version for that release answers success without touching anything. Every deploy gets an answer:
 a refusal (a ``DomainError``) becomes ``deploy.failed``; a transient error is raised, to retry.
+
+The version and the release id come off the bus: the contracts keep them to one safe path
+segment, and every shell script here quotes them too (built by the ``*_script`` functions), so
+that a contract loosened by mistake still runs no command and escapes no directory.
 """
 
 from __future__ import annotations
@@ -30,7 +34,13 @@ from libs.common.maven import MavenRepository
 
 from .adapters.shell import MachineShell
 
-__all__ = ["Deployer", "parse_health_target"]
+__all__ = [
+    "Deployer",
+    "install_script",
+    "parse_health_target",
+    "stage_script",
+    "switch_script",
+]
 
 log = structlog.get_logger("provisioner.deploy")
 RELEASES = "/app/releases"
@@ -46,6 +56,33 @@ def parse_health_target(check: HealthCheck) -> tuple[int, str]:
             f"health_check target {check.target!r} must be PORT or PORT/PATH", reason="invalid"
         )
     return int(port_text), "/" + path
+
+
+def _release_dir(version: str) -> str:
+    return f"{RELEASES}/{version}"
+
+
+def stage_script(version: str) -> str:
+    """Shell that makes an empty staging directory for ``version``."""
+    new = shlex.quote(f"{_release_dir(version)}.new")
+    return f"rm -rf {new} && mkdir -p {new}"
+
+
+def install_script(version: str, release_id: str) -> str:
+    """Shell that marks the staged ``version`` with ``release_id`` and moves it in place."""
+    target = _release_dir(version)
+    q = shlex.quote
+    # printf, not echo: a release id that starts with "-n" is not an option to printf's %s.
+    return (
+        f"printf '%s\\n' {q(release_id)} > {q(f'{target}.new/{MARKER}')} && "
+        f"rm -rf {q(target)} && mv {q(f'{target}.new')} {q(target)}"
+    )
+
+
+def switch_script(version: str) -> str:
+    """Shell that points ``/app/current`` at ``version`` atomically (a rename over the link)."""
+    q, nxt = shlex.quote, f"{CURRENT}.next"
+    return f"ln -sfn {q(_release_dir(version))} {q(nxt)} && mv -T {q(nxt)} {q(CURRENT)}"
 
 
 def _archive_for(artifact: Artifact, file: Path) -> bytes:
@@ -133,17 +170,12 @@ class Deployer:
         except TransientError as err:
             return self._failed(cmd, "repository_unreachable", str(err), previous)
 
-        target = f"{RELEASES}/{version}"
-        code, out = await self._sh(cmd.machine_id, f"rm -rf {target}.new && mkdir -p {target}.new")
+        code, out = await self._sh(cmd.machine_id, stage_script(version))
         if code != 0:
             return self._failed(cmd, "install_failed", out, previous)
         archive = _archive_for(cmd.artifact, file)
-        await self._shell.put_archive(cmd.machine_id, f"{target}.new", archive)
-        code, out = await self._sh(
-            cmd.machine_id,
-            f"echo {shlex.quote(cmd.release_id)} > {target}.new/{MARKER} && "
-            f"rm -rf {target} && mv {target}.new {target}",
-        )
+        await self._shell.put_archive(cmd.machine_id, f"{_release_dir(version)}.new", archive)
+        code, out = await self._sh(cmd.machine_id, install_script(version, cmd.release_id))
         if code != 0:
             return self._failed(cmd, "install_failed", out, previous)
 
@@ -158,7 +190,7 @@ class Deployer:
     async def _rollback(self, cmd: Deploy) -> DeploySucceeded | DeployFailed:
         version = cmd.artifact.version
         current, _ = await self._current(cmd.machine_id)
-        code, _ = await self._sh(cmd.machine_id, f"test -d {RELEASES}/{version}")
+        code, _ = await self._shell.exec(cmd.machine_id, ["test", "-d", _release_dir(version)])
         if code != 0:
             return self._failed(cmd, "not_installed", f"{version} is not on the machine", current)
         problem = await self._switch_restart_check(cmd, version)
@@ -178,10 +210,7 @@ class Deployer:
 
     async def _switch_restart_check(self, cmd: Deploy, version: str) -> str | None:
         """Point /app/current at ``version``, restart, health-check; the problem, or None."""
-        code, out = await self._sh(
-            cmd.machine_id,
-            f"ln -sfn {RELEASES}/{version} {CURRENT}.next && mv -T {CURRENT}.next {CURRENT}",
-        )
+        code, out = await self._sh(cmd.machine_id, switch_script(version))
         if code != 0:
             return f"switch to {version} failed: {out.strip()}"
         code, out = await self._shell.exec(cmd.machine_id, shlex.split(cmd.restart_command))

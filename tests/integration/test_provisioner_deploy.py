@@ -146,3 +146,35 @@ async def test_concurrent_app_starts_run_one_app(machine, deployer):
 
     assert count.strip() == "1"
     assert code == 0
+
+
+async def test_release_id_is_written_literally_even_when_it_looks_like_an_option(machine, deployer):
+    d, shell = deployer
+
+    result = await d.run(deploy(machine, "1.0.0", release="-n"))
+    _, marker = await shell.exec(machine, ["cat", "/app/current/.dockvm-release"])
+    again = await d.run(deploy(machine, "1.0.0", release="-n"))
+
+    assert (result.TYPE, again.TYPE) == ("deploy.succeeded", "deploy.succeeded")
+    assert marker == "-n\n"
+    # Recognised as already deployed: no previous version, so nothing was switched.
+    assert again.previous_version is None
+
+
+async def test_a_hostile_version_past_the_contract_runs_nothing(machine, deployer):
+    """A version the contract would refuse, forced in: the machine runs no part of it."""
+    d, shell = deployer
+    hostile = "1.0.0; touch /tmp/pwned"
+    cmd = deploy(machine, "1.0.0", release="hostile")
+    forced = cmd.model_copy(
+        update={
+            "artifact": cmd.artifact.model_copy(update={"version": hostile}),
+            "action": "rollback",
+        }
+    )
+
+    result = await d.run(forced)
+    code, _ = await shell.exec(machine, ["test", "-e", "/tmp/pwned"])
+
+    assert (result.TYPE, result.reason) == ("deploy.failed", "not_installed")
+    assert code != 0

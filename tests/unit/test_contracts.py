@@ -7,6 +7,7 @@ import pytest
 from libs.common.contracts import Envelope, message_model
 from libs.common.contracts.ipam import IpAllocate, IpAllocated
 from libs.common.contracts.provisioner import ContainerCreate
+from libs.common.contracts.releases import Artifact, ReleaseRequested
 from libs.common.errors import ValidationFailed
 
 
@@ -115,3 +116,52 @@ def test_allocate_needs_pool_or_dc_and_vlan():
 def test_malformed_envelope_names_the_field():
     with pytest.raises(ValidationFailed, match="source: Field required"):
         Envelope.from_bytes(b'{"type": "ip.allocate", "data": {}}')
+
+
+def _artifact(**over: object) -> dict:
+    return {"group_id": "com.example", "artifact_id": "demo-app", "version": "1.0.0", **over}
+
+
+HOSTILE_IDS = ["1.0;rm -rf /", "../../etc", ".hidden", "1..0", "1.0.", "a/b", "$(id)", "a b"]
+
+
+@pytest.mark.parametrize("value", HOSTILE_IDS)
+@pytest.mark.parametrize("field", ["group_id", "artifact_id", "version", "classifier"])
+def test_artifact_refuses_values_that_are_not_one_safe_path_segment(field, value):
+    with pytest.raises(ValueError, match=field):
+        Artifact.model_validate(_artifact(**{field: value}))
+
+
+@pytest.mark.parametrize("value", HOSTILE_IDS)
+def test_release_ids_that_are_not_one_safe_path_segment_are_refused(value):
+    deploy = {
+        "release_id": value,
+        "machine_id": "m-1",
+        "artifact": _artifact(),
+        "health_check": {"type": "http", "target": "8000/"},
+    }
+    env = Envelope(type="deploy", source="gateway", data=deploy)
+
+    with pytest.raises(ValidationFailed, match="release_id: String should match pattern"):
+        env.parse()
+
+
+@pytest.mark.parametrize("version", ["1.0.0", "2.1.0-SNAPSHOT", "1_0", "-n", "20260101.1"])
+def test_ordinary_versions_are_accepted(version):
+    assert Artifact.model_validate(_artifact(version=version)).version == version
+
+
+@pytest.mark.parametrize("release_id", ["rel-0123abcd", "r:1.2", "2026.11.29-1"])
+def test_ordinary_release_ids_are_accepted(release_id):
+    assert (
+        ReleaseRequested.model_validate(
+            {
+                **_artifact(),
+                "release_id": release_id,
+                "app": "web",
+                "batch_size": 1,
+                "health_check": {"type": "tcp", "target": "8000"},
+            }
+        ).release_id
+        == release_id
+    )

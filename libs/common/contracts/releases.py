@@ -27,8 +27,11 @@ __all__ = [
     "ReleaseSucceeded",
 ]
 
-_MAVEN_ID = r"^[A-Za-z0-9_.-]+$"
-RELEASE_ID = r"^[A-Za-z0-9_.:-]{1,64}$"
+# Versions and release ids become directory names on hosts and machines, and reach shells:
+# dot-separated runs of safe characters, so no leading dot, no "..", no slash. (No look-ahead:
+# pydantic's regex engine has none.) Lengths are each field's max_length.
+_MAVEN_ID = r"^[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*$"
+RELEASE_ID = r"^[A-Za-z0-9_:-]+(?:\.[A-Za-z0-9_:-]+)*$"
 
 
 class Artifact(Command):
@@ -99,7 +102,7 @@ class Deploy(Command):
     """
 
     TYPE = "deploy"
-    release_id: str = Field(min_length=1, max_length=64)
+    release_id: str = Field(min_length=1, max_length=64, pattern=RELEASE_ID)
     machine_id: str = Field(min_length=1, max_length=64)
     artifact: Artifact
     health_check: HealthCheck

@@ -33,7 +33,7 @@ routes = RouteTable()
 class ReleaseCreate(ReleaseSpec):
     """A release request; ``release_id`` is minted when not given."""
 
-    release_id: str | None = Field(default=None, pattern=RELEASE_ID)
+    release_id: str | None = Field(default=None, max_length=64, pattern=RELEASE_ID)
 
 
 class ReleaseMachineOut(BaseModel):
