@@ -3,28 +3,43 @@
 SNAPSHOT versions resolve through the version directory's ``maven-metadata.xml``. A download
 is streamed to disk, never held in memory, and is kept only if its ``.sha256`` (else ``.sha1``)
 checksum matches.
+
+The repository is not trusted: its metadata is parsed with defusedxml and refused if it
+declares a DTD (Maven's never does; a DTD is how entity bombs and external entities come in),
+and the build it names must be one safe path segment, since it becomes a file name here.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import xml.etree.ElementTree as ET
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from xml.etree.ElementTree import Element, ParseError
 
 import aiohttp
+from defusedxml import DefusedXmlException
+from defusedxml.ElementTree import fromstring
 
 from .contracts.releases import Artifact
 from .errors import DomainError, NotFoundError, TransientError
 
-__all__ = ["ChecksumMismatch", "MavenRepository", "ResolvedArtifact"]
+__all__ = ["ChecksumMismatch", "InvalidMetadata", "MavenRepository", "ResolvedArtifact"]
+
+_SAFE_VERSION = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
 
 
 class ChecksumMismatch(DomainError):
     """The downloaded bytes do not match the published checksum."""
 
     reason = "checksum_mismatch"
+
+
+class InvalidMetadata(DomainError):
+    """``maven-metadata.xml`` is malformed, unsafe to parse, or names an unsafe build."""
+
+    reason = "invalid_metadata"
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,20 +147,37 @@ class MavenRepository:
         raise ChecksumMismatch(f"no .sha256 or .sha1 checksum published for {url}")
 
 
+def _parse_metadata(meta: str, a: Artifact) -> Element:
+    """The metadata's root element; :class:`InvalidMetadata` for anything unsafe or malformed."""
+    try:
+        return fromstring(meta, forbid_dtd=True)
+    except DefusedXmlException as err:
+        raise InvalidMetadata(
+            f"maven-metadata.xml of {_coords(a)} refused: {type(err).__name__} "
+            "(a DTD or entities; Maven's metadata has none)"
+        ) from err
+    except ParseError as err:
+        raise InvalidMetadata(f"maven-metadata.xml of {_coords(a)} is not XML: {err}") from err
+
+
 def _snapshot_version(meta: str, a: Artifact) -> str:
-    root = ET.fromstring(meta)
+    root = _parse_metadata(meta, a)
+    found = None
     for sv in root.iterfind("./versioning/snapshotVersions/snapshotVersion"):
         ext = sv.findtext("extension") or ""
         classifier = sv.findtext("classifier") or None
-        if ext == a.packaging and classifier == a.classifier:
-            value = sv.findtext("value")
-            if value:
-                return value
+        if ext == a.packaging and classifier == a.classifier and sv.findtext("value"):
+            found = sv.findtext("value")
+            break
     ts = root.findtext("./versioning/snapshot/timestamp")
     build = root.findtext("./versioning/snapshot/buildNumber")
-    if ts and build:
-        return a.version.removesuffix("-SNAPSHOT") + f"-{ts}-{build}"
-    raise NotFoundError(f"maven-metadata.xml of {_coords(a)} names no build")
+    if found is None and ts and build:
+        found = a.version.removesuffix("-SNAPSHOT") + f"-{ts}-{build}"
+    if found is None:
+        raise NotFoundError(f"maven-metadata.xml of {_coords(a)} names no build")
+    if not _SAFE_VERSION.fullmatch(found):
+        raise InvalidMetadata(f"maven-metadata.xml of {_coords(a)} names an unsafe build {found!r}")
+    return found
 
 
 def _coords(a: Artifact) -> str:

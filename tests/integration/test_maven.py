@@ -14,7 +14,8 @@ from aiohttp import web
 
 from libs.common.contracts.releases import Artifact
 from libs.common.errors import NotFoundError, TransientError
-from libs.common.maven import ChecksumMismatch, MavenRepository
+from libs.common.maven import ChecksumMismatch, InvalidMetadata, MavenRepository
+from tests.unit.test_maven import BILLION_LAUGHS, EXTERNAL_ENTITY
 
 MAVEN_URL = os.environ.get("DOCKVM_MAVEN_URL", "http://127.0.0.1:8090")
 MAVEN_DIR = Path(os.environ.get("DOCKVM_STATE_DIR", "/var/lib/dockvm")) / "maven"
@@ -65,13 +66,8 @@ async def test_unreachable_repository_is_transient(session, tmp_path):
         await MavenRepository("http://127.0.0.1:1", session).download(demo("1.0.0"), tmp_path)
 
 
-@pytest.fixture
-async def tampered_repo(tmp_path):
-    """A copy of the real repository served over HTTP, with 1.0.0's bytes swapped for 2.0.0's."""
-    root = tmp_path / "repo"
-    shutil.copytree(MAVEN_DIR, root)
-    base = root / "com/example/demo-app"
-    shutil.copy(base / "2.0.0/demo-app-2.0.0.tar.gz", base / "1.0.0/demo-app-1.0.0.tar.gz")
+async def _serve(root: Path):
+    """Serve ``root`` over HTTP on loopback; yield its URL."""
     app = web.Application()
     app.router.add_static("/", root)
     runner = web.AppRunner(app)
@@ -83,9 +79,42 @@ async def tampered_repo(tmp_path):
     await runner.cleanup()
 
 
+@pytest.fixture
+async def tampered_repo(tmp_path):
+    """A copy of the real repository served over HTTP, with 1.0.0's bytes swapped for 2.0.0's."""
+    root = tmp_path / "repo"
+    shutil.copytree(MAVEN_DIR, root)
+    base = root / "com/example/demo-app"
+    shutil.copy(base / "2.0.0/demo-app-2.0.0.tar.gz", base / "1.0.0/demo-app-1.0.0.tar.gz")
+    async for url in _serve(root):
+        yield url
+
+
+@pytest.fixture
+async def hostile_repo(tmp_path):
+    """A repository whose SNAPSHOT metadata is an entity bomb (6.6.6) or reads a file (7.7.7)."""
+    base = tmp_path / "hostile/com/example/demo-app"
+    for version, document in [("6.6.6", BILLION_LAUGHS), ("7.7.7", EXTERNAL_ENTITY)]:
+        (base / f"{version}-SNAPSHOT").mkdir(parents=True)
+        (base / f"{version}-SNAPSHOT/maven-metadata.xml").write_text(document)
+    async for url in _serve(tmp_path / "hostile"):
+        yield url
+
+
 async def test_checksum_mismatch_keeps_nothing(session, tmp_path, tampered_repo):
     dest = tmp_path / "dest"
 
     with pytest.raises(ChecksumMismatch, match="sha1"):
         await MavenRepository(tampered_repo, session).download(demo("1.0.0"), dest)
     assert list(dest.iterdir()) == []
+
+
+@pytest.mark.parametrize("version", ["6.6.6-SNAPSHOT", "7.7.7-SNAPSHOT"])
+async def test_hostile_metadata_is_refused_and_keeps_nothing(
+    session, tmp_path, hostile_repo, version
+):
+    dest = tmp_path / "dest"
+
+    with pytest.raises(InvalidMetadata, match="refused: DTDForbidden"):
+        await MavenRepository(hostile_repo, session).download(demo(version), dest)
+    assert not dest.exists()
