@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from libs.common.contracts import Envelope, message_model
@@ -49,6 +51,25 @@ def test_commands_forbid_unknown_fields():
     env = Envelope(type="ip.allocate", source="t", data={"machine_id": "m", "pool": "p", "x": 1})
 
     with pytest.raises(ValidationFailed, match="x: Extra inputs are not permitted"):
+        env.parse()
+
+
+def test_envelope_ignores_top_level_fields_it_does_not_know():
+    env = Envelope.wrap(IpAllocate(machine_id="m-1", pool="p1"), source="gateway")
+    newer = {**json.loads(env.to_bytes()), "trace_id": "t-1", "deadline": "2030-01-01T00:00:00Z"}
+
+    back = Envelope.from_bytes(json.dumps(newer).encode())
+
+    assert back == env
+    assert back.parse() == IpAllocate(machine_id="m-1", pool="p1")
+
+
+def test_command_data_stays_strict_inside_a_lenient_envelope():
+    data = {"machine_id": "m", "pool": "p", "added_later": 1}
+    body = {"type": "ip.allocate", "source": "t", "trace_id": "t-1", "data": data}
+    env = Envelope.from_bytes(json.dumps(body).encode())
+
+    with pytest.raises(ValidationFailed, match="added_later: Extra inputs are not permitted"):
         env.parse()
 
 

@@ -3,7 +3,8 @@
 Every message on the bus is an :class:`Envelope` whose ``data`` validates into the model
 registered for ``(type, version)``. Models are frozen; commands forbid unknown fields, events
 ignore them so that producers may add fields compatibly. Anything but an addition is a new
-version.
+version. The envelope itself ignores fields it does not know, so that a newer service may add
+one (a trace id, a deadline) while older ones still read its messages.
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ def message_model(type_: str, version: int = 1) -> type[Message]:
 class Envelope(BaseModel):
     """The JSON document every bus message is."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Forward compatible: a field from a newer producer is dropped, not a reason to dead-letter.
+    model_config = ConfigDict(frozen=True, extra="ignore")
 
     id: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=128)
     type: str = Field(min_length=1, max_length=128)
