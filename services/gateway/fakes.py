@@ -16,8 +16,8 @@ from libs.common.clock import utcnow
 from libs.common.errors import ConflictError
 
 from .documents import AppDoc, HostDoc, MachineDoc, SagaRecord
-from .domain import ACTIVE_STATES, Res
-from .store import hash_token
+from .domain import ACTIVE_STATES, DcLoad, Res
+from .store import dc_load, hash_token, history
 
 __all__ = ["MemoryGatewayStore"]
 
@@ -113,6 +113,7 @@ class MemoryGatewayStore:
         reason: str | None = None,
         set_: dict[str, Any] | None = None,
         saga: SagaRecord | bool | None = False,
+        via: Iterable[str] = (),
     ) -> MachineDoc | None:
         """Conditional state change, as in MongoDB."""
         doc = self.machines.get(machine_id)
@@ -122,7 +123,7 @@ class MemoryGatewayStore:
         doc.update({"state": to_state, "updated_at": at, "reason": reason, **(set_ or {})})
         if saga is not False:
             doc["saga"] = copy.deepcopy(saga)
-        doc.setdefault("transitions", []).append({"state": to_state, "at": at, "reason": reason})
+        doc.setdefault("transitions", []).extend(history(via, to_state, at, reason))
         return copy.deepcopy(doc)
 
     async def update(
@@ -148,21 +149,17 @@ class MemoryGatewayStore:
         """Machines with a saga."""
         return [copy.deepcopy(d) for d in self.machines.values() if d.get("saga")]
 
+    async def load(self, dc: str) -> DcLoad:
+        """What the hosts of ``dc`` hold: per host, and per app and host."""
+        return dc_load(
+            d
+            for d in self.machines.values()
+            if d["dc"] == dc and d["state"] in _ACTIVE and d.get("host")
+        )
+
     async def allocations(self, dc: str) -> dict[str, Res]:
         """Per-host sums of active machines in ``dc``."""
-        out: dict[str, Res] = {}
-        for d in self.machines.values():
-            if d["dc"] == dc and d["state"] in _ACTIVE and d.get("host"):
-                out[d["host"]] = out.get(d["host"], Res()) + Res(d["cpus"], d["memory"], d["disk"])
-        return out
-
-    async def app_counts(self, app: str) -> dict[str, int]:
-        """Active machines of ``app`` per host."""
-        counts: dict[str, int] = {}
-        for d in self.machines.values():
-            if d["app"] == app and d["state"] in _ACTIVE and d.get("host"):
-                counts[d["host"]] = counts.get(d["host"], 0) + 1
-        return counts
+        return (await self.load(dc)).allocated
 
     async def mark_host_unknown(self, host_id: str, states: Iterable[str]) -> list[MachineDoc]:
         """Mark the host's machines unknown."""

@@ -41,14 +41,16 @@ from .documents import (
     ReleaseMachineStatus,
     SagaRecord,
 )
-from .domain import ACTIVE_STATES, Res
+from .domain import ACTIVE_STATES, DcLoad, Res
 from .domain.rollout import MachineStatus, ReleaseStatus
 
 __all__ = [
     "GatewayStore",
     "MachineStore",
     "ReleaseStore",
+    "dc_load",
     "hash_token",
+    "history",
     "new_machine_id",
 ]
 
@@ -86,6 +88,30 @@ def new_machine_id() -> str:
     return f"m-{_last_us:x}{secrets.token_hex(3)}"
 
 
+def history(
+    via: Iterable[str], to_state: str, at: datetime, reason: str | None
+) -> list[dict[str, Any]]:
+    """The history entries of a transition to ``to_state`` through ``via`` (the reason is the
+    last step's)."""
+    return [
+        *({"state": s, "at": at, "reason": None} for s in via),
+        {"state": to_state, "at": at, "reason": reason},
+    ]
+
+
+def dc_load(docs: Iterable[dict[str, Any]]) -> DcLoad:
+    """A dc's load from its active, placed machines (``host``, ``app`` and resources)."""
+    # Summed here rather than with $group: FerretDB v1 returns 0 for $sum over integers.
+    load = DcLoad()
+    for d in docs:
+        host = d["host"]
+        need = Res(float(d["cpus"]), int(d["memory"]), int(d["disk"]))
+        load.allocated[host] = load.allocated.get(host, Res()) + need
+        per_host = load.apps.setdefault(d["app"], {})
+        per_host[host] = per_host.get(host, 0) + 1
+    return load
+
+
 def hash_token(token: str) -> str:
     """The stored form of a bearer token (SHA-256; tokens are 32 random bytes)."""
     return hashlib.sha256(token.encode()).hexdigest()
@@ -115,8 +141,9 @@ class MachineStore(Protocol):
         reason: str | None = None,
         set_: dict[str, Any] | None = None,
         saga: SagaRecord | bool | None = False,
+        via: Iterable[str] = (),
     ) -> MachineDoc | None:
-        """Conditional state change."""
+        """Conditional state change (through ``via``, recorded in the history)."""
         ...
 
     async def update(
@@ -133,12 +160,8 @@ class MachineStore(Protocol):
         """Machines with a saga."""
         ...
 
-    async def allocations(self, dc: str) -> dict[str, Res]:
-        """Per-host allocation in ``dc``."""
-        ...
-
-    async def app_counts(self, app: str) -> dict[str, int]:
-        """Active machines of ``app`` per host."""
+    async def load(self, dc: str) -> DcLoad:
+        """What the hosts of ``dc`` hold: per host, and per app and host."""
         ...
 
     async def mark_host_unknown(self, host_id: str, states: Iterable[str]) -> list[MachineDoc]:
@@ -260,21 +283,23 @@ class GatewayStore:
         reason: str | None = None,
         set_: dict[str, Any] | None = None,
         saga: SagaRecord | bool | None = False,
+        via: Iterable[str] = (),
     ) -> MachineDoc | None:
         """Move a machine from one of ``from_states`` to ``to_state``; None when it was not there.
 
-        ``saga`` replaces the saga record (None clears it; False leaves it alone).
+        ``saga`` replaces the saga record (None clears it; False leaves it alone). The states in
+        ``via`` are passed through in the same write: the history records each of them.
         """
         at = utcnow()
         fields: dict[str, Any] = {"state": to_state, "updated_at": at, "reason": reason}
         fields.update(set_ or {})
         if saga is not False:
             fields["saga"] = saga
-        entry = {"state": to_state, "at": at, "reason": reason}
+        entries = history(via, to_state, at, reason)
         async with self._machine_lock(machine_id):
             return await self.machines.find_one_and_update(
                 {"_id": machine_id, "state": {"$in": list(from_states)}},
-                {"$set": fields, "$push": {"transitions": entry}},
+                {"$set": fields, "$push": {"transitions": {"$each": entries}}},
                 return_document=ReturnDocument.AFTER,
             )
 
@@ -301,34 +326,20 @@ class GatewayStore:
         return await read_all(self.machines.find({"saga.op": {"$exists": True}}))
 
     @translate_errors
-    async def allocations(self, dc: str) -> dict[str, Res]:
-        """What the gateway has given each host of ``dc``, summed over its active machines."""
-        # Summed here rather than with $group: FerretDB v1 returns 0 for $sum over integers.
-        out: dict[str, Res] = {}
+    async def load(self, dc: str) -> DcLoad:
+        """What the gateway has given each host of ``dc`` (summed over its active machines), and
+        how many active machines of each app each host holds: one read."""
         docs = await read_all(
             self.machines.find(
                 {"dc": dc, "state": {"$in": _ACTIVE}, "host": {"$ne": None}},
-                {"host": 1, "cpus": 1, "memory": 1, "disk": 1},
+                {"host": 1, "app": 1, "cpus": 1, "memory": 1, "disk": 1},
             )
         )
-        for d in docs:
-            out[d["host"]] = out.get(d["host"], Res()) + Res(
-                float(d["cpus"]), int(d["memory"]), int(d["disk"])
-            )
-        return out
+        return dc_load(docs)
 
-    @translate_errors
-    async def app_counts(self, app: str) -> dict[str, int]:
-        """How many active machines of ``app`` each host holds."""
-        counts: dict[str, int] = {}
-        docs = await read_all(
-            self.machines.find(
-                {"app": app, "state": {"$in": _ACTIVE}, "host": {"$ne": None}}, {"host": 1}
-            )
-        )
-        for doc in docs:
-            counts[doc["host"]] = counts.get(doc["host"], 0) + 1
-        return counts
+    async def allocations(self, dc: str) -> dict[str, Res]:
+        """What the gateway has given each host of ``dc``."""
+        return (await self.load(dc)).allocated
 
     @translate_errors
     async def mark_host_unknown(self, host_id: str, states: Iterable[str]) -> list[MachineDoc]:

@@ -74,15 +74,17 @@ async def test_due_sagas_and_in_flight(store):
     assert sorted(d["_id"] for d in await store.in_flight()) == ["m1", "m2"]
 
 
-async def test_allocations_and_app_counts_count_active_machines_only(store):
+async def test_load_counts_active_placed_machines_of_the_dc_only(store):
     await store.insert_machines([
         _doc("m1"), _doc("m2", "stopped"), _doc("m3", "failed"), _doc("m4", "destroyed"),
         _doc("m5", host="h2"), _doc("m6", "requested", host=None),
+        _doc("m7", host="h2", app="db"), _doc("m8", dc="dc2", host="h9"),
     ])
+    load = await store.load("dc1")
 
-    assert await store.allocations("dc1") == {
-        "h1": Res(2.0, 200, 2000), "h2": Res(1.0, 100, 1000)}
-    assert await store.app_counts("web") == {"h1": 2, "h2": 1}
+    assert load.allocated == {"h1": Res(2.0, 200, 2000), "h2": Res(2.0, 200, 2000)}
+    assert load.apps == {"web": {"h1": 2, "h2": 1}, "db": {"h2": 1}}
+    assert await store.allocations("dc1") == load.allocated
 
 
 async def test_insert_keeps_existing_ids_and_find_pages(store):

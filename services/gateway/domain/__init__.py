@@ -1,12 +1,13 @@
 """Pure logic of the gateway: API models, the machine lifecycle, placement."""
 
-from .placement import HostView, Ratios, Res, host_status, largest, place
+from .placement import DcLoad, HostView, Ratios, Res, host_status, largest, place, place_all
 from .states import ACTIVE_STATES, CREATE_TERMINAL, TERMINAL_STATES, State, allowed_from, can_act
 
 __all__ = [
     "ACTIVE_STATES",
     "CREATE_TERMINAL",
     "TERMINAL_STATES",
+    "DcLoad",
     "HostView",
     "Ratios",
     "Res",
@@ -16,4 +17,5 @@ __all__ = [
     "host_status",
     "largest",
     "place",
+    "place_all",
 ]

@@ -2,15 +2,18 @@
 
 The rule: keep the hosts that are online, in the pool's dc and fit the machine under their
 overcommit ratios; among them prefer the hosts with the fewest machines of the same app
-(anti-affinity); among those, pack for density: the most-allocated host that fits.
+(anti-affinity); among those, pack for density: the most-allocated host that fits. A batch is
+placed machine after machine, each seeing the ones before, and fails whole when one does not fit
+(the machines of a batch are alike, so a pass that places one wherever it fits fills the dc as
+fully as any other would: it fails only when the dc as a whole cannot hold the batch).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
-__all__ = ["HostView", "Ratios", "Res", "host_status", "largest", "place"]
+__all__ = ["DcLoad", "HostView", "Ratios", "Res", "host_status", "largest", "place", "place_all"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +75,14 @@ class HostView:
         return max(shares)
 
 
+@dataclass(frozen=True, slots=True)
+class DcLoad:
+    """What a dc's hosts hold by our records: resources per host, machines per app and host."""
+
+    allocated: dict[str, Res] = field(default_factory=dict)
+    apps: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
 def place(
     hosts: Iterable[HostView], need: Res, dc: str, app_counts: Mapping[str, int]
 ) -> str | None:
@@ -86,14 +97,31 @@ def place(
     return spread[0].host_id
 
 
+def place_all(
+    hosts: Iterable[HostView], needs: Sequence[tuple[str, Res]], dc: str, load: DcLoad
+) -> list[str] | None:
+    """A host for each ``(app, need)`` in ``dc``, placed in order, each seeing the ones before;
+    None when one of them fits nowhere (the batch fails whole)."""
+    views = {h.host_id: h for h in hosts}
+    counts = {app: dict(per_host) for app, per_host in load.apps.items()}
+    chosen = []
+    for app, need in needs:
+        per_host = counts.setdefault(app, {})
+        host = place(views.values(), need, dc, per_host)
+        if host is None:
+            return None
+        views[host] = replace(views[host], allocated=views[host].allocated + need)
+        per_host[host] = per_host.get(host, 0) + 1
+        chosen.append(host)
+    return chosen
+
+
 def largest(hosts: Iterable[HostView], dc: str | None = None) -> Res | None:
     """The largest limit per resource among the hosts (of ``dc``), or None without hosts."""
     lims = [h.limit() for h in hosts if dc is None or h.dc == dc]
     if not lims:
         return None
-    return Res(
-        max(r.cpus for r in lims), max(r.memory for r in lims), max(r.disk for r in lims)
-    )
+    return Res(max(r.cpus for r in lims), max(r.memory for r in lims), max(r.disk for r in lims))
 
 
 def host_status(age_s: float, stale_s: float, down_s: float) -> str:

@@ -1,10 +1,13 @@
 """The create saga: ip → place → container, and its compensation when a step fails.
 
-A machine is stored ``requested`` with its saga at ``ip``; ipam's answer moves it to
-``ip_assigned`` and placement to ``placed`` (a KVM guest skips placement: its hypervisor
-places it); the host's ``container.created`` ends the saga ``running``. A failure after the IP
-was given moves the machine ``failed`` and starts ``compensate``: remove any partial container,
-then release the IP.
+A machine is stored ``requested`` with its saga at ``ip``. When ipam answers (for a whole batch
+at once), the batch is placed in one pass over one read of the hosts and the dc's load, and each
+machine is written once: on to ``creating`` through ``ip_assigned`` and ``placed`` (recorded in
+its history and announced; a KVM guest gets no host: its hypervisor places it), and its create
+command is sent. The host's ``container.created`` ends the saga ``running``. A batch fails as a
+whole (``no_capacity``, each IP released, no container made) only when the dc cannot hold it
+all. A failure after the IP was given moves the machine ``failed`` and starts ``compensate``:
+remove any partial container, then release the IP.
 
 Delivery guarantee: at least once; every transition is conditional on the state it expects
 (see :mod:`.driver`), so duplicate or late results change nothing, and an IP or a container that
@@ -25,7 +28,7 @@ from libs.common.contracts import gateway as gw
 from libs.common.contracts import ipam, provisioner
 
 from ..documents import MachineDoc, SagaRecord
-from ..domain import Res, State, place
+from ..domain import Res, State, place_all
 from ..store import new_machine_id
 from .hosts import host_views
 from .lifecycle import send_action, send_ip_release
@@ -44,8 +47,8 @@ class CreateSaga:
 
     def __init__(self, driver: SagaDriver) -> None:
         self._driver = driver
-        # Placement reads allocations then writes one; serialising it in the process keeps two
-        # concurrent placements from both taking the last slot of a host.
+        # Placement reads the dc's load then writes its machines; serialising it in the process
+        # keeps two concurrent batches from both taking the last slot of a host.
         self._place_lock = asyncio.Lock()
 
     def register(self, table: StepTable) -> None:
@@ -109,42 +112,25 @@ class CreateSaga:
             await d.send_step(fresh[0])
         return stored
 
-    # --- ip ---------------------------------------------------------------------------------
+    # --- ip and placement ---------------------------------------------------------------------
 
     async def on_ip_allocated(self, evt: ipam.IpAllocated) -> None:
         """The machine has its IP: place it."""
         await self.on_ip_allocated_many([evt])
 
     async def on_ip_allocated_many(self, evts: list[ipam.IpAllocated]) -> None:
-        """The machines have their IPs: place them in one pass."""
-        moved = await asyncio.gather(*(self._assign_ip(e) for e in evts))
-        await self._place_batch([m for m in moved if m is not None])
-
-    async def _assign_ip(self, evt: ipam.IpAllocated) -> MachineDoc | None:
+        """The machines have their IPs: place them in one pass, writing each machine once."""
         d = self._driver
-        doc = await d.move(
-            evt.machine_id,
-            [State.REQUESTED],
-            State.IP_ASSIGNED,
-            set_={
-                "ip": str(evt.ip),
-                "prefix_len": evt.prefix_len,
-                "gateway": str(evt.gateway),
-                "pool": evt.pool,
-            },
-            saga=d.saga(Op.CREATE, Step.PLACE),
-        )
-        if doc is not None:
-            return doc
-        current = await d.store.get(evt.machine_id)
-        if current is not None and current["state"] in (
-            State.FAILED,
-            State.DESTROYED,
-            State.DESTROYING,
-        ):
-            # The allocation arrived after the machine gave up: release it so it cannot leak.
-            await send_ip_release(d.publisher, current)
-        return None
+        docs = {m["_id"]: m for m in await d.store.by_ids([e.machine_id for e in evts])}
+        batch: list[tuple[MachineDoc, dict[str, Any]]] = []
+        for evt in evts:
+            doc = docs.get(evt.machine_id)
+            if doc is not None and doc["state"] == State.REQUESTED:
+                batch.append((doc, _ip_fields(evt)))
+            elif doc is not None and doc["state"] in _GAVE_UP:
+                # The allocation arrived after the machine gave up: release it so it cannot leak.
+                await send_ip_release(d.publisher, doc)
+        await self._place(batch)
 
     async def on_ip_failed(self, evt: ipam.IpAllocationFailed) -> None:
         """No IP: the machine (or every machine of a bulk request) fails; nothing to undo."""
@@ -169,79 +155,90 @@ class CreateSaga:
             ipam.IpAllocate(machine_id=doc["_id"], dc=doc["dc"], vlan_id=doc["vlan_id"])
         )
 
-    # --- place ------------------------------------------------------------------------------
-
     async def _send_place(self, doc: MachineDoc) -> None:
-        # Placement is the gateway's own step: "sending" it is doing it.
-        await self._place_batch([doc])
+        # Placement is the gateway's own step: "sending" it is doing it (a machine stored
+        # ip_assigned by an older gateway, resumed or re-sent).
+        if doc["state"] == State.IP_ASSIGNED:
+            await self._place([(doc, {})])
 
-    async def _place_batch(self, docs: list[MachineDoc]) -> None:
-        d = self._driver
-        docs = [m for m in docs if m["state"] == State.IP_ASSIGNED]
-        if not docs:
+    async def _place(self, batch: list[tuple[MachineDoc, dict[str, Any]]]) -> None:
+        """Place the machines in one pass over one read of hosts and load, write each once
+        (on to creating, or failed when the dc cannot hold the batch), then send their steps."""
+        if not batch:
             return
-        placed: list[MachineDoc | None] = []
-        for m in (m for m in docs if m["type"] == "kvm"):
-            placed.append(
-                await d.move(
-                    m, [State.IP_ASSIGNED], State.PLACED, saga=d.saga(Op.CREATE, Step.CONTAINER)
-                )
+        async with self._place_lock:
+            hosts = await self._decide([m for m, _ in batch if m["type"] != "kvm"])
+            # Written before the lock is released, so the next batch sees them.
+            written = await asyncio.gather(
+                *(self._commit(m, ip, hosts.get(m["_id"])) for m, ip in batch),
+                return_exceptions=True,
             )
-        containers = [m for m in docs if m["type"] != "kvm"]
-        if containers:
-            async with self._place_lock:
-                decisions = await self._decide(containers)
-                # Written before the lock is released, so the next batch sees them.
-                placed += await asyncio.gather(
-                    *(self._commit_placement(m, h) for m, h in decisions)
-                )
-        await asyncio.gather(*(self._start_creating(p) for p in placed if p is not None))
+        error = next((w for w in written if isinstance(w, BaseException)), None)
+        await asyncio.gather(
+            *(
+                self._after_commit(m, ip, w)
+                for (m, ip), w in zip(batch, written, strict=True)
+                if not isinstance(w, BaseException)
+            )
+        )
+        if error is not None:
+            # The machines written are on their way; a redelivery places the others.
+            raise error
 
-    async def _decide(self, docs: list[MachineDoc]) -> list[tuple[MachineDoc, str | None]]:
-        """A host (or None: no capacity) for each container; called under the place lock."""
+    async def _decide(self, docs: list[MachineDoc]) -> dict[str, str | None]:
+        """A host for each container (None for every one of a dc that cannot hold them all);
+        called under the place lock."""
+        if not docs:
+            return {}
         d = self._driver
         at = d.clock()
         hosts = await d.store.list_hosts()
-        allocs = {dc: await d.store.allocations(dc) for dc in {m["dc"] for m in docs}}
-        counts = {app: await d.store.app_counts(app) for app in {m["app"] for m in docs}}
-        decisions = []
-        for m in docs:
-            need = Res(m["cpus"], m["memory"], m["disk"])
-            views = host_views(hosts, allocs[m["dc"]], d.settings, at)
-            host = place(views, need, m["dc"], counts[m["app"]])
-            if host is not None:
-                # Later machines of the batch see this one's share.
-                allocs[m["dc"]][host] = allocs[m["dc"]].get(host, Res()) + need
-                counts[m["app"]][host] = counts[m["app"]].get(host, 0) + 1
-            decisions.append((m, host))
-        return decisions
+        out: dict[str, str | None] = {}
+        for dc in sorted({m["dc"] for m in docs}):
+            in_dc = [m for m in docs if m["dc"] == dc]
+            load = await d.store.load(dc)
+            views = host_views(hosts, load.allocated, d.settings, at)
+            needs = [(m["app"], Res(m["cpus"], m["memory"], m["disk"])) for m in in_dc]
+            chosen = place_all(views, needs, dc, load) or [None] * len(in_dc)
+            out.update((m["_id"], host) for m, host in zip(in_dc, chosen, strict=True))
+        return out
 
-    async def _commit_placement(self, doc: MachineDoc, host: str | None) -> MachineDoc | None:
+    async def _commit(
+        self, doc: MachineDoc, ip: dict[str, Any], host: str | None
+    ) -> tuple[MachineDoc, list[str]] | None:
+        """The one write of a placement: on to creating (with its IP and host), or failed with
+        its IP to release; the written document and the states it went through."""
         d = self._driver
-        if host is None:
-            failed = await d.move(
-                doc,
-                [State.IP_ASSIGNED],
-                State.FAILED,
-                reason="no_capacity",
-                saga=d.saga(Op.COMPENSATE, Step.IP),
-            )
-            if failed is not None:
-                await d.finish(failed, False, "no_capacity")
-                await d.send_step(failed)
-            return None
-        return await d.move(
-            doc,
-            [State.IP_ASSIGNED],
-            State.PLACED,
-            set_={"host": host},
-            saga=d.saga(Op.CREATE, Step.CONTAINER),
+        before = doc["state"]
+        fails = host is None and doc["type"] != "kvm"
+        to = State.FAILED if fails else State.CREATING
+        via = _path_to(before, to)
+        if fails:
+            set_ = {**ip, "last_op": d.last_op(doc, False, "no_capacity")}
+            saga = d.saga(Op.COMPENSATE, Step.IP)
+        else:
+            set_ = {**ip, **({"host": host} if host else {})}
+            saga = d.saga(Op.CREATE, Step.CONTAINER)
+        reason = "no_capacity" if fails else None
+        moved = await d.store.transition(
+            doc["_id"], [before], to, via=via, reason=reason, set_=set_, saga=saga
         )
+        return None if moved is None else (moved, [before, *via, to])
 
-    async def _start_creating(self, placed: MachineDoc) -> None:
-        creating = await self._driver.move(placed, [State.PLACED], State.CREATING)
-        if creating is not None:
-            await self._driver.send_step(creating)
+    async def _after_commit(
+        self, doc: MachineDoc, ip: dict[str, Any], written: tuple[MachineDoc, list[str]] | None
+    ) -> None:
+        """Announce a placement and send its next step (create, or release of the IP)."""
+        d = self._driver
+        if written is None:
+            current = await d.store.get(doc["_id"])
+            if ip and current is not None and current["state"] in _GAVE_UP:
+                # It gave up between our read and our write: release the IP it was given.
+                await send_ip_release(d.publisher, current)
+            return
+        moved, states = written
+        await d.announce(moved, list(states))
+        await d.send_step(moved)
 
     # --- container --------------------------------------------------------------------------
 
@@ -374,6 +371,31 @@ def _machine_doc(
         "transitions": [{"state": State.REQUESTED.value, "at": at, "reason": None}],
         "saga": saga,
         "ip_request": request_id,
+    }
+
+
+# States in which a machine no longer wants the IP it is given.
+_GAVE_UP = frozenset({State.FAILED, State.DESTROYED, State.DESTROYING})
+# The create saga's states up to the container step.
+_CREATE_PATH = (State.REQUESTED, State.IP_ASSIGNED, State.PLACED, State.CREATING)
+
+
+def _path_to(before: str, to: State) -> list[str]:
+    """The states passed through from ``before`` to ``to`` (creating, or failed once the IP is
+    given), both excluded."""
+    walked = _CREATE_PATH[_CREATE_PATH.index(State(before)) + 1 :]
+    if to == State.FAILED:
+        walked = tuple(s for s in walked if s == State.IP_ASSIGNED)
+    return [s.value for s in walked if s != to]
+
+
+def _ip_fields(evt: ipam.IpAllocated) -> dict[str, Any]:
+    """What a machine records of its allocation."""
+    return {
+        "ip": str(evt.ip),
+        "prefix_len": evt.prefix_len,
+        "gateway": str(evt.gateway),
+        "pool": evt.pool,
     }
 
 

@@ -156,26 +156,31 @@ class SagaDriver:
         to_state: str,
         **kw: Any,
     ) -> MachineDoc | None:
-        """Transition the machine (see the store) and announce the change; None if it was not
-        in one of ``from_states``."""
+        """Transition the machine (see the store) and announce each change (one per state of
+        ``via`` too); None if it was not in one of ``from_states``."""
         mid = doc_or_id if isinstance(doc_or_id, str) else doc_or_id["_id"]
         before = None if isinstance(doc_or_id, str) else doc_or_id.get("state")
         doc = await self.store.transition(mid, [str(s) for s in from_states], to_state, **kw)
         if doc is not None:
+            await self.announce(doc, [before, *(str(s) for s in kw.get("via", ())), to_state])
+        return doc
+
+    async def announce(self, doc: MachineDoc, states: list[str | None]) -> None:
+        """Announce that ``doc`` went through ``states`` (the first is where it was)."""
+        for i in range(1, len(states)):
             await self.publisher.publish(
                 gw.MachineStateChanged(
-                    machine_id=mid,
+                    machine_id=doc["_id"],
                     app=doc["app"],
                     type=doc["type"],
-                    from_state=before,
-                    to_state=to_state,
-                    reason=doc.get("reason"),
+                    from_state=states[i - 1],
+                    to_state=states[i],
+                    reason=doc.get("reason") if i == len(states) - 1 else None,
                     host=doc.get("host"),
                     ip=doc.get("ip"),
                     at=self.clock(),
                 )
             )
-        return doc
 
     async def goto(self, machine_id: str, match: SagaMatch, saga: SagaRecord) -> MachineDoc | None:
         """Put the machine's saga at ``saga`` if it still matches ``match``, and send the step."""
@@ -188,8 +193,14 @@ class SagaDriver:
         self, doc: MachineDoc, ok: bool, reason: str | None = None, detail: str = ""
     ) -> None:
         """Record how the operation in progress ended (the API's waiters read ``last_op``)."""
+        await self.store.update(doc["_id"], {}, {"last_op": self.last_op(doc, ok, reason, detail)})
+
+    def last_op(
+        self, doc: MachineDoc, ok: bool, reason: str | None = None, detail: str = ""
+    ) -> LastOp:
+        """How the operation in progress on ``doc`` ended, as ``last_op`` records it."""
         saga = doc.get("saga") or {}
-        last: LastOp = {
+        return {
             "id": (saga.get("params") or {}).get("op_id"),
             "op": saga.get("op"),
             "ok": ok,
@@ -197,7 +208,6 @@ class SagaDriver:
             "detail": detail,
             "at": self.clock(),
         }
-        await self.store.update(doc["_id"], {}, {"last_op": last})
 
     async def send_step(self, doc: MachineDoc) -> None:
         """Send the command of the machine's current saga step."""
