@@ -78,12 +78,29 @@ async def _bare_batch(n: int, net: str, x: int, tag: str) -> tuple[float, float]
     """N parallel ``docker run -d``, then N parallel ``docker rm -f``: their wall times."""
     names = [f"{PREFIX}-{tag}-{i}" for i in range(n)]
     t0 = time.perf_counter()
-    await asyncio.gather(*(
-        _sh("docker", "run", "-d", "--name", name, "--label", f"dockvm-bench={RUN}",
-            "--network", net, "--ip", f"10.234.{x + 1 + i // 250}.{i % 250 + 1}",
-            "--cpus", CPUS, "--memory", MEMORY, IMAGE)
-        for i, name in enumerate(names)
-    ))
+    await asyncio.gather(
+        *(
+            _sh(
+                "docker",
+                "run",
+                "-d",
+                "--name",
+                name,
+                "--label",
+                f"dockvm-bench={RUN}",
+                "--network",
+                net,
+                "--ip",
+                f"10.234.{x + 1 + i // 250}.{i % 250 + 1}",
+                "--cpus",
+                CPUS,
+                "--memory",
+                MEMORY,
+                IMAGE,
+            )
+            for i, name in enumerate(names)
+        )
+    )
     created = time.perf_counter() - t0
     t0 = time.perf_counter()
     await asyncio.gather(*(_sh("docker", "rm", "-f", name) for name in names))
@@ -102,7 +119,9 @@ def _timeline(items: list[dict]) -> dict[str, float]:
     for state in STATES:
         reached = sorted(
             (datetime.fromisoformat(t["at"]) - first).total_seconds()
-            for m in items for t in m["transitions"] if t["state"] == state
+            for m in items
+            for t in m["transitions"]
+            if t["state"] == state
         )
         out[f"last {state}"] = reached[-1] if reached else float("nan")
         if state == "running" and reached:
@@ -130,11 +149,20 @@ async def _destroy_all(api: aiohttp.ClientSession, ids: list[str]) -> float:
         await asyncio.sleep(0.3)
 
 
-async def bench_batch(api: aiohttp.ClientSession, n: int, vlan: int, net: str, x: int,
-                      tag: str) -> Round:
+async def bench_batch(
+    api: aiohttp.ClientSession, n: int, vlan: int, net: str, x: int, tag: str
+) -> Round:
     """One round at batch size N: dockvm create and destroy, then the bare engine's."""
-    spec = {"app": f"bench{tag}", "image": IMAGE, "cpus": float(CPUS), "memory": MEMORY,
-            "disk": DISK, "dc": "dc1", "vlan_id": vlan, "count": n}
+    spec = {
+        "app": f"bench{tag}",
+        "image": IMAGE,
+        "cpus": float(CPUS),
+        "memory": MEMORY,
+        "disk": DISK,
+        "dc": "dc1",
+        "vlan_id": vlan,
+        "count": n,
+    }
     t0 = time.perf_counter()
     async with api.post("/v1/machines?wait=900", json=spec) as resp:
         body = await resp.json()
@@ -154,8 +182,10 @@ async def bench_batch(api: aiohttp.ClientSession, n: int, vlan: int, net: str, x
 
 def _report_batches(rounds: list[Round]) -> None:
     sizes = sorted({r.n for r in rounds})
-    print("| N | dockvm create s | bare docker run s | ratio | per machine (dockvm / bare) s "
-          "| dockvm destroy s | bare rm -f s | ratio |")
+    print(
+        "| N | dockvm create s | bare docker run s | ratio | per machine (dockvm / bare) s "
+        "| dockvm destroy s | bare rm -f s | ratio |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     per: dict[int, float] = {}
     for n in sizes:
@@ -163,8 +193,10 @@ def _report_batches(rounds: list[Round]) -> None:
         ours, bare = median([r.ours for r in rs]), median([r.bare for r in rs])
         od, bd = median([r.ours_destroy for r in rs]), median([r.bare_destroy for r in rs])
         per[n] = ours / n
-        print(f"| {n} | {ours:.1f} | {bare:.1f} | {ours / bare:.2f}x | {ours / n:.3f} / "
-              f"{bare / n:.3f} | {od:.1f} | {bd:.1f} | {od / bd:.2f}x |")
+        print(
+            f"| {n} | {ours:.1f} | {bare:.1f} | {ours / bare:.2f}x | {ours / n:.3f} / "
+            f"{bare / n:.3f} | {od:.1f} | {bd:.1f} | {od / bd:.2f}x |"
+        )
     for n in sizes:
         tl = [r.timeline for r in rounds if r.n == n]
         cells = ", ".join(f"{k} {median([t[k] for t in tl]):.1f}" for k in tl[0])
@@ -173,8 +205,9 @@ def _report_batches(rounds: list[Round]) -> None:
     print(f"cost per machine at {hi} / at {lo}: {per[hi] / per[lo]:.2f}x (target <= 1.2x)")
 
 
-async def _hammer(url: str, headers: dict[str, str], seconds: float,
-                  clients: int = 16) -> tuple[float, float]:
+async def _hammer(
+    url: str, headers: dict[str, str], seconds: float, clients: int = 16
+) -> tuple[float, float]:
     latencies: list[float] = []
     stop = time.perf_counter() + seconds
 
@@ -195,8 +228,15 @@ async def _hammer(url: str, headers: dict[str, str], seconds: float,
 async def _store_listing(store: GatewayStore) -> None:
     """1,000 running machines with the five transitions a created machine carries."""
     driver = SagaDriver(store, publisher=None, settings=GatewaySettings())  # type: ignore[arg-type]
-    spec = {"app": "listing", "image": IMAGE, "cpus": 1, "memory": 1 << 30, "disk": 1 << 30,
-            "dc": "dc1", "vlan_id": 1}
+    spec = {
+        "app": "listing",
+        "image": IMAGE,
+        "cpus": 1,
+        "memory": 1 << 30,
+        "disk": 1 << 30,
+        "dc": "dc1",
+        "vlan_id": 1,
+    }
     docs = driver.creates.new_machine_docs(spec, driver.new_ids(1000))
     for i, d in enumerate(docs):
         at = d["created_at"]
@@ -216,8 +256,9 @@ async def bench_list(gateway_url: str, token: str, db_name: str, seconds: float)
 
     async def bare(_: web.Request) -> web.Response:
         items = await db["machines"].find({}).sort("_id", 1).limit(101).to_list()
-        return web.Response(text=json.dumps({"items": items[:100]}, default=str),
-                            content_type="application/json")
+        return web.Response(
+            text=json.dumps({"items": items[:100]}, default=str), content_type="application/json"
+        )
 
     app = web.Application()
     app.router.add_get("/machines", bare)
@@ -238,11 +279,20 @@ async def bench_list(gateway_url: str, token: str, db_name: str, seconds: float)
 def _services(env: dict[str, str], tmp: Path) -> list[ServiceProcess]:
     return [
         ServiceProcess("ipam", env, free_port(), log_path=tmp / "ipam.log"),
-        ServiceProcess("provisioner", {**env, "DOCKVM_STATE_DIR": str(tmp / "agent")},
-                       free_port(), ["--host-id", f"bench-{RUN}"], log_path=tmp / "prov.log"),
+        ServiceProcess(
+            "provisioner",
+            {**env, "DOCKVM_STATE_DIR": str(tmp / "agent")},
+            free_port(),
+            ["--host-id", f"bench-{RUN}"],
+            log_path=tmp / "prov.log",
+        ),
         # 100 machines of 0.05 CPU on a 2-core box: past the default 4x CPU overcommit.
-        ServiceProcess("gateway", {**env, "DOCKVM_OVERCOMMIT_CPU": "16"}, free_port(),
-                       log_path=tmp / "gateway.log"),
+        ServiceProcess(
+            "gateway",
+            {**env, "DOCKVM_OVERCOMMIT_CPU": "16"},
+            free_port(),
+            log_path=tmp / "gateway.log",
+        ),
     ]
 
 
@@ -251,9 +301,15 @@ async def _setup(api: aiohttp.ClientSession, vlan: int, x: int) -> None:
 
     The pool is 10.234.x.0/22: dockvm's machines get the first /24, the bare containers the rest.
     """
-    pool = {"name": "bench", "dc": "dc1", "vlan_id": vlan, "cidr": f"10.234.{x}.0/22",
-            "gateway": f"10.234.{x}.1", "reserved": [f"10.234.{x + 1}.0-10.234.{x + 3}.254"],
-            "cooldown_s": 0}
+    pool = {
+        "name": "bench",
+        "dc": "dc1",
+        "vlan_id": vlan,
+        "cidr": f"10.234.{x}.0/22",
+        "gateway": f"10.234.{x}.1",
+        "reserved": [f"10.234.{x + 1}.0-10.234.{x + 3}.254"],
+        "cooldown_s": 0,
+    }
     async with api.post("/v1/pools", json=pool) as r:
         assert r.status == 201, await r.text()
     while True:
@@ -261,9 +317,18 @@ async def _setup(api: aiohttp.ClientSession, vlan: int, x: int) -> None:
             if (await r.json())["items"]:
                 break
         await asyncio.sleep(0.2)
-    async with api.post("/v1/machines?wait=300", json={
-        "app": "warm", "image": IMAGE, "cpus": 0.5, "memory": "256m", "disk": "1g",
-        "dc": "dc1", "vlan_id": vlan}) as r:
+    async with api.post(
+        "/v1/machines?wait=300",
+        json={
+            "app": "warm",
+            "image": IMAGE,
+            "cpus": 0.5,
+            "memory": "256m",
+            "disk": "1g",
+            "dc": "dc1",
+            "vlan_id": vlan,
+        },
+    ) as r:
         assert r.status in (200, 201, 202), await r.text()
 
 
@@ -274,18 +339,27 @@ async def main(batches: list[int], rounds: int, seconds: float) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="dockvm-bench-"))
     x = random.randint(0, 63) * 4  # the pool is 10.234.x.0/22
     vlan = 2000 + x
-    env = {"DOCKVM_AMQP_URL": vhost.url, "DOCKVM_MONGO_URL": MONGO_URL,
-           "DOCKVM_MONGO_DB": db_name, "DOCKVM_STATE_DIR": str(tmp / "gw"),
-           "DOCKVM_NETWORK_PREFIX": PREFIX, "DOCKVM_HEARTBEAT_INTERVAL_S": "1",
-           "DOCKVM_STOP_TIMEOUT_S": "2", "DOCKVM_LOG_LEVEL": "warning"}
+    env = {
+        "DOCKVM_AMQP_URL": vhost.url,
+        "DOCKVM_MONGO_URL": MONGO_URL,
+        "DOCKVM_MONGO_DB": db_name,
+        "DOCKVM_STATE_DIR": str(tmp / "gw"),
+        "DOCKVM_NETWORK_PREFIX": PREFIX,
+        "DOCKVM_HEARTBEAT_INTERVAL_S": "1",
+        "DOCKVM_STOP_TIMEOUT_S": "2",
+        "DOCKVM_LOG_LEVEL": "warning",
+    }
     procs = _services(env, tmp)
     try:
         for p in procs:
             await p.start()
         gw = procs[-1]
         token = (tmp / "gw" / "admin.token").read_text().strip()
-        async with aiohttp.ClientSession(gw.url, headers={"Authorization": f"Bearer {token}"},
-                                         timeout=aiohttp.ClientTimeout(total=1200)) as api:
+        async with aiohttp.ClientSession(
+            gw.url,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=aiohttp.ClientTimeout(total=1200),
+        ) as api:
             await _setup(api, vlan, x)
             print(f"# bench/api.py — {machine()}")
             print(f"## batches {batches} of {CPUS} CPU, {MEMORY}, {DISK} disk; {rounds} round(s)")
@@ -293,9 +367,12 @@ async def main(batches: list[int], rounds: int, seconds: float) -> None:
             for r in range(rounds):
                 for n in batches:
                     one = await bench_batch(api, n, vlan, f"{PREFIX}-vlan{vlan}", x, f"{r}x{n}")
-                    print(f"  round {r + 1} N={n}: dockvm {one.ours:.1f}s (destroy "
-                          f"{one.ours_destroy:.1f}s), docker {one.bare:.1f}s (rm "
-                          f"{one.bare_destroy:.1f}s)", flush=True)
+                    print(
+                        f"  round {r + 1} N={n}: dockvm {one.ours:.1f}s (destroy "
+                        f"{one.ours_destroy:.1f}s), docker {one.bare:.1f}s (rm "
+                        f"{one.bare_destroy:.1f}s)",
+                        flush=True,
+                    )
                     done.append(one)
         _report_batches(done)
         print(f"## GET /v1/machines?limit=100 with 1,000 machines, 16 clients, {seconds:g}s each")
@@ -336,8 +413,9 @@ def _cleanup_engine(tmp: Path) -> None:
     for line in Path("/proc/self/mounts").read_text().splitlines():
         if line.split()[1].startswith(str(tmp)):
             subprocess.run(["umount", "-l", line.split()[1]], check=False)
-    out = subprocess.run(["losetup", "-a", "-O", "NAME,BACK-FILE", "-n"], capture_output=True,
-                         text=True, check=False).stdout
+    out = subprocess.run(
+        ["losetup", "-a", "-O", "NAME,BACK-FILE", "-n"], capture_output=True, text=True, check=False
+    ).stdout
     for line in out.splitlines():
         if str(tmp) in line:
             subprocess.run(["losetup", "-d", line.split()[0]], check=False)
@@ -345,8 +423,9 @@ def _cleanup_engine(tmp: Path) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", default="10,50,100",
-                        type=lambda s: [int(n) for n in s.split(",")])
+    parser.add_argument(
+        "--batches", default="10,50,100", type=lambda s: [int(n) for n in s.split(",")]
+    )
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=10.0)
     args = parser.parse_args()
