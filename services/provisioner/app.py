@@ -49,6 +49,7 @@ def _agent_config(settings: ProvisionerSettings) -> AgentConfig:
         memory_margin=settings.memory_margin,
         stop_timeout_s=settings.stop_timeout_s,
         orphan_grace_s=settings.orphan_grace_s,
+        create_parallelism=settings.create_parallelism,
         files_dir=settings.state_dir / "machines",
     )
 
@@ -84,9 +85,15 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
     """Wire the provisioner service for the life of the process."""
     settings = ctx.settings
     assert isinstance(settings, ProvisionerSettings)
-    runtime = DockerRuntime(settings.docker_url, workers=settings.docker_workers)
+    upkeep_workers = settings.upkeep_docker_workers
+    runtime = DockerRuntime(
+        settings.docker_url,
+        workers=settings.docker_workers,
+        connections=settings.docker_workers + upkeep_workers,
+    )
     agent = _agent(settings, runtime, ctx.publisher)
-    upkeep = HostUpkeep(agent)
+    # Heartbeat and reconcile inspect every container: on their own threads, not the creates'.
+    upkeep = HostUpkeep(agent, runtime.lane(upkeep_workers, "docker-upkeep"))
     session = aiohttp.ClientSession()
     ctx.add_check("docker", runtime.host_resources)
     try:
@@ -100,8 +107,9 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
             # Handlers are idempotent by machine_id; a message-id lease would instead hold a
             # create redelivered after a crash (kill -9) until the lease expires.
             dedupe=False,
-            # Creates run in parallel up to the Docker pool; more would only queue there.
-            prefetch=settings.docker_workers * 2,
+            # A full width of creates runs while as many more wait for a slot, so a freed slot
+            # never waits for a delivery.
+            prefetch=settings.create_parallelism * 2,
         )
         ctx.every(settings.heartbeat_interval_s, upkeep.heartbeat, "heartbeat")
         ctx.every(settings.reconcile_interval_s, upkeep.reconcile, "reconcile", now=False)

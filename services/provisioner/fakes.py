@@ -3,12 +3,14 @@
 They follow the real adapters' contract: tests/integration/test_provisioner_runtime.py runs the
 same checks against :class:`MemoryRuntime` and the Docker Engine, and
 tests/integration/test_provisioner_volumes.py against :class:`MemoryVolumes` and XFS on loop
-devices. Each records what it was asked (``calls``, ``sizes``) and can be told to fail
-(``fail_start``, ``fail_ensure``) so the undo paths can be exercised.
+devices. Each records what it was asked (``calls``, ``sizes``, ``host_calls``) and can be told to
+fail (``fail_start``, ``fail_ensure``) so the undo paths can be exercised; ``MemoryRuntime`` can
+hold every create at the door (``hold``) and counts how many were inside at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -49,6 +51,12 @@ class MemoryRuntime:
     networks: dict[str, NetworkInfo] = field(default_factory=dict)
     fail_start: set[str] = field(default_factory=set)
     calls: list[str] = field(default_factory=list)
+    # Creates wait for ``hold`` (when set) inside the runtime; ``inside`` counts them now,
+    # ``most_inside`` at most. ``host_calls`` counts host_resources calls.
+    hold: asyncio.Event | None = None
+    inside: int = 0
+    most_inside: int = 0
+    host_calls: int = 0
 
     def _set(self, machine_id: str, **changes: Any) -> ContainerInfo:
         c = self.containers[machine_id]
@@ -70,7 +78,17 @@ class MemoryRuntime:
         return [c.info for c in self.containers.values()]
 
     async def create(self, spec: ContainerSpec) -> ContainerInfo:
-        """Record a created container."""
+        """Record a created container (after ``hold``, if set)."""
+        self.inside += 1
+        self.most_inside = max(self.most_inside, self.inside)
+        try:
+            if self.hold is not None:
+                await self.hold.wait()
+            return self._create(spec)
+        finally:
+            self.inside -= 1
+
+    def _create(self, spec: ContainerSpec) -> ContainerInfo:
         self.calls.append(f"create:{spec.labels[LABEL_MACHINE]}")
         machine_id = spec.labels[LABEL_MACHINE]
         if machine_id in self.containers:
@@ -150,6 +168,7 @@ class MemoryRuntime:
 
     async def host_resources(self) -> tuple[float, int]:
         """The configured host size."""
+        self.host_calls += 1
         return self.cpus, self.memory
 
     async def network(self, name: str) -> NetworkInfo | None:

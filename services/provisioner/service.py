@@ -3,9 +3,12 @@
 Every machine command is idempotent by machine_id: Docker's container-name uniqueness
 (``dockvm-<machine_id>``) makes a second container impossible, a repeated create adopts the
 existing one, and each volume and network step reuses what an earlier attempt left. Within one
-agent, commands for the same machine run one at a time (``lock``). Each returns its result event;
-a failed create leaves nothing behind (no container, volume, loop device or VLAN network made for
-it). The periodic jobs (heartbeat, reconcile, re-plumbing) are in ``upkeep``.
+agent, commands for the same machine run one at a time (``lock``); creates of different machines
+run in parallel, at most ``create_parallelism`` at once. Each returns its result event; a failed
+create leaves nothing behind (no container, volume, loop device or VLAN network made for it, and
+no disk reserved). A create asks nothing host-wide: the host's size and free disk come from
+``capacity`` (cached, refreshed by the heartbeat; disk reserved per create in flight). The
+periodic jobs (heartbeat, reconcile, re-plumbing) are in ``upkeep``.
 """
 
 from __future__ import annotations
@@ -45,10 +48,10 @@ from libs.common.errors import DomainError, NotFoundError, TransientError, Valid
 from .adapters.network import NetworkDriver
 from .adapters.runtime import ContainerInfo, ContainerRuntime
 from .adapters.volumes import VolumeDriver
+from .capacity import HostCapacity
 from .domain import (
     LABEL_VLAN,
     LXCFS_FILES,
-    HostFacts,
     Limits,
     OrphanTracker,
     build_spec,
@@ -78,6 +81,8 @@ class AgentConfig:
     memory_margin: int = 64 << 20
     stop_timeout_s: int = 30
     orphan_grace_s: float = 600.0
+    # Creates of different machines that run at once (the rest wait for a slot).
+    create_parallelism: int = 16
     # Per-machine files bound into the container (/etc/environment); None: none are made.
     files_dir: Path | None = None
 
@@ -106,7 +111,9 @@ class ProvisionerService:
         self.publisher = publisher
         self.clock = clock
         self.orphans = OrphanTracker(config.orphan_grace_s)
+        self.capacity = HostCapacity(runtime, volumes, config.min_memory)
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._create_slots = asyncio.Semaphore(config.create_parallelism)
 
     @property
     def host(self) -> str:
@@ -121,11 +128,12 @@ class ProvisionerService:
 
     async def create(self, cmd: ContainerCreate) -> ContainerCreated | ContainerCreateFailed:
         """``container.create`` → ``container.created`` or ``container.create_failed``."""
-        async with self.lock(cmd.machine_id):
+        # The machine's lock first: a slot is never held by a create waiting for its machine.
+        async with self.lock(cmd.machine_id), self._create_slots:
             return await self._create(cmd)
 
     async def _create(self, cmd: ContainerCreate) -> ContainerCreated | ContainerCreateFailed:
-        """Make (or adopt) the machine's container; on failure undo every step taken."""
+        """Make (or adopt) the machine's container, its disk reserved until it exists."""
         try:
             check_machine_id(cmd.machine_id)
         except DomainError as err:
@@ -134,9 +142,26 @@ class ProvisionerService:
         if existing is not None:
             return await self._adopt(cmd.machine_id, existing)
         try:
-            check_create(cmd, await self._facts())
+            # No await between the check and the reservation: parallel creates see each other.
+            check_create(cmd, await self.capacity.facts())
         except DomainError as err:
             return self._create_failed(cmd, err)
+        disk = self.capacity.disk
+        disk.reserve(cmd.machine_id, cmd.disk)
+        made = False
+        try:
+            result = await self._make(cmd)
+            made = isinstance(result, ContainerCreated)
+        finally:
+            # A failed create removed its disk; a made one holds its bytes until measured.
+            if made:
+                disk.finish(cmd.machine_id)
+            else:
+                disk.release(cmd.machine_id)
+        return result
+
+    async def _make(self, cmd: ContainerCreate) -> ContainerCreated | ContainerCreateFailed:
+        """Take every step of a new machine; on failure undo every step taken."""
         log.info("creating machine", machine_id=cmd.machine_id, ip=str(cmd.ip))
         made_network = False
         try:
@@ -260,11 +285,6 @@ class ProvisionerService:
         root = self.config.lxcfs_path
         return [rel for rel in LXCFS_FILES if root is not None and (root / rel).exists()]
 
-    async def _facts(self) -> HostFacts:
-        cpus, memory = await self.runtime.host_resources()
-        _, disk_free = await self.volumes.capacity()
-        return HostFacts(cpus, memory, disk_free, self.config.min_memory)
-
     # ---- start / stop / restart / destroy ------------------------------------------------
 
     async def act(
@@ -323,7 +343,8 @@ class ProvisionerService:
             if info.running:
                 await self.runtime.stop(machine_id, timeout_s)
             await self.runtime.remove(machine_id)
-        await self.volumes.destroy(machine_id)
+        if await self.volumes.destroy(machine_id):
+            self.capacity.disk_freed()
         await self._remove_files(machine_id)
         if vlan is not None:
             await self.network.release(machine_id, vlan)
@@ -352,10 +373,12 @@ class ProvisionerService:
                 current,
                 memory_used=used,
                 margin=self.config.memory_margin,
-                host=await self._facts(),
+                host=await self.capacity.facts(),
             )
             if plan.disk is not None:
-                await self.volumes.grow(cmd.machine_id, plan.disk)
+                # Held from the check on (no await between), as a create's disk is.
+                with self.capacity.reserving(f"grow:{cmd.machine_id}", plan.disk - current.disk):
+                    await self.volumes.grow(cmd.machine_id, plan.disk)
             if plan.cpus is not None or plan.memory is not None:
                 await self.runtime.update(cmd.machine_id, plan.cpus, plan.memory)
             if plan.cpus is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from libs.common.settings import HostAgentSettings
 
@@ -26,6 +26,14 @@ class ProvisionerSettings(HostAgentSettings):
     ovs_bridge: str = Field(default="dockvm-ovs", pattern=r"^[a-zA-Z0-9_-]{1,15}$")
     lvm_vg: str = "dockvm"
 
+    # Creates of different machines run in parallel, at most create_parallelism at once. Each
+    # holds one Docker thread at a time, so docker_workers (the commands' pool, and the SDK's
+    # connection pool) must be at least as wide; the periodic jobs have their own
+    # upkeep_docker_workers threads, so listing every container never holds a create's thread.
+    docker_workers: int = Field(default=24, ge=1, le=128)
+    create_parallelism: int = Field(default=16, ge=1, le=128)
+    upkeep_docker_workers: int = Field(default=2, ge=1, le=16)
+
     # Periodic jobs.
     heartbeat_interval_s: float = Field(default=10.0, gt=0)
     reconcile_interval_s: float = Field(default=60.0, gt=0)
@@ -43,3 +51,15 @@ class ProvisionerSettings(HostAgentSettings):
 
     # Reported in the heartbeat, for placement.
     labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("create_parallelism")
+    @classmethod
+    def _within_docker_workers(cls, value: int, info: ValidationInfo) -> int:
+        """Refuse a width the Docker pool would throttle, naming both settings."""
+        workers = info.data.get("docker_workers")
+        if workers is not None and value > workers:
+            raise ValueError(
+                f"{value} exceeds DOCKVM_DOCKER_WORKERS ({workers}); each create in flight "
+                "holds a Docker thread, so raise DOCKVM_DOCKER_WORKERS to at least this"
+            )
+        return value

@@ -2,10 +2,14 @@
 heals what a reboot took and removes overdue orphans, and the re-plumbing after an engine start.
 
 Docker labels are the agent's only truth, so each job reads the engine afresh, under the same
-per-machine locks as the commands. A heartbeat and a ``container.observed`` state the current
-state in full, so one lost (a job whose publish fails is logged and runs again at its next tick)
-is made good by the next. The ``container.destroyed`` of a removed orphan is sent at most once:
-once the machine is gone, no later reconcile sees it (the control plane never knew it anyway).
+per-machine locks as the commands. The jobs read the engine through their own runtime (a lane with
+its own small thread pool): listing every container takes seconds on a full host, and must not
+hold the threads creates wait for. The heartbeat also refreshes the host's size and free disk
+that creates are checked against (``capacity``). A heartbeat and a ``container.observed`` state
+the current state in full, so one lost (a job whose publish fails is logged and runs again at its
+next tick) is made good by the next. The ``container.destroyed`` of a removed orphan is sent at
+most once: once the machine is gone, no later reconcile sees it (the control plane never knew it
+anyway).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from libs.common.contracts.provisioner import (
 )
 from libs.common.errors import DomainError, TransientError
 
-from .adapters.runtime import ContainerInfo
+from .adapters.runtime import ContainerInfo, ContainerRuntime
 from .domain import LABEL_VLAN, Limits, allocation
 from .service import ProvisionerService
 
@@ -35,9 +39,9 @@ log = structlog.get_logger("provisioner")
 class HostUpkeep:
     """The periodic jobs of one host's agent, on the same ports and machine locks."""
 
-    def __init__(self, agent: ProvisionerService) -> None:
+    def __init__(self, agent: ProvisionerService, runtime: ContainerRuntime | None = None) -> None:
         self.agent = agent
-        self.runtime = agent.runtime
+        self.runtime = runtime or agent.runtime
         self.volumes = agent.volumes
         self.network = agent.network
         self.publisher = agent.publisher
@@ -50,8 +54,7 @@ class HostUpkeep:
             Limits(i.cpus, i.memory, await self.volumes.size(i.machine_id) or 0) for i in infos
         ]
         alloc = allocation(limits)
-        cpus, memory = await self.runtime.host_resources()
-        disk_total, _ = await self.volumes.capacity()
+        cpus, memory, disk_total = await self.agent.capacity.refresh(self.runtime)
         beat = HostHeartbeat(
             host_id=config.host_id,
             dc=config.dc,

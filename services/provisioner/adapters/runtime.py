@@ -1,13 +1,15 @@
 """The container runtime port and its Docker Engine adapter (the in-memory fake is in ``fakes``).
 
-Every Docker SDK call runs in a bounded thread pool, never on the event loop; library errors
-leave this module as dockvm errors (``NotFoundError``, ``ConflictError``, ``DomainError``,
-``TransientError``).
+Every Docker SDK call runs in a bounded thread pool, never on the event loop (a ``lane`` is the
+same client on a pool of its own, so one kind of work cannot hold the threads of another);
+library errors leave this module as dockvm errors (``NotFoundError``, ``ConflictError``,
+``DomainError``, ``TransientError``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -204,14 +206,27 @@ def _info(attrs: dict[str, Any]) -> ContainerInfo:
 class DockerRuntime:
     """The Docker Engine through the docker SDK, off the event loop in a bounded pool."""
 
-    def __init__(self, base_url: str, workers: int = 8, timeout_s: int = 120) -> None:
+    def __init__(
+        self, base_url: str, workers: int = 8, timeout_s: int = 120, *, connections: int = 0
+    ) -> None:
         import docker
 
+        # One pooled connection per thread of every lane that may call at once (``connections``);
+        # with fewer, urllib3 opens and then discards a connection per call under load.
         self._client = docker.DockerClient(
-            base_url=base_url, timeout=timeout_s, max_pool_size=workers
+            base_url=base_url, timeout=timeout_s, max_pool_size=max(connections, workers)
         )
         self._api = self._client.api
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="docker")
+        self._lanes: list[DockerRuntime] = []
+
+    def lane(self, workers: int, name: str) -> DockerRuntime:
+        """The same engine client on a pool of its own ``workers`` threads."""
+        lane = copy.copy(self)
+        lane._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+        lane._lanes = []
+        self._lanes.append(lane)
+        return lane
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -513,6 +528,7 @@ class DockerRuntime:
                 stream.close()
 
     def close(self) -> None:
-        """Release the pool and the client."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Release the pools (this one's and its lanes') and the client."""
+        for pool in [self._pool, *(lane._pool for lane in self._lanes)]:
+            pool.shutdown(wait=False, cancel_futures=True)
         self._client.close()
