@@ -15,6 +15,7 @@ __all__ = [
     "HostDoc",
     "LastOp",
     "MachineDoc",
+    "MachineSummary",
     "ReleaseBatch",
     "ReleaseDoc",
     "ReleaseMachine",
@@ -88,6 +89,29 @@ class MachineDoc(TypedDict):
     state_before_resize: NotRequired[str]
     state_before_unknown: NotRequired[str]
     last_op: NotRequired[LastOp]
+
+
+class MachineSummary(TypedDict):
+    """What the list shows of a machine (``machine_summaries`` collection, one per machine)."""
+
+    _id: str
+    type: str
+    app: str
+    state: str
+    reason: str | None
+    image: str
+    cpus: float
+    memory: int
+    disk: int
+    dc: str
+    vlan_id: int
+    hostname: str
+    ip: str | None
+    host: str | None
+    created_at: datetime
+    updated_at: datetime
+    # The operation in progress (the saga's op), if any.
+    pending: str | None
 
 
 class HostDoc(TypedDict):

@@ -15,9 +15,9 @@ from typing import Any
 from libs.common.clock import utcnow
 from libs.common.errors import ConflictError
 
-from .documents import AppDoc, HostDoc, MachineDoc, SagaRecord
+from .documents import AppDoc, HostDoc, MachineDoc, MachineSummary, SagaRecord
 from .domain import ACTIVE_STATES, DcLoad, Res
-from .store import dc_load, hash_token, history
+from .store import changes_summary, dc_load, hash_token, history, page_query, summary_of
 
 __all__ = ["MemoryGatewayStore"]
 
@@ -61,6 +61,8 @@ class MemoryGatewayStore:
 
     def __init__(self) -> None:
         self.machines: dict[str, MachineDoc] = {}
+        # Written where the Mongo store writes them, so list answers are the same.
+        self.summaries_by_id: dict[str, MachineSummary] = {}
         self.hosts: dict[str, HostDoc] = {}
         self.apps: dict[str, AppDoc] = {}
         self.idempotency: dict[str, dict[str, Any]] = {}
@@ -74,6 +76,7 @@ class MemoryGatewayStore:
         """Insert; existing ids are kept."""
         for d in docs:
             self.machines.setdefault(d["_id"], copy.deepcopy(d))
+            self.summaries_by_id.setdefault(d["_id"], summary_of(copy.deepcopy(d)))
 
     async def get(self, machine_id: str) -> MachineDoc | None:
         """One machine (a copy)."""
@@ -94,6 +97,14 @@ class MemoryGatewayStore:
             for k, d in sorted(self.machines.items())
             if _matches(d, filters) and (after is None or k > after)
         ]
+        return copy.deepcopy(out[:limit])
+
+    async def summaries(
+        self, filters: dict[str, Any], limit: int, after: str | None = None
+    ) -> list[MachineSummary]:
+        """A page of summaries in id order."""
+        query = page_query(filters, after)
+        out = [d for _, d in sorted(self.summaries_by_id.items()) if _matches(d, query)]
         return copy.deepcopy(out[:limit])
 
     async def app_machines(self, app: str, active_only: bool = True) -> list[MachineDoc]:
@@ -124,6 +135,7 @@ class MemoryGatewayStore:
         if saga is not False:
             doc["saga"] = copy.deepcopy(saga)
         doc.setdefault("transitions", []).extend(history(via, to_state, at, reason))
+        self.summaries_by_id[machine_id] = summary_of(copy.deepcopy(doc))
         return copy.deepcopy(doc)
 
     async def update(
@@ -135,6 +147,8 @@ class MemoryGatewayStore:
             return None
         doc.update(copy.deepcopy(set_))
         doc["updated_at"] = utcnow()
+        if changes_summary(set_):
+            self.summaries_by_id[machine_id] = summary_of(copy.deepcopy(doc))
         return copy.deepcopy(doc)
 
     async def due_sagas(self, at: datetime, limit: int = 500) -> list[MachineDoc]:

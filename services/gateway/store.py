@@ -1,5 +1,5 @@
-"""The gateway's MongoDB state: machines, hosts, apps, tokens, the audit log, idempotency keys,
-and releases.
+"""The gateway's MongoDB state: machines (and their summaries), hosts, apps, tokens, the audit
+log, idempotency keys, and releases.
 
 Every state change is one conditional ``find_one_and_update`` (the expected current state is in
 the filter), so on MongoDB two deliveries of the same event, or two replicas, cannot both apply
@@ -12,6 +12,17 @@ problem by never having two writers on one document (see :class:`ReleaseStore`).
 Every read that may return more than 101 documents goes through
 :func:`~libs.common.db.read_all`, so it completes in one batch and FerretDB frees its SQLite
 connection at once (many open cursors at once wedged FerretDB for good).
+
+Listing reads ``machine_summaries``: one small document per machine (what a list item shows),
+because FerretDB v1 does not push a sort down: a page sorted by ``_id`` reads every document of
+the collection, and full machine documents (with their history) made that 6x slower. A summary
+has one writer, the code path that writes its machine: inside the same machine lock, right after
+the machine's write, it is replaced whole (so the later write carries everything, and two
+writes of one summary never interleave in a process). A crash between the two writes leaves the
+summary one change behind until the machine's next write or the next start, which rebuilds
+every summary that is missing or differs (:meth:`GatewayStore.setup`, idempotent); an old
+database gets its summaries the same way. A write that changes no listed field (``last_op``)
+leaves the summary alone, so a list item's ``updated_at`` is when a listed field last changed.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from pymongo import ASCENDING, DESCENDING, IndexModel, ReturnDocument
+from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
@@ -37,6 +49,7 @@ from .documents import (
     AppDoc,
     HostDoc,
     MachineDoc,
+    MachineSummary,
     ReleaseDoc,
     ReleaseMachineStatus,
     SagaRecord,
@@ -48,14 +61,18 @@ __all__ = [
     "GatewayStore",
     "MachineStore",
     "ReleaseStore",
+    "changes_summary",
     "dc_load",
     "hash_token",
     "history",
     "new_machine_id",
+    "page_query",
+    "summary_of",
 ]
 
-MACHINES, HOSTS, APPS, TOKENS, AUDIT, IDEMPOTENCY = (
+MACHINES, SUMMARIES, HOSTS, APPS, TOKENS, AUDIT, IDEMPOTENCY = (
     "machines",
+    "machine_summaries",
     "hosts",
     "apps",
     "tokens",
@@ -70,6 +87,12 @@ INDEXES = {
         IndexModel([("ip", ASCENDING)]),
         IndexModel([("saga.deadline", ASCENDING)]),
         IndexModel([("ip_request", ASCENDING)]),
+    ],
+    SUMMARIES: [
+        IndexModel([("app", ASCENDING)]),
+        IndexModel([("state", ASCENDING)]),
+        IndexModel([("host", ASCENDING)]),
+        IndexModel([("ip", ASCENDING)]),
     ],
     TOKENS: [IndexModel([("name", ASCENDING)])],
     AUDIT: [IndexModel([("at", DESCENDING)])],
@@ -99,6 +122,48 @@ def history(
     ]
 
 
+# What a list item shows; a summary holds these, ``pending`` (the saga's op) and ``_id``.
+SUMMARY_FIELDS = (
+    "type",
+    "app",
+    "state",
+    "reason",
+    "image",
+    "cpus",
+    "memory",
+    "disk",
+    "dc",
+    "vlan_id",
+    "hostname",
+    "ip",
+    "host",
+    "created_at",
+    "updated_at",
+)
+# The machine fields a summary is made from: a write touching none of them leaves it alone.
+_SUMMARY_SOURCES = frozenset(SUMMARY_FIELDS) - {"updated_at"} | {"saga"}
+
+
+def summary_of(doc: MachineDoc) -> MachineSummary:
+    """The list's view of a machine."""
+    out: dict[str, Any] = {"_id": doc["_id"], **{f: doc.get(f) for f in SUMMARY_FIELDS}}
+    out["pending"] = (doc.get("saga") or {}).get("op")
+    return out  # type: ignore[return-value]
+
+
+def changes_summary(set_: dict[str, Any]) -> bool:
+    """Whether an update setting ``set_`` changes what the machine's summary shows."""
+    return any(key.split(".", 1)[0] in _SUMMARY_SOURCES for key in set_)
+
+
+def page_query(filters: dict[str, Any], after: str | None) -> dict[str, Any]:
+    """The query of a page: ``filters``, and ids after the cursor ``after``."""
+    query = dict(filters)
+    if after:
+        query["_id"] = {**(query.get("_id") or {}), "$gt": after}
+    return query
+
+
 def dc_load(docs: Iterable[dict[str, Any]]) -> DcLoad:
     """A dc's load from its active, placed machines (``host``, ``app`` and resources)."""
     # Summed here rather than with $group: FerretDB v1 returns 0 for $sum over integers.
@@ -115,6 +180,20 @@ def dc_load(docs: Iterable[dict[str, Any]]) -> DcLoad:
 def hash_token(token: str) -> str:
     """The stored form of a bearer token (SHA-256; tokens are 32 random bytes)."""
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _listed(summary: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A summary without ``updated_at`` (which may lag its machine's, see the docstring)."""
+    return None if summary is None else {k: v for k, v in summary.items() if k != "updated_at"}
+
+
+async def _insert_new(coll: AsyncCollection[Any], docs: list[Any]) -> None:
+    """Insert ``docs``; ones whose id exists already (a replayed request) are kept."""
+    try:
+        await coll.insert_many(docs, ordered=False)
+    except BulkWriteError as err:
+        if any(e.get("code") != 11000 for e in err.details.get("writeErrors", [])):
+            raise
 
 
 class MachineStore(Protocol):
@@ -213,6 +292,7 @@ class GatewayStore:
     def __init__(self, db: AsyncDatabase) -> None:
         self._db = db
         self.machines = db[MACHINES]
+        self.summaries_coll = db[SUMMARIES]
         self.hosts = db[HOSTS]
         self.apps = db[APPS]
         self.tokens = db[TOKENS]
@@ -229,8 +309,34 @@ class GatewayStore:
 
     @translate_errors
     async def setup(self) -> None:
-        """Create the indexes."""
+        """Create the indexes; build the summaries that are missing or behind."""
         await ensure_indexes(self._db, INDEXES)
+        await self.repair_summaries()
+
+    @translate_errors
+    async def repair_summaries(self) -> int:
+        """Write the summary of every machine whose summary is missing or differs (a crash
+        between the two writes, or a database older than summaries); return how many."""
+        projection = {f: 1 for f in (*SUMMARY_FIELDS, "saga.op")}
+        machines = await read_all(self.machines.find({}, projection))
+        stored = {d["_id"]: d for d in await read_all(self.summaries_coll.find({}))}
+        behind = [
+            summary_of(m)
+            for m in machines
+            if _listed(stored.get(m["_id"])) != _listed(summary_of(m))
+        ]
+        for summary in behind:
+            async with self._machine_lock(summary["_id"]):
+                # Re-read under the lock: the machine may have moved since the scan.
+                doc = await self.machines.find_one({"_id": summary["_id"]}, projection)
+                if doc is not None:
+                    await self._write_summary(doc)
+        return len(behind)
+
+    async def _write_summary(self, doc: MachineDoc) -> None:
+        """Replace the machine's summary whole (called under its machine lock)."""
+        summary = summary_of(doc)
+        await self.summaries_coll.replace_one({"_id": summary["_id"]}, summary, upsert=True)
 
     # --- machines ---------------------------------------------------------------------------
 
@@ -239,11 +345,9 @@ class GatewayStore:
         """Insert machine documents; ones that already exist (a replayed request) are kept."""
         if not docs:
             return
-        try:
-            await self.machines.insert_many(docs, ordered=False)
-        except BulkWriteError as err:
-            if any(e.get("code") != 11000 for e in err.details.get("writeErrors", [])):
-                raise
+        # The machines first: a summary never lists a machine that is not stored.
+        await _insert_new(self.machines, docs)
+        await _insert_new(self.summaries_coll, [summary_of(d) for d in docs])
 
     @translate_errors
     async def get(self, machine_id: str) -> MachineDoc | None:
@@ -260,10 +364,16 @@ class GatewayStore:
         self, filters: dict[str, Any], limit: int, after: str | None = None
     ) -> list[MachineDoc]:
         """A page of machines matching ``filters``, after the cursor ``after``, in id order."""
-        query = dict(filters)
-        if after:
-            query["_id"] = {"$gt": after}
+        query = page_query(filters, after)
         return await read_all(self.machines.find(query).sort("_id", 1).limit(limit))
+
+    @translate_errors
+    async def summaries(
+        self, filters: dict[str, Any], limit: int, after: str | None = None
+    ) -> list[MachineSummary]:
+        """A page of machine summaries matching ``filters``, after ``after``, in id order."""
+        query = page_query(filters, after)
+        return await read_all(self.summaries_coll.find(query).sort("_id", 1).limit(limit))
 
     @translate_errors
     async def app_machines(self, app: str, active_only: bool = True) -> list[MachineDoc]:
@@ -297,11 +407,14 @@ class GatewayStore:
             fields["saga"] = saga
         entries = history(via, to_state, at, reason)
         async with self._machine_lock(machine_id):
-            return await self.machines.find_one_and_update(
+            doc = await self.machines.find_one_and_update(
                 {"_id": machine_id, "state": {"$in": list(from_states)}},
                 {"$set": fields, "$push": {"transitions": {"$each": entries}}},
                 return_document=ReturnDocument.AFTER,
             )
+            if doc is not None:
+                await self._write_summary(doc)
+            return doc
 
     @translate_errors
     async def update(
@@ -309,11 +422,14 @@ class GatewayStore:
     ) -> MachineDoc | None:
         """Set fields on a machine that matches ``match``; None when it does not."""
         async with self._machine_lock(machine_id):
-            return await self.machines.find_one_and_update(
+            doc = await self.machines.find_one_and_update(
                 {"_id": machine_id, **match},
                 {"$set": {**set_, "updated_at": utcnow()}},
                 return_document=ReturnDocument.AFTER,
             )
+            if doc is not None and changes_summary(set_):
+                await self._write_summary(doc)
+            return doc
 
     @translate_errors
     async def due_sagas(self, at: datetime, limit: int = 500) -> list[MachineDoc]:

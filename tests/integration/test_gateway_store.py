@@ -158,3 +158,64 @@ async def test_more_concurrent_large_reads_than_ferretdbs_pool_all_finish(mongo_
 
     assert all(sum(r.cpus for r in a.values()) == 300.0 for a in results[:150])
     assert after is not None and after["_id"] == ids[-1]
+
+
+async def _listed(store) -> None:
+    """Machines for the listing cases, changed through the store as the sagas change them."""
+    await store.insert_machines([
+        _doc("m1", ip="10.0.0.1"), _doc("m2", "creating", host="h2", ip="10.0.0.2"),
+        _doc("m3", "requested", host=None, app="db"), _doc("m4", "stopped", ip="10.0.0.4"),
+        _doc("m5", host="h2", app="db"),
+    ])
+    await store.transition("m2", ["creating"], "running", saga=None)
+    await store.transition("m3", ["requested"], "creating", via=["ip_assigned", "placed"],
+                           set_={"host": "h1", "ip": "10.0.0.3"},
+                           saga={"op": "create", "step": "container", "attempt": 1,
+                                 "deadline": T0})
+    await store.update("m4", {}, {"last_op": {"ok": True}})
+    await store.update("m5", {}, {"saga": {"op": "destroy", "step": "container", "attempt": 1,
+                                           "deadline": T0}})
+
+
+@pytest.mark.parametrize(
+    ("filters", "limit", "after", "expected"),
+    [
+        ({}, 10, None, ["m1", "m2", "m3", "m4", "m5"]),
+        ({}, 2, "m2", ["m3", "m4"]),
+        ({"app": "db"}, 10, None, ["m3", "m5"]),
+        ({"state": "running"}, 10, None, ["m1", "m2", "m5"]),
+        ({"host": "h1"}, 10, None, ["m1", "m3", "m4"]),
+        ({"ip": "10.0.0.3"}, 10, None, ["m3"]),
+        ({"_id": {"$in": ["m1", "m3", "m5"]}}, 10, "m1", ["m3", "m5"]),
+    ],
+)
+async def test_summaries_list_what_the_machines_are(store, filters, limit, after, expected):
+    await _listed(store)
+    page = await store.summaries(filters, limit, after)
+    machines = {d["_id"]: d for d in await store.by_ids(expected)}
+
+    assert [s["_id"] for s in page] == expected
+    assert [
+        (s["state"], s["host"], s["ip"], s["app"], s["hostname"], s["pending"]) for s in page
+    ] == [
+        (m["state"], m["host"], m["ip"], m["app"], m["hostname"], (m["saga"] or {}).get("op"))
+        for m in (machines[i] for i in expected)
+    ]
+    assert "transitions" not in page[0]
+
+
+async def test_setup_builds_missing_and_stale_summaries_once(mongo_db):
+    """A database older than summaries, or a crash between a machine's two writes."""
+    await mongo_db["machines"].insert_many(
+        [_doc("m1"), _doc("m2", "creating"), _doc("m3", saga={"op": "stop"})]
+    )
+    store = GatewayStore(mongo_db)
+    await store.setup()
+    await mongo_db["machines"].update_one({"_id": "m2"}, {"$set": {"state": "running"}})
+    repaired = await store.repair_summaries()
+    again = await store.repair_summaries()
+    page = await store.summaries({}, 10)
+
+    assert (repaired, again) == (1, 0)
+    assert [(s["_id"], s["state"], s["pending"]) for s in page] == [
+        ("m1", "running", None), ("m2", "running", None), ("m3", "running", "stop")]

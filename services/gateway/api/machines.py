@@ -31,7 +31,7 @@ from ..domain.models import (
 from ..service import host_views
 from .deps import DRIVER, SETTINGS, STORE, rpc_call
 from .framework import ANY, AUDIT_TARGET, OPS, FieldErrors, RouteTable, json_response
-from .views import ipv4, machine_links, machine_out
+from .views import ipv4, machine_links, machine_out, summary_out
 
 __all__ = ["ActionQuery", "routes"]
 
@@ -182,12 +182,13 @@ async def _machine_filters(request: web.Request, q: MachineQuery) -> dict[str, A
     response=MachinePage,
 )
 async def list_machines(request: web.Request, query: MachineQuery) -> web.Response:
-    """One page of machines matching the filters, in id (creation) order."""
+    """One page of machines matching the filters, in id (creation) order, from their summaries
+    (a list item has no transitions: ``GET /v1/machines/{id}`` has them)."""
     filters = await _machine_filters(request, query)
-    docs = await request.app[STORE].find(filters, query.limit + 1, query.after)
+    docs = await request.app[STORE].summaries(filters, query.limit + 1, query.after)
     page = docs[: query.limit]
     nxt = page[-1]["_id"] if len(docs) > query.limit else None
-    return json_response(MachinePage(items=[machine_out(d) for d in page], next=nxt))
+    return json_response(MachinePage(items=[summary_out(d) for d in page], next=nxt))
 
 
 @routes.route(

@@ -30,6 +30,7 @@ __all__ = [
     "MachinePage",
     "MachinePatch",
     "MachineQuery",
+    "MachineSummaryOut",
     "PoolCreateBody",
     "PoolPatchBody",
     "Problem",
@@ -172,8 +173,8 @@ class Transition(BaseModel):
     reason: str | None = None
 
 
-class MachineOut(BaseModel):
-    """A machine as the API shows it."""
+class MachineSummaryOut(BaseModel):
+    """A machine as a list shows it (``GET /v1/machines/{id}`` adds its transitions)."""
 
     id: str
     type: str
@@ -192,14 +193,19 @@ class MachineOut(BaseModel):
     pending: str | None = Field(default=None, description="the operation in progress, if any")
     created_at: datetime
     updated_at: datetime
-    transitions: list[Transition] = Field(default_factory=list)
     links: dict[str, str] = Field(default_factory=dict)
+
+
+class MachineOut(MachineSummaryOut):
+    """A machine as the API shows it, with every state change."""
+
+    transitions: list[Transition] = Field(default_factory=list)
 
 
 class MachinePage(BaseModel):
     """One page of machines; ``next`` is the cursor of the following page."""
 
-    items: list[MachineOut]
+    items: list[MachineSummaryOut]
     next: str | None = None
 
 
