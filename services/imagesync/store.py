@@ -8,6 +8,8 @@ matches the filter and writes in two steps, so two replicas claiming at the same
 both run the job. A sync is idempotent (the target ends with the same manifest and blobs), so
 that costs a second copy, never a wrong result. FerretDB v1 also applies ``$addToSet`` as a
 read then a write, so the blob index keeps one document per holder instead of an array.
+Every read that may span several batches is read in one (``read_all``): an open FerretDB cursor
+holds one of its SQLite connections until it is exhausted or killed.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pymongo.errors import DuplicateKeyError
 
 from libs.common.clock import utcnow
 from libs.common.contracts.imagesync import SyncJobView
-from libs.common.db import ensure_indexes
+from libs.common.db import ensure_indexes, read_all
 
 from .domain import SyncOrder, SyncStats, add_to_history, job_id
 
@@ -207,8 +209,8 @@ class SyncStore:
             query["repo"] = repo
         if target:
             query["target"] = target
-        cursor = self._jobs.find(query).sort("updated_at", DESCENDING).limit(limit)
-        return [SyncJobView(id=d["_id"], **d) async for d in cursor]
+        docs = await read_all(self._jobs.find(query).sort("updated_at", DESCENDING).limit(limit))
+        return [SyncJobView(id=d["_id"], **d) for d in docs]
 
     async def prune(self, older_than: timedelta) -> int:
         """Forget seen events and finished jobs older than ``older_than``; return how many."""
@@ -234,7 +236,8 @@ class SyncStore:
 
     async def tag_history(self) -> dict[tuple[str, str], list[str]]:
         """The digests each tag was seen at, oldest first."""
-        return {(d["repo"], d["tag"]): d.get("history", []) async for d in self._tags.find({})}
+        docs = await read_all(self._tags.find({}))
+        return {(d["repo"], d["tag"]): d.get("history", []) for d in docs}
 
 
 class MongoBlobIndex:
@@ -250,8 +253,8 @@ class MongoBlobIndex:
 
     async def where(self, dc: str, digest: str) -> list[str]:
         """Repositories of ``dc`` known to hold ``digest``."""
-        cursor = self._coll.find({"dc": dc, "digest": digest}, {"repo": 1})
-        return sorted([doc["repo"] async for doc in cursor])
+        docs = await read_all(self._coll.find({"dc": dc, "digest": digest}, {"repo": 1}))
+        return sorted(doc["repo"] for doc in docs)
 
     async def add(self, dc: str, digest: str, repo: str) -> None:
         """Remember that ``repo`` holds ``digest``."""

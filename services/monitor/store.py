@@ -1,6 +1,9 @@
 """The monitor's history in MongoDB: samples keyed by IP and time, and lifecycle events.
 
 Collections:
+Every multi-document read completes in one batch (``read_all``): an open FerretDB cursor holds
+one of its SQLite connections until it is exhausted or killed.
+
 - ``hist.<ip>.<YYYYMMDD>``: the samples of one IP for one UTC day, one small document per
   sample ``{_id: <t iso>, t, machine_id, cpu_percent, mem_*, pids, d}`` (``d``: the counter
   deltas since the previous sample; only the fields a ``metrics.query`` serves are kept).
@@ -31,7 +34,7 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError
 from libs.common.clock import utcnow
 from libs.common.contracts.envelope import message_model
 from libs.common.contracts.monitor import ContainerSample
-from libs.common.db import ensure_indexes
+from libs.common.db import ensure_indexes, read_all
 from libs.common.errors import translate_errors
 
 from .domain import Emit
@@ -176,8 +179,7 @@ class MongoSampleStore:
 
         async def read(day: datetime) -> list[dict]:
             async with gate:
-                cursor = self._db[history_collection(ip, day)].find(span, {"_id": 0})
-                return [doc async for doc in cursor]
+                return await read_all(self._db[history_collection(ip, day)].find(span, {"_id": 0}))
 
         parts = await asyncio.gather(*(read(d) for d in _days(start, end)))
         return sorted((doc for part in parts for doc in part), key=lambda d: d["t"])
@@ -230,12 +232,8 @@ class MongoSampleStore:
     async def unpublished(self, host: str, older_than_s: float) -> list[Emit]:
         """Rebuild the messages of events never marked published."""
         cutoff = utcnow() - timedelta(seconds=older_than_s)
-        cursor = (
-            self._db[_LIFECYCLE]
-            .find({"host": host, "published": False, "recorded_at": {"$lt": cutoff}})
-            .limit(1000)
-        )
-        return [_emit(doc) async for doc in cursor]
+        query = {"host": host, "published": False, "recorded_at": {"$lt": cutoff}}
+        return [_emit(doc) for doc in await read_all(self._db[_LIFECYCLE].find(query).limit(1000))]
 
     @translate_errors
     async def last_event_ns(self, host: str) -> int:

@@ -170,6 +170,12 @@ async def test_store_replay_point_only_moves_forward(store: SampleStore):
     assert (await store.last_event_ns("h"), await store.last_event_ns("other")) == (20, 0)
 
 
+async def test_store_replay_point_is_zero_when_only_tracks_were_saved(store: SampleStore):
+    # A monitor that saved its tracker before handling any Docker event must still start again.
+    await store.save_tracks("h", [])
+    assert await store.last_event_ns("h") == 0
+
+
 def test_meta_needs_the_machine_label():
     assert ContainerMeta.from_labels("c", {"dockvm.ip": "10.0.0.1"}) is None
 
