@@ -64,8 +64,14 @@ def _agent(
         prefix=settings.network_prefix,
         trunk=settings.macvlan_trunk,
         ovs_bridge=settings.ovs_bridge,
+        command_timeout_s=settings.host_command_timeout_s,
     )
-    volumes = make_volumes(settings.volume_driver, settings.state_dir, vg=settings.lvm_vg)
+    volumes = make_volumes(
+        settings.volume_driver,
+        settings.state_dir,
+        vg=settings.lvm_vg,
+        command_timeout_s=settings.host_command_timeout_s,
+    )
     return ProvisionerService(_agent_config(settings), runtime, network, volumes, publisher)
 
 
@@ -93,7 +99,9 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
     )
     agent = _agent(settings, runtime, ctx.publisher)
     # Heartbeat and reconcile inspect every container: on their own threads, not the creates'.
-    upkeep = HostUpkeep(agent, runtime.lane(upkeep_workers, "docker-upkeep"))
+    upkeep = HostUpkeep(
+        agent, runtime.lane(upkeep_workers, "docker-upkeep"), timeout_s=settings.upkeep_timeout_s
+    )
     session = aiohttp.ClientSession()
     ctx.add_check("docker", runtime.host_resources)
     try:

@@ -38,6 +38,13 @@ class ProvisionerSettings(HostAgentSettings):
     heartbeat_interval_s: float = Field(default=10.0, gt=0)
     reconcile_interval_s: float = Field(default=60.0, gt=0)
     orphan_grace_s: float = Field(default=600.0, ge=0)
+    # A round of a periodic job (a heartbeat, a reconcile, one machine's re-plumb) that runs
+    # longer is cut and logged, so one stuck round never stops the next ones.
+    upkeep_timeout_s: float = Field(default=300.0, gt=0)
+
+    # Every host command (losetup, mount, ovs-vsctl, ...) is killed, with what it forked, past
+    # this: ovs-vsctl with ovsdb down, or losetup on a stuck loop device, never return.
+    host_command_timeout_s: float = Field(default=60.0, gt=0)
 
     # What every machine gets.
     lxcfs_path: Path = Path("/var/lib/lxcfs")

@@ -10,10 +10,17 @@ the current state in full, so one lost (a job whose publish fails is logged and 
 next tick) is made good by the next. The ``container.destroyed`` of a removed orphan is sent at
 most once: once the machine is gone, no later reconcile sees it (the control plane never knew it
 anyway).
+
+Every round of a job is bounded (``DOCKVM_UPKEEP_TIMEOUT_S``): a round still running then is cut
+(cancelled, which kills its host commands), logged and raised as a :class:`TransientError`, so
+one stuck round never stops the next ones.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from ipaddress import IPv4Address
 
 import structlog
@@ -31,23 +38,54 @@ from .adapters.runtime import ContainerInfo, ContainerRuntime
 from .domain import LABEL_VLAN, Limits, allocation
 from .service import ProvisionerService
 
-__all__ = ["HostUpkeep"]
+__all__ = ["DEFAULT_TIMEOUT_S", "HostUpkeep", "UpkeepTimedOut"]
 
 log = structlog.get_logger("provisioner")
+
+DEFAULT_TIMEOUT_S = 300.0
+
+
+class UpkeepTimedOut(TransientError):
+    """A round of a periodic job ran past its bound and was cut."""
+
+    def __init__(self, job: str, timeout_s: float) -> None:
+        super().__init__(f"{job} did not finish within {timeout_s:g}s; cut, the next round runs")
+        self.job = job
 
 
 class HostUpkeep:
     """The periodic jobs of one host's agent, on the same ports and machine locks."""
 
-    def __init__(self, agent: ProvisionerService, runtime: ContainerRuntime | None = None) -> None:
+    def __init__(
+        self,
+        agent: ProvisionerService,
+        runtime: ContainerRuntime | None = None,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> None:
         self.agent = agent
+        self.timeout_s = timeout_s
         self.runtime = runtime or agent.runtime
         self.volumes = agent.volumes
         self.network = agent.network
         self.publisher = agent.publisher
 
+    @asynccontextmanager
+    async def _bounded(self, job: str, **context: str) -> AsyncIterator[None]:
+        """Cut the round at ``timeout_s``: log it and raise :class:`UpkeepTimedOut`."""
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                yield
+        except TimeoutError as err:
+            log.error("periodic job cut", job=job, timeout_s=self.timeout_s, **context)
+            raise UpkeepTimedOut(job, self.timeout_s) from err
+
     async def heartbeat(self) -> HostHeartbeat:
-        """Publish ``host.heartbeat``: capacity, allocation, images, version."""
+        """Publish ``host.heartbeat``: capacity, allocation, images, version (bounded)."""
+        async with self._bounded("heartbeat"):
+            return await self._heartbeat()
+
+    async def _heartbeat(self) -> HostHeartbeat:
         config = self.agent.config
         infos = await self.runtime.list_managed()
         limits = [
@@ -70,7 +108,12 @@ class HostUpkeep:
         return beat
 
     async def reconcile(self) -> list[ContainerObserved]:
-        """Report every labelled container, heal disks and ports, remove overdue orphans."""
+        """Report every labelled container, heal disks and ports, remove overdue orphans
+        (bounded)."""
+        async with self._bounded("reconcile"):
+            return await self._reconcile()
+
+    async def _reconcile(self) -> list[ContainerObserved]:
         orphans = self.agent.orphans
         infos = await self.runtime.list_managed()
         observed = []
@@ -125,11 +168,13 @@ class HostUpkeep:
         )
 
     async def replumb(self, machine_id: str) -> None:
-        """After the engine reports a start: re-attach the machine's network port."""
-        async with self.agent.lock(machine_id):
-            info = await self.runtime.find(machine_id)
-            if info is not None:
-                try:
-                    await self.network.plumb(info)
-                except (DomainError, TransientError) as err:
-                    log.error("re-plumb failed", machine_id=machine_id, error=str(err))
+        """After the engine reports a start: re-attach the machine's network port (bounded; a
+        failure is logged, so the stream of starts goes on)."""
+        try:
+            async with self._bounded("replumb", machine_id=machine_id):
+                async with self.agent.lock(machine_id):
+                    info = await self.runtime.find(machine_id)
+                    if info is not None:
+                        await self.network.plumb(info)
+        except (DomainError, TransientError) as err:
+            log.error("re-plumb failed", machine_id=machine_id, error=str(err))

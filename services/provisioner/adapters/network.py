@@ -22,7 +22,7 @@ import structlog
 from libs.common.errors import ConflictError, DomainError, ValidationFailed
 
 from ..domain import LABEL_GATEWAY, LABEL_IP, LABEL_PREFIX, LABEL_VLAN, mac_address, port_name
-from .host import HostCommandFailed, run
+from .host import DEFAULT_TIMEOUT_S, HostCommandFailed, HostCommands
 from .runtime import ContainerInfo, ContainerRuntime
 
 __all__ = ["BridgeNetwork", "MacvlanNetwork", "NetworkDriver", "OvsNetwork", "make_network"]
@@ -170,9 +170,12 @@ class OvsNetwork:
     kind = "ovs"
     static_ip = False
 
-    def __init__(self, bridge: str, datapath: str = "netdev") -> None:
+    def __init__(
+        self, bridge: str, datapath: str = "netdev", command_timeout_s: float = DEFAULT_TIMEOUT_S
+    ) -> None:
         self.bridge = bridge
         self.datapath = datapath
+        self.host = HostCommands(command_timeout_s)
         self._lock = asyncio.Lock()
         self._ready = False
 
@@ -180,11 +183,11 @@ class OvsNetwork:
         async with self._lock:
             if self._ready:
                 return
-            await run(
-                "ovs-vsctl", "--may-exist", "add-br", self.bridge,
+            await self.host.run(*self.host.ovs_vsctl(
+                "--may-exist", "add-br", self.bridge,
                 "--", "set", "bridge", self.bridge, f"datapath_type={self.datapath}",
-            )  # fmt: skip
-            await run("ip", "link", "set", self.bridge, "up", check=False)
+            ))  # fmt: skip
+            await self.host.run("ip", "link", "set", self.bridge, "up", check=False)
             self._ready = True
 
     async def prepare(
@@ -208,40 +211,50 @@ class OvsNetwork:
         ip, prefix = labels[LABEL_IP], labels[LABEL_PREFIX]
         vlan, gateway = labels[LABEL_VLAN], labels[LABEL_GATEWAY]
         ns = ("nsenter", "-t", str(info.pid), "-n")
-        have = await run(*ns, "ip", "-o", "-4", "addr", "show", "dev", "eth0", check=False)
+        have = await self.host.run(
+            *ns, "ip", "-o", "-4", "addr", "show", "dev", "eth0", check=False
+        )
         if f" {ip}/{prefix} " in have:
             return
         await self._ensure_bridge()
         port = port_name(info.machine_id)
         peer = f"{port}c"
-        await run("ovs-vsctl", "--if-exists", "del-port", self.bridge, port)
-        await run("ip", "link", "del", port, check=False)
-        await run("ip", "link", "add", port, "type", "veth", "peer", "name", peer)
-        await run("ip", "link", "set", peer, "netns", str(info.pid))
+        await self.host.run(*self.host.ovs_vsctl("--if-exists", "del-port", self.bridge, port))
+        await self.host.run("ip", "link", "del", port, check=False)
+        await self.host.run("ip", "link", "add", port, "type", "veth", "peer", "name", peer)
+        await self.host.run("ip", "link", "set", peer, "netns", str(info.pid))
         # The same MAC on every start: a new one would leave stale entries in the
         # neighbours' ARP caches for up to a minute.
-        await run(*ns, "ip", "link", "set", peer, "name", "eth0", "address",
-                  mac_address(info.machine_id))  # fmt: skip
-        await run(*ns, "ip", "addr", "add", f"{ip}/{prefix}", "dev", "eth0")
-        await run(*ns, "ip", "link", "set", "eth0", "up")
-        await run(*ns, "ip", "route", "replace", "default", "via", gateway)
-        await run(*ns, sys.executable, "-c", _TX_CSUM_OFF)
-        await run("ip", "link", "set", port, "up")
-        await run(
-            "ovs-vsctl", "--may-exist", "add-port", self.bridge, port, f"tag={vlan}",
+        await self.host.run(*ns, "ip", "link", "set", peer, "name", "eth0", "address",
+                            mac_address(info.machine_id))  # fmt: skip
+        await self.host.run(*ns, "ip", "addr", "add", f"{ip}/{prefix}", "dev", "eth0")
+        await self.host.run(*ns, "ip", "link", "set", "eth0", "up")
+        await self.host.run(*ns, "ip", "route", "replace", "default", "via", gateway)
+        await self.host.run(*ns, sys.executable, "-c", _TX_CSUM_OFF)
+        await self.host.run("ip", "link", "set", port, "up")
+        await self.host.run(*self.host.ovs_vsctl(
+            "--may-exist", "add-port", self.bridge, port, f"tag={vlan}",
             "--", "set", "interface", port, f"external_ids:dockvm-machine={info.machine_id}",
-        )  # fmt: skip
+        ))  # fmt: skip
         log.info("ovs port plumbed", machine_id=info.machine_id, port=port, vlan=vlan, ip=ip)
 
     async def release(self, machine_id: str, vlan_id: int, *, drop_network: bool = True) -> None:
         """Delete the machine's port and veth (the shared bridge stays)."""
         port = port_name(machine_id)
-        await run("ovs-vsctl", "--if-exists", "del-port", self.bridge, port, check=False)
-        await run("ip", "link", "del", port, check=False)
+        await self.host.run(
+            *self.host.ovs_vsctl("--if-exists", "del-port", self.bridge, port), check=False
+        )
+        await self.host.run("ip", "link", "del", port, check=False)
 
 
 def make_network(
-    kind: str, runtime: ContainerRuntime, *, prefix: str, trunk: str, ovs_bridge: str
+    kind: str,
+    runtime: ContainerRuntime,
+    *,
+    prefix: str,
+    trunk: str,
+    ovs_bridge: str,
+    command_timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> NetworkDriver:
     """The network driver named by the ``network_driver`` setting."""
     if kind == "bridge":
@@ -249,5 +262,5 @@ def make_network(
     if kind == "macvlan":
         return MacvlanNetwork(runtime, prefix, trunk)
     if kind == "ovs":
-        return OvsNetwork(ovs_bridge)
+        return OvsNetwork(ovs_bridge, command_timeout_s=command_timeout_s)
     raise ValueError(f"unknown network driver {kind!r}")

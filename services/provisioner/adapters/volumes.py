@@ -21,7 +21,7 @@ from typing import Protocol
 import structlog
 
 from ..domain import free_disk
-from .host import HostCommandFailed, run
+from .host import DEFAULT_TIMEOUT_S, HostCommandFailed, HostCommands
 
 __all__ = ["LvmVolumes", "VolumeDriver", "XfsLoopVolumes", "make_volumes"]
 
@@ -73,8 +73,9 @@ def _mounted(path: Path) -> bool:
 class _BlockVolumes:
     """The shared path: block device → mkfs.xfs → mount → xfs_growfs → unmount."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, command_timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self.root = state_dir / "volumes"
+        self.host = HostCommands(command_timeout_s)
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     def path(self, machine_id: str) -> Path:
@@ -106,10 +107,10 @@ class _BlockVolumes:
         mnt.mkdir(parents=True, exist_ok=True)
         if _mounted(mnt):
             return False
-        fs = await run("blkid", "-o", "value", "-s", "TYPE", device, check=False)
+        fs = await self.host.run("blkid", "-o", "value", "-s", "TYPE", device, check=False)
         if fs.strip() != "xfs":
-            await run("mkfs.xfs", "-q", device)
-        await run("mount", "-t", "xfs", "-o", "nodev", device, str(mnt))
+            await self.host.run("mkfs.xfs", "-q", device)
+        await self.host.run("mount", "-t", "xfs", "-o", "nodev", device, str(mnt))
         return True
 
     async def ensure(self, machine_id: str, size: int) -> Path:
@@ -138,7 +139,7 @@ class _BlockVolumes:
             if device is None or not _mounted(self.path(machine_id)):
                 raise HostCommandFailed(("grow", machine_id), 1, "the volume is not mounted")
             await self._grow_device(machine_id, device, size)
-            await run("xfs_growfs", str(self.path(machine_id)))
+            await self.host.run("xfs_growfs", str(self.path(machine_id)))
 
     async def destroy(self, machine_id: str) -> bool:
         """Unmount, then remove the device and its backing store."""
@@ -146,11 +147,11 @@ class _BlockVolumes:
             mnt = self.path(machine_id)
             if mnt.exists() and _mounted(mnt):
                 try:
-                    await run("umount", str(mnt))
+                    await self.host.run("umount", str(mnt))
                 except HostCommandFailed:
                     # Something still holds it: detach now, the kernel frees it when released.
                     log.warning("volume busy, lazy unmount", machine_id=machine_id)
-                    await run("umount", "-l", str(mnt))
+                    await self.host.run("umount", "-l", str(mnt))
             removed = await self._remove_device(machine_id, await self._device(machine_id))
             if mnt.exists():
                 mnt.rmdir()
@@ -169,7 +170,7 @@ class XfsLoopVolumes(_BlockVolumes):
         img = self.image(machine_id)
         if not img.exists():
             return None
-        out = await run("losetup", "-n", "-O", "NAME", "-j", str(img))
+        out = await self.host.run("losetup", "-n", "-O", "NAME", "-j", str(img))
         devices = out.split()
         return devices[0] if devices else None
 
@@ -177,7 +178,7 @@ class XfsLoopVolumes(_BlockVolumes):
         img = self.image(machine_id)
         if not img.exists():
             return None
-        return (await run("losetup", "--find", "--show", str(img))).strip()
+        return (await self.host.run("losetup", "--find", "--show", str(img))).strip()
 
     async def _make_device(self, machine_id: str, size: int) -> str:
         img = self.image(machine_id)
@@ -187,20 +188,21 @@ class XfsLoopVolumes(_BlockVolumes):
         os.truncate(tmp, size)
         tmp.rename(img)
         attached = await self._attach(machine_id)
-        assert attached is not None
+        if attached is None:
+            raise HostCommandFailed(("losetup", str(img)), 1, "the image vanished before attach")
         return attached
 
     async def _grow_device(self, machine_id: str, device: str, size: int) -> None:
         os.truncate(self.image(machine_id), size)
-        await run("losetup", "-c", device)
+        await self.host.run("losetup", "-c", device)
 
     async def _remove_device(self, machine_id: str, device: str | None) -> bool:
         img = self.image(machine_id)
         img.with_suffix(".tmp").unlink(missing_ok=True)  # a create cut short before the rename
         if img.exists():
-            out = await run("losetup", "-n", "-O", "NAME", "-j", str(img))
+            out = await self.host.run("losetup", "-n", "-O", "NAME", "-j", str(img))
             for dev in out.split():
-                await run("losetup", "-d", dev)
+                await self.host.run("losetup", "-d", dev)
             img.unlink()
             return True
         return device is not None
@@ -229,15 +231,19 @@ class XfsLoopVolumes(_BlockVolumes):
 class LvmVolumes(_BlockVolumes):
     """``lvm``: one logical volume ``dockvm-<machine_id>`` per machine on volume group ``vg``."""
 
-    def __init__(self, state_dir: Path, vg: str) -> None:
-        super().__init__(state_dir)
+    def __init__(
+        self, state_dir: Path, vg: str, command_timeout_s: float = DEFAULT_TIMEOUT_S
+    ) -> None:
+        super().__init__(state_dir, command_timeout_s)
         self.vg = vg
 
     def _lv(self, machine_id: str) -> str:
         return f"{self.vg}/dockvm-{machine_id}"
 
     async def _device(self, machine_id: str) -> str | None:
-        out = await run("lvs", "--noheadings", "-o", "lv_path", self._lv(machine_id), check=False)
+        out = await self.host.run(
+            "lvs", "--noheadings", "-o", "lv_path", self._lv(machine_id), check=False
+        )
         return out.strip() or None
 
     async def _attach(self, machine_id: str) -> str | None:
@@ -246,23 +252,24 @@ class LvmVolumes(_BlockVolumes):
 
     async def _make_device(self, machine_id: str, size: int) -> str:
         name = self._lv(machine_id).split("/", 1)[1]
-        await run("lvcreate", "-y", "-L", f"{size}b", "-n", name, self.vg)
+        await self.host.run("lvcreate", "-y", "-L", f"{size}b", "-n", name, self.vg)
         device = await self._device(machine_id)
-        assert device is not None
+        if device is None:
+            raise HostCommandFailed(("lvs", self._lv(machine_id)), 1, "no LV after lvcreate")
         return device
 
     async def _grow_device(self, machine_id: str, device: str, size: int) -> None:
-        await run("lvextend", "-L", f"{size}b", self._lv(machine_id))
+        await self.host.run("lvextend", "-L", f"{size}b", self._lv(machine_id))
 
     async def _remove_device(self, machine_id: str, device: str | None) -> bool:
         if device is None:
             return False
-        await run("lvremove", "-f", self._lv(machine_id))
+        await self.host.run("lvremove", "-f", self._lv(machine_id))
         return True
 
     async def size(self, machine_id: str) -> int | None:
         """The LV's size."""
-        out = await run(
+        out = await self.host.run(
             "lvs", "--noheadings", "--units", "b", "--nosuffix", "-o", "lv_size",
             self._lv(machine_id), check=False,
         )  # fmt: skip
@@ -270,22 +277,24 @@ class LvmVolumes(_BlockVolumes):
 
     async def list(self) -> list[str]:
         """Machines with an LV on the VG."""
-        out = await run("lvs", "--noheadings", "-o", "lv_name", self.vg, check=False)
+        out = await self.host.run("lvs", "--noheadings", "-o", "lv_name", self.vg, check=False)
         return sorted(n[len("dockvm-") :] for n in out.split() if n.startswith("dockvm-"))
 
     async def capacity(self) -> tuple[int, int]:
         """The VG's size and free extents."""
-        out = await run(
+        out = await self.host.run(
             "vgs", "--noheadings", "--units", "b", "--nosuffix", "-o", "vg_size,vg_free", self.vg
         )
         total, free = (int(float(x)) for x in out.split())
         return total, free
 
 
-def make_volumes(kind: str, state_dir: Path, *, vg: str) -> VolumeDriver:
+def make_volumes(
+    kind: str, state_dir: Path, *, vg: str, command_timeout_s: float = DEFAULT_TIMEOUT_S
+) -> VolumeDriver:
     """The volume driver named by the ``volume_driver`` setting."""
     if kind == "xfs":
-        return XfsLoopVolumes(state_dir)
+        return XfsLoopVolumes(state_dir, command_timeout_s)
     if kind == "lvm":
-        return LvmVolumes(state_dir, vg)
+        return LvmVolumes(state_dir, vg, command_timeout_s)
     raise ValueError(f"unknown volume driver {kind!r}")
