@@ -6,9 +6,10 @@ from typing import Any
 
 from aiohttp import web
 
-from libs.common.errors import DomainError
+from libs.common.errors import DomainError, TransientError
 
-from ..domain.models import AppScale, ScaleResult
+from ..domain.models import AppScale, ScaleFailure, ScaleResult
+from ..service import SagaDriver
 from .deps import DRIVER, STORE
 from .framework import AUDIT_TARGET, OPS, FieldErrors, RouteTable, json_response
 
@@ -35,6 +36,24 @@ def _chosen_for_removal(
     return chosen
 
 
+async def _scale_in(driver: SagaDriver, chosen: list[str]) -> tuple[list[str], list[ScaleFailure]]:
+    """Begin destroying each chosen machine; the ones that could not, with the reason."""
+    destroying: list[str] = []
+    failed: list[ScaleFailure] = []
+    for mid in chosen:
+        try:
+            await driver.begin_destroy(mid)
+        except DomainError as err:
+            # Busy (a saga in flight) or gone: the caller decides whether to retry.
+            failed.append(ScaleFailure(id=mid, reason=err.reason, detail=str(err)))
+        except TransientError as err:
+            # The others may already be destroying: say so rather than fail the whole call.
+            failed.append(ScaleFailure(id=mid, reason="unavailable", detail=str(err)))
+        else:
+            destroying.append(mid)
+    return destroying, failed
+
+
 @routes.route(
     "POST",
     "/v1/apps/{app}/scale",
@@ -56,17 +75,15 @@ async def scale_app(request: web.Request, body: AppScale) -> web.Response:
     active = await store.app_machines(name)
     created: list[str] = []
     destroying: list[str] = []
+    failed: list[ScaleFailure] = []
     if body.count > len(active):
         created = driver.new_ids(body.count - len(active))
         await driver.create({**app["spec"], "count": len(created)}, created)
     elif body.count < len(active):
-        for mid in _chosen_for_removal(name, active, len(active) - body.count, body.ids or []):
-            try:
-                await driver.begin_destroy(mid)
-                destroying.append(mid)
-            except DomainError:
-                continue
+        chosen = _chosen_for_removal(name, active, len(active) - body.count, body.ids or [])
+        destroying, failed = await _scale_in(driver, chosen)
     request[AUDIT_TARGET] = name
-    return json_response(
-        ScaleResult(app=name, count=body.count, created=created, destroying=destroying)
+    result = ScaleResult(
+        app=name, count=body.count, created=created, destroying=destroying, failed=failed
     )
+    return json_response(result)

@@ -292,7 +292,9 @@ async def resize_machine(request: web.Request, body: MachinePatch) -> web.Respon
             reason=last.get("reason") or "resize_failed",
         )
     doc = await request.app[STORE].get(mid)
-    assert doc is not None
+    if doc is None:
+        # A destroy that finished while the resize was waited for.
+        raise NotFoundError(f"machine {mid} was destroyed meanwhile", reason="machine_not_found")
     return json_response(machine_out(doc), status=200 if last is not None else 202)
 
 

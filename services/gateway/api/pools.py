@@ -10,7 +10,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict
 
 from libs.common.contracts import Message, ipam
-from libs.common.errors import ConflictError, DomainError, NotFoundError
+from libs.common.errors import ConflictError, DomainError, NotFoundError, TransientError
 
 from ..domain.models import PoolCreateBody, PoolPatchBody
 from .deps import rpc_call
@@ -112,5 +112,7 @@ async def delete_pool(request: web.Request) -> web.Response:
 async def list_pools(request: web.Request, query: PoolQuery) -> web.Response:
     """ipam's pools, with their usage."""
     reply = await rpc_call(request, ipam.PoolList(dc=query.dc))
-    assert isinstance(reply, ipam.PoolListing)
+    if not isinstance(reply, ipam.PoolListing):
+        # An ipam of another version answered: worth retrying once it is upgraded, not a bug here.
+        raise TransientError(f"ipam answered the pool listing with {reply.TYPE}")
     return json_response(reply.model_dump(mode="json"))

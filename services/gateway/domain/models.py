@@ -34,6 +34,7 @@ __all__ = [
     "PoolCreateBody",
     "PoolPatchBody",
     "Problem",
+    "ScaleFailure",
     "ScaleResult",
     "TokenCreate",
     "TokenCreated",
@@ -233,13 +234,22 @@ class ActionAccepted(BaseModel):
     links: dict[str, str]
 
 
+class ScaleFailure(BaseModel):
+    """A machine a scale-in chose but could not begin to destroy, and why."""
+
+    id: str
+    reason: str
+    detail: str = ""
+
+
 class ScaleResult(BaseModel):
-    """What a scale did."""
+    """What a scale did; ``failed`` names each machine it could not scale in, and why."""
 
     app: str
     count: int
     created: list[str]
     destroying: list[str]
+    failed: list[ScaleFailure] = Field(default_factory=list)
 
 
 class HostOut(BaseModel):

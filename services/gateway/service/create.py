@@ -32,7 +32,7 @@ from ..domain import Res, State, place_all
 from ..store import new_machine_id
 from .hosts import host_views
 from .lifecycle import send_action, send_ip_release
-from .steps import Op, SagaMatch, Step, StepSpec, StepTable, timeout_reason
+from .steps import Op, SagaMatch, Step, StepSpec, StepTable, saga_of, timeout_reason
 
 if TYPE_CHECKING:
     from .driver import SagaDriver
@@ -315,13 +315,13 @@ class CreateSaga:
         first = Step.CONTAINER if from_step == Step.CONTAINER else Step.IP
 
         async def give_up(doc: MachineDoc, match: SagaMatch) -> None:
-            assert doc["saga"] is not None
+            reason = timeout_reason(saga_of(doc))
             d = self._driver
             failed = await d.move(
                 doc,
                 [doc["state"]],
                 State.FAILED,
-                reason=timeout_reason(doc["saga"]),
+                reason=reason,
                 saga=d.saga(Op.COMPENSATE, first),
             )
             if failed is not None:

@@ -46,7 +46,7 @@ from ..store import MachineStore
 from .create import CreateSaga
 from .hosts import Hosts
 from .lifecycle import Lifecycle
-from .steps import SagaMatch, StepSpec, StepTable, new_op_id, timeout_reason
+from .steps import SagaMatch, StepSpec, StepTable, new_op_id, saga_of, timeout_reason
 
 __all__ = ["Clock", "SagaDriver"]
 
@@ -211,8 +211,7 @@ class SagaDriver:
 
     async def send_step(self, doc: MachineDoc) -> None:
         """Send the command of the machine's current saga step."""
-        saga = doc["saga"]
-        assert saga is not None
+        saga = saga_of(doc)
         await self.steps.get(saga["op"], saga["step"]).send(doc)
 
     async def require(self, machine_id: str, *, idle: bool = False) -> MachineDoc:
@@ -239,8 +238,7 @@ class SagaDriver:
         return len(due)
 
     async def _on_due(self, doc: MachineDoc) -> None:
-        saga = doc["saga"]
-        assert saga is not None
+        saga = saga_of(doc)
         match = {"saga.op": saga["op"], "saga.step": saga["step"], "saga.attempt": saga["attempt"]}
         spec = self.steps.find(saga["op"], saga["step"])
         if spec is not None and saga["attempt"] < self.settings.step_attempts:

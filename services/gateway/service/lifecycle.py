@@ -22,7 +22,16 @@ from libs.common.errors import ConflictError
 from ..documents import MachineDoc
 from ..domain import State, can_act
 from ..domain.states import allowed_from
-from .steps import Op, SagaMatch, Step, StepSpec, StepTable, new_op_id, timeout_reason
+from .steps import (
+    Op,
+    SagaMatch,
+    Step,
+    StepSpec,
+    StepTable,
+    new_op_id,
+    saga_of,
+    timeout_reason,
+)
 
 if TYPE_CHECKING:
     from .driver import SagaDriver
@@ -144,12 +153,10 @@ class Lifecycle:
                 await d.finish(doc, False, reason)
 
     async def _send_action(self, doc: MachineDoc) -> None:
-        assert doc["saga"] is not None
-        await send_action(self._driver.publisher, doc, Op(doc["saga"]["op"]))
+        await send_action(self._driver.publisher, doc, Op(saga_of(doc)["op"]))
 
     async def _action_timed_out(self, doc: MachineDoc, match: SagaMatch) -> None:
-        assert doc["saga"] is not None
-        reason = timeout_reason(doc["saga"])
+        reason = timeout_reason(saga_of(doc))
         if await self._driver.store.update(doc["_id"], match, {"saga": None, "reason": reason}):
             await self._driver.finish(doc, False, "timeout")
 
@@ -217,8 +224,7 @@ class Lifecycle:
             await d.finish(doc, False, reason, detail)
 
     async def _send_resize(self, doc: MachineDoc) -> None:
-        assert doc["saga"] is not None
-        params = doc["saga"].get("params") or {}
+        params = saga_of(doc).get("params") or {}
         fields = {k: params.get(k) for k in ("cpus", "memory", "disk")}
         force = bool(params.get("force"))
         if doc["type"] == "kvm":
@@ -232,10 +238,10 @@ class Lifecycle:
             )
 
     async def _resize_timed_out(self, doc: MachineDoc, match: SagaMatch) -> None:
-        assert doc["saga"] is not None
+        reason = timeout_reason(saga_of(doc))
         back = doc.get("state_before_resize") or State.RUNNING
         d = self._driver
-        if await d.move(doc, [State.RESIZING], back, reason=timeout_reason(doc["saga"]), saga=None):
+        if await d.move(doc, [State.RESIZING], back, reason=reason, saga=None):
             await d.finish(doc, False, "timeout")
 
     # --- destroy ----------------------------------------------------------------------------
@@ -325,11 +331,9 @@ class Lifecycle:
         await send_ip_release(self._driver.publisher, doc)
 
     async def _destroy_timed_out(self, doc: MachineDoc, match: SagaMatch) -> None:
-        assert doc["saga"] is not None
+        reason = timeout_reason(saga_of(doc))
         d = self._driver
-        if await d.move(
-            doc, [State.DESTROYING], State.FAILED, reason=timeout_reason(doc["saga"]), saga=None
-        ):
+        if await d.move(doc, [State.DESTROYING], State.FAILED, reason=reason, saga=None):
             await d.finish(doc, False, "timeout")
 
     async def _release_unconfirmed(self, doc: MachineDoc, match: SagaMatch) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from libs.common.errors import DomainError
+from libs.common.errors import ConflictError, DomainError
 
 from ..documents import MachineDoc, SagaRecord
 
@@ -25,6 +25,7 @@ __all__ = [
     "StepSpec",
     "StepTable",
     "new_op_id",
+    "saga_of",
     "timeout_reason",
 ]
 
@@ -90,6 +91,14 @@ class StepTable:
 def new_op_id() -> str:
     """A fresh operation id (what the API's ``wait_op`` waits for)."""
     return secrets.token_hex(6)
+
+
+def saga_of(doc: MachineDoc) -> SagaRecord:
+    """The machine's saga; a ConflictError if another writer ended it in the meantime."""
+    saga = doc["saga"]
+    if saga is None:
+        raise ConflictError(f"{doc['_id']} has no operation in progress", reason="saga_ended")
+    return saga
 
 
 def timeout_reason(saga: SagaRecord) -> str:

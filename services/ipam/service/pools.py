@@ -145,7 +145,8 @@ class PoolCatalog:
                 raise PoolRejectedError("exists", f"pool {name} already exists") from err
         # Two overlapping creates may both pass the check above; the older one wins.
         mine = await self.store.get_pool(name)
-        assert mine is not None
+        if mine is None:
+            raise PoolRejectedError("deleted", f"pool {name} was deleted while it was created")
         last = pool.first + pool.size - 1
         for other in await self.store.overlapping_pools(pool.first, last, pool.uid):
             if (other["created_at"], other["uid"]) < (mine["created_at"], mine["uid"]):
