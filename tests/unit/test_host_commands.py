@@ -112,8 +112,10 @@ async def test_a_cancelled_caller_takes_its_command_down_with_it(tmp_path):
 
 async def test_a_command_that_ends_on_its_own_alarm_is_a_timeout():
     # What ovs-vsctl --timeout does when ovsdb does not answer.
-    with pytest.raises(HostCommandTimedOut):
+    with pytest.raises(HostCommandTimedOut) as caught:
         await run("sh", "-c", "kill -ALRM $$", check=False, timeout_s=5)
+
+    assert "gave up on its own alarm" in str(caught.value)
 
 
 async def test_the_shared_timeout_applies_to_every_call(tmp_path):

@@ -51,10 +51,10 @@ class HostCommandFailed(DomainError):
 class HostCommandTimedOut(TransientError):
     """A host command did not finish within its timeout; its process group was killed."""
 
-    def __init__(self, argv: tuple[str, ...], timeout_s: float) -> None:
-        super().__init__(
-            f"`{' '.join(argv)}` did not finish within {timeout_s:g}s; its process group was killed"
-        )
+    def __init__(
+        self, argv: tuple[str, ...], timeout_s: float, how: str = "its process group was killed"
+    ) -> None:
+        super().__init__(f"`{' '.join(argv)}` did not finish within {timeout_s:g}s; {how}")
         self.argv = argv
         self.timeout_s = timeout_s
 
@@ -103,7 +103,7 @@ async def run(
         raise
     # ovs-vsctl --timeout ends itself with SIGALRM: the same transient fault as our own kill.
     if proc.returncode == -signal.SIGALRM:
-        raise HostCommandTimedOut(tuple(argv), timeout_s)
+        raise HostCommandTimedOut(tuple(argv), timeout_s, "it gave up on its own alarm")
     if check and proc.returncode != 0:
         raise HostCommandFailed(tuple(argv), proc.returncode or -1, err.decode(errors="replace"))
     return out.decode(errors="replace")
