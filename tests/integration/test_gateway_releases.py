@@ -7,14 +7,13 @@ from typing import Any
 
 import pytest
 
-from libs.common.db import mongo_client
-
 from libs.common.contracts.releases import (
     DeployFailed,
     DeploySucceeded,
     HealthCheck,
     ReleaseRequested,
 )
+from libs.common.db import mongo_client
 from libs.common.errors import DomainError, NotFoundError
 from services.gateway.service import Releases, ReleaseStore
 from tests.support.stack import MONGO_URL
@@ -154,7 +153,7 @@ async def test_results_arriving_together_on_two_replicas_move_the_release_once(
 ):
     """FerretDB v1 loses one of two concurrent updates of a document: a batch's results,
     handled at once by two gateway replicas (two connections), must still both count."""
-    r, store = releases
+    r, _store = releases
     other = mongo_client(MONGO_URL, app_name="dockvm-tests-replica-2")
     try:
         store2 = ReleaseStore(other[mongo_db.name])
