@@ -330,6 +330,12 @@ def app_scale(
         return
     out.print(f"{name}: {count} machines; created {len(res['created'])}, "
               f"destroying {len(res['destroying'])}")
+    failed = res.get("failed") or []
+    for f in failed:
+        out.print(f"[red]not scaled in[/red] {f['id']}: {f['reason']}"
+                  + (f" ({f['detail']})" if f.get("detail") else ""))
+    if failed:
+        raise typer.Exit(1)
 
 
 @pool_app.command("create")

@@ -43,7 +43,7 @@ from pymongo import ASCENDING, IndexModel
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
-from libs.common.db import ensure_indexes
+from libs.common.db import ensure_indexes, read_all
 from libs.common.errors import ConflictError, translate_errors
 
 from .documents import (
@@ -281,22 +281,22 @@ class MongoIpamStore:
     async def list_pools(self, dc: str | None = None) -> list[PoolDoc]:
         """Every pool (of ``dc``), by name."""
         query = {} if dc is None else {"dc": dc}
-        return await self._pools.find(query).sort("_id", ASCENDING).to_list()
+        return await read_all(self._pools.find(query).sort("_id", ASCENDING))
 
     @translate_errors
     async def pools_containing(self, ip_int: int) -> list[PoolDoc]:
         """Pools, current and deleted, whose cidr holds ``ip_int``."""
         query = {"first": {"$lte": ip_int}, "last": {"$gte": ip_int}}
         return [
-            *await self._pools.find(query).to_list(),
-            *await self._archive.find(query).to_list(),
+            *await read_all(self._pools.find(query)),
+            *await read_all(self._archive.find(query)),
         ]
 
     @translate_errors
     async def overlapping_pools(self, first: int, last: int, uid: str) -> list[PoolDoc]:
         """Other current pools sharing an address with ``[first, last]``."""
         query = {"first": {"$lte": last}, "last": {"$gte": first}, "uid": {"$ne": uid}}
-        return await self._pools.find(query).to_list()
+        return await read_all(self._pools.find(query))
 
     @translate_errors
     async def update_pool(self, name: str, fields: PoolChanges) -> None:
@@ -361,12 +361,12 @@ class MongoIpamStore:
     @translate_errors
     async def leases_of_pool(self, pool_uid: str) -> list[LeaseDoc]:
         """Active leases of a pool."""
-        return await self._leases.find({"pool_uid": pool_uid, "state": "active"}).to_list()
+        return await read_all(self._leases.find({"pool_uid": pool_uid, "state": "active"}))
 
     @translate_errors
     async def leases_of_request(self, request_id: str) -> list[LeaseDoc]:
         """Active leases made for a bulk request."""
-        return await self._leases.find({"request_id": request_id, "state": "active"}).to_list()
+        return await read_all(self._leases.find({"request_id": request_id, "state": "active"}))
 
     @translate_errors
     async def get_history(self, hid: str) -> HistoryDoc | None:
@@ -456,8 +456,8 @@ class MongoIpamStore:
     @translate_errors
     async def open_blocks(self, pool_uid: str) -> list[int]:
         """Claimed blocks not known to be used up."""
-        cursor = self._blocks.find({"pool_uid": pool_uid, "full": False}, {"k": 1})
-        return sorted([d["k"] async for d in cursor])
+        docs = await read_all(self._blocks.find({"pool_uid": pool_uid, "full": False}, {"k": 1}))
+        return sorted(d["k"] for d in docs)
 
     @translate_errors
     async def mark_block_full(self, pool_uid: str, k: int) -> None:

@@ -97,6 +97,17 @@ def test_scale_and_delete_hit_their_routes(fake):
         ("POST", "/v1/apps/web/scale"), ("DELETE", "/v1/machines/m-1")]
 
 
+def test_a_scale_in_that_could_not_remove_a_machine_names_it_and_exits_1(fake):
+    fake.answers[("POST", "/v1/apps/web/scale")] = (200, {
+        "created": [], "destroying": ["m-2"],
+        "failed": [{"id": "m-3", "reason": "conflict", "detail": "a resize is in flight"}]})
+
+    result = _run("app", "scale", "web", "1")
+
+    assert result.exit_code == 1
+    assert "m-3: conflict (a resize is in flight)" in result.output
+
+
 def test_config_order_option_env_file_default(tmp_path: Path):
     cfg = tmp_path / ".config" / "dockvm"
     cfg.mkdir(parents=True)
