@@ -13,6 +13,7 @@ import random
 import subprocess
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -78,8 +79,17 @@ def _cleanup(state: Path) -> None:
             subprocess.run(["losetup", "-d", line.split()[0]], check=False)
 
 
+@dataclass
+class Scale:
+    """An admin client of this test's gateway, its pool's VLAN and the agent's state dir."""
+
+    api: aiohttp.ClientSession
+    vlan: int
+    state: Path
+
+
 @pytest.fixture
-async def api(start_service, service_env, tmp_path) -> AsyncIterator[aiohttp.ClientSession]:
+async def scale(start_service, service_env, tmp_path) -> AsyncIterator[Scale]:
     """ipam, one agent and the gateway, with a fresh /24 pool on a VLAN of this run."""
     n = random.randint(100, 250)
     state = tmp_path / "agent"
@@ -118,9 +128,7 @@ async def api(start_service, service_env, tmp_path) -> AsyncIterator[aiohttp.Cli
                         if any(h["id"] == HOST for h in (await r.json())["items"]):
                             break
                     await asyncio.sleep(0.2)
-            session.vlan = 2000 + n  # type: ignore[attr-defined]
-            session.state = state  # type: ignore[attr-defined]
-            yield session
+            yield Scale(session, 2000 + n, state)
     finally:
         _cleanup(state)
 
@@ -139,7 +147,10 @@ async def _delete(api: aiohttp.ClientSession, mid: str) -> int:
         await asyncio.sleep(0.2)
 
 
-async def test_a_batch_of_50_runs_with_distinct_ips_and_is_destroyed_without_leftovers(api):
+async def test_a_batch_of_50_runs_with_distinct_ips_and_is_destroyed_without_leftovers(
+    scale: Scale,
+):
+    api = scale.api
     spec = {
         "app": "scale",
         "image": IMAGE,
@@ -147,7 +158,7 @@ async def test_a_batch_of_50_runs_with_distinct_ips_and_is_destroyed_without_lef
         "memory": "64m",
         "disk": "512m",
         "dc": "dc1",
-        "vlan_id": api.vlan,
+        "vlan_id": scale.vlan,
         "count": N,
     }
     async with api.post("/v1/machines?wait=600", json=spec) as r:
@@ -168,7 +179,7 @@ async def test_a_batch_of_50_runs_with_distinct_ips_and_is_destroyed_without_lef
             await asyncio.sleep(0.5)
 
     assert set(statuses) == {202}
-    assert _engine_leftovers(api.state, ids) == {
+    assert _engine_leftovers(scale.state, ids) == {
         "containers": [],
         "networks": [],
         "loop devices": [],
