@@ -51,6 +51,8 @@ from .steps import SagaMatch, StepSpec, StepTable, new_op_id, saga_of, timeout_r
 __all__ = ["Clock", "SagaDriver"]
 
 log = structlog.get_logger("gateway.sagas")
+# Sagas re-sent at once at start; each is a write and a publish.
+_RESUME_WIDTH = 16
 
 
 class Clock(Protocol):
@@ -266,13 +268,20 @@ class SagaDriver:
     async def resume(self) -> int:
         """At start: re-send the current step of every saga in flight; return how many."""
         docs = await self.store.in_flight()
-        for doc in docs:
+        # Machines are independent (each has its own lock), and a start with many sagas in
+        # flight must not keep the gateway unready: re-send them side by side, a bounded few.
+        gate = asyncio.Semaphore(_RESUME_WIDTH)
+
+        async def resume_one(doc: MachineDoc) -> None:
             if doc.get("saga") is None:
-                continue
-            try:
-                await self.send_step(doc)
-            except DomainError as err:
-                log.warning("saga not resumed", machine_id=doc["_id"], error=str(err))
+                return
+            async with gate:
+                try:
+                    await self.send_step(doc)
+                except DomainError as err:
+                    log.warning("saga not resumed", machine_id=doc["_id"], error=str(err))
+
+        await asyncio.gather(*(resume_one(doc) for doc in docs))
         if docs:
             log.info("sagas resumed", count=len(docs))
         return len(docs)
