@@ -159,9 +159,11 @@ async def _ssh_hostname(ip: str) -> str:
 def _containers(ids: list[str]) -> list[str]:
     client = docker.DockerClient(base_url="unix:///var/run/docker.sock")
     try:
-        return [c.labels["dockvm.machine_id"] for c in client.containers.list(
-            all=True, filters={"label": "dockvm.machine_id"})
-            if c.labels["dockvm.machine_id"] in ids]
+        # The low-level list: the high-level one inspects each container in a second call, and
+        # one another test's agent removes in between would raise a 404.
+        listed = client.api.containers(all=True, filters={"label": "dockvm.machine_id"})
+        return [c["Labels"]["dockvm.machine_id"] for c in listed
+                if c["Labels"]["dockvm.machine_id"] in ids]  # fmt: skip
     finally:
         client.close()
 

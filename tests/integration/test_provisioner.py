@@ -8,6 +8,7 @@ prefix and is removed afterwards, even when the test fails.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import uuid
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import asyncssh
 import docker
+import docker.errors
 import pytest
 
 from libs.common.bus import AmqpPublisher, connect, host_key
@@ -59,9 +61,12 @@ def _mounts_under(state: Path) -> list[str]:
 
 def _cleanup(client: docker.DockerClient, state: Path, machine_prefix: str) -> None:
     """Remove everything this run made: containers, mounts, loop devices, networks."""
-    for c in client.containers.list(all=True, filters={"label": "dockvm.machine_id"}):
-        if c.labels.get("dockvm.machine_id", "").startswith(machine_prefix):
-            c.remove(force=True)
+    # The low-level list: the high-level one inspects each container afterwards, and another
+    # agent of this module may remove one in between (a 404 in teardown, not a failure of ours).
+    for c in client.api.containers(all=True, filters={"label": "dockvm.machine_id"}):
+        if c["Labels"].get("dockvm.machine_id", "").startswith(machine_prefix):
+            with contextlib.suppress(docker.errors.NotFound):
+                client.api.remove_container(c["Id"], force=True)
     for mnt in _mounts_under(state):
         subprocess.run(["umount", "-l", mnt], check=False)
     for dev in _loops_of(state):
@@ -190,6 +195,8 @@ async def _agent(tmp: Path, **env: str) -> AsyncIterator[Agent]:
     finally:
         if agent.proc is not None:
             agent.proc.kill()
+            if agent.proc.proc is not None:
+                await agent.proc.proc.wait()
         _cleanup(client, state, PREFIX)
         client.close()
         await probe.close()
