@@ -1,6 +1,6 @@
 """Versioned bus contracts: the envelope, plus one module per service for its messages."""
 
-from . import gateway, imagesync, ipam, monitor, provisioner, releases
+from . import bastion, gateway, imagesync, ipam, monitor, provisioner, releases
 from .envelope import Command, Envelope, Event, Message, UnknownMessageType, message_model, register
 
 __all__ = [
@@ -9,6 +9,7 @@ __all__ = [
     "Event",
     "Message",
     "UnknownMessageType",
+    "bastion",
     "gateway",
     "imagesync",
     "ipam",
