@@ -26,6 +26,7 @@ from .handlers import (
     build_handlers,
     release_handlers,
 )
+from .listing import MachineIndex
 from .service import Releases, SagaDriver, StoreDirectory
 from .settings import GatewaySettings
 from .store import GatewayStore, ReleaseStore
@@ -57,8 +58,10 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
     """Wire the gateway service for the life of the process."""
     settings = ctx.settings
     assert isinstance(settings, GatewaySettings)
-    store = GatewayStore(ctx.db)
+    index = MachineIndex(settings.list_refresh_s)
+    store = GatewayStore(ctx.db, index)
     await store.setup()
+    await index.reload(store.all_summaries)
     driver = SagaDriver(store, ctx.publisher, settings)
     await bootstrap_admin(store, settings.token_path())
 
@@ -87,6 +90,13 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
     ctx.every(settings.release_sweep_s, releases.sweep, "release-sweep")
     ctx.every(settings.saga_tick_s, driver.tick, "saga-tick", now=False)
     ctx.every(settings.host_check_s, driver.hosts.check_hosts, "host-check")
+    # A short tick; the index itself decides when a reload is due (see listing.py).
+    ctx.every(
+        min(1.0, settings.list_refresh_s),
+        lambda: index.refresh(store.all_summaries),
+        "machine-index",
+        now=False,
+    )
     ctx.every(settings.known_announce_s, driver.hosts.announce_known, "machines-known", now=False)
 
     async def prune() -> None:

@@ -30,6 +30,8 @@ class GatewaySettings(CommonSettings):
     action_step_timeout_s: float = Field(default=60.0, gt=0)
     step_attempts: int = Field(default=3, ge=1, le=20)
     saga_tick_s: float = Field(default=1.0, gt=0)
+    # The machine list is served from memory; other replicas' changes show within this.
+    list_refresh_s: float = Field(default=2.0, gt=0)
     rpc_timeout_s: float = Field(default=10.0, gt=0)
     # Releases: how long a machine may take to answer a deploy, and how often to sweep.
     deploy_timeout_s: float = Field(default=600.0, gt=0)

@@ -23,6 +23,8 @@ summary one change behind until the machine's next write or the next start, whic
 every summary that is missing or differs (:meth:`GatewayStore.setup`, idempotent); an old
 database gets its summaries the same way. A write that changes no listed field (``last_op``)
 leaves the summary alone, so a list item's ``updated_at`` is when a listed field last changed.
+Pages are served from memory (:mod:`.listing`), which this store keeps current with every
+summary it writes; the collection is what the index loads from and what queries by id read.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from .documents import (
 )
 from .domain import ACTIVE_STATES, DcLoad, Res
 from .domain.rollout import MachineStatus, ReleaseStatus
+from .listing import MachineIndex
 
 __all__ = [
     "GatewayStore",
@@ -187,13 +190,17 @@ def _listed(summary: dict[str, Any] | None) -> dict[str, Any] | None:
     return None if summary is None else {k: v for k, v in summary.items() if k != "updated_at"}
 
 
-async def _insert_new(coll: AsyncCollection[Any], docs: list[Any]) -> None:
-    """Insert ``docs``; ones whose id exists already (a replayed request) are kept."""
+async def _insert_new(coll: AsyncCollection[Any], docs: list[Any]) -> set[int]:
+    """Insert ``docs``; ones whose id exists already (a replayed request) are kept. Return the
+    positions in ``docs`` of those kept."""
     try:
         await coll.insert_many(docs, ordered=False)
     except BulkWriteError as err:
-        if any(e.get("code") != 11000 for e in err.details.get("writeErrors", [])):
+        errors = err.details.get("writeErrors", [])
+        if any(e.get("code") != 11000 for e in errors):
             raise
+        return {e["index"] for e in errors}
+    return set()
 
 
 class MachineStore(Protocol):
@@ -289,8 +296,9 @@ class MachineStore(Protocol):
 class GatewayStore:
     """All of the gateway's reads and writes."""
 
-    def __init__(self, db: AsyncDatabase) -> None:
+    def __init__(self, db: AsyncDatabase, index: MachineIndex | None = None) -> None:
         self._db = db
+        self.index = index
         self.machines = db[MACHINES]
         self.summaries_coll = db[SUMMARIES]
         self.hosts = db[HOSTS]
@@ -337,6 +345,8 @@ class GatewayStore:
         """Replace the machine's summary whole (called under its machine lock)."""
         summary = summary_of(doc)
         await self.summaries_coll.replace_one({"_id": summary["_id"]}, summary, upsert=True)
+        if self.index is not None:
+            self.index.put(dict(summary))
 
     # --- machines ---------------------------------------------------------------------------
 
@@ -347,7 +357,11 @@ class GatewayStore:
             return
         # The machines first: a summary never lists a machine that is not stored.
         await _insert_new(self.machines, docs)
-        await _insert_new(self.summaries_coll, [summary_of(d) for d in docs])
+        summaries = [summary_of(d) for d in docs]
+        kept = await _insert_new(self.summaries_coll, summaries)
+        if self.index is not None:
+            # Not the ones a replay found stored: theirs may have moved on since.
+            self.index.put_all(dict(s) for i, s in enumerate(summaries) if i not in kept)
 
     @translate_errors
     async def get(self, machine_id: str) -> MachineDoc | None:
@@ -371,9 +385,17 @@ class GatewayStore:
     async def summaries(
         self, filters: dict[str, Any], limit: int, after: str | None = None
     ) -> list[MachineSummary]:
-        """A page of machine summaries matching ``filters``, after ``after``, in id order."""
+        """A page of machine summaries matching ``filters``, after ``after``, in id order: from
+        the in-memory index once it is loaded, except for queries by id (see listing.py)."""
+        if self.index is not None and self.index.ready and "_id" not in filters:
+            return self.index.page(filters, limit, after)  # type: ignore[return-value]
         query = page_query(filters, after)
         return await read_all(self.summaries_coll.find(query).sort("_id", 1).limit(limit))
+
+    @translate_errors
+    async def all_summaries(self) -> list[MachineSummary]:
+        """Every machine's summary (what the in-memory index reloads from)."""
+        return await read_all(self.summaries_coll.find({}))
 
     @translate_errors
     async def app_machines(self, app: str, active_only: bool = True) -> list[MachineDoc]:

@@ -10,15 +10,25 @@ import pytest
 from libs.common.errors import TransientError
 from services.gateway.domain import Res
 from services.gateway.fakes import MemoryGatewayStore
+from services.gateway.listing import MachineIndex
 from services.gateway.store import GatewayStore
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-@pytest.fixture(params=["memory", "mongo"])
+@pytest.fixture(params=["memory", "mongo", "indexed"])
 async def store(request, mongo_db):
-    s = MemoryGatewayStore() if request.param == "memory" else GatewayStore(mongo_db)
+    """The in-memory twin, the store on the real database, and that store with the machine
+    list served from its in-memory index (loaded, so pages come from memory)."""
+    if request.param == "memory":
+        s = MemoryGatewayStore()
+    elif request.param == "mongo":
+        s = GatewayStore(mongo_db)
+    else:
+        s = GatewayStore(mongo_db, MachineIndex(refresh_s=3600))
     await s.setup()
+    if request.param == "indexed":
+        await s.index.reload(s.all_summaries)
     return s
 
 
