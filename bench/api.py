@@ -393,7 +393,8 @@ async def main(batches: list[int], rounds: int, seconds: float) -> None:
                         flush=True,
                     )
                     done.append(one)
-        _report_batches(done)
+        if done:
+            _report_batches(done)
         print(f"## GET /v1/machines?limit=100 with 1,000 machines, 16 clients, {seconds:g}s each")
         res = await bench_list(gw.url, token, db_name, seconds)
         (rps, p99), (prps, pp99) = res["ours"], res["peer"]
