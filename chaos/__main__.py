@@ -1,0 +1,71 @@
+"""``python -m chaos``: run the chaos scenarios on a private stack and print the table.
+
+    .venv/bin/python -m chaos [--rounds N | --quick] [--only 'kill-*,registry-down']
+        [--no-disruptive] [--batch 10] [--pushes 20] [--dockerd-machines 50]
+        [--dockerd-restarts 6] [--loop-seconds 20] [--budget-minutes 60] [--list]
+
+Exit status 1 when any round of any scenario broke what must hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from bench._common import machine
+from chaos.report import table
+from chaos.scenarios import SCENARIOS, Params
+from chaos.suite import run_suite, select
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m chaos", description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, help="rounds of every scenario (default: its own)")
+    ap.add_argument("--quick", action="store_true", help="one round of each scenario")
+    ap.add_argument("--only", default="", help="comma-separated names or shell patterns")
+    ap.add_argument(
+        "--no-disruptive",
+        action="store_true",
+        help="skip the RabbitMQ, FerretDB and dockerd restarts (they disturb the whole machine)",
+    )
+    ap.add_argument("--batch", type=int, default=10, help="machines per create (kill scenarios)")
+    ap.add_argument("--pushes", type=int, default=20)
+    ap.add_argument("--dockerd-machines", type=int, default=50)
+    ap.add_argument("--dockerd-restarts", type=int, default=6)
+    ap.add_argument("--loop-seconds", type=float, default=20.0)
+    ap.add_argument("--budget-minutes", type=float, default=60.0, help="no round starts past it")
+    ap.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the flags, run, print the table; the exit status."""
+    a = _args(argv)
+    if a.list:
+        for s in SCENARIOS:
+            flag = " (disruptive)" if s.disruptive else ""
+            print(f"{s.name:26} {s.rounds:3} rounds{flag}  {s.holds}")
+        return 0
+    only = [p.strip() for p in a.only.split(",") if p.strip()]
+    try:
+        scenarios = select(only, disruptive=not a.no_disruptive)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    params = Params(
+        batch=a.batch,
+        pushes=a.pushes,
+        dockerd_machines=a.dockerd_machines,
+        dockerd_restarts=a.dockerd_restarts,
+        loop_s=a.loop_seconds,
+    )
+    rounds = 1 if a.quick else a.rounds
+    print(f"# chaos — {machine()}", flush=True)
+    outcomes = asyncio.run(run_suite(scenarios, params, rounds, a.budget_minutes * 60))
+    print(table(outcomes))
+    return 0 if all(o.ok for o in outcomes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Restarts of the shared local stack: RabbitMQ, FerretDB and dockerd.
+
+They disturb everything on this machine (a running ``make run``, other test runs), so only the
+scenarios marked disruptive call them, and ``make test`` never does. Each returns how long the
+component was away, in seconds. A restart is done the way an operator would: RabbitMQ's
+application is stopped and started in its node (every connection drops, every queue restarts);
+FerretDB and dockerd get SIGTERM and are started again by ``scripts/stack.sh up``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+import aiohttp
+
+from tests.support.stack import RABBIT_API, RABBIT_HEADERS
+
+ROOT = Path(__file__).resolve().parents[1]
+STATE = Path(os.environ.get("DOCKVM_STATE_DIR", "/var/lib/dockvm"))
+NODE = os.environ.get("DOCKVM_RABBITMQ_NODENAME", "rabbit")
+
+
+async def _run(*argv: str, timeout: float = 180.0) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        raise
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited {proc.returncode}: {out.decode()[-500:]}")
+
+
+async def _wait_gone(pid: int, timeout: float) -> None:
+    async with asyncio.timeout(timeout):
+        # Another process's exit has no event to wait on: poll.
+        while Path(f"/proc/{pid}").exists():  # noqa: ASYNC110
+            await asyncio.sleep(0.2)
+
+
+def _pid(path: Path) -> int:
+    return int(path.read_text().split()[0])
+
+
+async def _sigterm_and_up(pid: int, grace: float) -> float:
+    """SIGTERM ``pid``, wait until it is gone, start what is missing; the seconds it took."""
+    t0 = time.monotonic()
+    os.kill(pid, 15)
+    await _wait_gone(pid, grace)
+    await _run(str(ROOT / "scripts" / "stack.sh"), "up")
+    return time.monotonic() - t0
+
+
+async def restart_rabbitmq() -> float:
+    """``rabbitmqctl stop_app`` then ``start_app``; the seconds the broker was away."""
+    t0 = time.monotonic()
+    await _run("rabbitmqctl", "-n", NODE, "stop_app")
+    await _run("rabbitmqctl", "-n", NODE, "start_app")
+    return time.monotonic() - t0
+
+
+async def restart_ferretdb() -> float:
+    """SIGTERM FerretDB (the stack's pid file) and start it again."""
+    return await _sigterm_and_up(_pid(STATE / "run" / "ferretdb.pid"), 30)
+
+
+async def restart_dockerd() -> float:
+    """SIGTERM dockerd (it stops its containers first) and start it again."""
+    return await _sigterm_and_up(_pid(Path("/var/run/docker.pid")), 120)
+
+
+async def consumed_queues(vhost: str) -> set[str]:
+    """The queues of ``vhost`` that have at least one consumer now."""
+    url = f"{RABBIT_API}/queues/{quote(vhost, safe='')}?columns=name,consumers"
+    try:
+        async with aiohttp.ClientSession(headers=RABBIT_HEADERS) as s, s.get(url) as r:
+            if r.status != 200:
+                return set()
+            return {q["name"] for q in await r.json() if q.get("consumers")}
+    except aiohttp.ClientError:
+        return set()
+
+
+async def wait_consumers(vhost: str, queues: set[str], timeout: float = 120.0) -> float:
+    """Seconds until every queue of ``queues`` has a consumer again (inf past ``timeout``)."""
+    t0 = time.monotonic()
+    try:
+        async with asyncio.timeout(timeout):
+            while not queues <= await consumed_queues(vhost):  # noqa: ASYNC110 (polls an API)
+                await asyncio.sleep(0.5)
+    except TimeoutError:
+        return float("inf")
+    return time.monotonic() - t0
