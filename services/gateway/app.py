@@ -59,7 +59,7 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
     settings = ctx.settings
     assert isinstance(settings, GatewaySettings)
     index = MachineIndex(settings.list_refresh_s)
-    store = GatewayStore(ctx.db, index)
+    store = GatewayStore(ctx.db, index, transitions_kept=settings.transitions_kept)
     await store.setup()
     await index.reload(store.all_summaries)
     driver = SagaDriver(store, ctx.publisher, settings)

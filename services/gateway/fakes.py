@@ -17,7 +17,16 @@ from libs.common.errors import ConflictError
 
 from .documents import AppDoc, HostDoc, MachineDoc, MachineSummary, SagaRecord
 from .domain import ACTIVE_STATES, DcLoad, Res
-from .store import changes_summary, dc_load, hash_token, history, page_query, summary_of
+from .store import (
+    TRANSITIONS_KEPT,
+    capped_transitions,
+    changes_summary,
+    dc_load,
+    hash_token,
+    history,
+    page_query,
+    summary_of,
+)
 
 __all__ = ["MemoryGatewayStore"]
 
@@ -59,7 +68,8 @@ def _matches(doc: Mapping[str, Any], query: dict[str, Any]) -> bool:
 class MemoryGatewayStore:
     """The subset of the gateway store the saga driver and the API use, in dicts."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, transitions_kept: int = TRANSITIONS_KEPT) -> None:
+        self.transitions_kept = transitions_kept
         self.machines: dict[str, MachineDoc] = {}
         # Written where the Mongo store writes them, so list answers are the same.
         self.summaries_by_id: dict[str, MachineSummary] = {}
@@ -135,6 +145,9 @@ class MemoryGatewayStore:
         if saga is not False:
             doc["saga"] = copy.deepcopy(saga)
         doc.setdefault("transitions", []).extend(history(via, to_state, at, reason))
+        trimmed = capped_transitions(doc["transitions"], self.transitions_kept)
+        if trimmed is not None:
+            doc["transitions"] = trimmed
         self.summaries_by_id[machine_id] = summary_of(copy.deepcopy(doc))
         return copy.deepcopy(doc)
 

@@ -32,6 +32,9 @@ class GatewaySettings(CommonSettings):
     saga_tick_s: float = Field(default=1.0, gt=0)
     # The machine list is served from memory; other replicas' changes show within this.
     list_refresh_s: float = Field(default=2.0, gt=0)
+    # A machine keeps its first transition and this many of its latest (a failed create's
+    # whole path, under 10, is always kept).
+    transitions_kept: int = Field(default=50, ge=10, le=10_000)
     rpc_timeout_s: float = Field(default=10.0, gt=0)
     # Releases: how long a machine may take to answer a deploy, and how often to sweep.
     deploy_timeout_s: float = Field(default=600.0, gt=0)

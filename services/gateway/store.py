@@ -61,9 +61,11 @@ from .domain.rollout import MachineStatus, ReleaseStatus
 from .listing import MachineIndex
 
 __all__ = [
+    "TRANSITIONS_KEPT",
     "GatewayStore",
     "MachineStore",
     "ReleaseStore",
+    "capped_transitions",
     "changes_summary",
     "dc_load",
     "hash_token",
@@ -123,6 +125,20 @@ def history(
         *({"state": s, "at": at, "reason": None} for s in via),
         {"state": to_state, "at": at, "reason": reason},
     ]
+
+
+# How many of a machine's latest transitions it keeps (besides its first): DOCKVM_TRANSITIONS_KEPT.
+TRANSITIONS_KEPT = 50
+
+
+def capped_transitions(
+    transitions: list[dict[str, Any]], kept: int = TRANSITIONS_KEPT
+) -> list[dict[str, Any]] | None:
+    """The first transition and the last ``kept``; None when the list is within that cap (a
+    machine that flaps for months must not grow a document every read has to load)."""
+    if len(transitions) <= kept + 1:
+        return None
+    return [transitions[0], *transitions[len(transitions) - kept :]]
 
 
 # What a list item shows; a summary holds these, ``pending`` (the saga's op) and ``_id``.
@@ -296,9 +312,16 @@ class MachineStore(Protocol):
 class GatewayStore:
     """All of the gateway's reads and writes."""
 
-    def __init__(self, db: AsyncDatabase, index: MachineIndex | None = None) -> None:
+    def __init__(
+        self,
+        db: AsyncDatabase,
+        index: MachineIndex | None = None,
+        *,
+        transitions_kept: int = TRANSITIONS_KEPT,
+    ) -> None:
         self._db = db
         self.index = index
+        self.transitions_kept = transitions_kept
         self.machines = db[MACHINES]
         self.summaries_coll = db[SUMMARIES]
         self.hosts = db[HOSTS]
@@ -435,8 +458,22 @@ class GatewayStore:
                 return_document=ReturnDocument.AFTER,
             )
             if doc is not None:
+                doc = await self._trim_transitions(doc)
                 await self._write_summary(doc)
             return doc
+
+    async def _trim_transitions(self, doc: MachineDoc) -> MachineDoc:
+        """Cap the machine's transitions (called under its machine lock, after a push)."""
+        trimmed = capped_transitions(doc.get("transitions") or [], self.transitions_kept)
+        if trimmed is None:
+            return doc
+        # Only if nothing was written since: a later push (another replica's) is never lost,
+        # and its own transition trims the list instead.
+        await self.machines.update_one(
+            {"_id": doc["_id"], "updated_at": doc["updated_at"]},
+            {"$set": {"transitions": trimmed}},
+        )
+        return {**doc, "transitions": trimmed}
 
     @translate_errors
     async def update(
