@@ -85,7 +85,8 @@ SessionKind = Literal["exec", "shell", "sftp", "menu"]
 EndReason = Literal[
     "exit",  # the remote command or shell ended
     "client_closed",  # the user's client went away
-    "revoked",  # the grant was revoked or expired
+    "revoked",  # the grant was revoked
+    "grant_expired",
     "user_removed",
     "ended_by_admin",  # bastion.session.end
     "idle",

@@ -1,0 +1,83 @@
+"""Wiring of the bastion: the one place adapters meet handlers and the SSH server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import structlog
+
+from libs.common.contracts.bastion import COMMAND_QUEUE
+from libs.common.runner import ServiceContext
+from libs.common.settings import SettingsError
+
+from .handlers import BINDINGS, handlers
+from .keys import load_keys
+from .relay import Relay, RelayConfig
+from .service import Access, Admin, LiveSessions
+from .settings import BastionSettings
+from .sshd import listen
+from .store import MongoBastionStore, MongoMachineDirectory
+
+log = structlog.get_logger("bastion.app")
+
+
+@asynccontextmanager
+async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
+    """Wire the bastion for the life of the process."""
+    settings = ctx.settings
+    assert isinstance(settings, BastionSettings)
+    keys = await asyncio.to_thread(load_keys, settings.state_dir)
+    store = MongoBastionStore(ctx.db)
+    live = LiveSessions(
+        store,
+        ctx.publisher,
+        owner=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
+        idle_timeout_s=settings.bastion_idle_timeout_s,
+        max_session_s=settings.bastion_max_session_s,
+    )
+    closed = await live.recover()
+    if closed:
+        log.warning("sessions of a previous bastion closed", count=closed)
+    await live.refresh_rules()
+    access = Access(store, MongoMachineDirectory(ctx.db), ctx.publisher)
+    relay = Relay(
+        access,
+        live,
+        keys,
+        RelayConfig(
+            settings.state_dir, settings.bastion_cert_ttl_s, settings.bastion_connect_timeout_s
+        ),
+    )
+    await ctx.consume(COMMAND_QUEUE, BINDINGS, handlers(Admin(store, live), keys), dedupe=False)
+    try:
+        server = await listen(
+            settings.bastion_ssh_host,
+            settings.bastion_ssh_port,
+            keys,
+            access,
+            relay,
+            login_timeout_s=settings.bastion_login_timeout_s,
+        )
+    except OSError as err:
+        raise SettingsError(
+            f"bastion: cannot listen for SSH on "
+            f"{settings.bastion_ssh_host}:{settings.bastion_ssh_port}: {err}"
+        ) from err
+    ctx.every(settings.bastion_watch_interval_s, live.watch, "watch-sessions")
+    ctx.every(10, live.refresh_rules, "refresh-rules", now=False)
+    log.info(
+        "ssh listening",
+        host=settings.bastion_ssh_host,
+        port=server.sockets[0].getsockname()[1] if server.sockets else None,
+    )
+    try:
+        yield
+    finally:
+        live.end_where(lambda _s: True, "bastion_shutdown")
+        server.close()
+        await server.wait_closed()
