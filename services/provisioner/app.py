@@ -14,6 +14,8 @@ from libs.common.errors import DomainError, TransientError
 from libs.common.maven import MavenRepository
 from libs.common.runner import ServiceContext
 
+from .adapters.bastion import NftSshGuard, UserCaKey, parse_sources
+from .adapters.host import HostCommands
 from .adapters.network import make_network
 from .adapters.runtime import RESYNC, DockerRuntime
 from .adapters.shell import DockerMachineShell
@@ -72,7 +74,16 @@ def _agent(
         vg=settings.lvm_vg,
         command_timeout_s=settings.host_command_timeout_s,
     )
-    return ProvisionerService(_agent_config(settings), runtime, network, volumes, publisher)
+    guard = None
+    if settings.ssh_guard:
+        sources = parse_sources(settings.bastion_source)
+        guard = NftSshGuard(sources, HostCommands(settings.host_command_timeout_s))
+    user_ca = UserCaKey(settings.ca_pubkey_path)
+    user_ca.current()  # read at start, so an absent key is reported now, not at a first create
+    return ProvisionerService(
+        _agent_config(settings), runtime, network, volumes, publisher,
+        guard=guard, user_ca=user_ca,
+    )  # fmt: skip
 
 
 def _deployer(settings: ProvisionerSettings, session: aiohttp.ClientSession) -> Deployer:
@@ -121,8 +132,8 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
         )
         ctx.every(settings.heartbeat_interval_s, upkeep.heartbeat, "heartbeat")
         ctx.every(settings.reconcile_interval_s, upkeep.reconcile, "reconcile", now=False)
-        # Only an OVS port goes with the network namespace that every container start replaces.
-        if agent.network.kind == "ovs":
+        # An OVS port and the SSH guard go with the network namespace every start replaces.
+        if agent.network.kind == "ovs" or agent.guard is not None:
             ctx.spawn(_replumb_on_start(runtime, upkeep), "replumb")
         log.info(
             "provisioner wired",

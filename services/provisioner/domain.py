@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 
+from libs.common.contracts.bastion import MACHINE_CA_PATH
 from libs.common.contracts.provisioner import ContainerCreate, ContainerResize
 from libs.common.errors import ValidationFailed
 from libs.common.units import format_bytes
@@ -21,6 +22,7 @@ __all__ = [
     "CAPABILITIES",
     "CPU_PERIOD",
     "LABEL_APP",
+    "LABEL_DIRECT_SSH",
     "LABEL_GATEWAY",
     "LABEL_IP",
     "LABEL_MACHINE",
@@ -55,6 +57,8 @@ LABEL_IP = "dockvm.ip"
 LABEL_VLAN = "dockvm.vlan"
 LABEL_PREFIX = "dockvm.prefix_len"
 LABEL_GATEWAY = "dockvm.gateway"
+# Set ("true") only on a break-glass machine: root's keys installed, SSH open to any source.
+LABEL_DIRECT_SSH = "dockvm.direct_ssh"
 _RESERVED_LABEL = "dockvm."
 
 # What sshd (privilege separation, chroot, audit of logins) and the init need, nothing more.
@@ -242,8 +246,10 @@ def build_spec(
     environment_file: str | None = None,
     pids_limit: int = 4096,
     stop_timeout_s: int = 30,
+    user_ca_file: str | None = None,
 ) -> ContainerSpec:
-    """The container of ``cmd``: limits, labels, sshd keys, /data and the LXCFS views."""
+    """The container of ``cmd``: limits, labels, sshd's trust (the bastion's user CA; root's
+    keys only for ``direct_ssh``), /data and the LXCFS views."""
     labels = {
         **cmd.labels,
         LABEL_MACHINE: cmd.machine_id,
@@ -254,9 +260,14 @@ def build_spec(
         LABEL_GATEWAY: str(cmd.gateway),
     }
     env = {"OMP_NUM_THREADS": str(max(1, math.ceil(cmd.cpus))), **cmd.env}
-    if cmd.ssh_authorized_keys:
-        env["DOCKVM_AUTHORIZED_KEYS"] = "\n".join(k.strip() for k in cmd.ssh_authorized_keys)
+    if cmd.direct_ssh:
+        labels[LABEL_DIRECT_SSH] = "true"
+        if cmd.ssh_authorized_keys:
+            keys = "\n".join(k.strip() for k in cmd.ssh_authorized_keys)
+            env["DOCKVM_AUTHORIZED_KEYS"] = keys
     mounts = [Mount(data_path, "/data")]
+    if user_ca_file is not None:
+        mounts.append(Mount(user_ca_file, MACHINE_CA_PATH, read_only=True))
     if environment_file is not None:
         mounts.append(Mount(environment_file, "/etc/environment", read_only=True))
     if lxcfs_root is not None:

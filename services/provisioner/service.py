@@ -45,6 +45,7 @@ from libs.common.contracts.provisioner import (
 )
 from libs.common.errors import DomainError, NotFoundError, TransientError, ValidationFailed
 
+from .adapters.bastion import SshGuard, UserCaKey
 from .adapters.network import NetworkDriver
 from .adapters.runtime import ContainerInfo, ContainerRuntime
 from .adapters.volumes import VolumeDriver
@@ -103,8 +104,14 @@ class ProvisionerService:
         volumes: VolumeDriver,
         publisher: Publisher,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        guard: SshGuard | None = None,
+        user_ca: UserCaKey | None = None,
     ) -> None:
         self.config = config
+        # The bastion's edge: the SSH source guard and the user CA machines trust (None: none).
+        self.guard = guard
+        self.user_ca = user_ca
         self.runtime = runtime
         self.network = network
         self.volumes = volumes
@@ -171,6 +178,7 @@ class ProvisionerService:
             )
             data = await self.volumes.ensure(cmd.machine_id, cmd.disk)
             environment = self._write_environment(cmd.machine_id, cmd.cpus)
+            user_ca = self._write_user_ca(cmd.machine_id, create=True)
             spec = build_spec(
                 cmd,
                 data_path=str(data),
@@ -181,10 +189,12 @@ class ProvisionerService:
                 environment_file=environment,
                 pids_limit=self.config.pids_limit,
                 stop_timeout_s=self.config.stop_timeout_s,
+                user_ca_file=user_ca,
             )
             await self.runtime.create(spec)
             info = await self.runtime.start(cmd.machine_id)
             await self.network.plumb(info)
+            await self.secure(info)
         except (DomainError, TransientError) as err:
             log.warning("create failed, undoing", machine_id=cmd.machine_id, error=str(err))
             # A VLAN network that existed before serves other machines: only ours goes.
@@ -201,6 +211,7 @@ class ProvisionerService:
                 await self.volumes.mount(machine_id)
                 info = await self.runtime.start(machine_id)
             await self.network.plumb(info)
+            await self.secure(info)
         except (DomainError, TransientError) as err:
             return ContainerCreateFailed(
                 machine_id=machine_id,
@@ -265,6 +276,30 @@ class ProvisionerService:
             f.write(machine_environment(cpus))
         return str(path)
 
+    def _write_user_ca(self, machine_id: str, *, create: bool = False) -> str | None:
+        """Write the machine's copy of the bastion's user CA key in place, if it changed
+        (``create``: also when the machine has none yet); "" while there is no key."""
+        if self.config.files_dir is None:
+            return None
+        path = self.config.files_dir / machine_id / "user_ca.pub"
+        if not create and not path.exists():
+            return None  # a machine made before the bastion: nothing is bound to update
+        key = self.user_ca.current() if self.user_ca is not None else ""
+        if not path.exists() or path.read_text() != key:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "w") as f:
+                f.write(key)
+        return str(path)
+
+    async def secure(self, info: ContainerInfo) -> None:
+        """The bastion's hold on a running machine: its CA copy is current, its SSH port
+        answers only the bastion (after every start, and at every reconcile)."""
+        if not info.running:
+            return
+        self._write_user_ca(info.machine_id)
+        if self.guard is not None:
+            await self.guard.apply(info)
+
     async def _remove_files(self, machine_id: str) -> None:
         if self.config.files_dir is None:
             return
@@ -307,6 +342,7 @@ class ProvisionerService:
                     else:
                         info = await self.runtime.start(cmd.machine_id)
                     await self.network.plumb(info)
+                    await self.secure(info)
             except (DomainError, TransientError) as err:
                 return self._action_failed(cmd.machine_id, action, err)
         return ContainerActionDone(
@@ -346,6 +382,8 @@ class ProvisionerService:
         if await self.volumes.destroy(machine_id):
             self.capacity.disk_freed()
         await self._remove_files(machine_id)
+        if self.guard is not None:
+            self.guard.forget(machine_id)
         if vlan is not None:
             await self.network.release(machine_id, vlan)
         self.orphans.forget(machine_id)

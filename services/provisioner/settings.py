@@ -7,7 +7,10 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
+from libs.common.contracts.bastion import CA_PUBLIC_KEY_FILE
 from libs.common.settings import HostAgentSettings
+
+from .adapters.bastion import parse_sources
 
 __all__ = ["ProvisionerSettings"]
 
@@ -58,6 +61,26 @@ class ProvisionerSettings(HostAgentSettings):
 
     # Reported in the heartbeat, for placement.
     labels: dict[str, str] = Field(default_factory=dict)
+
+    # The bastion's edge. Machines trust the user CA public key in bastion_ca_pubkey (default:
+    # the bastion's own file under the state dir; absent: no certificate is trusted, a warning).
+    # Their SSH port answers only bastion_source ("10.0.0.1,10.2.0.0/24"; empty: each machine's
+    # network gateway, where a bastion on this host connects from), unless ssh_guard is off.
+    bastion_ca_pubkey: Path | None = None
+    bastion_source: str = ""
+    ssh_guard: bool = True
+
+    @field_validator("bastion_source")
+    @classmethod
+    def _sources(cls, value: str) -> str:
+        """Refuse a source that is not an IPv4 address or network, naming it."""
+        parse_sources(value)
+        return value
+
+    @property
+    def ca_pubkey_path(self) -> Path:
+        """The bastion user CA public key file the machines are given."""
+        return self.bastion_ca_pubkey or self.state_dir / CA_PUBLIC_KEY_FILE
 
     @field_validator("create_parallelism")
     @classmethod

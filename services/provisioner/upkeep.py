@@ -141,7 +141,8 @@ class HostUpkeep:
         return observed
 
     async def _heal(self, info: ContainerInfo) -> None:
-        """Put back what a host reboot or a dockerd restart took: the disk, the OVS port."""
+        """Put back what a host reboot or a dockerd restart took: the disk, the OVS port, the
+        SSH guard (and a changed bastion CA key)."""
         if not info.running:
             return
         try:
@@ -150,6 +151,7 @@ class HostUpkeep:
                 log.warning("disk was not mounted, restarting machine", machine_id=info.machine_id)
                 info = await self.runtime.restart(info.machine_id, self.agent.config.stop_timeout_s)
             await self.network.plumb(info)
+            await self.agent.secure(info)
         except (DomainError, TransientError) as err:
             log.error("heal failed", machine_id=info.machine_id, error=str(err))
 
@@ -168,13 +170,14 @@ class HostUpkeep:
         )
 
     async def replumb(self, machine_id: str) -> None:
-        """After the engine reports a start: re-attach the machine's network port (bounded; a
-        failure is logged, so the stream of starts goes on)."""
+        """After the engine reports a start: re-attach the machine's network port and its SSH
+        guard (bounded; a failure is logged, so the stream of starts goes on)."""
         try:
             async with self._bounded("replumb", machine_id=machine_id):
                 async with self.agent.lock(machine_id):
                     info = await self.runtime.find(machine_id)
                     if info is not None:
                         await self.network.plumb(info)
+                        await self.agent.secure(info)
         except (DomainError, TransientError) as err:
             log.error("re-plumb failed", machine_id=machine_id, error=str(err))

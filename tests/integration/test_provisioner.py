@@ -157,6 +157,7 @@ def create_cmd(mid: str, **overrides: object) -> ContainerCreate:
         "vlan_id": 3101,
         "hostname": "m1",
         "ssh_authorized_keys": [KEY.export_public_key().decode()],
+        "direct_ssh": True,  # these tests log in with the key itself (break-glass)
         "labels": {"team": "ops"},
     }
     fields.update(overrides)

@@ -80,7 +80,7 @@ def test_a_create_the_host_cannot_serve_is_refused_with_a_reason(overrides, reas
 
 def test_spec_is_hardened_labelled_and_carries_keys_limits_and_lxcfs():
     spec = build_spec(
-        _create(),
+        _create(direct_ssh=True),
         data_path="/state/volumes/mnt/m-1",
         network="dockvm-vlan12",
         static_ip=True,
@@ -98,6 +98,7 @@ def test_spec_is_hardened_labelled_and_carries_keys_limits_and_lxcfs():
         "dockvm.vlan": "12",
         "dockvm.prefix_len": "24",
         "dockvm.gateway": "10.1.2.1",
+        "dockvm.direct_ssh": "true",
     }
     assert spec.env == {
         "OMP_NUM_THREADS": "2",

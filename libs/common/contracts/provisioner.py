@@ -64,6 +64,9 @@ class ContainerCreate(Command):
     hostname: str = Field(pattern=HOSTNAME_RE)
     ssh_authorized_keys: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
+    # Break-glass: root's ssh_authorized_keys are installed and SSH answers any source. Off,
+    # the machine trusts only the bastion's user CA and answers SSH only from the bastion.
+    direct_ssh: bool = False
     labels: dict[str, str] = Field(default_factory=dict)
 
 

@@ -1,0 +1,188 @@
+"""A machine's side of the bastion: the user CA its sshd trusts, and the one source its SSH
+port answers.
+
+- The user CA: the bastion's CA public key (one OpenSSH line, a file on this host named by
+  ``DOCKVM_BASTION_CA_PUBKEY``) is copied per machine and bound read-only onto the machine's
+  ``TrustedUserCAKeys`` file. The copy is written in place (a bind mount follows the inode), so
+  a key that appears or changes later (the bastion started after the agent, a new CA) reaches
+  running machines at the next reconcile. An absent key is an empty file: no certificate is
+  trusted, and the agent says so once.
+- The SSH guard: an nftables table (``inet dockvm_ssh``) in the machine's network namespace
+  accepts port 22 only from the bastion's source addresses and resets every other attempt
+  (a reset, not a drop: a refused client is told at once instead of timing out). It is written
+  from the host with ``nsenter -t <pid> -n nft -f -`` in one nft transaction that replaces the
+  table, so re-applying is idempotent and never leaves a half rule set. The machine cannot lift
+  it: it runs without CAP_NET_ADMIN. Docker gives a container a fresh namespace on every start,
+  which comes without the table, so the agent applies it after its own starts, on the engine's
+  start events and at every reconcile; a container whose (pid, start time) it already guarded
+  still holds its table and is skipped. Between a start and the rule (milliseconds, the time
+  of one nft call) sshd may answer anyone; it then still trusts only the bastion's CA.
+  A ``direct_ssh`` (break-glass) machine gets no table: its point is to be reachable when the
+  bastion is not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from ipaddress import IPv4Network
+from pathlib import Path
+from typing import Protocol
+
+import asyncssh
+import structlog
+
+from ..domain import LABEL_DIRECT_SSH, LABEL_GATEWAY
+from .host import HostCommands
+from .runtime import ContainerInfo
+
+__all__ = [
+    "NFT_TABLE",
+    "NftSshGuard",
+    "SshGuard",
+    "UserCaKey",
+    "allowed_sources",
+    "parse_sources",
+    "ssh_ruleset",
+]
+
+log = structlog.get_logger("provisioner.bastion")
+
+NFT_TABLE = "dockvm_ssh"
+SSH_PORT = 22
+
+
+def parse_sources(value: str | Iterable[str]) -> tuple[IPv4Network, ...]:
+    """``"10.0.0.1, 10.1.0.0/24"`` (or a list) as networks; a bad item is refused by name."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    out = []
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        try:
+            out.append(IPv4Network(item, strict=False))
+        except ValueError as err:
+            raise ValueError(f"{item!r} is not an IPv4 address or network") from err
+    return tuple(out)
+
+
+def allowed_sources(
+    info: ContainerInfo, configured: tuple[IPv4Network, ...]
+) -> tuple[IPv4Network, ...] | None:
+    """Where a machine's SSH may come from: the configured bastion source, else the machine's
+    network gateway (the host, where a host-local bastion connects from); None for a
+    break-glass (``direct_ssh``) machine, which is left open."""
+    if info.labels.get(LABEL_DIRECT_SSH) == "true":
+        return None
+    if configured:
+        return configured
+    gateway = info.labels.get(LABEL_GATEWAY)
+    return (IPv4Network(f"{gateway}/32"),) if gateway else ()
+
+
+def ssh_ruleset(sources: Iterable[IPv4Network]) -> str:
+    """One nft transaction that (re)places the table: port 22 from ``sources`` only."""
+    nets = sorted({str(n) for n in sources})
+    accept = f"\t\ttcp dport {SSH_PORT} ip saddr {{ {', '.join(nets)} }} accept\n" if nets else ""
+    # "table; delete table; table {...}": the delete never fails, and nft applies all or none.
+    return (
+        f"table inet {NFT_TABLE}\n"
+        f"delete table inet {NFT_TABLE}\n"
+        f"table inet {NFT_TABLE} {{\n"
+        "\tchain input {\n"
+        "\t\ttype filter hook input priority 0; policy accept;\n"
+        f"{accept}"
+        f"\t\ttcp dport {SSH_PORT} reject with tcp reset\n"
+        "\t}\n"
+        "}\n"
+    )
+
+
+class SshGuard(Protocol):
+    """Port: keep a machine's SSH port answering only the bastion."""
+
+    async def apply(self, info: ContainerInfo) -> bool:
+        """Guard the running container (no-op if already guarded); True if rules were written."""
+        ...
+
+    def forget(self, machine_id: str) -> None:
+        """The machine is gone: drop what is remembered of it."""
+        ...
+
+
+@dataclass
+class NftSshGuard:
+    """The SSH guard as an nftables table written into the machine's network namespace."""
+
+    sources: tuple[IPv4Network, ...] = ()
+    commands: HostCommands = field(default_factory=HostCommands)
+    # machine_id -> the (pid, start) of the container whose namespace holds our table.
+    _guarded: dict[str, tuple[int, datetime | None]] = field(default_factory=dict)
+
+    async def apply(self, info: ContainerInfo) -> bool:
+        """Write the table into the container's namespace unless that namespace has it."""
+        if not info.running or info.pid <= 0:
+            return False
+        allowed = allowed_sources(info, self.sources)
+        if allowed is None:
+            return False
+        marker = (info.pid, info.started_at)
+        if self._guarded.get(info.machine_id) == marker:
+            return False
+        if not allowed:
+            log.warning("no bastion source known: SSH refused from everywhere",
+                        machine_id=info.machine_id)  # fmt: skip
+        argv = ("nsenter", "-t", str(info.pid), "-n", "nft", "-f", "-")
+        await self.commands.run(*argv, input=ssh_ruleset(allowed).encode())
+        self._guarded[info.machine_id] = marker
+        return True
+
+    def forget(self, machine_id: str) -> None:
+        """Forget the machine's guarded namespace."""
+        self._guarded.pop(machine_id, None)
+
+
+class UserCaKey:
+    """The bastion's user CA public key, read from its file when that file changes."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._seen: tuple[float, int] | None = None
+        self._key = ""
+        self._warned = False
+
+    def current(self) -> str:
+        """The key line (with a newline), or "" while there is none; re-read on a change."""
+        if self.path is None:
+            return ""
+        try:
+            st = self.path.stat()
+        except OSError:
+            self._absent("absent")
+            return self._key
+        if self._seen != (st.st_mtime, st.st_size):
+            self._seen = (st.st_mtime, st.st_size)
+            self._key = self._read()
+        return self._key
+
+    def _read(self) -> str:
+        assert self.path is not None
+        try:
+            line = self.path.read_text().strip()
+            key = asyncssh.import_public_key(line)
+        except (OSError, UnicodeDecodeError, ValueError, asyncssh.KeyImportError) as err:
+            # Keep the last good key: a half-written file must not drop the trust of every
+            # machine; a CA that was never good leaves none.
+            self._absent(f"unreadable: {err}")
+            return self._key
+        self._warned = False
+        log.info("bastion user CA key loaded", path=str(self.path),
+                 fingerprint=key.get_fingerprint())  # fmt: skip
+        return line + "\n"
+
+    def _absent(self, why: str) -> None:
+        if not self._warned:
+            log.warning("bastion user CA key unavailable: machines trust no certificate",
+                        path=str(self.path), why=why)  # fmt: skip
+            self._warned = True
