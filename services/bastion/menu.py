@@ -12,8 +12,9 @@ __all__ = ["choose_target"]
 _MAX_LINE = 512
 
 
-async def _read_line(process: asyncssh.SSHServerProcess, echo: bool) -> str | None:
-    """One line typed by the user (echoed back on a PTY); None on Ctrl-C, Ctrl-D or EOF."""
+async def _read_line(process: asyncssh.SSHServerProcess, echo: bool) -> tuple[str | None, bytes]:
+    """One line typed by the user (echoed back on a PTY), and what she typed after it;
+    None on Ctrl-C, Ctrl-D or EOF."""
     line = bytearray()
     while len(line) < _MAX_LINE:
         try:
@@ -21,14 +22,17 @@ async def _read_line(process: asyncssh.SSHServerProcess, echo: bool) -> str | No
         except (asyncssh.TerminalSizeChanged, asyncssh.SignalReceived, asyncssh.BreakReceived):
             continue
         if not data:
-            return None
-        for b in data:
+            return None, b""
+        for i, b in enumerate(data):
             if b in (0x0D, 0x0A):
                 if echo:
                     process.stdout.write(b"\r\n")
-                return line.decode("utf-8", "replace").strip()
+                rest = data[i + 1 :]
+                if b == 0x0D and rest[:1] == b"\n":
+                    rest = rest[1:]
+                return line.decode("utf-8", "replace").strip(), rest
             if b in (0x03, 0x04):
-                return None
+                return None, b""
             if b in (0x7F, 0x08):
                 if line:
                     del line[-1]
@@ -38,13 +42,14 @@ async def _read_line(process: asyncssh.SSHServerProcess, echo: bool) -> str | No
                 line.append(b)
                 if echo:
                     process.stdout.write(bytes([b]))
-    return line.decode("utf-8", "replace").strip()
+    return line.decode("utf-8", "replace").strip(), b""
 
 
 async def choose_target(
     process: asyncssh.SSHServerProcess, access: Access, user: str
-) -> Target | None:
-    """List what ``user`` may reach and read her pick; None if she picks nothing."""
+) -> tuple[Target | None, bytes]:
+    """List what ``user`` may reach and read her pick (None if she picks nothing), with what
+    she typed after it (for the machine)."""
     choices = await access.reachable(user)
     if not choices:
         raise Refused("no machine is granted to you", reason="no_grant")
@@ -57,13 +62,13 @@ async def choose_target(
             f"app {m['app']}, as {g['login']}"
         )
     process.stdout.write((nl.join(rows) + nl + "Number or login@machine (empty: quit): ").encode())
-    answer = await _read_line(process, echo=pty)
+    answer, rest = await _read_line(process, echo=pty)
     if not answer:
-        return None
+        return None, b""
     if answer.isdigit():
         n = int(answer)
         if not 1 <= n <= len(choices):
             raise Refused(f"no machine number {n} (1-{len(choices)})", reason="bad_target")
         machine, grant = choices[n - 1]
-        return Target(grant["login"], machine["_id"], None)
-    return parse_target(answer)
+        return Target(grant["login"], machine["_id"], None), rest
+    return parse_target(answer), rest

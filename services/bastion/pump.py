@@ -46,8 +46,11 @@ class Pump:
         self.bytes_in = 0
         self.bytes_out = 0
 
-    async def run(self) -> None:
-        """Relay until the machine closes its side (or the user's goes away)."""
+    async def run(self, typed: bytes = b"") -> None:
+        """Relay until the machine closes its side (or the user's goes away); ``typed`` is
+        input the user sent before the relay started (after her pick in the menu)."""
+        if typed:
+            await self._input(typed)
         up = asyncio.ensure_future(self._up())
         try:
             await asyncio.gather(
@@ -94,10 +97,13 @@ class Pump:
             if not data:
                 self._remote.stdin.write_eof()
                 return
-            self.bytes_in += len(data)
-            self._live.touch()
-            self._cast.input(data)
-            await self._send(data)
+            await self._input(data)
+
+    async def _input(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        self._live.touch()
+        self._cast.input(data)
+        await self._send(data)
 
     async def _send(self, data: bytes) -> None:
         if self._check is None:

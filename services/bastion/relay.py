@@ -18,6 +18,7 @@ status (1; 126 for a command a rule refused), and nothing stays open.
 from __future__ import annotations
 
 import asyncio
+import random
 import secrets
 import time
 from dataclasses import dataclass
@@ -70,6 +71,15 @@ def _say(process: asyncssh.SSHServerProcess, text: str) -> None:
         pass
 
 
+def _unreachable(auth: Authorized, err: BaseException) -> Refused:
+    m = auth.machine
+    detail = getattr(err, "reason", None) or str(err) or type(err).__name__
+    return Refused(
+        f"cannot reach {m['hostname']} ({m['ip']}) as {auth.login}: {detail}",
+        reason="machine_unreachable",
+    )
+
+
 def _exit(process: asyncssh.SSHServerProcess, status: int, signal: Any = None) -> None:
     try:
         if signal:
@@ -102,13 +112,14 @@ class Relay:
                 raise Refused(msg, reason="bad_target")
             target, command = parse_request(process.command)
             target_text = str(target) if target else None
+            typed = b""
             if target is None:
-                target = await choose_target(process, self._access, user)
+                target, typed = await choose_target(process, self._access, user)
                 if target is None:
                     _exit(process, 0)
                     return
                 target_text = str(target)
-            await self._session(process, user, peer, target, command)
+            await self._session(process, user, peer, target, command, typed)
         except DomainError as err:
             await self._access.refused(user, err, target=target_text, client_addr=peer)
             _say(process, str(err))
@@ -123,8 +134,13 @@ class Relay:
         if rule is None:
             return
         m = auth.machine
-        facts = {"user": auth.user["_id"], "login": auth.login, "machine_id": m["_id"],
-                 "ip": m.get("ip"), "kind": "exec"}
+        facts = {
+            "user": auth.user["_id"],
+            "login": auth.login,
+            "machine_id": m["_id"],
+            "ip": m.get("ip"),
+            "kind": "exec",
+        }
         await self._live.blocked(facts, command, rule)
         raise Refused(
             f"command refused by rule {rule.id} ({rule.pattern})", reason="command_blocked"
@@ -137,38 +153,61 @@ class Relay:
         creds = self._keys.sign(
             auth.login, f"bastion:{auth.user['_id']}:{session_id}", self._config.cert_ttl_s
         )
-        try:
-            return await asyncio.wait_for(
-                asyncssh.connect(
-                    str(m["ip"]),
-                    22,
-                    username=auth.login,
-                    client_keys=[(creds.key, creds.cert)],
-                    known_hosts=None,
-                    agent_path=None,
-                    preferred_auth="publickey",
-                    connect_timeout=self._config.connect_timeout_s,
-                ),
-                self._config.connect_timeout_s,
-            )
-        except (OSError, asyncssh.Error, TimeoutError) as err:
-            detail = getattr(err, "reason", None) or str(err) or type(err).__name__
-            raise Refused(
-                f"cannot reach {m['hostname']} ({m['ip']}) as {auth.login}: {detail}",
-                reason="machine_unreachable",
-            ) from err
+        # sshd drops handshakes beyond MaxStartups (10 by default) at random: a burst of
+        # sessions to one machine gets some connections reset, worth a few quick retries.
+        for attempt in range(4):
+            try:
+                return await asyncio.wait_for(
+                    asyncssh.connect(
+                        str(m["ip"]),
+                        22,
+                        username=auth.login,
+                        client_keys=[(creds.key, creds.cert)],
+                        known_hosts=None,
+                        agent_path=None,
+                        preferred_auth="publickey",
+                        connect_timeout=self._config.connect_timeout_s,
+                    ),
+                    self._config.connect_timeout_s,
+                )
+            except (ConnectionResetError, asyncssh.ConnectionLost) as err:
+                if attempt == 3:
+                    raise _unreachable(auth, err) from err
+                await asyncio.sleep(0.1 * 2**attempt + random.random() * 0.1)
+            except (OSError, asyncssh.Error, TimeoutError) as err:
+                raise _unreachable(auth, err) from err
+        raise AssertionError("unreachable")
 
-    def _doc(self, process: asyncssh.SSHServerProcess, auth: Authorized, session_id: str,
-             command: str | None, peer: str | None) -> SessionDoc:
+    def _doc(
+        self,
+        process: asyncssh.SSHServerProcess,
+        auth: Authorized,
+        session_id: str,
+        command: str | None,
+        peer: str | None,
+    ) -> SessionDoc:
         m, started = auth.machine, utcnow()
         return {
-            "_id": session_id, "owner": self._live.owner, "user": auth.user["_id"],
-            "login": auth.login, "machine_id": m["_id"], "app": m.get("app"),
-            "ip": m.get("ip"), "hostname": m.get("hostname"),
-            "kind": "exec" if command else "shell", "command": command, "client_addr": peer,
-            "grant_id": auth.grant["_id"], "record_input": bool(auth.grant["record_input"]),
-            "started_at": started, "ended_at": None, "live": True, "exit_status": None,
-            "end_reason": None, "bytes_in": 0, "bytes_out": 0,
+            "_id": session_id,
+            "owner": self._live.owner,
+            "user": auth.user["_id"],
+            "login": auth.login,
+            "machine_id": m["_id"],
+            "app": m.get("app"),
+            "ip": m.get("ip"),
+            "hostname": m.get("hostname"),
+            "kind": "exec" if command else "shell",
+            "command": command,
+            "client_addr": peer,
+            "grant_id": auth.grant["_id"],
+            "record_input": bool(auth.grant["record_input"]),
+            "started_at": started,
+            "ended_at": None,
+            "live": True,
+            "exit_status": None,
+            "end_reason": None,
+            "bytes_in": 0,
+            "bytes_out": 0,
             "recording_path": str(
                 recording_path(self._config.state_dir / "bastion", session_id, started)
             ),
@@ -181,6 +220,7 @@ class Relay:
         peer: str | None,
         target: Target,
         command: str | None,
+        typed: bytes = b"",
     ) -> None:
         auth = await self._access.authorize(user, target)
         if command:
@@ -196,7 +236,9 @@ class Relay:
                 encoding=None,
             )
             doc = self._doc(process, auth, session_id, command, peer)
-            status, signal = await self._relay(process, remote, doc, auth, (width, height, term))
+            status, signal = await self._relay(
+                process, remote, doc, auth, (width, height, term), typed
+            )
         if doc["end_reason"] not in (None, "exit"):
             _say(process, f"session ended: {doc['end_reason'].replace('_', ' ')}")
             _exit(process, EXIT_ENDED)
@@ -210,12 +252,18 @@ class Relay:
         doc: SessionDoc,
         auth: Authorized,
         term: tuple[int, int, str | None],
+        typed: bytes,
     ) -> tuple[int | None, Any]:
         width, height, term_type = term
         title = f"{doc['user']} as {doc['login']}@{doc['hostname']} ({doc['ip']})"
         cast = CastWriter(
-            Path(doc["recording_path"] or ""), width, height, doc["started_at"],
-            {"TERM": term_type or ""}, title, record_input=doc["record_input"],
+            Path(doc["recording_path"] or ""),
+            width,
+            height,
+            doc["started_at"],
+            {"TERM": term_type or ""},
+            title,
+            record_input=doc["record_input"],
         )
         ending = asyncio.Event()
         live = LiveSession(doc, auth.user["uid"], on_end=lambda _reason: ending.set())
@@ -224,12 +272,15 @@ class Relay:
             await self._live.blocked(doc, line, rule)
 
         pump = Pump(
-            process, remote, cast, live,
+            process,
+            remote,
+            cast,
+            live,
             check=self._live.blocking_rule if doc["kind"] == "shell" else None,
             on_blocked=on_blocked,
         )
         await self._live.start(live)
-        relay = asyncio.ensure_future(pump.run())
+        relay = asyncio.ensure_future(pump.run(typed))
         stop = asyncio.ensure_future(ending.wait())
         gone = asyncio.ensure_future(process.wait_closed())
         try:
@@ -246,8 +297,12 @@ class Relay:
             for task in (stop, gone):
                 task.cancel()
             cast.close()
-            fields = {"exit_status": remote.exit_status, "bytes_in": pump.bytes_in,
-                      "bytes_out": pump.bytes_out, "recording_size": cast.size}
+            fields = {
+                "exit_status": remote.exit_status,
+                "bytes_in": pump.bytes_in,
+                "bytes_out": pump.bytes_out,
+                "recording_size": cast.size,
+            }
             try:
                 await self._live.finish(live, fields)
             except Exception:

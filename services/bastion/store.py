@@ -255,6 +255,3 @@ class MongoMachineDirectory:
         if not apps and not ids:
             return []
         return await self._find({"$or": [{"app": {"$in": apps}}, {"_id": {"$in": ids}}]})
-
-
-

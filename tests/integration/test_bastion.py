@@ -2,9 +2,31 @@
 
 from __future__ import annotations
 
-from libs.common.contracts.bastion import SessionList
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+import pytest
+
+from libs.common.contracts.bastion import (
+    GrantAdd,
+    GrantList,
+    GrantRevoke,
+    RecordingGet,
+    RuleAdd,
+    RuleList,
+    RuleRemove,
+    SessionEnd,
+    SessionGet,
+    SessionList,
+    UserRemove,
+)
 
 from .test_bastion_support import (  # noqa: F401
+    ALICE,
+    MALLORY,
     Bastion,
     bastion_fixture,
     bastion_state_fixture,
@@ -22,3 +44,248 @@ async def test_exec_runs_the_command_and_returns_its_exit_status(bastion: Bastio
     assert ended[0].exit_status == 3 and ended[0].user == "alice"
     listing = await bastion.call(SessionList(user="alice"))
     assert [s.exit_status for s in listing.sessions] == [3]
+
+
+async def _read_until(stream: asyncssh.SSHReader[bytes], needle: bytes, seen: bytearray,
+                      timeout: float = 15) -> None:
+    """Read ``stream`` into ``seen`` until ``needle`` is in it."""
+    async with asyncio.timeout(timeout):
+        while needle not in seen:
+            data = await stream.read(4096)
+            assert data, f"EOF before {needle!r}; got {bytes(seen)!r}"
+            seen += data
+
+
+async def _cast(bastion: Bastion, session_id: str) -> list[Any]:
+    """A session's recording through the RPC, chunk by chunk, parsed."""
+    text, offset = "", 0
+    while True:
+        chunk = await bastion.call(RecordingGet(session_id=session_id, offset=offset, limit=4096))
+        assert chunk.TYPE == "bastion.recording.chunk", chunk
+        text += chunk.data
+        offset = chunk.next_offset
+        if chunk.eof:
+            return [json.loads(line) for line in text.splitlines()]
+
+
+async def test_a_pty_shell_follows_resizes_and_its_recording_replays_the_bytes_seen(
+    bastion: Bastion,
+):
+    await bastion.grant(record_input=True)
+    seen = bytearray()
+    async with await bastion.connect() as conn:
+        proc = await conn.create_process(
+            bastion.target(), term_type="xterm", term_size=(80, 24), encoding=None
+        )
+        proc.stdin.write(b"stty size; tty\n")
+        await _read_until(proc.stdout, b"24 80", seen)
+        await _read_until(proc.stdout, b"/dev/pts/", seen)
+        proc.change_terminal_size(132, 40)
+        proc.stdin.write(b"stty size\n")
+        await _read_until(proc.stdout, b"40 132", seen)
+        proc.stdin.write("echo \u00e9t\u00e9 done\n".encode())
+        await _read_until(proc.stdout, "\u00e9t\u00e9 done\r\n".encode(), seen)
+        proc.stdin.write(b"exit 5\n")
+        async with asyncio.timeout(15):
+            while data := await proc.stdout.read(4096):
+                seen += data
+            await proc.wait_closed()
+        assert proc.exit_status == 5
+    ended = (await bastion.probe.wait_for("session.ended"))[0]
+    cast = await _cast(bastion, ended.session_id)
+    header, events = cast[0], cast[1:]
+    assert (header["version"], header["width"], header["height"]) == (2, 80, 24)
+    assert "".join(e[2] for e in events if e[1] == "o").encode() == bytes(seen)
+    assert ["132x40"] == [e[2] for e in events if e[1] == "r"]
+    assert "exit 5\n" in "".join(e[2] for e in events if e[1] == "i")
+    assert [e[0] for e in events] == sorted(e[0] for e in events)
+    info = await bastion.call(SessionGet(id=ended.session_id))
+    assert (info.kind, info.live, info.exit_status, info.end_reason) == ("shell", False, 5, "exit")
+    assert info.bytes_out == len(seen) and info.recording_size > len(seen)
+
+
+async def test_the_real_openssh_client_runs_a_command_through_the_bastion(
+    bastion: Bastion, tmp_path: Path
+):
+    await bastion.grant()
+    key = tmp_path / "alice"
+    key.write_bytes(ALICE.export_private_key())
+    key.chmod(0o600)
+    ssh = await asyncio.create_subprocess_exec(
+        "ssh", "-i", str(key), "-p", str(bastion.ssh_port), "-o", "BatchMode=yes",
+        "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+        "-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR", "alice@127.0.0.1",
+        bastion.target(), "cat /etc/hostname; exit 7",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(ssh.communicate(), 30)
+    assert (out, ssh.returncode) == (b"web-1\n", 7), err
+
+
+async def test_no_target_shows_the_menu_and_the_pick_opens_a_shell(bastion: Bastion):
+    await bastion.grant()
+    seen = bytearray()
+    async with await bastion.connect() as conn:
+        proc = await conn.create_process(term_type="xterm", term_size=(100, 30), encoding=None)
+        await _read_until(proc.stdout, b"(empty: quit): ", seen)
+        assert bastion.box.ip.encode() in seen and b"web-1" in seen
+        proc.stdin.write(b"1\r")
+        proc.stdin.write(b"echo $((6*7)); exit\n")
+        await _read_until(proc.stdout, b"42", seen)
+        async with asyncio.timeout(15):
+            await proc.wait_closed()
+        assert proc.exit_status == 0
+
+
+@pytest.mark.parametrize(
+    ("setup", "command", "reason"),
+    [
+        ("none", "root@{ip} true", "no_grant"),
+        ("expired", "root@{ip} true", "grant_expired"),
+        ("other_app", "root@{ip} true", "no_grant"),
+        ("other_login", "admin@{ip} true", "no_grant"),
+        ("mine", "root@10.254.254.254 true", "unknown_machine"),
+        ("mine", "root@not/a/target true", "bad_target"),
+        ("mine", "Root!@{ip} true", "bad_target"),
+    ],
+)
+async def test_a_login_without_a_live_grant_is_refused_with_one_line_and_audited(
+    bastion: Bastion, setup: str, command: str, reason: str
+):
+    if setup == "expired":
+        grant = await bastion.grant(ttl_s=1)
+        await _until_expired(bastion, grant.id)
+    elif setup == "other_app":
+        await bastion.call(GrantAdd(user="alice", app="db", ttl_s=600))
+    elif setup == "mine":
+        await bastion.grant()
+    async with await bastion.connect() as conn:
+        result = await conn.run(command.format(ip=bastion.box.ip))
+    assert result.exit_status == 1
+    assert result.stdout == "" and result.stderr.startswith("bastion: ")
+    assert result.stderr.count("\n") == 1, result.stderr
+    refused = await bastion.probe.wait_for("session.refused")
+    assert (refused[0].user, refused[0].reason) == ("alice", reason)
+    assert (await bastion.call(SessionList(user="alice"))).sessions == []
+
+
+async def _until_expired(bastion: Bastion, grant_id: str) -> None:
+    async with asyncio.timeout(10):
+        while True:
+            listing = await bastion.call(GrantList(user="alice", include_expired=True))
+            if not [g for g in listing.grants if g.id == grant_id and g.active]:
+                return
+            await asyncio.sleep(0.2)
+
+
+async def test_a_wrong_key_or_an_unknown_user_is_refused_and_audited(bastion: Bastion):
+    await bastion.grant()
+    with pytest.raises(asyncssh.PermissionDenied):
+        await bastion.connect(key=MALLORY)
+    with pytest.raises(asyncssh.PermissionDenied):
+        await bastion.connect(user="bob")
+    refused = await bastion.probe.wait_for("session.refused", count=2)
+    assert sorted((r.user, r.reason) for r in refused) == [
+        ("alice", "bad_key"), ("bob", "unknown_user")
+    ]
+
+
+async def test_the_users_own_key_does_not_open_the_machine_directly(bastion: Bastion):
+    await bastion.grant()
+    with pytest.raises(asyncssh.PermissionDenied):
+        await asyncssh.connect(bastion.box.ip, username="root", client_keys=[ALICE],
+                               known_hosts=None, agent_path=None, connect_timeout=10)
+    async with await bastion.connect() as conn:
+        assert (await conn.run(f"{bastion.target()} true")).exit_status == 0
+
+
+async def test_port_forwarding_is_refused(bastion: Bastion):
+    await bastion.grant()
+    async with await bastion.connect() as conn:
+        with pytest.raises(asyncssh.ChannelOpenError):
+            await conn.open_connection(bastion.box.ip, 22)
+        with pytest.raises(asyncssh.ChannelListenError):
+            await conn.start_server(lambda *_: None, "127.0.0.1", 0)
+
+
+@pytest.mark.parametrize("how", ["revoke", "remove_user", "end_session"])
+async def test_revoking_during_a_live_session_ends_it_within_5s(bastion: Bastion, how: str):
+    grant = await bastion.grant()
+    async with await bastion.connect() as conn:
+        proc = await conn.create_process(bastion.target(), term_type="xterm", encoding=None)
+        seen = bytearray()
+        proc.stdin.write(b"echo ready\n")
+        await _read_until(proc.stdout, b"ready", seen)
+        started = (await bastion.probe.wait_for("session.started"))[0]
+        if how == "revoke":
+            reply = await bastion.call(GrantRevoke(id=grant.id))
+            reason = "revoked"
+        elif how == "remove_user":
+            reply = await bastion.call(UserRemove(name="alice"))
+            reason = "user_removed"
+        else:
+            reply = await bastion.call(SessionEnd(id=started.session_id))
+            reason = "ended_by_admin"
+        assert reply.TYPE != "bastion.rejected", reply
+        async with asyncio.timeout(5):
+            await proc.wait_closed()
+        assert proc.exit_status == 255
+    ended = (await bastion.probe.wait_for("session.ended"))[0]
+    assert ended.end_reason == reason
+
+
+async def test_a_blocked_command_is_refused_in_exec_and_in_a_shell_and_audited(
+    bastion: Bastion,
+):
+    await bastion.grant()
+    rule = await bastion.call(RuleAdd(pattern=r"^\s*(shutdown|reboot)\b", description="power"))
+    async with await bastion.connect() as conn:
+        result = await conn.run(f"{bastion.target()} shutdown -h now")
+        assert result.exit_status == 126
+        assert result.stderr == f"bastion: command refused by rule {rule.id} ({rule.pattern})\n"
+        proc = await conn.create_process(bastion.target(), term_type="xterm", encoding=None)
+        seen = bytearray()
+        proc.stdin.write(b"reboot\r")
+        await _read_until(proc.stdout, b"blocked by command rule", seen)
+        proc.stdin.write(b"echo still $((40+2))\r")
+        await _read_until(proc.stdout, b"still 42", seen)
+        proc.stdin.write(b"exit\r")
+        async with asyncio.timeout(15):
+            await proc.wait_closed()
+    blocked = await bastion.probe.wait_for("command.blocked", count=2)
+    assert [(b.kind, b.command.strip(), b.rule_id) for b in blocked] == [
+        ("exec", "shutdown -h now", rule.id), ("shell", "reboot", rule.id)
+    ]
+    assert (await bastion.call(RuleRemove(id=rule.id))).TYPE == "bastion.rule.removed"
+    assert (await bastion.call(RuleList())).rules == []
+
+
+async def test_twenty_concurrent_sessions(bastion: Bastion):
+    await bastion.grant()
+
+    async def one(i: int) -> tuple[str, int | None]:
+        async with await bastion.connect() as conn:
+            r = await conn.run(f"{bastion.target()} echo {i}; exit {i % 3}")
+            return r.stdout or str(r.stderr), r.exit_status
+
+    results = await asyncio.gather(*(one(i) for i in range(20)))
+    assert results == [(f"{i}\n", i % 3) for i in range(20)]
+    await bastion.probe.wait_for("session.ended", count=20)
+
+
+async def test_a_bastion_killed_mid_session_leaves_a_readable_recording(bastion: Bastion):
+    await bastion.grant()
+    conn = await bastion.connect()
+    proc = await conn.create_process(bastion.target(), term_type="xterm", encoding=None)
+    seen = bytearray()
+    proc.stdin.write(b"echo before-the-crash\n")
+    await _read_until(proc.stdout, b"before-the-crash\r\n", seen)
+    started = (await bastion.probe.wait_for("session.started"))[0]
+    info = await bastion.call(SessionGet(id=started.session_id))
+    bastion.proc.kill()
+    await bastion.proc.proc.wait()
+    conn.abort()
+    lines = Path(info.recording_path).read_text().splitlines()
+    events = [json.loads(line) for line in lines[1:]]
+    assert json.loads(lines[0])["version"] == 2
+    assert "".join(e[2] for e in events if e[1] == "o").encode() == bytes(seen)

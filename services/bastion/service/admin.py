@@ -114,7 +114,8 @@ class Admin:
             # A retried add with the caller's id: the grant it made is the answer.
             old = await self._store.get_grant(doc["_id"])
             same = old is not None and all(
-                old[k] == doc[k] for k in ("user", "app", "machine_id", "login")  # type: ignore[literal-required]
+                old[k] == doc[k]
+                for k in ("user", "app", "machine_id", "login")  # type: ignore[literal-required]
             )
             if not same or old is None:
                 raise
@@ -186,4 +187,3 @@ class Admin:
             raise NotFoundError(f"session {session_id} has no recording")
         data, size = read_chunk(Path(path), offset, limit)
         return RecordingSlice(path, offset, data, size, doc["live"] and self._live.has(session_id))
-
