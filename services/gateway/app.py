@@ -74,6 +74,7 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
         StoreDirectory(store),
         settings.deploy_timeout_s,
         artifacts=MavenRepository(settings.maven_url, http),
+        checks=store.checks,
     )
 
     api = build_api(GatewayState(store=store, driver=driver, rpc=ctx.rpc, settings=settings))

@@ -15,6 +15,7 @@ from typing import Any
 from libs.common.clock import utcnow
 from libs.common.errors import ConflictError
 
+from .app_checks import check_doc
 from .documents import AppDoc, HostDoc, MachineDoc, MachineSummary, SagaRecord
 from .domain import ACTIVE_STATES, DcLoad, Res
 from .store import (
@@ -28,7 +29,7 @@ from .store import (
     summary_of,
 )
 
-__all__ = ["MemoryGatewayStore"]
+__all__ = ["MemoryAppChecks", "MemoryGatewayStore"]
 
 _ACTIVE = {s.value for s in ACTIVE_STATES}
 _MISSING = object()
@@ -65,6 +66,35 @@ def _matches(doc: Mapping[str, Any], query: dict[str, Any]) -> bool:
     return True
 
 
+class MemoryAppChecks:
+    """The health checks declared per app, in a dict (:class:`.app_checks.AppCheckStore`)."""
+
+    def __init__(self) -> None:
+        self.docs: dict[str, dict[str, Any]] = {}
+
+    async def declare(
+        self, app: str, name: str, check: dict[str, Any], by: str
+    ) -> dict[str, Any]:
+        """Declare (or replace) a check."""
+        doc = self.docs[f"{app}/{name}"] = check_doc(app, name, check, by)
+        return copy.deepcopy(doc)
+
+    async def app_check(self, app: str, name: str) -> dict[str, Any] | None:
+        """The declared check, or None."""
+        return copy.deepcopy(self.docs.get(f"{app}/{name}"))
+
+    async def app_checks(self, app: str) -> list[dict[str, Any]]:
+        """Every check of ``app``, by name."""
+        return sorted(
+            (copy.deepcopy(d) for d in self.docs.values() if d["app"] == app),
+            key=lambda d: d["name"],
+        )
+
+    async def withdraw(self, app: str, name: str) -> bool:
+        """Forget a declaration."""
+        return self.docs.pop(f"{app}/{name}", None) is not None
+
+
 class MemoryGatewayStore:
     """The subset of the gateway store the saga driver and the API use, in dicts."""
 
@@ -78,6 +108,7 @@ class MemoryGatewayStore:
         self.idempotency: dict[str, dict[str, Any]] = {}
         self.tokens: dict[str, dict[str, Any]] = {}
         self.audit: list[dict[str, Any]] = []
+        self.checks = MemoryAppChecks()
 
     async def setup(self) -> None:
         """Nothing to prepare."""
@@ -276,13 +307,16 @@ class MemoryGatewayStore:
         dropped, self.audit[:] = len(self.audit) - len(kept), kept
         return len(old_keys), dropped
 
-    async def add_token(self, token: str, name: str, role: str) -> dict[str, Any]:
+    async def add_token(
+        self, token: str, name: str, role: str, apps: list[str] | None = None
+    ) -> dict[str, Any]:
         """Store a token hashed."""
         doc = {
             "_id": f"t{len(self.tokens)}",
             "hash": hash_token(token),
             "name": name,
             "role": role,
+            "apps": apps,
             "created_at": utcnow(),
             "revoked": False,
         }

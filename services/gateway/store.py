@@ -47,6 +47,7 @@ from libs.common.clock import utcnow
 from libs.common.db import ensure_indexes, read_all
 from libs.common.errors import translate_errors
 
+from .app_checks import AppCheckStore
 from .documents import (
     AppDoc,
     HostDoc,
@@ -329,6 +330,7 @@ class GatewayStore:
         self.tokens = db[TOKENS]
         self.audit = db[AUDIT]
         self.idempotency = db[IDEMPOTENCY]
+        self.checks = AppCheckStore(db)  # the health checks declared per app
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     def _machine_lock(self, machine_id: str) -> asyncio.Lock:
@@ -620,13 +622,16 @@ class GatewayStore:
     # --- tokens -----------------------------------------------------------------------------
 
     @translate_errors
-    async def add_token(self, token: str, name: str, role: str) -> dict[str, Any]:
-        """Store a token (hashed) and return its document."""
+    async def add_token(
+        self, token: str, name: str, role: str, apps: list[str] | None = None
+    ) -> dict[str, Any]:
+        """Store a token (hashed), scoped to ``apps`` when given, and return its document."""
         doc = {
             "_id": secrets.token_hex(6),
             "hash": hash_token(token),
             "name": name,
             "role": role,
+            "apps": apps,
             "created_at": utcnow(),
             "revoked": False,
         }

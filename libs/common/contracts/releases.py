@@ -15,6 +15,7 @@ from pydantic import Field, model_validator
 from .envelope import Command, Event, register
 
 __all__ = [
+    "CHECK_NAME",
     "Artifact",
     "Deploy",
     "DeployFailed",
@@ -32,6 +33,8 @@ __all__ = [
 # pydantic's regex engine has none.) Lengths are each field's max_length.
 _MAVEN_ID = r"^[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*$"
 RELEASE_ID = r"^[A-Za-z0-9_:-]+(?:\.[A-Za-z0-9_:-]+)*$"
+# The name of a health check ops declared for an app (``PUT /v1/apps/{app}/checks/{name}``).
+CHECK_NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 
 
 class Artifact(Command):
@@ -46,7 +49,12 @@ class Artifact(Command):
 
 
 class HealthCheck(Command):
-    """How a machine proves the new version works."""
+    """How a machine proves the new version works.
+
+    ``http`` and ``tcp`` probe a port of the machine's IP from its host and run nothing in it;
+    ``cmd`` runs ``target`` as root inside the machine, so it only ever comes from a check that
+    ops declared for the app (a release names it with ``ReleaseSpec.check``).
+    """
 
     TYPE = "health_check"
     type: Literal["http", "tcp", "cmd"]
@@ -67,12 +75,26 @@ class ReleaseSpec(Command):
     batch_size: int | None = Field(default=None, ge=1, le=1000)
     batch_percent: int | None = Field(default=None, ge=1, le=100)
     max_failures: int = Field(default=0, ge=0)
-    health_check: HealthCheck
+    # A named check is resolved by the gateway into ``health_check`` before anything is stored
+    # or sent, so a stored release carries both: the name, and the check that ran.
+    health_check: HealthCheck | None = None
+    check: str | None = Field(
+        default=None,
+        max_length=63,
+        pattern=CHECK_NAME,
+        description="the name of a health check declared for the app",
+    )
 
     @model_validator(mode="after")
     def _one_batch_rule(self) -> ReleaseSpec:
         if (self.batch_size is None) == (self.batch_percent is None):
             raise ValueError("give exactly one of batch_size and batch_percent")
+        return self
+
+    @model_validator(mode="after")
+    def _some_check(self) -> ReleaseSpec:
+        if self.health_check is None and self.check is None:
+            raise ValueError("give check (a check declared for the app) or health_check")
         return self
 
 

@@ -1,4 +1,5 @@
-"""The ``/v1/apps`` routes: scale an app out with its last spec, or in from its newest machines."""
+"""The ``/v1/apps`` routes: scale an app out with its last spec, or in from its newest machines;
+declare the health checks its releases may name (only those run commands in its machines)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,21 @@ from typing import Any
 
 from aiohttp import web
 
-from libs.common.errors import DomainError, TransientError
+from libs.common.errors import DomainError, NotFoundError, TransientError
 
-from ..domain.models import AppScale, ScaleFailure, ScaleResult
+from ..domain.models import (
+    AppCheckList,
+    AppCheckOut,
+    AppPath,
+    AppScale,
+    CheckDeclare,
+    CheckPath,
+    ScaleFailure,
+    ScaleResult,
+)
 from ..service import SagaDriver
 from .deps import DRIVER, STORE
-from .framework import AUDIT_TARGET, OPS, FieldErrors, RouteTable, json_response
+from .framework import ANY, AUDIT_TARGET, OPS, WHO, FieldErrors, RouteTable, json_response
 
 __all__ = ["routes"]
 
@@ -60,6 +70,7 @@ async def _scale_in(driver: SagaDriver, chosen: list[str]) -> tuple[list[str], l
     roles=OPS,
     summary="Scale an app",
     body=AppScale,
+    params=AppPath,
     response=ScaleResult,
     errors=(404,),
 )
@@ -87,3 +98,54 @@ async def scale_app(request: web.Request, body: AppScale) -> web.Response:
         app=name, count=body.count, created=created, destroying=destroying, failed=failed
     )
     return json_response(result)
+
+
+@routes.route(
+    "PUT",
+    "/v1/apps/{app}/checks/{name}",
+    roles=OPS,
+    summary="Declare a health check",
+    body=CheckDeclare,
+    params=CheckPath,
+    response=AppCheckOut,
+)
+async def declare_check(request: web.Request, body: CheckDeclare) -> web.Response:
+    """Declare (or replace) a health check the app's releases may name."""
+    app, name = request.match_info["app"], request.match_info["name"]
+    request[AUDIT_TARGET] = f"{app}/{name}"
+    doc = await request.app[STORE].checks.declare(
+        app, name, body.model_dump(), by=request[WHO].name
+    )
+    return json_response(AppCheckOut(**doc))
+
+
+@routes.route(
+    "GET",
+    "/v1/apps/{app}/checks",
+    roles=ANY,
+    summary="List an app's health checks",
+    params=AppPath,
+    response=AppCheckList,
+)
+async def list_checks(request: web.Request) -> web.Response:
+    """The health checks declared for the app, by name."""
+    docs = await request.app[STORE].checks.app_checks(request.match_info["app"])
+    return json_response(AppCheckList(items=[AppCheckOut(**d) for d in docs]))
+
+
+@routes.route(
+    "DELETE",
+    "/v1/apps/{app}/checks/{name}",
+    roles=OPS,
+    summary="Withdraw a health check",
+    params=CheckPath,
+    status=204,
+    errors=(404,),
+)
+async def withdraw_check(request: web.Request) -> web.Response:
+    """Withdraw a declared check; releases that already run it keep it."""
+    app, name = request.match_info["app"], request.match_info["name"]
+    request[AUDIT_TARGET] = f"{app}/{name}"
+    if not await request.app[STORE].checks.withdraw(app, name):
+        raise NotFoundError(f"no health check {name} declared for {app}", reason="check_not_found")
+    return web.Response(status=204)

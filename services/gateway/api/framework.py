@@ -1,11 +1,16 @@
-"""The small frame every API route goes through: roles, validation, problems, audit, OpenAPI.
+"""The small frame every API route goes through: roles, scopes, validation, problems, audit,
+OpenAPI.
 
-A route is declared once, with its roles and its body and query models. From that one
-declaration the wrapper checks the bearer token's role, validates the query string and the JSON
-body (unknown fields rejected, 422 naming every failing field) and hands the validated models to
-the handler as ``body=`` and ``query=``; it writes the audit entry of a mutating request; and the
-OpenAPI document is generated from the same models. A handler never parses its input itself, and
-a handler whose signature disagrees with its declaration is refused at import time.
+A route is declared once, with its roles, its path, body and query models, and how to find the
+app it acts on. From that one declaration the wrapper checks the bearer token's role, validates
+the path parameters, the query string (unknown or repeated parameters rejected) and the JSON body
+(unknown fields rejected, 422 naming every failing field) and hands the validated models to the
+handler as ``body=`` and ``query=``; it checks that a token scoped to some apps names only those
+(the ``app`` of the path, body or query, and the app of the machine or release the route's
+``owner`` finds); it writes the audit entry of a mutating request; and the OpenAPI document is
+generated from the same models, with every status the wrapper itself can answer. A handler never
+parses its input itself, and a handler whose signature disagrees with its declaration is refused
+at import time.
 """
 
 from __future__ import annotations
@@ -34,10 +39,12 @@ __all__ = [
     "AUDIT_TARGET",
     "OPS",
     "PROBLEM_TYPE",
+    "ROLES",
     "WHO",
     "Api",
     "FieldErrors",
     "Handler",
+    "Owner",
     "Route",
     "RouteTable",
     "Who",
@@ -51,8 +58,12 @@ PROBLEM_TYPE = "application/problem+json"
 ANY = frozenset({"admin", "ops", "release", "viewer"})
 OPS = frozenset({"admin", "ops"})
 ADMIN = frozenset({"admin"})
+# Every role a token can have (a route's ``roles`` is a subset).
+ROLES = ANY
 
 Handler = Callable[..., Awaitable[web.StreamResponse]]
+# Finds the app of the thing a route's path names (a machine, a release); None if there is none.
+Owner = Callable[[web.Request], Awaitable[str | None]]
 H = TypeVar("H", bound=Handler)
 T = TypeVar("T")
 
@@ -63,6 +74,8 @@ class Who:
 
     name: str
     role: str
+    # The apps this token may act on; None for every app.
+    apps: frozenset[str] | None = None
 
 
 WHO = web.RequestKey("gateway.who", Who)
@@ -84,6 +97,8 @@ class Route:
     response: type[BaseModel] | None = None
     status: int = 200
     errors: tuple[int, ...] = ()
+    params: type[BaseModel] | None = None
+    owner: Owner | None = None
 
     @property
     def operation_id(self) -> str:
@@ -112,13 +127,34 @@ class RouteTable:
         response: type[BaseModel] | None = None,
         status: int = 200,
         errors: tuple[int, ...] = (),
+        params: type[BaseModel] | None = None,
+        owner: Owner | None = None,
     ) -> Callable[[H], H]:
-        """Declare a route (decorator); the handler takes ``body``/``query`` iff declared."""
+        """Declare a route (decorator); the handler takes ``body``/``query`` iff declared.
+
+        ``params`` validates (and documents) the path parameters; ``owner`` finds the app of
+        the machine or release the path names, for a token's scope."""
 
         def deco(fn: H) -> H:
             _check_signature(fn, body=body, query=query)
+            unknown = set(params.model_fields) - set(_path_params(path)) if params else set()
+            if unknown:
+                raise TypeError(f"{fn.__name__}: {sorted(unknown)} are not parameters of {path}")
             self._routes.append(
-                Route(method, path, fn, roles, summary, body, query, response, status, errors)
+                Route(
+                    method,
+                    path,
+                    fn,
+                    roles,
+                    summary,
+                    body,
+                    query,
+                    response,
+                    status,
+                    errors,
+                    params,
+                    owner,
+                )
             )
             return fn
 
@@ -215,13 +251,34 @@ _TITLES = {
     404: "Not Found",
     409: "Conflict",
     422: "Unprocessable Content",
+    503: "Service Unavailable",
 }
 
 
+def _query(
+    model: type[BaseModel], request: web.Request
+) -> tuple[BaseModel | None, list[dict[str, Any]]]:
+    """The query, validated, or the failing parameters (a repeated one among them: no
+    parameter is a list, and which of two values counts would be a guess)."""
+    errors = [
+        {"field": f"query.{k}", "type": "repeated", "message": "given more than once"}
+        for k in sorted({k for k in request.query if len(request.query.getall(k)) > 1})
+    ]
+    try:
+        return model.model_validate(dict(request.query)), errors
+    except ValidationError as err:
+        return None, _field_errors(err, "query.") + errors
+
+
 async def _validated_input(route: Route, request: web.Request) -> dict[str, BaseModel]:
-    """The declared body and query, validated; one 422 naming every failing field of both."""
+    """The declared path, body and query, validated; one 422 naming every failing field."""
     found: dict[str, BaseModel] = {}
     errors: list[dict[str, Any]] = []
+    if route.params is not None:
+        try:
+            route.params.model_validate(dict(request.match_info))
+        except ValidationError as err:
+            errors += _field_errors(err, "path.")
     if route.body is not None:
         raw = await request.read()
         try:
@@ -231,10 +288,10 @@ async def _validated_input(route: Route, request: web.Request) -> dict[str, Base
                 raise DomainError("the body is not valid JSON", reason="malformed_json") from err
             errors += _field_errors(err)
     if route.query is not None:
-        try:
-            found["query"] = route.query.model_validate(dict(request.query))
-        except ValidationError as err:
-            errors += _field_errors(err, "query.")
+        query, query_errors = _query(route.query, request)
+        errors += query_errors
+        if query is not None:
+            found["query"] = query
     if errors:
         raise FieldErrors(errors)
     return found
@@ -309,7 +366,9 @@ def _wrap(route: Route) -> Handler:
     mutating = route.method not in ("GET", "HEAD")
 
     async def call(request: web.Request) -> web.StreamResponse:
-        return await route.handler(request, **await _validated_input(route, request))
+        inputs = await _validated_input(route, request)
+        await _check_scope(route, request, inputs)
+        return await route.handler(request, **inputs)
 
     async def handler(request: web.Request) -> web.StreamResponse:
         who = await _authenticate(request)
@@ -331,6 +390,34 @@ def _wrap(route: Route) -> Handler:
     return handler
 
 
+class _OutOfScope(DomainError):
+    reason = "out_of_scope"
+    status = 403
+
+
+async def _apps_named(route: Route, request: web.Request, inputs: dict[str, BaseModel]) -> set[str]:
+    """Every app the request names: in its path, body or query, or as the owner of the machine
+    or release its path names."""
+    named = {request.match_info.get("app")}
+    named |= {getattr(model, "app", None) for model in inputs.values()}
+    if route.owner is not None:
+        named.add(await route.owner(request))
+    return {a for a in named if isinstance(a, str)}
+
+
+async def _check_scope(route: Route, request: web.Request, inputs: dict[str, BaseModel]) -> None:
+    """Refuse (403) a token scoped to some apps that names another."""
+    allowed = request[WHO].apps
+    if allowed is None:
+        return
+    outside = sorted(await _apps_named(route, request, inputs) - allowed)
+    if outside:
+        raise _OutOfScope(
+            f"token {request[WHO].name} is scoped to {', '.join(sorted(allowed))}, "
+            f"not to {', '.join(outside)}"
+        )
+
+
 async def _authenticate(request: web.Request) -> Who:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
@@ -339,7 +426,8 @@ async def _authenticate(request: web.Request) -> Who:
     doc = await request.app[STORE].token_by_secret(token.strip())
     if doc is None:
         raise _Unauthorized("the token is invalid or revoked")
-    return Who(doc["name"], doc["role"])
+    apps = doc.get("apps")
+    return Who(doc["name"], doc["role"], None if apps is None else frozenset(apps))
 
 
 async def _audit(request: web.Request, who: Who, resp: web.StreamResponse) -> None:
@@ -368,8 +456,9 @@ def _operation(r: Route) -> dict[str, Any]:
         "x-roles": sorted(r.roles),
         "responses": {},
     }
+    path_schema = r.params.model_json_schema()["properties"] if r.params else {}
     params = [
-        {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+        {"name": p, "in": "path", "required": True, "schema": path_schema.get(p, _STRING)}
         for p in _path_params(r.path)
     ]
     if r.query:
@@ -394,12 +483,24 @@ def _operation(r: Route) -> dict[str, Any]:
     if r.response:
         ok["content"] = {"application/json": {"schema": _ref(r.response)}}
     op["responses"][str(r.status)] = ok
-    for code in sorted({401, 403, *r.errors, *((422,) if r.body or r.query else ())}):
+    for code in sorted({*_WRAPPER_STATUSES, *r.errors, *_input_statuses(r)}):
         op["responses"][str(code)] = {
             "description": _TITLES.get(code, "error"),
             "content": {PROBLEM_TYPE: {"schema": _ref(Problem)}},
         }
     return op
+
+
+_STRING = {"type": "string"}
+# What the wrapper may answer on any route: no or a bad token, a role or scope refused, and a
+# store or peer that did not answer in time.
+_WRAPPER_STATUSES = (401, 403, 503)
+
+
+def _input_statuses(r: Route) -> tuple[int, ...]:
+    """What validating the route's declared input may answer: 400 for a body that is not JSON,
+    422 for input that breaks a model."""
+    return ((400,) if r.body else ()) + ((422,) if r.body or r.query or r.params else ())
 
 
 class _Unauthorized(DomainError):

@@ -17,7 +17,7 @@ from libs.common.contracts import ipam
 from libs.common.contracts import monitor as mon
 from libs.common.errors import TransientError
 
-from ..domain.models import IpInfo
+from ..domain.models import IpInfo, IpPath
 from .deps import STORE, rpc_call
 from .framework import ANY, FieldErrors, RouteTable, json_response
 from .views import ipv4, machine_out
@@ -37,7 +37,12 @@ class MetricsQuery(BaseModel):
 
 
 @routes.route(
-    "GET", "/v1/ips/{ip}", roles=ANY, summary="Owner and history of an IP", response=IpInfo
+    "GET",
+    "/v1/ips/{ip}",
+    roles=ANY,
+    summary="Owner and history of an IP",
+    params=IpPath,
+    response=IpInfo,
 )
 async def show_ip(request: web.Request) -> web.Response:
     """The machine holding the IP, every machine that held it, and ipam's lease."""
@@ -65,7 +70,12 @@ async def show_ip(request: web.Request) -> web.Response:
 
 
 @routes.route(
-    "GET", "/v1/ips/{ip}/metrics", roles=ANY, summary="Metrics history of an IP", query=MetricsQuery
+    "GET",
+    "/v1/ips/{ip}/metrics",
+    roles=ANY,
+    summary="Metrics history of an IP",
+    params=IpPath,
+    query=MetricsQuery,
 )
 async def ip_metrics(request: web.Request, query: MetricsQuery) -> web.Response:
     """monitor's metrics of the IP over the window."""

@@ -16,7 +16,7 @@ from libs.common.clock import utcnow
 from libs.common.contracts import ipam
 from libs.common.errors import ConflictError, NotFoundError, TransientError
 
-from ..domain import State, largest
+from ..domain import largest
 from ..domain.models import (
     Accepted,
     AcceptedMachine,
@@ -31,6 +31,7 @@ from ..domain.models import (
 from ..service import host_views
 from .deps import DRIVER, SETTINGS, STORE, rpc_call
 from .framework import ANY, AUDIT_TARGET, OPS, FieldErrors, RouteTable, json_response
+from .scopes import machine_app
 from .views import ipv4, machine_links, machine_out, summary_out
 
 __all__ = ["ActionQuery", "routes"]
@@ -157,14 +158,10 @@ async def _machine_filters(request: web.Request, q: MachineQuery) -> dict[str, A
     if q.app:
         filters["app"] = q.app
     if q.state:
-        if q.state not in State.__members__.values():
-            raise FieldErrors.one(
-                "query.state", "enum", f"one of {', '.join(s.value for s in State)}"
-            )
-        filters["state"] = q.state
+        filters["state"] = q.state.value
     if q.host:
         if q.host not in {h["_id"] for h in await request.app[STORE].list_hosts()}:
-            raise FieldErrors.one("query.host", "unknown_host", f"no host {q.host}")
+            raise NotFoundError(f"no host {q.host}", reason="host_not_found")
         filters["host"] = q.host
     if q.ip:
         filters["ip"] = ipv4(q.ip, "query.ip")
@@ -180,6 +177,7 @@ async def _machine_filters(request: web.Request, q: MachineQuery) -> dict[str, A
     summary="List machines",
     query=MachineQuery,
     response=MachinePage,
+    errors=(404,),
 )
 async def list_machines(request: web.Request, query: MachineQuery) -> web.Response:
     """One page of machines matching the filters, in id (creation) order, from their summaries
@@ -197,6 +195,7 @@ async def list_machines(request: web.Request, query: MachineQuery) -> web.Respon
     roles=ANY,
     summary="Show a machine",
     response=MachineOut,
+    owner=machine_app,
     errors=(404,),
 )
 async def show_machine(request: web.Request) -> web.Response:
@@ -234,6 +233,7 @@ async def _act(request: web.Request, query: ActionQuery, action: str) -> web.Res
     query=ActionQuery,
     response=ActionAccepted,
     status=202,
+    owner=machine_app,
     errors=(404, 409),
 )
 async def start_machine(request: web.Request, query: ActionQuery) -> web.Response:
@@ -249,6 +249,7 @@ async def start_machine(request: web.Request, query: ActionQuery) -> web.Respons
     query=ActionQuery,
     response=ActionAccepted,
     status=202,
+    owner=machine_app,
     errors=(404, 409),
 )
 async def stop_machine(request: web.Request, query: ActionQuery) -> web.Response:
@@ -264,6 +265,7 @@ async def stop_machine(request: web.Request, query: ActionQuery) -> web.Response
     query=ActionQuery,
     response=ActionAccepted,
     status=202,
+    owner=machine_app,
     errors=(404, 409),
 )
 async def restart_machine(request: web.Request, query: ActionQuery) -> web.Response:
@@ -278,6 +280,7 @@ async def restart_machine(request: web.Request, query: ActionQuery) -> web.Respo
     summary="Resize a machine live",
     body=MachinePatch,
     response=MachineOut,
+    owner=machine_app,
     errors=(404, 409),
 )
 async def resize_machine(request: web.Request, body: MachinePatch) -> web.Response:
@@ -306,6 +309,7 @@ async def resize_machine(request: web.Request, body: MachinePatch) -> web.Respon
     query=ActionQuery,
     response=ActionAccepted,
     status=202,
+    owner=machine_app,
     errors=(404, 409),
 )
 async def delete_machine(request: web.Request, query: ActionQuery) -> web.Response:

@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from libs.common.contracts.releases import RELEASE_ID, ReleaseRequested, ReleaseSpec
 from libs.common.errors import NotFoundError
@@ -15,6 +15,7 @@ from libs.common.errors import NotFoundError
 from ..service import Releases, ReleaseStore
 from .deps import RELEASE_STORE, RELEASES
 from .framework import ANY, AUDIT_TARGET, WHO, Api, RouteTable, json_response
+from .scopes import release_app
 
 __all__ = [
     "RELEASE",
@@ -31,9 +32,25 @@ routes = RouteTable()
 
 
 class ReleaseCreate(ReleaseSpec):
-    """A release request; ``release_id`` is minted when not given."""
+    """A release request; ``release_id`` is minted when not given.
+
+    The health check is either ``check``, the name of one declared for the app (``PUT
+    /v1/apps/{app}/checks/{name}``), or an inline ``http``/``tcp`` ``health_check``, which only
+    probes a port. An inline ``cmd`` would run any command as root in the app's machines: it is
+    refused (422), whoever asks; declare it instead."""
 
     release_id: str | None = Field(default=None, max_length=64, pattern=RELEASE_ID)
+
+    @model_validator(mode="after")
+    def _declared_commands_only(self) -> ReleaseCreate:
+        if self.check is not None and self.health_check is not None:
+            raise ValueError("give check or health_check, not both")
+        if self.health_check is not None and self.health_check.type == "cmd":
+            raise ValueError(
+                "a cmd health check runs only if ops declared it for the app "
+                "(PUT /v1/apps/{app}/checks/{name}): name it with check"
+            )
+        return self
 
 
 class ReleaseMachineOut(BaseModel):
@@ -99,7 +116,7 @@ def release_out(doc: dict[str, Any]) -> ReleaseOut:
     body=ReleaseCreate,
     response=ReleaseOut,
     status=202,
-    errors=(404, 409),
+    errors=(403, 404, 409),
 )
 async def create_release(request: web.Request, body: ReleaseCreate) -> web.Response:
     """Start a rolling deploy (idempotent on ``release_id``)."""
@@ -133,6 +150,7 @@ async def list_releases(request: web.Request, query: ReleaseQuery) -> web.Respon
     summary="Show a release",
     response=ReleaseOut,
     errors=(404,),
+    owner=release_app,
 )
 async def show_release(request: web.Request) -> web.Response:
     """One release and where each of its machines is."""

@@ -1,6 +1,8 @@
 """The ``/v1/tokens`` routes: admins create, list and revoke bearer tokens.
 
 A token's secret is shown once, in the answer to its creation; the store keeps only its hash.
+A token may be scoped to some apps (``apps``): the route wrapper then refuses, with a 403, any
+request that names another app or a machine or release of another app.
 """
 
 from __future__ import annotations
@@ -30,15 +32,17 @@ routes = RouteTable()
     status=201,
 )
 async def create_token(request: web.Request, body: TokenCreate) -> web.Response:
-    """A new token with its role; the secret is in this answer only."""
+    """A new token with its role and scope; the secret is in this answer only."""
     secret = f"dvm_{secrets.token_urlsafe(32)}"
-    doc = await request.app[STORE].add_token(secret, body.name, body.role)
+    apps = sorted(set(body.apps)) if body.apps is not None else None
+    doc = await request.app[STORE].add_token(secret, body.name, body.role, apps)
     request[AUDIT_TARGET] = doc["_id"]
     return json_response(
         TokenCreated(
             id=doc["_id"],
             name=doc["name"],
             role=doc["role"],
+            apps=doc.get("apps"),
             created_at=doc["created_at"],
             token=secret,
         ),
@@ -57,6 +61,7 @@ async def list_tokens(request: web.Request) -> web.Response:
                     id=d["_id"],
                     name=d["name"],
                     role=d["role"],
+                    apps=d.get("apps"),
                     created_at=d["created_at"],
                     revoked=d.get("revoked", False),
                 ).model_dump(mode="json")

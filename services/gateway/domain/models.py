@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
+from ipaddress import IPv4Address
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from libs.common.contracts.releases import CHECK_NAME
 from libs.common.units import ByteSize
+
+from .states import State
 
 __all__ = [
     "APP_RE",
@@ -20,11 +24,17 @@ __all__ = [
     "Accepted",
     "AcceptedMachine",
     "ActionAccepted",
+    "AppCheckList",
+    "AppCheckOut",
+    "AppPath",
     "AppScale",
     "AuditEntry",
     "AuditPage",
+    "CheckDeclare",
+    "CheckPath",
     "HostOut",
     "IpInfo",
+    "IpPath",
     "MachineCreate",
     "MachineOut",
     "MachinePage",
@@ -145,10 +155,44 @@ class PoolPatchBody(_Request):
 
 
 class TokenCreate(_Request):
-    """``POST /v1/tokens``: a named token with a role."""
+    """``POST /v1/tokens``: a named token with a role, optionally scoped to some apps."""
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._@-]+$")
     role: Literal["admin", "ops", "release", "viewer"]
+    apps: list[Annotated[str, Field(pattern=APP_RE)]] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=100,
+        description="the apps this token may act on (every app when absent)",
+    )
+
+    @model_validator(mode="after")
+    def _admin_unscoped(self) -> TokenCreate:
+        # An admin makes tokens, so a scope would bind it to nothing.
+        if self.role == "admin" and self.apps is not None:
+            raise ValueError("an admin token cannot be scoped to apps")
+        return self
+
+
+# A port, optionally followed by a path: what an http or tcp check probes on the machine's IP.
+_PORT_TARGET = r"^:?[0-9]{1,5}(/.*)?$"
+
+
+class CheckDeclare(_Request):
+    """``PUT /v1/apps/{app}/checks/{name}``: a health check releases of the app may name.
+
+    ``cmd`` runs ``target`` with ``sh -c`` as root inside each machine; ``http`` and ``tcp``
+    probe ``PORT[/PATH]`` on its IP."""
+
+    type: Literal["http", "tcp", "cmd"]
+    target: str = Field(min_length=1, max_length=1000)
+    timeout_s: float = Field(default=30.0, gt=0, le=600)
+
+    @model_validator(mode="after")
+    def _port_target(self) -> CheckDeclare:
+        if self.type != "cmd" and not re.match(_PORT_TARGET, self.target):
+            raise ValueError(f"a {self.type} check's target is PORT or PORT/PATH")
+        return self
 
 
 # --- responses ----------------------------------------------------------------------------
@@ -272,6 +316,7 @@ class TokenOut(BaseModel):
     id: str
     name: str
     role: str
+    apps: list[str] | None = None
     created_at: datetime
     revoked: bool = False
 
@@ -313,9 +358,9 @@ class MachineQuery(_Request):
     """Query of ``GET /v1/machines``: filters and paging (unknown parameters are refused)."""
 
     app: str | None = Field(default=None, pattern=APP_RE)
-    state: str | None = None
+    state: State | None = None
     host: str | None = None
-    ip: str | None = None
+    ip: IPv4Address | None = None
     ids: str | None = Field(default=None, description="comma-separated machine ids")
     limit: int = Field(default=100, ge=1, le=1000)
     after: str | None = Field(default=None, description="cursor: the last id of the page before")
@@ -325,3 +370,42 @@ class WaitQuery(_Request):
     """``?wait=<seconds>`` on a create."""
 
     wait: float = Field(default=0, ge=0, le=3600)
+
+
+# --- path parameters (validated and documented from these) -------------------------------
+
+
+class IpPath(_Request):
+    """``{ip}``: an IPv4 address."""
+
+    ip: IPv4Address
+
+
+class AppPath(_Request):
+    """``{app}``: an app name."""
+
+    app: str = Field(pattern=APP_RE)
+
+
+class CheckPath(AppPath):
+    """``{app}`` and a check's ``{name}``."""
+
+    name: str = Field(pattern=CHECK_NAME)
+
+
+class AppCheckOut(BaseModel):
+    """A health check declared for an app."""
+
+    app: str
+    name: str
+    type: str
+    target: str
+    timeout_s: float
+    declared_by: str
+    updated_at: datetime
+
+
+class AppCheckList(BaseModel):
+    """The health checks declared for an app, by name."""
+
+    items: list[AppCheckOut]

@@ -32,6 +32,7 @@ from ..documents import MachineDoc, ReleaseDoc
 from ..domain import State
 from ..domain.rollout import MachineStatus, ReleaseStatus, Verdict, batch_verdict, plan_batches
 from ..store import MachineStore, ReleaseStore
+from .checks import CheckDirectory, resolve_check
 
 __all__ = ["ArtifactCheck", "MachineDirectory", "Releases", "StoreDirectory"]
 
@@ -113,8 +114,10 @@ class Releases:
         machines: MachineDirectory,
         deploy_timeout_s: float = 600.0,
         artifacts: ArtifactCheck | None = None,
+        checks: CheckDirectory | None = None,
     ) -> None:
         self._artifacts = artifacts
+        self._checks = checks
         self._store = store
         self._publisher = publisher
         self._machines = machines
@@ -122,6 +125,7 @@ class Releases:
 
     async def request(self, req: ReleaseRequested, requested_by: str) -> ReleaseDoc:
         """Start ``req`` (idempotent by release_id); raise a DomainError for a bad request."""
+        req = await resolve_check(req, self._checks)
         existing = await self._store.get(req.release_id)
         if existing is not None:
             if existing["spec"] != _spec(req):
