@@ -51,6 +51,10 @@ def _agent_config(settings: ProvisionerSettings) -> AgentConfig:
         memory_margin=settings.memory_margin,
         stop_timeout_s=settings.stop_timeout_s,
         orphan_grace_s=settings.orphan_grace_s,
+        orphan_retention_s=settings.orphan_retention_s,
+        orphan_sweep_cap=settings.orphan_sweep_cap,
+        orphan_sweep_fraction=settings.orphan_sweep_fraction,
+        orphans_dir=settings.state_dir / "orphans",
         create_parallelism=settings.create_parallelism,
         files_dir=settings.state_dir / "machines",
     )

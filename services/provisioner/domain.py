@@ -11,6 +11,8 @@ import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
 from ipaddress import IPv4Address, IPv4Network
 
 from libs.common.contracts.bastion import MACHINE_CA_PATH
@@ -22,8 +24,10 @@ __all__ = [
     "CAPABILITIES",
     "CPU_PERIOD",
     "LABEL_APP",
+    "LABEL_CLUSTER",
     "LABEL_DIRECT_SSH",
     "LABEL_GATEWAY",
+    "LABEL_HOST",
     "LABEL_IP",
     "LABEL_MACHINE",
     "LABEL_PREFIX",
@@ -32,10 +36,15 @@ __all__ = [
     "ContainerSpec",
     "HostFacts",
     "Limits",
+    "ListVerdict",
     "Mount",
     "OrphanTracker",
+    "Ownership",
+    "QuarantineRecord",
     "ResizePlan",
     "ResizeRefused",
+    "SweepPlan",
+    "admit_list",
     "allocation",
     "build_spec",
     "check_create",
@@ -43,10 +52,13 @@ __all__ = [
     "container_name",
     "cpus_from_quota",
     "cpus_to_quota",
+    "expired",
     "free_disk",
     "mac_address",
     "machine_environment",
+    "ownership",
     "plan_resize",
+    "plan_sweep",
     "port_name",
     "subnet_of",
 ]
@@ -57,6 +69,10 @@ LABEL_IP = "dockvm.ip"
 LABEL_VLAN = "dockvm.vlan"
 LABEL_PREFIX = "dockvm.prefix_len"
 LABEL_GATEWAY = "dockvm.gateway"
+# Which agent made the container, and for which control plane: an agent only ever treats
+# containers of its own host (and cluster) as orphans, never another agent's on the same engine.
+LABEL_HOST = "dockvm.host"
+LABEL_CLUSTER = "dockvm.cluster"
 # Set ("true") only on a break-glass machine: root's keys installed, SSH open to any source.
 LABEL_DIRECT_SSH = "dockvm.direct_ssh"
 _RESERVED_LABEL = "dockvm."
@@ -247,6 +263,8 @@ def build_spec(
     pids_limit: int = 4096,
     stop_timeout_s: int = 30,
     user_ca_file: str | None = None,
+    host_id: str | None = None,
+    cluster_id: str | None = None,
 ) -> ContainerSpec:
     """The container of ``cmd``: limits, labels, sshd's trust (the bastion's user CA; root's
     keys only for ``direct_ssh``), /data and the LXCFS views."""
@@ -259,6 +277,11 @@ def build_spec(
         LABEL_PREFIX: str(cmd.prefix_len),
         LABEL_GATEWAY: str(cmd.gateway),
     }
+    # Whose it is: the agent that made it, for its cluster (none before it heard one).
+    if host_id is not None:
+        labels[LABEL_HOST] = host_id
+    if cluster_id is not None:
+        labels[LABEL_CLUSTER] = cluster_id
     env = {"OMP_NUM_THREADS": str(max(1, math.ceil(cmd.cpus))), **cmd.env}
     if cmd.direct_ssh:
         labels[LABEL_DIRECT_SSH] = "true"
@@ -375,11 +398,12 @@ def allocation(machines: Iterable[Limits]) -> Limits:
 
 
 class OrphanTracker:
-    """Decides which labelled machines are orphans, and which have been orphans long enough.
+    """Decides which machines of this host are orphans, and which have been orphans long enough.
 
-    A machine is an orphan while it is absent from the latest ``machines.known`` list. It is
-    due for removal once it was first seen unknown more than ``grace_s`` ago *and* a list
-    received after that moment still lacks it, so a stale list never removes anything.
+    A machine is an orphan while it is absent from the latest ``machines.known`` list of this
+    agent's cluster. It is due for quarantine once it was first seen unknown more than
+    ``grace_s`` ago *and* a list received after that moment still lacks it, so a stale list
+    never quarantines anything. The clock is the caller's (monotonic seconds).
     """
 
     def __init__(self, grace_s: float) -> None:
@@ -400,22 +424,110 @@ class OrphanTracker:
         """Absent from the latest list (False while no list has arrived)."""
         return self._known is not None and machine_id not in self._known
 
+    def is_known(self, machine_id: str) -> bool:
+        """Named by the latest list (False while no list has arrived)."""
+        return self._known is not None and machine_id in self._known
+
     def sweep(self, present: Iterable[str], now: float) -> list[str]:
-        """Note which present machines are orphans; return those due for removal."""
+        """Note which present machines are orphans; return those due for quarantine."""
         present = set(present)
         for gone in set(self._unknown_since) - present:
             del self._unknown_since[gone]
         due = []
         for machine_id in sorted(present):
-            if not self.is_orphan(machine_id):
+            if not self.is_orphan(machine_id) or self._known_at is None:
                 self._unknown_since.pop(machine_id, None)
                 continue
             since = self._unknown_since.setdefault(machine_id, now)
-            assert self._known_at is not None
             if now - since >= self.grace_s and self._known_at >= since:
                 due.append(machine_id)
         return due
 
     def forget(self, machine_id: str) -> None:
-        """Stop tracking a machine that was removed."""
+        """Stop tracking a machine that was removed or quarantined."""
         self._unknown_since.pop(machine_id, None)
+
+
+class ListVerdict(StrEnum):
+    """What an agent does with a ``machines.known`` list, given the cluster it belongs to."""
+
+    ADOPT = "adopt"  # the first id this agent hears: it joins that cluster, and uses the list
+    ACCEPT = "accept"  # its own cluster's list
+    FOREIGN = "foreign"  # another control plane's (a wrong database, a staging gateway): ignored
+    ANONYMOUS = "anonymous"  # no id (a gateway older than cluster ids): ignored, removes nothing
+
+
+def admit_list(adopted: str | None, incoming: str | None) -> ListVerdict:
+    """Whether a list of ``incoming``'s cluster may steer an agent that adopted ``adopted``."""
+    if incoming is None:
+        return ListVerdict.ANONYMOUS
+    if adopted is None:
+        return ListVerdict.ADOPT
+    return ListVerdict.ACCEPT if incoming == adopted else ListVerdict.FOREIGN
+
+
+class Ownership(StrEnum):
+    """Whose a labelled container on this engine is, as this agent sees it."""
+
+    MINE = "mine"  # labelled with this host (and this cluster, or none yet)
+    LEGACY = "legacy"  # made before the host label, its disk under this agent's state dir
+    FOREIGN = "foreign"  # another host's or cluster's, or unlabelled with no disk here
+
+
+def ownership(
+    labels: dict[str, str], host_id: str, cluster_id: str | None, *, has_disk: bool
+) -> Ownership:
+    """Whose the container with ``labels`` is. Only ``MINE`` may ever be quarantined: a legacy
+    container (no ``dockvm.host``) is reported and healed, but which control plane made it is
+    unknowable, so it is never taken for an orphan."""
+    host = labels.get(LABEL_HOST)
+    if host is None:
+        return Ownership.LEGACY if has_disk else Ownership.FOREIGN
+    if host != host_id:
+        return Ownership.FOREIGN
+    cluster = labels.get(LABEL_CLUSTER) or None
+    if cluster is not None and cluster_id is not None and cluster != cluster_id:
+        return Ownership.FOREIGN
+    return Ownership.MINE
+
+
+@dataclass(frozen=True, slots=True)
+class SweepPlan:
+    """Which due orphans one sweep quarantines; ``refused`` says why it quarantines none."""
+
+    quarantine: tuple[str, ...]
+    refused: str | None = None
+
+
+def plan_sweep(due: Iterable[str], present: int, *, cap: int, fraction: float) -> SweepPlan:
+    """Quarantine every due orphan, or none when they are too many: more than ``cap``, or
+    (when more than one) more than ``fraction`` of the ``present`` machines. A mass
+    disappearance is more likely a control-plane fault than real orphans."""
+    due = tuple(due)
+    if len(due) > cap:
+        return SweepPlan((), f"{len(due)} orphans due exceed the cap of {cap} per sweep")
+    if len(due) > 1 and len(due) > fraction * present:
+        return SweepPlan(
+            (), f"{len(due)} orphans due of {present} machines exceed the fraction {fraction:g}"
+        )
+    return SweepPlan(due)
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantineRecord:
+    """A quarantined machine, as kept in the agent's state dir until purged or released."""
+
+    machine_id: str
+    container_id: str | None
+    was_running: bool
+    quarantined_at: datetime
+    cluster_id: str | None = None
+
+    def purge_after(self, retention_s: float) -> datetime:
+        """When the retention deletes it."""
+        return self.quarantined_at + timedelta(seconds=retention_s)
+
+
+def expired(records: Iterable[QuarantineRecord], now: datetime, retention_s: float) -> list[str]:
+    """The quarantined machines whose retention has run out at ``now``."""
+    return sorted(r.machine_id for r in records if r.purge_after(retention_s) <= now)

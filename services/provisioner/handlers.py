@@ -23,6 +23,7 @@ from libs.common.contracts.provisioner import (
     ContainerStop,
     ImagePrewarm,
     MachinesKnown,
+    OrphanPurge,
 )
 from libs.common.contracts.releases import Deploy
 
@@ -53,6 +54,7 @@ def machine_handlers(agent: ProvisionerService) -> dict[str, Handler]:
         ContainerResize.TYPE: agent.resize,
         ImagePrewarm.TYPE: agent.prewarm,
         MachinesKnown.TYPE: agent.record_known,
+        OrphanPurge.TYPE: agent.orphans.purge,
     }
     return {kind: partial(answer, command) for kind, command in commands.items()}
 

@@ -54,7 +54,6 @@ from .domain import (
     LABEL_VLAN,
     LXCFS_FILES,
     Limits,
-    OrphanTracker,
     build_spec,
     check_create,
     check_machine_id,
@@ -62,6 +61,7 @@ from .domain import (
     plan_resize,
     subnet_of,
 )
+from .orphans import Orphans
 
 __all__ = ["AgentConfig", "ProvisionerService"]
 
@@ -82,6 +82,13 @@ class AgentConfig:
     memory_margin: int = 64 << 20
     stop_timeout_s: int = 30
     orphan_grace_s: float = 600.0
+    # Orphans are quarantined, deleted only on a purge or after retention; a sweep with more
+    # due than the cap (or the fraction of the host's machines) quarantines none.
+    orphan_retention_s: float = 7 * 86400.0
+    orphan_sweep_cap: int = 5
+    orphan_sweep_fraction: float = 0.5
+    # The cluster id and quarantine records (None: kept in memory only).
+    orphans_dir: Path | None = None
     # Creates of different machines that run at once (the rest wait for a slot).
     create_parallelism: int = 16
     # Per-machine files bound into the container (/etc/environment); None: none are made.
@@ -117,7 +124,7 @@ class ProvisionerService:
         self.volumes = volumes
         self.publisher = publisher
         self.clock = clock
-        self.orphans = OrphanTracker(config.orphan_grace_s)
+        self.orphans = Orphans(self, config.orphans_dir)
         self.capacity = HostCapacity(runtime, volumes, config.min_memory)
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._create_slots = asyncio.Semaphore(config.create_parallelism)
@@ -190,6 +197,8 @@ class ProvisionerService:
                 pids_limit=self.config.pids_limit,
                 stop_timeout_s=self.config.stop_timeout_s,
                 user_ca_file=user_ca,
+                host_id=self.host,
+                cluster_id=self.orphans.cluster_id,
             )
             await self.runtime.create(spec)
             info = await self.runtime.start(cmd.machine_id)
@@ -452,5 +461,5 @@ class ProvisionerService:
         return result
 
     async def record_known(self, cmd: MachinesKnown) -> None:
-        """Record the control plane's list of this host's machines (for orphan removal)."""
-        self.orphans.update_known(cmd.machine_ids, self.clock())
+        """Record the control plane's list of this host's machines (for orphan quarantine)."""
+        await self.orphans.record_known(cmd)

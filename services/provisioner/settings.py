@@ -41,6 +41,12 @@ class ProvisionerSettings(HostAgentSettings):
     heartbeat_interval_s: float = Field(default=10.0, gt=0)
     reconcile_interval_s: float = Field(default=60.0, gt=0)
     orphan_grace_s: float = Field(default=600.0, ge=0)
+    # An orphan is quarantined (stopped, disk kept), deleted only on a purge or after this.
+    orphan_retention_s: float = Field(default=7 * 86400.0, ge=0)
+    # A sweep with more orphans due than this, or (more than one) than this fraction of the
+    # host's machines, quarantines none and raises host.alert: likely a control-plane fault.
+    orphan_sweep_cap: int = Field(default=5, ge=0)
+    orphan_sweep_fraction: float = Field(default=0.5, gt=0, le=1)
     # A round of a periodic job (a heartbeat, a reconcile, one machine's re-plumb) that runs
     # longer is cut and logged, so one stuck round never stops the next ones.
     upkeep_timeout_s: float = Field(default=300.0, gt=0)

@@ -1,5 +1,8 @@
-"""The agent's periodic jobs: the heartbeat, the reconcile that reports every labelled container,
-heals what a reboot took and removes overdue orphans, and the re-plumbing after an engine start.
+"""The agent's periodic jobs: the heartbeat, the reconcile that reports this agent's containers,
+heals what a reboot took and sweeps orphans (``orphans``: quarantine, release, purge), and the
+re-plumbing after an engine start. Another agent's containers on the same engine (another
+``dockvm.host`` or ``dockvm.cluster`` label, or no host label and no disk here) are never
+counted, reported, healed or swept.
 
 Docker labels are the agent's only truth, so each job reads the engine afresh, under the same
 per-machine locks as the commands. The jobs read the engine through their own runtime (a lane with
@@ -7,9 +10,7 @@ its own small thread pool): listing every container takes seconds on a full host
 hold the threads creates wait for. The heartbeat also refreshes the host's size and free disk
 that creates are checked against (``capacity``). A heartbeat and a ``container.observed`` state
 the current state in full, so one lost (a job whose publish fails is logged and runs again at its
-next tick) is made good by the next. The ``container.destroyed`` of a removed orphan is sent at
-most once: once the machine is gone, no later reconcile sees it (the control plane never knew it
-anyway).
+next tick) is made good by the next.
 
 Every round of a job is bounded (``DOCKVM_UPKEEP_TIMEOUT_S``): a round still running then is cut
 (cancelled, which kills its host commands), logged and raised as a :class:`TransientError`, so
@@ -27,7 +28,6 @@ import structlog
 
 from libs.common.clock import utcnow
 from libs.common.contracts.provisioner import (
-    ContainerDestroyed,
     ContainerObserved,
     HostHeartbeat,
     Resources,
@@ -35,12 +35,13 @@ from libs.common.contracts.provisioner import (
 from libs.common.errors import DomainError, TransientError
 
 from .adapters.runtime import ContainerInfo, ContainerRuntime
-from .domain import LABEL_VLAN, Limits, allocation
+from .domain import LABEL_HOST, LABEL_VLAN, Limits, Ownership, allocation
 from .service import ProvisionerService
 
 __all__ = ["DEFAULT_TIMEOUT_S", "HostUpkeep", "UpkeepTimedOut"]
 
 log = structlog.get_logger("provisioner")
+MINE, FOREIGN = Ownership.MINE, Ownership.FOREIGN
 
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -85,9 +86,16 @@ class HostUpkeep:
         async with self._bounded("heartbeat"):
             return await self._heartbeat()
 
+    async def _managed(self) -> tuple[list[ContainerInfo], set[str]]:
+        """This agent's containers (and legacy ones with their disk here), and the ids of every
+        labelled container on the engine: another agent's on the same engine is never touched."""
+        everyone = await self.runtime.list_managed()
+        ours = [info for info in everyone if await self._touchable(info)]
+        return ours, {i.machine_id for i in everyone}
+
     async def _heartbeat(self) -> HostHeartbeat:
         config = self.agent.config
-        infos = await self.runtime.list_managed()
+        infos, _ = await self._managed()
         limits = [
             Limits(i.cpus, i.memory, await self.volumes.size(i.machine_id) or 0) for i in infos
         ]
@@ -108,14 +116,14 @@ class HostUpkeep:
         return beat
 
     async def reconcile(self) -> list[ContainerObserved]:
-        """Report every labelled container, heal disks and ports, remove overdue orphans
+        """Report and heal this agent's containers; release, quarantine and purge orphans
         (bounded)."""
         async with self._bounded("reconcile"):
             return await self._reconcile()
 
     async def _reconcile(self) -> list[ContainerObserved]:
         orphans = self.agent.orphans
-        infos = await self.runtime.list_managed()
+        infos, everyone = await self._managed()
         observed = []
         for info in infos:
             async with self.agent.lock(info.machine_id):
@@ -134,10 +142,11 @@ class HostUpkeep:
             )
             await self.publisher.publish(obs)
             observed.append(obs)
-        # A disk without a container (a create cut short and never repeated) is tracked too.
-        present = {i.machine_id for i in infos} | set(await self.volumes.list())
-        for machine_id in orphans.sweep(present, self.agent.clock()):
-            await self._remove_orphan(machine_id)
+        # Only this host's (and cluster's) containers may be orphans, and a disk under this
+        # state dir without any container (a create cut short and never repeated).
+        mine = {i.machine_id for i in infos if orphans.owner(i.labels, has_disk=True) is MINE}
+        disks = set(await self.volumes.list()) - everyone
+        await orphans.sweep(mine | disks, self.runtime)
         return observed
 
     async def _heal(self, info: ContainerInfo) -> None:
@@ -155,19 +164,11 @@ class HostUpkeep:
         except (DomainError, TransientError) as err:
             log.error("heal failed", machine_id=info.machine_id, error=str(err))
 
-    async def _remove_orphan(self, machine_id: str) -> None:
-        async with self.agent.lock(machine_id):
-            if not self.agent.orphans.is_orphan(machine_id):
-                return
-            log.warning("removing orphan machine", machine_id=machine_id)
-            try:
-                await self.agent.remove_machine(machine_id, self.agent.config.stop_timeout_s)
-            except (DomainError, TransientError) as err:
-                log.error("orphan removal failed", machine_id=machine_id, error=str(err))
-                return
-        await self.publisher.publish(
-            ContainerDestroyed(machine_id=machine_id, host=self.agent.host, reason="orphan")
-        )
+    async def _touchable(self, info: ContainerInfo) -> bool:
+        """Whether this agent may act on the container (not another agent's): labelled with
+        this host, or made before that label with its disk under this state dir."""
+        has_disk = LABEL_HOST not in info.labels and await self.volumes.size(info.machine_id)
+        return self.agent.orphans.owner(info.labels, has_disk=bool(has_disk)) is not FOREIGN
 
     async def replumb(self, machine_id: str) -> None:
         """After the engine reports a start: re-attach the machine's network port and its SSH
@@ -176,7 +177,7 @@ class HostUpkeep:
             async with self._bounded("replumb", machine_id=machine_id):
                 async with self.agent.lock(machine_id):
                     info = await self.runtime.find(machine_id)
-                    if info is not None:
+                    if info is not None and await self._touchable(info):
                         await self.network.plumb(info)
                         await self.agent.secure(info)
         except (DomainError, TransientError) as err:

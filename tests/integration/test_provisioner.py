@@ -30,7 +30,6 @@ from libs.common.contracts.provisioner import (
     ContainerStart,
     ContainerStop,
     ImagePrewarm,
-    MachinesKnown,
 )
 from libs.common.contracts.releases import Artifact, Deploy, HealthCheck
 from tests.support.probe import BusProbe
@@ -568,43 +567,7 @@ async def test_kill9_during_create_then_restart_gives_exactly_one_container(lone
     assert await _sh(str(created[0].ip), "findmnt -n -o FSTYPE /data") == "xfs\n"
 
 
-# ---- orphans ------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def unlabelled_container() -> Iterator[str]:
-    """A container without dockvm labels, which the agent must never touch."""
-    client = _docker()
-    c = client.containers.create(IMAGE, name=f"{PREFIX}-plain", network_mode="none",
-                                 labels={"dockvm.test": RUN})  # fmt: skip
-    c.start()
-    yield c.id
-    c.remove(force=True)
-    client.close()
-
-
-async def test_orphan_is_removed_after_grace_only_while_unknown(lone_agent, unlabelled_container):
-    agent = lone_agent
-    kept, orphan = agent.machine_id(), agent.machine_id()
-    vlan = {"vlan_id": 3111, "gateway": "10.231.11.1"}
-    assert (await agent.create(kept, ip="10.231.11.5", **vlan)).TYPE == "container.created"
-    assert (await agent.create(orphan, ip="10.231.11.6", **vlan)).TYPE == "container.created"
-
-    await agent.send(MachinesKnown(machine_ids=[kept]))
-    flagged = await agent.wait(("container.observed",), orphan, where=lambda m: m.orphan)
-    # Keep telling the agent, as the gateway does, until the grace period has passed.
-    async with asyncio.timeout(30):
-        while not agent.probe.of_type("container.destroyed"):
-            await agent.send(MachinesKnown(machine_ids=[kept]))
-            await asyncio.sleep(0.5)
-    destroyed = await agent.wait(("container.destroyed",), orphan)
-
-    assert flagged[0].orphan is True
-    assert destroyed[0].reason == "orphan"
-    assert _dockvm_containers(orphan) == []
-    assert not (agent.state / "volumes" / f"{orphan}.img").exists()
-    assert len(_dockvm_containers(kept)) == 1
-    assert _docker().containers.get(unlabelled_container).status == "running"
+# ---- orphans (quarantine, purge, the cap, clusters: test_orphans.py) ---------------------
 
 
 async def test_nothing_is_removed_before_the_control_plane_speaks(lone_agent):

@@ -264,40 +264,28 @@ async def test_heartbeat_sums_what_machines_were_given(parts, upkeep):
     assert publisher.of_type("host.heartbeat") == [beat]
 
 
-async def test_reconcile_reports_every_machine_and_removes_an_orphan_only_after_grace(
+async def test_reconcile_reports_every_machine_and_quarantines_an_orphan_only_after_grace(
     parts, upkeep
 ):
     agent, runtime, volumes, publisher, clock = parts
     await _send(agent, publisher, _create("m1"))
     await _send(agent, publisher, _create("m2", ip="10.9.0.11"))
-    await _send(agent, publisher, MachinesKnown(machine_ids=["m1"]))
+    await _send(agent, publisher, MachinesKnown(machine_ids=["m1"], cluster_id="c1"))
 
     clock.now = 1
     observed = await upkeep.reconcile()
+    early = publisher.of_type("container.quarantined")
     clock.now = 12
-    await _send(agent, publisher, MachinesKnown(machine_ids=["m1"]))
+    await _send(agent, publisher, MachinesKnown(machine_ids=["m1"], cluster_id="c1"))
     clock.now = 13
     await upkeep.reconcile()
 
     assert {(o.machine_id, o.orphan) for o in observed} == {("m1", False), ("m2", True)}
-    assert list(runtime.containers) == ["m1"] and list(volumes.sizes) == ["m1"]
-    assert [(d.machine_id, d.reason) for d in publisher.of_type("container.destroyed")] == [
-        ("m2", "orphan")
-    ]
-
-
-async def test_a_disk_without_a_container_is_an_orphan_too(parts, upkeep):
-    agent, _, volumes, publisher, clock = parts
-    await volumes.ensure("left-over", 10 * G)
-    await _send(agent, publisher, MachinesKnown(machine_ids=[]))
-
-    clock.now = 1
-    await upkeep.reconcile()
-    clock.now = 20
-    await _send(agent, publisher, MachinesKnown(machine_ids=[]))
-    await upkeep.reconcile()
-
-    assert volumes.sizes == {}
+    assert early == []
+    assert [q.machine_id for q in publisher.of_type("container.quarantined")] == ["m2"]
+    # Quarantined, never deleted: the container and its disk stay.
+    assert list(runtime.containers) == ["m1", "m2"] and list(volumes.sizes) == ["m1", "m2"]
+    assert publisher.of_type("container.destroyed") == []
 
 
 @pytest.mark.parametrize(

@@ -3,10 +3,14 @@
 Commands travel with the routing key ``host.<host_id>.<TYPE>``; events with their plain type.
 
 ``machines.known`` is how the control plane tells an agent which machines it holds for that
-host (the full list, sent periodically by the gateway): a labelled container whose machine_id
-stays out of the latest list for longer than the agent's orphan grace period is removed and
-reported as ``container.destroyed`` with ``reason="orphan"``. Until a first list arrives the
-agent removes nothing.
+host (the full list, sent periodically by the gateway, with the control plane's ``cluster_id``;
+an agent adopts the first id it hears and ignores lists of any other, or of none). A container of
+this host whose machine_id stays out of the latest list for longer than the agent's orphan grace
+period is quarantined, never deleted: stopped, its disk kept, ``container.quarantined``. It is
+deleted (``container.destroyed`` with ``reason="orphan"``) only on ``orphan.purge`` or after the
+agent's retention; a list that names it again releases it (``container.unquarantined``). A sweep
+that would quarantine more than the agent's cap quarantines none and raises ``host.alert``.
+Until a first list arrives the agent quarantines nothing.
 """
 
 from __future__ import annotations
@@ -29,21 +33,27 @@ __all__ = [
     "ContainerDestroy",
     "ContainerDestroyed",
     "ContainerObserved",
+    "ContainerQuarantined",
     "ContainerResize",
     "ContainerResizeFailed",
     "ContainerResized",
     "ContainerRestart",
     "ContainerStart",
     "ContainerStop",
+    "ContainerUnquarantined",
+    "HostAlert",
     "HostHeartbeat",
     "ImagePrewarm",
     "ImagePrewarmed",
     "MachinesKnown",
+    "OrphanPurge",
+    "OrphanPurgeRefused",
     "Resources",
 ]
 
 MachineId = str
 HOSTNAME_RE = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+CLUSTER_ID_RE = r"^[a-z0-9][a-z0-9-]{0,63}$"
 
 
 @register
@@ -243,6 +253,8 @@ class MachinesKnown(Command):
 
     TYPE = "machines.known"
     machine_ids: list[MachineId] = Field(default_factory=list, max_length=100_000)
+    # The control plane's identity (made once, stored); None from a gateway older than it.
+    cluster_id: str | None = Field(default=None, pattern=CLUSTER_ID_RE)
 
 
 @register
@@ -262,3 +274,64 @@ class ImagePrewarmed(Event):
     ref: str
     pulled: bool
     error: str | None = None
+
+
+@register
+class ContainerQuarantined(Event):
+    """An orphan of ``host`` was stopped and kept, disk and all, until purged or retained out."""
+
+    TYPE = "container.quarantined"
+    host: str
+    machine_id: MachineId
+    container_id: str | None = None
+    was_running: bool = False
+    quarantined_at: datetime
+    purge_after: datetime
+    cluster_id: str | None = None
+
+
+@register
+class ContainerUnquarantined(Event):
+    """A quarantined machine was named again by the control plane and is back as it was."""
+
+    TYPE = "container.unquarantined"
+    host: str
+    machine_id: MachineId
+    started: bool = False
+
+
+@register
+class OrphanPurge(Command):
+    """Delete a quarantined machine of this host: its container and its disk."""
+
+    TYPE = "orphan.purge"
+    machine_id: MachineId = Field(min_length=1, max_length=64)
+
+
+@register
+class OrphanPurgeRefused(Event):
+    """Nothing was purged: ``reason`` is ``not_quarantined`` or the failure's code."""
+
+    TYPE = "orphan.purge_refused"
+    host: str
+    machine_id: MachineId
+    reason: str
+    retriable: bool = False
+
+
+@register
+class HostAlert(Event):
+    """Something on ``host`` needs a person (``cleared``: it no longer does).
+
+    Reasons: ``orphan_sweep_capped`` (a sweep found more orphans than the cap and quarantined
+    none: more likely a control-plane fault than real orphans), ``foreign_cluster`` (a list of
+    known machines came from another control plane and was ignored).
+    """
+
+    TYPE = "host.alert"
+    host: str
+    reason: str
+    detail: str = ""
+    count: int = 0
+    cleared: bool = False
+    at: datetime
