@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The five dockvm services as background processes from the venv, on loopback.
+# The six dockvm services as background processes from the venv, on loopback.
 #
 #   services.sh start   start those not running, then wait for each /readyz
 #   services.sh stop    SIGTERM, then wait for them to drain
@@ -14,8 +14,8 @@ source "$(dirname "$0")/lib.sh"
 : "${DOCKVM_READY_TIMEOUT:=60}"
 PY=$REPO_ROOT/.venv/bin/python
 
-SERVICES=(gateway imagesync ipam provisioner monitor)
-declare -A PORT=([gateway]=8080 [imagesync]=8081 [ipam]=9102 [provisioner]=9103 [monitor]=9104)
+SERVICES=(gateway imagesync ipam provisioner monitor bastion)
+declare -A PORT=([gateway]=8080 [imagesync]=8081 [ipam]=9102 [provisioner]=9103 [monitor]=9104 [bastion]=9105)
 declare -A ARGS=([provisioner]="--host-id $DOCKVM_HOST_ID" [monitor]="--host-id $DOCKVM_HOST_ID")
 
 port_of() { local v="DOCKVM_${1^^}_PORT"; echo "${!v:-${PORT[$1]}}"; }
@@ -52,6 +52,7 @@ cmd_start() {
   done
   ((failed)) && exit 1
   say "services: API      $(url_of gateway)/v1"
+  say "services: SSH      ssh -p ${DOCKVM_BASTION_SSH_PORT:-2222} USER@127.0.0.1 root@MACHINE-IP (after dockvm user add / grant add)"
   for svc in "${SERVICES[@]}"; do
     printf 'services: %-12s %s/healthz  /readyz  /metrics\n' "$svc" "$(url_of "$svc")"
   done
