@@ -11,10 +11,10 @@ PYTEST_ARGS ?=
 VENV := .venv
 PYTEST := $(VENV)/bin/pytest
 
-.PHONY: help install stack run stop status test unit bench clean
+.PHONY: help install stack run stop status test unit bench chaos clean
 
 help:
-	@echo "make install|run|stop|status|test|unit|bench|clean  (PYTEST_ARGS='...' for test/unit)"
+	@echo "make install|run|stop|status|test|unit|bench|chaos|clean  (PYTEST_ARGS='...' for test/unit)"
 
 install:
 	scripts/install.sh
@@ -45,6 +45,14 @@ unit: install
 # Each bench/<area>.py is a program (run as a module, so that bench/_common.py is importable).
 bench: stack
 	@for f in bench/[a-z]*.py; do m=$${f%.py}; echo "== $$m"; $(VENV)/bin/python -m $${m//\//.}; done
+
+# The chaos suite (chaos/, docs/reliability.md), full rounds, on its own stack. It restarts the
+# shared RabbitMQ, FerretDB and dockerd: it disturbs anything else running on this machine.
+# CHAOS_ARGS='--quick' runs one round of each. Then the API fuzz, when bench/schema_fuzz.py is in.
+CHAOS_ARGS ?=
+chaos: stack
+	$(VENV)/bin/python -m chaos $(CHAOS_ARGS)
+	@if [[ -f bench/schema_fuzz.py ]]; then $(VENV)/bin/python -m bench.schema_fuzz --cases 1000; fi
 
 # Stops everything, then removes the state (data, logs, images' registry storage). Asks nothing.
 clean:
