@@ -17,17 +17,24 @@ from libs.common.maven import MavenRepository
 from libs.common.runner import ServiceContext
 
 from .api import GatewayState, build_api, problem_middleware
+from .api.hosts import QUARANTINE
 from .api.releases import add_release_routes
+from .cluster import ClusterStore
 from .handlers import (
     BINDINGS,
+    ORPHAN_BINDINGS,
+    ORPHAN_QUEUE,
     QUEUE,
     RELEASE_BINDINGS,
     RELEASE_QUEUE,
     build_handlers,
+    orphan_handlers,
     release_handlers,
 )
 from .listing import MachineIndex
+from .quarantine import QuarantineStore
 from .service import Releases, SagaDriver, StoreDirectory
+from .service.hosts import HostReports
 from .settings import GatewaySettings
 from .store import GatewayStore, ReleaseStore
 
@@ -63,6 +70,9 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
     await store.setup()
     await index.reload(store.all_summaries)
     driver = SagaDriver(store, ctx.publisher, settings)
+    # Before any announcement: agents follow only lists of the cluster they adopted.
+    driver.hosts.cluster_id = await ClusterStore(ctx.db).ensure()
+    quarantine = QuarantineStore(ctx.db)
     await bootstrap_admin(store, settings.token_path())
 
     release_store = ReleaseStore(ctx.db)
@@ -79,6 +89,7 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
 
     api = build_api(GatewayState(store=store, driver=driver, rpc=ctx.rpc, settings=settings))
     add_release_routes(api, releases, release_store)
+    api.provide(QUARANTINE, quarantine)
     ctx.http.middlewares.append(problem_middleware)
     api.mount(ctx.http)
 
@@ -87,6 +98,9 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
     # so a redelivery is already a no-op, and two FerretDB writes per event are saved.
     await ctx.consume(QUEUE, BINDINGS, handlers, dedupe=False)
     await ctx.consume(RELEASE_QUEUE, RELEASE_BINDINGS, release_handlers(releases), dedupe=False)
+    # Each orphan report is written only if newer than what its document holds: no dedupe.
+    reports = orphan_handlers(HostReports(quarantine))
+    await ctx.consume(ORPHAN_QUEUE, ORPHAN_BINDINGS, reports, dedupe=False)
     await driver.resume()
     ctx.every(settings.release_sweep_s, releases.sweep, "release-sweep")
     ctx.every(settings.saga_tick_s, driver.tick, "saga-tick", now=False)

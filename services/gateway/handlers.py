@@ -28,16 +28,21 @@ from libs.common.contracts.releases import (
 from libs.common.errors import DomainError
 
 from .service import Releases, SagaDriver
+from .service.hosts import HostReports
 from .service.lifecycle import LifecycleEvent
 
 __all__ = [
     "BINDINGS",
     "MACHINE_EVENTS",
+    "ORPHAN_BINDINGS",
+    "ORPHAN_EVENTS",
+    "ORPHAN_QUEUE",
     "QUEUE",
     "RELEASE_BINDINGS",
     "RELEASE_EVENTS",
     "RELEASE_QUEUE",
     "build_handlers",
+    "orphan_handlers",
     "release_handlers",
 ]
 
@@ -223,3 +228,46 @@ RELEASE_BINDINGS = tuple(event.TYPE for event in RELEASE_EVENTS)
 def release_handlers(releases: Releases) -> dict[str, Handler]:
     """The handler of every release event the gateway consumes, bound to ``releases``."""
     return {event.TYPE: partial(act, releases) for event, act in RELEASE_EVENTS.items()}
+
+
+# --- orphans: what hosts report of the machines they quarantined, and their alerts -------------
+
+
+async def _quarantined(
+    r: HostReports, msg: provisioner.ContainerQuarantined, ctx: MessageContext
+) -> None:
+    await r.on_quarantined(msg, ctx.envelope.occurred_at)
+
+
+async def _unquarantined(
+    r: HostReports, msg: provisioner.ContainerUnquarantined, ctx: MessageContext
+) -> None:
+    await r.on_ended(msg.host, msg.machine_id, "released", ctx.envelope.occurred_at)
+
+
+async def _orphan_destroyed(
+    r: HostReports, msg: provisioner.ContainerDestroyed, ctx: MessageContext
+) -> None:
+    if msg.reason == "orphan":
+        await r.on_ended(msg.host, msg.machine_id, "purged", ctx.envelope.occurred_at)
+
+
+async def _host_alert(r: HostReports, msg: provisioner.HostAlert, ctx: MessageContext) -> None:
+    await r.on_alert(msg)
+
+
+# A queue of its own: container.destroyed also reaches the machine sagas' queue.
+ORPHAN_EVENTS: Mapping[type[Message], Callable[[HostReports, Any, MessageContext], Awaitable[None]]]
+ORPHAN_EVENTS = {
+    provisioner.ContainerQuarantined: _quarantined,
+    provisioner.ContainerUnquarantined: _unquarantined,
+    provisioner.ContainerDestroyed: _orphan_destroyed,
+    provisioner.HostAlert: _host_alert,
+}
+ORPHAN_QUEUE = "gateway.orphans"
+ORPHAN_BINDINGS = tuple(event.TYPE for event in ORPHAN_EVENTS)
+
+
+def orphan_handlers(reports: HostReports) -> dict[str, Handler]:
+    """The handler of every orphan report the gateway consumes, bound to ``reports``."""
+    return {event.TYPE: partial(act, reports) for event, act in ORPHAN_EVENTS.items()}

@@ -27,6 +27,8 @@ def doc() -> dict:
         ("post", "/v1/machines/{id}/restart", ["admin", "ops"]),
         ("post", "/v1/apps/{app}/scale", ["admin", "ops"]),
         ("get", "/v1/hosts", ["admin", "ops", "release", "viewer"]),
+        ("get", "/v1/hosts/{id}", ["admin", "ops", "release", "viewer"]),
+        ("post", "/v1/hosts/{id}/orphans/{machine_id}/purge", ["admin", "ops"]),
         ("post", "/v1/pools", ["admin", "ops"]),
         ("get", "/v1/pools", ["admin", "ops", "release", "viewer"]),
         ("patch", "/v1/pools/{name}", ["admin", "ops"]),

@@ -221,9 +221,15 @@ async def test_hosts_are_told_which_machines_we_know_for_orphan_cleanup(driver, 
         await driver.creates.on_ip_allocated(_allocated(mid, f"10.233.1.{10 + i}"))
         await driver.creates.on_created(mid, None, f"c{i}")
     await driver.hosts.announce_known()
-    known = {key: env.parse().machine_ids for key, env in pub.sent if env.type == "machines.known"}
+    unidentified = [env for _, env in pub.sent if env.type == "machines.known"]
+    driver.hosts.cluster_id = "c1"
+    await driver.hosts.announce_known()
+    sent = [(key, env.parse()) for key, env in pub.sent if env.type == "machines.known"]
+    known = {key: m.machine_ids for key, m in sent}
 
+    assert unidentified == []  # agents ignore a list without the cluster id: none is sent
     assert known == {"host.h1.machines.known": [ids[0]], "host.h2.machines.known": [ids[1]]}
+    assert {m.cluster_id for _, m in sent} == {"c1"}
 
 
 async def test_a_replicated_image_is_prewarmed_on_the_dc_hosts(driver, pub):

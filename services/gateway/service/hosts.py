@@ -4,8 +4,13 @@ A host is known by its heartbeats alone. One whose heartbeats stop is ``down`` a
 ``unknown`` (never destroyed: the host may come back with them); its next heartbeat brings them
 back to the state they had.
 
+Each announcement of the machines a host should hold carries the cluster id (:mod:`..cluster`);
+the host quarantines what stays out of it, and what it reports of that (quarantines, their end,
+alerts) is kept by :class:`HostReports` for ``GET /v1/hosts/{id}``.
+
 Delivery guarantee: heartbeats are at least once and idempotent (an upsert of the host); a
-host's status is compare-and-set, so two workers record one change once.
+host's status is compare-and-set, so two workers record one change once. Orphan reports are at
+least once; each is written only if no later event wrote its document (:mod:`..quarantine`).
 """
 
 from __future__ import annotations
@@ -21,13 +26,14 @@ from libs.common.contracts import provisioner
 from ..documents import HostDoc
 from ..domain import HostView, Ratios, Res, State, host_status
 from ..domain.states import allowed_from
+from ..quarantine import QuarantineDoc, QuarantineStore
 from ..settings import GatewaySettings
 from .steps import Op
 
 if TYPE_CHECKING:
     from .driver import SagaDriver
 
-__all__ = ["Hosts", "host_views"]
+__all__ = ["HostReports", "Hosts", "host_views"]
 
 log = structlog.get_logger("gateway.hosts")
 
@@ -68,6 +74,8 @@ class Hosts:
 
     def __init__(self, driver: SagaDriver) -> None:
         self._driver = driver
+        # The control plane's id (:mod:`..cluster`), set at start; None: nothing is announced.
+        self.cluster_id: str | None = None
 
     def _status(self, host: HostDoc, at: datetime) -> str:
         age = (at - host["last_seen"]).total_seconds()
@@ -113,8 +121,12 @@ class Hosts:
                 log.warning("host down", host=h["_id"], machines=len(changed))
 
     async def announce_known(self) -> None:
-        """Tell each live host which machines we hold on it, so it can remove orphans."""
+        """Tell each live host which machines we hold on it, so it can quarantine orphans."""
         d = self._driver
+        if self.cluster_id is None:
+            # A list without an id is ignored by every agent: say so rather than send it.
+            log.error("no cluster id: machines.known not announced")
+            return
         at = d.clock()
         keep = [*allowed_from(Op.DESTROY)]
         for h in await d.store.list_hosts():
@@ -122,7 +134,7 @@ class Hosts:
                 continue
             ids = await d.store.ids_on_host(h["_id"], keep)
             await d.publisher.publish(
-                provisioner.MachinesKnown(machine_ids=ids),
+                provisioner.MachinesKnown(machine_ids=ids, cluster_id=self.cluster_id),
                 routing_key=host_key(h["_id"], provisioner.MachinesKnown.TYPE),
             )
 
@@ -139,3 +151,62 @@ class Hosts:
             )
             asked += 1
         return asked
+
+
+def _doc_id(host: str, machine_id: str) -> str:
+    return f"{host}/{machine_id}"
+
+
+class HostReports:
+    """Keeps what hosts report of their orphans: quarantines, their end, and alerts."""
+
+    def __init__(self, store: QuarantineStore) -> None:
+        self.store = store
+
+    async def on_quarantined(self, msg: provisioner.ContainerQuarantined, at: datetime) -> None:
+        """A host quarantined an orphan (or says again that it holds one)."""
+        doc: QuarantineDoc = {
+            "_id": _doc_id(msg.host, msg.machine_id),
+            "host": msg.host,
+            "machine_id": msg.machine_id,
+            "state": "quarantined",
+            "at": at,
+            "container_id": msg.container_id,
+            "was_running": msg.was_running,
+            "quarantined_at": msg.quarantined_at,
+            "purge_after": msg.purge_after,
+            "cluster_id": msg.cluster_id,
+        }
+        if await self.store.record(doc):
+            log.warning("host quarantined an orphan", host=msg.host, machine_id=msg.machine_id)
+
+    async def on_ended(self, host: str, machine_id: str, state: str, at: datetime) -> None:
+        """A quarantine ended: ``released`` (named again) or ``purged`` (deleted)."""
+        current = await self.store.get(host, machine_id)
+        if current is None and state == "released":
+            return  # nothing to end: never heard of its quarantine
+        await self.store.record(
+            {
+                "_id": _doc_id(host, machine_id),
+                "host": host,
+                "machine_id": machine_id,
+                "state": state,
+                "at": at,
+            }
+        )
+
+    async def on_alert(self, msg: provisioner.HostAlert) -> None:
+        """A host raised (or cleared) an alert."""
+        if not msg.cleared:
+            log.error("host alert", host=msg.host, reason=msg.reason, detail=msg.detail)
+        await self.store.alert(
+            {
+                "_id": f"{msg.host}/{msg.reason}",
+                "host": msg.host,
+                "reason": msg.reason,
+                "detail": msg.detail,
+                "count": msg.count,
+                "cleared": msg.cleared,
+                "at": msg.at,
+            }
+        )
