@@ -429,6 +429,35 @@ def host_list(ctx: typer.Context, json: JsonOpt = False) -> None:
     out.print(table)
 
 
+@host_app.command("show")
+def host_show(ctx: typer.Context, host_id: str, json: JsonOpt = False) -> None:
+    """Show a host, the machines it quarantined (orphans) and its alerts."""
+    h = _run(ctx, lambda t: _call(t, "GET", f"/v1/hosts/{host_id}"))
+    if json:
+        _print_json(h)
+        return
+    c, a = h["capacity"], h["allocated"]
+    out.print(f"{h['id']} ({h['dc']}): {h['status']}, {h['machines']} machines, "
+              f"cpus {a['cpus']:g}/{c['cpus']:g}, last seen {h['last_seen']}")
+    table = Table("MACHINE", "WAS RUNNING", "QUARANTINED", "DELETED AFTER", title="quarantined")
+    for q in h.get("quarantined", []):
+        table.add_row(q["machine_id"], "yes" if q["was_running"] else "no",
+                      str(q["quarantined_at"]), str(q["purge_after"]))
+    out.print(table)
+    for alert in h.get("alerts", []):
+        out.print(f"alert {alert['reason']} ({alert['at']}): {alert['detail']}")
+
+
+@host_app.command("purge")
+def host_purge(ctx: typer.Context, host_id: str, machine_id: str, json: JsonOpt = False) -> None:
+    """Delete a machine the host quarantined: its container and its disk."""
+    res = _run(ctx, lambda t: _call(t, "POST", f"/v1/hosts/{host_id}/orphans/{machine_id}/purge"))
+    if json:
+        _print_json(res)
+    else:
+        out.print(f"{machine_id} purged from {host_id}")
+
+
 @token_app.command("create")
 def token_create(
     ctx: typer.Context,

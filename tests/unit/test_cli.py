@@ -127,3 +127,24 @@ def test_config_order_option_env_file_default(tmp_path: Path):
 
 def test_format_problem_without_fields_shows_the_detail():
     assert format_problem(409, {"title": "Conflict", "detail": "busy"}) == "Conflict (409): busy"
+
+
+def test_host_show_lists_quarantined_machines_and_purge_hits_its_route(fake):
+    host = {"id": "h1", "dc": "dc1", "status": "online", "last_seen": "2026-01-01T00:00:00Z",
+            "capacity": {"cpus": 8, "memory": 1, "disk": 1}, "allocated": {"cpus": 1, "memory": 1,
+            "disk": 1}, "machines": 2, "labels": {}, "version": "1",
+            "quarantined": [{"machine_id": "m-9", "was_running": True,
+                             "quarantined_at": "2026-01-01T00:00:00Z",
+                             "purge_after": "2026-01-08T00:00:00Z"}],
+            "alerts": [{"reason": "orphan_sweep_capped", "detail": "9 due", "count": 9,
+                        "at": "2026-01-01T00:00:00Z"}]}  # fmt: skip
+    fake.answers[("GET", "/v1/hosts/h1")] = (200, host)
+    fake.answers[("POST", "/v1/hosts/h1/orphans/m-9/purge")] = (
+        200, {"host": "h1", "machine_id": "m-9", "status": "purged"})  # fmt: skip
+
+    shown = _run("host", "show", "h1")
+    purged = _run("host", "purge", "h1", "m-9")
+
+    assert shown.exit_code == 0 and "m-9" in shown.output and "orphan_sweep_capped" in shown.output
+    assert purged.exit_code == 0 and "m-9 purged from h1" in purged.output
+    assert fake.requests[-1][:2] == ("POST", "/v1/hosts/h1/orphans/m-9/purge")
