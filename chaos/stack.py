@@ -283,8 +283,14 @@ class ChaosStack:
             if svc.proc is None or svc.proc.returncode is not None:
                 await svc.start(ready_timeout=180)
 
-    async def close(self) -> None:
-        """Destroy what is left through the API, stop everything, remove every trace."""
+    async def close(self, keep_logs: bool = False) -> None:
+        """Destroy what is left through the API, stop everything, remove every trace (but the
+        services' logs, copied out first when ``keep_logs``)."""
+        if keep_logs:
+            kept = Path(tempfile.mkdtemp(prefix=f"dockvm-chaos-{self.run}-logs-"))
+            for log in self.tmp.glob("*.log"):
+                shutil.copy(log, kept / log.name)
+            print(f"chaos: the services' logs are kept in {kept}")
         try:
             if self.api is not None and self.services["gateway"].proc is not None:
                 await self._destroy_leftovers()

@@ -67,5 +67,5 @@ async def run_suite(
                     for line in r.failures[:5]:
                         print(f"chaos:   {line}", flush=True)
     finally:
-        await stack.close()
+        await stack.close(keep_logs=not all(o.ok for o in outcomes))
     return outcomes
