@@ -167,6 +167,8 @@ def machine_create(
     hostname_prefix: Annotated[str | None, typer.Option(help="hostname prefix")] = None,
     ssh_key: Annotated[list[str] | None, typer.Option(help="public key (repeatable)")] = None,
     ssh_key_file: Annotated[list[Path] | None, typer.Option(help="public key file")] = None,
+    direct_ssh: Annotated[bool, typer.Option(
+        help="break-glass: root gets the --ssh-key keys, SSH bypasses the bastion")] = False,
     idempotency_key: Annotated[str | None, typer.Option(help="retry-safe request key")] = None,
     wait: Annotated[bool, typer.Option(help="wait with a progress bar")] = True,
     timeout: Annotated[float, typer.Option(help="how long to wait (s)")] = 900,
@@ -179,6 +181,8 @@ def machine_create(
                             "count": count, "ssh_keys": keys}
     if hostname_prefix:
         body["hostname_prefix"] = hostname_prefix
+    if direct_ssh:
+        body["direct_ssh"] = True
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
 
     async def go(t: Transport) -> list[dict[str, Any]]:

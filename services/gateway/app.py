@@ -21,12 +21,15 @@ from .api.hosts import QUARANTINE
 from .api.releases import add_release_routes
 from .cluster import ClusterStore
 from .handlers import (
+    BASTION_BINDINGS,
+    BASTION_QUEUE,
     BINDINGS,
     ORPHAN_BINDINGS,
     ORPHAN_QUEUE,
     QUEUE,
     RELEASE_BINDINGS,
     RELEASE_QUEUE,
+    bastion_handlers,
     build_handlers,
     orphan_handlers,
     release_handlers,
@@ -98,6 +101,8 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
     # so a redelivery is already a no-op, and two FerretDB writes per event are saved.
     await ctx.consume(QUEUE, BINDINGS, handlers, dedupe=False)
     await ctx.consume(RELEASE_QUEUE, RELEASE_BINDINGS, release_handlers(releases), dedupe=False)
+    # Each bastion event's audit entry has the envelope id as _id: written once, no dedupe.
+    await ctx.consume(BASTION_QUEUE, BASTION_BINDINGS, bastion_handlers(store), dedupe=False)
     # Each orphan report is written only if newer than what its document holds: no dedupe.
     reports = orphan_handlers(HostReports(quarantine))
     await ctx.consume(ORPHAN_QUEUE, ORPHAN_BINDINGS, reports, dedupe=False)

@@ -68,6 +68,7 @@ class MachineDoc(TypedDict):
     vlan_id: int
     hostname: str
     ssh_keys: NotRequired[list[str]]
+    direct_ssh: NotRequired[bool]
     state: str
     reason: str | None
     ip: str | None

@@ -27,11 +27,14 @@ from libs.common.contracts.releases import (
 )
 from libs.common.errors import DomainError
 
-from .service import Releases, SagaDriver
+from .service import Releases, SagaDriver, bastion_audit
 from .service.hosts import HostReports
 from .service.lifecycle import LifecycleEvent
+from .store import GatewayStore
 
 __all__ = [
+    "BASTION_BINDINGS",
+    "BASTION_QUEUE",
     "BINDINGS",
     "MACHINE_EVENTS",
     "ORPHAN_BINDINGS",
@@ -41,6 +44,7 @@ __all__ = [
     "RELEASE_BINDINGS",
     "RELEASE_EVENTS",
     "RELEASE_QUEUE",
+    "bastion_handlers",
     "build_handlers",
     "orphan_handlers",
     "release_handlers",
@@ -228,6 +232,22 @@ RELEASE_BINDINGS = tuple(event.TYPE for event in RELEASE_EVENTS)
 def release_handlers(releases: Releases) -> dict[str, Handler]:
     """The handler of every release event the gateway consumes, bound to ``releases``."""
     return {event.TYPE: partial(act, releases) for event, act in RELEASE_EVENTS.items()}
+
+
+# --- the bastion: its sessions, transfers and refusals, into the audit log --------------------
+
+
+async def _bastion_audit(store: GatewayStore, msg: Message, ctx: MessageContext) -> None:
+    await bastion_audit.record(store, msg, ctx.envelope)
+
+
+BASTION_QUEUE = "gateway.bastion"
+BASTION_BINDINGS = tuple(event.TYPE for event in bastion_audit.AUDITED_EVENTS)
+
+
+def bastion_handlers(store: GatewayStore) -> dict[str, Handler]:
+    """The handler of every bastion event the gateway audits (each written once)."""
+    return {kind: partial(_bastion_audit, store) for kind in BASTION_BINDINGS}
 
 
 # --- orphans: what hosts report of the machines they quarantined, and their alerts -------------

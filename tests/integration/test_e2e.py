@@ -43,7 +43,7 @@ class Stack:
         return {
             "app": "e2e", "image": IMAGE, "cpus": 0.5, "memory": "256m", "disk": "1g",
             "dc": "dc1", "vlan_id": self.vlan,
-            "ssh_keys": [KEY.export_public_key().decode().strip()], **over,
+            "ssh_keys": [KEY.export_public_key().decode().strip()], "direct_ssh": True, **over,
         }
 
 

@@ -272,7 +272,8 @@ async def test_same_idempotency_key_returns_same_machines(api, peers):
 
 
 async def test_kvm_request_goes_to_the_kvm_channel_with_its_full_spec(api, peers):
-    body = await _create(api, type="kvm", ssh_keys=["ssh-ed25519 AAAAC3Nza op@desk"])
+    body = await _create(api, type="kvm", ssh_keys=["ssh-ed25519 AAAAC3Nza op@desk"],
+                         direct_ssh=True)  # fmt: skip
     mid = body["machines"][0]["id"]
     machine = await _machine(api, mid)
     sent = peers.sent("kvm.machine.create")

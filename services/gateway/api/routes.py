@@ -6,7 +6,7 @@ Handlers live in one module per resource and read their dependencies from the ai
 
 from __future__ import annotations
 
-from . import apps, audit, hosts, images, ips, machines, pools, tokens
+from . import apps, audit, grants, hosts, images, ips, machines, pools, sessions, tokens, users
 from .deps import DRIVER, RPC, SETTINGS, STORE, GatewayState, Rpc
 from .framework import Api
 from .views import machine_out
@@ -14,7 +14,7 @@ from .views import machine_out
 __all__ = ["GatewayState", "Rpc", "build_api", "machine_out"]
 
 # In this order in the OpenAPI document.
-_MODULES = (machines, apps, hosts, pools, ips, images, tokens, audit)
+_MODULES = (machines, apps, hosts, pools, ips, images, tokens, audit, users, grants, sessions)
 
 
 def build_api(state: GatewayState) -> Api:

@@ -111,6 +111,18 @@ class MachineCreate(_Request):
     count: int = Field(default=1, ge=1, le=100)
     hostname_prefix: str | None = Field(default=None, pattern=HOSTNAME_RE)
     ssh_keys: list[SshKey] = Field(default_factory=list, max_length=50)
+    # Break-glass: root gets ssh_keys and SSH answers any source. Off, people log in through
+    # the bastion (users and grants), and ssh_keys would install nothing.
+    direct_ssh: bool = False
+
+    @model_validator(mode="after")
+    def _keys_need_direct_ssh(self) -> MachineCreate:
+        if self.ssh_keys and not self.direct_ssh:
+            raise ValueError(
+                "ssh_keys are installed only with direct_ssh: true (break-glass); "
+                "otherwise register the keys as a bastion user (POST /v1/users) and grant access"
+            )
+        return self
 
 
 class MachinePatch(_Request):
@@ -337,6 +349,9 @@ class AuditEntry(BaseModel):
     path: str
     status: int
     target: str | None = None
+    # A bastion event (session.started, transfer.done...): its type and fields.
+    event: str | None = None
+    detail: dict[str, Any] | None = None
 
 
 class AuditPage(BaseModel):

@@ -303,7 +303,7 @@ class CreateSaga:
             await self._driver.publisher.publish(gw.KvmMachineCreate(dc=doc["dc"], **_spec(doc)))
         else:
             await self._driver.publisher.publish(
-                provisioner.ContainerCreate(**_spec(doc)),
+                provisioner.ContainerCreate(**_spec(doc), direct_ssh=bool(doc.get("direct_ssh"))),
                 routing_key=host_key(doc["host"], provisioner.ContainerCreate.TYPE),
             )
 
@@ -362,6 +362,7 @@ def _machine_doc(
         "vlan_id": spec["vlan_id"],
         "hostname": f"{prefix}-{mid[-8:]}",
         "ssh_keys": list(spec.get("ssh_keys") or []),
+        "direct_ssh": bool(spec.get("direct_ssh")),
         "state": State.REQUESTED.value,
         "reason": None,
         "ip": None,
