@@ -109,6 +109,9 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
     await driver.resume()
     ctx.every(settings.release_sweep_s, releases.sweep, "release-sweep")
     ctx.every(settings.saga_tick_s, driver.tick, "saga-tick", now=False)
+    # Events a failed publish or a crash left in the outboxes; the first tick scans them all.
+    ctx.every(settings.saga_tick_s, driver.outbox.tick, "machine-outbox")
+    ctx.every(settings.saga_tick_s, releases.outbox.tick, "release-outbox")
     ctx.every(settings.host_check_s, driver.hosts.check_hosts, "host-check")
     # A short tick; the index itself decides when a reload is due (see listing.py).
     ctx.every(

@@ -16,6 +16,7 @@ __all__ = [
     "LastOp",
     "MachineDoc",
     "MachineSummary",
+    "OutboxEntry",
     "ReleaseBatch",
     "ReleaseDoc",
     "ReleaseMachine",
@@ -44,6 +45,17 @@ class LastOp(TypedDict):
     reason: str | None
     detail: str
     at: datetime
+
+
+class OutboxEntry(TypedDict):
+    """An event written with the change it announces, until the relay publishes it
+    (:mod:`..outbox`); its id is the published envelope's id."""
+
+    id: str
+    type: str
+    version: int
+    data: dict[str, Any]
+    routing_key: NotRequired[str | None]
 
 
 class Transition(TypedDict):
@@ -90,6 +102,8 @@ class MachineDoc(TypedDict):
     state_before_resize: NotRequired[str]
     state_before_unknown: NotRequired[str]
     last_op: NotRequired[LastOp]
+    # Events of this machine's changes not yet published (never in its summary).
+    outbox: NotRequired[list[OutboxEntry]]
 
 
 class MachineSummary(TypedDict):
@@ -192,3 +206,5 @@ class ReleaseDoc(TypedDict):
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
+    # The release's end event until the relay publishes it.
+    outbox: NotRequired[list[OutboxEntry]]

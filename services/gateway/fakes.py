@@ -16,7 +16,7 @@ from libs.common.clock import utcnow
 from libs.common.errors import ConflictError
 
 from .app_checks import check_doc
-from .documents import AppDoc, HostDoc, MachineDoc, MachineSummary, SagaRecord
+from .documents import AppDoc, HostDoc, MachineDoc, MachineSummary, OutboxEntry, SagaRecord
 from .domain import ACTIVE_STATES, DcLoad, Res
 from .store import (
     TRANSITIONS_KEPT,
@@ -166,6 +166,7 @@ class MemoryGatewayStore:
         set_: dict[str, Any] | None = None,
         saga: SagaRecord | bool | None = False,
         via: Iterable[str] = (),
+        outbox: list[OutboxEntry] | None = None,
     ) -> MachineDoc | None:
         """Conditional state change, as in MongoDB."""
         doc = self.machines.get(machine_id)
@@ -176,6 +177,8 @@ class MemoryGatewayStore:
         if saga is not False:
             doc["saga"] = copy.deepcopy(saga)
         doc.setdefault("transitions", []).extend(history(via, to_state, at, reason))
+        if outbox:
+            doc.setdefault("outbox", []).extend(copy.deepcopy(outbox))
         trimmed = capped_transitions(doc["transitions"], self.transitions_kept)
         if trimmed is not None:
             doc["transitions"] = trimmed
@@ -206,6 +209,21 @@ class MemoryGatewayStore:
     async def in_flight(self) -> list[MachineDoc]:
         """Machines with a saga."""
         return [copy.deepcopy(d) for d in self.machines.values() if d.get("saga")]
+
+    async def pending_outboxes(self, ids: Iterable[str] | None = None) -> list[dict[str, Any]]:
+        """Machines with unpublished events (``_id``, ``outbox``)."""
+        wanted = None if ids is None else set(ids)
+        return [
+            {"_id": k, "outbox": copy.deepcopy(d["outbox"])}
+            for k, d in self.machines.items()
+            if d.get("outbox") and (wanted is None or k in wanted)
+        ]
+
+    async def clear_outbox(self, machine_id: str, entries: list[OutboxEntry]) -> None:
+        """Remove exactly these entries."""
+        doc = self.machines.get(machine_id)
+        if doc is not None:
+            doc["outbox"] = [e for e in doc.get("outbox", []) if e not in entries]
 
     async def load(self, dc: str) -> DcLoad:
         """What the hosts of ``dc`` hold: per host, and per app and host."""

@@ -53,6 +53,7 @@ from .documents import (
     HostDoc,
     MachineDoc,
     MachineSummary,
+    OutboxEntry,
     ReleaseDoc,
     ReleaseMachineStatus,
     SagaRecord,
@@ -202,6 +203,14 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def _outbox_query(ids: Iterable[str] | None) -> dict[str, Any]:
+    """Documents with an outbox entry (of ``ids`` only, if given)."""
+    query: dict[str, Any] = {"outbox.0": {"$exists": True}}
+    if ids is not None:
+        query["_id"] = {"$in": list(ids)}
+    return query
+
+
 def _listed(summary: dict[str, Any] | None) -> dict[str, Any] | None:
     """A summary without ``updated_at`` (which may lag its machine's, see the docstring)."""
     return None if summary is None else {k: v for k, v in summary.items() if k != "updated_at"}
@@ -245,6 +254,7 @@ class MachineStore(Protocol):
         set_: dict[str, Any] | None = None,
         saga: SagaRecord | bool | None = False,
         via: Iterable[str] = (),
+        outbox: list[OutboxEntry] | None = None,
     ) -> MachineDoc | None:
         """Conditional state change (through ``via``, recorded in the history)."""
         ...
@@ -257,6 +267,14 @@ class MachineStore(Protocol):
 
     async def due_sagas(self, at: datetime, limit: int = 500) -> list[MachineDoc]:
         """Sagas past their deadline."""
+        ...
+
+    async def pending_outboxes(self, ids: Iterable[str] | None = None) -> list[dict[str, Any]]:
+        """Machines (``_id``, ``outbox``) with events not yet published; only ``ids`` if given."""
+        ...
+
+    async def clear_outbox(self, machine_id: str, entries: list[OutboxEntry]) -> None:
+        """Remove these published entries from the machine's outbox."""
         ...
 
     async def in_flight(self) -> list[MachineDoc]:
@@ -441,11 +459,13 @@ class GatewayStore:
         set_: dict[str, Any] | None = None,
         saga: SagaRecord | bool | None = False,
         via: Iterable[str] = (),
+        outbox: list[OutboxEntry] | None = None,
     ) -> MachineDoc | None:
         """Move a machine from one of ``from_states`` to ``to_state``; None when it was not there.
 
         ``saga`` replaces the saga record (None clears it; False leaves it alone). The states in
-        ``via`` are passed through in the same write: the history records each of them.
+        ``via`` are passed through in the same write: the history records each of them. The
+        events in ``outbox`` are appended to the machine's outbox in that write too.
         """
         at = utcnow()
         fields: dict[str, Any] = {"state": to_state, "updated_at": at, "reason": reason}
@@ -453,10 +473,13 @@ class GatewayStore:
         if saga is not False:
             fields["saga"] = saga
         entries = history(via, to_state, at, reason)
+        push: dict[str, Any] = {"transitions": {"$each": entries}}
+        if outbox:
+            push["outbox"] = {"$each": outbox}
         async with self._machine_lock(machine_id):
             doc = await self.machines.find_one_and_update(
                 {"_id": machine_id, "state": {"$in": list(from_states)}},
-                {"$set": fields, "$push": {"transitions": {"$each": entries}}},
+                {"$set": fields, "$push": push},
                 return_document=ReturnDocument.AFTER,
             )
             if doc is not None:
@@ -501,6 +524,22 @@ class GatewayStore:
     async def in_flight(self) -> list[MachineDoc]:
         """Every machine with a saga in progress (resumed at start)."""
         return await read_all(self.machines.find({"saga.op": {"$exists": True}}))
+
+    @translate_errors
+    async def pending_outboxes(self, ids: Iterable[str] | None = None) -> list[dict[str, Any]]:
+        """Machines (``_id``, ``outbox``) with events not yet published; only ``ids`` if given
+        (without, a scan of every machine: see services/gateway/outbox.py)."""
+        return await read_all(self.machines.find(_outbox_query(ids), {"outbox": 1}))
+
+    @translate_errors
+    async def clear_outbox(self, machine_id: str, entries: list[OutboxEntry]) -> None:
+        """Remove these published entries (exactly as read back) from the machine's outbox,
+        under its lock: FerretDB v1 rewrites the whole document, and an unlocked clear could
+        erase a state change written meanwhile."""
+        async with self._machine_lock(machine_id):
+            await self.machines.update_one(
+                {"_id": machine_id}, {"$pullAll": {"outbox": list(entries)}}
+            )
 
     @translate_errors
     async def load(self, dc: str) -> DcLoad:
@@ -686,12 +725,24 @@ class ReleaseStore:
       machine with none is pending;
     - ``release_steps``: ``<release>/batch/<n>`` and ``<release>/end``, whose unique ``_id``
       elects the one caller that moves the release on.
+
+    The end step's event rides in its write (``outbox``); the outbox relay is the release
+    document's one other writer, and only after the end. Its clear and the step writes of one
+    release are ordered in process (:meth:`_release_lock`), as the machine writes are.
     """
 
     def __init__(self, db: AsyncDatabase) -> None:
         self.coll = db["releases"]
         self.machines = db["release_machines"]
         self.steps = db["release_steps"]
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    def _release_lock(self, release_id: str) -> asyncio.Lock:
+        """The lock that orders this process's writes to one release document."""
+        lock = self._locks.get(release_id)
+        if lock is None:
+            lock = self._locks[release_id] = asyncio.Lock()
+        return lock
 
     async def setup(self) -> None:
         """Indexes for listing."""
@@ -780,8 +831,26 @@ class ReleaseStore:
         except DuplicateKeyError:
             return False
 
-    async def update(self, release_id: str, fields: dict[str, Any]) -> None:
-        """Write the release-level fields a step's winner owns."""
-        await self.coll.update_one(
-            {"_id": release_id}, {"$set": {**fields, "updated_at": utcnow()}}
-        )
+    async def update(
+        self, release_id: str, fields: dict[str, Any], outbox: list[OutboxEntry] | None = None
+    ) -> ReleaseDoc | None:
+        """Write the release-level fields a step's winner owns (and append ``outbox`` to its
+        events in the same write); the document written."""
+        update: dict[str, Any] = {"$set": {**fields, "updated_at": utcnow()}}
+        if outbox:
+            update["$push"] = {"outbox": {"$each": outbox}}
+        async with self._release_lock(release_id):
+            return await self.coll.find_one_and_update(
+                {"_id": release_id}, update, return_document=ReturnDocument.AFTER
+            )
+
+    async def pending_outboxes(self, ids: Iterable[str] | None = None) -> list[dict[str, Any]]:
+        """Releases (``_id``, ``outbox``) with events not yet published; only ``ids`` if given."""
+        return await read_all(self.coll.find(_outbox_query(ids), {"outbox": 1}))
+
+    async def clear_outbox(self, release_id: str, entries: list[OutboxEntry]) -> None:
+        """Remove these published entries (exactly as read back) from the release's outbox."""
+        async with self._release_lock(release_id):
+            await self.coll.update_one(
+                {"_id": release_id}, {"$pullAll": {"outbox": list(entries)}}
+            )

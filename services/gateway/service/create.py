@@ -146,9 +146,16 @@ class CreateSaga:
             return
         reason = f"{evt.reason}: {evt.detail}" if evt.detail else evt.reason
         for mid in ids:
-            doc = await d.move(mid, [State.REQUESTED], State.FAILED, reason=reason, saga=None)
-            if doc is not None:
-                await d.finish(doc, False, evt.reason, evt.detail)
+            await d.move(
+                mid,
+                [State.REQUESTED],
+                State.FAILED,
+                reason=reason,
+                saga=None,
+                ok=False,
+                why=evt.reason,
+                detail=evt.detail,
+            )
 
     async def _send_allocate(self, doc: MachineDoc) -> None:
         await self._driver.publisher.publish(
@@ -220,8 +227,10 @@ class CreateSaga:
             set_ = {**ip, **({"host": host} if host else {})}
             saga = d.saga(Op.CREATE, Step.CONTAINER)
         reason = "no_capacity" if fails else None
+        # Its events ride in the same write (the outbox), published after it.
+        events = d.state_events({**doc, "reason": reason, **set_}, [before, *via, to])
         moved = await d.store.transition(
-            doc["_id"], [before], to, via=via, reason=reason, set_=set_, saga=saga
+            doc["_id"], [before], to, via=via, reason=reason, set_=set_, saga=saga, outbox=events
         )
         return None if moved is None else (moved, [before, *via, to])
 
@@ -236,8 +245,8 @@ class CreateSaga:
                 # It gave up between our read and our write: release the IP it was given.
                 await send_ip_release(d.publisher, current)
             return
-        moved, states = written
-        await d.announce(moved, list(states))
+        moved, _ = written
+        await d.publish_outbox(moved)
         await d.send_step(moved)
 
     # --- container --------------------------------------------------------------------------
@@ -248,11 +257,9 @@ class CreateSaga:
         fields: dict[str, Any] = {"container_id": container_id}
         if host:
             fields["host"] = host
-        doc = await d.move(
-            machine_id, [State.CREATING, State.PLACED], State.RUNNING, set_=fields, saga=None
-        )
+        running = [State.CREATING, State.PLACED]
+        doc = await d.move(machine_id, running, State.RUNNING, set_=fields, saga=None, ok=True)
         if doc is not None:
-            await d.finish(doc, True)
             return
         current = await d.store.get(machine_id)
         if current is not None and current["state"] in (State.FAILED, State.DESTROYED):
@@ -293,9 +300,10 @@ class CreateSaga:
             State.FAILED,
             reason=reason,
             saga=d.saga(Op.COMPENSATE, Step.IP),
+            ok=False,
+            why=reason,
         )
         if doc is not None:
-            await d.finish(doc, False, reason)
             await d.send_step(doc)
 
     async def _send_create(self, doc: MachineDoc) -> None:
@@ -323,9 +331,10 @@ class CreateSaga:
                 State.FAILED,
                 reason=reason,
                 saga=d.saga(Op.COMPENSATE, first),
+                ok=False,
+                why="timeout",
             )
             if failed is not None:
-                await d.finish(doc, False, "timeout")
                 await d.send_step(failed)
 
         return give_up

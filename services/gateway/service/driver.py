@@ -9,7 +9,10 @@ where the last one stopped (``resume``).
 
 Delivery guarantee: at least once both ways. Commands may be sent more than once (re-sends and
 resumes), and result events may arrive twice or late; every transition is conditional on the
-state it expects, so a duplicate or late event changes nothing.
+state it expects, so a duplicate or late event changes nothing. A transition's
+``machine.state_changed`` events, and the ``last_op`` of the operation it ends, are written in
+the transition's own update (the machine's ``outbox``, see :mod:`..outbox`) and published from
+there, so a publish that fails for good loses neither: the outbox relay sends them later.
 
 The driver itself knows no operation: it reads the step table. The operations and their steps
 (see :mod:`.create`, :mod:`.lifecycle`) are:
@@ -39,8 +42,9 @@ from libs.common.clock import utcnow
 from libs.common.contracts import gateway as gw
 from libs.common.errors import ConflictError, DomainError, NotFoundError
 
-from ..documents import LastOp, MachineDoc, SagaRecord
+from ..documents import LastOp, MachineDoc, OutboxEntry, SagaRecord
 from ..domain import CREATE_TERMINAL
+from ..outbox import OutboxRelay, outbox_entry
 from ..settings import GatewaySettings
 from ..store import MachineStore
 from .create import CreateSaga
@@ -76,11 +80,14 @@ class SagaDriver:
         publisher: Publisher,
         settings: GatewaySettings,
         clock: Clock = utcnow,
+        outbox: OutboxRelay | None = None,
     ) -> None:
         self.store = store
         self.publisher = publisher
         self.settings = settings
         self.clock = clock
+        # Publishes the events each transition writes into the machine's outbox.
+        self.outbox = outbox or OutboxRelay(publisher, store, name="machines")
         self.steps = StepTable()
         self.creates = CreateSaga(self)
         self.lifecycle = Lifecycle(self)
@@ -133,10 +140,9 @@ class SagaDriver:
             return None
         if to_step is None:
             back = doc.get("state_before_op") or doc["state"]
-            moved = await self.move(doc, [doc["state"]], back, reason=reason, saga=None)
-            if moved is not None:
-                await self.finish(doc, ok, reason)
-            return moved
+            return await self.move(
+                doc, [doc["state"]], back, reason=reason, saga=None, ok=ok, why=reason
+            )
         return await self.goto(
             machine_id,
             {"saga.op": op, "saga.step": from_step},
@@ -156,33 +162,61 @@ class SagaDriver:
         doc_or_id: MachineDoc | str,
         from_states: Iterable[str],
         to_state: str,
+        *,
+        ok: bool | None = None,
+        why: str | None = None,
+        detail: str = "",
         **kw: Any,
     ) -> MachineDoc | None:
-        """Transition the machine (see the store) and announce each change (one per state of
-        ``via`` too); None if it was not in one of ``from_states``."""
-        mid = doc_or_id if isinstance(doc_or_id, str) else doc_or_id["_id"]
-        before = None if isinstance(doc_or_id, str) else doc_or_id.get("state")
-        doc = await self.store.transition(mid, [str(s) for s in from_states], to_state, **kw)
-        if doc is not None:
-            await self.announce(doc, [before, *(str(s) for s in kw.get("via", ())), to_state])
-        return doc
+        """Transition the machine (see the store) with an event for each change (one per state
+        of ``via`` too) in the same write, then publish them; None if it was not in one of
+        ``from_states``. With ``ok``, the write also records that the operation in progress
+        ended (``last_op``: ok or not, ``why`` and ``detail``), which the API's waiters read."""
+        doc = await self.store.get(doc_or_id) if isinstance(doc_or_id, str) else doc_or_id
+        if doc is None:
+            return None
+        set_ = dict(kw.pop("set_", None) or {})
+        if ok is not None:
+            set_["last_op"] = self.last_op(doc, ok, why, detail)
+        states = [doc.get("state"), *(str(s) for s in kw.get("via", ())), to_state]
+        after = {**doc, "reason": kw.get("reason"), **set_}
+        moved = await self.store.transition(
+            doc["_id"],
+            [str(s) for s in from_states],
+            to_state,
+            set_=set_,
+            outbox=self.state_events(after, states),
+            **kw,
+        )
+        if moved is not None:
+            await self.publish_outbox(moved)
+        return moved
 
-    async def announce(self, doc: MachineDoc, states: list[str | None]) -> None:
-        """Announce that ``doc`` went through ``states`` (the first is where it was)."""
-        for i in range(1, len(states)):
-            await self.publisher.publish(
+    def state_events(self, after: MachineDoc, states: list[str | None]) -> list[OutboxEntry]:
+        """The outbox entries announcing that the machine went through ``states`` (the first is
+        where it was), as ``after`` (the machine once written) shows it."""
+        at = self.clock()
+        return [
+            outbox_entry(
                 gw.MachineStateChanged(
-                    machine_id=doc["_id"],
-                    app=doc["app"],
-                    type=doc["type"],
+                    machine_id=after["_id"],
+                    app=after["app"],
+                    type=after["type"],
                     from_state=states[i - 1],
                     to_state=states[i],
-                    reason=doc.get("reason") if i == len(states) - 1 else None,
-                    host=doc.get("host"),
-                    ip=doc.get("ip"),
-                    at=self.clock(),
+                    reason=after.get("reason") if i == len(states) - 1 else None,
+                    host=after.get("host"),
+                    ip=after.get("ip"),
+                    at=at,
                 )
             )
+            for i in range(1, len(states))
+        ]
+
+    async def publish_outbox(self, written: MachineDoc) -> None:
+        """Publish what the write left in the machine's outbox, at once; best effort (what
+        fails is left to the relay's tick)."""
+        await self.outbox.flush(written["_id"], written.get("outbox") or [])
 
     async def goto(self, machine_id: str, match: SagaMatch, saga: SagaRecord) -> MachineDoc | None:
         """Put the machine's saga at ``saga`` if it still matches ``match``, and send the step."""
@@ -190,12 +224,6 @@ class SagaDriver:
         if moved is not None:
             await self.send_step(moved)
         return moved
-
-    async def finish(
-        self, doc: MachineDoc, ok: bool, reason: str | None = None, detail: str = ""
-    ) -> None:
-        """Record how the operation in progress ended (the API's waiters read ``last_op``)."""
-        await self.store.update(doc["_id"], {}, {"last_op": self.last_op(doc, ok, reason, detail)})
 
     def last_op(
         self, doc: MachineDoc, ok: bool, reason: str | None = None, detail: str = ""
@@ -260,10 +288,15 @@ class SagaDriver:
             await spec.on_exhausted(doc, match)
             return
         back = (spec.on_timeout_state if spec else None) or doc.get("state_before_op")
-        if await self.move(
-            doc, [doc["state"]], back or doc["state"], reason=timeout_reason(saga), saga=None
-        ):
-            await self.finish(doc, False, "timeout")
+        await self.move(
+            doc,
+            [doc["state"]],
+            back or doc["state"],
+            reason=timeout_reason(saga),
+            saga=None,
+            ok=False,
+            why="timeout",
+        )
 
     async def resume(self) -> int:
         """At start: re-send the current step of every saga in flight; return how many."""

@@ -36,7 +36,14 @@ from .steps import (
 if TYPE_CHECKING:
     from .driver import SagaDriver
 
-__all__ = ["Lifecycle", "LifecycleEvent", "holds_ip", "send_action", "send_ip_release"]
+__all__ = [
+    "Lifecycle",
+    "LifecycleEvent",
+    "ever_ran",
+    "holds_ip",
+    "send_action",
+    "send_ip_release",
+]
 
 # The command of each action, to a container's host and to the KVM channel.
 _COMMANDS: dict[Op, tuple[type[Command], type[Command]]] = {
@@ -69,8 +76,20 @@ async def send_action(publisher: Publisher, doc: MachineDoc, action: Op) -> None
 
 
 async def send_ip_release(publisher: Publisher, doc: MachineDoc) -> None:
-    """Ask ipam to release the machine's IP."""
-    await publisher.publish(ipam.IpRelease(machine_id=doc["_id"]))
+    """Ask ipam to release the machine's IP (at once to the free list if it never ran)."""
+    await publisher.publish(ipam.IpRelease(machine_id=doc["_id"], ever_ran=ever_ran(doc)))
+
+
+# States only a machine that reached running can have been in.
+_RAN = frozenset({State.RUNNING, State.STOPPED, State.RESIZING, State.DEPLOYING, State.UNKNOWN})
+
+
+def ever_ran(doc: MachineDoc) -> bool:
+    """Whether the machine ever reached running: then something out there may know its IP (an
+    ARP cache, a known_hosts entry) and the IP cools down before it is given again."""
+    if doc.get("container_id") or "transitions" not in doc:
+        return True  # a container ran, or a partial read: err on cooling down
+    return any(t.get("state") in _RAN for t in doc["transitions"])
 
 
 def holds_ip(doc: MachineDoc) -> bool:
@@ -129,8 +148,7 @@ class Lifecycle:
         if doc is None or (doc.get("saga") or {}).get("op") != action:
             return
         to = State.STOPPED if action == Op.STOP else State.RUNNING
-        if await d.move(doc, [doc["state"]], to, saga=None) is not None:
-            await d.finish(doc, True)
+        await d.move(doc, [doc["state"]], to, saga=None, ok=True)
 
     async def on_action_failed(self, machine_id: str, action: str, reason: str) -> None:
         """A start/stop/restart/destroy failed: the machine keeps its state (destroy: failed)."""
@@ -140,25 +158,30 @@ class Lifecycle:
             return
         op = doc["saga"]["op"]
         if action == Op.DESTROY and op == Op.DESTROY:
-            moved = await d.move(
-                doc, [State.DESTROYING], State.FAILED, reason=f"destroy_failed: {reason}", saga=None
+            await d.move(
+                doc,
+                [State.DESTROYING],
+                State.FAILED,
+                reason=f"destroy_failed: {reason}",
+                saga=None,
+                ok=False,
+                why=reason,
             )
-            if moved is not None:
-                await d.finish(doc, False, reason)
         elif action == op:
-            cleared = await d.store.update(
-                machine_id, {"saga.op": op}, {"saga": None, "reason": f"{action}_failed: {reason}"}
-            )
-            if cleared is not None:
-                await d.finish(doc, False, reason)
+            # last_op in the same write: a second write could be lost to a crash or a requeue.
+            fields = {"saga": None, "reason": f"{action}_failed: {reason}"}
+            fields["last_op"] = d.last_op(doc, False, reason)
+            await d.store.update(machine_id, {"saga.op": op}, fields)
 
     async def _send_action(self, doc: MachineDoc) -> None:
         await send_action(self._driver.publisher, doc, Op(saga_of(doc)["op"]))
 
     async def _action_timed_out(self, doc: MachineDoc, match: SagaMatch) -> None:
         reason = timeout_reason(saga_of(doc))
-        if await self._driver.store.update(doc["_id"], match, {"saga": None, "reason": reason}):
-            await self._driver.finish(doc, False, "timeout")
+        last_op = self._driver.last_op(doc, False, "timeout")
+        await self._driver.store.update(
+            doc["_id"], match, {"saga": None, "reason": reason, "last_op": last_op}
+        )
 
     # --- resize -----------------------------------------------------------------------------
 
@@ -197,15 +220,14 @@ class Lifecycle:
         doc = await d.store.get(machine_id)
         if doc is None or doc["state"] != State.RESIZING:
             return
-        moved = await d.move(
+        await d.move(
             doc,
             [State.RESIZING],
             doc.get("state_before_resize") or State.RUNNING,
             set_={"cpus": cpus, "memory": memory, "disk": disk},
             saga=None,
+            ok=True,
         )
-        if moved is not None:
-            await d.finish(doc, True)
 
     async def on_resize_failed(self, machine_id: str, reason: str, detail: str) -> None:
         """The resize was refused; limits unchanged."""
@@ -213,15 +235,16 @@ class Lifecycle:
         doc = await d.store.get(machine_id)
         if doc is None or doc["state"] != State.RESIZING:
             return
-        moved = await d.move(
+        await d.move(
             doc,
             [State.RESIZING],
             doc.get("state_before_resize") or State.RUNNING,
             reason=f"resize_failed: {reason}",
             saga=None,
+            ok=False,
+            why=reason,
+            detail=detail,
         )
-        if moved is not None:
-            await d.finish(doc, False, reason, detail)
 
     async def _send_resize(self, doc: MachineDoc) -> None:
         params = saga_of(doc).get("params") or {}
@@ -241,8 +264,7 @@ class Lifecycle:
         reason = timeout_reason(saga_of(doc))
         back = doc.get("state_before_resize") or State.RUNNING
         d = self._driver
-        if await d.move(doc, [State.RESIZING], back, reason=reason, saga=None):
-            await d.finish(doc, False, "timeout")
+        await d.move(doc, [State.RESIZING], back, reason=reason, saga=None, ok=False, why="timeout")
 
     # --- destroy ----------------------------------------------------------------------------
 
@@ -296,9 +318,7 @@ class Lifecycle:
             return
         if saga["op"] == Op.DESTROY and not holds_ip(doc):
             # Its IP was already released (a failed create's compensation): nothing to wait for.
-            done = await d.move(doc, [State.DESTROYING], State.DESTROYED, saga=None)
-            if done is not None:
-                await d.finish(doc, True)
+            await d.move(doc, [State.DESTROYING], State.DESTROYED, saga=None, ok=True)
             return
         await d.goto(
             machine_id,
@@ -314,11 +334,14 @@ class Lifecycle:
             return
         saga = doc.get("saga") or {}
         if doc["state"] == State.DESTROYING and saga.get("step") == Step.IP:
-            moved = await d.move(
-                doc, [State.DESTROYING], State.DESTROYED, set_={"ip_released": True}, saga=None
+            await d.move(
+                doc,
+                [State.DESTROYING],
+                State.DESTROYED,
+                set_={"ip_released": True},
+                saga=None,
+                ok=True,
             )
-            if moved is not None:
-                await d.finish(doc, True)
         elif saga.get("op") == Op.COMPENSATE and saga.get("step") == Step.IP:
             await d.store.update(
                 machine_id, {"saga.op": Op.COMPENSATE}, {"saga": None, "ip_released": True}
@@ -333,16 +356,22 @@ class Lifecycle:
     async def _destroy_timed_out(self, doc: MachineDoc, match: SagaMatch) -> None:
         reason = timeout_reason(saga_of(doc))
         d = self._driver
-        if await d.move(doc, [State.DESTROYING], State.FAILED, reason=reason, saga=None):
-            await d.finish(doc, False, "timeout")
+        await d.move(
+            doc, [State.DESTROYING], State.FAILED, reason=reason, saga=None, ok=False, why="timeout"
+        )
 
     async def _release_unconfirmed(self, doc: MachineDoc, match: SagaMatch) -> None:
         # ipam never confirmed; the machine is gone either way, say so in the reason.
         d = self._driver
-        if await d.move(
-            doc, [State.DESTROYING], State.DESTROYED, reason="ip_release_unconfirmed", saga=None
-        ):
-            await d.finish(doc, True, "ip_release_unconfirmed")
+        await d.move(
+            doc,
+            [State.DESTROYING],
+            State.DESTROYED,
+            reason="ip_release_unconfirmed",
+            saga=None,
+            ok=True,
+            why="ip_release_unconfirmed",
+        )
 
     # --- observed state ---------------------------------------------------------------------
 

@@ -5,6 +5,11 @@ gateway resumes a release where it was: :meth:`Releases.sweep` re-sends the depl
 current batch that were never sent, fails those that got no answer in time and finishes a step
 whose taker died. Each step (the next batch, the end) is taken by exactly one caller, so
 duplicate or concurrent results, on one gateway replica or several, move a release on once.
+
+The end (``release.succeeded`` or ``release.failed``) is written with its event in one update
+(the release's ``outbox``, see :mod:`..outbox`), then published: a publish that fails for good
+is retried by the outbox relay, never lost. The event's id is ``<release_id>/end``, so an end
+written twice (a repair racing a slow winner) is one message to a consumer that dedupes.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from libs.common.errors import ConflictError, DomainError, NotFoundError
 from ..documents import MachineDoc, ReleaseDoc
 from ..domain import State
 from ..domain.rollout import MachineStatus, ReleaseStatus, Verdict, batch_verdict, plan_batches
+from ..outbox import OutboxRelay, outbox_entry
 from ..store import MachineStore, ReleaseStore
 from .checks import CheckDirectory, resolve_check
 
@@ -115,6 +121,7 @@ class Releases:
         deploy_timeout_s: float = 600.0,
         artifacts: ArtifactCheck | None = None,
         checks: CheckDirectory | None = None,
+        outbox: OutboxRelay | None = None,
     ) -> None:
         self._artifacts = artifacts
         self._checks = checks
@@ -122,6 +129,8 @@ class Releases:
         self._publisher = publisher
         self._machines = machines
         self._timeout = timedelta(seconds=deploy_timeout_s)
+        # Publishes the end event each release writes into its outbox.
+        self.outbox = outbox or OutboxRelay(publisher, store, name="releases")
 
     async def request(self, req: ReleaseRequested, requested_by: str) -> ReleaseDoc:
         """Start ``req`` (idempotent by release_id); raise a DomainError for a bad request."""
@@ -246,44 +255,49 @@ class Releases:
             )
             reason = f"{len(failed)} machine(s) failed, more than max_failures"
             if await self._store.take_step(release_id, _END) or repair:
-                await self._store.update(
+                await self._end(
                     release_id,
-                    {
-                        "status": ReleaseStatus.FAILED.value,
-                        "reason": reason,
-                        "finished_at": utcnow(),
-                    },
-                )
-                log.warning("release failed", release_id=release_id, failed=failed)
-                await self._publisher.publish(
+                    {"status": ReleaseStatus.FAILED.value, "reason": reason},
                     ReleaseFailed(
                         release_id=release_id,
                         app=doc["app"],
                         version=doc["version"],
                         reason=reason,
                         failed_machines=failed,
-                    )
+                    ),
                 )
+                log.warning("release failed", release_id=release_id, failed=failed)
             return
         if index + 1 >= len(doc["batches"]):
             if await self._store.take_step(release_id, _END) or repair:
-                await self._store.update(
-                    release_id, {"status": ReleaseStatus.SUCCEEDED.value, "finished_at": utcnow()}
-                )
-                log.info("release succeeded", release_id=release_id)
-                await self._publisher.publish(
+                await self._end(
+                    release_id,
+                    {"status": ReleaseStatus.SUCCEEDED.value},
                     ReleaseSucceeded(
                         release_id=release_id,
                         app=doc["app"],
                         version=doc["version"],
                         machines=len(doc["machines"]),
-                    )
+                    ),
                 )
+                log.info("release succeeded", release_id=release_id)
             return
         if await self._store.take_step(release_id, _batch_step(index + 1)) or repair:
             fields = {"current_batch": index + 1, "failed_before": failed_before + len(failed_here)}
             await self._store.update(release_id, fields)
             await self._dispatch({**doc, **fields}, index + 1)
+
+    async def _end(
+        self, release_id: str, fields: dict[str, Any], event: ReleaseSucceeded | ReleaseFailed
+    ) -> None:
+        """Write the release's end and its event in one update, then publish the event (best
+        effort: what fails is the outbox relay's)."""
+        entry = outbox_entry(event, id=f"{release_id}/{_END}")
+        written = await self._store.update(
+            release_id, {**fields, "finished_at": utcnow()}, outbox=[entry]
+        )
+        if written is not None:
+            await self.outbox.flush(release_id, written.get("outbox") or [])
 
     async def sweep(self) -> None:
         """Resume after a restart: send unsent deploys, fail those past the timeout, and
