@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 # A pool's counters that only save probing (see :meth:`IpamStore.raise_hint`).
-HintField = Literal["block_hint", "free_head", "free_tail"]
+HintField = Literal["block_hint", "free_head", "free_tail", "ready_head", "ready_tail"]
 
 
 class PoolDoc(TypedDict):
@@ -45,6 +45,8 @@ class PoolDoc(TypedDict):
     block_hint: NotRequired[int]  # highest block claimed, or -1
     free_head: NotRequired[int]  # free-queue entries below are consumed
     free_tail: NotRequired[int]  # next free-queue sequence number to append at
+    ready_head: NotRequired[int]  # the same two for the ready lane (machines that never ran)
+    ready_tail: NotRequired[int]
 
 
 class PoolChanges(TypedDict, total=False):
@@ -90,6 +92,7 @@ class HistoryFields(TypedDict, total=False):
     machine_id: str
     allocated_at: datetime
     released_at: datetime | None
+    ever_ran: bool
 
 
 class HistoryDoc(TypedDict):
@@ -103,6 +106,8 @@ class HistoryDoc(TypedDict):
     machine_id: str
     allocated_at: datetime
     released_at: datetime | None  # None while the machine holds the IP
+    # False when its machine never ran: the release did not cool down. Absent means it ran.
+    ever_ran: NotRequired[bool]
 
 
 class ReleasedIp(TypedDict):
@@ -115,10 +120,12 @@ class ReleasedIp(TypedDict):
     pool_uid: NotRequired[str]
     gen: NotRequired[int]
     allocated_at: NotRequired[datetime]
+    ever_ran: NotRequired[bool]
 
 
 class FreeSlotDoc(TypedDict):
-    """Entry ``seq`` of a pool's free queue (``ip_free``, ``_id`` = ``slot_id``); immutable."""
+    """Entry ``seq`` of one of a pool's free queues (``ip_free``, ``_id`` = ``slot_id`` of the
+    lane's key; see ``service.allocator.Lane``); immutable."""
 
     _id: str
     pool_uid: str

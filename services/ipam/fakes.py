@@ -185,6 +185,7 @@ class MemoryIpamStore:
                     d.get("pool_uid") == pool_uid
                     and d.get("released_at") is not None
                     and d["released_at"] > since
+                    and d.get("ever_ran", True) is not False
                 ),
             )
         )

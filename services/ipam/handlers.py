@@ -94,7 +94,7 @@ async def allocate_many(ipam: Ipam, msg: IpAllocateMany, ctx: MessageContext) ->
 
 async def release(ipam: Ipam, msg: IpRelease, ctx: MessageContext) -> Message | None:
     """``ip.release`` → ``ip.released`` (a machine without lease: warning, no event)."""
-    released = await ipam.release(msg.machine_id)
+    released = await ipam.release(msg.machine_id, msg.ever_ran)
     if released is None:
         log.warning("release of a machine that holds no IP ignored", machine_id=msg.machine_id)
         return None

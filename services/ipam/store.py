@@ -17,7 +17,8 @@ Two facts about FerretDB v1 (SQLite) shape this module:
 Collections:
 
 - ``pools``: ``_id`` = name; ``uid`` and ``(dc, vlan_id)`` unique. Also hints (``block_hint``,
-  ``free_head``, ``free_tail``) that only save probing; nothing relies on them being exact.
+  ``free_head``, ``free_tail``, ``ready_head``, ``ready_tail``) that only save probing; nothing
+  relies on them being exact.
 - ``leases``: ``_id`` = machine_id (one lease per machine); ``active_ip`` is unique, so one IP
   never has two active leases. A released lease stays as a tombstone (``state: released``,
   ``active_ip: released:<machine>``), so a late duplicate ``ip.allocate`` of a destroyed
@@ -27,6 +28,8 @@ Collections:
   (the insert is the claim), upserted at release.
 - ``ip_free``: released addresses as a queue, ``_id`` = ``<pool uid>:<seq>``, contiguous
   sequence numbers, never deleted; an entry is consumed when ``ip_history`` has its next gen.
+  Addresses of machines that never ran wait in a second queue, ``<pool uid>+ready:<seq>``,
+  free at once (no cooldown).
 - ``ip_blocks``: ``_id`` = ``<pool uid>:<k>``: block k of never-used offsets, claimed by one
   replica.
 - ``lease_cleanups``: ``_id`` = ``<machine>/<claim>#<round>``: the delivery that may delete a
@@ -209,7 +212,8 @@ class IpamStore(Protocol):
         ...
 
     async def released_since(self, pool_uid: str, since: datetime) -> int:
-        """Releases in the pool after ``since`` (a filter: off the hot path)."""
+        """Releases in the pool after ``since`` that cool down (their machine ran; a filter:
+        off the hot path)."""
         ...
 
     # free queue
@@ -403,9 +407,9 @@ class MongoIpamStore:
 
     @translate_errors
     async def released_since(self, pool_uid: str, since: datetime) -> int:
-        """Releases in the pool after ``since``."""
+        """Releases in the pool after ``since`` that cool down (their machine ran)."""
         return await self._history.count_documents(
-            {"pool_uid": pool_uid, "released_at": {"$gt": since}}
+            {"pool_uid": pool_uid, "released_at": {"$gt": since}, "ever_ran": {"$ne": False}}
         )
 
     @translate_errors

@@ -230,3 +230,19 @@ async def test_bulk_is_all_or_nothing(rpc):
     assert (usage_after_failure.allocated, usage_after_failure.free) == (0, 5)
     assert isinstance(fits, IpAllocatedMany)
     assert len({a.ip for a in fits.allocations}) == 5
+
+
+async def test_an_ip_whose_machine_never_ran_is_free_at_once(rpc):
+    await rpc.request(POOL.model_copy(update={"cooldown_s": 3600}))
+    ips = [(await _alloc(rpc, f"m{i}")).ip for i in range(5)]
+    await rpc.request(IpRelease(machine_id="m1"))  # ran: cools down, first in the queue
+    await rpc.request(IpRelease(machine_id="m3", ever_ran=False))
+    info = await rpc.request(IpLookup(ip=ips[3]))
+    usage = (await _listing(rpc)).pools[0].usage
+    again = await _alloc(rpc, "n0")
+    none_left = await _alloc(rpc, "n1")
+
+    assert (info.state, info.cooling_until) == ("free", None)
+    assert (usage.allocated, usage.cooling, usage.free) == (3, 1, 1)
+    assert again.ip == ips[3]
+    assert none_left.reason == "pool_exhausted"  # m1's address still cools

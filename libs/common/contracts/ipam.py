@@ -74,10 +74,14 @@ class IpAllocateMany(_PoolSelector):
 
 @register
 class IpRelease(Command):
-    """Free the IP of a destroyed machine; it then cools down."""
+    """Free the IP of a destroyed machine; it then cools down, unless the machine never ran."""
 
     TYPE = "ip.release"
     machine_id: MachineId = Field(min_length=1, max_length=64)
+    # False: the machine never reached running (a failed create), so nothing out there knows
+    # the address (no ARP cache, no known_hosts entry) and it goes straight back to the free
+    # list. Absent (an older sender) means it ran.
+    ever_ran: bool = True
 
 
 @register

@@ -123,9 +123,10 @@ class Ipam:
             request_id, machine_ids, pool=pool, dc=dc, vlan_id=vlan_id
         )
 
-    async def release(self, machine_id: str) -> ReleasedIp | None:
-        """Release the machine's IP into cooldown; None if it had none."""
-        return await self.claims.release(machine_id)
+    async def release(self, machine_id: str, ever_ran: bool = True) -> ReleasedIp | None:
+        """Release the machine's IP into cooldown (free at once if the machine never ran);
+        None if it had none."""
+        return await self.claims.release(machine_id, ever_ran)
 
     async def list_pools(self, dc: str | None = None) -> list[PoolView]:
         """Every active pool with its usage."""

@@ -6,8 +6,13 @@ An allocation never scans the pool. In order of preference it takes:
    inserting ``ip_blocks/<pool>:<k>``: one write per block, not per address);
 2. a never-used offset left in a claimed block that is not used up (its replica was killed, or
    is slow): only when no block is left, bounded by the open blocks;
-3. the least recently released address whose cooldown has passed, walking the pool's free
-   queue (``ip_free/<pool>:<seq>``) from its head, by ``_id`` reads only.
+3. an address whose machine never ran, from the pool's *ready* lane
+   (``ip_free/<pool>+ready:<seq>``): it has no past to cool down from (no ARP cache, no
+   ``known_hosts`` entry), so it is free at once;
+4. the least recently released address whose cooldown has passed, walking the pool's free
+   queue (``ip_free/<pool>:<seq>``) from its head, by ``_id`` reads only. The walk stops at
+   the first address still cooling (later ones were released later still), which is why the
+   ready lane is a queue of its own rather than entries among these.
 
 Whatever the source, an address is a hint: it is only *taken* by the claim protocol
 (:mod:`.claims`). This replica remembers what it learnt (its block, the free queue it walked,
@@ -27,17 +32,21 @@ from ipaddress import IPv4Address
 
 from libs.common.errors import TransientError
 
-from ..documents import FreeSlotDoc, HistoryDoc, PoolDoc
+from ..documents import FreeSlotDoc, HintField, HistoryDoc, PoolDoc
 from ..domain import Pool, block_offsets, next_block
 from ..store import IpamStore, history_id, slot_id
 
 __all__ = [
+    "COOLING",
     "EPOCH",
     "FROM_EXACT_REQUEST",
+    "READY",
     "AddressSources",
     "Block",
     "Candidate",
     "FreeQueueView",
+    "Lane",
+    "lane_after",
     "latest_generation",
 ]
 
@@ -56,6 +65,26 @@ class Block:
     unresolved: int  # offsets not yet tried to the end (queued or in flight)
 
 
+@dataclass(frozen=True)
+class Lane:
+    """One of a pool's free queues, with the pool-document hints that find its head and tail."""
+
+    suffix: str  # after the pool uid in its entries' _id; the cooling lane's is empty
+    head: HintField
+    tail: HintField
+    cools: bool  # entries rest the pool's cooldown before they are handed out
+
+    def key(self, pool_uid: str) -> str:
+        """What names this lane of the pool (its entries are ``slot_id(key, seq)``)."""
+        return f"{pool_uid}{self.suffix}"
+
+
+# Addresses of machines that ran: they cool down. Its entries keep the original _ids.
+COOLING = Lane("", "free_head", "free_tail", cools=True)
+# Addresses with nothing to cool down from (their machine never ran): free at once.
+READY = Lane("+ready", "ready_head", "ready_tail", cools=False)
+
+
 @dataclass
 class FreeQueueView:
     """This replica's view of a pool's free queue: entries are immutable, so they are cached."""
@@ -65,6 +94,7 @@ class FreeQueueView:
     persisted_head: int = 0
     entries: dict[int, FreeSlotDoc] = field(default_factory=dict)
     consumed: set[int] = field(default_factory=set)
+    loaded: bool = False  # the persisted head was read
 
 
 @dataclass(frozen=True)
@@ -77,6 +107,7 @@ class Candidate:
     # a never-used address (of a block, or a leftover).
     queue_seq: int | None = None
     block: Block | None = None
+    lane: Lane = COOLING  # the free queue of ``queue_seq``
 
     @property
     def claim_kind(self) -> str:
@@ -89,6 +120,13 @@ class Candidate:
     def queue_entry(self) -> int | None:
         """The free-queue sequence number this candidate consumes, if any."""
         return self.queue_seq if self.queue_seq is not None and self.queue_seq >= 0 else None
+
+
+def lane_after(last: HistoryDoc | None) -> Lane:
+    """Where an address goes back to after its last record ``last`` (None: never used): the
+    ready lane unless a machine ran on it (a record from before the flag counts as ran)."""
+    ran = last is not None and last.get("ever_ran", True) and last.get("released_at")
+    return COOLING if ran else READY
 
 
 async def latest_generation(store: IpamStore, pool: Pool, ip: int) -> tuple[int, HistoryDoc | None]:
@@ -130,11 +168,12 @@ class AddressSources:
     def forget_pool(self, pool_uid: str) -> None:
         """Drop this replica's block and free-queue view of a deleted pool."""
         self._blocks.pop(pool_uid, None)
-        self._free_queues.pop(pool_uid, None)
+        for lane in (COOLING, READY):
+            self._free_queues.pop(lane.key(pool_uid), None)
 
-    def free_queue(self, pool_uid: str) -> FreeQueueView:
-        """This replica's view of the pool's free queue."""
-        return self._free_queues.setdefault(pool_uid, FreeQueueView())
+    def free_queue(self, pool_uid: str, lane: Lane = COOLING) -> FreeQueueView:
+        """This replica's view of one of the pool's free queues."""
+        return self._free_queues.setdefault(lane.key(pool_uid), FreeQueueView())
 
     def mark_used(self, pool_uid: str, ip: int) -> None:
         """Remember that ``ip`` is held (or was handed out): no leftover to try."""
@@ -143,7 +182,7 @@ class AddressSources:
     def mark_consumed(self, pool_uid: str, cand: Candidate) -> None:
         """The candidate's free-queue entry is used (its next gen is claimed)."""
         if cand.queue_entry is not None:
-            self.free_queue(pool_uid).consumed.add(cand.queue_entry)
+            self.free_queue(pool_uid, cand.lane).consumed.add(cand.queue_entry)
 
     def give_back(self, cand: Candidate) -> None:
         """Put a block's address back in front, for the next claim of this replica."""
@@ -177,7 +216,7 @@ class AddressSources:
         leftover = await self._leftover(pool, fresh)
         if leftover is not None:
             return leftover
-        return await self._next_released(pool)
+        return await self._next_released(pool, READY) or await self._next_released(pool)
 
     async def _claim_next_block(self, pool: Pool, fresh: bool = False) -> bool:
         """Claim the next block of never-used offsets; False when none is left."""
@@ -237,37 +276,39 @@ class AddressSources:
         self._no_leftover_at[pool.uid] = time.monotonic()
         return None
 
-    async def _next_released(self, pool: Pool) -> Candidate | None:
-        """The least recently released cooled address, walking the free queue from its head."""
-        queue = self.free_queue(pool.uid)
-        if queue.head == 0 and not queue.entries:
+    async def _next_released(self, pool: Pool, lane: Lane = COOLING) -> Candidate | None:
+        """The least recently released address free to hand out (cooled, in the cooling lane),
+        walking the lane from its head."""
+        queue = self.free_queue(pool.uid, lane)
+        if not queue.loaded:
             doc = await self.store.get_pool(pool.name)
             queue.head = queue.persisted_head = max(
-                queue.head, 0 if doc is None else doc.get("free_head", 0)
+                queue.head, 0 if doc is None else doc.get(lane.head, 0)
             )
+            queue.loaded = True
         cutoff = self.clock() - pool.cooldown
         seq = queue.head
         while True:
             entry = queue.entries.get(seq)
             if entry is None:
-                entry = await self.store.get_slot(slot_id(pool.uid, seq))
+                entry = await self.store.get_slot(slot_id(lane.key(pool.uid), seq))
                 if entry is None:
                     break  # the end of the queue
                 queue.entries[seq] = entry
             if seq not in queue.consumed and entry["ip_int"] not in self.in_flight:
-                if entry["released_at"] > cutoff:
+                if lane.cools and entry["released_at"] > cutoff:
                     break  # later entries were released later still
                 next_gen = history_id(entry["ip"], pool.uid, entry["gen"] + 1)
                 if await self.store.get_history(next_gen) is not None:
                     queue.consumed.add(seq)
                 elif pool.allocatable(entry["ip_int"]):
-                    await self._advance_head(pool, queue)
-                    return Candidate(entry["ip_int"], entry["gen"], seq)
+                    await self._advance_head(pool, queue, lane)
+                    return Candidate(entry["ip_int"], entry["gen"], seq, lane=lane)
             seq += 1
-        await self._advance_head(pool, queue)
+        await self._advance_head(pool, queue, lane)
         return None
 
-    async def _advance_head(self, pool: Pool, queue: FreeQueueView) -> None:
+    async def _advance_head(self, pool: Pool, queue: FreeQueueView, lane: Lane) -> None:
         """Move the head past consumed entries; persist it now and then (a hint)."""
         while queue.head in queue.consumed:
             queue.consumed.discard(queue.head)
@@ -275,17 +316,19 @@ class AddressSources:
             queue.head += 1
         if queue.head - queue.persisted_head >= 16:
             queue.persisted_head = queue.head
-            await self.store.raise_hint(pool.name, "free_head", queue.head)
+            await self.store.raise_hint(pool.name, lane.head, queue.head)
 
-    async def append_released(self, pool: Pool, ip: int, gen: int, released_at: datetime) -> None:
-        """Append a released address to the pool's free queue."""
-        queue = self.free_queue(pool.uid)
+    async def append_released(
+        self, pool: Pool, ip: int, gen: int, released_at: datetime, lane: Lane = COOLING
+    ) -> None:
+        """Append a released address to one of the pool's free queues."""
+        queue = self.free_queue(pool.uid, lane)
         doc = await self.store.get_pool(pool.name)
-        seq = max(queue.tail, 0 if doc is None else doc.get("free_tail", 0))
+        seq = max(queue.tail, 0 if doc is None else doc.get(lane.tail, 0))
         addr = str(IPv4Address(ip))
         for _ in range(100_000):
             entry: FreeSlotDoc = {
-                "_id": slot_id(pool.uid, seq),
+                "_id": slot_id(lane.key(pool.uid), seq),
                 "pool_uid": pool.uid,
                 "ip_int": ip,
                 "ip": addr,
@@ -296,7 +339,7 @@ class AddressSources:
                 break
             seq += 1
         queue.tail = seq + 1
-        await self.store.raise_hint(pool.name, "free_tail", queue.tail)
+        await self.store.raise_hint(pool.name, lane.tail, queue.tail)
 
     async def requeue_unreserved(self, pool: Pool, doc: PoolDoc, lo: int, hi: int) -> None:
         """Queue un-reserved addresses of already claimed blocks (later blocks find them)."""
@@ -308,4 +351,4 @@ class AddressSources:
             active = await self.store.lease_of_ip(str(IPv4Address(ip)))
             if active is None:
                 released = EPOCH if last is None else last.get("released_at") or EPOCH
-                await self.append_released(pool, ip, gen, released)
+                await self.append_released(pool, ip, gen, released, lane_after(last))

@@ -44,7 +44,16 @@ from libs.common.errors import TransientError
 from ..documents import LeaseDoc, ReleasedIp
 from ..domain import AllocationError, Pool
 from ..store import IpamStore, LeaseConflict, cleanup_id, history_id
-from .allocator import EPOCH, FROM_EXACT_REQUEST, AddressSources, Candidate, latest_generation
+from .allocator import (
+    COOLING,
+    EPOCH,
+    FROM_EXACT_REQUEST,
+    READY,
+    AddressSources,
+    Candidate,
+    lane_after,
+    latest_generation,
+)
 from .pools import PoolCatalog
 
 __all__ = ["Allocation", "Claims", "lease_document"]
@@ -191,7 +200,7 @@ class Claims:
         if holder is not None:
             raise AllocationError("ip_taken", f"{addr} is held by {holder['_id']}")
         gen, last = await latest_generation(self.store, pool, ip)
-        released = None if last is None else last.get("released_at")
+        released = None if last is None or lane_after(last) is READY else last["released_at"]
         if released is not None and released > self.clock() - pool.cooldown:
             until = released + pool.cooldown
             raise AllocationError("ip_cooling", f"{addr} cools down until {until.isoformat()}")
@@ -379,12 +388,13 @@ class Claims:
         for lease in await self.store.leases_of_request(request_id):
             pool = await self.pools.of_lease(lease)
             ip, gen = int(IPv4Address(lease["ip"])), lease["gen"] - 1
-            released = EPOCH
+            prev = None
             if gen > 0:
                 prev = await self.store.get_history(history_id(lease["ip"], pool.uid, gen))
-                released = EPOCH if prev is None else prev.get("released_at") or EPOCH
+            released = EPOCH if prev is None else prev.get("released_at") or EPOCH
             await self.store.delete_history(history_id(lease["ip"], pool.uid, gen + 1))
-            await self.sources.append_released(pool, ip, gen, released)
+            # Back to where it came from: cooling after a machine that ran, else ready.
+            await self.sources.append_released(pool, ip, gen, released, lane_after(prev))
             await self.store.delete_lease(lease["_id"], lease["ip"], lease.get("claim_id"))
             log.info(
                 "bulk allocation rolled back",
@@ -393,8 +403,9 @@ class Claims:
                 request_id=request_id,
             )
 
-    async def release(self, machine_id: str) -> ReleasedIp | None:
-        """Release the machine's IP into cooldown; return its record, None if it had none."""
+    async def release(self, machine_id: str, ever_ran: bool = True) -> ReleasedIp | None:
+        """Release the machine's IP into cooldown (free at once if the machine never ran);
+        return its record, None if it had none."""
         lease = await self.store.get_lease(machine_id)
         if lease is None:
             return None
@@ -416,6 +427,7 @@ class Claims:
             "gen": lease["gen"],
             "machine_id": machine_id,
             "released_at": now,
+            "ever_ran": ever_ran,
         }
         # A claim's record keeps the allocation time it was stamped with; a never-used
         # address's first record is created here, with the lease's.
@@ -425,6 +437,7 @@ class Claims:
             on_insert={"allocated_at": lease["allocated_at"]},
         )
         record["allocated_at"] = lease["allocated_at"]
-        await self.sources.append_released(pool, int(IPv4Address(lease["ip"])), lease["gen"], now)
+        ip, lane = int(IPv4Address(lease["ip"])), COOLING if ever_ran else READY
+        await self.sources.append_released(pool, ip, lease["gen"], now, lane)
         await self.store.end_lease(machine_id, lease["ip"], now)
         return record

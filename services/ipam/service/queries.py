@@ -100,7 +100,14 @@ class IpamQueries:
             return IpLookupResult(ip, pool.name, "active", active["_id"], then, None, events)
         if not pool.allocatable(ip_int):
             return IpLookupResult(ip, pool.name, "reserved", None, then, None, events)
-        mine = [r for r in records if r.get("pool_uid") == pool.uid and r.get("released_at")]
+        # A release whose machine never ran did not cool down.
+        mine = [
+            r
+            for r in records
+            if r.get("pool_uid") == pool.uid
+            and r.get("released_at")
+            and r.get("ever_ran", True) is not False
+        ]
         last = max((r["released_at"] for r in mine), default=None)
         if last is not None and last + pool.cooldown > self.clock():
             cooling_until = last + pool.cooldown
