@@ -17,9 +17,11 @@ from libs.common.settings import SettingsError
 
 from .handlers import BINDINGS, handlers
 from .keys import load_keys
-from .relay import Relay, RelayConfig
+from .machine import MachineConnector
+from .relay import Relay
 from .service import Access, Admin, LiveSessions
 from .settings import BastionSettings
+from .sftp import SftpGate
 from .sshd import listen
 from .store import MongoBastionStore, MongoMachineDirectory
 
@@ -45,14 +47,10 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
         log.warning("sessions of a previous bastion closed", count=closed)
     await live.refresh_rules()
     access = Access(store, MongoMachineDirectory(ctx.db), ctx.publisher)
-    relay = Relay(
-        access,
-        live,
-        keys,
-        RelayConfig(
-            settings.state_dir, settings.bastion_cert_ttl_s, settings.bastion_connect_timeout_s
-        ),
+    machines = MachineConnector(
+        keys, settings.bastion_cert_ttl_s, settings.bastion_connect_timeout_s
     )
+    relay = Relay(access, live, machines, settings.state_dir)
     await ctx.consume(COMMAND_QUEUE, BINDINGS, handlers(Admin(store, live), keys), dedupe=False)
     try:
         server = await listen(
@@ -61,6 +59,7 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
             keys,
             access,
             relay,
+            SftpGate(access, live, machines, ctx.publisher),
             login_timeout_s=settings.bastion_login_timeout_s,
         )
     except OSError as err:

@@ -7,9 +7,8 @@ the rest is the command run on the machine. A target alone opens a shell there (
 the client asked for one, ``ssh -t``); no command at all shows the menu of reachable machines.
 
 The machine is reached with the bastion's own SSH connection, as the grant's login, with a
-key made for this session and a certificate signed by the user CA, valid a few minutes. The
-machine's host key is not checked: machines are reached over their own network from the
-bastion's host, and the firewall the provisioner sets lets SSH in only from there.
+key made for this session and a certificate signed by the user CA, valid a few minutes (see
+:mod:`.machine`).
 
 Every failure before the relay starts is one line on the user's stderr and a non-zero exit
 status (1; 126 for a command a rule refused), and nothing stays open.
@@ -18,10 +17,6 @@ status (1; 126 for a command a rule refused), and nothing stays open.
 from __future__ import annotations
 
 import asyncio
-import random
-import secrets
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,28 +28,19 @@ from libs.common.errors import DomainError
 
 from .documents import SessionDoc
 from .domain import Refused, Target, parse_request
-from .keys import BastionKeys
+from .machine import MachineConnector, new_session_id, session_doc
 from .menu import choose_target
 from .pump import Pump
 from .recording import CastWriter, recording_path
 from .service import Access, Authorized, LiveSession, LiveSessions
 
-__all__ = ["Relay", "RelayConfig"]
+__all__ = ["Relay"]
 
 log = structlog.get_logger("bastion.relay")
 
 EXIT_REFUSED = 1
 EXIT_BLOCKED = 126
 EXIT_ENDED = 255
-
-
-@dataclass(frozen=True)
-class RelayConfig:
-    """What the relay needs from the settings."""
-
-    state_dir: Path
-    cert_ttl_s: int
-    connect_timeout_s: float
 
 
 def _peer(process: asyncssh.SSHServerProcess) -> str | None:
@@ -71,15 +57,6 @@ def _say(process: asyncssh.SSHServerProcess, text: str) -> None:
         pass
 
 
-def _unreachable(auth: Authorized, err: BaseException) -> Refused:
-    m = auth.machine
-    detail = getattr(err, "reason", None) or str(err) or type(err).__name__
-    return Refused(
-        f"cannot reach {m['hostname']} ({m['ip']}) as {auth.login}: {detail}",
-        reason="machine_unreachable",
-    )
-
-
 def _exit(process: asyncssh.SSHServerProcess, status: int, signal: Any = None) -> None:
     try:
         if signal:
@@ -94,12 +71,12 @@ class Relay:
     """Serves every session channel the bastion's SSH server accepts."""
 
     def __init__(
-        self, access: Access, live: LiveSessions, keys: BastionKeys, config: RelayConfig
+        self, access: Access, live: LiveSessions, machines: MachineConnector, state_dir: Path
     ) -> None:
         self._access = access
         self._live = live
-        self._keys = keys
-        self._config = config
+        self._machines = machines
+        self._state_dir = state_dir
 
     async def handle(self, process: asyncssh.SSHServerProcess) -> None:
         """The process factory: one exec, shell or subsystem request."""
@@ -146,73 +123,6 @@ class Relay:
             f"command refused by rule {rule.id} ({rule.pattern})", reason="command_blocked"
         )
 
-    async def _connect(self, auth: Authorized, session_id: str) -> asyncssh.SSHClientConnection:
-        m = auth.machine
-        if not m.get("ip"):
-            raise Refused(f"machine {m['_id']} has no IP yet", reason="machine_unreachable")
-        creds = self._keys.sign(
-            auth.login, f"bastion:{auth.user['_id']}:{session_id}", self._config.cert_ttl_s
-        )
-        # sshd drops handshakes beyond MaxStartups (10 by default) at random: a burst of
-        # sessions to one machine gets some connections reset, worth a few quick retries.
-        for attempt in range(4):
-            try:
-                return await asyncio.wait_for(
-                    asyncssh.connect(
-                        str(m["ip"]),
-                        22,
-                        username=auth.login,
-                        client_keys=[(creds.key, creds.cert)],
-                        known_hosts=None,
-                        agent_path=None,
-                        preferred_auth="publickey",
-                        connect_timeout=self._config.connect_timeout_s,
-                    ),
-                    self._config.connect_timeout_s,
-                )
-            except (ConnectionResetError, asyncssh.ConnectionLost) as err:
-                if attempt == 3:
-                    raise _unreachable(auth, err) from err
-                await asyncio.sleep(0.1 * 2**attempt + random.random() * 0.1)
-            except (OSError, asyncssh.Error, TimeoutError) as err:
-                raise _unreachable(auth, err) from err
-        raise AssertionError("unreachable")
-
-    def _doc(
-        self,
-        process: asyncssh.SSHServerProcess,
-        auth: Authorized,
-        session_id: str,
-        command: str | None,
-        peer: str | None,
-    ) -> SessionDoc:
-        m, started = auth.machine, utcnow()
-        return {
-            "_id": session_id,
-            "owner": self._live.owner,
-            "user": auth.user["_id"],
-            "login": auth.login,
-            "machine_id": m["_id"],
-            "app": m.get("app"),
-            "ip": m.get("ip"),
-            "hostname": m.get("hostname"),
-            "kind": "exec" if command else "shell",
-            "command": command,
-            "client_addr": peer,
-            "grant_id": auth.grant["_id"],
-            "record_input": bool(auth.grant["record_input"]),
-            "started_at": started,
-            "ended_at": None,
-            "live": True,
-            "exit_status": None,
-            "end_reason": None,
-            "bytes_in": 0,
-            "bytes_out": 0,
-            "recording_path": str(
-                recording_path(self._config.state_dir / "bastion", session_id, started)
-            ),
-        }
-
     async def _session(
         self,
         process: asyncssh.SSHServerProcess,
@@ -225,17 +135,25 @@ class Relay:
         auth = await self._access.authorize(user, target)
         if command:
             await self._refuse_command(auth, command)
-        session_id = f"s-{time.time_ns() // 1000:x}{secrets.token_hex(3)}"
+        session_id = new_session_id()
         term = process.get_terminal_type()
         width, height, pw, ph = process.get_terminal_size() if term else (80, 24, 0, 0)
-        async with await self._connect(auth, session_id) as conn:
+        async with await self._machines.connect(auth, session_id) as conn:
             remote = await conn.create_process(
                 command,
                 term_type=term,
                 term_size=(width, height, pw, ph) if term else None,
                 encoding=None,
             )
-            doc = self._doc(process, auth, session_id, command, peer)
+            doc = session_doc(
+                self._live.owner,
+                auth,
+                session_id,
+                "exec" if command else "shell",
+                command,
+                peer,
+                recording_path(self._state_dir / "bastion", session_id, utcnow()),
+            )
             status, signal = await self._relay(
                 process, remote, doc, auth, (width, height, term), typed
             )

@@ -19,6 +19,7 @@ from .domain import Refused
 from .keys import BastionKeys
 from .relay import Relay
 from .service import Access
+from .sftp import SftpGate, SftpProxy
 
 __all__ = ["listen"]
 
@@ -114,6 +115,7 @@ async def listen(
     keys: BastionKeys,
     access: Access,
     relay: Relay,
+    sftp: SftpGate,
     *,
     login_timeout_s: float,
 ) -> asyncssh.SSHAcceptor:
@@ -130,7 +132,8 @@ async def listen(
         allow_pty=True,
         agent_forwarding=False,
         x11_forwarding=False,
-        allow_scp=False,
+        sftp_factory=lambda chan: SftpProxy(chan, sftp),
+        allow_scp=True,
         login_timeout=login_timeout_s,
         keepalive_interval=30,
     )

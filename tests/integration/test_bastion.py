@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -289,3 +290,52 @@ async def test_a_bastion_killed_mid_session_leaves_a_readable_recording(bastion:
     events = [json.loads(line) for line in lines[1:]]
     assert json.loads(lines[0])["version"] == 2
     assert "".join(e[2] for e in events if e[1] == "o").encode() == bytes(seen)
+
+
+async def test_sftp_puts_and_gets_files_on_the_machine_named_in_the_path_and_audits_them(
+    bastion: Bastion,
+):
+    await bastion.grant()
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    async with await bastion.connect() as conn, conn.start_sftp_client() as sftp:
+        assert f"root@{bastion.box.ip}" in await sftp.listdir("/")
+        base = f"/root@{bastion.box.ip}/tmp"
+        async with sftp.open(f"{base}/up.bin", "wb") as f:
+            await f.write(payload)
+        assert (await sftp.stat(f"{base}/up.bin")).size == len(payload)
+        async with sftp.open(f"{base}/up.bin", "rb") as f:
+            assert await f.read() == payload
+        assert await sftp.realpath(f"root@{bastion.box.ip}/tmp/../etc") == (
+            f"/root@{bastion.box.ip}/etc"
+        )
+        with pytest.raises(asyncssh.SFTPError, match="unknown machine"):
+            await sftp.listdir("/root@10.254.254.254/")
+    async with await bastion.connect() as conn:
+        check = await conn.run(f"{bastion.target()} sha256sum < /tmp/up.bin")
+    assert check.stdout.split()[0] == hashlib.sha256(payload).hexdigest()
+    done = await bastion.probe.wait_for("transfer.done", count=2)
+    assert [(t.path, t.size, t.direction) for t in done] == [
+        ("/tmp/up.bin", len(payload), "upload"), ("/tmp/up.bin", len(payload), "download")
+    ]
+    ended = await bastion.probe.wait_for("session.ended", where=lambda m: m.kind == "sftp")
+    assert (ended[0].bytes_in, ended[0].bytes_out) == (len(payload), len(payload))
+
+
+async def test_the_real_scp_copies_through_the_bastion(bastion: Bastion, tmp_path: Path):
+    await bastion.grant()
+    key = tmp_path / "alice"
+    key.write_bytes(ALICE.export_private_key())
+    key.chmod(0o600)
+    src = tmp_path / "hello.txt"
+    src.write_text("hello through the bastion\n")
+    opts = ["-i", str(key), "-P", str(bastion.ssh_port), "-o", "BatchMode=yes",
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR"]
+    remote = f"alice@127.0.0.1:root@{bastion.box.ip}/tmp/hello.txt"
+    for args in ([str(src), remote], [remote, str(tmp_path / "back.txt")]):
+        scp = await asyncio.create_subprocess_exec(
+            "scp", *opts, *args, stderr=asyncio.subprocess.PIPE
+        )
+        _, err = await asyncio.wait_for(scp.communicate(), 30)
+        assert scp.returncode == 0, err.decode()
+    assert (tmp_path / "back.txt").read_text() == "hello through the bastion\n"

@@ -1,0 +1,117 @@
+"""Reaching a machine: the bastion's own SSH connection to it, with a certificate made for one
+session, and the record of a session that starts.
+
+The machine's host key is not checked: machines are reached over their own network from the
+bastion's host, and the firewall the provisioner sets lets SSH in only from there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import secrets
+import time
+from pathlib import Path
+
+import asyncssh
+
+from libs.common.clock import utcnow
+
+from .documents import SessionDoc
+from .domain import Refused
+from .keys import BastionKeys
+from .service import Authorized
+
+__all__ = ["MachineConnector", "new_session_id", "session_doc"]
+
+_ATTEMPTS = 4
+
+
+def new_session_id() -> str:
+    """A session id that sorts by start time."""
+    return f"s-{time.time_ns() // 1000:x}{secrets.token_hex(3)}"
+
+
+def session_doc(
+    owner: str,
+    auth: Authorized,
+    session_id: str,
+    kind: str,
+    command: str | None,
+    peer: str | None,
+    recording: Path | None,
+) -> SessionDoc:
+    """The record of a session that starts now."""
+    m = auth.machine
+    return {
+        "_id": session_id,
+        "owner": owner,
+        "user": auth.user["_id"],
+        "login": auth.login,
+        "machine_id": m["_id"],
+        "app": m.get("app"),
+        "ip": m.get("ip"),
+        "hostname": m.get("hostname"),
+        "kind": kind,
+        "command": command,
+        "client_addr": peer,
+        "grant_id": auth.grant["_id"],
+        "record_input": bool(auth.grant["record_input"]),
+        "started_at": utcnow(),
+        "ended_at": None,
+        "live": True,
+        "exit_status": None,
+        "end_reason": None,
+        "bytes_in": 0,
+        "bytes_out": 0,
+        "recording_path": str(recording) if recording else None,
+    }
+
+
+def _unreachable(auth: Authorized, err: BaseException) -> Refused:
+    m = auth.machine
+    detail = getattr(err, "reason", None) or str(err) or type(err).__name__
+    return Refused(
+        f"cannot reach {m['hostname']} ({m['ip']}) as {auth.login}: {detail}",
+        reason="machine_unreachable",
+    )
+
+
+class MachineConnector:
+    """Opens the bastion's SSH connection to a machine for one session."""
+
+    def __init__(self, keys: BastionKeys, cert_ttl_s: int, connect_timeout_s: float) -> None:
+        self._keys = keys
+        self._ttl = cert_ttl_s
+        self._timeout = connect_timeout_s
+
+    async def connect(self, auth: Authorized, session_id: str) -> asyncssh.SSHClientConnection:
+        """Log in ``auth.machine`` as ``auth.login``; :class:`Refused` if it cannot be reached."""
+        m = auth.machine
+        if not m.get("ip"):
+            raise Refused(f"machine {m['_id']} has no IP yet", reason="machine_unreachable")
+        creds = self._keys.sign(auth.login, f"bastion:{auth.user['_id']}:{session_id}", self._ttl)
+        # sshd drops handshakes beyond MaxStartups (10 by default) at random: a burst of
+        # sessions to one machine gets some connections reset, worth a few quick retries.
+        for attempt in range(_ATTEMPTS):
+            try:
+                return await asyncio.wait_for(
+                    asyncssh.connect(
+                        str(m["ip"]),
+                        22,
+                        username=auth.login,
+                        client_keys=[(creds.key, creds.cert)],
+                        known_hosts=None,
+                        agent_path=None,
+                        preferred_auth="publickey",
+                        connect_timeout=self._timeout,
+                    ),
+                    self._timeout,
+                )
+            except (ConnectionResetError, asyncssh.ConnectionLost) as err:
+                if attempt == _ATTEMPTS - 1:
+                    raise _unreachable(auth, err) from err
+                await asyncio.sleep(0.1 * 2**attempt + random.random() * 0.1)
+            except (OSError, asyncssh.Error, TimeoutError) as err:
+                raise _unreachable(auth, err) from err
+        raise AssertionError("not reached")
