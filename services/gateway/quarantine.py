@@ -77,8 +77,8 @@ class QuarantineStore:
                 return True
             except DuplicateKeyError:
                 return await self._newer(coll, doc)  # another event's insert won: compare
-        await coll.replace_one({"_id": doc["_id"], "at": current["at"]}, doc)
-        return True
+        res = await coll.replace_one({"_id": doc["_id"], "at": current["at"]}, doc)
+        return res.matched_count > 0
 
     @translate_errors
     async def record(self, doc: QuarantineDoc) -> bool:

@@ -259,7 +259,7 @@ class Orphans:
             if self.tracker.is_known(record.machine_id):
                 await self._release(record.machine_id, runtime)
             else:
-                await self._publish(self._quarantined(record))
+                await self._repeat(record.machine_id)
         retention = self.config.orphan_retention_s
         for machine_id in expired(self.book.records(), self.wall_clock(), retention):
             log.warning("quarantine retention over, deleting", machine_id=machine_id)
@@ -316,12 +316,22 @@ class Orphans:
                 if record.was_running:
                     await runtime.stop(machine_id, self.config.stop_timeout_s)
             except (DomainError, TransientError) as err:
+                # Not stopped: no record either, so the next sweep tries again from the start.
+                self.book.drop(machine_id)
                 log.error("quarantine failed", machine_id=machine_id, error=str(err))
                 return
             self.tracker.forget(machine_id)
         _DONE.labels(self.host, "quarantined").inc()
         log.warning("orphan quarantined", machine_id=machine_id, was_running=record.was_running)
         await self._publish(self._quarantined(record))
+
+    async def _repeat(self, machine_id: str) -> None:
+        """Say again that the machine is in quarantine; under its lock, so a purge's end is
+        always published after it, never before."""
+        async with self.agent.lock(machine_id):
+            record = self.book.get(machine_id)
+            if record is not None:
+                await self._publish(self._quarantined(record))
 
     def _quarantined(self, record: QuarantineRecord) -> ContainerQuarantined:
         return ContainerQuarantined(
@@ -347,6 +357,7 @@ class Orphans:
                     await self.agent.volumes.mount(machine_id)
                     info = await runtime.start(machine_id)
                     await self.agent.network.plumb(info)
+                    await self.agent.secure(info)
                     started = True
             except (DomainError, TransientError) as err:
                 log.error("release from quarantine failed", machine_id=machine_id, error=str(err))

@@ -15,6 +15,7 @@ import contextlib
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
@@ -22,7 +23,16 @@ import docker.errors
 import pytest
 
 from libs.common.bus import connect, host_key
-from libs.common.contracts.provisioner import ContainerCreate, MachinesKnown, OrphanPurge
+from libs.common.contracts.provisioner import (
+    ContainerCreate,
+    ContainerQuarantined,
+    HostAlert,
+    MachinesKnown,
+    OrphanPurge,
+)
+from services.gateway.cluster import ClusterStore
+from services.gateway.quarantine import QuarantineStore
+from services.gateway.service.hosts import HostReports
 from services.provisioner.domain import LABEL_CLUSTER, LABEL_HOST
 from tests.integration.test_provisioner import (
     IMAGE,
@@ -69,10 +79,16 @@ def _mounted(path: Path) -> bool:
     return subprocess.run(["findmnt", "-n", str(path)], capture_output=True).returncode == 0
 
 
-async def _probe(agent: Agent, *bindings: str) -> BusProbe:
+@contextlib.asynccontextmanager
+async def _probe(agent: Agent, *bindings: str) -> AsyncIterator[BusProbe]:
     """A probe on the agent's vhost for what its own probe does not bind."""
     conn = await connect(agent.env["DOCKVM_AMQP_URL"], name="dockvm-tests-orphans")
-    return await BusProbe(conn, list(bindings)).start()
+    try:
+        probe = await BusProbe(conn, list(bindings)).start()
+        yield probe
+        await probe.close()
+    finally:
+        await conn.close()
 
 
 async def _tell_until(agent: Agent, known: MachinesKnown, done, timeout: float = 60) -> None:
@@ -174,7 +190,6 @@ async def test_a_quarantined_machine_named_again_runs_again_and_a_purge_of_it_is
 ):
     agent = orphan_agent
     kept, orphan = await _machine(agent, 1, 5), await _machine(agent, 1, 6)
-    probe = await _probe(agent, "orphan.#")
 
     await _tell_until(
         agent,
@@ -187,11 +202,9 @@ async def test_a_quarantined_machine_named_again_runs_again_and_a_purge_of_it_is
         lambda: agent.probe.of_type("container.unquarantined"),
     )
     released = agent.probe.of_type("container.unquarantined")
-    await agent.publisher.publish(
-        OrphanPurge(machine_id=orphan), routing_key=host_key(agent.host_id, OrphanPurge.TYPE)
-    )
-    refused = await probe.wait_for("orphan.purge_refused")
-    await probe.close()
+    async with _probe(agent, "orphan.#") as probe:
+        await agent.send(OrphanPurge(machine_id=orphan))
+        refused = await probe.wait_for("orphan.purge_refused")
 
     assert [(r.machine_id, r.started) for r in released] == [(orphan, True)]
     assert _state(orphan) == "running" and _state(kept) == "running"
@@ -210,18 +223,17 @@ async def test_past_the_cap_a_sweep_quarantines_none_alerts_and_counts(capped_ag
     agent = capped_agent
     others = strangers(agent.host_id)
     a, b = await _machine(agent, 2, 5), await _machine(agent, 2, 6)
-    alerts = await _probe(agent, "host.alert")
 
-    await _tell_until(
-        agent,
-        MachinesKnown(machine_ids=[], cluster_id=CLUSTER),
-        lambda: alerts.of_type("host.alert"),
-    )
-    alert = alerts.of_type("host.alert")[0]
+    async with _probe(agent, "host.alert") as alerts:
+        await _tell_until(
+            agent,
+            MachinesKnown(machine_ids=[], cluster_id=CLUSTER),
+            lambda: alerts.of_type("host.alert"),
+        )
+        alert = alerts.of_type("host.alert")[0]
     await agent.wait(("container.observed",), a, count=6)  # sweeps go on, still refused
     async with aiohttp.ClientSession() as s, s.get(f"{agent.proc.url}/metrics") as r:
         metrics = await r.text()
-    await alerts.close()
 
     assert (alert.reason, alert.count, alert.cleared) == ("orphan_sweep_capped", 2, False)
     assert agent.probe.of_type("container.quarantined") == []
@@ -241,16 +253,15 @@ async def test_the_cluster_survives_a_restart_and_another_clusters_list_is_ignor
     agent.proc.kill()
     await agent.proc.proc.wait()
     await agent.start()
-    alerts = await _probe(agent, "host.alert")
     staging = MachinesKnown(machine_ids=[], cluster_id="staging-gateway")
-    await _tell_until(agent, staging, lambda: alerts.of_type("host.alert"))
+    async with _probe(agent, "host.alert") as alerts:
+        await _tell_until(agent, staging, lambda: alerts.of_type("host.alert"))
+        alert = alerts.of_type("host.alert")[0]
     seen = len(agent.probe.of_type("container.observed"))
     # Many sweeps past the grace period, with only the foreign list heard since the restart.
     await _tell_until(
         agent, staging, lambda: len(agent.probe.of_type("container.observed")) >= seen + 6
     )
-    alert = alerts.of_type("host.alert")[0]
-    await alerts.close()
 
     assert id_file.read_text().strip() == CLUSTER
     assert (alert.reason, alert.cleared) == ("foreign_cluster", False)
@@ -323,3 +334,61 @@ async def test_the_gateway_shows_a_quarantined_machine_and_purges_it(stack, publ
     assert after["quarantined"] == []
     assert _state(mid) is None
     assert {(e["status"], e["target"]) for e in audit} >= {(200, f"{host}/{mid}")}
+
+
+# ---- the gateway's stores on FerretDB ------------------------------------------------------
+
+
+async def test_gateways_starting_at_once_on_an_empty_database_agree_on_one_cluster_id(mongo_db):
+    ids = await asyncio.gather(*(ClusterStore(mongo_db).ensure() for _ in range(8)))
+    again = await ClusterStore(mongo_db).ensure()
+
+    assert len(set(ids)) == 1
+    assert again == ids[0]
+
+
+def _quarantined(mid: str, at: datetime) -> ContainerQuarantined:
+    return ContainerQuarantined(host="h1", machine_id=mid, container_id=f"c-{mid}",
+                                was_running=True, quarantined_at=at,
+                                purge_after=at + timedelta(days=7))  # fmt: skip
+
+
+async def test_a_repeat_handled_after_the_end_of_a_quarantine_does_not_bring_it_back(mongo_db):
+    reports = HostReports(QuarantineStore(mongo_db))
+    t = [datetime(2026, 11, 1, tzinfo=UTC) + timedelta(seconds=s) for s in range(6)]
+    await reports.on_quarantined(_quarantined("m1", t[0]), t[1])
+    await reports.on_quarantined(_quarantined("m2", t[0]), t[1])
+    await reports.on_quarantined(_quarantined("m3", t[0]), t[1])
+    await reports.on_ended("h1", "m1", "purged", t[3])
+    await reports.on_ended("h1", "m2", "released", t[3])
+    # Repeats published before the end, handled after it (events are handled concurrently).
+    await reports.on_quarantined(_quarantined("m1", t[0]), t[2])
+    await reports.on_quarantined(_quarantined("m2", t[0]), t[2])
+    # m3 is quarantined again later, after a release: that one counts.
+    await reports.on_ended("h1", "m3", "released", t[2])
+    await reports.on_quarantined(_quarantined("m3", t[4]), t[4])
+    await reports.on_ended("h1", "never-heard", "released", t[5])
+
+    shown = await reports.store.quarantined("h1")
+
+    assert [(d["machine_id"], d["quarantined_at"]) for d in shown] == [("m3", t[4])]
+    assert await reports.store.get("h1", "never-heard") is None
+    assert await reports.store.quarantined("h2") == []
+
+
+async def test_an_alert_shows_until_it_is_cleared(mongo_db):
+    reports = HostReports(QuarantineStore(mongo_db))
+    at = datetime(2026, 11, 1, tzinfo=UTC)
+
+    def alert(reason: str, s: int, cleared: bool = False) -> HostAlert:
+        return HostAlert(host="h1", reason=reason, detail=f"{reason} {s}", count=s,
+                         cleared=cleared, at=at + timedelta(seconds=s))  # fmt: skip
+
+    await reports.on_alert(alert("orphan_sweep_capped", 1))
+    await reports.on_alert(alert("foreign_cluster", 1))
+    await reports.on_alert(alert("orphan_sweep_capped", 3, cleared=True))
+    await reports.on_alert(alert("orphan_sweep_capped", 2))  # older than the clearing: ignored
+
+    shown = await reports.store.alerts_of("h1")
+
+    assert [(a["reason"], a["count"]) for a in shown] == [("foreign_cluster", 1)]

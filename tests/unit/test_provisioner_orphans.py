@@ -12,6 +12,7 @@ from prometheus_client import REGISTRY
 
 from libs.common.bus import MemoryPublisher
 from libs.common.contracts.provisioner import MachinesKnown, OrphanPurge
+from libs.common.errors import TransientError
 from services.provisioner.adapters import BridgeNetwork
 from services.provisioner.domain import (
     LABEL_CLUSTER,
@@ -353,3 +354,23 @@ async def test_a_restarted_agent_keeps_its_cluster_and_its_quarantine(parts):
     assert restarted.orphans.cluster_id == "c1"
     assert restarted.orphans.is_quarantined("m2")
     assert [a.reason for a in publisher.of_type("host.alert")] == ["foreign_cluster"]
+
+
+async def test_a_quarantine_whose_stop_fails_is_not_recorded_and_is_tried_again(parts):
+    agent, runtime, _, publisher, clock, _ = parts
+    await _machines(agent, publisher, "m1", "m2")
+    stop = runtime.stop
+
+    async def failing(machine_id: str, timeout_s: int):
+        raise TransientError("docker engine unreachable")
+
+    runtime.stop = failing  # type: ignore[method-assign]
+    await _past_grace(agent, publisher, clock, "m1")
+    recorded = agent.orphans.is_quarantined("m2")
+    runtime.stop = stop  # type: ignore[method-assign]
+    await _known(agent, publisher, "m1")
+    await HostUpkeep(agent).reconcile()
+
+    assert recorded is False
+    assert [q.machine_id for q in publisher.of_type("container.quarantined")] == ["m2"]
+    assert runtime.containers["m2"].info.state == "exited"
