@@ -41,7 +41,8 @@ class Transport(Protocol):
         params: dict[str, Any] | None = None,
         headers: dict[str, str] | None = None,
     ) -> tuple[int, Any]:
-        """Return the status and the decoded JSON body (None when empty)."""
+        """Return the status and the decoded JSON body (None when empty; the text of an
+        asciicast recording)."""
         ...
 
 
@@ -80,6 +81,8 @@ class GatewayClient:
             async with self._session.request(
                 method, path, json=json, params=clean, headers=headers
             ) as r:
+                if r.content_type == "application/x-asciicast":
+                    return r.status, await r.text()  # a recording: JSON lines, not one value
                 body = await r.json(content_type=None) if r.content_length != 0 else None
                 return r.status, body
         except aiohttp.ClientConnectionError as err:

@@ -503,3 +503,10 @@ def token_revoke(ctx: typer.Context, token_id: str) -> None:
 from .releases import release_app  # noqa: E402
 
 app.add_typer(release_app, name="release")
+
+from .bastion import grant_app, rule_app, session_app, user_app  # noqa: E402
+
+app.add_typer(user_app, name="user")
+app.add_typer(grant_app, name="grant")
+app.add_typer(session_app, name="session")
+app.add_typer(rule_app, name="rule")
