@@ -49,21 +49,21 @@ def containers(prefix: str) -> dict[str, Container]:
     return out
 
 
-async def _documents(db_name: str) -> tuple[list[dict], list[dict], list[dict]]:
+async def _documents(db_name: str) -> tuple[list[dict], list[dict]]:
+    """Every machine (without its history) and every lease of the run."""
     client = mongo_client(MONGO_URL, "dockvm-chaos")
     try:
         db = client[db_name]
         machines = await read_all(db["machines"].find({}, {"transitions": 0}))
         leases = await read_all(db["leases"].find({}))
-        history = await read_all(db["ip_history"].find({}))
     finally:
         await client.close()
-    return machines, leases, history
+    return machines, leases
 
 
 async def audit(db_name: str, prefix: str) -> list[str]:
     """No orphan or missing container, no leaked or duplicate IP, over the whole run."""
-    machines, leases, _ = await _documents(db_name)
+    machines, leases = await _documents(db_name)
     found = await asyncio.to_thread(containers, prefix)
     live = {m["_id"]: m for m in machines if m["state"] in LIVE}
     failures = [

@@ -76,13 +76,18 @@ async def restart_dockerd() -> float:
 
 
 async def consumed_queues(vhost: str) -> set[str]:
-    """The queues of ``vhost`` that have at least one consumer now."""
-    url = f"{RABBIT_API}/queues/{quote(vhost, safe='')}?columns=name,consumers"
+    """The durable queues of ``vhost`` that have at least one consumer now (an exclusive queue
+    gets a new name when its owner reconnects, so it is not followed)."""
+    url = f"{RABBIT_API}/queues/{quote(vhost, safe='')}?columns=name,consumers,exclusive"
     try:
         async with aiohttp.ClientSession(headers=RABBIT_HEADERS) as s, s.get(url) as r:
             if r.status != 200:
                 return set()
-            return {q["name"] for q in await r.json() if q.get("consumers")}
+            return {
+                q["name"]
+                for q in await r.json()
+                if q.get("consumers") and not q.get("exclusive") and not q["name"].startswith("amq")
+            }
     except aiohttp.ClientError:
         return set()
 
