@@ -7,7 +7,9 @@ Docker Engine, machines from dockvm/base with their real sshd.
 - SSH from another container on the machine's network is reset, while the host (the network's
   gateway, where a host-local bastion connects from) gets in;
 - the rule comes back after the container crashes and Docker restarts it (a fresh network
-  namespace), and after a restart through the agent.
+  namespace), and after a restart through the agent;
+- with the real bastion (whose CA the agent was given): through it the user gets in, straight to
+  the machine's IP with her own key she does not.
 
 Every container, network and volume a test makes carries this run's prefix and is removed
 afterwards, even when the test fails.
@@ -25,16 +27,19 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncssh
 import docker
 import docker.errors
 import pytest
 
-from libs.common.bus import AmqpPublisher, connect, host_key
+from libs.common.bus import AmqpPublisher, RpcClient, connect, host_key
+from libs.common.clock import utcnow
 from libs.common.contracts import Command, Message
-from libs.common.contracts.bastion import MACHINE_CA_PATH
+from libs.common.contracts.bastion import MACHINE_CA_PATH, GrantAdd, GrantInfo, UserAdd
 from libs.common.contracts.provisioner import ContainerCreate, ContainerDestroy, ContainerRestart
+from services.bastion.keys import load_keys
 from tests.support.probe import BusProbe
 from tests.support.services import ServiceProcess
 from tests.support.stack import MONGO_URL, create_vhost, delete_vhost, free_port
@@ -78,12 +83,16 @@ def _docker() -> docker.DockerClient:
 
 @dataclass
 class Agent:
-    """One provisioner process on its own vhost and state directory."""
+    """One provisioner process on its own vhost and state directory; the bastion's state dir
+    holds the module's CA (a bastion started on it signs with that CA)."""
 
     host_id: str
     proc: ServiceProcess
     publisher: AmqpPublisher
     probe: BusProbe
+    amqp_url: str
+    connection: Any
+    bastion_state: Path
 
     async def send(self, cmd: Command) -> None:
         """Publish a host command to this agent."""
@@ -97,6 +106,12 @@ class Agent:
                     if env.type in types and getattr(m, "machine_id", None) == machine_id:
                         return m
                 await asyncio.sleep(0.05)
+
+    async def destroy(self, machine_id: str) -> None:
+        """Destroy a machine and wait until it is gone (its VLAN network may go with it: a
+        create meanwhile could find it gone)."""
+        await self.send(ContainerDestroy(machine_id=machine_id, timeout_s=2))
+        await self._any(("container.destroyed", "container.action_failed"), machine_id)
 
     async def create(self, **overrides: object) -> tuple[str, str]:
         """Create a machine on this run's network; return its id and IP once it runs."""
@@ -143,8 +158,12 @@ def _cleanup(client: docker.DockerClient, state: Path) -> None:
 async def agent(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Agent]:
     """A bridge/xfs agent trusting this module's CA, with the default source (the gateway)."""
     tmp = tmp_path_factory.mktemp("bastion-agent")
-    ca_file = tmp / "user_ca.pub"
-    ca_file.write_bytes(CA.export_public_key())
+    # The bastion's own state, with the module's CA as its user CA: the agent is given the
+    # public key file the bastion writes, as in the local stack.
+    bastion_state = tmp / "bastion-state"
+    (bastion_state / "bastion").mkdir(parents=True, mode=0o700)
+    CA.write_private_key(bastion_state / "bastion" / "user_ca")
+    ca_file = load_keys(bastion_state).ca_public_path
     vhost = await create_vhost()
     conn = await connect(vhost.url, name="dockvm-tests")
     publisher = AmqpPublisher(conn, source="tests")
@@ -165,7 +184,7 @@ async def agent(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Agent
     client = _docker()
     try:
         await proc.start()
-        yield Agent(host_id, proc, publisher, probe)
+        yield Agent(host_id, proc, publisher, probe, vhost.url, conn, bastion_state)
     finally:
         proc.kill()
         if proc.proc is not None:
@@ -183,7 +202,7 @@ async def machine(agent: Agent) -> AsyncIterator[tuple[str, str]]:
     """A machine without direct SSH: the bastion's CA is its only way in."""
     mid, ip = await agent.create()
     yield mid, ip
-    await agent.send(ContainerDestroy(machine_id=mid, timeout_s=2))
+    await agent.destroy(mid)
 
 
 async def _login(ip: str, key: object, timeout: float = 30.0) -> str:
@@ -266,7 +285,7 @@ async def test_direct_ssh_takes_the_plain_key_and_answers_any_source(agent):
         who = await _login(ip, USER)
         seen = await asyncio.to_thread(_from_neighbour, ip)
     finally:
-        await agent.send(ContainerDestroy(machine_id=mid, timeout_s=2))
+        await agent.destroy(mid)
 
     assert who == "root"
     assert seen == "banner"
@@ -304,3 +323,44 @@ async def test_the_rule_comes_back_after_a_crash_and_after_a_restart(agent, mach
 
     assert (crash_seen, crash_who) == ("refused", "root")
     assert (restart_seen, restart_who) == ("refused", "root")
+
+
+# ---- through the real bastion -----------------------------------------------------------------
+
+
+async def test_through_the_bastion_the_user_gets_in_and_straight_to_the_ip_she_does_not(
+    agent: Agent, machine: tuple[str, str], mongo_db: Any, db_name: str, tmp_path: Path
+):
+    mid, ip = machine
+    await _login(ip, (USER, CERT))  # sshd is up: what follows tests the path, not its start
+    now = utcnow()
+    # The machine as the gateway describes it to the bastion.
+    await mongo_db["machine_summaries"].replace_one({"_id": mid}, {
+        "_id": mid, "type": "docker", "app": "web", "state": "running", "reason": None,
+        "image": IMAGE, "cpus": 0.5, "memory": 1, "disk": 1, "dc": "dc1", "vlan_id": VLAN,
+        "hostname": "m1", "ip": ip, "host": agent.host_id, "created_at": now,
+        "updated_at": now, "pending": None}, upsert=True)  # fmt: skip
+    ssh_port = free_port()
+    bastion = ServiceProcess("bastion", {
+        "DOCKVM_AMQP_URL": agent.amqp_url, "DOCKVM_MONGO_URL": MONGO_URL,
+        "DOCKVM_MONGO_DB": db_name, "DOCKVM_STATE_DIR": str(agent.bastion_state),
+        "DOCKVM_BASTION_SSH_PORT": str(ssh_port)}, free_port(),
+        log_path=tmp_path / "bastion.log")  # fmt: skip
+    rpc = RpcClient(agent.connection, source="tests")
+    try:
+        await bastion.start()
+        await rpc.request(UserAdd(name="alice", ssh_keys=[USER.export_public_key().decode()]))
+        grant = await rpc.request(GrantAdd(user="alice", machine_id=mid, ttl_s=600))
+        async with asyncssh.connect(
+            "127.0.0.1", ssh_port, username="alice", client_keys=[USER], known_hosts=None,
+            agent_path=None, connect_timeout=15,
+        ) as conn:  # fmt: skip
+            through = await conn.run(f"root@{ip} id -un")
+        with pytest.raises(asyncssh.PermissionDenied):
+            await _login(ip, USER)
+    finally:
+        await rpc.close()
+        await bastion.stop()
+
+    assert isinstance(grant, GrantInfo)
+    assert (through.exit_status, through.stdout) == (0, "root\n"), through.stderr
