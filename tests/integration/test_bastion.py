@@ -215,7 +215,7 @@ async def test_revoking_during_a_live_session_ends_it_within_5s(bastion: Bastion
     async with await bastion.connect() as conn:
         proc = await conn.create_process(bastion.target(), term_type="xterm", encoding=None)
         seen = bytearray()
-        proc.stdin.write(b"echo ready\n")
+        proc.stdin.write(b"echo re''ady\n")
         await _read_until(proc.stdout, b"ready", seen)
         started = (await bastion.probe.wait_for("session.started"))[0]
         if how == "revoke":
@@ -246,6 +246,8 @@ async def test_a_blocked_command_is_refused_in_exec_and_in_a_shell_and_audited(
         assert result.stderr == f"bastion: command refused by rule {rule.id} ({rule.pattern})\n"
         proc = await conn.create_process(bastion.target(), term_type="xterm", encoding=None)
         seen = bytearray()
+        proc.stdin.write(b"echo re''ady\r")  # the prompt is there, as for a person
+        await _read_until(proc.stdout, b"ready", seen)
         proc.stdin.write(b"reboot\r")
         await _read_until(proc.stdout, b"blocked by command rule", seen)
         proc.stdin.write(b"echo still $((40+2))\r")
