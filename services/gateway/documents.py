@@ -142,6 +142,7 @@ class HostDoc(TypedDict):
     version: str
     last_seen: datetime
     status: str
+    min_disk: NotRequired[int]  # the smallest data disk its volume driver makes (bytes)
 
 
 class AppDoc(TypedDict):

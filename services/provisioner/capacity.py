@@ -24,6 +24,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from libs.common.errors import TransientError
+
 from .adapters.runtime import ContainerRuntime
 from .adapters.volumes import VolumeDriver
 from .domain import HostFacts
@@ -42,8 +44,9 @@ class DiskLedger:
 
     @property
     def available(self) -> int:
-        """Bytes a new disk may still take."""
-        assert self.measured is not None, "measure the disk first"
+        """Bytes a new disk may still take (none before a first measurement)."""
+        if self.measured is None:
+            return 0  # refuse rather than admit against a disk nobody measured
         return self.measured - sum(self.reserved.values())
 
     def reserve(self, key: str, size: int) -> None:
@@ -101,6 +104,11 @@ class HostCapacity:
         self._disk_total = total
         self.disk.measured_as(free, counted)
 
+    @property
+    def min_disk(self) -> int:
+        """The smallest data disk the volume driver can make (the heartbeat reports it)."""
+        return self._volumes.min_size
+
     def disk_freed(self) -> None:
         """A disk was removed: measure free space again before the next check."""
         self._stale = True
@@ -113,8 +121,10 @@ class HostCapacity:
                     await self.refresh()
                 elif self._stale:
                     await self._measure_disk()
-        assert self._size is not None
-        return HostFacts(*self._size, self.disk.available, self._min_memory)
+        size = self._size
+        if size is None:  # refresh() sets it before it returns; only a bug gets here
+            raise TransientError("the host's size is not measured yet")
+        return HostFacts(*size, self.disk.available, self._min_memory, self.min_disk)
 
     @contextmanager
     def reserving(self, key: str, size: int) -> Iterator[None]:

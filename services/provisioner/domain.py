@@ -16,7 +16,11 @@ from enum import StrEnum
 from ipaddress import IPv4Address, IPv4Network
 
 from libs.common.contracts.bastion import MACHINE_CA_PATH
-from libs.common.contracts.provisioner import ContainerCreate, ContainerResize
+from libs.common.contracts.provisioner import (
+    XFS_MIN_DISK_BYTES,
+    ContainerCreate,
+    ContainerResize,
+)
 from libs.common.errors import ValidationFailed
 from libs.common.units import format_bytes
 
@@ -151,6 +155,7 @@ class HostFacts:
     memory: int
     disk_free: int
     min_memory: int = 64 << 20
+    min_disk: int = XFS_MIN_DISK_BYTES  # the volume driver's smallest disk
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,10 +195,11 @@ def check_create(cmd: ContainerCreate, host: HostFacts) -> None:
             f"memory {format_bytes(cmd.memory)} exceeds the host's {format_bytes(host.memory)}",
             reason="memory_exhausted",
         )
-    if cmd.disk < (300 << 20):
+    if cmd.disk < host.min_disk:
         # mkfs.xfs refuses filesystems smaller than 300 MiB.
         raise ValidationFailed(
-            f"disk {format_bytes(cmd.disk)} is below the minimum 300m", reason="disk_too_small"
+            f"disk {format_bytes(cmd.disk)} is below the minimum {format_bytes(host.min_disk)}",
+            reason="disk_too_small",
         )
     if cmd.disk > host.disk_free:
         raise ValidationFailed(

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from libs.common.clock import utcnow
+from libs.common.contracts.provisioner import XFS_MIN_DISK_BYTES
 from libs.common.errors import (
     ConflictError,
     DomainError,
@@ -207,6 +208,7 @@ class MemoryVolumes:
     total: int = 100 << 30
     sizes: dict[str, int] = field(default_factory=dict)
     fail_ensure: bool = False
+    min_size: int = XFS_MIN_DISK_BYTES
 
     def path(self, machine_id: str) -> Path:
         """A fake mountpoint."""

@@ -111,6 +111,7 @@ class HostUpkeep:
             images=await self.runtime.images(),
             version=config.version,
             at=utcnow(),
+            min_disk_bytes=self.agent.capacity.min_disk,
         )
         await self.publisher.publish(beat)
         return beat

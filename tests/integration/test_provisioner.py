@@ -499,6 +499,7 @@ async def test_heartbeat_reports_capacity_allocation_and_images(agent, machine):
     assert beat.capacity.cpus >= 1 and beat.capacity.memory > 1 << 30
     assert beat.allocated.memory >= 256 << 20 and beat.allocated.disk >= 512 << 20
     assert IMAGE in beat.images
+    assert beat.min_disk_bytes == 300 << 20  # the xfs driver's, for the gateway to check
 
 
 @pytest.mark.parametrize(

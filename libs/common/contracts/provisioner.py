@@ -25,6 +25,7 @@ from ..units import ByteSize
 from .envelope import Command, Event, register
 
 __all__ = [
+    "XFS_MIN_DISK_BYTES",
     "ContainerActionDone",
     "ContainerActionFailed",
     "ContainerCreate",
@@ -214,6 +215,10 @@ class Resources(Event):
     disk: int
 
 
+# The smallest filesystem mkfs.xfs makes, hence the smallest data disk of either volume driver.
+XFS_MIN_DISK_BYTES = 300 << 20
+
+
 @register
 class HostHeartbeat(Event):
     """Every 10 s: what a host has, what its machines were given, which images it holds."""
@@ -228,6 +233,9 @@ class HostHeartbeat(Event):
     images: list[str] = Field(default_factory=list)
     version: str
     at: datetime
+    # The smallest data disk its volume driver can make: the gateway refuses a smaller disk at
+    # once (422) instead of accepting it for the host to fail. Absent (an older agent): XFS's.
+    min_disk_bytes: int = Field(default=XFS_MIN_DISK_BYTES, ge=0)
 
 
 @register

@@ -22,6 +22,7 @@ from ..domain.models import (
 from ..service import SagaDriver
 from .deps import DRIVER, STORE
 from .framework import ANY, AUDIT_TARGET, OPS, WHO, FieldErrors, RouteTable, json_response
+from .limits import check_disk
 
 __all__ = ["routes"]
 
@@ -88,6 +89,9 @@ async def scale_app(request: web.Request, body: AppScale) -> web.Response:
     destroying: list[str] = []
     failed: list[ScaleFailure] = []
     if body.count > len(active):
+        spec = app["spec"]
+        # The spec was checked when it was stored; the hosts may make less since.
+        await check_disk(request, spec.get("disk"), spec.get("dc"), whose="the app's disk ")
         created = driver.new_ids(body.count - len(active))
         await driver.create({**app["spec"], "count": len(created)}, created)
     elif body.count < len(active):

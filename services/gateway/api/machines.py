@@ -31,6 +31,7 @@ from ..domain.models import (
 from ..service import host_views
 from .deps import DRIVER, SETTINGS, STORE, rpc_call
 from .framework import ANY, AUDIT_TARGET, OPS, FieldErrors, RouteTable, json_response
+from .limits import check_disk, disk_errors
 from .scopes import machine_app
 from .views import ipv4, machine_links, machine_out, summary_out
 
@@ -88,8 +89,13 @@ async def _pool_errors(request: web.Request, spec: MachineCreate) -> list[dict[s
 
 
 async def _check_create(request: web.Request, spec: MachineCreate) -> None:
-    """Context checks after the schema: capacity of the largest host, pool existence."""
-    errors = await _capacity_errors(request, spec) + await _pool_errors(request, spec)
+    """Context checks after the schema: capacity of the largest host, the hosts' smallest
+    disk, pool existence."""
+    errors = (
+        await _capacity_errors(request, spec)
+        + await disk_errors(request, spec.disk, spec.dc)
+        + await _pool_errors(request, spec)
+    )
     if errors:
         raise FieldErrors(errors)
 
@@ -286,6 +292,8 @@ async def restart_machine(request: web.Request, query: ActionQuery) -> web.Respo
 async def resize_machine(request: web.Request, body: MachinePatch) -> web.Response:
     """Resize live; 200 once applied, 409 if refused, 202 if still under way."""
     driver, mid = request.app[DRIVER], request.match_info["id"]
+    if body.disk is not None and (machine := await request.app[STORE].get(mid)) is not None:
+        await check_disk(request, body.disk, machine["dc"])
     _, op_id = await driver.begin_resize(mid, body.cpus, body.memory, body.disk, body.force)
     last = await driver.wait_op(mid, op_id, request.app[SETTINGS].resize_wait_s)
     if last is not None and not last.get("ok"):

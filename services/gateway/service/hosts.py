@@ -96,6 +96,7 @@ class Hosts:
             "version": hb.version,
             "last_seen": d.clock(),
             "status": "online",
+            "min_disk": hb.min_disk_bytes,
         }
         await d.store.record_heartbeat(host)
         for doc in await d.store.unknown_on_host(hb.host_id):

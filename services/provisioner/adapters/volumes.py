@@ -20,6 +20,8 @@ from typing import Protocol
 
 import structlog
 
+from libs.common.contracts.provisioner import XFS_MIN_DISK_BYTES
+
 from ..domain import free_disk
 from .host import DEFAULT_TIMEOUT_S, HostCommandFailed, HostCommands
 
@@ -30,6 +32,9 @@ log = structlog.get_logger("provisioner.volumes")
 
 class VolumeDriver(Protocol):
     """Port: the machines' data disks."""
+
+    # The smallest disk it can make (reported in the heartbeat; the gateway refuses less).
+    min_size: int
 
     def path(self, machine_id: str) -> Path:
         """Where the machine's filesystem is mounted on the host (bound to ``/data``)."""
@@ -72,6 +77,8 @@ def _mounted(path: Path) -> bool:
 
 class _BlockVolumes:
     """The shared path: block device → mkfs.xfs → mount → xfs_growfs → unmount."""
+
+    min_size = XFS_MIN_DISK_BYTES  # mkfs.xfs makes nothing smaller, on a loop device or an LV
 
     def __init__(self, state_dir: Path, command_timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self.root = state_dir / "volumes"
