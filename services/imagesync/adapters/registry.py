@@ -315,7 +315,8 @@ class HttpRegistry:
     ) -> int:
         """Stream ``chunks`` (chunked PATCH), check their sha256, then commit with PUT."""
         _, location = await self._start_upload(repo)
-        assert location is not None
+        if location is None:  # 201 to an upload that asked for no mount: not the protocol
+            raise DomainError(f"{self.dc}: upload to {repo} answered 201", reason="bad_registry")
         hasher = hashlib.sha256()
         sent = 0
 
@@ -388,7 +389,8 @@ class HttpRegistry:
         """Upload ``data`` as a blob in one request; return its digest."""
         digest = digest_of(data)
         _, location = await self._start_upload(repo)
-        assert location is not None
+        if location is None:  # 201 to an upload that asked for no mount: not the protocol
+            raise DomainError(f"{self.dc}: upload to {repo} answered 201", reason="bad_registry")
         async with self._request(
             "PUT",
             location.update_query(digest=digest),

@@ -462,7 +462,8 @@ class DockerRuntime:
             labels={"dockvm.network": "1"},
         )
         info = self._network(name)
-        assert info is not None
+        if info is None:  # removed between the create and the read: the retry makes it again
+            raise TransientError(f"network {name} vanished right after it was created")
         return info
 
     async def create_network(
