@@ -124,7 +124,7 @@ def test_the_documented_body_schema_is_the_declared_model(route):
 
 @pytest.mark.parametrize("route", QUERY_ROUTES, ids=_route_id)
 def test_the_documented_query_parameters_are_the_declared_model(route):
-    schema = route.query.model_json_schema()
+    schema = route.query.model_json_schema(ref_template="#/components/schemas/{model}")
     params = [p for p in _operation(route)["parameters"] if p["in"] == "query"]
 
     assert {p["name"]: p["schema"] for p in params} == schema["properties"]

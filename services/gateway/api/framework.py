@@ -348,15 +348,19 @@ class Api:
             sorted(models, key=lambda m: m[0].__name__),
             ref_template="#/components/schemas/{model}",
         )
+        schemas = dict(defs.get("$defs", {}))
         paths: dict[str, dict[str, Any]] = {}
         for r in self.routes:
             paths.setdefault(r.path, {})[r.method.lower()] = _operation(r)
+            # What a parameter's schema refers to (an enum) goes with the other schemas.
+            for model in (r.params, r.query):
+                schemas.update(_param_schema(model).get("$defs", {}) if model else {})
         return {
             "openapi": "3.1.0",
             "info": {"title": self.title, "version": self.version},
             "paths": paths,
             "components": {
-                "schemas": defs.get("$defs", {}),
+                "schemas": schemas,
                 "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             },
         }
@@ -456,13 +460,13 @@ def _operation(r: Route) -> dict[str, Any]:
         "x-roles": sorted(r.roles),
         "responses": {},
     }
-    path_schema = r.params.model_json_schema()["properties"] if r.params else {}
+    path_schema = _param_schema(r.params)["properties"] if r.params else {}
     params = [
         {"name": p, "in": "path", "required": True, "schema": path_schema.get(p, _STRING)}
         for p in _path_params(r.path)
     ]
     if r.query:
-        schema = r.query.model_json_schema()
+        schema = _param_schema(r.query)
         for name, prop in schema.get("properties", {}).items():
             params.append(
                 {
@@ -492,6 +496,11 @@ def _operation(r: Route) -> dict[str, Any]:
 
 
 _STRING = {"type": "string"}
+
+
+def _param_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The JSON schema of a path or query model, referring to the document's components."""
+    return model.model_json_schema(ref_template="#/components/schemas/{model}")
 # What the wrapper may answer on any route: no or a bad token, a role or scope refused, and a
 # store or peer that did not answer in time.
 _WRAPPER_STATUSES = (401, 403, 503)

@@ -16,11 +16,12 @@ routes = RouteTable()
 
 
 class SyncJobsQuery(BaseModel):
-    """Filters of the sync job listing."""
+    """Filters of the sync job listing (typed as imagesync's query, so the document says what
+    imagesync accepts)."""
 
     model_config = ConfigDict(extra="forbid")
-    state: str | None = None
-    repo: str | None = None
+    state: isync.JobState | None = None
+    repo: str | None = Field(default=None, max_length=255)
     limit: int = Field(default=100, ge=1, le=1000)
 
 

@@ -6,7 +6,7 @@ over RPC.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 from ipaddress import IPv4Address
 
 from aiohttp import web
@@ -17,7 +17,7 @@ from libs.common.contracts import ipam
 from libs.common.contracts import monitor as mon
 from libs.common.errors import TransientError
 
-from ..domain.models import IpInfo, IpPath
+from ..domain.models import IpInfo, IpPath, IsoDatetime
 from .deps import STORE, rpc_call
 from .framework import ANY, FieldErrors, RouteTable, json_response
 from .views import ipv4, machine_out
@@ -31,8 +31,8 @@ class MetricsQuery(BaseModel):
     """``?from=&to=&step=`` of a metrics history (the last hour by default)."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    from_: datetime | None = Field(default=None, alias="from")
-    to: datetime | None = None
+    from_: IsoDatetime | None = Field(default=None, alias="from")
+    to: IsoDatetime | None = None
     step: str = "1m"
 
 

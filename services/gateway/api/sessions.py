@@ -12,7 +12,6 @@ as far as it is written at the time of the request.
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Self
 
 import structlog
@@ -22,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from libs.common.contracts import bastion
 from libs.common.errors import DomainError, TransientError
 
+from ..domain.models import IsoDatetime
 from .bastion_rpc import ask_bastion
 from .framework import ANY, OPS, RouteTable, json_response
 from .users import USER_NAME_RE
@@ -41,8 +41,8 @@ class SessionQuery(BaseModel):
     user: str | None = Field(default=None, pattern=USER_NAME_RE)
     ip: str | None = Field(default=None, max_length=64)
     machine_id: str | None = Field(default=None, max_length=64)
-    since: datetime | None = Field(default=None, alias="from")
-    until: datetime | None = Field(default=None, alias="to")
+    since: IsoDatetime | None = Field(default=None, alias="from")
+    until: IsoDatetime | None = Field(default=None, alias="to")
     live: bool = False
     limit: int = Field(default=100, ge=1, le=1000)
 

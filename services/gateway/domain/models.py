@@ -10,7 +10,7 @@ from datetime import datetime
 from ipaddress import IPv4Address
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from libs.common.contracts.releases import CHECK_NAME
 from libs.common.units import ByteSize
@@ -35,6 +35,7 @@ __all__ = [
     "HostOut",
     "IpInfo",
     "IpPath",
+    "IsoDatetime",
     "MachineCreate",
     "MachineOut",
     "MachinePage",
@@ -88,7 +89,21 @@ def _ssh_key(value: str) -> str:
     return value.strip()
 
 
+# RFC 3339, as the document's ``date-time`` format says (pydantic alone would take "0.5" as a
+# Unix time, and a time without an offset).
+_RFC3339 = re.compile(
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})$"
+)
+
+
+def _rfc3339(value: Any) -> Any:
+    if isinstance(value, str) and not _RFC3339.match(value):
+        raise ValueError("not an RFC 3339 date-time such as 2026-01-31T12:00:00Z")
+    return value
+
+
 ImageRef = Annotated[str, AfterValidator(_image)]
+IsoDatetime = Annotated[datetime, BeforeValidator(_rfc3339)]
 SshKey = Annotated[str, AfterValidator(_ssh_key)]
 Cpus = Annotated[float, Field(gt=0, le=512)]
 
