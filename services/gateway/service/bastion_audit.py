@@ -91,4 +91,4 @@ async def record(store: GatewayStore, msg: Message, envelope: Envelope) -> None:
     try:
         await store.audit_write(audit_entry(msg, envelope))
     except ConflictError:
-        log.debug("bastion event already audited", event=msg.TYPE, id=envelope.id)
+        log.debug("bastion event already audited", type=msg.TYPE, id=envelope.id)
