@@ -51,6 +51,15 @@ class Stack:
         ) as conn:  # fmt: skip
             return await conn.run(f"root@{self.box.ip} {command}")
 
+    async def upload(self, name: str, data: bytes) -> None:
+        """Put a file into the box's /tmp through the bastion's sftp, as alice."""
+        async with asyncssh.connect(
+            "127.0.0.1", self.ssh_port, username="alice", client_keys=[ALICE],
+            known_hosts=None, agent_path=None, connect_timeout=15,
+        ) as conn, conn.start_sftp_client() as sftp:  # fmt: skip
+            async with sftp.open(f"/root@{self.box.ip}/tmp/{name}", "wb") as f:
+                await f.write(data)
+
 
 @pytest.fixture
 async def stack(
@@ -91,8 +100,10 @@ async def test_add_a_user_grant_ssh_list_replay_revoke_and_remove(stack: Stack):
     async with api.post("/v1/grants", json=grant_body) as r:
         grant = (r.status, await _json(r))
     result = await stack.ssh("echo through-the-bastion; exit 3")
-    async with api.get("/v1/sessions", params={"user": "alice", "ip": stack.box.ip}) as r:
-        sessions = (await _json(r))["items"]
+    await stack.upload("notes.txt", b"x" * 1000)
+    params = {"user": "alice", "ip": stack.box.ip}
+    async with api.get("/v1/sessions", params=params) as r:
+        sessions = [s for s in (await _json(r))["items"] if s["kind"] == "exec"]
     async with api.get("/v1/users") as r:
         users = (await _json(r))["items"]
     async with api.get("/v1/grants", params={"user": "alice"}) as r:
@@ -102,7 +113,7 @@ async def test_add_a_user_grant_ssh_list_replay_revoke_and_remove(stack: Stack):
         one = await _json(r)
     async with api.get(f"/v1/sessions/{sid}/recording") as r:
         cast = (r.status, r.content_type, await r.text())
-    audit = await _audit_events(api, {"session.started", "session.ended"})
+    audit = await _audit_events(api, {"session.started", "session.ended", "transfer.done"})
     async with api.delete(f"/v1/grants/{grant[1]['id']}") as r:
         revoked = (r.status, await _json(r))
     async with api.delete("/v1/users/alice") as r:
@@ -126,6 +137,9 @@ async def test_add_a_user_grant_ssh_list_replay_revoke_and_remove(stack: Stack):
     bastion_rows = [a for a in audit if a.get("role") == "bastion"]
     assert {(a["who"], a["event"], a["target"]) for a in bastion_rows} >= {
         ("alice", "session.started", sid), ("alice", "session.ended", sid)}  # fmt: skip
+    transfers = [a for a in bastion_rows if a["event"] == "transfer.done"]
+    assert [(t["method"], t["detail"]["path"], t["detail"]["size"]) for t in transfers] == [
+        ("SFTP", "/tmp/notes.txt", 1000)]  # fmt: skip
     api_rows = {(a["method"], a["path"], a["status"]) for a in audit if a["role"] == "admin"}
     assert {("POST", "/v1/users", 201), ("POST", "/v1/grants", 201)} <= api_rows
     assert revoked[0] == 200 and revoked[1]["id"] == grant[1]["id"]
