@@ -115,14 +115,20 @@ class OrphanBook:
         if ids.exists():
             self.cluster_id = ids.read_text().strip() or None
         for path in sorted((root / "quarantine").glob("*.json")):
-            data = json.loads(path.read_text())
-            self._records[data["machine_id"]] = QuarantineRecord(
-                machine_id=data["machine_id"],
-                container_id=data.get("container_id"),
-                was_running=bool(data.get("was_running")),
-                quarantined_at=datetime.fromisoformat(data["quarantined_at"]),
-                cluster_id=data.get("cluster_id"),
-            )
+            try:
+                data = json.loads(path.read_text())
+                record = QuarantineRecord(
+                    machine_id=data["machine_id"],
+                    container_id=data.get("container_id"),
+                    was_running=bool(data.get("was_running")),
+                    quarantined_at=datetime.fromisoformat(data["quarantined_at"]),
+                    cluster_id=data.get("cluster_id"),
+                )
+            except (ValueError, KeyError, TypeError) as err:
+                # Its machine is then an orphan candidate again: quarantined anew, not deleted.
+                log.error("unreadable quarantine record skipped", path=str(path), error=str(err))
+                continue
+            self._records[record.machine_id] = record
 
     def _write(self, path: Path, text: str) -> None:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -150,6 +156,7 @@ class OrphanBook:
     def put(self, record: QuarantineRecord) -> None:
         """Keep ``record`` (before the machine is stopped)."""
         if self.root is not None:
+            path = self._path(self.root, record.machine_id)
             data = {
                 "machine_id": record.machine_id,
                 "container_id": record.container_id,
@@ -157,19 +164,19 @@ class OrphanBook:
                 "quarantined_at": record.quarantined_at.isoformat(),
                 "cluster_id": record.cluster_id,
             }
-            self._write(self._path(record.machine_id), json.dumps(data, indent=1) + "\n")
+            self._write(path, json.dumps(data, indent=1) + "\n")
         self._records[record.machine_id] = record
 
     def drop(self, machine_id: str) -> None:
         """Forget a released or purged machine."""
         if self.root is not None:
-            self._path(machine_id).unlink(missing_ok=True)
+            self._path(self.root, machine_id).unlink(missing_ok=True)
         self._records.pop(machine_id, None)
 
-    def _path(self, machine_id: str) -> Path:
+    @staticmethod
+    def _path(root: Path, machine_id: str) -> Path:
         check_machine_id(machine_id)  # it names a file: never a path of its own
-        assert self.root is not None
-        return self.root / "quarantine" / f"{machine_id}.json"
+        return root / "quarantine" / f"{machine_id}.json"
 
 
 class Orphans:
@@ -205,13 +212,12 @@ class Orphans:
     async def record_known(self, cmd: MachinesKnown) -> None:
         """Use the control plane's list if it is this agent's cluster's; else ignore it."""
         verdict = admit_list(self.cluster_id, cmd.cluster_id)
-        if verdict is ListVerdict.ADOPT:
-            assert cmd.cluster_id is not None
-            self.book.adopt(cmd.cluster_id)
-            log.info("joined the control plane's cluster", cluster_id=cmd.cluster_id)
-        elif verdict in (ListVerdict.FOREIGN, ListVerdict.ANONYMOUS):
+        if cmd.cluster_id is None or verdict in (ListVerdict.FOREIGN, ListVerdict.ANONYMOUS):
             await self._ignored(verdict, cmd)
             return
+        if verdict is ListVerdict.ADOPT:
+            self.book.adopt(cmd.cluster_id)
+            log.info("joined the control plane's cluster", cluster_id=cmd.cluster_id)
         self.tracker.update_known(cmd.machine_ids, self.agent.clock())
 
     async def _ignored(self, verdict: ListVerdict, cmd: MachinesKnown) -> None:

@@ -116,6 +116,13 @@ def test_the_book_keeps_the_cluster_and_records_across_a_restart(tmp_path):
     assert again.records() == [QuarantineRecord("m1", "cid", True, T0, "c1")]
 
 
+def test_an_unreadable_record_is_skipped_not_fatal(tmp_path):
+    OrphanBook(tmp_path).put(QuarantineRecord("m1", None, False, T0))
+    (tmp_path / "quarantine" / "m2.json").write_text("{half a reco")
+
+    assert [r.machine_id for r in OrphanBook(tmp_path).records()] == ["m1"]
+
+
 # ---- the agent -------------------------------------------------------------------------------
 
 
