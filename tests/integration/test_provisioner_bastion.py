@@ -234,6 +234,16 @@ def _from_neighbour(ip: str) -> str:
         client.close()
 
 
+def _from_itself(mid: str) -> str:
+    """How port 22 of the machine answers the machine itself, on loopback."""
+    client = _docker()
+    try:
+        res = client.api.exec_create(f"dockvm-{mid}", ["python3", "-c", _PROBE, "127.0.0.1"])
+        return client.api.exec_start(res["Id"]).decode().strip()
+    finally:
+        client.close()
+
+
 def _pid(mid: str) -> int:
     client = _docker()
     try:
@@ -295,13 +305,15 @@ async def test_direct_ssh_takes_the_plain_key_and_answers_any_source(agent):
 
 
 async def test_ssh_from_another_container_is_refused_while_the_host_gets_in(machine):
-    _, ip = machine
+    mid, ip = machine
 
     who = await _login(ip, (USER, CERT))
     seen = await asyncio.to_thread(_from_neighbour, ip)
+    itself = await asyncio.to_thread(_from_itself, mid)
 
     assert who == "root"
     assert seen == "refused"
+    assert itself == "banner"
 
 
 async def test_the_rule_comes_back_after_a_crash_and_after_a_restart(agent, machine):

@@ -122,6 +122,7 @@ def test_the_ruleset_replaces_the_table_accepts_the_sources_and_resets_the_rest(
     assert lines[:3] == [
         "table inet dockvm_ssh", "delete table inet dockvm_ssh", "table inet dockvm_ssh {"]
     assert "tcp dport 22 ip saddr { 10.8.0.0/16, 10.9.0.1/32 } accept" in lines
+    assert 'iifname "lo" accept' in lines
     assert lines.index("tcp dport 22 reject with tcp reset") > lines.index(
         "tcp dport 22 ip saddr { 10.8.0.0/16, 10.9.0.1/32 } accept")  # fmt: skip
 
@@ -129,7 +130,7 @@ def test_the_ruleset_replaces_the_table_accepts_the_sources_and_resets_the_rest(
 def test_with_no_source_known_every_ssh_attempt_is_reset():
     text = ssh_ruleset([])
 
-    assert "accept\n" not in text.replace("policy accept;", "")
+    assert "accept\n" not in text.replace("policy accept;", "").replace('"lo" accept', "")
     assert "tcp dport 22 reject with tcp reset" in text
 
 

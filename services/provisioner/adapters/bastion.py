@@ -8,7 +8,8 @@ port answers.
   running machines at the next reconcile. An absent key is an empty file: no certificate is
   trusted, and the agent says so once.
 - The SSH guard: an nftables table (``inet dockvm_ssh``) in the machine's network namespace
-  accepts port 22 only from the bastion's source addresses and resets every other attempt
+  accepts port 22 only from the bastion's source addresses (and the machine itself, on
+  loopback) and resets every other attempt
   (a reset, not a drop: a refused client is told at once instead of timing out). It is written
   from the host with ``nsenter -t <pid> -n nft -f -`` in one nft transaction that replaces the
   table, so re-applying is idempotent and never leaves a half rule set. The machine cannot lift
@@ -92,6 +93,8 @@ def ssh_ruleset(sources: Iterable[IPv4Network]) -> str:
         f"table inet {NFT_TABLE} {{\n"
         "\tchain input {\n"
         "\t\ttype filter hook input priority 0; policy accept;\n"
+        # The machine's own ssh to itself (localhost) is not a way in from outside.
+        '\t\tiifname "lo" accept\n'
         f"{accept}"
         f"\t\ttcp dport {SSH_PORT} reject with tcp reset\n"
         "\t}\n"
