@@ -467,10 +467,16 @@ def token_create(
     ctx: typer.Context,
     name: str,
     role: Annotated[str, typer.Option(help="admin, ops, release or viewer")],
+    apps: Annotated[
+        list[str] | None, typer.Option("--app", help="scope it to this app (repeatable)")
+    ] = None,
     json: JsonOpt = False,
 ) -> None:
-    """Create a token; its secret is shown once."""
-    res = _run(ctx, lambda t: _call(t, "POST", "/v1/tokens", json={"name": name, "role": role}))
+    """Create a token, optionally scoped to some apps; its secret is shown once."""
+    body: dict[str, Any] = {"name": name, "role": role}
+    if apps:
+        body["apps"] = apps
+    res = _run(ctx, lambda t: _call(t, "POST", "/v1/tokens", json=body))
     if json:
         _print_json(res)
     else:
@@ -485,10 +491,10 @@ def token_list(ctx: typer.Context, json: JsonOpt = False) -> None:
     if json:
         _print_json(res["items"])
         return
-    table = Table("ID", "NAME", "ROLE", "CREATED", "REVOKED")
+    table = Table("ID", "NAME", "ROLE", "APPS", "CREATED", "REVOKED")
     for tk in res["items"]:
-        table.add_row(tk["id"], tk["name"], tk["role"], str(tk["created_at"]),
-                      "yes" if tk["revoked"] else "")
+        table.add_row(tk["id"], tk["name"], tk["role"], ",".join(tk.get("apps") or []) or "all",
+                      str(tk["created_at"]), "yes" if tk["revoked"] else "")
     out.print(table)
 
 
@@ -503,6 +509,10 @@ def token_revoke(ctx: typer.Context, token_id: str) -> None:
 from .releases import release_app  # noqa: E402
 
 app.add_typer(release_app, name="release")
+
+from .checks import check_app  # noqa: E402
+
+app_app.add_typer(check_app, name="check")
 
 from .bastion import grant_app, rule_app, session_app, user_app  # noqa: E402
 

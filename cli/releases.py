@@ -17,11 +17,14 @@ release_app = typer.Typer(help="Rolling releases of a Maven artifact.", no_args_
 
 
 def _check(spec: str, timeout_s: float) -> dict[str, Any]:
-    """``http:8000/health``, ``tcp:22`` or ``cmd:/usr/bin/true`` → a health_check body."""
+    """``http:8000/health`` or ``tcp:22`` → a health_check body (a command check must be
+    declared for the app: ``dockvm app check set``, then ``--check-name``)."""
     kind, sep, target = spec.partition(":")
-    if not sep or kind not in ("http", "tcp", "cmd") or not target:
+    if not sep or kind not in ("http", "tcp") or not target:
         raise typer.BadParameter(
-            "give TYPE:TARGET with TYPE http, tcp or cmd", param_hint="--check"
+            "give TYPE:TARGET with TYPE http or tcp; a cmd check is declared for the app "
+            "(dockvm app check set) and named with --check-name",
+            param_hint="--check",
         )
     return {"type": kind, "target": target, "timeout_s": timeout_s}
 
@@ -59,7 +62,12 @@ def release_create(
     group: Annotated[str, typer.Option(help="Maven groupId")],
     artifact: Annotated[str, typer.Option(help="Maven artifactId")],
     version: Annotated[str, typer.Option(help="version (a -SNAPSHOT resolves to its latest)")],
-    check: Annotated[str, typer.Option(help="health check TYPE:TARGET, e.g. http:8000/health")],
+    check: Annotated[
+        str | None, typer.Option(help="inline health check TYPE:TARGET, e.g. http:8000/health")
+    ] = None,
+    check_name: Annotated[
+        str | None, typer.Option(help="or the name of a check declared for the app")
+    ] = None,
     packaging: Annotated[str, typer.Option(help="tar.gz, jar or war")] = "tar.gz",
     classifier: Annotated[str | None, typer.Option()] = None,
     batch_size: Annotated[int | None, typer.Option(help="machines per batch")] = None,
@@ -73,13 +81,16 @@ def release_create(
     json: JsonOpt = False,
 ) -> None:
     """Start a rolling release on the app's running machines; exit 1 if it fails."""
+    if (check is None) == (check_name is None):
+        raise typer.BadParameter("give exactly one of --check and --check-name")
     if batch_size is None and batch_percent is None:
         batch_size = 1
     body: dict[str, Any] = {
         "app": app_name, "group_id": group, "artifact_id": artifact, "version": version,
         "packaging": packaging, "classifier": classifier, "batch_size": batch_size,
         "batch_percent": batch_percent, "max_failures": max_failures,
-        "health_check": _check(check, check_timeout), "release_id": release_id,
+        "health_check": _check(check, check_timeout) if check else None, "check": check_name,
+        "release_id": release_id,
     }
     body = {k: v for k, v in body.items() if v is not None}
 

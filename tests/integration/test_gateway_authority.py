@@ -7,6 +7,7 @@ are read off the bus. The local Maven repository (``scripts/maven-repo.sh``) ser
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import aiohttp
@@ -18,6 +19,7 @@ from tests.integration.test_gateway import (  # noqa: F401 - fixtures
     gateway,
     peers,
 )
+from tests.integration.test_gateway_cli import _cli
 
 RELEASE = {"app": "web", "group_id": "com.example", "artifact_id": "demo-app",
            "version": "1.0.0", "batch_size": 1}
@@ -156,3 +158,28 @@ async def test_a_bad_scope_is_422_and_makes_no_token(api, body, field):  # noqa:
 
     assert (status, [e["field"] for e in problem["errors"]]) == (422, [field])
     assert [t["role"] for t in tokens["items"]] == ["admin"]
+
+
+async def test_the_cli_declares_checks_and_scopes_tokens(api, gateway, service_env):  # noqa: F811
+    await _create(api, app="web")
+    env = {"DOCKVM_URL": gateway.url, "DOCKVM_STATE_DIR": service_env["DOCKVM_STATE_DIR"]}
+    declared = await _cli(env, "app", "check", "set", "web", "smoke", "--type", "cmd",
+                          "--target", "/usr/local/bin/smoke", "--json")
+    listed = await _cli(env, "app", "check", "list", "web", "--json")
+    token = await _cli(env, "token", "create", "rel", "--role", "release", "--app", "web",
+                       "--json")
+    rel_env = {"DOCKVM_URL": gateway.url, "DOCKVM_TOKEN": json.loads(token[1])["token"]}
+    coords = ("--group", "com.example", "--artifact", "demo-app", "--version", "1.0.0")
+    inline_cmd = await _cli(rel_env, "release", "create", "web", *coords, "--check", "cmd:true")
+    other_app = await _cli(rel_env, "release", "create", "api", *coords, "--check-name", "smoke",
+                           "--no-wait", "--json")
+    started = await _cli(rel_env, "release", "create", "web", *coords, "--check-name", "smoke",
+                         "--no-wait", "--json")
+
+    assert declared[0] == 0 and json.loads(declared[1])["type"] == "cmd"
+    assert [c["name"] for c in json.loads(listed[1])] == ["smoke"]
+    assert json.loads(token[1])["apps"] == ["web"]
+    assert inline_cmd[0] == 2 and "--check-name" in inline_cmd[2]
+    assert other_app[0] == 1 and "403" in other_app[2]
+    assert started[0] == 0, started
+    assert json.loads(started[1])["spec"]["health_check"]["target"] == "/usr/local/bin/smoke"

@@ -221,3 +221,21 @@ def test_a_handler_may_not_take_a_query_its_route_does_not_declare():
         @table.route("GET", "/v1/x", roles=ANY, summary="x")
         async def stray_query(request: web.Request, query: TokenCreate) -> web.Response:
             raise AssertionError
+
+
+async def test_a_repeated_query_parameter_is_422_naming_it(client):
+    async with client.get("/v1/audit?limit=1&limit=2&who=a") as r:
+        problem = await r.json(content_type=None)
+
+    assert r.status == 422
+    assert [(e["field"], e["type"]) for e in problem["errors"]] == [("query.limit", "repeated")]
+
+
+async def test_a_path_parameter_breaking_its_model_is_422_and_documented(client):
+    async with client.get("/v1/ips/10.0.0.256") as r:
+        problem = await r.json(content_type=None)
+    ip = next(p for p in DOC["paths"]["/v1/ips/{ip}"]["get"]["parameters"] if p["name"] == "ip")
+
+    assert r.status == 422
+    assert [e["field"] for e in problem["errors"]] == ["path.ip"]
+    assert ip["schema"] == {"format": "ipv4", "title": "Ip", "type": "string"}

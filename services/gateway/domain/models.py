@@ -90,9 +90,10 @@ def _ssh_key(value: str) -> str:
 
 
 # RFC 3339, as the document's ``date-time`` format says (pydantic alone would take "0.5" as a
-# Unix time, and a time without an offset).
+# Unix time); the offset may be left out, as the CLI's ``--from 2026-11-29`` sends it.
 _RFC3339 = re.compile(
-    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})$"
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]+)?)?"
+    r"([Zz]|[+-][0-9]{2}:?[0-9]{2})?$"
 )
 
 
