@@ -120,6 +120,7 @@ async def test_events_of_one_machine_keep_their_order_across_a_failure(store, pu
     first = await relay.flush("m1", entries[:1])
     # A later write's flush sees the earlier entry still there: it goes out first.
     second = await relay.flush("m1", entries)
+    await relay.tick()
 
     assert (first, second) == (False, True)
     assert pub.ids("machine.state_changed") == [e["id"] for e in entries]
@@ -143,6 +144,7 @@ async def test_a_failed_clear_is_retried_without_publishing_again(store, pub):
     store.machines["m1"]["outbox"] = [entry]
     store.fail_clears = 1
     await relay.flush("m1", [entry])
+    await relay.tick()
     left = list(store.machines["m1"]["outbox"])
     await relay.tick()
 
@@ -158,6 +160,7 @@ async def test_an_entry_no_model_knows_is_dropped_and_blocks_nothing(store, pub)
     store.machines["m1"]["outbox"] = [unknown, good]
 
     assert await relay.flush("m1", [unknown, good]) is True
+    await relay.tick()
     assert pub.ids("machine.state_changed") == [good["id"]]
     assert store.machines["m1"]["outbox"] == []
 
@@ -177,6 +180,20 @@ async def test_the_tick_scans_at_start_and_then_only_every_scan_period(store, pu
 
     assert (at_start, before_due, when_due) == (1, 0, 1)
     assert pub.ids("machine.state_changed") == [first["id"], later["id"]]
+
+
+async def test_the_clear_waits_for_the_tick_and_sends_nothing_twice(store, pub):
+    relay = OutboxRelay(pub, store)
+    entry = outbox_entry(_changed("m1", "stopped"))
+    store.machines["m1"]["outbox"] = [entry]
+    await relay.flush("m1", [entry])
+    before_tick = list(store.machines["m1"]["outbox"])
+    await relay.flush("m1", [entry])  # a later write returned it again: not sent twice
+    await relay.tick()
+
+    assert before_tick == [entry]
+    assert pub.ids("machine.state_changed") == [entry["id"]]
+    assert store.machines["m1"]["outbox"] == []
 
 
 async def test_routing_key_and_data_survive_the_outbox(store, pub):
