@@ -380,6 +380,9 @@ class Orphans:
 
     async def purge(self, cmd: OrphanPurge) -> ContainerDestroyed | OrphanPurgeRefused:
         """``orphan.purge`` → ``container.destroyed`` (reason orphan) or a refusal."""
+        if cmd.deadline is not None and self.wall_clock() > cmd.deadline:
+            log.warning("orphan purge past its deadline refused", machine_id=cmd.machine_id)
+            return OrphanPurgeRefused(host=self.host, machine_id=cmd.machine_id, reason="expired")
         return await self._purge(cmd.machine_id, "purged")
 
     async def _purge(

@@ -223,6 +223,18 @@ async def test_a_purge_deletes_a_quarantined_machine_and_refuses_any_other(parts
     assert list(runtime.containers) == ["m1"] and list(volumes.sizes) == ["m1"]
 
 
+async def test_a_purge_still_queued_past_its_deadline_is_refused(parts):
+    agent, runtime, _, publisher, clock, wall = parts
+    await _machines(agent, publisher, "m1", "m2")
+    await _past_grace(agent, publisher, clock, "m1")
+    wall.now = T0 + timedelta(minutes=5)
+
+    late = await _send(agent, publisher, OrphanPurge(machine_id="m2", deadline=T0))
+
+    assert (late.TYPE, late.reason) == ("orphan.purge_refused", "expired")
+    assert agent.orphans.is_quarantined("m2") and "m2" in runtime.containers
+
+
 async def test_retention_deletes_a_quarantined_machine(parts):
     agent, runtime, volumes, publisher, clock, wall = parts
     await _machines(agent, publisher, "m1", "m2")

@@ -314,6 +314,9 @@ class OrphanPurge(Command):
 
     TYPE = "orphan.purge"
     machine_id: MachineId = Field(min_length=1, max_length=64)
+    # Its requester gives up then: one still queued past it (the agent was down) is refused,
+    # so a purge answered 503 never happens later behind the requester's back.
+    deadline: datetime | None = None
 
 
 @register

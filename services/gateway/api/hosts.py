@@ -5,7 +5,7 @@ host's agent, which alone deletes: the gateway only keeps what agents report).""
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from aiohttp import web
@@ -152,7 +152,8 @@ async def purge_orphan(request: web.Request) -> web.Response:
     await _host(request, host_id)
     if not _MACHINE_ID.match(machine_id):
         raise NotFoundError(f"host {host_id} holds no orphan {machine_id}", reason="not_found")
-    cmd = provisioner.OrphanPurge(machine_id=machine_id)
+    timeout = timedelta(seconds=request.app[SETTINGS].rpc_timeout_s)
+    cmd = provisioner.OrphanPurge(machine_id=machine_id, deadline=utcnow() + timeout)
     reply = await rpc_call(request, cmd, routing_key=host_key(host_id, cmd.TYPE))
     if isinstance(reply, provisioner.OrphanPurgeRefused):
         if reply.reason == "not_quarantined":
