@@ -77,7 +77,9 @@ LABEL_GATEWAY = "dockvm.gateway"
 # containers of its own host (and cluster) as orphans, never another agent's on the same engine.
 LABEL_HOST = "dockvm.host"
 LABEL_CLUSTER = "dockvm.cluster"
-# Set ("true") only on a break-glass machine: root's keys installed, SSH open to any source.
+# "false": the machine trusts the bastion's CA and its SSH answers only the bastion; "true": a
+# break-glass machine (root's keys installed, SSH open to any source). Absent on a machine made
+# before the bastion, which keeps its old keys and stays open (recreate it to bring it under).
 LABEL_DIRECT_SSH = "dockvm.direct_ssh"
 _RESERVED_LABEL = "dockvm."
 
@@ -289,8 +291,8 @@ def build_spec(
     if cluster_id is not None:
         labels[LABEL_CLUSTER] = cluster_id
     env = {"OMP_NUM_THREADS": str(max(1, math.ceil(cmd.cpus))), **cmd.env}
+    labels[LABEL_DIRECT_SSH] = "true" if cmd.direct_ssh else "false"
     if cmd.direct_ssh:
-        labels[LABEL_DIRECT_SSH] = "true"
         if cmd.ssh_authorized_keys:
             keys = "\n".join(k.strip() for k in cmd.ssh_authorized_keys)
             env["DOCKVM_AUTHORIZED_KEYS"] = keys

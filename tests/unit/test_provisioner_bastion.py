@@ -29,6 +29,7 @@ from services.provisioner.service import AgentConfig, ProvisionerService
 from services.provisioner.settings import ProvisionerSettings
 
 pytestmark = pytest.mark.unit
+GW, DIRECT = "dockvm.gateway", "dockvm.direct_ssh"
 G = 1 << 30
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl a@b"
 
@@ -70,7 +71,7 @@ def test_without_direct_ssh_the_keys_are_not_installed_and_the_ca_is_bound_read_
                       user_ca_file="/state/machines/m1/user_ca.pub")  # fmt: skip
 
     assert "DOCKVM_AUTHORIZED_KEYS" not in spec.env
-    assert "dockvm.direct_ssh" not in spec.labels
+    assert spec.labels["dockvm.direct_ssh"] == "false"
     assert ("/state/machines/m1/user_ca.pub", MACHINE_CA_PATH, True) in [
         (m.source, m.target, m.read_only) for m in spec.mounts
     ]
@@ -102,14 +103,16 @@ def test_a_bad_bastion_source_setting_is_refused():
 @pytest.mark.parametrize(
     ("labels", "configured", "expected"),
     [
-        ({"dockvm.gateway": "10.9.0.1"}, (), (IPv4Network("10.9.0.1/32"),)),
-        ({"dockvm.gateway": "10.9.0.1"}, (IPv4Network("172.17.0.1/32"),),
+        ({GW: "10.9.0.1", DIRECT: "false"}, (), (IPv4Network("10.9.0.1/32"),)),
+        ({GW: "10.9.0.1", DIRECT: "false"}, (IPv4Network("172.17.0.1/32"),),
          (IPv4Network("172.17.0.1/32"),)),
-        ({"dockvm.gateway": "10.9.0.1", "dockvm.direct_ssh": "true"}, (), None),
-        ({}, (), ()),
+        ({GW: "10.9.0.1", DIRECT: "true"}, (), None),
+        # Made before the bastion: it trusts its old keys, so it is left as it was.
+        ({GW: "10.9.0.1"}, (), None),
+        ({DIRECT: "false"}, (), ()),
     ],
 )  # fmt: skip
-def test_allowed_sources_are_the_setting_else_the_gateway_and_none_for_break_glass(
+def test_allowed_sources_are_the_setting_else_the_gateway_and_none_for_break_glass_or_legacy(
     labels, configured, expected
 ):
     assert allowed_sources(_info(labels), configured) == expected
@@ -137,13 +140,13 @@ def test_with_no_source_known_every_ssh_attempt_is_reset():
 async def test_the_guard_writes_once_per_namespace_and_again_after_a_restart():
     commands = Commands()
     guard = NftSshGuard((), commands)  # type: ignore[arg-type]
-    labels = {"dockvm.gateway": "10.9.0.1"}
+    labels = {GW: "10.9.0.1", DIRECT: "false"}
 
     first = await guard.apply(_info(labels, pid=100))
     again = await guard.apply(_info(labels, pid=100))
     restarted = await guard.apply(_info(labels, pid=200))
     stopped = await guard.apply(_info(labels, pid=0, running=False))
-    direct = await guard.apply(_info({**labels, "dockvm.direct_ssh": "true"}, pid=300))
+    direct = await guard.apply(_info({**labels, DIRECT: "true"}, pid=300))
 
     assert (first, again, restarted, stopped, direct) == (True, False, True, False, False)
     assert [argv for argv, _ in commands.calls] == [

@@ -19,7 +19,8 @@ port answers.
   still holds its table and is skipped. Between a start and the rule (milliseconds, the time
   of one nft call) sshd may answer anyone; it then still trusts only the bastion's CA.
   A ``direct_ssh`` (break-glass) machine gets no table: its point is to be reachable when the
-  bastion is not.
+  bastion is not. Nor does a machine made before the bastion (it trusts its old keys, not the
+  CA): recreate it to bring it under.
 """
 
 from __future__ import annotations
@@ -73,8 +74,9 @@ def allowed_sources(
 ) -> tuple[IPv4Network, ...] | None:
     """Where a machine's SSH may come from: the configured bastion source, else the machine's
     network gateway (the host, where a host-local bastion connects from); None for a
-    break-glass (``direct_ssh``) machine, which is left open."""
-    if info.labels.get(LABEL_DIRECT_SSH) == "true":
+    break-glass (``direct_ssh``) machine, and for one made before the bastion (no label: it
+    trusts its old keys, not the CA, and a rule would lock its users out), both left open."""
+    if info.labels.get(LABEL_DIRECT_SSH) != "false":
         return None
     if configured:
         return configured
