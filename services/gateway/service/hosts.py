@@ -178,7 +178,10 @@ class HostReports:
             "purge_after": msg.purge_after,
             "cluster_id": msg.cluster_id,
         }
-        if await self.store.record(doc):
+        before = await self.store.get(msg.host, msg.machine_id)
+        # Agents repeat it every reconcile: only news is logged.
+        new = before is None or before["state"] != "quarantined"
+        if await self.store.record(doc) and new:
             log.warning("host quarantined an orphan", host=msg.host, machine_id=msg.machine_id)
 
     async def on_ended(self, host: str, machine_id: str, state: str, at: datetime) -> None:
