@@ -202,3 +202,18 @@ def test_user_add_reads_key_files(fake, tmp_path):
 
     assert res.exit_code == 0, res.output
     assert fake.requests[0][2] == {"name": "alice", "ssh_keys": [key]}
+
+
+def test_machine_create_asks_for_direct_ssh_only_when_told(fake):
+    accepted = {"machines": [{"id": "m-1", "state": "requested", "links": {}}]}
+    fake.answers[("POST", "/v1/machines")] = (202, accepted)
+    base = ["machine", "create", "--app", "web", "--image", "img", "--cpus", "1", "--memory",
+            "512m", "--disk", "1g", "--dc", "dc1", "--vlan", "233", "--no-wait"]  # fmt: skip
+
+    plain = _run(*base)
+    direct = _run(*base, "--direct-ssh", "--ssh-key", "ssh-ed25519 AAAA a@b")
+
+    assert (plain.exit_code, direct.exit_code) == (0, 0)
+    bodies = [body for _, _, body, _ in fake.requests]
+    assert "direct_ssh" not in bodies[0]
+    assert (bodies[1]["direct_ssh"], bodies[1]["ssh_keys"]) == (True, ["ssh-ed25519 AAAA a@b"])
