@@ -147,6 +147,21 @@ async def test_add_a_user_grant_ssh_list_replay_revoke_and_remove(stack: Stack):
     assert users_after == []
 
 
+async def test_a_login_without_a_grant_is_refused_and_the_refusal_is_in_the_audit_log(
+    stack: Stack,
+):
+    async with stack.api.post("/v1/users", json={"name": "alice", "ssh_keys": [ALICE_KEY]}):
+        pass
+
+    result = await stack.ssh("true")
+    audit = await _audit_events(stack.api, {"session.refused"})
+
+    assert result.exit_status != 0
+    refused = [a for a in audit if a.get("event") == "session.refused"]
+    assert [(a["who"], a["status"], a["detail"]["reason"]) for a in refused] == [
+        ("alice", 403, "no_grant")]  # fmt: skip
+
+
 async def test_unknown_things_are_404s_from_the_bastion(stack: Stack):
     api = stack.api
     grant = {"user": "nobody", "app": "web", "ttl_s": 60}
