@@ -8,7 +8,8 @@ would empty every host. So an orphan is never deleted on sight:
   the first cluster id it hears and keeps it in ``<state>/orphans/cluster_id`` (so a restart
   keeps it); a list of another cluster, or without an id, is ignored, logged, counted and
   raised once per id as ``host.alert`` (``foreign_cluster``). To move an agent to a new control
-  plane on purpose, stop it, delete that file and start it;
+  plane on purpose, stop it, delete that file and start it (its containers labelled with the old
+  cluster are then another cluster's, left alone: move a host once it is empty);
 - only containers labelled with this host (and this cluster, or none) are candidates
   (:func:`~.domain.ownership`); one made before the labels, whose disk is under this state dir,
   is reported and healed but never taken for an orphan;
