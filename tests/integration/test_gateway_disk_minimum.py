@@ -45,7 +45,9 @@ async def _refused(api: aiohttp.ClientSession, method: str, url: str, body: dict
 
 
 @pytest.mark.parametrize(("disk", "accepted"), [("299m", False), ("300m", True)])
-async def test_a_disk_below_300m_is_refused_at_once_and_leaves_nothing(api, peers, disk, accepted):
+async def test_a_disk_below_300m_is_refused_at_once_and_leaves_nothing(
+    api, peers, mongo_db, disk, accepted
+):
     _beat(peers, "far", "dc2", 10 * GIB)  # another dc's minimum does not apply to dc1
     await tg._hosts_known(api, {"far"})
     async with api.post("/v1/machines?wait=20", json={**tg.SPEC, "disk": disk}) as r:
@@ -53,16 +55,19 @@ async def test_a_disk_below_300m_is_refused_at_once_and_leaves_nothing(api, peer
     async with api.get("/v1/machines") as r:
         listed = (await r.json())["items"]
     claims = peers.sent("ip.allocate") + peers.sent("ip.allocate_many")
+    stored = await mongo_db["machines"].count_documents({})  # the gateway's own database
 
     if accepted:
         assert status == 202
         assert [m["state"] for m in listed] == ["running"]
         assert listed[0]["disk"] == 300 << 20
+        # One machine; its IP step may be re-sent (at least once), never for another.
+        assert ({c.machine_id for c in claims}, stored) == ({listed[0]["id"]}, 1)
     else:
         assert status == 422
         assert [(e["field"], e["type"]) for e in body["errors"]] == [("disk", "too_small")]
         assert "300" in body["errors"][0]["message"]
-        assert (listed, claims) == ([], [])
+        assert (listed, claims, stored) == ([], [], 0)
 
 
 async def test_a_host_reporting_a_larger_minimum_raises_it_for_its_dc(api, peers):
@@ -81,4 +86,5 @@ async def test_a_host_reporting_a_larger_minimum_raises_it_for_its_dc(api, peers
     assert "the app's disk" in scale["errors"][0]["message"]
     assert grown == (200, GIB)
     assert [m["id"] for m in listed] == [mid]
-    assert len(peers.sent("ip.allocate") + peers.sent("ip.allocate_many")) == 1
+    assert {c.machine_id for c in peers.sent("ip.allocate")} == {mid}  # the refused claimed none
+    assert peers.sent("ip.allocate_many") == []
