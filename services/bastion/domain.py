@@ -268,6 +268,30 @@ class LineFilter:
 # ---- asciicast v2 -----------------------------------------------------------------------------
 
 
+_PRINTABLE = bytes(range(0x20, 0x7F))
+_COMMON_CONTROL = b"\n\r\t\x1b\x7f"
+
+
+def _ascii_body(data: bytes) -> bytes | None:
+    """``data`` as the inside of a JSON string when it is ASCII and its only control
+    characters are the common ones; None otherwise (the caller then uses ``json``).
+
+    Bulk output (``cat`` of a log) is mostly this, and three times cheaper this way.
+    """
+    # What is left after deleting printable ASCII must be common control characters only.
+    if data.translate(None, _PRINTABLE).translate(None, _COMMON_CONTROL):
+        return None
+    return (
+        data.replace(b"\\", b"\\\\")
+        .replace(b'"', b'\\"')
+        .replace(b"\n", b"\\n")
+        .replace(b"\r", b"\\r")
+        .replace(b"\t", b"\\t")
+        .replace(b"\x1b", b"\\u001b")
+        .replace(b"\x7f", b"\\u007f")
+    )
+
+
 class CastEncoder:
     """Turns a stream of bytes into asciicast v2 event lines (pure ASCII JSON)."""
 
@@ -294,7 +318,14 @@ class CastEncoder:
 
     def event(self, t: float, kind: str, data: bytes) -> bytes:
         """One ``[t, "o"|"i", text]`` line; a UTF-8 sequence split across calls is kept whole."""
-        text = self._decoders[kind].decode(data)
+        decoder = self._decoders[kind]
+        if not data:
+            return b""
+        if not decoder.getstate()[0]:
+            body = _ascii_body(data)
+            if body is not None:
+                return b'[%r, "%s", "%s"]\n' % (round(t, 6), kind.encode(), body)
+        text = decoder.decode(data)
         if not text:
             return b""
         return (json.dumps([round(t, 6), kind, text], ensure_ascii=True) + "\n").encode()

@@ -18,7 +18,7 @@ from .service import LiveSession
 
 __all__ = ["Pump"]
 
-CHUNK = 64 * 1024
+CHUNK = 256 * 1024
 Check = Callable[[str], CompiledRule | None]
 OnBlocked = Callable[[str, CompiledRule], Awaitable[None]]
 

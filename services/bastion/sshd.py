@@ -25,6 +25,12 @@ __all__ = ["listen"]
 
 log = structlog.get_logger("bastion.sshd")
 
+# AES-GCM only: through ``cryptography`` (AES-NI) it is about 6x cheaper per byte in asyncssh
+# than chacha20-poly1305, whose Poly1305 runs partly in Python, and the bastion handles every
+# byte twice. OpenSSH prefers chacha20 and then CTR when offered, so neither is; every OpenSSH
+# since 6.2 (2013), PuTTY 0.76 and asyncssh offer AES-GCM.
+CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+
 
 class _Server(asyncssh.SSHServer):
     """One client connection's authentication and policy."""
@@ -135,5 +141,6 @@ async def listen(
         sftp_factory=lambda chan: SftpProxy(chan, sftp),
         allow_scp=True,
         login_timeout=login_timeout_s,
+        encryption_algs=CIPHERS,
         keepalive_interval=30,
     )

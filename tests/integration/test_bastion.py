@@ -291,7 +291,8 @@ async def test_a_bastion_killed_mid_session_leaves_a_readable_recording(bastion:
     lines = Path(info.recording_path).read_text().splitlines()
     events = [json.loads(line) for line in lines[1:]]
     assert json.loads(lines[0])["version"] == 2
-    assert "".join(e[2] for e in events if e[1] == "o").encode() == bytes(seen)
+    # Everything the client read is there (and perhaps the prompt that followed it).
+    assert "".join(e[2] for e in events if e[1] == "o").encode().startswith(bytes(seen))
 
 
 async def test_sftp_puts_and_gets_files_on_the_machine_named_in_the_path_and_audits_them(
