@@ -21,7 +21,13 @@ import time
 from pathlib import Path
 
 from bench._common import machine
-from tests.support.fuzz import POSITIVE_CHECK, FuzzOutcome, fuzz_stack, run_schemathesis
+from tests.support.fuzz import (
+    POSITIVE_CHECK,
+    POSITIVE_EXCLUDED,
+    FuzzOutcome,
+    fuzz_stack,
+    run_schemathesis,
+)
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -54,6 +60,7 @@ async def fuzz(cases: int, examples: int, seed: int | None, max_rounds: int) -> 
                 checks=(POSITIVE_CHECK,),
                 mode="positive",
                 seed=round_seed,
+                exclude_paths=POSITIVE_EXCLUDED,
             )
             total = total.merge(every).merge(reads)
             print(f"round {n + 1}: {total.cases} cases, {total.requests} requests", flush=True)
