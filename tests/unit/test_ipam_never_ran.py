@@ -114,3 +114,14 @@ async def test_a_redelivered_release_answers_again(ipam):
 
     assert (first["ip"], first["ever_ran"]) == ("10.100.0.2", False)
     assert second["ip"] == "10.100.0.2"
+
+
+async def test_another_replicas_never_ran_release_is_seen_at_once(ipam, clock):
+    other = Ipam(ipam.store, block_size=8, pool_cache_s=60, clock=clock)
+    ips = await _fill(ipam)
+    with pytest.raises(AllocationError):
+        await other.allocate("probe", pool="p")  # the other replica finds the ready lane empty
+    await ipam.release("m2", ever_ran=False)
+    again = await other.allocate("n0", pool="p")
+
+    assert str(again.ip) == ips[2]

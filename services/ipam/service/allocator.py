@@ -153,6 +153,7 @@ class AddressSources:
     _block_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     _no_block_left_at: dict[str, float] = field(default_factory=dict)
     _no_leftover_at: dict[str, float] = field(default_factory=dict)
+    _no_ready_at: dict[str, float] = field(default_factory=dict)  # the ready lane was empty
     _known_used: set[tuple[str, int]] = field(default_factory=set)  # (pool uid, address)
     _free_queues: dict[str, FreeQueueView] = field(default_factory=dict)
 
@@ -216,7 +217,18 @@ class AddressSources:
         leftover = await self._leftover(pool, fresh)
         if leftover is not None:
             return leftover
-        return await self._next_released(pool, READY) or await self._next_released(pool)
+        return await self._next_ready(pool, fresh) or await self._next_released(pool)
+
+    async def _next_ready(self, pool: Pool, fresh: bool = False) -> Candidate | None:
+        """An address of the ready lane; a lane found empty is not read again for a moment
+        (releases there are rare: failed creates), except by a ``fresh`` pass."""
+        none_at = None if fresh else self._no_ready_at.get(pool.uid)
+        if none_at is not None and time.monotonic() - none_at < max(self.pool_cache_s, 0.2):
+            return None
+        cand = await self._next_released(pool, READY)
+        if cand is None:
+            self._no_ready_at[pool.uid] = time.monotonic()
+        return cand
 
     async def _claim_next_block(self, pool: Pool, fresh: bool = False) -> bool:
         """Claim the next block of never-used offsets; False when none is left."""
@@ -339,6 +351,8 @@ class AddressSources:
                 break
             seq += 1
         queue.tail = seq + 1
+        if not lane.cools:
+            self._no_ready_at.pop(pool.uid, None)  # this replica knows the lane is not empty
         await self.store.raise_hint(pool.name, lane.tail, queue.tail)
 
     async def requeue_unreserved(self, pool: Pool, doc: PoolDoc, lo: int, hi: int) -> None:
