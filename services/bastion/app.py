@@ -8,6 +8,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 import structlog
 
@@ -26,6 +27,18 @@ from .sshd import listen
 from .store import MongoBastionStore, MongoMachineDirectory
 
 log = structlog.get_logger("bastion.app")
+
+
+async def _ssh_answers(host: str, port: int) -> None:
+    """Readiness: the SSH server accepts a connection and greets with its version."""
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        banner = await reader.readline()
+        if not banner.startswith(b"SSH-2.0-"):
+            raise RuntimeError(f"ssh port answered {banner[:40]!r}")
+    finally:
+        writer.close()
 
 
 @asynccontextmanager
@@ -67,6 +80,7 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
             f"bastion: cannot listen for SSH on "
             f"{settings.bastion_ssh_host}:{settings.bastion_ssh_port}: {err}"
         ) from err
+    ctx.add_check("ssh", partial(_ssh_answers, settings.bastion_ssh_host, server.get_port()))
     ctx.every(settings.bastion_watch_interval_s, live.watch, "watch-sessions")
     ctx.every(10, live.refresh_rules, "refresh-rules", now=False)
     log.info(

@@ -8,10 +8,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncssh
 import pytest
 
+from libs.common.bus import RpcClient
 from libs.common.contracts.bastion import (
+    CaGet,
     GrantAdd,
     GrantList,
     GrantRevoke,
@@ -22,16 +25,21 @@ from libs.common.contracts.bastion import (
     SessionEnd,
     SessionGet,
     SessionList,
+    UserAdd,
+    UserList,
     UserRemove,
 )
+from tests.support.stack import free_port
 
 from .test_bastion_support import (  # noqa: F401
     ALICE,
     MALLORY,
     Bastion,
+    Box,
     bastion_fixture,
     bastion_state_fixture,
     box_fixture,
+    summary,
 )
 
 
@@ -45,6 +53,9 @@ async def test_exec_runs_the_command_and_returns_its_exit_status(bastion: Bastio
     assert ended[0].exit_status == 3 and ended[0].user == "alice"
     listing = await bastion.call(SessionList(user="alice"))
     assert [s.exit_status for s in listing.sessions] == [3]
+    async with aiohttp.ClientSession() as http, http.get(f"{bastion.proc.url}/metrics") as r:
+        metrics = await r.text()
+    assert 'dockvm_bastion_sessions_ended_total{kind="exec",reason="exit"} 1.0' in metrics
 
 
 async def _read_until(stream: asyncssh.SSHReader[bytes], needle: bytes, seen: bytearray,
@@ -342,3 +353,58 @@ async def test_the_real_scp_copies_through_the_bastion(bastion: Bastion, tmp_pat
         _, err = await asyncio.wait_for(scp.communicate(), 30)
         assert scp.returncode == 0, err.decode()
     assert (tmp_path / "back.txt").read_text() == "hello through the bastion\n"
+
+
+async def test_the_admin_rpcs_answer_and_refuse_bad_input_by_field(bastion: Bastion):
+    bob_key = MALLORY.export_public_key().decode().strip() + " bob@desk"
+    bob = await bastion.call(UserAdd(name="bob", ssh_keys=[bob_key]))
+    assert (bob.name, bob.ssh_keys, bob.fingerprints) == (
+        "bob", [bob_key], [MALLORY.get_fingerprint()]
+    )
+    assert [u.name for u in (await bastion.call(UserList())).users] == ["alice", "bob"]
+    bad = await bastion.call(UserAdd(name="carol", ssh_keys=[bob_key, "ssh-rsa AAAAnot"]))
+    assert (bad.TYPE, bad.reason, bad.field) == ("bastion.rejected", "invalid", "ssh_keys.1")
+    nobody = await bastion.call(GrantAdd(user="carol", app="web", ttl_s=60))
+    assert (nobody.reason, nobody.field) == ("not_found", None)
+    regex = await bastion.call(RuleAdd(pattern="(unclosed"))
+    assert (regex.reason, regex.field) == ("invalid", "pattern")
+    grant = await bastion.grant(user="bob", app="web", machine_id=None, login="admin")
+    listed = await bastion.call(GrantList(user="bob"))
+    assert [(g.id, g.app, g.login, g.active) for g in listed.grants] == [
+        (grant.id, "web", "admin", True)
+    ]
+    removed = await bastion.call(UserRemove(name="bob"))
+    assert (removed.grants_revoked, removed.sessions_ended) == (1, 0)
+    assert (await bastion.call(UserRemove(name="bob"))).reason == "not_found"
+    assert (await bastion.call(GrantList(include_expired=True))).grants == []
+    ca = await bastion.call(CaGet())
+    ca_file = bastion.state / "bastion" / "user_ca.pub"
+    assert ca.public_key + "\n" == ca_file.read_text() and ca.path == str(ca_file)
+    assert ca_file.stat().st_mode & 0o777 == 0o644
+    assert (bastion.state / "bastion" / "user_ca").stat().st_mode & 0o777 == 0o600
+    assert (await bastion.call(SessionGet(id="s-none"))).reason == "not_found"
+
+
+async def test_idle_and_too_long_sessions_end(
+    start_service: Any, box: Box, bastion_state: Path, amqp: Any, mongo_db: Any,
+    probe_factory: Any,
+):
+    ssh_port = free_port()
+    probe = await probe_factory("session.#")
+    await start_service("bastion", env={
+        "DOCKVM_STATE_DIR": str(bastion_state), "DOCKVM_BASTION_SSH_PORT": str(ssh_port),
+        "DOCKVM_BASTION_IDLE_TIMEOUT_S": "1", "DOCKVM_BASTION_MAX_SESSION_S": "3",
+    })
+    rpc = RpcClient(amqp, source="tests")
+    await summary(mongo_db, box)
+    b = Bastion(None, ssh_port, rpc, probe, mongo_db, box, bastion_state)  # type: ignore[arg-type]
+    await b.call(UserAdd(name="alice", ssh_keys=[ALICE.export_public_key().decode()]))
+    await b.grant()
+    async with await b.connect() as conn:
+        quiet = await conn.run(f"{b.target()} sleep 30")
+        busy = await conn.run(f"{b.target()} while :; do echo .; sleep 0.3; done")
+    assert (quiet.exit_status, quiet.stderr) == (255, "bastion: session ended: idle\n")
+    assert (busy.exit_status, busy.stderr) == (255, "bastion: session ended: max duration\n")
+    ended = await probe.wait_for("session.ended", count=2)
+    assert [e.end_reason for e in ended] == ["idle", "max_duration"]
+    await rpc.close()

@@ -185,3 +185,29 @@ def test_a_cast_keeps_utf8_split_across_reads_and_is_ascii():
     header = json.loads(CastEncoder.header(80, 24, NOW, {"TERM": "xterm"}, "t"))
     assert (header["version"], header["width"], header["height"]) == (2, 80, 24)
     assert json.loads(CastEncoder.resize(1.0, 132, 40)) == [1.0, "r", "132x40"]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"plain text\r\n",
+        b'quote " and \\ back\tslash \x1b[1;31mred\x1b[0m \x7f\r\n',
+        b"a bell \x07 and a NUL \x00",
+        "caf\u00e9 \u2603\r\n".encode(),
+        bytes(range(256)),
+    ],
+)
+def test_a_cast_line_is_what_json_writes(data: bytes):
+    line = CastEncoder().event(2.5, "o", data)
+    assert line == (json.dumps([2.5, "o", data.decode("utf-8", "replace")]) + "\n").encode()
+
+
+def test_a_grant_names_an_app_or_a_machine_not_both():
+    from pydantic import ValidationError
+
+    from libs.common.contracts.bastion import GrantAdd
+
+    assert GrantAdd(user="alice", machine_id="m-1", ttl_s=60).login == "root"
+    for fields in ({}, {"app": "web", "machine_id": "m-1"}):
+        with pytest.raises(ValidationError, match="exactly one of app and machine_id"):
+            GrantAdd(user="alice", ttl_s=60, **fields)

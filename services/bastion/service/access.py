@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import asyncssh
 import structlog
+from prometheus_client import Counter
 
 from libs.common.bus import Publisher
 from libs.common.clock import utcnow
@@ -24,6 +25,8 @@ from ..store import BastionStore, MachineDirectory
 __all__ = ["Access", "Authorized"]
 
 log = structlog.get_logger("bastion.access")
+
+_REFUSED = Counter("dockvm_bastion_refusals_total", "Logins and targets refused", ["reason"])
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,7 @@ class Access:
         """Announce a refusal (never raises: the user still gets her line)."""
         reason = err.reason if err.reason not in ("not_found", "invalid") else "bad_target"
         log.info("login refused", user=user, reason=reason, detail=str(err), target=target)
+        _REFUSED.labels(reason).inc()
         try:
             await self._publisher.publish(
                 SessionRefused(

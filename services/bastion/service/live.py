@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from prometheus_client import Counter, Gauge
 
 from libs.common.bus import Publisher
 from libs.common.clock import utcnow
@@ -35,6 +36,15 @@ from ..store import BastionStore
 __all__ = ["LiveSession", "LiveSessions"]
 
 log = structlog.get_logger("bastion.live")
+
+_LIVE = Gauge("dockvm_bastion_live_sessions", "Sessions in progress through this bastion")
+_ENDED = Counter(
+    "dockvm_bastion_sessions_ended_total", "Sessions ended, by kind and reason", ["kind", "reason"]
+)
+_BYTES = Counter(
+    "dockvm_bastion_session_bytes_total", "Bytes relayed by ended sessions", ["direction"]
+)
+_BLOCKED = Counter("dockvm_bastion_commands_blocked_total", "Commands a rule refused", ["kind"])
 
 
 @dataclass
@@ -122,6 +132,7 @@ class LiveSessions:
         self, doc: SessionDoc | dict[str, Any], command: str, rule: CompiledRule
     ) -> None:
         """Announce a command a rule refused (``doc``: the session, or what is known of it)."""
+        _BLOCKED.labels(doc["kind"]).inc()
         await self._publisher.publish(
             CommandBlocked(
                 session_id=doc.get("_id"),
@@ -140,6 +151,7 @@ class LiveSessions:
     async def start(self, session: LiveSession) -> None:
         """Record a session that starts, and announce it."""
         self._sessions[session.id] = session
+        _LIVE.set(len(self._sessions))
         doc = session.doc
         await self._store.insert_session(doc)
         await self._publisher.publish(
@@ -149,6 +161,7 @@ class LiveSessions:
     async def finish(self, session: LiveSession, fields: dict[str, object]) -> None:
         """Record how a session ended, and announce it."""
         self._sessions.pop(session.id, None)
+        _LIVE.set(len(self._sessions))
         doc = session.doc
         doc.update(fields)  # type: ignore[typeddict-item]
         doc.update(live=False, ended_at=utcnow())
@@ -156,6 +169,9 @@ class LiveSessions:
         update = dict(fields)
         for k in ("live", "ended_at", "end_reason"):
             update[k] = doc[k]  # type: ignore[literal-required]
+        _ENDED.labels(doc["kind"], doc["end_reason"]).inc()
+        _BYTES.labels("in").inc(doc["bytes_in"])
+        _BYTES.labels("out").inc(doc["bytes_out"])
         await self._store.update_session(session.id, update)
         await self._publisher.publish(
             SessionEnded(
