@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import uuid
@@ -92,5 +93,9 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
         yield
     finally:
         live.end_where(lambda _s: True, "bastion_shutdown")
+        # Give the relays a moment to record how their sessions ended before the bus and the
+        # database close; what is still live then is closed at the next start (``recover``).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(live.wait_none_live(), settings.shutdown_grace_s / 2)
         server.close()
         await server.wait_closed()

@@ -134,6 +134,23 @@ async def test_the_real_openssh_client_runs_a_command_through_the_bastion(
     assert (out, ssh.returncode) == (b"web-1\n", 7), err
 
 
+async def test_the_real_openssh_client_is_told_an_unknown_user_in_one_line(
+    bastion: Bastion, tmp_path: Path
+):
+    key = tmp_path / "bob"
+    key.write_bytes(MALLORY.export_private_key())
+    key.chmod(0o600)
+    ssh = await asyncio.create_subprocess_exec(
+        "ssh", "-i", str(key), "-p", str(bastion.ssh_port), "-o", "BatchMode=yes",
+        "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+        "-o", "IdentitiesOnly=yes", "bob@127.0.0.1", bastion.target(), "true",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # at OpenSSH's default LogLevel (INFO), which shows banners
+    out, err = await asyncio.wait_for(ssh.communicate(), 30)
+    assert (out, ssh.returncode) == (b"", 255)
+    assert "bastion: unknown user 'bob'" in err.decode().splitlines()
+
+
 async def test_no_target_shows_the_menu_and_the_pick_opens_a_shell(bastion: Bastion):
     await bastion.grant()
     seen = bytearray()
@@ -287,7 +304,9 @@ async def test_twenty_concurrent_sessions(bastion: Bastion):
     await bastion.probe.wait_for("session.ended", count=20)
 
 
-async def test_a_bastion_killed_mid_session_leaves_a_readable_recording(bastion: Bastion):
+async def test_a_bastion_killed_mid_session_leaves_a_readable_recording(
+    bastion: Bastion, start_service: Any
+):
     await bastion.grant()
     conn = await bastion.connect()
     proc = await conn.create_process(bastion.target(), term_type="xterm", encoding=None)
@@ -304,6 +323,10 @@ async def test_a_bastion_killed_mid_session_leaves_a_readable_recording(bastion:
     assert json.loads(lines[0])["version"] == 2
     # Everything the client read is there (and perhaps the prompt that followed it).
     assert "".join(e[2] for e in events if e[1] == "o").encode().startswith(bytes(seen))
+    await start_service("bastion", env=bastion.proc.env)
+    after = await bastion.call(SessionGet(id=started.session_id))
+    assert (after.live, after.end_reason) == (False, "error")
+    assert after.ended_at is not None and after.ended_at >= after.started_at
 
 
 async def test_sftp_puts_and_gets_files_on_the_machine_named_in_the_path_and_audits_them(
@@ -408,3 +431,17 @@ async def test_idle_and_too_long_sessions_end(
     ended = await probe.wait_for("session.ended", count=2)
     assert [e.end_reason for e in ended] == ["idle", "max_duration"]
     await rpc.close()
+
+
+async def test_revoking_ends_a_live_sftp_session_within_5s(bastion: Bastion):
+    grant = await bastion.grant()
+    async with await bastion.connect() as conn:
+        sftp = await conn.start_sftp_client()
+        assert "hostname" in await sftp.listdir(f"/root@{bastion.box.ip}/etc")
+        await bastion.call(GrantRevoke(id=grant.id))
+        async with asyncio.timeout(5):
+            await sftp.wait_closed()
+        with pytest.raises((asyncssh.SFTPError, asyncssh.Error, OSError)):
+            await sftp.listdir(f"/root@{bastion.box.ip}/etc")
+    ended = await bastion.probe.wait_for("session.ended")
+    assert (ended[0].kind, ended[0].end_reason) == ("sftp", "revoked")

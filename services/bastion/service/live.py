@@ -14,6 +14,7 @@ end. At start-up, sessions another process left ``live`` (it crashed) are closed
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Callable
@@ -104,6 +105,8 @@ class LiveSessions:
         self._idle = idle_timeout_s
         self._max = max_session_s
         self._sessions: dict[str, LiveSession] = {}
+        self._none_live = asyncio.Event()
+        self._none_live.set()
         self.rules: list[CompiledRule] = []
         self._rule_docs: dict[str, RuleDoc] = {}
 
@@ -113,6 +116,10 @@ class LiveSessions:
     def has(self, session_id: str) -> bool:
         """True while ``session_id`` is live here."""
         return session_id in self._sessions
+
+    async def wait_none_live(self) -> None:
+        """Return once no session is live here."""
+        await self._none_live.wait()
 
     def end_where(self, pred: Callable[[LiveSession], bool], reason: str) -> int:
         """End every live session ``pred`` selects; return how many."""
@@ -151,6 +158,7 @@ class LiveSessions:
     async def start(self, session: LiveSession) -> None:
         """Record a session that starts, and announce it."""
         self._sessions[session.id] = session
+        self._none_live.clear()
         _LIVE.set(len(self._sessions))
         doc = session.doc
         await self._store.insert_session(doc)
@@ -161,6 +169,8 @@ class LiveSessions:
     async def finish(self, session: LiveSession, fields: dict[str, object]) -> None:
         """Record how a session ended, and announce it."""
         self._sessions.pop(session.id, None)
+        if not self._sessions:
+            self._none_live.set()
         _LIVE.set(len(self._sessions))
         doc = session.doc
         doc.update(fields)  # type: ignore[typeddict-item]
@@ -215,7 +225,7 @@ class LiveSessions:
         for doc in stale:
             if not _owner_gone(doc.get("owner", ""), self.owner):
                 continue
-            ended = _last_written(doc.get("recording_path")) or utcnow()
+            ended = max(_last_written(doc.get("recording_path")) or utcnow(), doc["started_at"])
             await self._store.update_session(
                 doc["_id"], {"live": False, "ended_at": ended, "end_reason": "error"}
             )
@@ -261,4 +271,5 @@ def _last_written(path: str | None) -> datetime | None:
         mtime = os.stat(Path(path)).st_mtime
     except OSError:
         return None
-    return datetime.fromtimestamp(mtime, UTC).replace(microsecond=0)
+    at = datetime.fromtimestamp(mtime, UTC)
+    return at.replace(microsecond=at.microsecond // 1000 * 1000)  # what BSON keeps
