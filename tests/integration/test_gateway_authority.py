@@ -112,6 +112,9 @@ async def test_a_token_scoped_to_web_cannot_touch_api(api, peers):  # noqa: F811
             "destroy": await _answer(ops, "DELETE", f"/v1/machines/{api_id}"),
             "scale": await _answer(ops, "POST", "/v1/apps/api/scale", json={"count": 0}),
             "declare": await _answer(ops, "PUT", "/v1/apps/api/checks/smoke", json=SMOKE),
+            "grant": await _answer(ops, "POST", "/v1/grants", json={
+                "user": "alice", "machine_id": api_id, "ttl_s": 60}),
+            "sessions": await _answer(ops, "GET", f"/v1/sessions?machine_id={api_id}"),
             "create": await _answer(ops, "POST", "/v1/machines", json={
                 "app": "api", "image": "127.0.0.1:5001/dockvm/base:bookworm", "cpus": 1,
                 "memory": "512m", "disk": "1g", "dc": "dc1", "vlan_id": 233}),

@@ -400,10 +400,16 @@ class _OutOfScope(DomainError):
 
 
 async def _apps_named(route: Route, request: web.Request, inputs: dict[str, BaseModel]) -> set[str]:
-    """Every app the request names: in its path, body or query, or as the owner of the machine
-    or release its path names."""
+    """Every app the request names: an ``app`` in its path, body or query, the app of a
+    ``machine_id`` there (a grant's, a session filter's), and the app of the machine or release
+    the route's owner finds."""
     named = {request.match_info.get("app")}
     named |= {getattr(model, "app", None) for model in inputs.values()}
+    machines = {request.match_info.get("machine_id")}
+    machines |= {getattr(model, "machine_id", None) for model in inputs.values()}
+    for mid in machines:
+        doc = await request.app[STORE].get(mid) if isinstance(mid, str) else None
+        named.add(doc["app"] if doc is not None else None)
     if route.owner is not None:
         named.add(await route.owner(request))
     return {a for a in named if isinstance(a, str)}
