@@ -153,6 +153,27 @@ async def test_session_query_maps_from_and_to_onto_the_start_range(client, peer)
     assert (sent.since, sent.until) == (T0.replace(hour=0), T0.replace(hour=0, day=30))
 
 
+async def test_a_time_without_an_offset_is_utc_and_compares_with_one_that_has_it(client, peer):
+    peer.answers["bastion.session.list"] = bastion.SessionListing(sessions=[])
+
+    params = {"from": "2026-11-29T00:00:00", "to": "2026-11-29T08:00:00Z"}
+    resp = await client.get("/v1/sessions", params=params)
+
+    assert resp.status == 200
+    assert (peer.sent[0].since, peer.sent[0].until) == (T0.replace(hour=0), T0)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"from": "2026-11-29T09:00:00", "to": "2026-11-29T08:00:00Z"}, {"from": "0.5"}],
+)
+async def test_a_range_backwards_or_a_bare_number_is_a_422(client, peer, params):
+    resp = await client.get("/v1/sessions", params=params)
+
+    assert resp.status == 422
+    assert peer.sent == []
+
+
 # ---- audit entries ---------------------------------------------------------------------------
 
 

@@ -12,11 +12,12 @@ as far as it is written at the time of the request.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Self
 
 import structlog
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from libs.common.contracts import bastion
 from libs.common.errors import DomainError, TransientError
@@ -45,6 +46,15 @@ class SessionQuery(BaseModel):
     until: IsoDatetime | None = Field(default=None, alias="to")
     live: bool = False
     limit: int = Field(default=100, ge=1, le=1000)
+
+    @field_validator("since", "until")
+    @classmethod
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        # A time without an offset (the CLI's --from 2026-11-29) is UTC, as every stored time;
+        # so it also compares with one that has an offset.
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
 
     @model_validator(mode="after")
     def _ordered(self) -> Self:
