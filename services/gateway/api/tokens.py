@@ -13,7 +13,7 @@ from aiohttp import web
 
 from libs.common.errors import NotFoundError
 
-from ..domain.models import TokenCreate, TokenCreated, TokenOut
+from ..domain.models import TokenCreate, TokenCreated, TokenList, TokenOut
 from .deps import STORE
 from .framework import ADMIN, AUDIT_TARGET, RouteTable, json_response
 
@@ -50,13 +50,13 @@ async def create_token(request: web.Request, body: TokenCreate) -> web.Response:
     )
 
 
-@routes.route("GET", "/v1/tokens", roles=ADMIN, summary="List tokens")
+@routes.route("GET", "/v1/tokens", roles=ADMIN, summary="List tokens", response=TokenList)
 async def list_tokens(request: web.Request) -> web.Response:
     """Every token's metadata, revoked ones included."""
     docs = await request.app[STORE].list_tokens()
     return json_response(
-        {
-            "items": [
+        TokenList(
+            items=[
                 TokenOut(
                     id=d["_id"],
                     name=d["name"],
@@ -64,10 +64,10 @@ async def list_tokens(request: web.Request) -> web.Response:
                     apps=d.get("apps"),
                     created_at=d["created_at"],
                     revoked=d.get("revoked", False),
-                ).model_dump(mode="json")
+                )
                 for d in docs
             ]
-        }
+        )
     )
 
 

@@ -10,7 +10,15 @@ from datetime import datetime
 from ipaddress import IPv4Address
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    model_validator,
+)
 
 from libs.common.contracts.releases import CHECK_NAME
 from libs.common.units import ByteSize
@@ -49,6 +57,7 @@ __all__ = [
     "ScaleResult",
     "TokenCreate",
     "TokenCreated",
+    "TokenList",
     "TokenOut",
     "Transition",
     "WaitQuery",
@@ -66,11 +75,13 @@ _TAG = r"[\w][\w.-]{0,127}"
 _DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}"
 # The grammar of github.com/distribution/reference.
 IMAGE_RE = rf"^(?:{_DOMAIN}/)?{_COMPONENT}(?:/{_COMPONENT})*(?::{_TAG})?(?:@{_DIGEST})?$"
-_IMAGE = re.compile(IMAGE_RE)
-_SSH_KEY = re.compile(
+# ASCII: \w as the document's (ECMA) pattern reads it.
+_IMAGE = re.compile(IMAGE_RE, re.ASCII)
+SSH_KEY_RE = (
     r"^(ssh-(rsa|ed25519|dss)|ecdsa-sha2-nistp(256|384|521)|sk-[a-z0-9@.-]+)"
     r" [A-Za-z0-9+/]+=*( \S.*)?$"
 )
+_SSH_KEY = re.compile(SSH_KEY_RE)
 
 
 def _image(value: str) -> str:
@@ -103,9 +114,19 @@ def _rfc3339(value: Any) -> Any:
     return value
 
 
-ImageRef = Annotated[str, AfterValidator(_image)]
+# The validators say more than a type: the document gets the same grammar as a pattern.
+ImageRef = Annotated[
+    str,
+    AfterValidator(_image),
+    WithJsonSchema({"type": "string", "pattern": IMAGE_RE, "maxLength": 512}),
+]
 IsoDatetime = Annotated[datetime, BeforeValidator(_rfc3339)]
-SshKey = Annotated[str, AfterValidator(_ssh_key)]
+SshKey = Annotated[
+    str,
+    AfterValidator(_ssh_key),
+    # Surrounding whitespace is stripped (a key pasted with its newline).
+    WithJsonSchema({"type": "string", "pattern": r"^\s*" + SSH_KEY_RE[1:]}),
+]
 Cpus = Annotated[float, Field(gt=0, le=512)]
 
 
@@ -347,6 +368,12 @@ class TokenOut(BaseModel):
     apps: list[str] | None = None
     created_at: datetime
     revoked: bool = False
+
+
+class TokenList(BaseModel):
+    """Every token's metadata, revoked ones included."""
+
+    items: list[TokenOut]
 
 
 class TokenCreated(TokenOut):
