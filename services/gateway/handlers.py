@@ -256,7 +256,7 @@ def bastion_handlers(store: GatewayStore) -> dict[str, Handler]:
 async def _quarantined(
     r: HostReports, msg: provisioner.ContainerQuarantined, ctx: MessageContext
 ) -> None:
-    await r.on_quarantined(msg, ctx.envelope.occurred_at)
+    await r.on_quarantined(msg)
 
 
 async def _unquarantined(

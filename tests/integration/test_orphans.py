@@ -319,6 +319,8 @@ async def test_the_gateway_shows_a_quarantined_machine_and_purges_it(stack, publ
         unknown_orphan = r.status
     async with api.post(f"/v1/hosts/nosuch-host/orphans/{mid}/purge") as r:
         unknown_host = r.status
+    async with api.get("/v1/hosts/nosuch-host") as r:
+        no_such_host = r.status
     async with api.post(f"/v1/hosts/{host}/orphans/{mid}/purge") as r:
         purged = (r.status, await r.json())
     after = await _host(api, host)
@@ -329,7 +331,7 @@ async def test_the_gateway_shows_a_quarantined_machine_and_purges_it(stack, publ
     assert (shown["http"], shown["id"], shown["status"]) == (200, host, "online")
     assert [(q["machine_id"], q["was_running"]) for q in shown["quarantined"]] == [(mid, True)]
     assert shown["quarantined"][0]["purge_after"] > shown["quarantined"][0]["quarantined_at"]
-    assert (unknown_orphan, unknown_host) == (404, 404)
+    assert (unknown_orphan, unknown_host, no_such_host) == (404, 404, 404)
     assert purged == (200, {"host": host, "machine_id": mid, "status": "purged"})
     assert after["quarantined"] == []
     assert _state(mid) is None
@@ -356,24 +358,36 @@ def _quarantined(mid: str, at: datetime) -> ContainerQuarantined:
 async def test_a_repeat_handled_after_the_end_of_a_quarantine_does_not_bring_it_back(mongo_db):
     reports = HostReports(QuarantineStore(mongo_db))
     t = [datetime(2026, 11, 1, tzinfo=UTC) + timedelta(seconds=s) for s in range(6)]
-    await reports.on_quarantined(_quarantined("m1", t[0]), t[1])
-    await reports.on_quarantined(_quarantined("m2", t[0]), t[1])
-    await reports.on_quarantined(_quarantined("m3", t[0]), t[1])
+    for mid in ("m1", "m2", "m3"):
+        await reports.on_quarantined(_quarantined(mid, t[0]))
     await reports.on_ended("h1", "m1", "purged", t[3])
     await reports.on_ended("h1", "m2", "released", t[3])
     # Repeats published before the end, handled after it (events are handled concurrently).
-    await reports.on_quarantined(_quarantined("m1", t[0]), t[2])
-    await reports.on_quarantined(_quarantined("m2", t[0]), t[2])
-    # m3 is quarantined again later, after a release: that one counts.
+    await reports.on_quarantined(_quarantined("m1", t[0]))
+    await reports.on_quarantined(_quarantined("m2", t[0]))
+    # m3 is released, then quarantined again later: that one counts.
     await reports.on_ended("h1", "m3", "released", t[2])
-    await reports.on_quarantined(_quarantined("m3", t[4]), t[4])
-    await reports.on_ended("h1", "never-heard", "released", t[5])
+    await reports.on_quarantined(_quarantined("m3", t[4]))
+    await reports.on_quarantined(_quarantined("m3", t[4]))  # and its repeat
 
     shown = await reports.store.quarantined("h1")
 
     assert [(d["machine_id"], d["quarantined_at"]) for d in shown] == [("m3", t[4])]
-    assert await reports.store.get("h1", "never-heard") is None
     assert await reports.store.quarantined("h2") == []
+
+
+async def test_a_repeat_racing_the_end_of_its_quarantine_never_brings_it_back(mongo_db):
+    reports = HostReports(QuarantineStore(mongo_db))
+    t0 = datetime(2026, 11, 1, tzinfo=UTC)
+    await reports.on_quarantined(_quarantined("m1", t0))
+
+    for n in range(1, 6):
+        await asyncio.gather(
+            *(reports.on_quarantined(_quarantined("m1", t0)) for _ in range(4)),
+            reports.on_ended("h1", "m1", "purged", t0 + timedelta(seconds=n)),
+        )
+
+    assert await reports.store.quarantined("h1") == []
 
 
 async def test_an_alert_shows_until_it_is_cleared(mongo_db):

@@ -167,13 +167,5 @@ async def purge_orphan(request: web.Request) -> web.Response:
     if not isinstance(reply, provisioner.ContainerDestroyed):
         raise TransientError(f"host {host_id} answered the purge with {reply.TYPE}")
     # The agent publishes container.destroyed too; writing it here shows it at once.
-    await request.app[QUARANTINE].record(
-        {
-            "_id": f"{host_id}/{machine_id}",
-            "host": host_id,
-            "machine_id": machine_id,
-            "state": "purged",
-            "at": utcnow(),
-        }
-    )
+    await request.app[QUARANTINE].add_end(host_id, machine_id, "purged", utcnow())
     return json_response(PurgeOut(host=host_id, machine_id=machine_id, status="purged"))

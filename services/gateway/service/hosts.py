@@ -10,7 +10,8 @@ alerts) is kept by :class:`HostReports` for ``GET /v1/hosts/{id}``.
 
 Delivery guarantee: heartbeats are at least once and idempotent (an upsert of the host); a
 host's status is compare-and-set, so two workers record one change once. Orphan reports are at
-least once; each is written only if no later event wrote its document (:mod:`..quarantine`).
+least once; each is inserted, never updated, and what holds is decided by the events' times
+(:mod:`..quarantine`).
 """
 
 from __future__ import annotations
@@ -154,50 +155,30 @@ class Hosts:
         return asked
 
 
-def _doc_id(host: str, machine_id: str) -> str:
-    return f"{host}/{machine_id}"
-
-
 class HostReports:
     """Keeps what hosts report of their orphans: quarantines, their end, and alerts."""
 
     def __init__(self, store: QuarantineStore) -> None:
         self.store = store
 
-    async def on_quarantined(self, msg: provisioner.ContainerQuarantined, at: datetime) -> None:
+    async def on_quarantined(self, msg: provisioner.ContainerQuarantined) -> None:
         """A host quarantined an orphan (or says again that it holds one)."""
         doc: QuarantineDoc = {
-            "_id": _doc_id(msg.host, msg.machine_id),
             "host": msg.host,
             "machine_id": msg.machine_id,
-            "state": "quarantined",
-            "at": at,
+            "quarantined_at": msg.quarantined_at,
             "container_id": msg.container_id,
             "was_running": msg.was_running,
-            "quarantined_at": msg.quarantined_at,
             "purge_after": msg.purge_after,
             "cluster_id": msg.cluster_id,
         }
-        before = await self.store.get(msg.host, msg.machine_id)
         # Agents repeat it every reconcile: only news is logged.
-        new = before is None or before["state"] != "quarantined"
-        if await self.store.record(doc) and new:
+        if await self.store.add_quarantine(doc):
             log.warning("host quarantined an orphan", host=msg.host, machine_id=msg.machine_id)
 
     async def on_ended(self, host: str, machine_id: str, state: str, at: datetime) -> None:
-        """A quarantine ended: ``released`` (named again) or ``purged`` (deleted)."""
-        current = await self.store.get(host, machine_id)
-        if current is None and state == "released":
-            return  # nothing to end: never heard of its quarantine
-        await self.store.record(
-            {
-                "_id": _doc_id(host, machine_id),
-                "host": host,
-                "machine_id": machine_id,
-                "state": state,
-                "at": at,
-            }
-        )
+        """A quarantine ended at ``at``: ``released`` (named again) or ``purged`` (deleted)."""
+        await self.store.add_end(host, machine_id, state, at)
 
     async def on_alert(self, msg: provisioner.HostAlert) -> None:
         """A host raised (or cleared) an alert."""
@@ -205,7 +186,6 @@ class HostReports:
             log.error("host alert", host=msg.host, reason=msg.reason, detail=msg.detail)
         await self.store.alert(
             {
-                "_id": f"{msg.host}/{msg.reason}",
                 "host": msg.host,
                 "reason": msg.reason,
                 "detail": msg.detail,
