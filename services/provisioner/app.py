@@ -14,7 +14,7 @@ from libs.common.errors import DomainError, TransientError
 from libs.common.maven import MavenRepository
 from libs.common.runner import ServiceContext
 
-from .adapters.bastion import NftSshGuard, UserCaKey, parse_sources
+from .adapters.bastion import NftSshGuard, UserCaKey, fetch_user_ca, parse_sources
 from .adapters.host import HostCommands
 from .adapters.network import make_network
 from .adapters.runtime import RESYNC, DockerRuntime
@@ -136,6 +136,12 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
         )
         ctx.every(settings.heartbeat_interval_s, upkeep.heartbeat, "heartbeat")
         ctx.every(settings.reconcile_interval_s, upkeep.reconcile, "reconcile", now=False)
+        # A bastion on another host: its CA key comes over the bus (none asked while the file
+        # is here); running machines get it at the next reconcile.
+        if agent.user_ca is not None:
+            user_ca = agent.user_ca
+            ctx.every(settings.reconcile_interval_s, lambda: fetch_user_ca(user_ca, ctx.rpc),
+                      "bastion-ca")  # fmt: skip
         # An OVS port and the SSH guard go with the network namespace every start replaces.
         if agent.network.kind == "ovs" or agent.guard is not None:
             ctx.spawn(_replumb_on_start(runtime, upkeep), "replumb")

@@ -376,3 +376,52 @@ async def test_through_the_bastion_the_user_gets_in_and_straight_to_the_ip_she_d
 
     assert isinstance(grant, GrantInfo)
     assert (through.exit_status, through.stdout) == (0, "root\n"), through.stderr
+
+
+async def _ca_in_machine(mid: str, timeout: float = 30.0) -> str:
+    """The machine's CA file, once it holds a key."""
+    client = _docker()
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                res = client.api.exec_create(f"dockvm-{mid}", ["cat", MACHINE_CA_PATH])
+                text = client.api.exec_start(res["Id"]).decode().strip()
+                if text.startswith("ssh-"):
+                    return text
+                await asyncio.sleep(0.2)
+    finally:
+        client.close()
+
+
+async def test_an_agent_without_the_ca_file_gets_the_key_from_the_bastion(
+    agent: Agent, mongo_db: Any, db_name: str, tmp_path: Path
+):
+    bastion = ServiceProcess("bastion", {
+        "DOCKVM_AMQP_URL": agent.amqp_url, "DOCKVM_MONGO_URL": MONGO_URL,
+        "DOCKVM_MONGO_DB": db_name, "DOCKVM_STATE_DIR": str(agent.bastion_state),
+        "DOCKVM_BASTION_SSH_PORT": str(free_port())}, free_port(),
+        log_path=tmp_path / "bastion.log")  # fmt: skip
+    # A second agent, as on a host without the bastion: its CA file is not there.
+    env = {**agent.proc.env, "DOCKVM_BASTION_CA_PUBKEY": str(tmp_path / "not-here.pub"),
+           "DOCKVM_STATE_DIR": str(tmp_path / "state2"), "DOCKVM_RECONCILE_INTERVAL_S": "1"}
+    host_id = f"h-{uuid.uuid4().hex[:8]}"
+    other = ServiceProcess("provisioner", env, free_port(), ["--host-id", host_id],
+                           log_path=tmp_path / "agent2.log")  # fmt: skip
+    second = Agent(host_id, other, agent.publisher, agent.probe, agent.amqp_url,
+                   agent.connection, agent.bastion_state)  # fmt: skip
+    mid = None
+    try:
+        await bastion.start()
+        await other.start()
+        mid, ip = await second.create()
+        in_machine = await _ca_in_machine(mid)
+        who = await _login(ip, (USER, CERT))
+    finally:
+        if mid is not None:
+            await second.destroy(mid)
+        other.kill()
+        await bastion.stop()
+        _cleanup(_docker(), tmp_path / "state2")
+
+    assert in_machine.split()[:2] == CA.export_public_key().decode().split()[:2]
+    assert who == "root"

@@ -12,13 +12,16 @@ import asyncssh
 import pytest
 
 from libs.common.bus import MemoryPublisher
-from libs.common.contracts.bastion import MACHINE_CA_PATH
+from libs.common.contracts import Message
+from libs.common.contracts.bastion import MACHINE_CA_PATH, CaInfo
 from libs.common.contracts.provisioner import ContainerCreate, ContainerRestart
+from libs.common.errors import TransientError
 from services.provisioner.adapters import BridgeNetwork
 from services.provisioner.adapters.bastion import (
     NftSshGuard,
     UserCaKey,
     allowed_sources,
+    fetch_user_ca,
     parse_sources,
     ssh_ruleset,
 )
@@ -180,6 +183,53 @@ def test_the_ca_key_is_empty_while_absent_then_read_and_reread_when_it_changes(t
     assert first.startswith("ssh-ed25519 ") and first.endswith("\n")
     assert kept == first  # a half-written or broken file keeps the last good key
     assert rotated == rotated_line + "\n"
+
+
+class _Rpc:
+    """Plays the bastion's ``bastion.ca.get``: a reply, or a bastion that does not answer."""
+
+    def __init__(self, reply: Message | None) -> None:
+        self.reply = reply
+        self.asked = 0
+
+    async def request(self, msg: Message, *, timeout: float = 10.0) -> Message:
+        self.asked += 1
+        if self.reply is None:
+            raise TransientError("no reply to bastion.ca.get within 5s")
+        return self.reply
+
+
+def _ca_info(line: str) -> CaInfo:
+    return CaInfo(public_key=line, path="/var/lib/dockvm/bastion/user_ca.pub", fingerprint="x")
+
+
+async def test_without_the_file_the_key_comes_from_the_bastion(tmp_path):
+    ca = UserCaKey(tmp_path / "absent.pub")
+    line = _ca_line()
+    silent, answering = _Rpc(None), _Rpc(_ca_info(line))
+
+    nothing = await fetch_user_ca(ca, silent)
+    adopted = await fetch_user_ca(ca, answering)
+    again = await fetch_user_ca(ca, answering)
+
+    assert (nothing, adopted, again) == (False, True, False)
+    assert ca.current() == line + "\n"
+
+
+async def test_with_the_file_here_the_bastion_is_not_asked_and_a_bad_answer_is_not_taken(
+    tmp_path,
+):
+    path = tmp_path / "user_ca.pub"
+    path.write_text(_ca_line() + "\n")
+    here, elsewhere = UserCaKey(path), UserCaKey(tmp_path / "absent.pub")
+    here.current()
+    rpc = _Rpc(_ca_info(_ca_line()))
+
+    asked_here = await fetch_user_ca(here, rpc)
+    bad = await fetch_user_ca(elsewhere, _Rpc(_ca_info("not a key")))
+
+    assert (asked_here, rpc.asked, here.current()) == (False, 0, path.read_text())
+    assert (bad, elsewhere.current()) == (False, "")
 
 
 async def test_create_binds_the_ca_copy_and_guards_and_a_restart_guards_again(tmp_path):

@@ -2,7 +2,8 @@
 port answers.
 
 - The user CA: the bastion's CA public key (one OpenSSH line, a file on this host named by
-  ``DOCKVM_BASTION_CA_PUBKEY``) is copied per machine and bound read-only onto the machine's
+  ``DOCKVM_BASTION_CA_PUBKEY``; when that file is not here, as the bastion answers
+  ``bastion.ca.get``) is copied per machine and bound read-only onto the machine's
   ``TrustedUserCAKeys`` file. The copy is written in place (a bind mount follows the inode), so
   a key that appears or changes later (the bastion started after the agent, a new CA) reaches
   running machines at the next reconcile. An absent key is an empty file: no certificate is
@@ -35,6 +36,10 @@ from typing import Protocol
 import asyncssh
 import structlog
 
+from libs.common.contracts import Message
+from libs.common.contracts.bastion import CaGet, CaInfo
+from libs.common.errors import TransientError
+
 from ..domain import LABEL_DIRECT_SSH, LABEL_GATEWAY
 from .host import HostCommands
 from .runtime import ContainerInfo
@@ -45,6 +50,7 @@ __all__ = [
     "SshGuard",
     "UserCaKey",
     "allowed_sources",
+    "fetch_user_ca",
     "parse_sources",
     "ssh_ruleset",
 ]
@@ -104,6 +110,14 @@ def ssh_ruleset(sources: Iterable[IPv4Network]) -> str:
     )
 
 
+class Rpc(Protocol):
+    """Port: request/reply over the bus."""
+
+    async def request(self, msg: Message, *, timeout: float = 10.0) -> Message:
+        """Send ``msg`` and return the reply."""
+        ...
+
+
 class SshGuard(Protocol):
     """Port: keep a machine's SSH port answering only the bastion."""
 
@@ -149,27 +163,47 @@ class NftSshGuard:
 
 
 class UserCaKey:
-    """The bastion's user CA public key, read from its file when that file changes."""
+    """The bastion's user CA public key, read from its file when that file changes, or (when
+    the bastion runs on another host, so the file is not here) as the bastion answered it."""
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self._seen: tuple[float, int] | None = None
         self._key = ""
+        self._answered = ""
         self._warned = False
+
+    @property
+    def from_file(self) -> bool:
+        """Whether the key comes from the file on this host."""
+        return bool(self._key)
 
     def current(self) -> str:
         """The key line (with a newline), or "" while there is none; re-read on a change."""
-        if self.path is None:
-            return ""
+        if self.path is not None:
+            try:
+                st = self.path.stat()
+            except OSError:
+                self._absent("absent")
+            else:
+                if self._seen != (st.st_mtime, st.st_size):
+                    self._seen = (st.st_mtime, st.st_size)
+                    self._key = self._read()
+        return self._key or self._answered
+
+    def adopt(self, line: str) -> bool:
+        """Take the key the bastion answered (``bastion.ca.get``); True if it is new."""
         try:
-            st = self.path.stat()
-        except OSError:
-            self._absent("absent")
-            return self._key
-        if self._seen != (st.st_mtime, st.st_size):
-            self._seen = (st.st_mtime, st.st_size)
-            self._key = self._read()
-        return self._key
+            key = asyncssh.import_public_key(line.strip())
+        except (ValueError, asyncssh.KeyImportError):
+            log.warning("the bastion answered a CA key that is not an OpenSSH public key")
+            return False
+        new = line.strip() + "\n"
+        if new == self._answered:
+            return False
+        self._answered = new
+        log.info("bastion user CA key from the bastion", fingerprint=key.get_fingerprint())
+        return True
 
     def _read(self) -> str:
         assert self.path is not None
@@ -187,7 +221,20 @@ class UserCaKey:
         return line + "\n"
 
     def _absent(self, why: str) -> None:
-        if not self._warned:
+        if not self._warned and not self._answered:
             log.warning("bastion user CA key unavailable: machines trust no certificate",
                         path=str(self.path), why=why)  # fmt: skip
             self._warned = True
+
+
+async def fetch_user_ca(user_ca: UserCaKey, rpc: Rpc, timeout_s: float = 5.0) -> bool:
+    """Without the CA file on this host, ask the bastion for its key (``bastion.ca.get``);
+    True if a new key was adopted. A bastion that does not answer is tried again next time."""
+    if user_ca.from_file:
+        return False
+    try:
+        reply = await rpc.request(CaGet(), timeout=timeout_s)
+    except TransientError as err:
+        log.debug("the bastion did not answer bastion.ca.get", error=str(err))
+        return False
+    return isinstance(reply, CaInfo) and user_ca.adopt(reply.public_key)
