@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import tempfile
 import time
 import uuid
@@ -77,21 +78,33 @@ async def _echoes(conn: asyncssh.SSHClientConnection, command: str, n: int) -> l
     return times
 
 
-async def _measure(args: argparse.Namespace, box: Box, port: int, tmp: Path) -> None:
+def _cpu_s(pid: int) -> float:
+    """User+system CPU seconds of process ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _measure(
+    args: argparse.Namespace, box: Box, port: int, tmp: Path, bastion_pid: int
+) -> None:
     key = tmp / "key"
     key.write_bytes(KEY.export_private_key())
     key.chmod(0o600)
     via = [*_ssh_argv(key, port, "bench@127.0.0.1"), f"root@{box.ip}", "cat", FILE]
     direct = [*_ssh_argv(key, 22, f"root@{box.ip}"), "cat", FILE]
     await _cat([*direct[:-2], f"base64 -w 76 /dev/urandom | head -c {args.mb}M > {FILE}"])
-    through, straight = [], []
+    through, straight, cpu = [], [], 0.0
     for _ in range(args.rounds):
+        before = _cpu_s(bastion_pid)
         through.append(args.mb / await _cat(via))
+        cpu += _cpu_s(bastion_pid) - before
         straight.append(args.mb / await _cat(direct))
     print(f"throughput, cat of {args.mb} MB (median of {args.rounds}):")
     for name, rates in (("through the bastion", through), ("direct SSH", straight)):
         print(f"  {name:<19} {median(rates):7.1f} MB/s  runs {[round(x) for x in rates]}")
     print(f"  ratio               {median(through) / median(straight):7.2f}x  (target >= 0.5x)")
+    per = cpu / (args.mb * args.rounds)
+    print(f"  bastion CPU         {per * 1000:7.2f} ms per MB ({1 / per:.0f} MB/s on a free core)")
     opts = {"known_hosts": None, "agent_path": None, "client_keys": [KEY]}
     async with (
         await asyncssh.connect("127.0.0.1", port, username="bench", **opts) as b,
@@ -154,7 +167,8 @@ async def main(args: argparse.Namespace) -> None:
         await rpc.request(GrantAdd(user="bench", app="bench", ttl_s=3600))
         await rpc.close()
         await conn.close()
-        await _measure(args, box, port, tmp)
+        assert svc.proc is not None
+        await _measure(args, box, port, tmp, svc.proc.pid)
     finally:
         if svc is not None:
             await svc.stop()

@@ -66,7 +66,7 @@ class Pump:
             data = await src.read(CHUNK)
             if not data:
                 return
-            self._cast.output(data)
+            await self._cast.output(data)
             self.bytes_out += len(data)
             self._live.touch()
             try:
@@ -84,7 +84,7 @@ class Pump:
                 self._remote.change_terminal_size(
                     change.width, change.height, change.pixwidth, change.pixheight
                 )
-                self._cast.resize(change.width, change.height)
+                await self._cast.resize(change.width, change.height)
                 continue
             except asyncssh.SignalReceived as sig:
                 self._remote.send_signal(sig.signal)
@@ -102,7 +102,7 @@ class Pump:
     async def _input(self, data: bytes) -> None:
         self.bytes_in += len(data)
         self._live.touch()
-        self._cast.input(data)
+        await self._cast.input(data)
         await self._send(data)
 
     async def _send(self, data: bytes) -> None:
@@ -119,6 +119,6 @@ class Pump:
             self._remote.stdin.write(piece[:-1] + CTRL_C)
             note = f"\r\nbastion: blocked by command rule {rule.id} ({rule.pattern})\r\n"
             self._user.stdout.write(note.encode())
-            self._cast.output(note.encode())
+            await self._cast.output(note.encode())
             await self._on_blocked(line or "", rule)
         await self._remote.stdin.drain()

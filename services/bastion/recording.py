@@ -1,13 +1,15 @@
 """Session recordings as asciicast v2 files, written as the session happens.
 
-Every event is one ``os.write`` of one whole line on an unbuffered file, so what the kernel has
-survives the bastion being killed (even with -9) up to the last event: a reader (asciinema, or
-``dockvm session play``) gets a valid cast, at worst without the last partial line, which a
-reader skips. Files are 0600 under ``<state dir>/bastion/recordings/<YYYY-MM-DD>/<id>.cast``.
+Every event is one whole line written on an unbuffered file (at most one in flight), so what
+the kernel has survives the bastion being killed (even with -9) up to the last event: a reader
+(asciinema, or ``dockvm session play``) gets a valid cast, at worst without the last partial
+line, which a reader skips. Files are 0600 under
+``<state dir>/bastion/recordings/<YYYY-MM-DD>/<id>.cast``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from datetime import datetime
@@ -23,8 +25,20 @@ def recording_path(root: Path, session_id: str, started: datetime) -> Path:
     return root / "recordings" / started.strftime("%Y-%m-%d") / f"{session_id}.cast"
 
 
+def _write_all(fd: int, line: bytes) -> None:
+    view = memoryview(line)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 class CastWriter:
-    """Appends asciicast v2 events to one file, one write per event."""
+    """Appends asciicast v2 events to one file, one write per event.
+
+    The write of an event runs in a thread while the relay goes on with the next chunk (a busy
+    disk then slows the session instead of stalling the bastion's loop); events are written in
+    order, and at most one is in flight, so a crash loses at most that one. A write that fails
+    (a full disk) fails the session: nothing goes unrecorded.
+    """
 
     def __init__(
         self,
@@ -43,34 +57,46 @@ class CastWriter:
         self._t0 = time.monotonic()
         self._enc = CastEncoder()
         self._record_input = record_input
-        self.size = 0
-        self._write(CastEncoder.header(width, height, started, env, title))
+        self._inflight: asyncio.Future[None] | None = None
+        header = CastEncoder.header(width, height, started, env, title)
+        _write_all(self._fd, header)
+        self.size = len(header)
 
-    def _write(self, line: bytes) -> None:
+    async def _write(self, line: bytes) -> None:
+        if self._inflight is not None:
+            done, self._inflight = self._inflight, None
+            await done
         if self._fd is not None and line:
-            self.size += os.write(self._fd, line)
+            self.size += len(line)
+            loop = asyncio.get_running_loop()
+            self._inflight = loop.run_in_executor(None, _write_all, self._fd, line)
 
     def _t(self) -> float:
         return time.monotonic() - self._t0
 
-    def output(self, data: bytes) -> None:
+    async def output(self, data: bytes) -> None:
         """What the user saw."""
-        self._write(self._enc.event(self._t(), "o", data))
+        await self._write(self._enc.event(self._t(), "o", data))
 
-    def input(self, data: bytes) -> None:
+    async def input(self, data: bytes) -> None:
         """What the user typed (only when the grant records input)."""
         if self._record_input:
-            self._write(self._enc.event(self._t(), "i", data))
+            await self._write(self._enc.event(self._t(), "i", data))
 
-    def resize(self, width: int, height: int) -> None:
+    async def resize(self, width: int, height: int) -> None:
         """The user's terminal changed size."""
-        self._write(CastEncoder.resize(self._t(), width, height))
+        await self._write(CastEncoder.resize(self._t(), width, height))
 
-    def close(self) -> None:
-        """Close the file (idempotent)."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+    async def close(self) -> None:
+        """Finish the last write and close the file (idempotent)."""
+        try:
+            if self._inflight is not None:
+                done, self._inflight = self._inflight, None
+                await done
+        finally:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
 
 def read_chunk(path: Path, offset: int, limit: int) -> tuple[bytes, int]:

@@ -214,7 +214,7 @@ class Relay:
         finally:
             for task in (stop, gone):
                 task.cancel()
-            cast.close()
+            await cast.close()
             fields = {
                 "exit_status": remote.exit_status,
                 "bytes_in": pump.bytes_in,
