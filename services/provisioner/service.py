@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import defaultdict
-from collections.abc import Callable
+from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -128,6 +129,9 @@ class ProvisionerService:
         self.capacity = HostCapacity(runtime, volumes, config.min_memory)
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._create_slots = asyncio.Semaphore(config.create_parallelism)
+        # Creates between preparing their VLAN's network and attaching a container to it: a
+        # destroy must not drop that network under them (it has no endpoint yet).
+        self._vlan_creates: Counter[int] = Counter()
 
     @property
     def host(self) -> str:
@@ -178,6 +182,7 @@ class ProvisionerService:
         """Take every step of a new machine; on failure undo every step taken."""
         log.info("creating machine", machine_id=cmd.machine_id, ip=str(cmd.ip))
         made_network = False
+        self._vlan_creates[cmd.vlan_id] += 1
         try:
             await self._ensure_image(cmd.image)
             mode, made_network = await self.network.prepare(
@@ -209,6 +214,8 @@ class ProvisionerService:
             # A VLAN network that existed before serves other machines: only ours goes.
             await self._undo(cmd.machine_id, cmd.vlan_id, drop_network=made_network)
             return self._create_failed(cmd, err)
+        finally:
+            self._vlan_creates[cmd.vlan_id] -= 1
         return self._created(info)
 
     async def _adopt(
@@ -263,17 +270,28 @@ class ProvisionerService:
 
     async def _undo(self, machine_id: str, vlan_id: int, *, drop_network: bool) -> None:
         """Remove whatever a failed create made; each step is tried even if one fails."""
-        steps = [
-            ("container", self.runtime.remove(machine_id)),
-            ("volume", self.volumes.destroy(machine_id)),
-            ("files", self._remove_files(machine_id)),
-            ("network", self.network.release(machine_id, vlan_id, drop_network=drop_network)),
+        steps: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
+            ("container", lambda: self.runtime.remove(machine_id)),
+            ("volume", lambda: self.volumes.destroy(machine_id)),
+            ("files", lambda: self._remove_files(machine_id)),
+            # Decided when the step runs: another create may have come to the VLAN meanwhile.
+            ("network", lambda: self._release_network(machine_id, vlan_id, drop_network, 1)),
         ]
         for what, step in steps:
             try:
-                await step
+                await step()
             except Exception as err:
                 log.error("cleanup step failed", machine_id=machine_id, step=what, error=str(err))
+
+    async def _release_network(
+        self, machine_id: str, vlan_id: int, drop_network: bool, own_creates: int
+    ) -> None:
+        """Release the machine's port; drop the VLAN's network only if no other create is
+        about to attach to it (``own_creates``: whether the caller is such a create). The
+        check and the driver's lock are taken with no await between them, and a later create's
+        ``prepare`` queues behind that lock, finding the network gone and making it anew."""
+        drop = drop_network and self._vlan_creates[vlan_id] <= own_creates
+        await self.network.release(machine_id, vlan_id, drop_network=drop)
 
     def _write_environment(self, machine_id: str, cpus: float) -> str | None:
         """Write the machine's /etc/environment in place (a bind mount follows the inode)."""
@@ -394,7 +412,7 @@ class ProvisionerService:
         if self.guard is not None:
             self.guard.forget(machine_id)
         if vlan is not None:
-            await self.network.release(machine_id, vlan)
+            await self._release_network(machine_id, vlan, True, 0)
         self.orphans.forget(machine_id)
         log.info("machine destroyed", machine_id=machine_id)
 

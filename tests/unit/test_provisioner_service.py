@@ -194,6 +194,27 @@ async def test_destroy_keeps_the_vlan_network_while_another_machine_uses_it(part
     assert list(runtime.networks) == ["dockvm-vlan9"]
 
 
+async def test_destroying_a_vlans_last_machine_keeps_its_network_for_a_create_under_way(parts):
+    """The create has prepared the network but attached nothing yet when the destroy runs."""
+    agent, runtime, _, publisher, _ = parts
+    await _send(agent, publisher, _create("m1"))
+    runtime.hold = asyncio.Event()
+    create = asyncio.create_task(_send(agent, publisher, _create("m2", ip="10.9.0.11")))
+    async with asyncio.timeout(5):
+        while runtime.inside == 0:
+            await asyncio.sleep(0)
+
+    destroyed = await _send(agent, publisher, ContainerDestroy(machine_id="m1"))
+    kept = list(runtime.networks)
+    runtime.hold.set()
+    created = await create
+
+    assert destroyed.TYPE == "container.destroyed"
+    assert kept == ["dockvm-vlan9"]
+    assert created.TYPE == "container.created", created
+    assert list(runtime.containers) == ["m2"]
+
+
 async def test_resize_grows_live_and_reports_the_new_limits(parts):
     agent, runtime, volumes, publisher, _ = parts
     await _send(agent, publisher, _create())
