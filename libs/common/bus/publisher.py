@@ -118,7 +118,14 @@ class AmqpPublisher:
             await (dlx if dead else exchange).publish(
                 amqp_message(env, headers), routing_key=routing_key
             )
-        except (aio_pika.exceptions.AMQPError, OSError, TimeoutError) as err:
+        except (
+            aio_pika.exceptions.AMQPError,
+            # A channel closed under us while the robust connection reconnects (a RuntimeError
+            # in aiormq, not an AMQPError): the next attempt gets a new one.
+            aio_pika.exceptions.ChannelInvalidStateError,
+            OSError,
+            TimeoutError,
+        ) as err:
             raise TransientError(f"publish of {env.type} failed: {err!r}") from err
 
     async def publish_raw(
