@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 
 import asyncssh
-import structlog
 
 from libs.common.errors import DomainError
 
@@ -22,8 +21,6 @@ from .service import Access
 from .sftp import SftpGate, SftpProxy
 
 __all__ = ["listen"]
-
-log = structlog.get_logger("bastion.sshd")
 
 # AES-GCM only: through ``cryptography`` (AES-NI) it is about 6x cheaper per byte in asyncssh
 # than chacha20-poly1305, whose Poly1305 runs partly in Python, and the bastion handles every
@@ -50,14 +47,17 @@ class _Server(asyncssh.SSHServer):
         peer = conn.get_extra_info("peername")
         self._peer = f"{peer[0]}:{peer[1]}" if peer else None
 
+    def _announce(self, err: DomainError, target: str | None = None) -> None:
+        task = asyncio.ensure_future(
+            self._access.refused(self._user or "", err, target=target, client_addr=self._peer)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def connection_lost(self, exc: Exception | None) -> None:
         """Announce a login that never got in."""
         if not self._authed and self._user is not None and self._refusal is not None:
-            task = asyncio.ensure_future(
-                self._access.refused(self._user, self._refusal, client_addr=self._peer)
-            )
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._announce(self._refusal)
 
     async def begin_auth(self, username: str) -> bool:
         """Always ask for a key; tell an unknown user so in a banner."""
@@ -98,12 +98,14 @@ class _Server(asyncssh.SSHServer):
         self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
     ) -> bool:
         """Refuse local port forwarding (``ssh -L``, ``-W``, ``-J``)."""
-        log.info("port forwarding refused", user=self._user, dest=f"{dest_host}:{dest_port}")
+        dest = f"{dest_host}:{dest_port}"
+        self._announce(Refused("port forwarding is refused", reason="forwarding_refused"), dest)
         return False
 
     def server_requested(self, listen_host: str, listen_port: int) -> bool:
         """Refuse remote port forwarding (``ssh -R``)."""
-        log.info("remote forwarding refused", user=self._user, listen=listen_port)
+        err = Refused("remote port forwarding is refused", reason="forwarding_refused")
+        self._announce(err, f"{listen_host}:{listen_port}")
         return False
 
     def unix_connection_requested(self, dest_path: str) -> bool:

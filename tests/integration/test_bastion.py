@@ -235,6 +235,10 @@ async def test_port_forwarding_is_refused(bastion: Bastion):
             await conn.open_connection(bastion.box.ip, 22)
         with pytest.raises(asyncssh.ChannelListenError):
             await conn.start_server(lambda *_: None, "127.0.0.1", 0)
+    refused = await bastion.probe.wait_for("session.refused", count=2)
+    assert [(r.reason, r.target) for r in refused] == [
+        ("forwarding_refused", f"{bastion.box.ip}:22"), ("forwarding_refused", "127.0.0.1:0")
+    ]
 
 
 @pytest.mark.parametrize("how", ["revoke", "remove_user", "end_session"])
