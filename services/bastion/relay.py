@@ -139,12 +139,16 @@ class Relay:
         term = process.get_terminal_type()
         width, height, pw, ph = process.get_terminal_size() if term else (80, 24, 0, 0)
         async with await self._machines.connect(auth, session_id) as conn:
-            remote = await conn.create_process(
-                command,
-                term_type=term,
-                term_size=(width, height, pw, ph) if term else None,
-                encoding=None,
-            )
+            try:
+                remote = await conn.create_process(
+                    command,
+                    term_type=term,
+                    term_size=(width, height, pw, ph) if term else None,
+                    encoding=None,
+                )
+            except (OSError, asyncssh.Error) as err:
+                msg = f"{auth.machine['hostname']} refused the session: {err}"
+                raise Refused(msg, reason="machine_unreachable") from err
             doc = session_doc(
                 self._live.owner,
                 auth,
@@ -197,23 +201,10 @@ class Relay:
             check=self._live.blocking_rule if doc["kind"] == "shell" else None,
             on_blocked=on_blocked,
         )
-        await self._live.start(live)
-        relay = asyncio.ensure_future(pump.run(typed))
-        stop = asyncio.ensure_future(ending.wait())
-        gone = asyncio.ensure_future(process.wait_closed())
         try:
-            await asyncio.wait({relay, stop, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if gone.done() and not relay.done():
-                live.end("client_closed")
-            if not relay.done():
-                remote.close()
-                relay.cancel()
-            await asyncio.gather(relay, return_exceptions=True)
-            if live.end_reason is None:
-                await remote.wait_closed()
+            await self._live.start(live)
+            await _run(pump, typed, process, remote, live, ending)
         finally:
-            for task in (stop, gone):
-                task.cancel()
             await cast.close()
             fields = {
                 "exit_status": remote.exit_status,
@@ -226,3 +217,35 @@ class Relay:
             except Exception:
                 log.exception("session end not recorded", session_id=doc["_id"])
         return remote.exit_status, remote.exit_signal
+
+
+async def _run(
+    pump: Pump,
+    typed: bytes,
+    process: asyncssh.SSHServerProcess,
+    remote: asyncssh.SSHClientProcess,
+    live: LiveSession,
+    ending: asyncio.Event,
+) -> None:
+    """Relay until the machine's side ends, the bastion ends the session, or the user goes."""
+    relay = asyncio.ensure_future(pump.run(typed))
+    stop = asyncio.ensure_future(ending.wait())
+    gone = asyncio.ensure_future(process.wait_closed())
+    try:
+        await asyncio.wait({relay, stop, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if gone.done() and not relay.done():
+            live.end("client_closed")
+        if not relay.done():
+            remote.close()
+            relay.cancel()
+        failed = (await asyncio.gather(relay, return_exceptions=True))[0]
+        if isinstance(failed, Exception):
+            # A relay that broke (a recording that cannot be written) ends the session.
+            log.error("relay failed", session_id=live.id, error=repr(failed))
+            live.end("error")
+            remote.close()
+        if live.end_reason is None:
+            await remote.wait_closed()
+    finally:
+        for task in (relay, stop, gone):
+            task.cancel()
