@@ -81,7 +81,10 @@ async def test_a_host_reporting_a_larger_minimum_raises_it_for_its_dc(api, peers
         grown = r.status, (await r.json())["disk"]
     async with api.get("/v1/machines") as r:
         listed = (await r.json())["items"]
+    async with api.get("/v1/hosts") as r:
+        minimums = {h["id"]: h["min_disk"] for h in (await r.json())["items"]}
 
+    assert minimums == {"h1": 300 << 20, "h2": 300 << 20, "lvm1": GIB}
     assert [e["field"] for p in (create, scale, resize) for e in p["errors"]] == ["disk"] * 3
     assert "the app's disk" in scale["errors"][0]["message"]
     assert grown == (200, GIB)

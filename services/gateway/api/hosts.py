@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 from libs.common.bus import host_key
 from libs.common.clock import utcnow
 from libs.common.contracts import provisioner
+from libs.common.contracts.provisioner import XFS_MIN_DISK_BYTES
 from libs.common.errors import ConflictError, NotFoundError, TransientError
 
 from ..domain import HostView
@@ -87,6 +88,7 @@ def _host_out(view: HostView, host: dict[str, Any]) -> dict[str, Any]:
         machines=host.get("machines", 0),
         labels=host.get("labels") or {},
         version=host.get("version"),
+        min_disk=host.get("min_disk", XFS_MIN_DISK_BYTES),
     ).model_dump(mode="json")
 
 

@@ -20,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from libs.common.contracts.provisioner import XFS_MIN_DISK_BYTES
 from libs.common.contracts.releases import CHECK_NAME
 from libs.common.units import ByteSize
 
@@ -357,6 +358,8 @@ class HostOut(BaseModel):
     machines: int
     labels: dict[str, str] = Field(default_factory=dict)
     version: str | None = None
+    # The smallest data disk its volume driver makes; a create asking less is refused (422).
+    min_disk: int = XFS_MIN_DISK_BYTES
 
 
 class TokenOut(BaseModel):
