@@ -64,8 +64,8 @@ class _Server(asyncssh.SSHServer):
         self._user = username
         if await self._access.user(username) is None:
             self._refusal = Refused(f"unknown user {username!r}", reason="unknown_user")
-            assert self._conn is not None
-            self._conn.send_auth_banner(f"bastion: unknown user {username!r}\n")
+            if self._conn is not None:  # asyncssh calls connection_made first
+                self._conn.send_auth_banner(f"bastion: unknown user {username!r}\n")
         return True
 
     def public_key_auth_supported(self) -> bool:
