@@ -186,3 +186,17 @@ async def test_the_cli_declares_checks_and_scopes_tokens(api, gateway, service_e
     assert other_app[0] == 1 and "403" in other_app[2]
     assert started[0] == 0, started
     assert json.loads(started[1])["spec"]["health_check"]["target"] == "/usr/local/bin/smoke"
+
+
+async def test_a_token_cannot_revoke_itself_so_an_admin_is_always_left(api):  # noqa: F811
+    _, tokens = await _answer(api, "GET", "/v1/tokens")
+    (root,) = [t["id"] for t in tokens["items"]]
+    second = await _token(api, "admin")
+    own = await _answer(api, "DELETE", f"/v1/tokens/{root}")
+    async with _as(api, second) as other:
+        by_other = await _answer(other, "DELETE", f"/v1/tokens/{root}")
+    after = await _answer(api, "GET", "/v1/tokens")
+
+    assert (own[0], own[1]["reason"]) == (409, "own_token")
+    assert by_other[0] == 204
+    assert after[0] == 401

@@ -21,6 +21,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
+
 from libs.common.db import mongo_client
 from tests.support.services import ServiceProcess
 from tests.support.stack import MONGO_URL, create_vhost, delete_vhost, free_port
@@ -204,4 +206,14 @@ async def run_schemathesis(
         code = await proc.wait()
     if not report.exists():
         raise RuntimeError(f"schemathesis wrote no report (exit {code}): see {log.name}")
+    await _token_still_works(target)
     return _outcome(report, har, code)
+
+
+async def _token_still_works(target: FuzzTarget) -> None:
+    """Raise if the admin token was lost on the way (every later answer a 401, and a hollow
+    run): the gateway refuses a token revoking itself, so this would be a bug."""
+    headers = {"Authorization": f"Bearer {target.token}"}
+    async with aiohttp.ClientSession(headers=headers) as s, s.get(f"{target.url}/v1/tokens") as r:
+        if r.status != 200:
+            raise RuntimeError(f"the admin token stopped working during the run ({r.status})")

@@ -76,6 +76,7 @@ class Who:
     role: str
     # The apps this token may act on; None for every app.
     apps: frozenset[str] | None = None
+    token_id: str | None = None
 
 
 WHO = web.RequestKey("gateway.who", Who)
@@ -437,7 +438,7 @@ async def _authenticate(request: web.Request) -> Who:
     if doc is None:
         raise _Unauthorized("the token is invalid or revoked")
     apps = doc.get("apps")
-    return Who(doc["name"], doc["role"], None if apps is None else frozenset(apps))
+    return Who(doc["name"], doc["role"], None if apps is None else frozenset(apps), doc.get("_id"))
 
 
 async def _audit(request: web.Request, who: Who, resp: web.StreamResponse) -> None:
@@ -507,6 +508,8 @@ _STRING = {"type": "string"}
 def _param_schema(model: type[BaseModel]) -> dict[str, Any]:
     """The JSON schema of a path or query model, referring to the document's components."""
     return model.model_json_schema(ref_template="#/components/schemas/{model}")
+
+
 # What the wrapper may answer on any route: no or a bad token, a role or scope refused, and a
 # store or peer that did not answer in time.
 _WRAPPER_STATUSES = (401, 403, 503)

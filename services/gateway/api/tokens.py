@@ -11,11 +11,11 @@ import secrets
 
 from aiohttp import web
 
-from libs.common.errors import NotFoundError
+from libs.common.errors import ConflictError, NotFoundError
 
 from ..domain.models import TokenCreate, TokenCreated, TokenList, TokenOut
 from .deps import STORE
-from .framework import ADMIN, AUDIT_TARGET, RouteTable, json_response
+from .framework import ADMIN, AUDIT_TARGET, WHO, RouteTable, json_response
 
 __all__ = ["routes"]
 
@@ -72,11 +72,22 @@ async def list_tokens(request: web.Request) -> web.Response:
 
 
 @routes.route(
-    "DELETE", "/v1/tokens/{id}", roles=ADMIN, summary="Revoke a token", status=204, errors=(404,)
+    "DELETE",
+    "/v1/tokens/{id}",
+    roles=ADMIN,
+    summary="Revoke a token",
+    status=204,
+    errors=(404, 409),
 )
 async def revoke_token(request: web.Request) -> web.Response:
-    """Revoke a token; it stops working at once."""
+    """Revoke a token; it stops working at once. A token cannot revoke itself, so the caller
+    is always left an admin token: revoking the last one would lock every admin out."""
     tid = request.match_info["id"]
+    if tid == request[WHO].token_id:
+        raise ConflictError(
+            "a token cannot revoke itself: revoke it with another admin token",
+            reason="own_token",
+        )
     if not await request.app[STORE].revoke_token(tid):
         raise NotFoundError(f"no token {tid}", reason="token_not_found")
     return web.Response(status=204)
