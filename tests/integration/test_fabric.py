@@ -1,0 +1,265 @@
+"""The local datacenter's fabric (scripts/hosts.sh): machines on two Docker hosts, joined by each
+host's OVS bridge, its active-backup bonded trunk and the top-of-rack bridge.
+
+Machines here are containers of this run on the hosts' own engines, attached by the provisioner's
+real ovs driver (``OvsNetwork.plumb``) to their host's bridge, as the agents attach theirs. The
+tests use VLANs 3160-3162 (10.231.60-62.0/24), which the fabric carries from the start.
+
+When no multi-host stack is up (``DOCKVM_HOSTS=1``, the default), the module fixture brings up
+two hosts without agents (``DOCKVM_HOSTS_AGENTS=0``, about 15 s) and takes them down afterwards;
+``DOCKVM_FABRIC_TESTS=0`` skips the module instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import docker
+import pytest
+
+from services.provisioner.adapters.network import OvsNetwork
+from services.provisioner.adapters.runtime import ContainerInfo
+from services.provisioner.domain import (
+    LABEL_GATEWAY,
+    LABEL_IP,
+    LABEL_PREFIX,
+    LABEL_VLAN,
+    mac_address,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+HOSTS_SH = REPO / "scripts" / "hosts.sh"
+HOSTS_RUN = Path(os.environ.get("DOCKVM_HOSTS_RUN", "/run/dockvm/hosts"))
+IMAGE = os.environ.get("DOCKVM_BASE_IMAGE", "dockvm/base:bookworm")
+RUN = uuid.uuid4().hex[:6]
+LABEL_RUN = "dockvm.test-fabric"
+
+
+def _sh(*args: str, check: bool = True) -> str:
+    return subprocess.run(args, capture_output=True, text=True, check=check, timeout=120).stdout
+
+
+def _engine(host: str) -> docker.DockerClient:
+    return docker.DockerClient(base_url=f"unix://{HOSTS_RUN / host / 'docker.sock'}", timeout=60)
+
+
+def _engine_up(host: str) -> bool:
+    if not (HOSTS_RUN / host / "docker.sock").exists():
+        return False
+    try:
+        client = _engine(host)
+        ok = bool(client.ping())
+        client.close()
+    except docker.errors.DockerException:
+        return False
+    return ok and f"dvh-{host}\n" in _sh("ovs-vsctl", "--timeout=5", "list-br", check=False)
+
+
+@pytest.fixture(scope="module")
+def fabric() -> Iterator[None]:
+    """Two hosts on the fabric: the running stack's, else two started here and removed after."""
+    if _engine_up("h1") and _engine_up("h2"):
+        yield
+        return
+    if os.environ.get("DOCKVM_FABRIC_TESTS") == "0":
+        pytest.skip("no multi-host stack (DOCKVM_HOSTS=1) and DOCKVM_FABRIC_TESTS=0")
+    if subprocess.run(["ovs-vsctl", "--timeout=5", "show"], capture_output=True).returncode:
+        pytest.skip("Open vSwitch is not running: scripts/stack.sh up starts it")
+    env = {**os.environ, "DOCKVM_HOSTS": "2", "DOCKVM_HOSTS_AGENTS": "0"}
+    try:
+        subprocess.run([str(HOSTS_SH), "up"], env=env, check=True, timeout=180,
+                       capture_output=True, text=True)  # fmt: skip
+    except subprocess.CalledProcessError as err:
+        pytest.fail(f"scripts/hosts.sh up failed: {err.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run([str(HOSTS_SH), "down"], env=env, check=False, timeout=300,
+                       capture_output=True)  # fmt: skip
+
+
+@dataclass
+class Machine:
+    """A container of this run on one host, plumbed into the fabric."""
+
+    host: str
+    machine_id: str
+    ip: str
+    vlan: int
+    container: object
+
+    @property
+    def name(self) -> str:
+        """The container's name."""
+        return f"dvf{RUN}-{self.machine_id}"
+
+
+class Fabric:
+    """Makes machines on the hosts' engines and removes every one of them afterwards."""
+
+    def __init__(self) -> None:
+        self.machines: list[Machine] = []
+        self.clients: dict[str, docker.DockerClient] = {}
+
+    def client(self, host: str) -> docker.DockerClient:
+        """The engine of ``host``."""
+        if host not in self.clients:
+            self.clients[host] = _engine(host)
+        return self.clients[host]
+
+    async def machine(self, host: str, ip: str, vlan: int) -> Machine:
+        """A running container with ``ip`` on ``vlan``, attached by the ovs driver."""
+        mid = f"{RUN}{len(self.machines)}"
+        labels = {LABEL_IP: ip, LABEL_PREFIX: "24", LABEL_VLAN: str(vlan),
+                  LABEL_GATEWAY: ip.rsplit(".", 1)[0] + ".1", LABEL_RUN: RUN}  # fmt: skip
+        c = await asyncio.to_thread(
+            self.client(host).containers.run, IMAGE, ["sleep", "infinity"], detach=True,
+            name=f"dvf{RUN}-{mid}", network_mode="none", labels=labels, init=True,
+        )  # fmt: skip
+        m = Machine(host, mid, ip, vlan, c)
+        self.machines.append(m)
+        await self.plumb(m)
+        return m
+
+    async def plumb(self, m: Machine) -> None:
+        """Attach ``m``'s current network namespace to its host's bridge."""
+        c = m.container
+        await asyncio.to_thread(c.reload)  # type: ignore[attr-defined]
+        info = ContainerInfo(
+            id=c.id, name=m.name, machine_id=m.machine_id, labels=c.labels,  # type: ignore[attr-defined]
+            state="running", started_at=None, pid=c.attrs["State"]["Pid"],  # type: ignore[attr-defined]
+            cpus=1.0, memory=0, image=IMAGE, network="none",
+        )  # fmt: skip
+        await OvsNetwork(f"dvh-{m.host}").plumb(info)
+
+    async def exec(self, m: Machine, *cmd: str) -> tuple[int, str]:
+        """Run ``cmd`` in ``m``; its exit code and output."""
+        res = await asyncio.to_thread(m.container.exec_run, list(cmd))  # type: ignore[attr-defined]
+        return res.exit_code, res.output.decode(errors="replace")
+
+    async def close(self) -> None:
+        """Remove this run's containers and their OVS ports."""
+        for m in self.machines:
+            await asyncio.to_thread(m.container.remove, force=True)  # type: ignore[attr-defined]
+            await OvsNetwork(f"dvh-{m.host}").release(m.machine_id, m.vlan)
+        for client in self.clients.values():
+            client.close()
+
+
+@pytest.fixture
+async def fab(fabric: None) -> Fabric:
+    f = Fabric()
+    try:
+        yield f
+    finally:
+        await f.close()
+
+
+async def _pings(fab: Fabric, src: Machine, ip: str, count: int = 1) -> bool:
+    code, _ = await fab.exec(src, "ping", "-c", str(count), "-W", "1", "-q", ip)
+    return code == 0
+
+
+async def _tcp(fab: Fabric, client: Machine, server: Machine) -> str:
+    """A TCP exchange from ``client`` to an echo server started on ``server``:7000."""
+    srv = ("import socket\ns = socket.create_server(('', 7000))\nwhile True:\n"
+           "    c, _ = s.accept(); c.sendall(c.recv(64).upper()); c.close()\n")  # fmt: skip
+    await asyncio.to_thread(
+        server.container.exec_run, ["python3", "-c", srv], detach=True  # type: ignore[attr-defined]
+    )
+    cli = ("import socket, sys, time\n"
+           "for _ in range(50):\n"
+           "    try: s = socket.create_connection((sys.argv[1], 7000), timeout=2); break\n"
+           "    except OSError: time.sleep(0.1)\n"
+           "s.sendall(b'hello'); print(s.recv(64).decode())\n")  # fmt: skip
+    _, out = await fab.exec(client, "python3", "-c", cli, server.ip)
+    return out.strip()
+
+
+async def _wait_ping(fab: Fabric, src: Machine, ip: str, timeout: float = 20) -> bool:
+    async with asyncio.timeout(timeout):
+        while not await _pings(fab, src, ip):
+            await asyncio.sleep(0.2)
+    return True
+
+
+async def test_one_vlan_across_hosts_reaches_two_vlans_do_not(fab):
+    a = await fab.machine("h1", "10.231.60.11", 3160)
+    b = await fab.machine("h2", "10.231.60.12", 3160)
+
+    await _wait_ping(fab, a, b.ip)
+    echoed = await _tcp(fab, a, b)
+    # Same subnet on another VLAN: only the VLAN keeps them apart (no router in between).
+    c_same_subnet = await fab.machine("h2", "10.231.60.14", 3161)
+    other_vlan = await _pings(fab, a, c_same_subnet.ip, count=3)
+    # The root namespace (the control plane's) reaches machines through the gateway port.
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(b.ip, 7000), 5)
+    writer.write(b"root")
+    from_root = await asyncio.wait_for(reader.read(64), 5)
+    writer.close()
+
+    assert echoed == "HELLO"
+    assert other_vlan is False
+    assert from_root == b"ROOT"
+
+
+async def test_ip_and_mac_survive_a_restart_of_the_hosts_engine_container(fab):
+    a = await fab.machine("h1", "10.231.62.21", 3162)
+    b = await fab.machine("h2", "10.231.62.22", 3162)
+    await _wait_ping(fab, a, b.ip)
+
+    # A restart gives b a new network namespace; the driver plumbs it again, same address.
+    await asyncio.to_thread(b.container.restart, timeout=1)
+    await fab.plumb(b)
+    await _wait_ping(fab, a, b.ip)
+    _, link = await fab.exec(b, "ip", "-o", "link", "show", "eth0")
+    _, neigh = await fab.exec(a, "ip", "neigh", "show", b.ip)
+
+    assert mac_address(b.machine_id) in link
+    assert mac_address(b.machine_id) in neigh
+
+
+def _active_member(bond: str) -> str:
+    out = _sh("ovs-appctl", "bond/show", bond)
+    found = re.search(r"member (\S+): enabled\n\s+active member", out)
+    assert found, out
+    return found.group(1)
+
+
+async def test_bond_failover_moves_traffic_to_the_backup_uplink(fab, capsys):
+    a = await fab.machine("h1", "10.231.60.31", 3160)
+    b = await fab.machine("h2", "10.231.60.32", 3160)
+    await _wait_ping(fab, a, b.ip)
+    active = _active_member("dvh1bond")
+    interval, count = 0.01, 400
+
+    ping = asyncio.create_task(fab.exec(a, "ping", "-i", str(interval), "-c", str(count),
+                                        "-W", "1", "-q", b.ip))  # fmt: skip
+    try:
+        await asyncio.sleep(1.0)
+        _sh("ip", "link", "set", active, "down")
+        _, out = await ping
+        after = _active_member("dvh1bond")
+        # Still reachable with the old uplink down: the backup carries the traffic now.
+        still = await _pings(fab, a, b.ip)
+    finally:
+        if not ping.done():
+            ping.cancel()
+        _sh("ip", "link", "set", active, "up")
+
+    sent, received = map(int, re.search(r"(\d+) packets transmitted, (\d+) received", out).groups())
+    lost = sent - received
+    with capsys.disabled():
+        print(f"\nbond failover: {lost} of {sent} packets lost, "
+              f"recovery <= {lost * interval * 1000:.0f} ms (ping every {interval * 1000:.0f} ms)")
+
+    assert after != active
+    assert received > sent // 2
+    assert still is True
