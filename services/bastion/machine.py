@@ -11,6 +11,7 @@ import asyncio
 import random
 import secrets
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 
 import asyncssh
@@ -19,7 +20,7 @@ from libs.common.clock import utcnow
 
 from .documents import SessionDoc
 from .domain import Refused
-from .keys import BastionKeys
+from .keys import BastionKeys, SessionCredentials
 from .service import Authorized
 
 __all__ = ["MachineConnector", "new_session_id", "session_doc"]
@@ -103,30 +104,33 @@ class MachineConnector:
         creds = self._keys.sign(auth.login, f"bastion:{auth.user['_id']}:{session_id}", self._ttl)
         # sshd drops handshakes beyond MaxStartups (10 by default) at random: a burst of
         # sessions to one machine gets some connections reset, worth a few quick retries.
-        for attempt in range(_ATTEMPTS):
+        attempt = 0
+        while True:
             try:
-                return await asyncio.wait_for(
-                    asyncssh.connect(
-                        str(m["ip"]),
-                        22,
-                        username=auth.login,
-                        client_keys=[(creds.key, creds.cert)],
-                        known_hosts=None,
-                        agent_path=None,
-                        preferred_auth="publickey",
-                        connect_timeout=self._timeout,
-                        encryption_algs=_CIPHERS,
-                        # A deeper window and bigger packets from sshd: fewer round trips
-                        # and less work per byte on the bastion's side of bulk output.
-                        window=_WINDOW,
-                        max_pktsize=_MAX_PACKET,
-                    ),
-                    self._timeout,
-                )
+                return await asyncio.wait_for(self._open(m["ip"], auth.login, creds), self._timeout)
             except (ConnectionResetError, asyncssh.ConnectionLost) as err:
-                if attempt == _ATTEMPTS - 1:
+                attempt += 1
+                if attempt == _ATTEMPTS:
                     raise _unreachable(auth, err) from err
                 await asyncio.sleep(0.1 * 2**attempt + random.random() * 0.1)
             except (OSError, asyncssh.Error, TimeoutError) as err:
                 raise _unreachable(auth, err) from err
-        raise AssertionError("not reached")
+
+    def _open(
+        self, ip: str, login: str, creds: SessionCredentials
+    ) -> Awaitable[asyncssh.SSHClientConnection]:
+        return asyncssh.connect(
+            str(ip),
+            22,
+            username=login,
+            client_keys=[(creds.key, creds.cert)],
+            known_hosts=None,
+            agent_path=None,
+            preferred_auth="publickey",
+            connect_timeout=self._timeout,
+            encryption_algs=_CIPHERS,
+            # A deeper window and bigger packets from sshd: fewer round trips and less work
+            # per byte on the bastion's side of bulk output.
+            window=_WINDOW,
+            max_pktsize=_MAX_PACKET,
+        )
