@@ -398,7 +398,7 @@ async def test_scale_out_uses_last_spec_and_scale_in_removes_the_newest(api, pee
     assert len(out["created"]) == 2
     assert (await _machine(api, out["created"][0]))["cpus"] == 2
     assert set(back["destroying"]) == {*out["created"], first[1]["id"]}
-    assert unknown == 422
+    assert unknown == 404
 
 
 async def test_host_down_marks_its_machines_unknown(api, peers):

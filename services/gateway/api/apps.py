@@ -81,8 +81,9 @@ async def scale_app(request: web.Request, body: AppScale) -> web.Response:
     name = request.match_info["app"]
     app = await store.get_app(name)
     if app is None:
-        raise FieldErrors.one(
-            "app", "unknown_app", f"no app {name}: create its first machine first"
+        # The app the path names does not exist: a 404, as for a machine.
+        raise NotFoundError(
+            f"no app {name}: create its first machine first", reason="app_not_found"
         )
     active = await store.app_machines(name)
     created: list[str] = []
