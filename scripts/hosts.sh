@@ -9,6 +9,7 @@
 #   hosts.sh status       host / socket / engine / agents
 #   hosts.sh vlan add VLAN GATEWAY/PREFIX   carry VLAN on every trunk, gateway port on the ToR
 #   hosts.sh vlan del VLAN
+#   hosts.sh engine hN stop|start           that host's dockerd alone
 #
 # Per extra host hN: dockerd on /run/dockvm/hosts/hN/docker.sock (exec-root beside it: the
 # containerd socket path must stay short), data-root $STATE/hosts/hN/docker, no Docker bridge
@@ -227,6 +228,9 @@ cmd_vlan() {
   local op=${1:-} vlan=${2:-} cidr=${3:-} h trunks
   [[ $vlan =~ ^[0-9]+$ ]] && ((vlan >= 1 && vlan <= 4094)) || die "hosts: VLAN must be 1..4094, not '$vlan'"
   (umask 077 && mkdir -p "$HOSTS_STATE" && touch "$(vlans_file)")
+  if [[ $op == del && $(grep -cv "^$vlan " "$(vlans_file)") == 0 ]]; then
+    die "hosts: VLAN $vlan is the last one in use; an empty trunk would carry all"
+  fi
   sed -i "/^$vlan /d" "$(vlans_file)"
   case $op in
     add)
@@ -236,7 +240,6 @@ cmd_vlan() {
     *) die "usage: $0 vlan add VLAN GATEWAY/PREFIX | vlan del VLAN" ;;
   esac
   trunks=$(vlan_ids)
-  [[ -n $trunks ]] || die "hosts: VLAN $vlan is the last one in use; an empty trunk would carry all"
   for h in $(host_ids); do
     "${VSCTL[@]}" set port "dvh${h#h}bond" "trunks=[$trunks]" \
       -- set port "dvh${h#h}t0" "trunks=[$trunks]" -- set port "dvh${h#h}t1" "trunks=[$trunks]"
@@ -244,8 +247,21 @@ cmd_vlan() {
   [[ $op == del ]] || gateway_port "$vlan" "$cidr"
 }
 
+# cmd_engine hN stop|start: that host's engine alone (its containers stop with it; a test of a
+# host's restart). start also reloads the base image if the engine's store lost it.
+cmd_engine() {
+  local h=${1:-}
+  [[ $h =~ ^h[0-9]+$ && -d $HOSTS_STATE/$h ]] || die "hosts: no host '$h' (hosts.sh status lists them)"
+  case ${2:-} in
+    stop) say "hosts: stopping dockerd $h"; stop_pidfile "$h-dockerd" 90 ;;
+    start) engine_start "$h"; engine_wait "$h"; engine_image "$h" ;;
+    *) die "usage: $0 engine hN stop|start" ;;
+  esac
+}
+
 case ${1:-} in
   up) cmd_up ;;
+  engine) shift; cmd_engine "$@" ;;
   down) cmd_down ;;
   clean) cmd_clean ;;
   status) cmd_status ;;
