@@ -353,12 +353,16 @@ cmd_up() {
   rabbitmq_wait
   base_image_build
   "$REPO_ROOT/scripts/maven-repo.sh" up
+  # DOCKVM_HOSTS > 1: the local datacenter (extra engines, OVS fabric, their agents).
+  "$REPO_ROOT/scripts/hosts.sh" up
   say "stack: up in $((SECONDS - t0))s (state: $STATE)"
 }
 
 cmd_down() {
   local dc
   mkdir -p "$RUN_DIR"
+  # Whatever DOCKVM_HOSTS says now: every extra host and the fabric go (OVS must still run).
+  "$REPO_ROOT/scripts/hosts.sh" down
   "$REPO_ROOT/scripts/maven-repo.sh" down
   ovs_down
   lxcfs_down
@@ -386,6 +390,7 @@ cmd_down() {
 cmd_clean() {
   local m loop
   cmd_down
+  "$REPO_ROOT/scripts/hosts.sh" clean
   [[ -d $STATE ]] || return 0
   awk -v d="$STATE/" 'index($2, d) == 1 { print $2 }' /proc/mounts | sort -r | while read -r m; do
     umount "$m" 2>/dev/null || umount -l "$m" || warn "clean: could not unmount $m"
@@ -418,6 +423,7 @@ cmd_status() {
   s=$(_state base_image_up); _row base-image "$DOCKVM_BASE_IMAGE" "$s"; [[ $s == up ]] || down=1
   s=$("$REPO_ROOT/scripts/maven-repo.sh" status); _row maven-repo "http://$DOCKVM_HOST:${DOCKVM_MAVEN_PORT:-8090}" "$s"
   [[ $s == up ]] || down=1
+  ((${DOCKVM_HOSTS:-1} <= 1)) || "$REPO_ROOT/scripts/hosts.sh" status || down=1
   return $((down ? 3 : 0))
 }
 
