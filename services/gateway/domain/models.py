@@ -192,7 +192,7 @@ class PoolCreateBody(_Request):
     dc: str = Field(pattern=DC_RE)
     vlan_id: int = Field(ge=1, le=4094)
     cidr: str = Field(min_length=9, max_length=18)
-    gateway: str
+    gateway: IPv4Address
     reserved: list[str] = Field(default_factory=list)
     cooldown_s: int = Field(default=7 * 24 * 3600, ge=0)
 
