@@ -188,17 +188,28 @@ cmd_up() {
   say "hosts: $DOCKVM_HOSTS hosts up in $((SECONDS - t0))s (VLANs $(vlan_ids))"
 }
 
-cmd_down() {
-  local h
-  mkdir -p "$RUN_DIR"
-  for h in $(known_hosts); do agents_stop "$h"; done
-  for h in $(known_hosts); do
-    if pid_alive "$RUN_DIR/$h-dockerd.pid"; then
-      say "hosts: stopping dockerd $h"
-      # dockerd stops its containers first; give them their stop timeouts.
-      stop_pidfile "$h-dockerd" 90
-    fi
+# term_all NAME...: SIGTERM each live $RUN_DIR/NAME.pid at once, so that they stop in parallel.
+term_all() {
+  local name pid
+  for name; do
+    pid_alive "$RUN_DIR/$name.pid" || continue
+    say "hosts: stopping $name"
+    read -r pid _ <"$RUN_DIR/$name.pid"
+    kill -TERM "$pid" 2>/dev/null || true
   done
+}
+
+cmd_down() {
+  local h names=()
+  mkdir -p "$RUN_DIR"
+  for h in $(known_hosts); do names+=("$h-provisioner" "$h-monitor"); done
+  term_all "${names[@]}"
+  for h in "${names[@]}"; do stop_pidfile "$h" 30; done
+  names=()
+  for h in $(known_hosts); do names+=("$h-dockerd"); done
+  term_all "${names[@]}"
+  # dockerd stops its containers first; give them their stop timeouts.
+  for h in "${names[@]}"; do stop_pidfile "$h" 90; done
   fabric_down
   rm -f "$HOSTS_STATE/vlans"
 }
