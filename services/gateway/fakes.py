@@ -18,6 +18,7 @@ from libs.common.errors import ConflictError
 from .app_checks import check_doc
 from .documents import AppDoc, HostDoc, MachineDoc, MachineSummary, OutboxEntry, SagaRecord
 from .domain import ACTIVE_STATES, DcLoad, Res
+from .drains import MemoryDrainStore
 from .store import (
     TRANSITIONS_KEPT,
     capped_transitions,
@@ -109,6 +110,7 @@ class MemoryGatewayStore:
         self.tokens: dict[str, dict[str, Any]] = {}
         self.audit: list[dict[str, Any]] = []
         self.checks = MemoryAppChecks()
+        self.drains = MemoryDrainStore()
 
     async def setup(self) -> None:
         """Nothing to prepare."""
@@ -236,6 +238,14 @@ class MemoryGatewayStore:
     async def allocations(self, dc: str) -> dict[str, Res]:
         """Per-host sums of active machines in ``dc``."""
         return (await self.load(dc)).allocated
+
+    async def images_in_use(self, dc: str | None = None) -> set[str]:
+        """The images of the active machines (of ``dc``)."""
+        return {
+            d["image"]
+            for d in self.machines.values()
+            if d["state"] in _ACTIVE and (dc is None or d["dc"] == dc)
+        }
 
     async def mark_host_unknown(self, host_id: str, states: Iterable[str]) -> list[MachineDoc]:
         """Mark the host's machines unknown."""

@@ -152,7 +152,13 @@ async def _heartbeat(d: SagaDriver, msg: provisioner.HostHeartbeat, ctx: Message
 
 async def _replicated(d: SagaDriver, msg: imagesync.ImageReplicated, ctx: MessageContext) -> None:
     ref = msg.ref or f"{msg.registry}/{msg.repo}:{msg.tag}"
-    await d.hosts.prewarm(msg.dc, ref)
+    await d.hosts.on_image_arrived(msg.dc, ref)
+
+
+async def _pushed(d: SagaDriver, msg: imagesync.ImagePushed, ctx: MessageContext) -> None:
+    # A push to a dc's own registry prewarms its hosts as a replication into it does.
+    if msg.tag:
+        await d.hosts.on_image_arrived(msg.dc, f"{msg.registry}/{msg.repo}:{msg.tag}")
 
 
 # What each consumed event does. Exact event types only: a pattern like ``kvm.#`` would also
@@ -160,6 +166,7 @@ async def _replicated(d: SagaDriver, msg: imagesync.ImageReplicated, ctx: Messag
 MACHINE_EVENTS: Mapping[type[Message], Callable[[SagaDriver, Any, MessageContext], Awaitable[None]]]
 MACHINE_EVENTS = {
     imagesync.ImageReplicated: _replicated,
+    imagesync.ImagePushed: _pushed,
     monitor.ContainerStarted: _started,
     monitor.ContainerDied: _died,
     monitor.ContainerFlapping: _flapping,

@@ -8,6 +8,8 @@ from pydantic import Field
 
 from libs.common.settings import CommonSettings
 
+from .domain.prewarm import POLICY_RE
+
 __all__ = ["GatewaySettings"]
 
 
@@ -20,6 +22,9 @@ class GatewaySettings(CommonSettings):
     overcommit_cpu: float = Field(default=4.0, gt=0, le=64)
     overcommit_memory: float = Field(default=1.0, gt=0, le=8)
     overcommit_disk: float = Field(default=1.0, gt=0, le=8)
+    # Which images the hosts of a dc pull when one arrives in its registry, or on a host's
+    # return: all, in-use (the tags machines use) or a comma list of repo[:tag].
+    prewarm_policy: str = Field(default="in-use", pattern=POLICY_RE)
     host_stale_s: float = Field(default=30.0, gt=0)
     host_down_s: float = Field(default=60.0, gt=0)
     host_check_s: float = Field(default=5.0, gt=0)

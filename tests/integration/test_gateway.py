@@ -286,16 +286,17 @@ async def test_kvm_request_goes_to_the_kvm_channel_with_its_full_spec(api, peers
     assert peers.sent("container.create") == []
 
 
-async def test_no_capacity_fails_the_machine_and_releases_its_ip(api, peers):
+async def test_no_capacity_is_refused_before_an_ip_or_a_machine_exists(api, peers):
     await _create(api, cpus=30, count=2)  # h1 and h2 have 8 cpus x 4 overcommit = 32 each
-    body = await _create(api, cpus=30)
-    mid = body["machines"][0]["id"]
-    await _until(api, mid, "failed")
-    machine = await _machine(api, mid)
+    allocations = len(peers.sent("ip.allocate")) + len(peers.sent("ip.allocate_many"))
+    async with api.post("/v1/machines?wait=20", json={**SPEC, "cpus": 30}) as r:
+        refused, problem = r.status, await r.json()
+    async with api.get("/v1/machines", params={"limit": "100"}) as r:
+        listed = (await r.json())["items"]
 
-    assert machine["reason"] == "no_capacity"
-    assert mid not in peers.leases
-    assert [c.machine_id for c in peers.sent("ip.release")] == [mid]
+    assert (refused, problem["reason"]) == (409, "no_capacity")
+    assert len(listed) == 2
+    assert len(peers.sent("ip.allocate")) + len(peers.sent("ip.allocate_many")) == allocations
 
 
 async def test_silent_host_times_out_then_compensates(api, peers):

@@ -48,6 +48,8 @@ EXPECTED = {
     "GET /v1/hosts": "any",
     "GET /v1/hosts/{id}": "any",
     "POST /v1/hosts/{id}/orphans/{machine_id}/purge": "ops",
+    "POST /v1/hosts/{id}/drain": "ops",
+    "POST /v1/hosts/{id}/undrain": "ops",
     "POST /v1/pools": "ops",
     "PATCH /v1/pools/{name}": "ops",
     "DELETE /v1/pools/{name}": "ops",

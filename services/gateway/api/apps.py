@@ -73,7 +73,7 @@ async def _scale_in(driver: SagaDriver, chosen: list[str]) -> tuple[list[str], l
     body=AppScale,
     params=AppPath,
     response=ScaleResult,
-    errors=(404,),
+    errors=(404, 409),
 )
 async def scale_app(request: web.Request, body: AppScale) -> web.Response:
     """Create or destroy machines until the app has ``count`` active ones."""
@@ -94,6 +94,7 @@ async def scale_app(request: web.Request, body: AppScale) -> web.Response:
         # The spec was checked when it was stored; the hosts may make less since.
         await check_disk(request, spec.get("disk"), spec.get("dc"), whose="the app's disk ")
         created = driver.new_ids(body.count - len(active))
+        await driver.creates.check_fits(spec, len(created))  # 409 before anything is stored
         await driver.create({**app["spec"], "count": len(created)}, created)
     elif body.count < len(active):
         chosen = _chosen_for_removal(name, active, len(active) - body.count, body.ids or [])

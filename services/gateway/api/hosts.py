@@ -1,6 +1,7 @@
-"""The ``/v1/hosts`` routes: each Docker host's liveness, capacity and what the gateway placed;
-one host's quarantined orphans and alerts, and the purge of a quarantined orphan (an RPC to the
-host's agent, which alone deletes: the gateway only keeps what agents report)."""
+"""The ``/v1/hosts`` routes: each Docker host's liveness, capacity, images and what the gateway
+placed; drain and undrain (placement skips a drained host); one host's quarantined orphans and
+alerts, and the purge of a quarantined orphan (an RPC to the host's agent, which alone deletes:
+the gateway only keeps what agents report)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import re
 from datetime import datetime, timedelta
 from typing import Any
 
+import structlog
 from aiohttp import web
 from pydantic import BaseModel, Field
 
@@ -22,11 +24,12 @@ from ..domain.models import HostOut
 from ..quarantine import QuarantineStore
 from ..service import host_views
 from .deps import SETTINGS, STORE, rpc_call
-from .framework import ANY, AUDIT_TARGET, OPS, RouteTable, json_response
+from .framework import ANY, AUDIT_TARGET, OPS, WHO, RouteTable, json_response
 
-__all__ = ["QUARANTINE", "HostDetail", "QuarantinedOut", "routes"]
+__all__ = ["QUARANTINE", "DrainOut", "HostDetail", "QuarantinedOut", "routes"]
 
 routes = RouteTable()
+log = structlog.get_logger("gateway.hosts")
 
 QUARANTINE = web.AppKey("gateway.quarantine", QuarantineStore)
 # What an agent accepts as a machine id (anything else cannot be one of its orphans).
@@ -68,7 +71,15 @@ class PurgeOut(BaseModel):
     status: str
 
 
-def _host_out(view: HostView, host: dict[str, Any]) -> dict[str, Any]:
+class DrainOut(BaseModel):
+    """The answer of a drain or an undrain."""
+
+    host: str
+    drained: bool
+    changed: bool
+
+
+def _host_out(view: HostView, host: dict[str, Any], drained: bool = False) -> dict[str, Any]:
     """The API view of one host, as JSON data."""
     return HostOut(
         id=view.host_id,
@@ -97,23 +108,28 @@ async def list_hosts(request: web.Request) -> web.Response:
     """Every host, dc by dc, with its status from heartbeat age and its allocations."""
     store, settings = request.app[STORE], request.app[SETTINGS]
     hosts = await store.list_hosts()
+    drained = await store.drains.drained()
     at = utcnow()
     out = []
     for dc in sorted({h["dc"] for h in hosts}):
         in_dc = [h for h in hosts if h["dc"] == dc]
-        views = host_views(in_dc, await store.allocations(dc), settings, at)
-        out += [_host_out(view, h) for view, h in zip(views, in_dc, strict=True)]
+        views = host_views(in_dc, await store.allocations(dc), settings, at, drained)
+        out += [
+            _host_out(view, h, h["_id"] in drained) for view, h in zip(views, in_dc, strict=True)
+        ]
     return json_response({"items": out})
 
 
 async def _host(request: web.Request, host_id: str) -> tuple[HostView, dict[str, Any]]:
-    """The host's view and document, or 404."""
+    """The host's view and document (``drained`` in it), or 404."""
     store, settings = request.app[STORE], request.app[SETTINGS]
     host = next((h for h in await store.list_hosts() if h["_id"] == host_id), None)
     if host is None:
         raise NotFoundError(f"no host {host_id}", reason="host_not_found")
-    view = host_views([host], await store.allocations(host["dc"]), settings, utcnow())[0]
-    return view, dict(host)
+    drained = await store.drains.drained()
+    allocated = await store.allocations(host["dc"])
+    view = host_views([host], allocated, settings, utcnow(), drained)[0]
+    return view, {**host, "drained": host_id in drained}
 
 
 @routes.route(
@@ -131,12 +147,53 @@ async def get_host(request: web.Request) -> web.Response:
     reports = request.app[QUARANTINE]
     detail = HostDetail.model_validate(
         {
-            **_host_out(view, host),
+            **_host_out(view, host, host["drained"]),
             "quarantined": await reports.quarantined(host_id),
             "alerts": await reports.alerts_of(host_id),
         }
     )
     return json_response(detail.model_dump(mode="json"))
+
+
+async def _set_drain(request: web.Request, drain: bool) -> web.Response:
+    """Drain or undrain the host (404 unknown host); idempotent, ``changed`` says if it was."""
+    host_id = request.match_info["id"]
+    request[AUDIT_TARGET] = host_id
+    await _host(request, host_id)
+    drains = request.app[STORE].drains
+    if drain:
+        changed = await drains.drain(host_id, request[WHO].name, utcnow())
+    else:
+        changed = await drains.undrain(host_id)
+    if changed:
+        log.warning("host drained" if drain else "host undrained", host=host_id)
+    return json_response(DrainOut(host=host_id, drained=drain, changed=changed))
+
+
+@routes.route(
+    "POST",
+    "/v1/hosts/{id}/drain",
+    roles=OPS,
+    summary="Drain a host: place nothing new there",
+    response=DrainOut,
+    errors=(404,),
+)
+async def drain_host(request: web.Request) -> web.Response:
+    """Stop placing machines on the host; those it holds stay where they are."""
+    return await _set_drain(request, True)
+
+
+@routes.route(
+    "POST",
+    "/v1/hosts/{id}/undrain",
+    roles=OPS,
+    summary="Undrain a host: place machines there again",
+    response=DrainOut,
+    errors=(404,),
+)
+async def undrain_host(request: web.Request) -> web.Response:
+    """Place machines on the host again."""
+    return await _set_drain(request, False)
 
 
 @routes.route(

@@ -98,6 +98,8 @@ async def _check_create(request: web.Request, spec: MachineCreate) -> None:
     )
     if errors:
         raise FieldErrors(errors)
+    # 409 when the dc cannot hold the batch: nothing stored, no IP taken.
+    await request.app[DRIVER].creates.check_fits(spec.model_dump(mode="json"), spec.count)
 
 
 async def _machine_ids(request: web.Request, spec: MachineCreate) -> list[str]:

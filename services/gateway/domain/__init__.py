@@ -1,6 +1,16 @@
 """Pure logic of the gateway: API models, the machine lifecycle, placement."""
 
-from .placement import DcLoad, HostView, Ratios, Res, host_status, largest, place, place_all
+from .placement import (
+    DcLoad,
+    HostView,
+    Ratios,
+    Res,
+    host_status,
+    largest,
+    place,
+    place_all,
+    place_prefix,
+)
 from .states import ACTIVE_STATES, CREATE_TERMINAL, TERMINAL_STATES, State, allowed_from, can_act
 
 __all__ = [
@@ -18,4 +28,5 @@ __all__ = [
     "largest",
     "place",
     "place_all",
+    "place_prefix",
 ]

@@ -1,11 +1,12 @@
 """Placement of a new machine on a host, and host liveness from heartbeat age (pure).
 
-The rule: keep the hosts that are online, in the pool's dc and fit the machine under their
-overcommit ratios; among them prefer the hosts with the fewest machines of the same app
-(anti-affinity); among those, pack for density: the most-allocated host that fits. A batch is
-placed machine after machine, each seeing the ones before, and fails whole when one does not fit
-(the machines of a batch are alike, so a pass that places one wherever it fits fills the dc as
-fully as any other would: it fails only when the dc as a whole cannot hold the batch).
+The rule: keep the hosts that are online (not stale, down or drained), in the pool's dc and
+fit the machine under their overcommit ratios; among them prefer the hosts with the fewest
+machines of the same app (anti-affinity, soft: a host that already holds one is used when no
+other fits); among those, pack for density: the most-allocated host that fits. A batch is placed
+machine after machine, each seeing the ones before, and fails whole when one does not fit (the
+machines of a batch are alike, so a pass that places one wherever it fits fills the dc as fully
+as any other would: it fails only when the dc as a whole cannot hold the batch).
 """
 
 from __future__ import annotations
@@ -13,7 +14,17 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-__all__ = ["DcLoad", "HostView", "Ratios", "Res", "host_status", "largest", "place", "place_all"]
+__all__ = [
+    "DcLoad",
+    "HostView",
+    "Ratios",
+    "Res",
+    "host_status",
+    "largest",
+    "place",
+    "place_all",
+    "place_prefix",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,14 +113,23 @@ def place_all(
 ) -> list[str] | None:
     """A host for each ``(app, need)`` in ``dc``, placed in order, each seeing the ones before;
     None when one of them fits nowhere (the batch fails whole)."""
+    chosen = place_prefix(hosts, needs, dc, load)
+    return chosen if len(chosen) == len(needs) else None
+
+
+def place_prefix(
+    hosts: Iterable[HostView], needs: Sequence[tuple[str, Res]], dc: str, load: DcLoad
+) -> list[str]:
+    """Hosts for the longest prefix of ``needs`` that fits, placed as :func:`place_all` does
+    (for a batch of alike machines: as many as the dc can hold)."""
     views = {h.host_id: h for h in hosts}
     counts = {app: dict(per_host) for app, per_host in load.apps.items()}
-    chosen = []
+    chosen: list[str] = []
     for app, need in needs:
         per_host = counts.setdefault(app, {})
         host = place(views.values(), need, dc, per_host)
         if host is None:
-            return None
+            break
         views[host] = replace(views[host], allocated=views[host].allocated + need)
         per_host[host] = per_host.get(host, 0) + 1
         chosen.append(host)

@@ -26,9 +26,10 @@ import structlog
 from libs.common.bus import host_key
 from libs.common.contracts import gateway as gw
 from libs.common.contracts import ipam, provisioner
+from libs.common.errors import ConflictError
 
 from ..documents import MachineDoc, SagaRecord
-from ..domain import Res, State, place_all
+from ..domain import Res, State, place_all, place_prefix
 from ..store import new_machine_id
 from .hosts import host_views
 from .lifecycle import send_action, send_ip_release
@@ -200,15 +201,51 @@ class CreateSaga:
         d = self._driver
         at = d.clock()
         hosts = await d.store.list_hosts()
+        drained = await d.store.drains.drained()
         out: dict[str, str | None] = {}
         for dc in sorted({m["dc"] for m in docs}):
             in_dc = [m for m in docs if m["dc"] == dc]
             load = await d.store.load(dc)
-            views = host_views(hosts, load.allocated, d.settings, at)
-            needs = [(m["app"], Res(m["cpus"], m["memory"], m["disk"])) for m in in_dc]
+            views = host_views(hosts, load.allocated, d.settings, at, drained)
+            needs = [(m["app"], _need(m)) for m in in_dc]
             chosen = place_all(views, needs, dc, load) or [None] * len(in_dc)
             out.update((m["_id"], host) for m, host in zip(in_dc, chosen, strict=True))
         return out
+
+    async def check_fits(self, spec: dict[str, Any], count: int) -> None:
+        """Refuse (409 ``no_capacity``) before anything is stored a batch of containers that
+        the dc's placeable hosts cannot hold beside what they hold and what is on its way to
+        them (machines not placed yet). Placement decides again once the IPs arrive: a batch
+        that another took the room of between the two still fails whole there."""
+        if spec.get("type", "docker") == "kvm" or count < 1:
+            return
+        d, dc = self._driver, spec["dc"]
+        pending = [
+            m
+            for state in (State.REQUESTED, State.IP_ASSIGNED)
+            for m in await d.store.find({"dc": dc, "state": state.value}, 10_000)
+            if m["type"] != "kvm"
+        ]
+        load = await d.store.load(dc)
+        views = host_views(
+            await d.store.list_hosts(),
+            load.allocated,
+            d.settings,
+            d.clock(),
+            await d.store.drains.drained(),
+        )
+        needs = [(m["app"], _need(m)) for m in pending] + [(spec["app"], _need(spec))] * count
+        placed = place_prefix(views, needs, dc, load)
+        if len(placed) == len(needs):
+            return
+        room = max(0, len(placed) - len(pending))
+        usable = sum(1 for v in views if v.dc == dc and v.status == "online")
+        raise ConflictError(
+            f"dc {dc} cannot hold {count} more machines of {spec['cpus']:g} cpus, "
+            f"{int(spec['memory']) >> 20} MiB of memory and {int(spec['disk']) >> 20} MiB of "
+            f"disk: its {usable} placeable hosts (online, not drained) have room for {room}",
+            reason="no_capacity",
+        )
 
     async def _commit(
         self, doc: MachineDoc, ip: dict[str, Any], host: str | None
@@ -397,6 +434,11 @@ def _path_to(before: str, to: State) -> list[str]:
     if to == State.FAILED:
         walked = tuple(s for s in walked if s == State.IP_ASSIGNED)
     return [s.value for s in walked if s != to]
+
+
+def _need(m: MachineDoc | dict[str, Any]) -> Res:
+    """What a machine (or a create spec) asks of its host."""
+    return Res(float(m["cpus"]), int(m["memory"]), int(m["disk"]))
 
 
 def _ip_fields(evt: ipam.IpAllocated) -> dict[str, Any]:

@@ -16,6 +16,7 @@ least once; each is inserted, never updated, and what holds is decided by the ev
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import datetime
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,7 @@ from libs.common.contracts import provisioner
 
 from ..documents import HostDoc
 from ..domain import HostView, Ratios, Res, State, host_status
+from ..domain.prewarm import catch_up, wanted
 from ..domain.states import allowed_from
 from ..quarantine import QuarantineDoc, QuarantineStore
 from ..settings import GatewaySettings
@@ -44,18 +46,21 @@ def host_views(
     allocations: dict[str, Res],
     settings: GatewaySettings,
     at: datetime,
+    drained: Collection[str] = (),
 ) -> list[HostView]:
-    """Placement's view of the hosts: liveness from heartbeat age, allocation from our records."""
+    """Placement's view of the hosts: liveness from heartbeat age (``drained`` for a live host
+    in ``drained``: placement skips it), allocation from our records."""
     views = []
     for h in hosts:
         cap = h.get("capacity") or {}
         labels = h.get("labels") or {}
         age = (at - h["last_seen"]).total_seconds()
+        status = host_status(age, settings.host_stale_s, settings.host_down_s)
         views.append(
             HostView(
                 host_id=h["_id"],
                 dc=h["dc"],
-                status=host_status(age, settings.host_stale_s, settings.host_down_s),
+                status="drained" if status != "down" and h["_id"] in drained else status,
                 capacity=Res(
                     cap.get("cpus", 0.0), int(cap.get("memory", 0)), int(cap.get("disk", 0))
                 ),
@@ -84,7 +89,8 @@ class Hosts:
         return host_status(age, s.host_stale_s, s.host_down_s)
 
     async def on_heartbeat(self, hb: provisioner.HostHeartbeat) -> None:
-        """Record the host; machines marked unknown while it was down come back."""
+        """Record the host; machines marked unknown while it was down come back; a host that is
+        new or back from down catches up with the images its dc prewarms."""
         d = self._driver
         host: HostDoc = {
             "_id": hb.host_id,
@@ -99,7 +105,7 @@ class Hosts:
             "status": "online",
             "min_disk": hb.min_disk_bytes,
         }
-        await d.store.record_heartbeat(host)
+        before = await d.store.record_heartbeat(host)
         for doc in await d.store.unknown_on_host(hb.host_id):
             await d.move(
                 doc,
@@ -107,9 +113,31 @@ class Hosts:
                 doc.get("state_before_unknown") or State.RUNNING,
                 reason="host_back",
             )
+        if before is None or self._status(before, host["last_seen"]) == "down":
+            await self._catch_up(host)
+
+    async def _catch_up(self, host: HostDoc) -> None:
+        """Ask a host that is new or back for what its dc prewarms and it lacks."""
+        d = self._driver
+        peers = [
+            ref
+            for h in await d.store.list_hosts()
+            if h["dc"] == host["dc"] and h["_id"] != host["_id"]
+            for ref in h.get("images") or []
+        ]
+        in_use = await d.store.images_in_use(host["dc"])
+        refs = catch_up(d.settings.prewarm_policy, peers, in_use, host["images"])
+        for ref in refs:
+            await d.publisher.publish(
+                provisioner.ImagePrewarm(ref=ref),
+                routing_key=host_key(host["_id"], provisioner.ImagePrewarm.TYPE),
+            )
+        if refs:
+            log.info("prewarming a host on its return", host=host["_id"], images=len(refs))
 
     async def check_hosts(self) -> None:
-        """Mark the machines of hosts whose heartbeats stopped ``unknown`` (never destroy them)."""
+        """Mark the machines of hosts whose heartbeats stopped ``unknown`` (never destroy them),
+        each change announced (``machine.state_changed``) through the machine's outbox."""
         d = self._driver
         at = d.clock()
         for h in await d.store.list_hosts():
@@ -118,9 +146,22 @@ class Hosts:
                 continue
             if not await d.store.set_host_status(h["_id"], h.get("status"), status):
                 continue
-            if status == "down":
-                changed = await d.store.mark_host_unknown(h["_id"], [State.RUNNING, State.STOPPED])
-                log.warning("host down", host=h["_id"], machines=len(changed))
+            if status != "down":
+                continue
+            changed = 0
+            for mid in await d.store.ids_on_host(h["_id"], [State.RUNNING, State.STOPPED]):
+                doc = await d.store.get(mid)
+                if doc is None or doc["state"] not in (State.RUNNING, State.STOPPED):
+                    continue
+                moved = await d.move(
+                    doc,
+                    [doc["state"]],
+                    State.UNKNOWN,
+                    reason="host_down",
+                    set_={"state_before_unknown": doc["state"]},
+                )
+                changed += moved is not None
+            log.warning("host down", host=h["_id"], machines=changed)
 
     async def announce_known(self) -> None:
         """Tell each live host which machines we hold on it, so it can quarantine orphans."""
@@ -153,6 +194,17 @@ class Hosts:
             )
             asked += 1
         return asked
+
+    async def on_image_arrived(self, dc: str, ref: str) -> int:
+        """An image was pushed to (or replicated into) ``dc``'s registry: prewarm it on the
+        dc's live hosts if the policy wants it; how many hosts were asked."""
+        d = self._driver
+        policy = d.settings.prewarm_policy
+        in_use = await d.store.images_in_use(dc) if policy == "in-use" else set()
+        if not wanted(policy, ref, in_use):
+            log.debug("image not prewarmed by policy", dc=dc, ref=ref, policy=policy)
+            return 0
+        return await self.prewarm(dc, ref)
 
 
 class HostReports:
