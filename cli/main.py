@@ -423,14 +423,36 @@ def host_list(ctx: typer.Context, json: JsonOpt = False) -> None:
     if json:
         _print_json(res["items"])
         return
-    table = Table("ID", "DC", "STATUS", "MACHINES", "CPUS", "MEMORY", "DISK", "LAST SEEN")
+    table = Table("ID", "DC", "STATUS", "MACHINES", "CPUS", "MEMORY", "DISK", "IMAGES",
+                  "LAST SEEN")
     for h in res["items"]:
         c, a = h["capacity"], h["allocated"]
         table.add_row(h["id"], h["dc"], h["status"], str(h["machines"]),
                       f"{a['cpus']:g}/{c['cpus']:g}",
                       f"{_size(a['memory'])}/{_size(c['memory'])}",
-                      f"{_size(a['disk'])}/{_size(c['disk'])}", str(h["last_seen"]))
+                      f"{_size(a['disk'])}/{_size(c['disk'])}", str(len(h.get("images", []))),
+                      str(h["last_seen"]))
     out.print(table)
+
+
+def _drain(ctx: typer.Context, host_id: str, action: str, json: bool) -> None:
+    res = _run(ctx, lambda t: _call(t, "POST", f"/v1/hosts/{host_id}/{action}"))
+    if json:
+        _print_json(res)
+    else:
+        out.print(f"{host_id} {action}ed" + ("" if res["changed"] else " (already)"))
+
+
+@host_app.command("drain")
+def host_drain(ctx: typer.Context, host_id: str, json: JsonOpt = False) -> None:
+    """Place no new machine on the host (those it holds stay)."""
+    _drain(ctx, host_id, "drain", json)
+
+
+@host_app.command("undrain")
+def host_undrain(ctx: typer.Context, host_id: str, json: JsonOpt = False) -> None:
+    """Place machines on the host again."""
+    _drain(ctx, host_id, "undrain", json)
 
 
 @host_app.command("show")

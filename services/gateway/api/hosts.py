@@ -100,6 +100,8 @@ def _host_out(view: HostView, host: dict[str, Any], drained: bool = False) -> di
         labels=host.get("labels") or {},
         version=host.get("version"),
         min_disk=host.get("min_disk", XFS_MIN_DISK_BYTES),
+        drained=drained,
+        images=sorted(host.get("images") or []),
     ).model_dump(mode="json")
 
 

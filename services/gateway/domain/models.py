@@ -360,6 +360,9 @@ class HostOut(BaseModel):
     version: str | None = None
     # The smallest data disk its volume driver makes; a create asking less is refused (422).
     min_disk: int = XFS_MIN_DISK_BYTES
+    # Placement skips a drained host (POST /v1/hosts/{id}/drain); status says drained too.
+    drained: bool = False
+    images: list[str] = Field(default_factory=list)  # the tags its engine holds
 
 
 class TokenOut(BaseModel):
