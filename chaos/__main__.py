@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 
 from bench._common import machine
-from chaos.report import table
-from chaos.scenarios import SCENARIOS, Params
+from chaos.report import Outcome, table
+from chaos.scenarios import SCENARIOS, Params, Scenario
 from chaos.suite import run_suite, select
 
 
@@ -62,9 +63,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     rounds = 1 if a.quick else a.rounds
     print(f"# chaos — {machine()}", flush=True)
-    outcomes = asyncio.run(run_suite(scenarios, params, rounds, a.budget_minutes * 60))
+    outcomes: list[Outcome] = []
+    stopped = asyncio.run(_run(scenarios, params, rounds, a.budget_minutes * 60, outcomes))
     print(table(outcomes))
-    return 0 if all(o.ok for o in outcomes) else 1
+    if stopped:
+        print("chaos: stopped by a signal; the table has the rounds done until then")
+    return 0 if all(o.ok for o in outcomes) and not stopped else 1
+
+
+async def _run(
+    scenarios: list[Scenario], params: Params, rounds: int | None, budget: float, out: list
+) -> bool:
+    """Run the suite; SIGTERM or SIGINT cancels it, so the stack is still cleaned up. Whether
+    it was stopped so."""
+    task = asyncio.create_task(run_suite(scenarios, params, rounds, budget, outcomes=out))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        await task
+    except asyncio.CancelledError:
+        return True
+    return False
 
 
 if __name__ == "__main__":

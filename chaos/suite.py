@@ -41,12 +41,14 @@ async def run_suite(
     rounds: int | None = None,
     budget_s: float = 3600.0,
     echo: bool = True,
+    outcomes: list[Outcome] | None = None,
 ) -> list[Outcome]:
     """Run each scenario ``rounds`` times (its own default when None); no round starts past
-    ``budget_s`` after the start. One outcome per scenario."""
+    ``budget_s`` after the start. One outcome per scenario, appended to ``outcomes`` as they
+    start (so a caller that cancels the run still has the rounds done)."""
     deadline = time.monotonic() + budget_s
     stack = ChaosStack()
-    outcomes: list[Outcome] = []
+    outcomes = [] if outcomes is None else outcomes
     try:
         await stack.start()
         for sc in scenarios:
