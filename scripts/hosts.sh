@@ -251,7 +251,8 @@ cmd_vlan() {
     *) die "usage: $0 vlan add VLAN GATEWAY/PREFIX | vlan del VLAN" ;;
   esac
   trunks=$(vlan_ids)
-  for h in $(host_ids); do
+  # The hosts on the fabric now, whatever DOCKVM_HOSTS this shell has.
+  for h in $("${VSCTL[@]}" list-br | sed -n 's/^dvh-\(h[0-9]*\)$/\1/p'); do
     "${VSCTL[@]}" set port "dvh${h#h}bond" "trunks=[$trunks]" \
       -- set port "dvh${h#h}t0" "trunks=[$trunks]" -- set port "dvh${h#h}t1" "trunks=[$trunks]"
   done

@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import docker
 import pytest
@@ -93,7 +94,7 @@ class Machine:
     machine_id: str
     ip: str
     vlan: int
-    container: object
+    container: Any
 
     @property
     def name(self) -> str:
@@ -131,23 +132,23 @@ class Fabric:
     async def plumb(self, m: Machine) -> None:
         """Attach ``m``'s current network namespace to its host's bridge."""
         c = m.container
-        await asyncio.to_thread(c.reload)  # type: ignore[attr-defined]
+        await asyncio.to_thread(c.reload)
         info = ContainerInfo(
-            id=c.id, name=m.name, machine_id=m.machine_id, labels=c.labels,  # type: ignore[attr-defined]
-            state="running", started_at=None, pid=c.attrs["State"]["Pid"],  # type: ignore[attr-defined]
+            id=c.id, name=m.name, machine_id=m.machine_id, labels=c.labels,
+            state="running", started_at=None, pid=c.attrs["State"]["Pid"],
             cpus=1.0, memory=0, image=IMAGE, network="none",
         )  # fmt: skip
         await OvsNetwork(f"dvh-{m.host}").plumb(info)
 
     async def exec(self, m: Machine, *cmd: str) -> tuple[int, str]:
         """Run ``cmd`` in ``m``; its exit code and output."""
-        res = await asyncio.to_thread(m.container.exec_run, list(cmd))  # type: ignore[attr-defined]
+        res = await asyncio.to_thread(m.container.exec_run, list(cmd))
         return res.exit_code, res.output.decode(errors="replace")
 
     async def close(self) -> None:
         """Remove this run's containers and their OVS ports."""
         for m in self.machines:
-            await asyncio.to_thread(m.container.remove, force=True)  # type: ignore[attr-defined]
+            await asyncio.to_thread(m.container.remove, force=True)
             await OvsNetwork(f"dvh-{m.host}").release(m.machine_id, m.vlan)
             # The next run reuses the IP with another MAC (machine ids differ): the root
             # namespace's ARP entry would point at a gone port for a minute.
@@ -176,7 +177,9 @@ async def _tcp(fab: Fabric, client: Machine, server: Machine) -> str:
     srv = ("import socket\ns = socket.create_server(('', 7000))\nwhile True:\n"
            "    c, _ = s.accept(); c.sendall(c.recv(64).upper()); c.close()\n")  # fmt: skip
     await asyncio.to_thread(
-        server.container.exec_run, ["python3", "-c", srv], detach=True  # type: ignore[attr-defined]
+        server.container.exec_run,
+        ["python3", "-c", srv],
+        detach=True,
     )
     cli = ("import socket, sys, time\n"
            "for _ in range(50):\n"
@@ -281,8 +284,10 @@ async def test_bond_failover_moves_traffic_to_the_backup_uplink(fab, capsys):
     sent, received = map(int, re.search(r"(\d+) packets transmitted, (\d+) received", out).groups())
     lost = sent - received
     with capsys.disabled():
-        print(f"\nbond failover: {lost} of {sent} packets lost, "
-              f"recovery <= {lost * interval * 1000:.0f} ms (ping every {interval * 1000:.0f} ms)")
+        print(
+            f"\nbond failover: {lost} of {sent} packets lost, "
+            f"recovery <= {lost * interval * 1000:.0f} ms (ping every {interval * 1000:.0f} ms)"
+        )
 
     assert after != active
     assert received > sent // 2
