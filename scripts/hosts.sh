@@ -15,7 +15,9 @@
 # containerd socket path must stay short), data-root $STATE/hosts/hN/docker, no Docker bridge
 # and no iptables rules (so it never fights the main engine); OVS bridge dvh-hN whose two uplinks
 # (veths dvhNu0, dvhNu1) form the active-backup bond dvhNbond, a trunk of the VLANs in use, to
-# the "top-of-rack" bridge dvh-tor (ports dvhNt0, dvhNt1). Each VLAN in use has an internal port
+# the "top-of-rack" bridge dvh-tor (ports dvhNt0, dvhNt1, allowing every VLAN). The trunk carries
+# DOCKVM_FABRIC_VLANS and each VLAN the host's agent adds for its machines (the provisioner's
+# DOCKVM_OVS_UPLINK, DOCKVM_OVS_ROUTER). Each VLAN in use has an internal port
 # dvhgwVLAN on the ToR holding the pool's gateway address: the root namespace reaches machine IPs
 # through it, as through the datacenter's router. Machines attach with the provisioner's ovs
 # driver (a veth as an access port tagged with the VLAN) on their host's bridge.
@@ -104,14 +106,18 @@ fabric_host() {
   netdev_br "dvh-$h"
   for i in 0 1; do
     veth_pair "dvh${n}u$i" "dvh${n}t$i"
-    "${VSCTL[@]}" --may-exist add-port "$TOR" "dvh${n}t$i" -- set port "dvh${n}t$i" vlan_mode=trunk "trunks=[$trunks]"
+    # The switch side allows every VLAN, as a datacenter's ToR port does; the host picks.
+    "${VSCTL[@]}" --may-exist add-port "$TOR" "dvh${n}t$i" -- set port "dvh${n}t$i" vlan_mode=trunk
   done
   if ! "${VSCTL[@]}" list port "dvh${n}bond" >/dev/null 2>&1; then
     "${VSCTL[@]}" add-bond "dvh-$h" "dvh${n}bond" "dvh${n}u0" "dvh${n}u1" bond_mode=active-backup
   fi
   # Carrier detection: a link that goes down fails over at once (miimon is for the kernel bond).
-  "${VSCTL[@]}" set port "dvh${n}bond" vlan_mode=trunk "trunks=[$trunks]" \
-    other_config:bond-detect-mode=carrier other_config:bond_updelay=0
+  # "add": the VLANs the agent added for its machines (DOCKVM_OVS_UPLINK) stay on the trunk.
+  # shellcheck disable=SC2086 # one word per VLAN
+  "${VSCTL[@]}" set port "dvh${n}bond" vlan_mode=trunk \
+    other_config:bond-detect-mode=carrier other_config:bond_updelay=0 \
+    -- add port "dvh${n}bond" trunks ${trunks//,/ }
 }
 
 gateway_port() {
@@ -160,7 +166,7 @@ agents_start() {
     [[ $svc == provisioner ]] && port=$(port_of "$h" 3) || port=$(port_of "$h" 4)
     say "hosts: starting $h $svc on port $port"
     (cd "$REPO_ROOT" && DOCKVM_DOCKER_URL="unix://$(sock "$h")" DOCKVM_NETWORK_DRIVER=ovs \
-      DOCKVM_OVS_BRIDGE="dvh-$h" spawn "$h-$svc" "$PY" -m "services.$svc" --port "$port" --host-id "$h")
+      DOCKVM_OVS_BRIDGE="dvh-$h" DOCKVM_OVS_UPLINK="dvh${h#h}bond" DOCKVM_OVS_ROUTER="$TOR" spawn "$h-$svc" "$PY" -m "services.$svc" --port "$port" --host-id "$h")
   done
 }
 
@@ -250,11 +256,13 @@ cmd_vlan() {
     del) "${VSCTL[@]}" --if-exists del-port "$TOR" "dvhgw$vlan" ;;
     *) die "usage: $0 vlan add VLAN GATEWAY/PREFIX | vlan del VLAN" ;;
   esac
-  trunks=$(vlan_ids)
   # The hosts on the fabric now, whatever DOCKVM_HOSTS this shell has.
   for h in $("${VSCTL[@]}" list-br | sed -n 's/^dvh-\(h[0-9]*\)$/\1/p'); do
-    "${VSCTL[@]}" set port "dvh${h#h}bond" "trunks=[$trunks]" \
-      -- set port "dvh${h#h}t0" "trunks=[$trunks]" -- set port "dvh${h#h}t1" "trunks=[$trunks]"
+    if [[ $op == add ]]; then
+      "${VSCTL[@]}" add port "dvh${h#h}bond" trunks "$vlan"
+    else
+      "${VSCTL[@]}" remove port "dvh${h#h}bond" trunks "$vlan"
+    fi
   done
   [[ $op == del ]] || gateway_port "$vlan" "$cidr"
 }

@@ -71,6 +71,8 @@ def _agent(
         trunk=settings.macvlan_trunk,
         ovs_bridge=settings.ovs_bridge,
         command_timeout_s=settings.host_command_timeout_s,
+        ovs_uplink=settings.ovs_uplink,
+        ovs_router=settings.ovs_router,
     )
     volumes = make_volumes(
         settings.volume_driver,

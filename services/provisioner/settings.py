@@ -27,6 +27,10 @@ class ProvisionerSettings(HostAgentSettings):
     network_prefix: str = Field(default="dockvm", pattern=r"^[a-z0-9][a-z0-9-]{0,30}$")
     macvlan_trunk: str = "eth0"
     ovs_bridge: str = Field(default="dockvm-ovs", pattern=r"^[a-zA-Z0-9_-]{1,15}$")
+    # The local datacenter (scripts/hosts.sh): a VLAN a machine needs is added to this bond's
+    # trunk, and its gateway port (the pool's gateway address) to the router bridge. Empty: off.
+    ovs_uplink: str = Field(default="", pattern=r"^[a-zA-Z0-9_-]{0,15}$")
+    ovs_router: str = Field(default="", pattern=r"^[a-zA-Z0-9_-]{0,15}$")
     lvm_vg: str = "dockvm"
 
     # Creates of different machines run in parallel, at most create_parallelism at once. Each

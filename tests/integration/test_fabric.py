@@ -19,6 +19,7 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
@@ -251,6 +252,25 @@ async def test_ip_and_mac_survive_a_restart_of_the_engine(fab):
 
     assert f" {b.ip}/24 " in addr
     assert mac_address(b.machine_id) in link
+
+
+async def test_the_agents_driver_carries_a_new_vlan_and_its_gateway(fab):
+    vlan, net = 3163, IPv4Network("10.231.63.0/24")
+    try:
+        for host in ("h1", "h2"):
+            driver = OvsNetwork(f"dvh-{host}", uplink=f"dvh{host[1:]}bond", router="dvh-tor")
+            await driver.prepare(vlan, net, IPv4Address("10.231.63.1"))
+        a = await fab.machine("h1", "10.231.63.11", vlan)
+        b = await fab.machine("h2", "10.231.63.12", vlan)
+        reached = await _wait_ping(fab, a, b.ip)
+        trunk = _sh("ovs-vsctl", "get", "port", "dvh1bond", "trunks")
+        gw = _sh("ip", "-o", "-4", "addr", "show", "dev", f"dvhgw{vlan}")
+    finally:
+        await asyncio.to_thread(_sh, str(HOSTS_SH), "vlan", "del", str(vlan), check=False)
+
+    assert reached is True
+    assert str(vlan) in trunk
+    assert " 10.231.63.1/24 " in gw
 
 
 def _active_member(bond: str) -> str:

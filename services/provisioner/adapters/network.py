@@ -91,11 +91,16 @@ class _DockerNetwork:
                     created = False
                     net = await self._runtime.network(name)
                 except DomainError as err:
-                    # Docker refuses e.g. a pool that overlaps another network's.
-                    raise ValidationFailed(
-                        f"cannot create network {name} for {subnet}: {err}",
-                        reason="network_unavailable",
-                    ) from err
+                    # Docker refuses e.g. a pool that overlaps another network's, as it does
+                    # when another agent on the same engine made this very network meanwhile:
+                    # that one is used (its pool is checked below).
+                    created = False
+                    net = await self._runtime.network(name)
+                    if net is None:
+                        raise ValidationFailed(
+                            f"cannot create network {name} for {subnet}: {err}",
+                            reason="network_unavailable",
+                        ) from err
             if net is None:
                 raise ValidationFailed(f"network {name} vanished", reason="network_unavailable")
             if net.subnet != str(subnet) or (net.gateway and net.gateway != str(gateway)):
@@ -171,11 +176,22 @@ class OvsNetwork:
     static_ip = False
 
     def __init__(
-        self, bridge: str, datapath: str = "netdev", command_timeout_s: float = DEFAULT_TIMEOUT_S
+        self,
+        bridge: str,
+        datapath: str = "netdev",
+        command_timeout_s: float = DEFAULT_TIMEOUT_S,
+        *,
+        uplink: str = "",
+        router: str = "",
     ) -> None:
         self.bridge = bridge
         self.datapath = datapath
         self.host = HostCommands(command_timeout_s)
+        # On the local datacenter's fabric (scripts/hosts.sh): the host's bonded trunk, and the
+        # bridge on which each VLAN's gateway port stands for the datacenter's router.
+        self.uplink = uplink
+        self.router = router
+        self._carried: set[int] = set()
         self._lock = asyncio.Lock()
         self._ready = False
 
@@ -196,12 +212,33 @@ class OvsNetwork:
         """Make sure the OVS bridge exists; the container itself gets no Docker network."""
         try:
             await self._ensure_bridge()
+            await self._carry(vlan_id, subnet, gateway)
         except HostCommandFailed as err:
             raise ValidationFailed(
                 f"OVS bridge {self.bridge} unavailable: {err}", reason="network_unavailable"
             ) from err
         # The bridge is shared by every VLAN: it is never this machine's to remove.
         return "none", False
+
+    async def _carry(self, vlan_id: int, subnet: IPv4Network, gateway: IPv4Address) -> None:
+        """On the fabric: the VLAN on this host's trunk, its gateway port on the router."""
+        if not self.uplink or vlan_id in self._carried:
+            return
+        # "add" puts the VLAN in the trunk's set once, whoever else added it.
+        await self.host.run(
+            *self.host.ovs_vsctl("add", "port", self.uplink, "trunks", str(vlan_id))
+        )
+        if self.router:
+            dev = f"dvhgw{vlan_id}"
+            await self.host.run(*self.host.ovs_vsctl(
+                "--may-exist", "add-port", self.router, dev, f"tag={vlan_id}",
+                "--", "set", "interface", dev, "type=internal",
+            ))  # fmt: skip
+            await self.host.run(
+                "ip", "addr", "replace", f"{gateway}/{subnet.prefixlen}", "dev", dev
+            )
+            await self.host.run("ip", "link", "set", dev, "up")
+        self._carried.add(vlan_id)
 
     async def plumb(self, info: ContainerInfo) -> None:
         """Give the running container eth0 on the bridge (idempotent for the same netns)."""
@@ -255,6 +292,8 @@ def make_network(
     trunk: str,
     ovs_bridge: str,
     command_timeout_s: float = DEFAULT_TIMEOUT_S,
+    ovs_uplink: str = "",
+    ovs_router: str = "",
 ) -> NetworkDriver:
     """The network driver named by the ``network_driver`` setting."""
     if kind == "bridge":
@@ -262,5 +301,7 @@ def make_network(
     if kind == "macvlan":
         return MacvlanNetwork(runtime, prefix, trunk)
     if kind == "ovs":
-        return OvsNetwork(ovs_bridge, command_timeout_s=command_timeout_s)
+        return OvsNetwork(
+            ovs_bridge, command_timeout_s=command_timeout_s, uplink=ovs_uplink, router=ovs_router
+        )
     raise ValueError(f"unknown network driver {kind!r}")
