@@ -5,12 +5,12 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from pydantic import BeforeValidator, PlainSerializer
+from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
 
 __all__ = ["ByteSize", "format_bytes", "parse_bytes"]
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE | re.ASCII)
 
 
 def parse_bytes(value: str | int) -> int:
@@ -39,5 +39,17 @@ def format_bytes(n: int) -> str:
     return str(n)
 
 
-ByteSize = Annotated[int, BeforeValidator(parse_bytes), PlainSerializer(int, return_type=int)]
+# What an input may be, as a JSON schema (_RE without its flags): the API's document says it.
+_INPUT_SCHEMA = {
+    "anyOf": [
+        {"type": "integer", "minimum": 1},
+        {"type": "string", "pattern": r"^\s*[0-9]+(\.[0-9]+)?\s*[kKmMgGtT]?([iI]?[bB])?\s*$"},
+    ]
+}
+ByteSize = Annotated[
+    int,
+    BeforeValidator(parse_bytes),
+    PlainSerializer(int, return_type=int),
+    WithJsonSchema(_INPUT_SCHEMA, mode="validation"),
+]
 """A size in bytes that accepts ``512m``-style strings on input."""
