@@ -90,7 +90,9 @@ def _image(value: str) -> str:
     # As in Docker: the first component is a registry only with a dot, a port or "localhost";
     # otherwise it is a path component and must be lower case.
     is_domain = sep and ("." in first or ":" in first or first == "localhost")
-    if len(value) > 512 or not _IMAGE.match(value) or (not is_domain and first != first.lower()):
+    # fullmatch: "$" alone would let a trailing newline through, which the document's does not.
+    bad_case = not is_domain and first != first.lower()
+    if len(value) > 512 or not _IMAGE.fullmatch(value) or bad_case:
         raise ValueError(f"{value!r} is not an image reference such as registry:5000/team/app:1.2")
     return value
 
@@ -110,7 +112,7 @@ _RFC3339 = re.compile(
 
 
 def _rfc3339(value: Any) -> Any:
-    if isinstance(value, str) and not _RFC3339.match(value):
+    if isinstance(value, str) and not _RFC3339.fullmatch(value):
         raise ValueError("not an RFC 3339 date-time such as 2026-01-31T12:00:00Z")
     return value
 
@@ -234,13 +236,20 @@ class CheckDeclare(_Request):
     ``cmd`` runs ``target`` with ``sh -c`` as root inside each machine; ``http`` and ``tcp``
     probe ``PORT[/PATH]`` on its IP."""
 
+    # The rule across fields below, in the document too (JSON Schema 2020-12's if/then).
+    model_config = ConfigDict(
+        json_schema_extra={
+            "if": {"properties": {"type": {"enum": ["http", "tcp"]}}},
+            "then": {"properties": {"target": {"pattern": _PORT_TARGET}}},
+        }
+    )
     type: Literal["http", "tcp", "cmd"]
     target: str = Field(min_length=1, max_length=1000)
     timeout_s: float = Field(default=30.0, gt=0, le=600)
 
     @model_validator(mode="after")
     def _port_target(self) -> CheckDeclare:
-        if self.type != "cmd" and not re.match(_PORT_TARGET, self.target):
+        if self.type != "cmd" and not re.fullmatch(_PORT_TARGET, self.target):
             raise ValueError(f"a {self.type} check's target is PORT or PORT/PATH")
         return self
 
