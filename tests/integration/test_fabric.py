@@ -5,6 +5,9 @@ Machines here are containers of this run on the hosts' own engines, attached by 
 real ovs driver (``OvsNetwork.plumb``) to their host's bridge, as the agents attach theirs. The
 tests use VLANs 3160-3162 (10.231.60-62.0/24), which the fabric carries from the start.
 
+The last test makes machines through two real provisioner agents (own vhost and database) on h1
+and h2, which add VLAN 3164 to their trunks and its gateway port themselves.
+
 When no multi-host stack is up (``DOCKVM_HOSTS=1``, the default), the module fixture brings up
 two hosts without agents (``DOCKVM_HOSTS_AGENTS=0``, about 15 s) and takes them down afterwards;
 ``DOCKVM_FABRIC_TESTS=0`` skips the module instead.
@@ -13,11 +16,12 @@ two hosts without agents (``DOCKVM_HOSTS_AGENTS=0``, about 15 s) and takes them 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -26,6 +30,7 @@ from typing import Any
 import docker
 import pytest
 
+from libs.common.contracts.provisioner import ContainerDestroy
 from services.provisioner.adapters.network import OvsNetwork
 from services.provisioner.adapters.runtime import ContainerInfo
 from services.provisioner.domain import (
@@ -35,6 +40,8 @@ from services.provisioner.domain import (
     LABEL_VLAN,
     mac_address,
 )
+from tests.integration import test_provisioner as provisioner_tests
+from tests.integration.test_provisioner import Agent
 
 REPO = Path(__file__).resolve().parents[2]
 HOSTS_SH = REPO / "scripts" / "hosts.sh"
@@ -312,3 +319,79 @@ async def test_bond_failover_moves_traffic_to_the_backup_uplink(fab, capsys):
     assert after != active
     assert received > sent // 2
     assert still is True
+
+
+# ---- the hosts' own agents: machines made through the bus, on the fabric -----------------------
+
+
+async def _fabric_agent(tmp: Path, host: str) -> AsyncIterator[Agent]:
+    """A provisioner on ``host``'s engine and bridge, on a vhost and database of its own."""
+    env = {"DOCKVM_DOCKER_URL": f"unix://{HOSTS_RUN / host / 'docker.sock'}",
+           "DOCKVM_NETWORK_DRIVER": "ovs", "DOCKVM_OVS_BRIDGE": f"dvh-{host}",
+           "DOCKVM_OVS_UPLINK": f"dvh{host[1:]}bond", "DOCKVM_OVS_ROUTER": "dvh-tor"}  # fmt: skip
+    client = _engine(host)
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        async for agent in provisioner_tests._agent(tmp, **env):
+            try:
+                yield agent
+            finally:
+                # The agent's destroys release the OVS ports; the shared cleanup only knows
+                # the main engine, so this engine's containers go here.
+                for mid in agent.machines:
+                    await agent.send(ContainerDestroy(machine_id=mid, timeout_s=2))
+                with contextlib.suppress(TimeoutError):
+                    await agent.wait(("container.destroyed",), count=len(agent.machines))
+    finally:
+        provisioner_tests._cleanup(client, tmp / "state", provisioner_tests.PREFIX)
+        client.close()
+
+
+async def test_machines_made_by_two_hosts_agents_reach_each_other_and_survive_an_engine_restart(
+    fabric, tmp_path
+):
+    vlan, gw = 3164, "10.231.64.1"
+    net = {"vlan_id": vlan, "gateway": gw, "prefix_len": 24}
+    try:
+        async for a1 in _fabric_agent(tmp_path / "h1", "h1"):
+            async for a2 in _fabric_agent(tmp_path / "h2", "h2"):
+                m1, m2 = a1.machine_id(), a2.machine_id()
+                c1 = await a1.create(m1, ip="10.231.64.11", **net)
+                c2 = await a2.create(m2, ip="10.231.64.12", **net)
+                assert (c1.TYPE, c2.TYPE) == ("container.created",) * 2, (c1, c2)
+                h1 = _engine("h1")
+                box = Machine("h1", m1, "10.231.64.11", vlan, h1.containers.get(f"dockvm-{m1}"))
+                fab = Fabric()
+                crossed = await _wait_ping(fab, box, "10.231.64.12", timeout=30)
+                banner = await _ssh_banner("10.231.64.12")
+
+                # h2's engine goes down with its machine and comes back: the engine restarts
+                # the machine (unless-stopped), the agent sees the start and plumbs it again.
+                await asyncio.to_thread(_sh, str(HOSTS_SH), "engine", "h2", "stop")
+                await asyncio.to_thread(_sh, str(HOSTS_SH), "engine", "h2", "start")
+                back = await _wait_ping(fab, box, "10.231.64.12", timeout=60)
+                _, neigh = await fab.exec(box, "ip", "neigh", "show", "10.231.64.12")
+                h1.close()
+    finally:
+        await asyncio.to_thread(_sh, str(HOSTS_SH), "vlan", "del", str(vlan), check=False)
+
+    assert crossed is True
+    assert banner.startswith(b"SSH-2.0")
+    assert back is True
+    assert mac_address(m2) in neigh
+
+
+async def _ssh_banner(ip: str, timeout: float = 30) -> bytes:
+    """The first bytes of ``ip``:22, from the root namespace through the VLAN's gateway port,
+    once the machine's sshd listens."""
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                reader, writer = await asyncio.open_connection(ip, 22)
+            except OSError:
+                await asyncio.sleep(0.3)
+                continue
+            try:
+                return await reader.read(7)
+            finally:
+                writer.close()
