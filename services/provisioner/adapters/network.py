@@ -23,7 +23,7 @@ from libs.common.errors import ConflictError, DomainError, ValidationFailed
 
 from ..domain import LABEL_GATEWAY, LABEL_IP, LABEL_PREFIX, LABEL_VLAN, mac_address, port_name
 from .host import DEFAULT_TIMEOUT_S, HostCommandFailed, HostCommands
-from .runtime import ContainerInfo, ContainerRuntime
+from .runtime import ContainerInfo, ContainerRuntime, NetworkInfo
 
 __all__ = ["BridgeNetwork", "MacvlanNetwork", "NetworkDriver", "OvsNetwork", "make_network"]
 
@@ -95,7 +95,7 @@ class _DockerNetwork:
                     # when another agent on the same engine made this very network meanwhile:
                     # that one is used (its pool is checked below).
                     created = False
-                    net = await self._runtime.network(name)
+                    net = await self._made_meanwhile(name)
                     if net is None:
                         raise ValidationFailed(
                             f"cannot create network {name} for {subnet}: {err}",
@@ -110,6 +110,16 @@ class _DockerNetwork:
                     reason="network_mismatch",
                 )
         return name, created
+
+    async def _made_meanwhile(self, name: str) -> NetworkInfo | None:
+        """The network another agent on this engine is making at the same moment (Docker
+        holds its pool before the network is listed), or None after about 2 s."""
+        for _ in range(10):
+            net = await self._runtime.network(name)
+            if net is not None:
+                return net
+            await asyncio.sleep(0.2)
+        return None
 
     async def plumb(self, info: ContainerInfo) -> None:
         """Docker plumbs its own networks."""
