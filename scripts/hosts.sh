@@ -183,11 +183,12 @@ agents_stop() {
 cmd_up() {
   local t0=$SECONDS h
   ensure_state_dirs
-  # Hosts beyond DOCKVM_HOSTS (a smaller setting than last time) are stopped, their data kept.
+  # DOCKVM_HOSTS=1 leaves running hosts alone (a test may have brought up its own; `down`
+  # removes them). Hosts beyond a smaller N > 1 are stopped, their data kept.
+  ((DOCKVM_HOSTS > 1)) || return 0
   for h in $(known_hosts); do
     ((${h#h} <= DOCKVM_HOSTS)) || { agents_stop "$h"; stop_pidfile "$h-dockerd" 90; }
   done
-  ((DOCKVM_HOSTS > 1)) || return 0
   for h in $(host_ids); do engine_start "$h"; done
   fabric_up
   for h in $(host_ids); do engine_wait "$h"; engine_image "$h"; agents_start "$h"; done
