@@ -145,11 +145,12 @@ fabric_up() {
 
 fabric_down() {
   local br dev
-  ovs_ok || return 0
-  for br in $("${VSCTL[@]}" list-br | grep -E '^dvh-' || true); do
-    "${VSCTL[@]}" --if-exists del-br "$br"
-  done
-  # OVS removed its ports; the veths' other ends go with them.
+  if ovs_ok; then
+    for br in $("${VSCTL[@]}" list-br | grep -E '^dvh-' || true); do
+      "${VSCTL[@]}" --if-exists del-br "$br"
+    done
+  fi
+  # The uplinks' veths outlive OVS (stopped or not); the other end of each goes with it.
   for dev in $(ip -o link show | awk -F': ' '{ print $2 }' | sed 's/@.*//' | grep -E '^dvh[0-9]+[ut][01]$' || true); do
     ip link del "$dev" 2>/dev/null || true
   done
