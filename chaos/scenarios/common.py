@@ -20,7 +20,10 @@ class Params:
     loop_workers: int = 3  # create/destroy loops under a RabbitMQ or FerretDB restart
     loop_s: float = 20.0  # how long the loops run before, and again after, the restart
     settle_s: float = 300.0  # the most a round waits for its machines to settle
-    create_s: float | None = None  # a create's duration without faults: kills land within it
+    # An operation's duration without faults, measured once: kills land at random within it.
+    create_s: float | None = None
+    destroy_s: float | None = None
+    resize_s: float | None = None
 
 
 async def create_running(stack: ChaosStack, app: str, count: int) -> tuple[list[str], list[str]]:

@@ -80,13 +80,42 @@ async def kill_during_create(stack: ChaosStack, p: Params, rnd: int, *, service:
     return Round(failures, {"killed at": delay, "restart": back, "create": took}, note=note)
 
 
+async def _time_destroy(stack: ChaosStack) -> float:
+    """Seconds a destroy of three machines takes without a fault (kills land within it)."""
+    assert stack.api is not None
+    ids, failures = await create_running(stack, "calibrate", 3)
+    t0 = time.monotonic()
+    failures += await destroy_checked(stack, ids)
+    if failures:
+        raise RuntimeError(f"a destroy without faults failed: {failures[:3]}")
+    return time.monotonic() - t0
+
+
+async def _time_resize(stack: ChaosStack) -> float:
+    """Seconds a resize of two machines takes without a fault (kills land within it)."""
+    assert stack.api is not None
+    ids, failures = await create_running(stack, "calibrate", 2)
+    t0 = time.monotonic()
+    await asyncio.gather(
+        *(stack.api.call("PATCH", f"/v1/machines/{mid}", json=RESIZE) for mid in ids)
+    )
+    failures += not_in_state(await stack.api.settle(ids), "running")
+    took = time.monotonic() - t0
+    failures += await destroy_checked(stack, ids)
+    if failures:
+        raise RuntimeError(f"a resize without faults failed: {failures[:3]}")
+    return took
+
+
 async def kill_during_destroy(stack: ChaosStack, p: Params, rnd: int) -> Round:
     """Three running machines destroyed at once, the provisioner killed in the middle."""
     assert stack.api is not None
     ids, failures = await create_running(stack, f"kd{rnd}", 3)
     t0 = time.monotonic()
     deletes = asyncio.gather(*(stack.api.delete(mid) for mid in ids))
-    delay = random.uniform(0.0, 1.2)
+    if p.destroy_s is None:
+        p.destroy_s = await _time_destroy(stack)
+    delay = random.uniform(0.0, p.destroy_s)
     await asyncio.sleep(delay)
     at = datetime.now(UTC)
     await stack.kill9("provisioner")
@@ -120,7 +149,9 @@ async def kill_during_resize(stack: ChaosStack, p: Params, rnd: int) -> Round:
     patches = asyncio.gather(
         *(stack.api.call("PATCH", f"/v1/machines/{mid}", json=RESIZE) for mid in ids)
     )
-    delay = random.uniform(0.0, 1.0)
+    if p.resize_s is None:
+        p.resize_s = await _time_resize(stack)
+    delay = random.uniform(0.0, p.resize_s)
     await asyncio.sleep(delay)
     at = datetime.now(UTC)
     await stack.kill9("provisioner")
