@@ -223,7 +223,8 @@ class CreateSaga:
         pending = [
             m
             for state in (State.REQUESTED, State.IP_ASSIGNED)
-            for m in await d.store.find({"dc": dc, "state": state.value}, 10_000)
+            # Summaries: small, and served from memory once the list's index is loaded.
+            for m in await d.store.summaries({"dc": dc, "state": state.value}, 10_000)
             if m["type"] != "kvm"
         ]
         load = await d.store.load(dc)

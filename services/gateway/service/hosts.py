@@ -1,8 +1,13 @@
 """Hosts as the gateway sees them: heartbeats, liveness, the machines they should hold, prewarm.
 
 A host is known by its heartbeats alone. One whose heartbeats stop is ``down`` and its machines
-``unknown`` (never destroyed: the host may come back with them); its next heartbeat brings them
-back to the state they had.
+``unknown`` (never destroyed: the host may come back with them; each change is announced through
+the machine's outbox); its next heartbeat brings them back to the state they had. A drained host
+(:mod:`..drains`) is shown ``drained`` to placement, which skips it.
+
+Prewarm: an image that arrives in a dc's registry (pushed or replicated) is pulled by the dc's
+live hosts if the policy wants it (:mod:`..domain.prewarm`); a host that is new or back from down
+catches up with what its dc's other hosts hold and its machines use.
 
 Each announcement of the machines a host should hold carries the cluster id (:mod:`..cluster`);
 the host quarantines what stays out of it, and what it reports of that (quarantines, their end,
