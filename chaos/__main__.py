@@ -2,7 +2,7 @@
 
     .venv/bin/python -m chaos [--rounds N | --quick] [--only 'kill-*,registry-down']
         [--no-disruptive] [--batch 10] [--pushes 20] [--dockerd-machines 50]
-        [--dockerd-restarts 6] [--loop-seconds 20] [--budget-minutes 60] [--list]
+        [--dockerd-restarts 6] [--loop-seconds 20] [--budget-minutes 120] [--list]
 
 Exit status 1 when any round of any scenario broke what must hold.
 """
@@ -35,7 +35,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--dockerd-machines", type=int, default=50)
     ap.add_argument("--dockerd-restarts", type=int, default=6)
     ap.add_argument("--loop-seconds", type=float, default=20.0)
-    ap.add_argument("--budget-minutes", type=float, default=60.0, help="no round starts past it")
+    ap.add_argument("--budget-minutes", type=float, default=120.0, help="no round starts past it")
     ap.add_argument("--list", action="store_true", help="list the scenarios and exit")
     return ap.parse_args(argv)
 
