@@ -18,7 +18,7 @@ from libs.common.bus import (
     connect,
     dlq_name,
 )
-from libs.common.contracts import Command, register
+from libs.common.contracts import Command, Envelope, register
 from libs.common.errors import DomainError, TransientError
 from tests.support.proxy import TcpProxy
 from tests.support.stack import AMQP_HOST, AMQP_PORT
@@ -210,6 +210,26 @@ async def test_rpc_reply_after_the_connection_is_cut_and_restored(
 
     assert before == _Work(n=2)
     assert after == _Work(n=42)
+
+
+async def test_while_the_broker_is_unreachable_a_request_fails_as_transient(amqp, vhost, proxy):
+    """aio-pika raises a plain RuntimeError for a channel of a connection that is down; the bus
+    says TransientError, so that the gateway answers 503 (retry) rather than 500."""
+    from libs.common.bus import RpcClient
+
+    connection = await connect(vhost.url_via("127.0.0.1", proxy.port), name="tests-down")
+    rpc = RpcClient(connection, source="tests")
+    down = AmqpPublisher(connection, source="tests")
+    await proxy.close()  # no listener: the robust connection cannot come back
+    async with asyncio.timeout(30):
+        while not connection.is_closed and connection.transport is not None:
+            await asyncio.sleep(0.05)
+
+    with pytest.raises(TransientError):
+        await rpc.request(_Work(n=1), timeout=5)
+    with pytest.raises(TransientError):
+        await down._publish_once(Envelope.wrap(_Work(n=1), source="tests"), "x", None, False)
+    await connection.close()
 
 
 async def amqp_queue_depth(amqp, name: str) -> int:

@@ -9,7 +9,7 @@ from aio_pika.abc import AbstractRobustConnection
 
 from ..errors import TransientError
 
-__all__ = ["BusUnavailable", "connect"]
+__all__ = ["BusUnavailable", "connect", "open_channel"]
 
 
 class BusUnavailable(TransientError):
@@ -34,6 +34,20 @@ async def connect(url: str, name: str, timeout: float = 10.0) -> AbstractRobustC
         ) from err
     finally:
         aiormq_log.setLevel(previous)
+
+
+async def open_channel(
+    connection: AbstractRobustConnection, *, publisher_confirms: bool
+) -> aio_pika.abc.AbstractChannel:
+    """A new channel; while the robust connection is down (reconnecting) a
+    :class:`TransientError` (aio-pika raises a plain ``RuntimeError`` there), so that callers
+    retry and the API answers 503 rather than 500."""
+    try:
+        return await connection.channel(publisher_confirms=publisher_confirms)
+    except RuntimeError as err:
+        if connection.is_closed or not getattr(connection, "transport", None):
+            raise TransientError(f"the broker connection is down: {err}") from err
+        raise
 
 
 def _redact(url: str) -> str:

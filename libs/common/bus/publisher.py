@@ -17,6 +17,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnec
 from ..contracts.envelope import Envelope, Message
 from ..errors import TransientError
 from ..retry import transient_retrying
+from .connection import open_channel
 from .topology import DLX, EXCHANGE, declare_exchanges
 
 __all__ = ["AmqpPublisher", "Publisher", "amqp_message"]
@@ -70,7 +71,7 @@ class AmqpPublisher:
             return exchange, dlx  # the hot path takes no lock
         async with self._lock:
             if self._exchange is None or self._channel is None or self._channel.is_closed:
-                self._channel = await self._connection.channel(publisher_confirms=True)
+                self._channel = await open_channel(self._connection, publisher_confirms=True)
                 self._exchange, self._dlx = await declare_exchanges(self._channel)
             assert self._dlx is not None
             return self._exchange, self._dlx

@@ -27,6 +27,7 @@ from aio_pika.abc import (
 
 from ..contracts.envelope import Envelope, Message
 from ..errors import TransientError
+from .connection import open_channel
 from .publisher import amqp_message
 from .topology import EXCHANGE
 
@@ -49,7 +50,7 @@ class RpcClient:
     async def _ready(self) -> AbstractExchange:
         async with self._lock:
             if self._channel is None or self._channel.is_closed or self._exchange is None:
-                channel = await self._connection.channel(publisher_confirms=False)
+                channel = await open_channel(self._connection, publisher_confirms=False)
                 # Declared (passively) through the robust channel so that it re-consumes the
                 # pseudo-queue on every reopened channel; Direct Reply-to wants no-ack.
                 replies = await channel.declare_queue(DIRECT_REPLY_TO, passive=True)
