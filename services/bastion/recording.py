@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -58,6 +59,9 @@ class CastWriter:
         self._enc = CastEncoder()
         self._record_input = record_input
         self._inflight: asyncio.Future[None] | None = None
+        # Output, input and resizes come from different tasks: each event takes its time and its
+        # place in the file under one lock, so times never go backwards in the cast.
+        self._order = asyncio.Lock()
         header = CastEncoder.header(width, height, started, env, title)
         _write_all(self._fd, header)
         self.size = len(header)
@@ -74,18 +78,22 @@ class CastWriter:
     def _t(self) -> float:
         return time.monotonic() - self._t0
 
+    async def _record(self, line: Callable[[float], bytes]) -> None:
+        async with self._order:
+            await self._write(line(self._t()))
+
     async def output(self, data: bytes) -> None:
         """What the user saw."""
-        await self._write(self._enc.event(self._t(), "o", data))
+        await self._record(lambda t: self._enc.event(t, "o", data))
 
     async def input(self, data: bytes) -> None:
         """What the user typed (only when the grant records input)."""
         if self._record_input:
-            await self._write(self._enc.event(self._t(), "i", data))
+            await self._record(lambda t: self._enc.event(t, "i", data))
 
     async def resize(self, width: int, height: int) -> None:
         """The user's terminal changed size."""
-        await self._write(CastEncoder.resize(self._t(), width, height))
+        await self._record(lambda t: CastEncoder.resize(t, width, height))
 
     async def close(self) -> None:
         """Finish the last write and close the file (idempotent)."""

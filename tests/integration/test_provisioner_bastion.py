@@ -58,8 +58,9 @@ _HOSTS = iter(range(10, 250))
 
 CA = asyncssh.generate_private_key("ssh-ed25519")
 USER = asyncssh.generate_private_key("ssh-ed25519")
-# What the bastion signs per connection: short-lived, with the login as principal.
-CERT = CA.generate_user_certificate(USER, "alice", principals=["root"], valid_before="+10m")
+# What the bastion signs per connection, with the login as principal. Made at import, which in
+# the full suite is many minutes before these tests run: valid for a day, not the bastion's minutes.
+CERT = CA.generate_user_certificate(USER, "alice", principals=["root"], valid_before="+1d")
 OTHER_PRINCIPAL = CA.generate_user_certificate(USER, "alice", principals=["admin"])
 STRANGER_CA = asyncssh.generate_private_key("ssh-ed25519")
 FOREIGN_CERT = STRANGER_CA.generate_user_certificate(USER, "alice", principals=["root"])
