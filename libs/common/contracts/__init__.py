@@ -1,6 +1,6 @@
 """Versioned bus contracts: the envelope, plus one module per service for its messages."""
 
-from . import bastion, gateway, imagesync, ipam, monitor, provisioner, releases
+from . import bastion, builder, gateway, imagesync, ipam, monitor, provisioner, releases
 from .envelope import Command, Envelope, Event, Message, UnknownMessageType, message_model, register
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "Message",
     "UnknownMessageType",
     "bastion",
+    "builder",
     "gateway",
     "imagesync",
     "ipam",
