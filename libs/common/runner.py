@@ -100,6 +100,26 @@ class ServiceContext:
         self.tasks.append(task)
         return task
 
+    def on_reconnect(self, fn: Callable[[], Awaitable[Any]], name: str) -> None:
+        """Run ``fn`` in the background each time the bus connection comes back after a drop.
+
+        What was in flight when the broker went away (a command published as the connection
+        dropped, a reply lost with it) is not re-sent by RabbitMQ; a service that keeps such
+        work (the gateway's sagas) re-sends it here instead of waiting for its timeouts.
+        """
+
+        async def run() -> None:
+            try:
+                await fn()
+            except Exception:
+                log.exception("reconnect job failed", job=name)
+
+        def callback(*_: object) -> None:
+            log.info("bus reconnected", job=name)
+            self.spawn(run(), f"{name}-on-reconnect")
+
+        self.connection.reconnect_callbacks.add(callback)
+
     def every(
         self, interval_s: float, fn: Callable[[], Awaitable[Any]], name: str, *, now: bool = True
     ) -> asyncio.Task:

@@ -107,6 +107,9 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
     reports = orphan_handlers(HostReports(quarantine))
     await ctx.consume(ORPHAN_QUEUE, ORPHAN_BINDINGS, reports, dedupe=False)
     await driver.resume()
+    # A step sent as the broker went away, or its answer, may be lost: re-send every step in
+    # flight once the connection is back, rather than after the step's timeout (2 min).
+    ctx.on_reconnect(driver.resume, "saga-resume")
     ctx.every(settings.release_sweep_s, releases.sweep, "release-sweep")
     ctx.every(settings.saga_tick_s, driver.tick, "saga-tick", now=False)
     # Events a failed publish or a crash left in the outboxes; the first tick scans them all.

@@ -25,6 +25,7 @@ from libs.common.bus import (
     QueueSpec,
     connect,
 )
+from libs.common.bus.topology import host_key
 from libs.common.clock import utcnow
 from libs.common.contracts import ipam, provisioner
 from libs.common.contracts.releases import (
@@ -364,3 +365,36 @@ async def test_an_end_sent_twice_reaches_a_deduping_consumer_once(
     assert {env.id for _, env in probe.received} == {"r2/end"}
     assert Counter(handled.ids) == {"r2/end": 1}
     assert await _outbox(store, "r2") == []
+
+
+async def test_a_step_in_flight_is_sent_again_when_the_bus_comes_back(
+    mongo_db, vhost, proxy, probe_factory
+):
+    """A command lost with a broker connection (sent as it dropped, or its answer lost) is sent
+    again when the connection is back, not after the step's timeout (here 10 minutes)."""
+    from libs.common.runner import ServiceContext
+
+    probe = await probe_factory(host_key("h1", "container.stop"))
+    store = GatewayStore(mongo_db)
+    await store.setup()
+    await store.insert_machines([_machine("m1")])
+    connection = await connect(vhost.url_via("127.0.0.1", proxy.port), name="gateway-under-test")
+    gateway_pub = AmqpPublisher(connection, source="gateway")
+    driver = SagaDriver(store, gateway_pub, GatewaySettings(action_step_timeout_s=600))
+    ctx = ServiceContext("gateway", GatewaySettings(), connection, gateway_pub,
+                         None, None, None, None)  # type: ignore[arg-type]
+    ctx.on_reconnect(driver.resume, "saga-resume")
+    try:
+        await driver.begin_action("m1", "stop")
+        first = await probe.wait_for("container.stop")
+        await proxy.cut()  # the command is taken as lost; the connection comes back at once
+        again = await probe.wait_for("container.stop", count=2)
+        await asyncio.gather(*ctx.tasks)
+        doc = await store.get("m1")
+    finally:
+        await gateway_pub.close()
+        await connection.close()
+
+    assert [m.machine_id for m in first] == ["m1"]
+    assert [m.machine_id for m in again] == ["m1", "m1"]
+    assert (doc["saga"]["op"], doc["saga"]["attempt"]) == ("stop", 1)  # a re-send, not a retry
