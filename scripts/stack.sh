@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The local stack: RabbitMQ, FerretDB, the Docker Engine, two registries, LXCFS, Open vSwitch,
-# the base image and the local Maven repository (scripts/maven-repo.sh), all on loopback, without
-# systemd.
+# Prometheus and Alertmanager, the base image and the local Maven repository
+# (scripts/maven-repo.sh), all on loopback, without systemd.
 #
 #   stack.sh up      start what does not answer yet (a second run is a no-op)
 #   stack.sh down    stop what `up` started (its pid files); data stays
@@ -338,6 +338,90 @@ base_image_build() {
     die "base-image: building $DOCKVM_BASE_IMAGE failed (log: $LOG_DIR/base-image.log)"
 }
 
+# --- Prometheus and Alertmanager (Debian's binaries, not their units) ------------------------
+
+: "${DOCKVM_PROM_PORT:=9090}"
+: "${DOCKVM_ALERTMANAGER_PORT:=9093}"
+: "${DOCKVM_PROM_RETENTION:=8d}"
+: "${DOCKVM_PROM_SCRAPE_INTERVAL:=10s}"
+: "${DOCKVM_GATEWAY_URL:=http://127.0.0.1:${DOCKVM_GATEWAY_PORT:-8080}}"
+# Empty: alerts go to the gateway's audit log. Ops set their own receiver here.
+: "${DOCKVM_ALERT_WEBHOOK_URL:=}"
+PROM_DIR=$STATE/prometheus
+PROM_TEMPLATES=$REPO_ROOT/deploy/prometheus
+
+prom_url() { echo "http://$DOCKVM_HOST:$DOCKVM_PROM_PORT"; }
+am_url() { echo "http://$DOCKVM_HOST:$DOCKVM_ALERTMANAGER_PORT"; }
+prom_up() { [[ $(http_code "$(prom_url)/-/ready") == 200 ]]; }
+am_up() { [[ $(http_code "$(am_url)/-/ready") == 200 ]]; }
+
+# The credential both present to the gateway (0600, in a 0700 dir): it reads the targets and
+# posts alerts, nothing else; the gateway reads the same file.
+prom_secret() {
+  (umask 077 && mkdir -p "$PROM_DIR" "$PROM_DIR/data" "$PROM_DIR/alertmanager")
+  chmod 0700 "$PROM_DIR"
+  if [[ ! -s $PROM_DIR/gateway.secret ]]; then
+    (umask 077 && od -An -N32 -tx1 /dev/urandom | tr -d ' \n' >"$PROM_DIR/gateway.secret")
+  fi
+  chmod 0600 "$PROM_DIR/gateway.secret"
+}
+
+# prom_render TEMPLATE: the config from deploy/prometheus/TEMPLATE. The rules' hash is part of
+# Prometheus's, so that a changed rule restarts it like a changed config.
+prom_render() {
+  local webhook=${DOCKVM_ALERT_WEBHOOK_URL:-$DOCKVM_GATEWAY_URL/v1/prometheus/alerts} auth
+  auth="s|@GATEWAY_AUTH@|authorization|"
+  [[ -z ${DOCKVM_ALERT_WEBHOOK_URL:-} ]] || auth='/@GATEWAY_AUTH@/,$d'
+  sed -e "s|@SCRAPE_INTERVAL@|$DOCKVM_PROM_SCRAPE_INTERVAL|g" -e "s|@SD_REFRESH@|10s|g" \
+    -e "s|@INSTANCE@|$DOCKVM_HOST:$DOCKVM_PROM_PORT|g" \
+    -e "s|@RULES_DIR@|$PROM_TEMPLATES/rules|g" \
+    -e "s|@ALERTMANAGER@|$DOCKVM_HOST:$DOCKVM_ALERTMANAGER_PORT|g" \
+    -e "s|@GATEWAY_URL@|$DOCKVM_GATEWAY_URL|g" -e "s|@WEBHOOK_URL@|$webhook|g" \
+    -e "s|@SECRET_FILE@|$PROM_DIR/gateway.secret|g" -e "$auth" "$PROM_TEMPLATES/$1"
+  [[ $1 != prometheus.yml.in ]] || echo "# rules: $(cat "$PROM_TEMPLATES"/rules/*.yml | sha256sum | cut -d' ' -f1)"
+}
+
+# prom_daemon NAME CHECK CONF TEMPLATE CMD...: (re)writes CONF; a daemon of ours on an older
+# config is restarted; one that does not answer is started. History stays in the data dir.
+prom_daemon() {
+  local name=$1 check=$2 conf=$3 template=$4 new; shift 4
+  new=$(prom_render "$template")
+  if [[ ! -f $conf || $(<"$conf") != "$new" ]]; then
+    (umask 077 && printf '%s\n' "$new" >"$conf")
+    if pid_alive "$RUN_DIR/$name.pid"; then
+      say "stack: $name config changed; restarting it"
+      stop_pidfile "$name" 30
+    fi
+  fi
+  "$check" && return 0
+  command -v "$1" >/dev/null || die "$name: $1 not installed; run scripts/install.sh"
+  say "stack: starting $name"
+  spawn "$name" "$@"
+  wait_until 60 "$check" || die "$name: not ready on $DOCKVM_HOST after 60s (log: $LOG_DIR/$name.log)"
+}
+
+prometheus_start() {
+  prom_secret
+  prom_daemon alertmanager am_up "$PROM_DIR/alertmanager.yml" alertmanager.yml.in \
+    prometheus-alertmanager --config.file="$PROM_DIR/alertmanager.yml" \
+    --storage.path="$PROM_DIR/alertmanager" \
+    --web.listen-address="$DOCKVM_HOST:$DOCKVM_ALERTMANAGER_PORT" --cluster.listen-address=
+  prom_daemon prometheus prom_up "$PROM_DIR/prometheus.yml" prometheus.yml.in \
+    prometheus --config.file="$PROM_DIR/prometheus.yml" --storage.tsdb.path="$PROM_DIR/data" \
+    --storage.tsdb.retention.time="$DOCKVM_PROM_RETENTION" \
+    --web.listen-address="$DOCKVM_HOST:$DOCKVM_PROM_PORT"
+}
+
+prometheus_down() {
+  local name
+  for name in prometheus alertmanager; do
+    if pid_alive "$RUN_DIR/$name.pid"; then
+      say "stack: stopping $name"
+      stop_pidfile "$name" 30
+    fi
+  done
+}
+
 # --- Commands -------------------------------------------------------------------------------
 
 cmd_up() {
@@ -350,6 +434,7 @@ cmd_up() {
   registry_start dc2
   lxcfs_start
   ovs_start
+  prometheus_start
   rabbitmq_wait
   base_image_build
   "$REPO_ROOT/scripts/maven-repo.sh" up
@@ -366,6 +451,7 @@ cmd_down() {
   "$REPO_ROOT/scripts/maven-repo.sh" down
   ovs_down
   lxcfs_down
+  prometheus_down
   for dc in dc2 dc1; do
     if pid_alive "$RUN_DIR/registry-$dc.pid"; then
       say "stack: stopping registry $dc"
@@ -420,6 +506,8 @@ cmd_status() {
   done
   _row lxcfs "$DOCKVM_LXCFS_DIR" "$(_state lxcfs_up)"
   _row ovs "unix:$OVS_RUN/db.sock" "$(_state ovs_up)"
+  s=$(_state prom_up); _row prometheus "$(prom_url)" "$s"; [[ $s == up ]] || down=1
+  s=$(_state am_up); _row alertmanager "$(am_url)" "$s"; [[ $s == up ]] || down=1
   s=$(_state base_image_up); _row base-image "$DOCKVM_BASE_IMAGE" "$s"; [[ $s == up ]] || down=1
   s=$("$REPO_ROOT/scripts/maven-repo.sh" status); _row maven-repo "http://$DOCKVM_HOST:${DOCKVM_MAVEN_PORT:-8090}" "$s"
   [[ $s == up ]] || down=1
