@@ -18,6 +18,7 @@ from libs.common.runner import ServiceContext
 
 from .api import GatewayState, build_api, problem_middleware
 from .api.hosts import QUARANTINE
+from .api.policy import POLICY
 from .api.releases import add_release_routes
 from .cluster import ClusterStore
 from .handlers import (
@@ -34,6 +35,7 @@ from .handlers import (
     orphan_handlers,
     release_handlers,
 )
+from .image_policy import PolicyStore
 from .listing import MachineIndex
 from .quarantine import QuarantineStore
 from .service import Releases, SagaDriver, StoreDirectory
@@ -93,6 +95,7 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
     api = build_api(GatewayState(store=store, driver=driver, rpc=ctx.rpc, settings=settings))
     add_release_routes(api, releases, release_store)
     api.provide(QUARANTINE, quarantine)
+    api.provide(POLICY, PolicyStore(ctx.db))
     ctx.http.middlewares.append(problem_middleware)
     api.mount(ctx.http)
 

@@ -6,7 +6,21 @@ Handlers live in one module per resource and read their dependencies from the ai
 
 from __future__ import annotations
 
-from . import apps, audit, grants, hosts, images, ips, machines, pools, sessions, tokens, users
+from . import (
+    apps,
+    audit,
+    builds,
+    grants,
+    hosts,
+    images,
+    ips,
+    machines,
+    policy,
+    pools,
+    sessions,
+    tokens,
+    users,
+)
 from .deps import DRIVER, RPC, SETTINGS, STORE, GatewayState, Rpc
 from .framework import Api
 from .views import machine_out
@@ -14,7 +28,10 @@ from .views import machine_out
 __all__ = ["GatewayState", "Rpc", "build_api", "machine_out"]
 
 # In this order in the OpenAPI document.
-_MODULES = (machines, apps, hosts, pools, ips, images, tokens, audit, users, grants, sessions)
+_MODULES = (
+    machines, apps, hosts, pools, ips, images, builds, policy, tokens, audit, users, grants,
+    sessions,
+)
 
 
 def build_api(state: GatewayState) -> Api:
