@@ -161,6 +161,32 @@ async def _pushed(d: SagaDriver, msg: imagesync.ImagePushed, ctx: MessageContext
         await d.hosts.on_image_arrived(msg.dc, f"{msg.registry}/{msg.repo}:{msg.tag}")
 
 
+async def _exported(d: SagaDriver, msg: provisioner.MachineExported, ctx: MessageContext) -> None:
+    await d.migrations.on_exported(msg)
+
+
+async def _export_failed(
+    d: SagaDriver, msg: provisioner.MachineExportFailed, ctx: MessageContext
+) -> None:
+    await d.migrations.on_export_failed(msg)
+
+
+async def _imported(d: SagaDriver, msg: provisioner.MachineImported, ctx: MessageContext) -> None:
+    await d.migrations.on_imported(msg)
+
+
+async def _import_failed(
+    d: SagaDriver, msg: provisioner.MachineImportFailed, ctx: MessageContext
+) -> None:
+    await d.migrations.on_import_failed(msg)
+
+
+async def _export_ended(
+    d: SagaDriver, msg: provisioner.MachineExportEnded, ctx: MessageContext
+) -> None:
+    await d.migrations.on_export_ended(msg)
+
+
 # What each consumed event does. Exact event types only: a pattern like ``kvm.#`` would also
 # bind our own commands.
 MACHINE_EVENTS: Mapping[type[Message], Callable[[SagaDriver, Any, MessageContext], Awaitable[None]]]
@@ -183,6 +209,11 @@ MACHINE_EVENTS = {
     provisioner.ContainerResizeFailed: _resize_failed,
     provisioner.HostHeartbeat: _heartbeat,
     provisioner.ContainerObserved: _observed,
+    provisioner.MachineExported: _exported,
+    provisioner.MachineExportFailed: _export_failed,
+    provisioner.MachineImported: _imported,
+    provisioner.MachineImportFailed: _import_failed,
+    provisioner.MachineExportEnded: _export_ended,
     gw.KvmMachineCreated: _kvm_created,
     gw.KvmMachineCreateFailed: _kvm_create_failed,
     gw.KvmActionDone: _action_done,

@@ -19,9 +19,11 @@ from .adapters.host import HostCommands
 from .adapters.network import make_network
 from .adapters.runtime import RESYNC, DockerRuntime
 from .adapters.shell import DockerMachineShell
+from .adapters.transfer import DockerIdentity
 from .adapters.volumes import make_volumes
 from .deploy import Deployer
 from .handlers import bus_handlers
+from .migrate import Migrations
 from .service import AgentConfig, ProvisionerService
 from .settings import ProvisionerSettings
 from .upkeep import HostUpkeep
@@ -120,6 +122,10 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
         agent, runtime.lane(upkeep_workers, "docker-upkeep"), timeout_s=settings.upkeep_timeout_s
     )
     session = aiohttp.ClientSession()
+    identity = DockerIdentity(settings.docker_url)
+    export_url = settings.export_url or f"http://{settings.bind_host}:{settings.port}"
+    migrations = Migrations(agent, identity, session, export_url)
+    migrations.exports.add_routes(ctx.http)
     ctx.add_check("docker", runtime.host_resources)
     try:
         # Reconcile first, so a create cut short by a crash is seen before commands flow; if
@@ -128,7 +134,7 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
         await ctx.consume(
             queue_name("provisioner", settings.host_id),
             [f"host.{settings.host_id}.#"],
-            bus_handlers(agent, _deployer(settings, session)),
+            bus_handlers(agent, _deployer(settings, session), migrations),
             # Handlers are idempotent by machine_id; a message-id lease would instead hold a
             # create redelivered after a crash (kill -9) until the lease expires.
             dedupe=False,
@@ -155,6 +161,7 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
         yield
     finally:
         await session.close()
+        identity.close()
         runtime.close()
 
 

@@ -22,15 +22,19 @@ from libs.common.contracts.provisioner import (
     ContainerStart,
     ContainerStop,
     ImagePrewarm,
+    MachineExport,
+    MachineExportEnd,
+    MachineImport,
     MachinesKnown,
     OrphanPurge,
 )
 from libs.common.contracts.releases import Deploy
 
 from .deploy import Deployer
+from .migrate import Migrations
 from .service import ProvisionerService
 
-__all__ = ["answer", "bus_handlers", "machine_handlers"]
+__all__ = ["answer", "bus_handlers", "machine_handlers", "migration_handlers"]
 
 Command = Callable[[Any], Awaitable[Message | None]]
 
@@ -59,6 +63,20 @@ def machine_handlers(agent: ProvisionerService) -> dict[str, Handler]:
     return {kind: partial(answer, command) for kind, command in commands.items()}
 
 
-def bus_handlers(agent: ProvisionerService, deployer: Deployer) -> dict[str, Handler]:
-    """Every handler of the host's queue, by message type: machine commands and deploys."""
-    return {**machine_handlers(agent), Deploy.TYPE: partial(answer, deployer.run)}
+def migration_handlers(migrations: Migrations) -> dict[str, Handler]:
+    """The handlers of a cold migration's commands (export, import, end of an export)."""
+    commands: dict[str, Command] = {
+        MachineExport.TYPE: migrations.export,
+        MachineImport.TYPE: migrations.import_,
+        MachineExportEnd.TYPE: migrations.end,
+    }
+    return {kind: partial(answer, command) for kind, command in commands.items()}
+
+
+def bus_handlers(
+    agent: ProvisionerService, deployer: Deployer, migrations: Migrations | None = None
+) -> dict[str, Handler]:
+    """Every handler of the host's queue, by message type: machine commands, deploys and
+    (given ``migrations``) migrations."""
+    extra = migration_handlers(migrations) if migrations is not None else {}
+    return {**machine_handlers(agent), Deploy.TYPE: partial(answer, deployer.run), **extra}

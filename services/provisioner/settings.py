@@ -32,6 +32,9 @@ class ProvisionerSettings(HostAgentSettings):
     ovs_uplink: str = Field(default="", pattern=r"^[a-zA-Z0-9_-]{0,15}$")
     ovs_router: str = Field(default="", pattern=r"^[a-zA-Z0-9_-]{0,15}$")
     lvm_vg: str = "dockvm"
+    # Where other hosts' agents fetch a machine this one exports for a migration (its HTTP
+    # port); empty: http://<bind_host>:<port>.
+    export_url: str = Field(default="", pattern=r"^(https?://[^\s/]+)?$")
 
     # Creates of different machines run in parallel, at most create_parallelism at once. Each
     # holds one Docker thread at a time, so docker_workers (the commands' pool, and the SDK's

@@ -39,6 +39,7 @@ EXPECTED = {
     "POST /v1/machines/{id}/start": "ops",
     "POST /v1/machines/{id}/stop": "ops",
     "POST /v1/machines/{id}/restart": "ops",
+    "POST /v1/machines/{id}/migrate": "ops",
     "PATCH /v1/machines/{id}": "ops",
     "DELETE /v1/machines/{id}": "ops",
     "POST /v1/apps/{app}/scale": "ops",

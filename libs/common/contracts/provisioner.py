@@ -46,6 +46,14 @@ __all__ = [
     "HostHeartbeat",
     "ImagePrewarm",
     "ImagePrewarmed",
+    "MachineExport",
+    "MachineExportEnd",
+    "MachineExportEnded",
+    "MachineExportFailed",
+    "MachineExported",
+    "MachineImport",
+    "MachineImportFailed",
+    "MachineImported",
     "MachinesKnown",
     "OrphanPurge",
     "OrphanPurgeRefused",
@@ -346,3 +354,105 @@ class HostAlert(Event):
     count: int = 0
     cleared: bool = False
     at: datetime
+
+
+# ---- cold migration: a stopped machine's disk and identity move to another host -------------
+# The gateway's migrate saga (services/gateway/service/migrate.py) sends them: export to the
+# source, import to the target, then export.end to the source (moved: remove what is left; back:
+# start it again where it was). The disk goes from the source agent's HTTP port to the target
+# agent, as a stream of the volume file's data extents (services/provisioner/adapters/transfer.py).
+
+
+@register
+class MachineExport(Command):
+    """Stop the machine, detach its disk and offer its disk and identity for one import."""
+
+    TYPE = "machine.export"
+    machine_id: MachineId = Field(min_length=1, max_length=64)
+    # The one-time credential the importer presents (made by the gateway, 32+ url-safe chars).
+    token: str = Field(min_length=32, max_length=128, repr=False)
+    timeout_s: int = Field(default=30, ge=0, le=600)
+
+
+@register
+class MachineExported(Event):
+    """The machine is stopped on ``host`` and its disk and identity wait at ``url``."""
+
+    TYPE = "machine.exported"
+    machine_id: MachineId
+    host: str
+    url: str
+    disk: int
+    was_running: bool
+
+
+@register
+class MachineExportFailed(Event):
+    """Nothing was exported; the machine is as it was on ``host`` (started again if it ran)."""
+
+    TYPE = "machine.export_failed"
+    machine_id: MachineId
+    host: str
+    reason: str
+    retriable: bool = False
+
+
+@register
+class MachineImport(ContainerCreate):
+    """Make the machine from the disk and identity another host exports at ``source_url``."""
+
+    TYPE = "machine.import"
+    source_url: str = Field(min_length=1, max_length=512)
+    token: str = Field(min_length=32, max_length=128, repr=False)
+    start: bool = True
+    # Its requester gives up then: one still queued past it is refused, so a late import never
+    # makes a second copy of a machine that went back to its source.
+    deadline: datetime | None = None
+
+
+@register
+class MachineImported(Event):
+    """The machine is on ``host`` with its disk and identity (running if ``start``)."""
+
+    TYPE = "machine.imported"
+    machine_id: MachineId
+    host: str
+    container_id: str
+    state: str
+    bytes_copied: int = 0
+
+
+@register
+class MachineImportFailed(Event):
+    """No copy of the machine was made on ``host`` and nothing was left behind."""
+
+    TYPE = "machine.import_failed"
+    machine_id: MachineId
+    host: str
+    reason: str
+    retriable: bool = False
+
+
+@register
+class MachineExportEnd(Command):
+    """End an export: ``moved`` removes what is left of the machine here; ``back`` re-attaches
+    its disk and starts it again (``start``) with the same identity."""
+
+    TYPE = "machine.export_end"
+    machine_id: MachineId = Field(min_length=1, max_length=64)
+    outcome: Literal["moved", "back"]
+    start: bool = True
+    timeout_s: int = Field(default=30, ge=0, le=600)
+
+
+@register
+class MachineExportEnded(Event):
+    """An export ended on ``host`` as ``outcome`` (``ok`` false: the step failed, ``reason``)."""
+
+    TYPE = "machine.export_ended"
+    machine_id: MachineId
+    host: str
+    outcome: Literal["moved", "back"]
+    ok: bool = True
+    state: str = ""
+    reason: str = ""

@@ -15,6 +15,7 @@ from . import (
     images,
     ips,
     machines,
+    migrate,
     policy,
     pools,
     sessions,
@@ -29,8 +30,8 @@ __all__ = ["GatewayState", "Rpc", "build_api", "machine_out"]
 
 # In this order in the OpenAPI document.
 _MODULES = (
-    machines, apps, hosts, pools, ips, images, builds, policy, tokens, audit, users, grants,
-    sessions,
+    machines, migrate, apps, hosts, pools, ips, images, builds, policy, tokens, audit, users,
+    grants, sessions,
 )
 
 

@@ -24,6 +24,8 @@ class State(StrEnum):
     STOPPED = "stopped"
     RESIZING = "resizing"
     DEPLOYING = "deploying"
+    # Cold migration (services/gateway/service/migrate.py): stopped, its disk on its way.
+    MIGRATING = "migrating"
     DESTROYING = "destroying"
     DESTROYED = "destroyed"
     FAILED = "failed"
@@ -41,6 +43,7 @@ ACTIVE_STATES = frozenset(
         State.STOPPED,
         State.RESIZING,
         State.DEPLOYING,
+        State.MIGRATING,
         State.UNKNOWN,
     }
 )

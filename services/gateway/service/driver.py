@@ -21,6 +21,7 @@ The driver itself knows no operation: it reads the step table. The operations an
 - start/stop/restart: container
 - resize: container
 - destroy: container → ip (destroyed)
+- migrate: export → import → finish, or → revert (see :mod:`.migrate`)
 - compensate (after a failed create): container → ip, the machine stays failed
 
 A new operation (a rolling deploy) registers its steps with :meth:`SagaDriver.register_step`
@@ -50,6 +51,7 @@ from ..store import MachineStore
 from .create import CreateSaga
 from .hosts import Hosts
 from .lifecycle import Lifecycle
+from .migrate import MigrateSaga
 from .steps import SagaMatch, StepSpec, StepTable, new_op_id, saga_of, timeout_reason
 
 __all__ = ["Clock", "SagaDriver"]
@@ -92,8 +94,10 @@ class SagaDriver:
         self.creates = CreateSaga(self)
         self.lifecycle = Lifecycle(self)
         self.hosts = Hosts(self)
+        self.migrations = MigrateSaga(self)
         self.creates.register(self.steps)
         self.lifecycle.register(self.steps)
+        self.migrations.register(self.steps)
 
     def register_step(self, op: str, step: str, spec: StepSpec) -> None:
         """Add a step of a new operation (e.g. ``deploy``/``artifact``)."""

@@ -81,7 +81,9 @@ async def send_ip_release(publisher: Publisher, doc: MachineDoc) -> None:
 
 
 # States only a machine that reached running can have been in.
-_RAN = frozenset({State.RUNNING, State.STOPPED, State.RESIZING, State.DEPLOYING, State.UNKNOWN})
+_RAN = frozenset(
+    {State.RUNNING, State.STOPPED, State.RESIZING, State.DEPLOYING, State.MIGRATING, State.UNKNOWN}
+)
 
 
 def ever_ran(doc: MachineDoc) -> bool:
