@@ -19,6 +19,7 @@ from libs.common.runner import ServiceContext
 from .api import GatewayState, build_api, problem_middleware
 from .api.hosts import QUARANTINE
 from .api.policy import POLICY
+from .api.prometheus import add_prometheus_routes
 from .api.releases import add_release_routes
 from .cluster import ClusterStore
 from .handlers import (
@@ -40,6 +41,7 @@ from .listing import MachineIndex
 from .quarantine import QuarantineStore
 from .service import Releases, SagaDriver, StoreDirectory
 from .service.hosts import HostReports
+from .service.prometheus import PrometheusClient
 from .settings import GatewaySettings
 from .store import GatewayStore, ReleaseStore
 
@@ -94,6 +96,7 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
 
     api = build_api(GatewayState(store=store, driver=driver, rpc=ctx.rpc, settings=settings))
     add_release_routes(api, releases, release_store)
+    add_prometheus_routes(ctx.http, PrometheusClient(settings.prometheus_url, http))
     api.provide(QUARANTINE, quarantine)
     api.provide(POLICY, PolicyStore(ctx.db))
     ctx.http.middlewares.append(problem_middleware)

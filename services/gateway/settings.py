@@ -54,6 +54,23 @@ class GatewaySettings(CommonSettings):
         default=None, description="default: $DOCKVM_STATE_DIR/admin.token"
     )
 
+    # Monitoring on Prometheus (services/gateway/api/prometheus.py): where history is read,
+    # the credential of discovery and alerts, and the addresses discovery hands out.
+    prometheus_url: str = "http://127.0.0.1:9090"
+    prometheus_secret_file: Path | None = Field(
+        default=None, description="default: $DOCKVM_STATE_DIR/prometheus/gateway.secret"
+    )
+    prometheus_services: str = (
+        "gateway=127.0.0.1:8080,imagesync=127.0.0.1:8081,ipam=127.0.0.1:9102,"
+        "bastion=127.0.0.1:9105"
+    )
+    prometheus_agent_ports: str = "provisioner=9103,monitor=9104"
+    node_exporter_port: int = Field(default=9100, ge=1, le=65535)
+
+    def prometheus_secret_path(self) -> Path:
+        """The bearer Prometheus and Alertmanager present (written by scripts/stack.sh)."""
+        return self.prometheus_secret_file or self.state_dir / "prometheus" / "gateway.secret"
+
     def token_path(self) -> Path:
         """Where the bootstrap admin token is written."""
         return self.admin_token_file or self.state_dir / "admin.token"

@@ -7,7 +7,6 @@ from contextlib import asynccontextmanager
 
 from prometheus_client import REGISTRY
 
-from libs.common.contracts.monitor import QUERIES_QUEUE, MetricsQuery
 from libs.common.runner import ServiceContext
 
 from .adapters import (
@@ -21,11 +20,10 @@ from .adapters import (
 )
 from .domain import LifecycleTracker
 from .exporter import ContainerCollector
-from .handlers import query_handlers
 from .sampler import Sampler
 from .service import MonitorService
 from .settings import MonitorSettings
-from .store import MongoSampleStore
+from .store import MongoMonitorStore
 
 __all__ = ["lifespan"]
 
@@ -35,7 +33,7 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
     """Wire the monitor service for the life of the process."""
     settings = ctx.settings
     assert isinstance(settings, MonitorSettings)
-    store = MongoSampleStore(ctx.db)
+    store = MongoMonitorStore(ctx.db)
     await store.setup()
     engine = DockerEngine(
         settings.docker_url, workers=settings.docker_workers, label=settings.monitor_label
@@ -82,10 +80,9 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
         ctx.every(
             settings.monitor_retention_every_s,
             lambda: monitor.prune(settings.monitor_retention_days),
-            "retention",
+            "lifecycle-retention",
         )
         ctx.every(30, monitor.republish, "republish-lifecycle", now=False)
-        await ctx.consume(QUERIES_QUEUE, [MetricsQuery.TYPE], query_handlers(store), dedupe=False)
         ctx.add_check("docker", engine.ping)
         yield
     finally:

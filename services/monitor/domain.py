@@ -1,4 +1,4 @@
-"""Pure logic of the monitor: the math of samples, lifecycle tracking, flapping, downsampling.
+"""Pure logic of the monitor: the math of samples, lifecycle tracking, flapping.
 
 Nothing here does I/O: the adapters read cgroup files, ``/proc/<pid>/net/dev`` and the Docker
 events stream, and hand plain values to these functions.
@@ -17,7 +17,6 @@ from typing import Any
 
 from libs.common.contracts.envelope import Message
 from libs.common.contracts.monitor import (
-    STEPS,
     ContainerDied,
     ContainerFlapping,
     ContainerHealth,
@@ -25,7 +24,6 @@ from libs.common.contracts.monitor import (
     ContainerRestarted,
     ContainerSample,
     ContainerStarted,
-    MetricPoint,
 )
 
 __all__ = [
@@ -41,7 +39,6 @@ __all__ = [
     "build_sample",
     "counter_delta",
     "cpu_percent",
-    "downsample",
     "effective_limit",
     "event_id",
     "working_set",
@@ -212,64 +209,6 @@ def build_sample(
             "blk_write_bytes": counter_delta(p.blk_write_bytes, cg.blk_write_bytes),
         }
     return sample, deltas
-
-
-# ---------------------------------------------------------------- downsampling
-
-_SUMMED = (
-    "cpu_throttled_s",
-    "oom_kills",
-    "net_rx_bytes",
-    "net_tx_bytes",
-    "net_rx_packets",
-    "net_tx_packets",
-    "blk_read_bytes",
-    "blk_write_bytes",
-)
-
-
-def _bucket_start(t: datetime, step_s: int) -> datetime:
-    epoch = int(t.timestamp())
-    return datetime.fromtimestamp(epoch - epoch % step_s, UTC)
-
-
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
-
-
-def downsample(docs: Iterable[Mapping[str, Any]], step: str) -> list[MetricPoint]:
-    """Group stored samples (sorted by ``t``) into ``step`` buckets: gauges averaged and
-    peaked, counter deltas summed. ``raw`` gives one point per sample."""
-    step_s = STEPS[step]
-    buckets: dict[datetime, list[Mapping[str, Any]]] = {}
-    for doc in docs:
-        t = doc["t"] if doc["t"].tzinfo else doc["t"].replace(tzinfo=UTC)
-        key = t if step_s == 0 else _bucket_start(t, step_s)
-        buckets.setdefault(key, []).append(doc)
-    points = []
-    for t in sorted(buckets):
-        group = buckets[t]
-        cpu = [d["cpu_percent"] for d in group if d.get("cpu_percent") is not None]
-        ws = [d["mem_working_set"] for d in group if d.get("mem_working_set") is not None]
-        usage = [d["mem_usage"] for d in group if d.get("mem_usage") is not None]
-        pids = [d["pids"] for d in group if d.get("pids") is not None]
-        sums = {k: sum(d.get("d", {}).get(k, 0) for d in group) for k in _SUMMED}
-        points.append(
-            MetricPoint(
-                t=t,
-                samples=len(group),
-                machine_id=group[-1].get("machine_id"),
-                cpu_percent=_mean(cpu),
-                cpu_percent_max=max(cpu) if cpu else None,
-                mem_usage=_mean(usage),
-                mem_working_set=_mean(ws),
-                mem_working_set_max=max(ws) if ws else None,
-                mem_limit=group[-1].get("mem_limit"),
-                pids=_mean(pids),
-                **sums,
-            )
-        )
-    return points
 
 
 # ---------------------------------------------------------------- lifecycle

@@ -1,17 +1,28 @@
-"""Prometheus exposition of the latest sample of each container, labelled ip/machine_id/app/host.
+"""Prometheus exposition of the latest sample of each container, labelled ip/machine_id/app/host,
+and of the lifecycle facts the alert rules need (restarts, OOM kills).
 
 A custom collector: it renders whatever the last round produced at scrape time, so containers
-that are gone disappear from ``/metrics`` instead of lingering as stale label sets.
+that are gone disappear from ``/metrics`` instead of lingering as stale label sets. The
+lifecycle counters outlive their container's samples for an hour: an OOM kill that takes the
+container down must still be scraped once. Each starts at 0 the first time its container is
+sampled, so Prometheus sees it go up (a series born at 1 shows no increase).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from libs.common.contracts.monitor import ContainerSample
+from libs.common.contracts.envelope import Message
+from libs.common.contracts.monitor import (
+    ContainerDied,
+    ContainerOomKilled,
+    ContainerRestarted,
+    ContainerSample,
+)
 
 __all__ = ["ContainerCollector"]
 
@@ -62,16 +73,58 @@ _SERIES: tuple[tuple[str, str, str, bool], ...] = (
 )
 
 
-class ContainerCollector(Collector):
-    """Holds the last round's samples and renders them on scrape."""
+_LIFECYCLE = (
+    (
+        "dockvm_container_restarts",
+        "Restarts seen by this monitor (restart policy or docker restart)",
+    ),
+    ("dockvm_container_oom_events", "OOM kills seen by this monitor"),
+)
+_KEEP_S = 3600.0  # how long a gone container's lifecycle counters stay exposed
 
-    def __init__(self, host: str) -> None:
+
+class ContainerCollector(Collector):
+    """Holds the last round's samples and the lifecycle counters; renders them on scrape."""
+
+    def __init__(self, host: str, clock: Callable[[], float] = time.monotonic) -> None:
         self._host = host
         self._samples: list[ContainerSample] = []
+        self._clock = clock
+        # labels -> [restarts, oom events, last seen]
+        self._counts: dict[tuple[str, ...], list[float]] = {}
 
     def update(self, samples: Iterable[ContainerSample]) -> None:
         """Replace the samples shown (one list swap: scrapes see a whole round)."""
         self._samples = list(samples)
+        now = self._clock()
+        for s in self._samples:
+            self._counts.setdefault(self._labels(s), [0, 0, now])[2] = now
+        for key in [k for k, v in self._counts.items() if now - v[2] > _KEEP_S]:
+            del self._counts[key]
+
+    def _labels(self, s: ContainerSample | Message) -> tuple[str, ...]:
+        ip = getattr(s, "ip", None)
+        return (
+            str(ip) if ip else "",
+            getattr(s, "machine_id", ""),
+            getattr(s, "app", None) or "",
+            self._host,
+        )
+
+    def note(self, msg: Message) -> None:
+        """Count a lifecycle event: a restart, or an OOM kill (one per kill: the die that
+        follows an ``oom`` event is not counted again, a die found by a resync is)."""
+        if isinstance(msg, ContainerRestarted):
+            slot = 0
+        elif isinstance(msg, ContainerOomKilled) or (
+            isinstance(msg, ContainerDied) and msg.oom_killed and msg.synthesized
+        ):
+            slot = 1
+        else:
+            return
+        row = self._counts.setdefault(self._labels(msg), [0, 0, self._clock()])
+        row[slot] += 1
+        row[2] = self._clock()
 
     def collect(self) -> Iterator[Metric]:
         """Yield one family per series."""
@@ -89,6 +142,12 @@ class ContainerCollector(Collector):
                 labels = [str(s.ip) if s.ip else "", s.machine_id, s.app or "", self._host]
                 family.add_metric(labels, float(value))
             yield family
+        counts = list(self._counts.items())
+        for slot, (name, doc) in enumerate(_LIFECYCLE):
+            counter = CounterMetricFamily(name, doc, labels=_LABELS)
+            for labels, row in counts:
+                counter.add_metric(list(labels), row[slot])
+            yield counter
 
     def describe(self) -> Iterator[Metric]:
         """No fixed description: the families are built at scrape time."""

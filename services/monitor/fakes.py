@@ -1,9 +1,9 @@
 """In-memory fakes of the monitor's ports, for unit tests of the monitor's logic.
 
-:class:`MemorySampleStore` follows the MongoDB store's contract: the contract test in
-tests/integration/test_monitor_service.py runs the same checks against both (a repeated sample
-is skipped, a published lifecycle event is not claimed again, the replay point only moves
-forward). It does not track the age of unpublished events.
+:class:`MemoryMonitorStore` follows the MongoDB store's contract: the contract test in
+tests/integration/test_monitor_service.py runs the same checks against both (a published
+lifecycle event is not claimed again, the replay point only moves forward). It does not track
+the age of events: ``prune`` and ``unpublished`` ignore it.
 """
 
 from __future__ import annotations
@@ -12,16 +12,14 @@ from datetime import datetime
 from typing import Any
 
 from .domain import Emit
-from .store import assume_utc
 
-__all__ = ["MemorySampleStore"]
+__all__ = ["MemoryMonitorStore"]
 
 
-class MemorySampleStore:
-    """In-memory :class:`SampleStore` for unit tests."""
+class MemoryMonitorStore:
+    """In-memory :class:`MonitorStore` for unit tests."""
 
     def __init__(self) -> None:
-        self.docs: list[dict] = []
         self.events: dict[str, dict[str, Any]] = {}
         self.state: dict[str, int] = {}
         self.tracks: dict[str, list[dict]] = {}
@@ -29,26 +27,9 @@ class MemorySampleStore:
     async def setup(self) -> None:
         """Nothing to create."""
 
-    async def add_samples(self, docs: list[dict]) -> None:
-        """Keep copies; a sample of an IP at a time stored already is skipped."""
-        seen = {(d["ip"], assume_utc(d["t"])) for d in self.docs}
-        for doc in docs:
-            key = (doc["ip"], assume_utc(doc["t"]))
-            if key not in seen:
-                seen.add(key)
-                self.docs.append(dict(doc))
-
-    async def samples(self, ip: str, start: datetime, end: datetime) -> list[dict]:
-        """Filter and sort like the real store."""
-        found = [d for d in self.docs if d["ip"] == ip and start <= assume_utc(d["t"]) < end]
-        return sorted(found, key=lambda d: d["t"])
-
     async def prune(self, before: datetime) -> int:
-        """Drop old docs."""
-        keep = [d for d in self.docs if assume_utc(d["t"]) >= before]
-        n = len(self.docs) - len(keep)
-        self.docs = keep
-        return n
+        """Ages are not tracked: nothing is old enough."""
+        return 0
 
     async def claim_event(self, host: str, emit: Emit) -> bool:
         """Same semantics as the Mongo store."""

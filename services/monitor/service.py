@@ -1,5 +1,6 @@
 """The monitor's use-case layer: the one place that talks to Docker, the sampler, the store and
-the bus on behalf of the service.
+the bus on behalf of the service. History is not stored here: each round is exposed on
+``/metrics`` for Prometheus to scrape and keep.
 
 Delivery guarantee of what it publishes: lifecycle events are at least once, each under a
 deterministic envelope id recorded in MongoDB first, so a copy sent again after a reconnect, a
@@ -25,7 +26,7 @@ from .adapters.docker_events import Connected, Disconnected
 from .domain import Emit, LifecycleTracker, Observed, retention_cutoff
 from .exporter import ContainerCollector
 from .sampler import Sampler, Target
-from .store import SampleStore, sample_doc
+from .store import MonitorStore
 
 __all__ = ["ContainerSource", "EventSource", "MonitorService"]
 
@@ -63,7 +64,7 @@ class MonitorService:
         containers: ContainerSource,
         events: EventSource,
         sampler: Sampler,
-        store: SampleStore,
+        store: MonitorStore,
         publisher: Publisher,
         tracker: LifecycleTracker,
         collector: ContainerCollector,
@@ -113,14 +114,13 @@ class MonitorService:
         }
 
     async def sample_round(self) -> list[ContainerSample]:
-        """Sample every running container; store, expose and publish the round."""
+        """Sample every running container; expose and publish the round."""
         loop = asyncio.get_running_loop()
         results = await loop.run_in_executor(self._pool, self._sampler.round, dict(self.targets))
         samples = [s for s, _ in results]
         self._collector.update(samples)
         at = utcnow()
         rated = [(s, d) for s, d in results if s.cpu_percent is not None]
-        await self._store.add_samples([sample_doc(self.host, s, d) for s, d in rated])
         self.rounds += 1
         await self._publisher.publish(
             MetricsBatch(
@@ -130,10 +130,10 @@ class MonitorService:
         return samples
 
     async def prune(self, days: float) -> int:
-        """Delete history older than ``days``."""
+        """Delete the published lifecycle records older than ``days`` (their dedupe is over)."""
         n = await self._store.prune(retention_cutoff(utcnow(), days))
         if n:
-            log.info("history pruned", deleted=n, days=days)
+            log.info("lifecycle records pruned", deleted=n, days=days)
         return n
 
     async def resync(self, full: bool = True) -> None:
@@ -191,6 +191,7 @@ class MonitorService:
         for emit in emits:
             if not await self._store.claim_event(self.host, emit):
                 continue
+            self._collector.note(emit.message)
             await self._publisher.publish(emit.message, id=emit.id)
             await self._store.event_published(emit)
             log.info(

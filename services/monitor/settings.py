@@ -16,6 +16,8 @@ class MonitorSettings(HostAgentSettings):
 
     port: int = Field(default=9104, ge=1, le=65535, validation_alias="DOCKVM_MONITOR_PORT")
     monitor_interval_s: float = Field(default=10.0, gt=0, le=3600)
+    # How long published lifecycle records are kept (their dedupe window); samples are
+    # Prometheus's (DOCKVM_PROM_RETENTION).
     monitor_retention_days: float = Field(default=8.0, gt=0)
     monitor_retention_every_s: float = Field(default=3600.0, gt=0)
     monitor_resync_every_s: float = Field(default=60.0, gt=0)

@@ -34,7 +34,7 @@ from services.monitor.adapters import (
 )
 from services.monitor.domain import LifecycleTracker
 from services.monitor.exporter import ContainerCollector
-from services.monitor.fakes import MemorySampleStore
+from services.monitor.fakes import MemoryMonitorStore
 from services.monitor.sampler import Sampler
 from services.monitor.service import MonitorService
 
@@ -88,7 +88,7 @@ class DockerProxy:
 
 
 def _monitor(
-    url: str, box: Sandbox, store: MemorySampleStore | None = None
+    url: str, box: Sandbox, store: MemoryMonitorStore | None = None
 ) -> tuple[MonitorService, MemoryPublisher, DockerEvents, DockerEngine]:
     engine = DockerEngine(url, label=box.selector)
     events = DockerEvents(url, label=box.selector, backoff_cap_s=0.5)
@@ -97,7 +97,7 @@ def _monitor(
         host="it", containers=engine, events=events,
         sampler=Sampler(make_reader(), read_net, host_cpus=host_cpus(),
                         host_memory=host_memory()),
-        store=store or MemorySampleStore(), publisher=pub, tracker=LifecycleTracker("it"),
+        store=store or MemoryMonitorStore(), publisher=pub, tracker=LifecycleTracker("it"),
         collector=ContainerCollector("it"), interval_s=1,
     )
     return mon, pub, events, engine
@@ -105,7 +105,7 @@ def _monitor(
 
 @contextlib.asynccontextmanager
 async def _running(
-    url: str, box: Sandbox, store: MemorySampleStore | None = None
+    url: str, box: Sandbox, store: MemoryMonitorStore | None = None
 ) -> AsyncIterator[tuple[MonitorService, MemoryPublisher]]:
     mon, pub, events, engine = _monitor(url, box, store)
     since = await mon.start()
@@ -211,7 +211,7 @@ async def test_docker_restart_and_health_become_restarted_and_health_events(
 async def test_a_restarted_monitor_publishes_what_happened_while_it_was_down_once(
     sandbox: Sandbox,  # noqa: F811
 ):
-    store = MemorySampleStore()  # what the monitor keeps in MongoDB across its restarts
+    store = MemoryMonitorStore()  # what the monitor keeps in MongoDB across its restarts
     async with _running(f"unix://{DOCKER_SOCK}", sandbox, store) as (_, first):
         a, machine_a, _ = await asyncio.to_thread(sandbox.run_container, "a",
                                                   ["sleep", "infinity"])

@@ -24,7 +24,6 @@ from services.monitor.domain import (
     build_sample,
     counter_delta,
     cpu_percent,
-    downsample,
     effective_limit,
     event_id,
     working_set,
@@ -105,35 +104,6 @@ def test_without_a_quota_the_host_cpus_are_the_quota():
         host_cpus=4, host_memory=8 << 30,
     )
     assert (sample.cpu_quota_cpus, sample.cpu_percent) == (4.0, 50.0)
-
-
-def _doc(sec: int, cpu: float, ws: int, rx: int) -> dict:
-    return {
-        "t": datetime.fromtimestamp(1_800_000_040 + sec, UTC), "machine_id": "m-1",
-        "cpu_percent": cpu, "mem_working_set": ws, "mem_usage": ws, "mem_limit": 100,
-        "pids": 2, "d": {"net_rx_bytes": rx},
-    }
-
-
-@pytest.mark.parametrize(
-    ("step", "expected"),
-    [
-        ("raw", [(10.0, 1, 100), (30.0, 1, 200), (50.0, 1, 300), (70.0, 1, 400)]),
-        ("1m", [(20.0, 2, 300), (60.0, 2, 700)]),
-        ("10m", [(40.0, 4, 1000)]),
-    ],
-)
-def test_downsample_averages_gauges_and_sums_counters(step, expected):
-    # 1_800_000_000 is on a 10-minute boundary: +40, +50 | +60, +70 fall in two minutes
-    docs = [_doc(0, 10, 1, 100), _doc(10, 30, 3, 200), _doc(20, 50, 5, 300), _doc(30, 70, 7, 400)]
-    points = downsample(docs, step)
-    assert [(p.cpu_percent, p.samples, p.net_rx_bytes) for p in points] == expected
-
-
-def test_downsample_keeps_the_peak_of_a_bucket():
-    docs = [_doc(0, 10, 1, 0), _doc(10, 90, 3, 0)]
-    (point,) = downsample(docs, "10m")
-    assert (point.cpu_percent_max, point.mem_working_set_max) == (90, 3)
 
 
 def _ev(action: str, t_ns: int, cid: str = "c1", **attrs: str) -> dict:

@@ -8,7 +8,7 @@ import pytest
 
 from libs.common.bus import MemoryPublisher
 from libs.common.contracts import Envelope
-from libs.common.contracts.monitor import MetricsQuery, MetricsQueryResult
+from libs.common.contracts.monitor import MetricsQuery
 from libs.common.errors import TransientError, ValidationFailed
 from services.monitor.adapters import Connected, Disconnected
 from services.monitor.domain import (
@@ -19,8 +19,7 @@ from services.monitor.domain import (
     Observed,
 )
 from services.monitor.exporter import ContainerCollector
-from services.monitor.fakes import MemorySampleStore
-from services.monitor.handlers import query_handlers
+from services.monitor.fakes import MemoryMonitorStore
 from services.monitor.sampler import Sampler
 from services.monitor.service import MonitorService
 
@@ -116,7 +115,7 @@ def _observed(running: bool = True, started_s: int = 0, pid: int = 42) -> Observ
 def _monitor(docker: FakeDocker, events: list | None = None, clock=None):
     ticks = iter(range(0, 10_000, 10))
     wall = (NOW + timedelta(seconds=s) for s in range(0, 10_000, 10))  # in step with ``ticks``
-    store, pub = MemorySampleStore(), MemoryPublisher("monitor")
+    store, pub = MemoryMonitorStore(), MemoryPublisher("monitor")
     collector = ContainerCollector("h1")
     mon = MonitorService(
         host="h1", containers=docker, events=FakeEvents(events or []),
@@ -129,8 +128,8 @@ def _monitor(docker: FakeDocker, events: list | None = None, clock=None):
     return mon, store, pub, collector
 
 
-async def test_rounds_store_publish_and_expose_samples():
-    mon, store, pub, collector = _monitor(FakeDocker([_observed()]))
+async def test_rounds_publish_and_expose_samples():
+    mon, _store, pub, collector = _monitor(FakeDocker([_observed()]))
     await mon.start()
     await mon.sample_round()
     await mon.sample_round()
@@ -138,29 +137,29 @@ async def test_rounds_store_publish_and_expose_samples():
     exposed = [m for m in collector.collect() if m.name == "dockvm_container_cpu_percent"]
     assert (len(batch_1.samples), len(batch_2.samples)) == (0, 1)  # the first has no rate yet
     assert batch_2.samples[0].cpu_percent == pytest.approx(100.0)  # 0.5 CPU-s/s on 0.5
-    assert [d["ip"] for d in store.docs] == ["10.0.0.5"]
     assert exposed[0].samples[0].labels == {
         "ip": "10.0.0.5", "machine_id": "m-1", "app": "shop", "host": "h1"
     }
 
 
-async def test_history_query_answers_points_after_the_container_is_gone():
-    docker = FakeDocker([_observed()])
-    mon, store, _, _ = _monitor(docker)
+async def test_lifecycle_counters_start_at_zero_and_count_restarts_and_oom_kills():
+    mon, _store, _, collector = _monitor(FakeDocker([_observed()]))
     await mon.start()
-    for _ in range(3):
-        await mon.sample_round()
-    docker.observed.clear()
-    await mon.resync()
     await mon.sample_round()
-    handler = query_handlers(store)["metrics.query"]
-    query = MetricsQuery.model_validate(
-        _query(**{"from": (NOW - timedelta(hours=1)).isoformat(),
-                  "to": (NOW + timedelta(hours=1)).isoformat(), "step": "raw"})
-    )
-    result = await handler(query, None)  # type: ignore[arg-type]
-    assert isinstance(result, MetricsQueryResult)
-    assert (len(result.points), mon.targets) == (2, {})
+    before = _counters(collector)
+    attrs = {"dockvm.machine_id": "m-1", "dockvm.ip": "10.0.0.5", "dockvm.app": "shop"}
+    base = {"Type": "container", "Actor": {"ID": "c1", "Attributes": attrs}}
+    for action, at in (("oom", 20), ("die", 21), ("start", 22)):
+        await mon.handle({**base, "Action": action, "timeNano": at * NS})
+    assert before == {"dockvm_container_restarts": 0, "dockvm_container_oom_events": 0}
+    assert _counters(collector) == {
+        "dockvm_container_restarts": 1, "dockvm_container_oom_events": 1
+    }
+
+
+def _counters(collector: ContainerCollector) -> dict[str, float]:
+    names = ("dockvm_container_restarts", "dockvm_container_oom_events")
+    return {m.name: m.samples[0].value for m in collector.collect() if m.name in names}
 
 
 async def test_events_update_targets_and_publish_once_with_deterministic_ids():

@@ -31,6 +31,7 @@ __all__ = [
     "ContainerRestarted",
     "ContainerSample",
     "ContainerStarted",
+    "IpOwner",
     "MetricPoint",
     "MetricsBatch",
     "MetricsQuery",
@@ -40,8 +41,9 @@ __all__ = [
 QUERIES_QUEUE = "monitor.queries"
 """The queue all monitors share for ``metrics.query`` (one answers each request)."""
 
-STEPS: dict[str, int] = {"raw": 0, "1m": 60, "10m": 600}
-"""Downsampling steps a query may ask for, in seconds (``raw``: the samples as taken)."""
+STEPS: dict[str, int] = {"raw": 0, "10s": 10, "1m": 60, "10m": 600, "1h": 3600}
+"""Downsampling steps a query may ask for, in seconds (``raw``: the samples as taken, every
+scrape; ``10s``/``1h``: Prometheus-style spellings beside the words of the first API)."""
 
 MAX_QUERY_POINTS = 20_000
 """A query whose range would give more points than this at its step is refused."""
@@ -170,7 +172,7 @@ class MetricsQuery(Command):
     ip: IPv4Address
     from_: datetime = Field(alias="from")
     to: datetime
-    step: Literal["raw", "1m", "10m"] = "1m"
+    step: Literal["raw", "10s", "1m", "10m", "1h"] = "1m"
 
     @model_validator(mode="after")
     def _range(self) -> MetricsQuery:
@@ -211,6 +213,18 @@ class MetricPoint(Event):
     pids: float | None = None
 
 
+class IpOwner(Event):
+    """A machine that held the IP during a query's window (ipam's history), and when."""
+
+    model_config = ConfigDict(
+        frozen=True, extra="ignore", populate_by_name=True, serialize_by_alias=True
+    )
+    TYPE = "metrics.ip_owner"
+    machine_id: MachineId
+    from_: datetime | None = Field(default=None, alias="from")
+    until: datetime | None = None
+
+
 @register
 class MetricsQueryResult(Event):
     """The answer to ``metrics.query``: points in time order (empty if the IP has no history)."""
@@ -224,3 +238,6 @@ class MetricsQueryResult(Event):
     to: datetime
     step: str
     points: list[MetricPoint]
+    # Added with the Prometheus history: who held the IP in the window; points carry the
+    # machine_id of the owner they were measured on, split at each change of owner.
+    owners: list[IpOwner] = Field(default_factory=list)

@@ -1,7 +1,7 @@
 """The ``/v1/ips`` routes: who holds an IP and who held it, and its metrics history.
 
-Ownership comes from the gateway's machines; the lease from ipam and the metrics from monitor,
-over RPC.
+Ownership comes from the gateway's machines; the lease from ipam over RPC, and the metrics from
+Prometheus (:mod:`.prometheus`), split by the owners ipam recorded.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from libs.common.errors import TransientError
 from ..domain.models import IpInfo, IpPath, IsoDatetime
 from .deps import STORE, rpc_call
 from .framework import ANY, FieldErrors, RouteTable, json_response
+from .prometheus import ip_history
 from .views import ipv4, machine_out
 
 __all__ = ["MetricsQuery", "routes"]
@@ -78,13 +79,13 @@ async def show_ip(request: web.Request) -> web.Response:
     query=MetricsQuery,
 )
 async def ip_metrics(request: web.Request, query: MetricsQuery) -> web.Response:
-    """monitor's metrics of the IP over the window."""
+    """The IP's metrics over the window, from Prometheus, split by owner (ipam's history)."""
     ip = ipv4(request.match_info["ip"], "ip")
     to = query.to or utcnow()
     frm = query.from_ or to - timedelta(hours=1)
     try:
-        metrics = mon.MetricsQuery(ip=IPv4Address(ip), from_=frm, to=to, step=query.step)
+        q = mon.MetricsQuery(ip=IPv4Address(ip), from_=frm, to=to, step=query.step)
     except ValueError as err:
         raise FieldErrors.one("query", "invalid", str(err)) from err
-    reply = await rpc_call(request, metrics, routing_key=mon.MetricsQuery.TYPE)
+    reply = await ip_history(request, ip, q.from_, q.to, q.step)
     return json_response(reply.model_dump(mode="json", by_alias=True))
