@@ -3,6 +3,11 @@
     .venv/bin/python -m chaos [--rounds N | --quick] [--only 'kill-*,registry-down']
         [--no-disruptive] [--batch 10] [--pushes 20] [--dockerd-machines 50]
         [--dockerd-restarts 6] [--loop-seconds 20] [--budget-minutes 120] [--list]
+        [--shared-infra]
+
+The suite runs on a RabbitMQ node and a FerretDB of its own (chaos/infra.py), started here and
+stopped at the end, so restarting them disturbs nothing else; ``--shared-infra`` uses the
+stack's own instead.
 
 Exit status 1 when any round of any scenario broke what must hold.
 """
@@ -13,11 +18,12 @@ import argparse
 import asyncio
 import signal
 import sys
+from typing import TYPE_CHECKING
 
-from bench._common import machine
-from chaos.report import Outcome, table
-from chaos.scenarios import SCENARIOS, Params, Scenario
-from chaos.suite import run_suite, select
+from chaos import infra
+
+if TYPE_CHECKING:
+    from chaos.scenarios import Params, Scenario
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -37,12 +43,34 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--loop-seconds", type=float, default=20.0)
     ap.add_argument("--budget-minutes", type=float, default=120.0, help="no round starts past it")
     ap.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    ap.add_argument(
+        "--shared-infra",
+        action="store_true",
+        help="run on the stack's RabbitMQ and FerretDB rather than a private pair",
+    )
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the flags, run, print the table; the exit status."""
     a = _args(argv)
+    private = not a.shared_infra and not a.list
+    if private:
+        # Before anything imports tests.support.stack, which reads the addresses once.
+        infra.enter()
+    try:
+        return _main(a)
+    finally:
+        if private:
+            infra.leave()
+
+
+def _main(a: argparse.Namespace) -> int:
+    from bench._common import machine
+    from chaos.report import table
+    from chaos.scenarios import SCENARIOS, Params
+    from chaos.suite import select
+
     if a.list:
         for s in SCENARIOS:
             flag = " (disruptive)" if s.disruptive else ""
@@ -63,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     rounds = 1 if a.quick else a.rounds
     print(f"# chaos — {machine()}", flush=True)
-    outcomes: list[Outcome] = []
+    outcomes: list = []
     stopped = asyncio.run(_run(scenarios, params, rounds, a.budget_minutes * 60, outcomes))
     print(table(outcomes))
     if stopped:
@@ -76,6 +104,8 @@ async def _run(
 ) -> bool:
     """Run the suite; SIGTERM or SIGINT cancels it, so the stack is still cleaned up. Whether
     it was stopped so."""
+    from chaos.suite import run_suite
+
     task = asyncio.create_task(run_suite(scenarios, params, rounds, budget, outcomes=out))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -1,7 +1,9 @@
-"""Restarts of the shared local stack: RabbitMQ, FerretDB and dockerd.
+"""Restarts of RabbitMQ, FerretDB and dockerd under the suite.
 
-They disturb everything on this machine (a running ``make run``, other test runs), so only the
-scenarios marked disruptive call them, and ``make test`` never does. Each returns how long the
+RabbitMQ and FerretDB are the suite's own pair (:mod:`chaos.infra`) unless ``--shared-infra``;
+dockerd is always the shared engine, which disturbs everything on this machine (a running
+``make run``, other test runs), so only the scenarios marked disruptive call these, and
+``make test`` never does. Each returns how long the
 component was away, in seconds. A restart is done the way an operator would: RabbitMQ's
 application is stopped and started in its node (every connection drops, every queue restarts);
 FerretDB and dockerd get SIGTERM and are started again by ``scripts/stack.sh up``.
@@ -22,11 +24,14 @@ from tests.support.stack import RABBIT_API, RABBIT_HEADERS
 ROOT = Path(__file__).resolve().parents[1]
 STATE = Path(os.environ.get("DOCKVM_STATE_DIR", "/var/lib/dockvm"))
 NODE = os.environ.get("DOCKVM_RABBITMQ_NODENAME", "rabbit")
+# Set by chaos.infra.enter: the state dir of the suite's own FerretDB (None: the shared one).
+_infra = os.environ.get("DOCKVM_CHAOS_INFRA_STATE")
+INFRA_STATE = Path(_infra) if _infra else None
 
 
-async def _run(*argv: str, timeout: float = 180.0) -> None:
+async def _run(*argv: str, timeout: float = 180.0, env: dict[str, str] | None = None) -> None:
     proc = await asyncio.create_subprocess_exec(
-        *argv, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        *argv, cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
     )
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), timeout)
@@ -66,8 +71,18 @@ async def restart_rabbitmq() -> float:
 
 
 async def restart_ferretdb() -> float:
-    """SIGTERM FerretDB (the stack's pid file) and start it again."""
-    return await _sigterm_and_up(_pid(STATE / "run" / "ferretdb.pid"), 30)
+    """SIGTERM FerretDB (the stack's pid file) and start it again: the chaos suite's own
+    (:mod:`chaos.infra`) unless it runs on the shared stack."""
+    if INFRA_STATE is None:
+        return await _sigterm_and_up(_pid(STATE / "run" / "ferretdb.pid"), 30)
+    from chaos.infra import stack_env
+
+    t0 = time.monotonic()
+    pid = _pid(INFRA_STATE / "run" / "ferretdb.pid")
+    os.kill(pid, 15)
+    await _wait_gone(pid, 30)
+    await _run(str(ROOT / "scripts" / "stack.sh"), "infra-up", env=stack_env())
+    return time.monotonic() - t0
 
 
 async def restart_dockerd() -> float:
