@@ -515,10 +515,28 @@ cmd_status() {
   return $((down ? 3 : 0))
 }
 
+# infra-up / infra-down: only RabbitMQ and FerretDB, for a second broker and database of their
+# own (other DOCKVM_RABBITMQ_* / DOCKVM_FERRETDB_* / DOCKVM_STATE_DIR): the chaos suite
+# restarts those without touching the stack everything else uses.
+cmd_infra_up() {
+  ensure_state_dirs
+  rabbitmq_launch
+  ferretdb_start
+  rabbitmq_wait
+}
+
+cmd_infra_down() {
+  mkdir -p "$RUN_DIR"
+  if pid_alive "$RUN_DIR/ferretdb.pid"; then stop_pidfile ferretdb; fi
+  rabbitmq_down
+}
+
 case ${1:-} in
   up) cmd_up ;;
   down) cmd_down ;;
   status) cmd_status ;;
   clean) cmd_clean ;;
-  *) echo "usage: $0 up|down|status|clean" >&2; exit 2 ;;
+  infra-up) cmd_infra_up ;;
+  infra-down) cmd_infra_down ;;
+  *) echo "usage: $0 up|down|status|clean|infra-up|infra-down" >&2; exit 2 ;;
 esac
