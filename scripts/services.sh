@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The six dockvm services as background processes from the venv, on loopback.
+# The seven dockvm services as background processes from the venv, on loopback.
 #
 #   services.sh start   start those not running, then wait for each /readyz
 #   services.sh stop    SIGTERM, then wait for them to drain
@@ -14,8 +14,8 @@ source "$(dirname "$0")/lib.sh"
 : "${DOCKVM_READY_TIMEOUT:=60}"
 PY=$REPO_ROOT/.venv/bin/python
 
-SERVICES=(gateway imagesync ipam provisioner monitor bastion)
-declare -A PORT=([gateway]=8080 [imagesync]=8081 [ipam]=9102 [provisioner]=9103 [monitor]=9104 [bastion]=9105)
+SERVICES=(gateway imagesync ipam provisioner monitor bastion builder)
+declare -A PORT=([gateway]=8080 [imagesync]=8081 [ipam]=9102 [provisioner]=9103 [monitor]=9104 [bastion]=9105 [builder]=9106)
 declare -A ARGS=([provisioner]="--host-id $DOCKVM_HOST_ID" [monitor]="--host-id $DOCKVM_HOST_ID")
 
 port_of() { local v="DOCKVM_${1^^}_PORT"; echo "${!v:-${PORT[$1]}}"; }

@@ -1,0 +1,1 @@
+"""The builder: images made from a spec under the policy, verified, then pushed to its dc."""
