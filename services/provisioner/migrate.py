@@ -39,7 +39,7 @@ from libs.common.errors import DomainError, NotFoundError, TransientError, Valid
 
 from .adapters.transfer import ExportOffer, Exports, IdentityStore, fetch_disk, fetch_identity
 from .adapters.volumes import XfsLoopVolumes
-from .domain import build_spec, check_create, check_machine_id, subnet_of
+from .domain import LABEL_VLAN, build_spec, check_create, check_machine_id, subnet_of
 from .service import ProvisionerService
 
 __all__ = ["Migrations"]
@@ -96,6 +96,10 @@ class Migrations:
                 was_running = info.running or (earlier is not None and earlier.was_running)
                 if info.running:
                     await agent.runtime.stop(mid, cmd.timeout_s)
+                if LABEL_VLAN in info.labels:
+                    # Its port goes with it (the target makes its own; a switch back re-plumbs).
+                    vlan = int(info.labels[LABEL_VLAN])
+                    await agent.network.release(mid, vlan, drop_network=False)
                 identity = await self.identity.read(mid)
                 await self._detach(volumes, mid)
                 disk = volumes.image(mid)
@@ -154,6 +158,9 @@ class Migrations:
             try:
                 check_machine_id(mid)
                 if cmd.outcome == "moved":
+                    # The container first: its port went at the export, and releasing it by
+                    # name now could take the target's (hosts that share one kernel, here).
+                    await agent.runtime.remove(mid)
                     await agent.remove_machine(mid, cmd.timeout_s)
                     state = "removed"
                 else:
