@@ -41,7 +41,7 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
             f"DOCKVM_REGISTRIES ({', '.join(hosts)})"
         )
     store = MongoBuildStore(ctx.db)
-    engine = DockerEngine(settings.docker_url)
+    engine = DockerEngine(settings.docker_url, settings.builder_network)
     runner = Runner(
         engine=engine,
         dc=settings.dc,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, TypedDict
+from typing import TypedDict
 
 __all__ = ["BuildDoc", "LogChunkDoc"]
 
@@ -15,9 +15,9 @@ class BuildDoc(TypedDict, total=False):
     name: str
     tag: str
     state: str  # queued | running | succeeded | failed
-    spec: dict[str, Any]
+    spec: str  # JSON: its files, env and labels have keys FerretDB refuses ('.', '$')
     spec_digest: str
-    policy: dict[str, Any]
+    policy: str  # JSON, as the spec
     policy_version: int
     requested_by: str
     created_at: datetime

@@ -25,6 +25,7 @@ from libs.common.contracts.builder import (
     BuildLogChunk,
     BuildRejected,
     BuildRun,
+    BuildSpec,
     BuildSubmit,
     ImageList,
     ImageListing,
@@ -41,8 +42,9 @@ __all__ = ["RPC_TYPES", "WORK_TYPES", "build_info", "rpc_handlers", "work_handle
 
 def build_info(doc: BuildDoc) -> BuildInfo:
     """A stored build as the contract shows it."""
-    fields = {k: v for k, v in doc.items() if k in BuildInfo.model_fields}
-    return BuildInfo(id=doc["_id"], **fields)  # type: ignore[arg-type]
+    fields = {k: v for k, v in doc.items() if k in BuildInfo.model_fields and k != "spec"}
+    spec = BuildSpec.model_validate_json(doc["spec"])
+    return BuildInfo(id=doc["_id"], spec=spec, **fields)  # type: ignore[arg-type]
 
 
 async def submit(builds: Builds, msg: BuildSubmit, ctx: MessageContext) -> Message:

@@ -128,9 +128,9 @@ class Builds:
             "name": cmd.spec.name,
             "tag": cmd.spec.tag,
             "state": "queued",
-            "spec": cmd.spec.model_dump(mode="json"),
+            "spec": cmd.spec.model_dump_json(),
             "spec_digest": cmd.spec_digest,
-            "policy": cmd.policy.model_dump(mode="json"),
+            "policy": cmd.policy.model_dump_json(),
             "policy_version": cmd.policy_version,
             "requested_by": cmd.requested_by,
             "created_at": utcnow(),
@@ -263,8 +263,8 @@ class Builds:
 
     async def _pipeline(self, doc: BuildDoc, sink: LogSink) -> dict[str, Any]:
         """Render, build, verify, push; the fields of a succeeded build, or BuildFailure."""
-        spec = BuildSpec.model_validate(doc["spec"])
-        policy = ImagePolicy.model_validate(doc["policy"])
+        spec = BuildSpec.model_validate_json(doc["spec"])
+        policy = ImagePolicy.model_validate_json(doc["policy"])
         found = policy_violations(spec, policy)
         base = policy.base(spec.base)
         if found or base is None:

@@ -39,6 +39,11 @@ class BuilderSettings(CommonSettings):
         description="dc=url of every registry (the image listing shows each dc's digest)",
     )
     docker_url: str = "unix:///var/run/docker.sock"
+    builder_network: str = Field(
+        default="dockvm-builder",
+        pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$",
+        description="the bridge network RUN steps use (made when missing)",
+    )
     builder_concurrency: int = Field(default=1, ge=1, le=8, description="builds run at once")
     build_timeout_s: float = Field(default=900, gt=0, description="a build past this fails")
     build_attempts: int = Field(

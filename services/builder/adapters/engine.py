@@ -55,8 +55,21 @@ def _messages(
 class DockerEngine:
     """:class:`~services.builder.ports.Engine` over the Docker Engine API."""
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, network: str) -> None:
         self._api = docker.APIClient(base_url=base_url, timeout=600, version="auto")
+        self._network = network
+
+    def _ensure_network(self) -> None:
+        """The builder's own bridge: RUN steps reach Debian's mirrors through it, never the
+        host's loopback services, and it does not depend on the engine's default bridge."""
+        if not self._api.networks(names=[self._network]):
+            try:
+                self._api.create_network(
+                    self._network, driver="bridge", labels={"dockvm.builder": "network"}
+                )
+            except APIError as err:
+                if err.status_code != 409:  # another builder made it meanwhile
+                    raise
 
     async def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
@@ -91,6 +104,7 @@ class DockerEngine:
         on_line: Callable[[str], None],
         cancelled: Callable[[], bool],
     ) -> str:
+        self._ensure_network()
         stream = self._api.build(
             fileobj=io.BytesIO(context),
             custom_context=True,
@@ -100,6 +114,7 @@ class DockerEngine:
             pull=False,
             decode=True,
             nocache=False,
+            network_mode=self._network,
         )
         try:
             aux = _messages(stream, on_line, cancelled)
@@ -175,16 +190,23 @@ class DockerEngine:
         try:
             self._api.start(cid)
             sockets: list[str] = []
-            deadline = time.monotonic() + settle_s
-            # Watched for a while: a process started by the image's init opens its port late.
+            seen: set[str] = set()
+            started = changed = time.monotonic()
+            # Watched until no new socket appeared for settle_s (at most 4 x settle_s): a
+            # process the image's init starts opens its port late (sshd after its host keys).
             while True:
                 state = self._api.inspect_container(cid)["State"]
                 if not state.get("Running"):
                     raise BuildError(f"the image exited at start (code {state.get('ExitCode')})")
-                sockets.append(self._exec(cid, _SS))
-                if time.monotonic() >= deadline:
+                out = self._exec(cid, _SS)
+                sockets.append(out)
+                now = time.monotonic()
+                if not set(out.splitlines()) <= seen:
+                    seen |= set(out.splitlines())
+                    changed = now
+                if now - changed >= settle_s or now - started >= 4 * settle_s:
                     break
-                time.sleep(0.5)
+                time.sleep(0.25)
             return Verification(dpkg=self._exec(cid, _DPKG), sockets="".join(sockets))
         finally:
             self._api.remove_container(cid, force=True)
