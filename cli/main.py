@@ -542,3 +542,5 @@ app.add_typer(user_app, name="user")
 app.add_typer(grant_app, name="grant")
 app.add_typer(session_app, name="session")
 app.add_typer(rule_app, name="rule")
+
+from . import migrate  # noqa: E402, F401  (registers machine migrate and host evacuate)
