@@ -132,3 +132,59 @@ class PrometheusProcess:
             body = await r.json()
         assert body["status"] == "success", body
         return body["data"]["result"]
+
+
+@dataclass
+class AlertmanagerProcess:
+    """One Alertmanager on a free loopback port, its receiver the test's gateway."""
+
+    workdir: Path
+    webhook_url: str
+    secret_file: Path
+    port: int = field(default_factory=free_port)
+    proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def addr(self) -> str:
+        """host:port, as Prometheus's config names it."""
+        return f"127.0.0.1:{self.port}"
+
+    async def start(self) -> AlertmanagerProcess:
+        """Start it and wait until ``/-/ready`` answers."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        conf = self.workdir / "alertmanager.yml"
+        conf.write_text(
+            render(
+                "alertmanager.yml.in",
+                WEBHOOK_URL=self.webhook_url,
+                SECRET_FILE=str(self.secret_file),
+            )
+        )
+        log = open(self.workdir / "alertmanager.log", "ab")
+        self.proc = await asyncio.create_subprocess_exec(
+            "prometheus-alertmanager",
+            f"--config.file={conf}",
+            f"--storage.path={self.workdir / 'data'}",
+            f"--web.listen-address={self.addr}",
+            "--cluster.listen-address=",
+            stdout=log,
+            stderr=log,
+        )
+        log.close()
+
+        async def ready() -> bool:
+            try:
+                async with aiohttp.ClientSession() as s, s.get(f"http://{self.addr}/-/ready") as r:
+                    return r.status == 200
+            except aiohttp.ClientError:
+                return False
+
+        await wait_for(ready, 60, "alertmanager /-/ready")
+        return self
+
+    async def stop(self) -> None:
+        """SIGTERM, then wait."""
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.terminate()
+            await self.proc.wait()
+        self.proc = None
