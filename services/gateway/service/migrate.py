@@ -282,7 +282,8 @@ class MigrateSaga:
         """The migration is over: the machine is in the state it had, wherever it is now."""
         d = self._driver
         back = doc.get("state_before_op") or State.RUNNING
-        why = reason.split(":", 1)[0] if reason else None
+        # The code alone ("import_failed"); ``detail`` keeps the whole story.
+        why = reason.split(":", 1)[0].split(" ", 1)[0] if reason else None
         await d.move(
             doc, [State.MIGRATING], back, reason=reason, saga=None, ok=ok, why=why,
             detail=reason or "",
