@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 import aiohttp
@@ -85,5 +86,17 @@ class GatewayClient:
                     return r.status, await r.text()  # a recording: JSON lines, not one value
                 body = await r.json(content_type=None) if r.content_length != 0 else None
                 return r.status, body
+        except aiohttp.ClientConnectionError as err:
+            raise ApiError(0, f"cannot reach the gateway at {self.url}: {err}") from err
+
+    async def stream(self, path: str) -> AsyncIterator[str]:
+        """The lines of a streamed text answer as they come (a build's log); no total timeout."""
+        assert self._session is not None
+        try:
+            async with self._session.get(path, timeout=aiohttp.ClientTimeout(total=None)) as r:
+                if r.status != 200:
+                    raise ApiError(r.status, await r.json(content_type=None))
+                async for line in r.content:
+                    yield line.decode(errors="replace")
         except aiohttp.ClientConnectionError as err:
             raise ApiError(0, f"cannot reach the gateway at {self.url}: {err}") from err

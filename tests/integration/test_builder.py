@@ -11,6 +11,9 @@ the policy denies, a process listening on a denied port), and specs the gateway 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -37,6 +40,8 @@ class Platform:
     repo: str
     gateway: Any
     builder: Any
+    token: str
+    tmp: Path
 
     def spec(self, tag: str, **fields: Any) -> dict[str, Any]:
         """A build spec of this test's repository."""
@@ -81,7 +86,9 @@ async def _forget(repo: str) -> None:
 
 
 @pytest.fixture
-async def platform(start_service: Any, service_env: dict[str, str]) -> AsyncIterator[Platform]:
+async def platform(
+    start_service: Any, service_env: dict[str, str], tmp_path: Path
+) -> AsyncIterator[Platform]:
     """gateway + builder + imagesync on the test's vhost and database."""
     env = {"DOCKVM_BUILD_TIMEOUT_S": "240"}
     builder = await start_service("builder", env=env)
@@ -92,9 +99,21 @@ async def platform(start_service: Any, service_env: dict[str, str]) -> AsyncIter
     headers = {"Authorization": f"Bearer {token}"}
     try:
         async with aiohttp.ClientSession(gateway.url, headers=headers) as api:
-            yield Platform(api, repo, gateway, builder)
+            yield Platform(api, repo, gateway, builder, token, tmp_path)
     finally:
         await _forget(repo)
+
+
+async def _cli(platform: Platform, *args: str) -> tuple[int, str, str]:
+    """Run ``dockvm`` against the test's gateway; exit code, stdout, stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "dockvm"), "--url", platform.gateway.url, *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        # The token in the environment, never in argv (ps shows argv to every user).
+        env={**os.environ, "COLUMNS": "200", "DOCKVM_TOKEN": platform.token},
+    )  # fmt: skip
+    stdout, stderr = await asyncio.wait_for(proc.communicate(), 300)
+    return proc.returncode or 0, stdout.decode(), stderr.decode()
 
 
 async def _wait_for(pred: Any, timeout: float = 60) -> Any:
@@ -152,6 +171,8 @@ async def test_a_build_within_policy_is_pushed_replicated_labelled_and_runs(plat
         "built_at": images[0]["built_at"], "digests": {"dc1": build["digest"],
                                                       "dc2": build["digest"]},
     }]  # fmt: skip
+    code, listed, _ = await _cli(platform, "image", "list", "--name", platform.repo, "--json")
+    assert code == 0 and json.loads(listed) == images
 
 
 async def test_a_spec_the_policy_refuses_is_a_422_naming_every_item_and_starts_nothing(
@@ -199,8 +220,15 @@ async def test_policy_versions_are_audited_and_failed_builds_push_nothing(platfo
     assert any(e["path"] == "/v1/images/policy" and e["target"] == "image-policy v1"
                for e in entries)  # fmt: skip
 
-    apt, apt_log = await platform.build(platform.spec("apt", packages=["no-such-package-dockvm"]))
-    dep, dep_log = await platform.build(platform.spec("dep", packages=["jq"]))
+    spec_file = platform.tmp / "spec.yaml"
+    spec_file.write_text(f"name: {platform.repo}\ntag: apt\nbase: debian-bookworm\n"
+                         "packages: [no-such-package-dockvm]\n")  # fmt: skip
+    code, cli_out, cli_err = await _cli(platform, "image", "build", "-f", str(spec_file))
+    async with platform.api.get("/v1/images/builds", params={"name": platform.repo}) as r:
+        (apt,) = await r.json()
+    async with platform.api.get(f"/v1/images/builds/{apt['id']}/log") as r:
+        apt_log = await r.text()
+    dep, _ = await platform.build(platform.spec("dep", packages=["jq"]))
     script = "#!/bin/sh\nexec python3 -m http.server 3306\n"
     port, port_log = await platform.build(
         platform.spec("port", files={"/app/current/bin/start": script})
@@ -208,6 +236,9 @@ async def test_policy_versions_are_audited_and_failed_builds_push_nothing(platfo
 
     assert (apt["state"], apt["reason"]) == ("failed", "build_failed")
     assert "Unable to locate package no-such-package-dockvm" in apt_log
+    # The CLI showed the log live and exited 1 with the reason.
+    assert code == 1 and "Unable to locate package" in cli_out + cli_err
+    assert "failed (build_failed)" in cli_err
     assert (dep["state"], dep["reason"], dep["policy_version"]) == (
         "failed", "verification_failed", 1)  # fmt: skip
     assert "libonig5 (pulled in by jq) is denied" in dep["detail"]
