@@ -543,8 +543,8 @@ app.add_typer(grant_app, name="grant")
 app.add_typer(session_app, name="session")
 app.add_typer(rule_app, name="rule")
 
-from . import migrate  # noqa: E402, F401  (registers machine migrate and host evacuate)
-
 from .images import image_app  # noqa: E402
 
 app.add_typer(image_app, name="image")
+
+from . import migrate  # noqa: E402, F401  (registers machine migrate and host evacuate)
