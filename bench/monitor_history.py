@@ -1,157 +1,178 @@
-"""Benchmark: the monitor's history queries (``metrics.query`` reads) against a raw ``_id`` read.
+"""Benchmark: an IP's metrics history through the gateway against the same PromQL sent straight
+to Prometheus, in one run.
 
-In one run and on the same MongoDB API it fills a week of 10 s samples for ``--ips`` IPs through
-the store (``add_samples`` of a day of rounds at once per IP, the same documents the sampling
-rounds leave), then measures:
+It writes a week of 10 s samples of one IP (the series the monitor exposes, as Prometheus would
+have scraped them) into a fresh Prometheus data directory with ``promtool tsdb
+create-blocks-from openmetrics``, starts Debian's Prometheus on it, and ipam and the gateway as
+subprocesses (fresh vhost and database; the gateway's ``DOCKVM_PROMETHEUS_URL`` at that
+Prometheus). Then, alternately, for a 1-hour ``raw`` query and a 1-week ``10m`` query:
 
-- ``raw find_one _id``: one sample fetched by ``_id`` from its (IP, day) table (the peer: the
-  least a query must read);
-- ``query 1h`` / ``query 1w``: ``MongoSampleStore.samples`` of one IP over an hour and a week,
-  followed by the downsampling the ``metrics.query`` handler does (``1m``; ``10m`` for a week);
-- ``round``: ``add_samples`` of one sampling round for every IP (the write path), against the
-  peer ``insert_many`` of the same samples as flat documents (the former layout);
-- with ``--legacy``: the former layout (one document per sample, ``(ip, t)`` index) holding the
-  same number of samples for one IP, queried over an hour and a week (once each: it is slow).
+- ``gateway``: ``GET /v1/ips/{ip}/metrics`` (ipam's owners asked at the same time, the points
+  built, JSON out);
+- ``direct``: the one ``query_range`` the gateway sends, straight to Prometheus's HTTP API.
 
-It prints medians in ms and the ratio to the peer.
+Targets: 1 week <= 100 ms at p50 through the gateway, and the gateway <= 1.3x the direct query.
+The former FerretDB store's figures (removed) are printed beside, from docs/benchmarks.md.
 
-Usage: ``.venv/bin/python -m bench.monitor_history [--mongo-url URL] [--ips N] [--reps N]
-[--legacy]``
+Usage: ``.venv/bin/python -m bench.monitor_history [--reps N]``
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from ipaddress import IPv4Address
+from pathlib import Path
 
-from pymongo import ASCENDING, IndexModel
+import aiohttp
 
-from bench._common import machine, median
-from libs.common.contracts.monitor import ContainerSample
-from libs.common.db import mongo_client
-from services.monitor.domain import downsample
-from services.monitor.store import MongoSampleStore, history_collection, sample_doc
+from bench._common import machine, median, percentile
+from services.gateway.domain.metrics import bucket_range, history_promql, step_seconds
+from tests.support.prometheus import PrometheusProcess
+from tests.support.services import ServiceProcess
+from tests.support.stack import MONGO_URL, create_vhost, delete_vhost, free_port
 
 INTERVAL_S = 10
-WEEK_H = 7 * 24
-END = datetime(2026, 11, 27, tzinfo=UTC)
-START = END - timedelta(hours=WEEK_H)
+IP = "10.77.0.1"
+# The former store (one FerretDB table per IP and day), docs/benchmarks.md, 2026-11: p50 ms.
+OLD = {"1h": 440.0, "1w": 3400.0}
+_GAUGES = ("cpu_percent", "memory_usage_bytes", "memory_working_set_bytes",
+           "memory_limit_bytes", "pids")
+_COUNTERS = ("cpu_throttled_seconds", "oom_kills", "network_receive_bytes",
+             "network_transmit_bytes", "network_receive_packets", "network_transmit_packets",
+             "blkio_read_bytes", "blkio_write_bytes")
 
 
-def _sample(ip: str, t: datetime, i: int) -> dict:
-    """A stored sample of the size the monitor writes."""
-    s = ContainerSample(
-        machine_id=f"m-{ip}", container_id="c" * 64, ip=IPv4Address(ip), app="bench", at=t,
-        interval_s=INTERVAL_S, cpu_percent=float(i % 100), cpu_cores=0.1, cpu_quota_cpus=1.0,
-        cpu_usage_s=float(i), cpu_throttled_periods=i, cpu_throttled_s=0.0, mem_usage=i,
-        mem_working_set=i, mem_rss=i, mem_cache=i, mem_limit=1 << 30, oom_kills=0,
-        net_rx_bytes=i, net_tx_bytes=i, net_rx_packets=i, net_tx_packets=i, blk_read_bytes=i,
-        blk_write_bytes=i, blk_read_ops=i, blk_write_ops=i, pids=5,
+def _openmetrics(path: Path, end: int) -> int:
+    """A week of samples of IP's series ending at ``end`` (epoch s), OpenMetrics text."""
+    labels = (f'ip="{IP}",machine_id="m-bench",app="bench",host="h1",instance="h1:9104",'
+              'job="dockvm"')
+    n = WEEK // INTERVAL_S
+    start = end - n * INTERVAL_S
+    count = 0
+    with path.open("w") as f:
+        for name in _GAUGES:
+            f.write(f"# TYPE dockvm_container_{name} gauge\n")
+            for k in range(n):
+                f.write(f"dockvm_container_{name}{{{labels}}} {k % 100} {start + k * INTERVAL_S}\n")
+            count += n
+        for name in _COUNTERS:
+            f.write(f"# TYPE dockvm_container_{name} counter\n")
+            for k in range(n):
+                f.write(f"dockvm_container_{name}_total{{{labels}}} {k * 7} "
+                        f"{start + k * INTERVAL_S}\n")
+            count += n
+        f.write("# EOF\n")
+    return count
+
+
+WEEK = 7 * 24 * 3600
+
+
+async def _run(*argv: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
     )
-    deltas = {"net_rx_bytes": 100, "net_tx_bytes": 50, "net_rx_packets": 1,
-              "net_tx_packets": 1, "blk_read_bytes": 0, "blk_write_bytes": 4096,
-              "cpu_throttled_s": 0.0, "oom_kills": 0}
-    return sample_doc("bench-host", s, deltas)
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{argv[0]} failed: {err.decode()[-500:]}")
 
 
-async def _fill(store: MongoSampleStore, ips: list[str]) -> int:
-    """A week of samples for every IP, written through the store an hour at a time."""
-    per_hour = 3600 // INTERVAL_S
-    n = 0
-    for h in range(WEEK_H):
-        hour = START + timedelta(hours=h)
-        docs = [_sample(ip, hour + timedelta(seconds=INTERVAL_S * k), k)
-                for ip in ips for k in range(per_hour)]
-        await store.add_samples(docs)
-        n += len(docs)
-    return n
+async def _time(fn: Callable[[], Awaitable[object]]) -> float:
+    t = time.perf_counter()
+    await fn()
+    return (time.perf_counter() - t) * 1000
 
 
-async def _time(fn: Callable[[], Awaitable[object]], reps: int) -> float:
-    """Median wall time of ``fn`` in ms."""
-    lat = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        await fn()
-        lat.append((time.perf_counter() - t) * 1000)
-    return median(lat)
+async def _measure(
+    api: aiohttp.ClientSession, peer: aiohttp.ClientSession, prom_url: str, reps: int
+) -> dict:
+    """p50/p99 of each query through the gateway and direct, alternately."""
+    out = {}
+    now = datetime.now(UTC)
+    for label, span, step in (("1h", timedelta(hours=1), "raw"), ("1w", timedelta(days=7), "10m")):
+        start, end = now - span, now
+        params = {"from": start.isoformat(), "to": end.isoformat(), "step": step}
+        s = step_seconds(step)
+        first, last = bucket_range(start, end, s)
+        form = {"query": history_promql(IP, s), "start": str(first), "end": str(last),
+                "step": str(s)}
+        points = 0
+
+        async def gateway(params=params) -> None:
+            nonlocal points
+            async with api.get(f"/v1/ips/{IP}/metrics", params=params) as r:
+                body = await r.json()
+                assert r.status == 200, body
+                points = len(body["points"])
+
+        async def direct(form=form) -> None:
+            async with peer.post(f"{prom_url}/api/v1/query_range", data=form) as r:
+                body = await r.json()
+                assert body["status"] == "success", body
+
+        gw, di = [], []
+        for _ in range(2):  # warm both paths (Prometheus's block cache, the gateway's session)
+            await gateway()
+            await direct()
+        for _ in range(reps):
+            gw.append(await _time(gateway))
+            di.append(await _time(direct))
+        out[label] = (gw, di, points)
+    return out
 
 
 async def main() -> None:
-    """Fill, measure, print."""
+    """Fill, start, measure, print."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mongo-url", default="mongodb://127.0.0.1:27017/")
-    parser.add_argument("--ips", type=int, default=2, help="IPs with a week of history")
-    parser.add_argument("--reps", type=int, default=5, help="repetitions per measure")
-    parser.add_argument("--legacy", action="store_true", help="also time the former layout")
+    parser.add_argument("--reps", type=int, default=30, help="repetitions per query")
     args = parser.parse_args()
-    client = mongo_client(args.mongo_url, app_name="dockvm-bench", timeout_ms=120_000)
-    db = client[f"bench_monitor_{uuid.uuid4().hex[:8]}"]
-    ips = [f"10.77.0.{i + 1}" for i in range(args.ips)]
-    ip = ips[0]
-    store = MongoSampleStore(db)
-    rows: list[tuple[str, float, float]] = []
+    tmp = Path(tempfile.mkdtemp(prefix="dockvm-bench-prom-"))
+    end = int(time.time()) // INTERVAL_S * INTERVAL_S
+    t = time.perf_counter()
+    n = _openmetrics(tmp / "week.om", end)
+    await _run("promtool", "tsdb", "create-blocks-from", "openmetrics",
+               str(tmp / "week.om"), str(tmp / "prom" / "data"))
+    (tmp / "week.om").unlink()
+    print(machine())
+    print(f"filled {n} samples (1 IP x 13 series x 1 week at {INTERVAL_S}s) in "
+          f"{time.perf_counter() - t:.0f}s")
+    vhost = await create_vhost()
+    db = f"bench_monhist_{uuid.uuid4().hex[:8]}"
+    gw_port = free_port()
+    prom = PrometheusProcess(tmp / "prom", f"http://127.0.0.1:{gw_port}", uuid.uuid4().hex,
+                             scrape_interval="10s")
+    env = {"DOCKVM_AMQP_URL": vhost.url, "DOCKVM_MONGO_URL": MONGO_URL, "DOCKVM_MONGO_DB": db,
+           "DOCKVM_STATE_DIR": str(tmp / "state"), "DOCKVM_WEBHOOK_SECRET": "bench"}
+    procs: list[ServiceProcess] = []
     try:
-        await store.setup()
-        t = time.perf_counter()
-        n = await _fill(store, ips)
-        print(machine())
-        print(f"filled {n} samples ({args.ips} IPs x 1 week at {INTERVAL_S}s) in "
-              f"{time.perf_counter() - t:.0f}s")
-        mid = START + timedelta(hours=WEEK_H // 2)
-        peer = await _time(
-            lambda: db[history_collection(ip, mid)].find_one({"_id": mid.isoformat()}),
-            args.reps,
-        )
-        rows.append(("raw find_one _id", peer, 1.0))
-
-        async def query(span: timedelta, step: str) -> None:
-            docs = await store.samples(ip, END - span, END)
-            downsample(docs, step)
-
-        for label, span, step in (("query 1h 1m", timedelta(hours=1), "1m"),
-                                  ("query 1w 10m", timedelta(days=7), "10m")):
-            ms = await _time(lambda span=span, step=step: query(span, step), args.reps)
-            rows.append((label, ms, ms / peer))
-
-        rnd = iter(range(10**6))
-
-        def round_docs() -> list[dict]:
-            at = END + timedelta(seconds=INTERVAL_S * next(rnd))
-            return [_sample(i, at, 1) for i in ips]
-
-        write = await _time(lambda: store.add_samples(round_docs()), args.reps)
-        flat = await _time(
-            lambda: db["flat_peer"].insert_many(round_docs(), ordered=False), args.reps
-        )
-        rows.append(("insert_many round", flat, 1.0))
-        rows.append(("add_samples round", write, write / flat))
-
-        if args.legacy:
-            legacy = db["legacy_samples"]
-            await legacy.create_indexes([IndexModel([("ip", ASCENDING), ("t", ASCENDING)])])
-            docs = [_sample(ip, START + timedelta(seconds=INTERVAL_S * k), k)
-                    for k in range(WEEK_H * 3600 // INTERVAL_S)]
-            for i in range(0, len(docs), 2000):
-                await legacy.insert_many(docs[i:i + 2000], ordered=False)
-            for label, span, step in (("legacy 1h 1m", timedelta(hours=1), "1m"),
-                                      ("legacy 1w 10m", timedelta(days=7), "10m")):
-                async def old(span=span, step=step) -> None:
-                    cur = legacy.find({"ip": ip, "t": {"$gte": END - span, "$lt": END}})
-                    downsample(await cur.sort("t", ASCENDING).to_list(), step)
-                ms = await _time(old, 1)
-                rows.append((label, ms, ms / peer))
+        await prom.start()
+        for name, port, extra in (("ipam", free_port(), {}),
+                                  ("gateway", gw_port, {"DOCKVM_PROMETHEUS_URL": prom.url})):
+            svc = ServiceProcess(name, {**env, **extra}, port, log_path=tmp / f"{name}.log")
+            procs.append(svc)
+            await svc.start()
+        token = (tmp / "state" / "admin.token").read_text().strip()
+        async with aiohttp.ClientSession(
+            procs[-1].url, headers={"Authorization": f"Bearer {token}"}
+        ) as api, aiohttp.ClientSession() as peer:
+            results = await _measure(api, peer, prom.url, args.reps)
     finally:
-        await client.drop_database(db.name)
-        await client.close()
-    print(f"{'what':<20} {'median ms':>10} {'ratio':>8}")
-    for label, ms, ratio in rows:
-        print(f"{label:<20} {ms:>10.1f} {ratio:>8.1f}")
+        for svc in reversed(procs):
+            await svc.stop()
+        await prom.stop()
+        await delete_vhost(vhost)
+    print(f"{'query':<14} {'points':>6} {'gateway p50':>12} {'p99':>8} {'direct p50':>11} "
+          f"{'p99':>8} {'ratio':>6} {'former p50':>11}")
+    for label, (gw, di, points) in results.items():
+        name = "1 h raw" if label == "1h" else "1 week 10m"
+        print(f"{name:<14} {points:>6} {median(gw):>10.1f}ms {percentile(gw, 99):>6.1f}ms "
+              f"{median(di):>9.1f}ms {percentile(di, 99):>6.1f}ms "
+              f"{median(gw) / median(di):>5.2f}x {OLD[label]:>9.0f}ms")
 
 
 if __name__ == "__main__":

@@ -186,6 +186,8 @@ async def test_busy_machine_reads_its_quota_week_query_answers_and_restart_keeps
     # 0.5 CPU of quota, burnt fully: ~100% of it (not of the host's CPUs).
     assert 80 < hot[-1]["cpu_percent"] < 110
     assert {p["machine_id"] for p in hot} == {m["id"]}
+    # A counter through Prometheus: at its quota the machine is throttled.
+    assert any(p["cpu_throttled_s"] > 0 for p in before["points"])
     assert week["step"] == "10m" and week["points"], week
     assert week["points"][-1]["mem_limit"] == 256 << 20
     assert [o["machine_id"] for o in week["owners"]] == [m["id"]]

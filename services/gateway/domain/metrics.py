@@ -73,7 +73,7 @@ def history_promql(ip: str, step_s: int) -> str:
     parts = [expr.format(s=sel, w=w) for _, expr in _GAUGES]
     names = [f for f, _ in _GAUGES]
     for field, metric in _COUNTERS:
-        series = f"{_P}{metric}{sel}"
+        series = f"{_P}{metric}_total{sel}"  # prometheus_client names counters' samples so
         parts.append(f"clamp_min({series} - {series} offset {w}, 0)")
         names.append(field)
     tagged = zip(names, parts, strict=True)
@@ -156,10 +156,10 @@ def split_by_owner(
     step_s: int,
 ) -> tuple[list[MetricPoint], list[IpOwner]]:
     """Keep each machine's points within its ownership windows; name the owners in
-    ``[start, end)``. ``windows`` None (ipam did not answer): the points as measured, the
-    owners from the points' machines."""
+    ``[start, end)``. No windows (ipam did not answer, or has no history of the IP): the points
+    as measured, the owners from the points' machines."""
     step = timedelta(seconds=step_s)
-    if windows is None:
+    if not windows:  # ipam did not answer, or never leased this IP: nothing to split by
         seen = dict.fromkeys(p.machine_id for p in points if p.machine_id)
         return list(points), [IpOwner(machine_id=m) for m in seen]
     kept = [
