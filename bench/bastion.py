@@ -78,10 +78,11 @@ async def _echoes(conn: asyncssh.SSHClientConnection, command: str, n: int) -> l
     return times
 
 
-def _cpu_s(pid: int) -> float:
-    """User+system CPU seconds of process ``pid`` so far."""
+def _cpu_s(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of process ``pid`` (all its threads) so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 async def _measure(
@@ -93,18 +94,20 @@ async def _measure(
     via = [*_ssh_argv(key, port, "bench@127.0.0.1"), f"root@{box.ip}", "cat", FILE]
     direct = [*_ssh_argv(key, 22, f"root@{box.ip}"), "cat", FILE]
     await _cat([*direct[:-2], f"base64 -w 76 /dev/urandom | head -c {args.mb}M > {FILE}"])
-    through, straight, cpu = [], [], 0.0
+    through, straight, user, system = [], [], 0.0, 0.0
     for _ in range(args.rounds):
         before = _cpu_s(bastion_pid)
         through.append(args.mb / await _cat(via))
-        cpu += _cpu_s(bastion_pid) - before
+        after = _cpu_s(bastion_pid)
+        user, system = user + after[0] - before[0], system + after[1] - before[1]
         straight.append(args.mb / await _cat(direct))
     print(f"throughput, cat of {args.mb} MB (median of {args.rounds}):")
     for name, rates in (("through the bastion", through), ("direct SSH", straight)):
         print(f"  {name:<19} {median(rates):7.1f} MB/s  runs {[round(x) for x in rates]}")
     print(f"  ratio               {median(through) / median(straight):7.2f}x  (target >= 0.5x)")
-    per = cpu / (args.mb * args.rounds)
-    print(f"  bastion CPU         {per * 1000:7.2f} ms per MB ({1 / per:.0f} MB/s on a free core)")
+    per = (user + system) / (args.mb * args.rounds)
+    split = f"{user / (user + system):.0%} user"
+    print(f"  bastion CPU         {per * 1000:7.2f} ms per MB ({split}; {1 / per:.0f} MB/s a core)")
     opts = {"known_hosts": None, "agent_path": None, "client_keys": [KEY]}
     async with (
         await asyncssh.connect("127.0.0.1", port, username="bench", **opts) as b,

@@ -268,18 +268,19 @@ class LineFilter:
 # ---- asciicast v2 -----------------------------------------------------------------------------
 
 
-_PRINTABLE = bytes(range(0x20, 0x7F))
-_COMMON_CONTROL = b"\n\r\t\x1b\x7f"
+# Control characters other than the common ones (tab, newline, return, escape): rare in what
+# people see, and JSON writes them as \uXXXX (the caller's ``json`` path does).
+_RARE_CONTROL = tuple(bytes([c]) for c in range(0x20) if c not in b"\t\n\r\x1b")
 
 
 def _ascii_body(data: bytes) -> bytes | None:
     """``data`` as the inside of a JSON string when it is ASCII and its only control
     characters are the common ones; None otherwise (the caller then uses ``json``).
 
-    Bulk output (``cat`` of a log) is mostly this, and three times cheaper this way.
+    Bulk output (``cat`` of a log) is mostly this, and several times cheaper this way: each
+    test below is a vectorised scan (``isascii``, ``memchr``), not a loop over the bytes.
     """
-    # What is left after deleting printable ASCII must be common control characters only.
-    if data.translate(None, _PRINTABLE).translate(None, _COMMON_CONTROL):
+    if not data.isascii() or any(c in data for c in _RARE_CONTROL):
         return None
     return (
         data.replace(b"\\", b"\\\\")

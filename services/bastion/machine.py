@@ -22,6 +22,7 @@ from .documents import SessionDoc
 from .domain import Refused
 from .keys import BastionKeys, SessionCredentials
 from .service import Authorized
+from .transport import tune
 
 __all__ = ["MachineConnector", "new_session_id", "session_doc"]
 
@@ -79,6 +80,14 @@ def session_doc(
     }
 
 
+class _Client(asyncssh.SSHClient):
+    """The bastion's side of one connection to a machine."""
+
+    def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
+        """Before the key exchange: the bastion's transport changes (see :mod:`.transport`)."""
+        tune(conn)
+
+
 def _unreachable(auth: Authorized, err: BaseException) -> Refused:
     m = auth.machine
     detail = getattr(err, "reason", None) or str(err) or type(err).__name__
@@ -123,6 +132,7 @@ class MachineConnector:
             str(ip),
             22,
             username=login,
+            client_factory=_Client,
             client_keys=[(creds.key, creds.cert)],
             known_hosts=None,
             agent_path=None,

@@ -1,10 +1,12 @@
 """Session recordings as asciicast v2 files, written as the session happens.
 
-Every event is one whole line written on an unbuffered file (at most one in flight), so what
-the kernel has survives the bastion being killed (even with -9) up to the last event: a reader
-(asciinema, or ``dockvm session play``) gets a valid cast, at worst without the last partial
-line, which a reader skips. Files are 0600 under
-``<state dir>/bastion/recordings/<YYYY-MM-DD>/<id>.cast``.
+Events are whole lines gathered in memory and written in batches: when
+:data:`FLUSH_BYTES` are waiting (bulk output) or :data:`FLUSH_S` after the first waiting event
+(typing), whichever comes first. So what the kernel has survives the bastion being killed (even
+with -9) up to the last second at worst: a reader (asciinema, or ``dockvm session play``) gets a
+valid cast, without the events of that last moment. One write of a batch instead of one per
+event keeps the recording's share of the bastion's CPU small (see docs/benchmarks.md). Files are
+0600 under ``<state dir>/bastion/recordings/<YYYY-MM-DD>/<id>.cast``.
 """
 
 from __future__ import annotations
@@ -12,13 +14,19 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
+import structlog
+
 from .domain import CastEncoder
 
-__all__ = ["CastWriter", "read_chunk", "recording_path"]
+__all__ = ["FLUSH_BYTES", "FLUSH_S", "CastWriter", "read_chunk", "recording_path"]
+
+log = structlog.get_logger("bastion.recording")
+
+FLUSH_BYTES = 1 << 20
+FLUSH_S = 0.5
 
 
 def recording_path(root: Path, session_id: str, started: datetime) -> Path:
@@ -26,19 +34,21 @@ def recording_path(root: Path, session_id: str, started: datetime) -> Path:
     return root / "recordings" / started.strftime("%Y-%m-%d") / f"{session_id}.cast"
 
 
-def _write_all(fd: int, line: bytes) -> None:
-    view = memoryview(line)
+def _write_all(fd: int, lines: list[bytes]) -> None:
+    view = memoryview(b"".join(lines))
     while view:
         view = view[os.write(fd, view) :]
 
 
 class CastWriter:
-    """Appends asciicast v2 events to one file, one write per event.
+    """Appends asciicast v2 events to one file, in batches.
 
-    The write of an event runs in a thread while the relay goes on with the next chunk (a busy
-    disk then slows the session instead of stalling the bastion's loop); events are written in
-    order, and at most one is in flight, so a crash loses at most that one. A write that fails
-    (a full disk) fails the session: nothing goes unrecorded.
+    An event takes its time and its place in the batch at once (no await in between), so times
+    never go backwards in the cast though output, input and resizes come from different tasks.
+    A batch is written in a thread while the relay goes on (a busy disk then slows the session
+    instead of stalling the bastion's loop); batches are written in order, at most one in
+    flight, and a session that has a full batch waiting waits for the one in flight. A write
+    that fails (a full disk) fails the session: nothing goes unrecorded.
     """
 
     def __init__(
@@ -58,49 +68,81 @@ class CastWriter:
         self._t0 = time.monotonic()
         self._enc = CastEncoder()
         self._record_input = record_input
+        self._pending: list[bytes] = []
+        self._pending_size = 0
         self._inflight: asyncio.Future[None] | None = None
-        # Output, input and resizes come from different tasks: each event takes its time and its
-        # place in the file under one lock, so times never go backwards in the cast.
-        self._order = asyncio.Lock()
+        self._flushing = asyncio.Lock()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timed: asyncio.Future[None] | None = None
+        self._failed: BaseException | None = None
         header = CastEncoder.header(width, height, started, env, title)
-        _write_all(self._fd, header)
+        _write_all(self._fd, [header])
         self.size = len(header)
-
-    async def _write(self, line: bytes) -> None:
-        if self._inflight is not None:
-            done, self._inflight = self._inflight, None
-            await done
-        if self._fd is not None and line:
-            self.size += len(line)
-            loop = asyncio.get_running_loop()
-            self._inflight = loop.run_in_executor(None, _write_all, self._fd, line)
 
     def _t(self) -> float:
         return time.monotonic() - self._t0
 
-    async def _record(self, line: Callable[[float], bytes]) -> None:
-        async with self._order:
-            await self._write(line(self._t()))
+    async def _add(self, line: bytes) -> None:
+        if self._failed is not None:
+            raise self._failed
+        if not line or self._fd is None:
+            return
+        self._pending.append(line)
+        self._pending_size += len(line)
+        self.size += len(line)
+        if self._pending_size >= FLUSH_BYTES:
+            await self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(FLUSH_S, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timed = asyncio.ensure_future(self.flush())
+        self._timed.add_done_callback(self._note_failure)
+
+    def _note_failure(self, task: asyncio.Future[None]) -> None:
+        # The next event raises it, which ends the session.
+        if not task.cancelled() and task.exception() is not None:
+            self._failed = task.exception()
+
+    async def flush(self) -> None:
+        """Wait for the batch in flight, then start writing what is waiting."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        async with self._flushing:
+            if self._inflight is not None:
+                done, self._inflight = self._inflight, None
+                await done
+            if self._pending and self._fd is not None:
+                lines, self._pending, self._pending_size = self._pending, [], 0
+                loop = asyncio.get_running_loop()
+                self._inflight = loop.run_in_executor(None, _write_all, self._fd, lines)
 
     async def output(self, data: bytes) -> None:
         """What the user saw."""
-        await self._record(lambda t: self._enc.event(t, "o", data))
+        await self._add(self._enc.event(self._t(), "o", data))
 
     async def input(self, data: bytes) -> None:
         """What the user typed (only when the grant records input)."""
         if self._record_input:
-            await self._record(lambda t: self._enc.event(t, "i", data))
+            await self._add(self._enc.event(self._t(), "i", data))
 
     async def resize(self, width: int, height: int) -> None:
         """The user's terminal changed size."""
-        await self._record(lambda t: CastEncoder.resize(t, width, height))
+        await self._add(CastEncoder.resize(self._t(), width, height))
 
     async def close(self) -> None:
-        """Finish the last write and close the file (idempotent)."""
+        """Write what is waiting and close the file (idempotent; a write that fails here is
+        logged: the session is over either way)."""
         try:
-            if self._inflight is not None:
-                done, self._inflight = self._inflight, None
-                await done
+            await self.flush()
+            async with self._flushing:
+                if self._inflight is not None:
+                    done, self._inflight = self._inflight, None
+                    await done
+        except OSError as err:
+            log.error("recording not fully written", path=str(self.path), error=repr(err))
         finally:
             if self._fd is not None:
                 os.close(self._fd)

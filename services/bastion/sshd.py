@@ -19,6 +19,7 @@ from .keys import BastionKeys
 from .relay import Relay
 from .service import Access
 from .sftp import SftpGate, SftpProxy
+from .transport import tune
 
 __all__ = ["listen"]
 
@@ -43,6 +44,7 @@ class _Server(asyncssh.SSHServer):
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         """Remember who connects."""
+        tune(conn)
         self._conn = conn
         peer = conn.get_extra_info("peername")
         self._peer = f"{peer[0]}:{peer[1]}" if peer else None

@@ -319,6 +319,12 @@ async def test_a_bastion_killed_mid_session_leaves_a_readable_recording(
     await _read_until(proc.stdout, b"before-the-crash\r\n", seen)
     started = (await bastion.probe.wait_for("session.started"))[0]
     info = await bastion.call(SessionGet(id=started.session_id))
+    # Events are written in batches at most FLUSH_S (0.5 s) after they happen, with no help
+    # from the session: the output reaches the file while the session goes on (the deadline is
+    # loose for a loaded host), and then the bastion dies.
+    async with asyncio.timeout(5):
+        while b"before-the-crash" not in Path(info.recording_path).read_bytes():
+            await asyncio.sleep(0.05)
     bastion.proc.kill()
     await bastion.proc.proc.wait()
     conn.abort()
