@@ -14,7 +14,7 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
 SUITE=bookworm
-PACKAGES=openssh-server,iproute2,procps,ca-certificates,python3,curl,iputils-ping,tini
+PACKAGES=openssh-server,iproute2,procps,ca-certificates,python3,curl,iputils-ping,tini,prometheus-node-exporter
 ENTRYPOINT='["/usr/bin/tini","--","/usr/local/sbin/dockvm-init"]'
 # What sshd and the init need once every other capability is dropped; the provisioner grants
 # the same set, and `verify` proves it is enough.

@@ -261,3 +261,25 @@ async def test_discovery_and_alert_routes_refuse_anything_but_the_monitoring_cre
     assert (status, anonymous) == (401, 401)
     assert apps == {"provisioner", "monitor"}
 
+
+
+async def test_node_exporter_reports_the_machines_own_memory_and_is_found_by_discovery(
+    mon: Mon,
+):
+    m = await mon.create()  # 256m, 0.5 CPU
+    sel = f'{{machine_id="{m["id"]}"}}'
+
+    async def scraped() -> list[dict]:
+        return await mon.prom.query(f"node_memory_MemTotal_bytes{sel}")
+
+    (mem,) = await wait_for(scraped, 120, "the machine's node exporter scraped")
+    cpus = await mon.prom.query(f'count(node_cpu_seconds_total{{machine_id="{m["id"]}",'
+                                'mode="idle"})')
+
+    # LXCFS's /proc: the machine's limit and CPU count, not the host's.
+    assert float(mem["value"][1]) == 256 << 20
+    assert float(cpus[0]["value"][1]) == 1
+    assert {k: mem["metric"][k] for k in ("ip", "app", "dc", "host")} == {
+        "ip": m["ip"], "app": "mon", "dc": "dc1", "host": HOST
+    }
+    assert mem["metric"]["instance"] == f"{m['ip']}:9100"

@@ -117,3 +117,11 @@ def test_discovery_lists_services_agents_and_running_machines_with_their_labels(
         {"targets": ["10.0.0.5:9100"], "labels": {"dc": "dc1", "host": "h1", "app": "shop",
                                                    "ip": "10.0.0.5", "machine_id": "m-1"}},
     ]
+
+
+def test_an_ip_ipam_never_leased_keeps_its_points():
+    points = points_from_series(
+        [_series("samples", "m-a", [(T0.timestamp() + 60, 6)])], 60, T0, T0 + timedelta(hours=1)
+    )
+    kept, owners = split_by_owner(points, [], T0, T0 + timedelta(hours=1), 60)
+    assert (len(kept), [o.machine_id for o in owners]) == (1, ["m-a"])
