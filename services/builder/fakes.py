@@ -53,7 +53,9 @@ class MemoryBuildStore:
     async def add_chunk(self, build_id: str, seq: int, text: str) -> None:
         """Insert one log chunk (idempotent by build and seq), then count it on the build."""
         self.logs.setdefault((build_id, seq), text)
-        await self.update(build_id, {"log_seq": seq})
+        if build_id in self.builds:
+            doc = self.builds[build_id]
+            doc["log_seq"] = max(doc.get("log_seq", 0), seq)
 
     async def chunks(self, build_id: str, after: int, upto: int) -> list[tuple[int, str]]:
         """Chunks ``after < seq <= upto``, in order."""

@@ -94,7 +94,9 @@ class MongoBuildStore:
             )
         except DuplicateKeyError:
             pass
-        await self.update(build_id, {"log_seq": seq})
+        async with self._lock(build_id):
+            # $max: a retried earlier chunk never moves the count back.
+            await self.builds.update_one({"_id": build_id}, {"$max": {"log_seq": seq}})
 
     async def chunks(self, build_id: str, after: int, upto: int) -> list[tuple[int, str]]:
         """Chunks ``after < seq <= upto``, in order."""

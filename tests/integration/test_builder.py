@@ -246,3 +246,40 @@ async def test_policy_versions_are_audited_and_failed_builds_push_nothing(platfo
     assert "port 3306/tcp is listening, opened by python3" in port["detail"], port_log
     for tag in ("apt", "dep", "port"):
         assert await _digest("dc1", platform.repo, tag) is None
+
+
+async def test_a_builder_killed_mid_build_runs_it_again_and_never_leaves_a_half_made_tag(
+    platform: Platform, start_service: Any
+):
+    async with platform.api.post("/v1/images/builds",
+                                 json=platform.spec("kill", packages=["jq"])) as r:  # fmt: skip
+        build_id = (await r.json())["id"]
+
+    async def building() -> bool:
+        async with platform.api.get(f"/v1/images/builds/{build_id}") as r:
+            return (await r.json())["step"] == "build"
+
+    await _wait_for(building)
+    platform.builder.kill()
+    await platform.builder.proc.wait()
+    assert await _digest("dc1", platform.repo, "kill") is None
+    await start_service("builder")
+
+    async def ended() -> dict[str, Any] | None:
+        async with platform.api.get(f"/v1/images/builds/{build_id}") as r:
+            doc = await r.json()
+        return doc if doc["state"] in ("succeeded", "failed") else None
+
+    build = await _wait_for(ended, timeout=240)
+    async with platform.api.get(f"/v1/images/builds/{build_id}/log") as r:
+        log = await r.text()
+
+    assert (build["state"], build["attempt"]) == ("succeeded", 2), log
+    assert "the builder stopped during attempt 1" in log
+    assert await _digest("dc1", platform.repo, "kill") == build["digest"]
+    client = docker.APIClient(version="auto")
+    try:
+        left = client.containers(all=True, filters={"name": f"dockvm-verify-{build_id}"})
+    finally:
+        client.close()
+    assert left == []
