@@ -120,6 +120,7 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
     ctx.every(settings.saga_tick_s, driver.tick, "saga-tick", now=False)
     # Events a failed publish or a crash left in the outboxes; the first tick scans them all.
     ctx.every(settings.saga_tick_s, driver.outbox.tick, "machine-outbox")
+    ctx.every(settings.saga_tick_s, store.repair_behind, "summary-repair")
     ctx.every(settings.saga_tick_s, releases.outbox.tick, "release-outbox")
     ctx.every(settings.host_check_s, driver.hosts.check_hosts, "host-check")
     # A short tick; the index itself decides when a reload is due (see listing.py).

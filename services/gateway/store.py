@@ -30,7 +30,6 @@ summary it writes; the collection is what the index loads from and what queries 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import secrets
 import time
 import weakref
@@ -47,6 +46,7 @@ from libs.common.clock import utcnow
 from libs.common.db import ensure_indexes, read_all
 from libs.common.errors import translate_errors
 
+from .access_store import AccessRecords, hash_token
 from .app_checks import AppCheckStore
 from .documents import (
     AppDoc,
@@ -199,11 +199,6 @@ def dc_load(docs: Iterable[dict[str, Any]]) -> DcLoad:
     return load
 
 
-def hash_token(token: str) -> str:
-    """The stored form of a bearer token (SHA-256; tokens are 32 random bytes)."""
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
 def _outbox_query(ids: Iterable[str] | None) -> dict[str, Any]:
     """Documents with an outbox entry (of ``ids`` only, if given)."""
     query: dict[str, Any] = {"outbox.0": {"$exists": True}}
@@ -333,7 +328,7 @@ class MachineStore(Protocol):
         ...
 
 
-class GatewayStore:
+class GatewayStore(AccessRecords):
     """All of the gateway's reads and writes."""
 
     def __init__(
@@ -356,6 +351,8 @@ class GatewayStore:
         self.checks = AppCheckStore(db)  # the health checks declared per app
         self.drains = DrainStore(db)  # hosts placement skips
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        # Machines whose summary write failed after their own write (see _write_machine).
+        self._behind: set[str] = set()
 
     def _machine_lock(self, machine_id: str) -> asyncio.Lock:
         """The lock that orders this process's writes to one machine (gone when unused)."""
@@ -482,16 +479,50 @@ class GatewayStore:
         push: dict[str, Any] = {"transitions": {"$each": entries}}
         if outbox:
             push["outbox"] = {"$each": outbox}
-        async with self._machine_lock(machine_id):
-            doc = await self.machines.find_one_and_update(
-                {"_id": machine_id, "state": {"$in": list(from_states)}},
-                {"$set": fields, "$push": push},
-                return_document=ReturnDocument.AFTER,
-            )
-            if doc is not None:
-                doc = await self._trim_transitions(doc)
-                await self._write_summary(doc)
-            return doc
+        match = {"_id": machine_id, "state": {"$in": list(from_states)}}
+        return await self._write_machine(match, {"$set": fields, "$push": push}, trim=True)
+
+    async def _write_machine(
+        self, match: dict[str, Any], update: dict[str, Any], *, trim: bool = False
+    ) -> MachineDoc | None:
+        """One machine write and its summary's, under the machine's lock, as one unit that a
+        cancelled caller cannot cut in two: a handler cancelled as the broker connection
+        dropped left a destroyed machine listed as ``destroying`` (the redelivery matched
+        nothing, so nothing wrote the summary again). A summary write that fails is retried
+        by :meth:`repair_behind`."""
+
+        async def unit() -> MachineDoc | None:
+            async with self._machine_lock(match["_id"]):
+                doc = await self.machines.find_one_and_update(
+                    match, update, return_document=ReturnDocument.AFTER
+                )
+                if doc is None:
+                    return None
+                if trim:
+                    doc = await self._trim_transitions(doc)
+                if trim or changes_summary(update.get("$set") or {}):
+                    try:
+                        await self._write_summary(doc)
+                    except Exception:
+                        self._behind.add(doc["_id"])
+                        raise
+                return doc
+
+        return await asyncio.shield(unit())
+
+    async def repair_behind(self) -> int:
+        """Write again the summaries whose write failed in this process; how many were."""
+        ids, self._behind = self._behind, set()
+        for machine_id in ids:
+            async with self._machine_lock(machine_id):
+                try:
+                    doc = await self.machines.find_one({"_id": machine_id})
+                    if doc is not None:
+                        await self._write_summary(doc)
+                except Exception:
+                    self._behind.add(machine_id)
+                    raise
+        return len(ids)
 
     async def _trim_transitions(self, doc: MachineDoc) -> MachineDoc:
         """Cap the machine's transitions (called under its machine lock, after a push)."""
@@ -511,15 +542,9 @@ class GatewayStore:
         self, machine_id: str, match: dict[str, Any], set_: dict[str, Any]
     ) -> MachineDoc | None:
         """Set fields on a machine that matches ``match``; None when it does not."""
-        async with self._machine_lock(machine_id):
-            doc = await self.machines.find_one_and_update(
-                {"_id": machine_id, **match},
-                {"$set": {**set_, "updated_at": utcnow()}},
-                return_document=ReturnDocument.AFTER,
-            )
-            if doc is not None and changes_summary(set_):
-                await self._write_summary(doc)
-            return doc
+        return await self._write_machine(
+            {"_id": machine_id, **match}, {"$set": {**set_, "updated_at": utcnow()}}
+        )
 
     @translate_errors
     async def due_sagas(self, at: datetime, limit: int = 500) -> list[MachineDoc]:
@@ -643,86 +668,6 @@ class GatewayStore:
     async def get_app(self, app: str) -> AppDoc | None:
         """The app document, or None."""
         return await self.apps.find_one({"_id": app})
-
-    # --- idempotency ------------------------------------------------------------------------
-
-    @translate_errors
-    async def get_idempotency(self, key: str) -> dict[str, Any] | None:
-        """The earlier request recorded under ``key``, or None."""
-        return await self.idempotency.find_one({"_id": key})
-
-    @translate_errors
-    async def claim_idempotency(
-        self, key: str, fingerprint: str, machine_ids: list[str]
-    ) -> dict[str, Any] | None:
-        """Record the key with these ids; if it exists, return the earlier record instead."""
-        try:
-            await self.idempotency.insert_one(
-                {"_id": key, "fingerprint": fingerprint, "ids": machine_ids, "at": utcnow()}
-            )
-            return None
-        except DuplicateKeyError:
-            return await self.idempotency.find_one({"_id": key})
-
-    @translate_errors
-    async def prune(self, idempotency_before: datetime, audit_before: datetime) -> tuple[int, int]:
-        """Forget idempotency keys and audit entries older than the cutoffs; how many of each."""
-        keys = await self.idempotency.delete_many({"at": {"$lt": idempotency_before}})
-        audit = await self.audit.delete_many({"at": {"$lt": audit_before}})
-        return keys.deleted_count, audit.deleted_count
-
-    # --- tokens -----------------------------------------------------------------------------
-
-    @translate_errors
-    async def add_token(
-        self, token: str, name: str, role: str, apps: list[str] | None = None
-    ) -> dict[str, Any]:
-        """Store a token (hashed), scoped to ``apps`` when given, and return its document."""
-        doc = {
-            "_id": secrets.token_hex(6),
-            "hash": hash_token(token),
-            "name": name,
-            "role": role,
-            "apps": apps,
-            "created_at": utcnow(),
-            "revoked": False,
-        }
-        await self.tokens.insert_one(doc)
-        return doc
-
-    @translate_errors
-    async def token_by_secret(self, token: str) -> dict[str, Any] | None:
-        """The live token with this secret, or None."""
-        return await self.tokens.find_one({"hash": hash_token(token), "revoked": False})
-
-    @translate_errors
-    async def list_tokens(self) -> list[dict[str, Any]]:
-        """Every token, oldest first."""
-        return await read_all(self.tokens.find({}).sort("created_at", 1))
-
-    @translate_errors
-    async def revoke_token(self, token_id: str) -> bool:
-        """Revoke a token; False when there is no such token."""
-        res = await self.tokens.update_one({"_id": token_id}, {"$set": {"revoked": True}})
-        return res.matched_count == 1
-
-    @translate_errors
-    async def has_admin(self) -> bool:
-        """Whether a live admin token exists."""
-        return await self.tokens.find_one({"role": "admin", "revoked": False}) is not None
-
-    # --- audit ------------------------------------------------------------------------------
-
-    @translate_errors
-    async def audit_write(self, entry: dict[str, Any]) -> None:
-        """Append one audit entry."""
-        await self.audit.insert_one(entry)
-
-    @translate_errors
-    async def audit_list(self, limit: int, who: str | None = None) -> list[dict[str, Any]]:
-        """The newest audit entries."""
-        query = {"who": who} if who else {}
-        return await read_all(self.audit.find(query).sort("at", -1).limit(limit))
 
 
 class ReleaseStore:

@@ -229,3 +229,58 @@ async def test_setup_builds_missing_and_stale_summaries_once(mongo_db):
     assert (repaired, again) == (1, 0)
     assert [(s["_id"], s["state"], s["pending"]) for s in page] == [
         ("m1", "running", None), ("m2", "running", None), ("m3", "running", "stop")]
+
+
+class _HeldSummary(GatewayStore):
+    """The real store; the next summary write waits for ``go`` (or fails, with ``fail``)."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.entered, self.go, self.fail = asyncio.Event(), asyncio.Event(), False
+
+    async def _write_summary(self, doc) -> None:
+        if self.fail:
+            self.fail = False
+            raise TransientError("the summary write failed")
+        if not self.go.is_set():
+            self.entered.set()
+            await self.go.wait()
+        await super()._write_summary(doc)
+
+
+async def test_a_cancelled_caller_does_not_cut_a_machine_write_from_its_summary(mongo_db):
+    """A handler cancelled between the two writes (the broker connection dropped under it)
+    used to leave the summary one state behind for good."""
+    store = _HeldSummary(mongo_db)
+    await store.setup()
+    store.go.set()
+    await store.insert_machines([_doc("m1", "destroying")])
+    store.go.clear()
+    caller = asyncio.create_task(store.transition("m1", ["destroying"], "destroyed"))
+    await store.entered.wait()  # the machine is written, its summary not yet
+    caller.cancel()
+    store.go.set()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    async with asyncio.timeout(10):
+        while (await store.summaries({"_id": "m1"}, 1))[0]["state"] != "destroyed":
+            await asyncio.sleep(0.05)
+    machine = await store.get("m1")
+
+    assert machine["state"] == "destroyed"
+
+
+async def test_a_failed_summary_write_is_repaired_by_the_next_tick(mongo_db):
+    store = _HeldSummary(mongo_db)
+    await store.setup()
+    store.go.set()
+    await store.insert_machines([_doc("m1", "destroying")])
+    store.fail = True
+    with pytest.raises(TransientError):
+        await store.transition("m1", ["destroying"], "destroyed")
+    before = (await store.summaries({"_id": "m1"}, 1))[0]["state"]
+    repaired, again = await store.repair_behind(), await store.repair_behind()
+    after = (await store.summaries({"_id": "m1"}, 1))[0]["state"]
+
+    assert (before, after) == ("destroying", "destroyed")
+    assert (repaired, again) == (1, 0)
