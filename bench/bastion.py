@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import tempfile
 import time
 import uuid
@@ -127,7 +128,13 @@ async def main(args: argparse.Namespace) -> None:
     """Set up, measure, clean up."""
     import docker
 
-    from tests.integration.test_bastion_support import IMAGE, SSH_CAPS, _port_open, _tar
+    from tests.integration.test_bastion_support import (
+        IMAGE,
+        SSH_CAPS,
+        _port_open,
+        _tar,
+        read_host_keys,
+    )
 
     print(machine())
     tmp = Path(tempfile.mkdtemp(prefix="bench-bastion-"))
@@ -157,7 +164,8 @@ async def main(args: argparse.Namespace) -> None:
         ip = client.api.inspect_container(cid)["NetworkSettings"]["Networks"][net]["IPAddress"]
         while not _port_open(ip, 22):
             await asyncio.sleep(0.1)
-        box = Box(cid, net, ip, f"m-bench{run}", hostname="bench-1", app="bench")
+        box = Box(cid, net, ip, f"m-bench{run}", hostname="bench-1", app="bench",
+                  host_keys=read_host_keys(client, cid))  # fmt: skip
         await summary(mongo[db_name], box)
         port = free_port()
         env = {"DOCKVM_AMQP_URL": vhost.url, "DOCKVM_MONGO_URL": MONGO_URL,
@@ -180,6 +188,7 @@ async def main(args: argparse.Namespace) -> None:
         await mongo.drop_database(db_name)
         await mongo.close()
         await delete_vhost(vhost)
+        shutil.rmtree(tmp, ignore_errors=True)  # its casts are as big as what cat printed
 
 
 if __name__ == "__main__":

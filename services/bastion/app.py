@@ -18,6 +18,7 @@ from libs.common.runner import ServiceContext
 from libs.common.settings import SettingsError
 
 from .handlers import BINDINGS, handlers
+from .hostkeys import HostKeyBook, agent_asker
 from .keys import load_keys
 from .machine import MachineConnector
 from .relay import Relay
@@ -25,7 +26,7 @@ from .service import Access, Admin, LiveSessions
 from .settings import BastionSettings
 from .sftp import SftpGate
 from .sshd import listen
-from .store import MongoBastionStore, MongoMachineDirectory
+from .store import MongoBastionStore, MongoHostKeyPins, MongoMachineDirectory
 
 log = structlog.get_logger("bastion.app")
 
@@ -61,8 +62,9 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
         log.warning("sessions of a previous bastion closed", count=closed)
     await live.refresh_rules()
     access = Access(store, MongoMachineDirectory(ctx.db), ctx.publisher)
+    book = HostKeyBook(MongoHostKeyPins(ctx.db), agent_asker(ctx.rpc, timeout_s=5.0))
     machines = MachineConnector(
-        keys, settings.bastion_cert_ttl_s, settings.bastion_connect_timeout_s
+        keys, settings.bastion_cert_ttl_s, settings.bastion_connect_timeout_s, book
     )
     relay = Relay(access, live, machines, settings.state_dir)
     await ctx.consume(COMMAND_QUEUE, BINDINGS, handlers(Admin(store, live), keys), dedupe=False)

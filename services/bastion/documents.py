@@ -86,3 +86,5 @@ class MachineView(TypedDict):
     hostname: str
     ip: str | None
     host: NotRequired[str | None]
+    # The host public keys its sshd serves (OpenSSH lines), when the gateway records them.
+    host_keys: NotRequired[list[str]]

@@ -11,7 +11,7 @@ from libs.common.errors import ConflictError
 from .documents import GrantDoc, MachineView, RuleDoc, SessionDoc, UserDoc
 from .store import GONE_STATES, SessionFilter
 
-__all__ = ["MemoryBastionStore", "MemoryMachines"]
+__all__ = ["MemoryBastionStore", "MemoryHostKeyPins", "MemoryMachines"]
 
 
 def _matches(doc: SessionDoc, flt: SessionFilter) -> bool:
@@ -102,6 +102,21 @@ class MemoryBastionStore:
         docs = [d for d in self.sessions.values() if _matches(d, flt)]
         docs.sort(key=lambda d: (d["started_at"], d["_id"]), reverse=True)
         return copy.deepcopy(docs[:limit])
+
+
+class MemoryHostKeyPins:
+    """:class:`~services.bastion.store.HostKeyPins` in a dict."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, list[str]] = {}
+
+    async def pinned(self, machine_id: str) -> list[str] | None:
+        """The keys pinned for the machine, or None."""
+        return self.keys.get(machine_id)
+
+    async def pin(self, machine_id: str, keys: list[str]) -> list[str]:
+        """Pin ``keys`` unless keys are pinned already; return what is pinned."""
+        return self.keys.setdefault(machine_id, list(keys))
 
 
 class MemoryMachines:

@@ -1,8 +1,8 @@
 """Reaching a machine: the bastion's own SSH connection to it, with a certificate made for one
 session, and the record of a session that starts.
 
-The machine's host key is not checked: machines are reached over their own network from the
-bastion's host, and the firewall the provisioner sets lets SSH in only from there.
+The machine's host key is checked against the keys the platform knows for it (see
+:mod:`.hostkeys`): a machine that presents another one is refused with one line.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from libs.common.clock import utcnow
 
 from .documents import SessionDoc
 from .domain import Refused
+from .hostkeys import HostKeyBook
 from .keys import BastionKeys, SessionCredentials
 from .service import Authorized
 from .transport import tune
@@ -100,8 +101,11 @@ def _unreachable(auth: Authorized, err: BaseException) -> Refused:
 class MachineConnector:
     """Opens the bastion's SSH connection to a machine for one session."""
 
-    def __init__(self, keys: BastionKeys, cert_ttl_s: int, connect_timeout_s: float) -> None:
+    def __init__(
+        self, keys: BastionKeys, cert_ttl_s: int, connect_timeout_s: float, book: HostKeyBook
+    ) -> None:
         self._keys = keys
+        self._book = book
         self._ttl = cert_ttl_s
         self._timeout = connect_timeout_s
 
@@ -110,13 +114,21 @@ class MachineConnector:
         m = auth.machine
         if not m.get("ip"):
             raise Refused(f"machine {m['_id']} has no IP yet", reason="machine_unreachable")
+        host_keys = await self._book.keys_for(m)
         creds = self._keys.sign(auth.login, f"bastion:{auth.user['_id']}:{session_id}", self._ttl)
         # sshd drops handshakes beyond MaxStartups (10 by default) at random: a burst of
         # sessions to one machine gets some connections reset, worth a few quick retries.
         attempt = 0
         while True:
             try:
-                return await asyncio.wait_for(self._open(m["ip"], auth.login, creds), self._timeout)
+                opening = self._open(m["ip"], auth.login, creds, host_keys)
+                return await asyncio.wait_for(opening, self._timeout)
+            except asyncssh.HostKeyNotVerifiable as err:
+                raise Refused(
+                    f"{m['hostname']} ({m['ip']}) presented a host key that is not its own; "
+                    "refused (its key was replaced, or another host answers at its address)",
+                    reason="host_key_mismatch",
+                ) from err
             except (ConnectionResetError, asyncssh.ConnectionLost) as err:
                 attempt += 1
                 if attempt == _ATTEMPTS:
@@ -126,7 +138,7 @@ class MachineConnector:
                 raise _unreachable(auth, err) from err
 
     def _open(
-        self, ip: str, login: str, creds: SessionCredentials
+        self, ip: str, login: str, creds: SessionCredentials, host_keys: list[asyncssh.SSHKey]
     ) -> Awaitable[asyncssh.SSHClientConnection]:
         return asyncssh.connect(
             str(ip),
@@ -134,7 +146,7 @@ class MachineConnector:
             username=login,
             client_factory=_Client,
             client_keys=[(creds.key, creds.cert)],
-            known_hosts=None,
+            known_hosts=(host_keys, [], []),
             agent_path=None,
             preferred_auth="publickey",
             connect_timeout=self._timeout,

@@ -15,6 +15,8 @@ How this copes with FerretDB v1 (SQLite):
 - Filters and sorts are not pushed down: every query scans its collection. The collections are
   small (people, grants, rules); sessions grow, so a session listing reads one batch through
   :func:`read_all` and is bounded by ``limit`` after the filter.
+- A machine's pinned host keys (``bastion_host_keys``, ``_id`` = machine id) are inserted once,
+  the unique ``_id`` arbitrating between two first sessions; they are never updated.
 - Machines are read from the gateway's ``machine_summaries`` (one small document per machine,
   written by the gateway): the bastion never writes there. Reading it keeps an app grant
   covering machines created later with no message to miss, and costs one scan per login.
@@ -28,6 +30,7 @@ from typing import Any, Protocol
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
+from libs.common.clock import utcnow
 from libs.common.db import read_all
 from libs.common.errors import ConflictError, translate_errors
 
@@ -36,8 +39,10 @@ from .documents import GrantDoc, MachineView, RuleDoc, SessionDoc, UserDoc
 __all__ = [
     "GONE_STATES",
     "BastionStore",
+    "HostKeyPins",
     "MachineDirectory",
     "MongoBastionStore",
+    "MongoHostKeyPins",
     "MongoMachineDirectory",
     "SessionFilter",
 ]
@@ -45,8 +50,11 @@ __all__ = [
 USERS, GRANTS = "bastion_users", "bastion_grants"
 RULES, SESSIONS = "bastion_rules", "bastion_sessions"
 SUMMARIES = "machine_summaries"
+HOST_KEYS = "bastion_host_keys"
 GONE_STATES = ("destroyed", "failed", "destroying", "requested")
-_MACHINE_FIELDS = {"_id": 1, "app": 1, "state": 1, "hostname": 1, "ip": 1, "host": 1}
+_MACHINE_FIELDS = {
+    "_id": 1, "app": 1, "state": 1, "hostname": 1, "ip": 1, "host": 1, "host_keys": 1,
+}  # fmt: skip
 
 SessionFilter = dict[str, Any]
 
@@ -112,6 +120,18 @@ class BastionStore(Protocol):
 
     async def list_sessions(self, flt: SessionFilter, limit: int) -> list[SessionDoc]:
         """Sessions matching ``flt`` (user, ip, machine_id, since, until, live), newest first."""
+        ...
+
+
+class HostKeyPins(Protocol):
+    """Port: the host keys each machine must present, pinned at the first session."""
+
+    async def pinned(self, machine_id: str) -> list[str] | None:
+        """The keys pinned for the machine, or None."""
+        ...
+
+    async def pin(self, machine_id: str, keys: list[str]) -> list[str]:
+        """Pin ``keys`` unless keys are pinned already; return what is pinned."""
         ...
 
 
@@ -231,6 +251,28 @@ class MongoBastionStore:
         docs = await read_all(self._db[SESSIONS].find(session_query(flt)))
         docs.sort(key=lambda d: (d["started_at"], d["_id"]), reverse=True)
         return docs[:limit]
+
+
+class MongoHostKeyPins:
+    """:class:`HostKeyPins` over ``bastion_host_keys``."""
+
+    def __init__(self, db: AsyncDatabase) -> None:
+        self._col = db[HOST_KEYS]
+
+    @translate_errors
+    async def pinned(self, machine_id: str) -> list[str] | None:
+        """The keys pinned for the machine, or None."""
+        doc = await self._col.find_one({"_id": machine_id})
+        return list(doc["keys"]) if doc else None
+
+    @translate_errors
+    async def pin(self, machine_id: str, keys: list[str]) -> list[str]:
+        """Pin ``keys`` unless keys are pinned already; return what is pinned."""
+        try:
+            await self._col.insert_one({"_id": machine_id, "keys": keys, "pinned_at": utcnow()})
+        except DuplicateKeyError:
+            return await self.pinned(machine_id) or keys
+        return keys
 
 
 class MongoMachineDirectory:

@@ -24,6 +24,7 @@ from libs.common.contracts.provisioner import (
     ImagePrewarm,
     MachineExport,
     MachineExportEnd,
+    MachineHostKeysGet,
     MachineImport,
     MachinesKnown,
     OrphanPurge,
@@ -31,6 +32,7 @@ from libs.common.contracts.provisioner import (
 from libs.common.contracts.releases import Deploy
 
 from .deploy import Deployer
+from .hostkeys import HostKeyReader
 from .migrate import Migrations
 from .service import ProvisionerService
 
@@ -59,6 +61,7 @@ def machine_handlers(agent: ProvisionerService) -> dict[str, Handler]:
         ImagePrewarm.TYPE: agent.prewarm,
         MachinesKnown.TYPE: agent.record_known,
         OrphanPurge.TYPE: agent.orphans.purge,
+        MachineHostKeysGet.TYPE: HostKeyReader(agent.runtime, agent.host).get,
     }
     return {kind: partial(answer, command) for kind, command in commands.items()}
 

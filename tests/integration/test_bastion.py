@@ -176,6 +176,8 @@ async def test_no_target_shows_the_menu_and_the_pick_opens_a_shell(bastion: Bast
         ("mine", "root@10.254.254.254 true", "unknown_machine"),
         ("mine", "root@not/a/target true", "bad_target"),
         ("mine", "Root!@{ip} true", "bad_target"),
+        ("impostor", "root@{ip} true", "host_key_mismatch"),
+        ("unverifiable", "root@{ip} true", "host_key_unknown"),
     ],
 )
 async def test_a_login_without_a_live_grant_is_refused_with_one_line_and_audited(
@@ -188,6 +190,13 @@ async def test_a_login_without_a_live_grant_is_refused_with_one_line_and_audited
         await bastion.call(GrantAdd(user="alice", app="db", ttl_s=600))
     elif setup == "mine":
         await bastion.grant()
+    elif setup == "impostor":  # the platform knows another key than the one the box serves
+        await bastion.grant()
+        other = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode()
+        await summary(bastion.db, bastion.box, host_keys=[other.strip()])
+    elif setup == "unverifiable":  # no key recorded, and no agent on its host answers
+        await bastion.grant()
+        await summary(bastion.db, bastion.box, host_keys=[])
     async with await bastion.connect() as conn:
         result = await conn.run(command.format(ip=bastion.box.ip))
     assert result.exit_status == 1

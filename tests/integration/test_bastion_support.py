@@ -51,6 +51,16 @@ class Box:
     machine_id: str
     hostname: str = "web-1"
     app: str = "web"
+    host_keys: list[str] = field(default_factory=list)
+
+
+def read_host_keys(client: docker.DockerClient, cid: str) -> list[str]:
+    """The machine's ed25519 host public key, as its sshd serves it (the platform's record)."""
+    stream, _ = client.api.get_archive(cid, "/etc/ssh/ssh_host_ed25519_key.pub")
+    with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
+        member = tar.extractfile(tar.getmembers()[0])
+        assert member is not None
+        return [" ".join(member.read().decode().split()[:2])]
 
 
 def _tar(files: dict[str, bytes]) -> bytes:
@@ -104,7 +114,7 @@ def box_fixture(bastion_state: Path) -> Iterator[Box]:
         while not _port_open(ip, 22):
             assert time.monotonic() < deadline, client.api.logs(cid)[-500:]
             time.sleep(0.1)
-        yield Box(cid, net, ip, f"m-bt{run}")
+        yield Box(cid, net, ip, f"m-bt{run}", host_keys=read_host_keys(client, cid))
     finally:
         client.api.remove_container(cid, force=True)
         client.api.remove_network(net)
@@ -147,8 +157,11 @@ class Bastion:
 
 
 async def summary(db: Any, box: Box, **over: Any) -> None:
-    """Describe a machine the way the gateway does (``machine_summaries``)."""
+    """Describe a machine the way the gateway does (``machine_summaries``), with its host keys
+    when the box has them."""
     now = utcnow()
+    if box.host_keys:
+        over = {"host_keys": box.host_keys, **over}
     doc = {"_id": box.machine_id, "type": "docker", "app": box.app, "state": "running",
            "reason": None, "image": IMAGE, "cpus": 1.0, "memory": 1, "disk": 1, "dc": "dc1",
            "vlan_id": 1, "hostname": box.hostname, "ip": box.ip, "host": "local1",

@@ -369,14 +369,44 @@ async def test_through_the_bastion_the_user_gets_in_and_straight_to_the_ip_she_d
             agent_path=None, connect_timeout=15,
         ) as conn:  # fmt: skip
             through = await conn.run(f"root@{ip} id -un")
+            # The machine's host keys are replaced behind the platform's back: the bastion,
+            # which pinned what the agent read at the first session, refuses it.
+            new_key = await _replace_host_keys(mid, ip)
+            replaced = await conn.run(f"root@{ip} id -un")
         with pytest.raises(asyncssh.PermissionDenied):
             await _login(ip, USER)
+        pinned = await mongo_db["bastion_host_keys"].find_one({"_id": mid})
     finally:
         await rpc.close()
         await bastion.stop()
 
     assert isinstance(grant, GrantInfo)
     assert (through.exit_status, through.stdout) == (0, "root\n"), through.stderr
+    assert pinned is not None and new_key not in pinned["keys"]
+    assert any(k.startswith("ssh-ed25519 ") for k in pinned["keys"])
+    assert replaced.exit_status == 1
+    assert "presented a host key that is not its own" in str(replaced.stderr)
+
+
+async def _replace_host_keys(mid: str, ip: str, timeout: float = 30.0) -> str:
+    """New host keys in the machine, sshd reloaded; return the new ed25519 key once served."""
+    client = _docker()
+    try:
+        script = ("rm -f /etc/ssh/ssh_host_*; ssh-keygen -A >/dev/null; "
+                  "pkill -HUP -o -x sshd; cat /etc/ssh/ssh_host_ed25519_key.pub")  # fmt: skip
+        res = client.api.exec_create(f"dockvm-{mid}", ["sh", "-c", script])
+        new = " ".join(client.api.exec_start(res["Id"]).decode().split()[:2])
+    finally:
+        client.close()
+    async with asyncio.timeout(timeout):
+        while True:
+            with contextlib.suppress(OSError, asyncssh.Error):
+                served = await asyncssh.get_server_host_key(
+                    ip, server_host_key_algs=["ssh-ed25519"]
+                )
+                if served is not None and served.export_public_key().decode().startswith(new):
+                    return new
+            await asyncio.sleep(0.2)
 
 
 async def _ca_in_machine(mid: str, timeout: float = 30.0) -> str:

@@ -456,3 +456,24 @@ class MachineExportEnded(Event):
     ok: bool = True
     state: str = ""
     reason: str = ""
+
+
+@register
+class MachineHostKeysGet(Command):
+    """The SSH host public keys of ``machine_id`` (an RPC to its host, from the bastion)."""
+
+    TYPE = "machine.host_keys.get"
+    machine_id: MachineId = Field(min_length=1, max_length=64)
+
+
+@register
+class MachineHostKeys(Event):
+    """The host public keys sshd of ``machine_id`` serves, as OpenSSH lines, read from its
+    container's filesystem; empty with ``reason`` when they cannot be read (not here, not
+    running, no key yet)."""
+
+    TYPE = "machine.host_keys"
+    machine_id: MachineId
+    host: str
+    keys: list[str] = Field(default_factory=list)
+    reason: str = ""
