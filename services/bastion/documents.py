@@ -6,7 +6,7 @@ How each collection copes with FerretDB v1 is in :mod:`services.bastion.store`.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import NotRequired, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 __all__ = ["GrantDoc", "MachineView", "RuleDoc", "SessionDoc", "UserDoc"]
 
@@ -75,6 +75,10 @@ class SessionDoc(TypedDict):
     bytes_out: int
     recording_path: str | None
     recording_size: NotRequired[int]
+    # sftp sessions: the first MAX_SESSION_TRANSFERS files ({path, size, direction, at}), and
+    # how many in all (saved at most once a second while live, and at the end).
+    transfers: NotRequired[list[dict[str, Any]]]
+    transfer_count: NotRequired[int]
 
 
 class MachineView(TypedDict):

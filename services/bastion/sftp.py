@@ -3,9 +3,12 @@
 ``/`` lists the machines the user may reach as directories named ``login@IP``; everything under
 ``/root@10.0.0.5/`` is that machine's file system, reached with an SFTP session of the
 bastion's own connection (the grant is checked when a machine is first named). Each machine
-used is one session (kind ``sftp``, no cast: its record is the session and its transfers);
-every file closed after reading or writing is announced as ``transfer.done`` with its path,
-the bytes moved and the direction. Revoking the grant ends the SFTP channel.
+used is one session (kind ``sftp``): every file closed after reading or writing is announced
+as ``transfer.done`` with its path, the bytes moved and the direction, and is listed in the
+session's record (``transfers``, the first :data:`MAX_SESSION_TRANSFERS`, and
+``transfer_count``), saved at most once a second while the session lasts and at its end. Such
+a session has no terminal recording: its record is its transfer log (``bastion.recording.get``
+answers not_found and says so). Revoking the grant ends the SFTP channel.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import posixpath
 import stat as st
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +26,7 @@ import structlog
 
 from libs.common.bus import Publisher
 from libs.common.clock import utcnow
-from libs.common.contracts.bastion import TransferDone
+from libs.common.contracts.bastion import MAX_SESSION_TRANSFERS, TransferDone
 from libs.common.errors import DomainError, NotFoundError
 
 from .domain import Target, split_sftp_path
@@ -55,6 +59,13 @@ class _Machine:
     session: LiveSession
     prefix: str
     stats: dict[str, int] = field(default_factory=lambda: {"in": 0, "out": 0})
+    transfers: list[dict[str, Any]] = field(default_factory=list)
+    transfer_count: int = 0
+    saved_at: float = 0.0  # monotonic time the transfers were last saved
+
+    def log(self) -> dict[str, object]:
+        """The session's transfer fields."""
+        return {"transfers": list(self.transfers), "transfer_count": self.transfer_count}
 
 
 @dataclass
@@ -121,7 +132,8 @@ class SftpProxy(asyncssh.SFTPServer):
     async def _finish(self) -> None:
         for m in self._open.values():
             m.conn.close()
-            fields = {"exit_status": None, "bytes_in": m.stats["in"], "bytes_out": m.stats["out"]}
+            fields = {"exit_status": None, "bytes_in": m.stats["in"], "bytes_out": m.stats["out"],
+                      **m.log()}  # fmt: skip
             try:
                 await self._gate.live.finish(m.session, fields)
             except Exception:
@@ -255,17 +267,27 @@ class SftpProxy(asyncssh.SFTPServer):
     async def close(self, file_obj: _File) -> None:
         """Close a file and announce the transfer."""
         await file_obj.remote.close()
-        s = file_obj.machine.session.doc
-        await self._gate.publisher.publish(
-            TransferDone(
-                session_id=s["_id"],
-                user=s["user"],
-                login=s["login"],
-                machine_id=s["machine_id"],
-                ip=s["ip"],
-                path=file_obj.path,
-                size=file_obj.moved,
-                direction="upload" if file_obj.upload else "download",
-                at=utcnow(),
-            )
+        m = file_obj.machine
+        s = m.session.doc
+        done = TransferDone(
+            session_id=s["_id"],
+            user=s["user"],
+            login=s["login"],
+            machine_id=s["machine_id"],
+            ip=s["ip"],
+            path=file_obj.path,
+            size=file_obj.moved,
+            direction="upload" if file_obj.upload else "download",
+            at=utcnow(),
         )
+        await self._gate.publisher.publish(done)
+        m.transfer_count += 1
+        if len(m.transfers) < MAX_SESSION_TRANSFERS:
+            m.transfers.append(done.model_dump(include={"path", "size", "direction", "at"}))
+        # Many small files: one write a second at most; the end of the session writes the rest.
+        if time.monotonic() - m.saved_at >= 1.0:
+            m.saved_at = time.monotonic()
+            try:
+                await self._gate.live.note(m.session, m.log())
+            except Exception:
+                log.exception("sftp transfers not recorded yet", session_id=m.session.id)

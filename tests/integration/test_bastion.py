@@ -14,6 +14,7 @@ import pytest
 
 from libs.common.bus import RpcClient
 from libs.common.contracts.bastion import (
+    BastionRejected,
     CaGet,
     GrantAdd,
     GrantList,
@@ -375,6 +376,15 @@ async def test_sftp_puts_and_gets_files_on_the_machine_named_in_the_path_and_aud
     ]
     ended = await bastion.probe.wait_for("session.ended", where=lambda m: m.kind == "sftp")
     assert (ended[0].bytes_in, ended[0].bytes_out) == (len(payload), len(payload))
+    # Its record is its transfer log; it has no terminal recording, and says so.
+    info = await bastion.call(SessionGet(id=ended[0].session_id))
+    assert (info.kind, info.transfer_count, info.recording_path) == ("sftp", 2, None)
+    assert [(t.path, t.size, t.direction) for t in info.transfers] == [
+        ("/tmp/up.bin", len(payload), "upload"), ("/tmp/up.bin", len(payload), "download")
+    ]
+    cast = await bastion.call(RecordingGet(session_id=info.id))
+    assert isinstance(cast, BastionRejected) and cast.reason == "not_found"
+    assert "sftp sessions have no terminal recording" in cast.detail
 
 
 async def test_the_real_scp_copies_through_the_bastion(bastion: Bastion, tmp_path: Path):

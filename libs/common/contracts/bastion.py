@@ -21,7 +21,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from .envelope import Command, Event, register
 
@@ -30,6 +30,7 @@ __all__ = [
     "COMMAND_QUEUE",
     "MACHINE_CA_PATH",
     "MAX_RECORDING_CHUNK",
+    "MAX_SESSION_TRANSFERS",
     "BastionRejected",
     "CaGet",
     "CaInfo",
@@ -57,6 +58,7 @@ __all__ = [
     "SessionListing",
     "SessionRefused",
     "SessionStarted",
+    "SessionTransfer",
     "TransferDone",
     "UserAdd",
     "UserInfo",
@@ -264,6 +266,18 @@ class SessionEnd(Command):
     id: str
 
 
+MAX_SESSION_TRANSFERS = 200
+
+
+class SessionTransfer(BaseModel):
+    """One file an sftp (or scp) session moved: its path on the machine, the bytes, which way."""
+
+    path: str
+    size: int
+    direction: Literal["upload", "download"]
+    at: datetime
+
+
 @register
 class SessionInfo(Event):
     """One session: reply to ``bastion.session.get``, and an item of a listing."""
@@ -290,6 +304,10 @@ class SessionInfo(Event):
     bytes_out: int = 0
     recording_path: str | None = None
     recording_size: int = 0
+    # An sftp session's files (it has no terminal recording): the first MAX_SESSION_TRANSFERS,
+    # and how many there were in all.
+    transfers: list[SessionTransfer] = Field(default_factory=list)
+    transfer_count: int = 0
 
 
 @register
@@ -485,7 +503,8 @@ class TransferDone(Event):
 class SessionRefused(Event):
     """A login or a target was turned away (``reason``: ``unknown_user``, ``bad_key``,
     ``no_grant``, ``grant_expired``, ``unknown_machine``, ``bad_target``,
-    ``forwarding_refused``, ``machine_unreachable``)."""
+    ``forwarding_refused``, ``machine_unreachable``, ``host_key_mismatch``: the machine
+    presented another host key than the platform's, ``host_key_unknown``: none to check)."""
 
     TYPE = "session.refused"
     user: str

@@ -183,6 +183,11 @@ class Admin:
         """A slice of the session's cast from ``offset``."""
         doc = await self.get_session(session_id)
         path = doc.get("recording_path")
+        if doc["kind"] == "sftp":
+            raise NotFoundError(
+                f"session {session_id} is an sftp session: sftp sessions have no terminal "
+                f"recording; its transfers are in its record (GET /v1/sessions/{session_id})"
+            )
         if not path or not Path(path).exists():
             raise NotFoundError(f"session {session_id} has no recording")
         data, size = read_chunk(Path(path), offset, limit)

@@ -166,6 +166,11 @@ class LiveSessions:
             SessionStarted(**_facts(doc), started_at=doc["started_at"])  # type: ignore[arg-type]
         )
 
+    async def note(self, session: LiveSession, fields: dict[str, object]) -> None:
+        """Record more of a live session (an sftp session's transfers so far)."""
+        session.doc.update(fields)  # type: ignore[typeddict-item]
+        await self._store.update_session(session.id, dict(fields))
+
     async def finish(self, session: LiveSession, fields: dict[str, object]) -> None:
         """Record how a session ended, and announce it."""
         self._sessions.pop(session.id, None)
