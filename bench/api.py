@@ -65,6 +65,7 @@ class Round:
     ours_destroy: float
     bare_destroy: float
     timeline: dict[str, float]
+    ids: list[str]
 
 
 async def _sh(*argv: str) -> None:
@@ -179,7 +180,7 @@ async def bench_batch(
     timeline = _timeline(items)
     ours_destroy = await _destroy_all(api, ids)
     bare, bare_destroy = await _bare_batch(n, net, x, tag)
-    return Round(n, ours, bare, ours_destroy, bare_destroy, timeline)
+    return Round(n, ours, bare, ours_destroy, bare_destroy, timeline, ids)
 
 
 def _report_batches(rounds: list[Round]) -> None:
@@ -296,12 +297,28 @@ async def _until_listed(url: str, auth: dict[str, str], count: int) -> None:
                 await asyncio.sleep(0.2)
 
 
+def _destroy_steps(prov_log: Path, ids: list[str]) -> str:
+    """Where the agent's destroys of ``ids`` spent their time: per step, the median and the
+    total over the batch (the agent logs each destroy's steps)."""
+    wanted, steps = set(ids), {}
+    for line in prov_log.read_text().splitlines():
+        if '"machine destroyed"' not in line:
+            continue
+        rec = json.loads(line)
+        if rec.get("machine_id") in wanted:
+            for step, sec in (rec.get("seconds") or {}).items():
+                steps.setdefault(step, []).append(sec)
+    parts = [f"{k} {median(v):.2f}s median, {sum(v):.1f}s total" for k, v in steps.items()]
+    return "agent destroy steps: " + ("; ".join(parts) or "none logged")
+
+
 def _services(env: dict[str, str], tmp: Path) -> list[ServiceProcess]:
     return [
         ServiceProcess("ipam", env, free_port(), log_path=tmp / "ipam.log"),
         ServiceProcess(
             "provisioner",
-            {**env, "DOCKVM_STATE_DIR": str(tmp / "agent")},
+            # info: its "machine destroyed" lines carry each step's seconds (_destroy_steps).
+            {**env, "DOCKVM_STATE_DIR": str(tmp / "agent"), "DOCKVM_LOG_LEVEL": "info"},
             free_port(),
             ["--host-id", f"bench-{RUN}"],
             log_path=tmp / "prov.log",
@@ -393,6 +410,7 @@ async def main(batches: list[int], rounds: int, seconds: float) -> None:
                         f"{one.bare_destroy:.1f}s)",
                         flush=True,
                     )
+                    print(f"    {_destroy_steps(tmp / 'prov.log', one.ids)}", flush=True)
                     done.append(one)
         if done:
             _report_batches(done)

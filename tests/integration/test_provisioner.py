@@ -426,6 +426,28 @@ async def test_destroy_leaves_no_container_volume_loop_device_or_network(agent):
     assert networks in ([], [f"{PREFIX}-vlan3101"])  # kept only while other machines use it
 
 
+async def test_destroys_at_once_leave_the_vlans_network_dropped_by_the_last(agent):
+    """Only the last destroy of a VLAN in flight tries to drop its network; it still goes."""
+    vlan, net = 3107, f"{PREFIX}-vlan3107"
+    mids = [agent.machine_id() for _ in range(3)]
+    ips = [f"10.231.7.{10 + i}" for i in range(3)]
+    made = (agent.create(m, vlan_id=vlan, ip=ip, gateway="10.231.7.1")
+            for m, ip in zip(mids, ips, strict=True))
+    created = await asyncio.gather(*made)
+    client = _docker()
+    before = [n.name for n in client.networks.list(names=[net])]
+
+    await asyncio.gather(*(agent.send(ContainerDestroy(machine_id=m, timeout_s=2)) for m in mids))
+    for m in mids:
+        await agent.wait(("container.destroyed",), m)
+    after = [n.name for n in client.networks.list(names=[net])]
+    client.close()
+
+    assert {c.TYPE for c in created} == {"container.created"}
+    assert (before, after) == ([net], [])
+    assert [m for m in mids if _dockvm_containers(m)] == []
+
+
 async def test_destroy_of_an_unknown_machine_still_answers(agent):
     mid = agent.machine_id()
 
