@@ -18,6 +18,7 @@ from libs.common.errors import ConflictError
 from .app_checks import check_doc
 from .documents import AppDoc, HostDoc, MachineDoc, MachineSummary, OutboxEntry, SagaRecord
 from .domain import ACTIVE_STATES, DcLoad, Res
+from .domain.states import UNREACHABLE_NAMES, State, state_names
 from .drains import MemoryDrainStore
 from .store import (
     TRANSITIONS_KEPT,
@@ -32,7 +33,7 @@ from .store import (
 
 __all__ = ["MemoryAppChecks", "MemoryGatewayStore"]
 
-_ACTIVE = {s.value for s in ACTIVE_STATES}
+_ACTIVE = set(state_names(ACTIVE_STATES))
 _MISSING = object()
 
 
@@ -255,7 +256,7 @@ class MemoryGatewayStore:
                 moved = await self.transition(
                     d["_id"],
                     [d["state"]],
-                    "unknown",
+                    State.UNREACHABLE.value,
                     reason="host_down",
                     set_={"state_before_unknown": d["state"]},
                 )
@@ -268,7 +269,7 @@ class MemoryGatewayStore:
         return [
             copy.deepcopy(d)
             for d in self.machines.values()
-            if d.get("host") == host_id and d["state"] == "unknown"
+            if d.get("host") == host_id and d["state"] in UNREACHABLE_NAMES
         ]
 
     async def ids_on_host(self, host_id: str, states: Iterable[str]) -> list[str]:

@@ -60,6 +60,7 @@ from .documents import (
 )
 from .domain import ACTIVE_STATES, DcLoad, Res
 from .domain.rollout import MachineStatus, ReleaseStatus
+from .domain.states import UNREACHABLE_NAMES, State, state_names
 from .drains import DrainStore
 from .listing import MachineIndex
 
@@ -105,7 +106,7 @@ INDEXES = {
     TOKENS: [IndexModel([("name", ASCENDING)])],
     AUDIT: [IndexModel([("at", DESCENDING)])],
 }
-_ACTIVE = sorted(s.value for s in ACTIVE_STATES)
+_ACTIVE = state_names(ACTIVE_STATES)
 
 
 _last_us = 0
@@ -606,7 +607,7 @@ class GatewayStore(AccessRecords):
             moved = await self.transition(
                 doc["_id"],
                 [doc["state"]],
-                "unknown",
+                State.UNREACHABLE.value,
                 reason="host_down",
                 set_={"state_before_unknown": doc["state"]},
             )
@@ -617,7 +618,9 @@ class GatewayStore(AccessRecords):
     @translate_errors
     async def unknown_on_host(self, host_id: str) -> list[MachineDoc]:
         """The host's machines in state unknown."""
-        return await read_all(self.machines.find({"host": host_id, "state": "unknown"}))
+        # The state's old name too, in documents stored before the rename.
+        names = sorted(UNREACHABLE_NAMES)
+        return await read_all(self.machines.find({"host": host_id, "state": {"$in": names}}))
 
     @translate_errors
     async def ids_on_host(self, host_id: str, states: Iterable[str]) -> list[str]:

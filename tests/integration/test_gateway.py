@@ -407,7 +407,7 @@ async def test_host_down_marks_its_machines_unknown(api, peers):
     ids = [m["id"] for m in body["machines"]]
     on_h1 = [m for m in [await _machine(api, i) for i in ids] if m["host"] == "h1"]
     peers.stop_beat("h1")
-    machine = await _until(api, on_h1[0]["id"], "unknown", timeout=30)
+    machine = await _until(api, on_h1[0]["id"], "unreachable", timeout=30)
     async with api.get("/v1/hosts") as r:
         hosts = {h["id"]: h["status"] for h in (await r.json())["items"]}
 

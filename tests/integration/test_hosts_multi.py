@@ -285,7 +285,7 @@ async def test_a_push_to_the_dcs_registry_is_pulled_by_every_host_of_the_dc(
             c.close()
 
 
-async def test_a_dead_host_leaves_its_machines_unknown_then_running_with_the_same_ip(
+async def test_a_dead_host_leaves_its_machines_unreachable_then_running_with_the_same_ip(
     dc: Dc, probe_factory
 ):
     h1, h2 = dc.agents
@@ -297,10 +297,11 @@ async def test_a_dead_host_leaves_its_machines_unknown_then_running_with_the_sam
 
     dc.agents[h2].kill()
     await dc.agents[h2].proc.wait()
-    unknown = await _until(dc, victim["id"], "unknown", timeout=60)
+    unknown = await _until(dc, victim["id"], "unreachable", timeout=60)
     down = (await dc.host(h2))["status"]
     announced = await probe.wait_for(
-        "machine.state_changed", lambda m: m.machine_id == victim["id"] and m.to_state == "unknown"
+        "machine.state_changed",
+        lambda m: m.machine_id == victim["id"] and m.to_state == "unreachable",
     )
     alive = await _until(dc, survivor["id"], "running")
     await dc.agents[h2].start()

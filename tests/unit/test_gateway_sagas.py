@@ -203,7 +203,7 @@ async def test_a_host_that_goes_down_marks_its_machines_unknown_then_back(driver
         capacity=provisioner.Resources(cpus=2, memory=8 * GIB, disk=100 * GIB),
         allocated=provisioner.Resources(cpus=1, memory=GIB, disk=GIB)))
 
-    assert down == "unknown"
+    assert down == "unreachable"
     assert (await store.get(mid))["state"] == "running"
 
 

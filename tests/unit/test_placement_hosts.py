@@ -272,7 +272,7 @@ async def test_a_dead_host_marks_its_machines_unknown_announced_and_back_running
     back = await store.get(on_h1)
 
     assert hosts == {"h1": "down", "h2": "online"}
-    assert down == [(on_h1, "running", "unknown", "host_down")]
+    assert down == [(on_h1, "running", "unreachable", "host_down")]
     assert (back["state"], back["ip"], back["host"]) == ("running", ip, "h1")
     assert [(m.to_state, m.reason) for m in pub.of_type("machine.state_changed")] == [
         ("running", "host_back")]

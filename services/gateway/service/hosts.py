@@ -1,7 +1,7 @@
 """Hosts as the gateway sees them: heartbeats, liveness, the machines they should hold, prewarm.
 
 A host is known by its heartbeats alone. One whose heartbeats stop is ``down`` and its machines
-``unknown`` (never destroyed: the host may come back with them; each change is announced through
+``unreachable`` (never destroyed: the host may come back with them; each change is announced through
 the machine's outbox); its next heartbeat brings them back to the state they had. A drained host
 (:mod:`..drains`) is shown ``drained`` to placement, which skips it.
 
@@ -94,7 +94,7 @@ class Hosts:
         return host_status(age, s.host_stale_s, s.host_down_s)
 
     async def on_heartbeat(self, hb: provisioner.HostHeartbeat) -> None:
-        """Record the host; machines marked unknown while it was down come back; a host that is
+        """Record the host; machines marked unreachable while it was down come back; a host that is
         new or back from down catches up with the images its dc prewarms."""
         d = self._driver
         host: HostDoc = {
@@ -114,7 +114,7 @@ class Hosts:
         for doc in await d.store.unknown_on_host(hb.host_id):
             await d.move(
                 doc,
-                [State.UNKNOWN],
+                [doc["state"]],  # unreachable, or unknown as stored before the rename
                 doc.get("state_before_unknown") or State.RUNNING,
                 reason="host_back",
             )
@@ -141,7 +141,7 @@ class Hosts:
             log.info("prewarming a host on its return", host=host["_id"], images=len(refs))
 
     async def check_hosts(self) -> None:
-        """Mark the machines of hosts whose heartbeats stopped ``unknown`` (never destroy them),
+        """Mark the machines of hosts whose heartbeats stopped ``unreachable`` (never destroy them),
         each change announced (``machine.state_changed``) through the machine's outbox."""
         d = self._driver
         at = d.clock()
@@ -161,7 +161,7 @@ class Hosts:
                 moved = await d.move(
                     doc,
                     [doc["state"]],
-                    State.UNKNOWN,
+                    State.UNREACHABLE,
                     reason="host_down",
                     set_={"state_before_unknown": doc["state"]},
                 )

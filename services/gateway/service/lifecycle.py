@@ -21,7 +21,7 @@ from libs.common.errors import ConflictError
 
 from ..documents import MachineDoc
 from ..domain import State, can_act
-from ..domain.states import allowed_from
+from ..domain.states import UNREACHABLE_NAMES, allowed_from
 from .steps import (
     Op,
     SagaMatch,
@@ -82,7 +82,14 @@ async def send_ip_release(publisher: Publisher, doc: MachineDoc) -> None:
 
 # States only a machine that reached running can have been in.
 _RAN = frozenset(
-    {State.RUNNING, State.STOPPED, State.RESIZING, State.DEPLOYING, State.MIGRATING, State.UNKNOWN}
+    {
+        State.RUNNING,
+        State.STOPPED,
+        State.RESIZING,
+        State.DEPLOYING,
+        State.MIGRATING,
+        *UNREACHABLE_NAMES,
+    }
 )
 
 
@@ -378,12 +385,12 @@ class Lifecycle:
     # --- observed state ---------------------------------------------------------------------
 
     async def on_observed(self, machine_id: str, state: str) -> None:
-        """A reconcile or the monitor saw the container: settle an unknown machine."""
+        """A reconcile or the monitor saw the container: settle an unreachable machine."""
         doc = await self._driver.store.get(machine_id)
-        if doc is None or doc["state"] != State.UNKNOWN:
+        if doc is None or doc["state"] not in UNREACHABLE_NAMES:
             return
         to = State.RUNNING if state == "running" else State.STOPPED
-        await self._driver.move(doc, [State.UNKNOWN], to, reason=f"observed {state}")
+        await self._driver.move(doc, [doc["state"]], to, reason=f"observed {state}")
 
     async def on_lifecycle(
         self, machine_id: str, kind: LifecycleEvent, reason: str | None = None
@@ -393,11 +400,11 @@ class Lifecycle:
         doc = await d.store.get(machine_id)
         if doc is None or doc.get("saga"):
             return
-        if kind == LifecycleEvent.STARTED and doc["state"] in (State.STOPPED, State.UNKNOWN):
+        if kind == LifecycleEvent.STARTED and doc["state"] in (State.STOPPED, *UNREACHABLE_NAMES):
             await d.move(doc, [doc["state"]], State.RUNNING, reason="started")
         elif kind in (LifecycleEvent.DIED, LifecycleEvent.OOM_KILLED) and doc["state"] in (
             State.RUNNING,
-            State.UNKNOWN,
+            *UNREACHABLE_NAMES,
         ):
             await d.move(doc, [doc["state"]], State.STOPPED, reason=reason or kind)
         elif kind == LifecycleEvent.FLAPPING:

@@ -16,7 +16,7 @@ The machine is ``migrating`` throughout, and each step is a transition (``migrat
 ``migrating`` with a reason: exported, imported), so its history and ``machine.state_changed``
 show the progress; the operation ends in the state it had (``last_op`` ok, or not with the
 reason it went back). A machine the source could not start again, or whose source never
-answered the switch back, is ``unknown`` until a reconcile observes it.
+answered the switch back, is ``unreachable`` until a reconcile observes it.
 
 Placement chooses the target when none is given (never the source, never a host that is down,
 stale or drained); the target's room is checked here, and again by its agent. The machine counts
@@ -293,7 +293,7 @@ class MigrateSaga:
     async def _unknown(self, doc: MachineDoc, reason: str) -> None:
         d = self._driver
         await d.move(
-            doc, [State.MIGRATING], State.UNKNOWN, reason=reason, saga=None, ok=False,
+            doc, [State.MIGRATING], State.UNREACHABLE, reason=reason, saga=None, ok=False,
             why=reason.split(":", 1)[0], detail=reason,
             set_={"state_before_unknown": doc.get("state_before_op") or State.RUNNING},
         )  # fmt: skip
