@@ -46,8 +46,9 @@ unit: install
 bench: stack
 	@for f in bench/[a-z]*.py; do m=$${f%.py}; echo "== $$m"; $(VENV)/bin/python -m $${m//\//.}; done
 
-# The chaos suite (chaos/, docs/reliability.md), full rounds, on its own stack. It restarts the
-# shared RabbitMQ, FerretDB and dockerd: it disturbs anything else running on this machine.
+# The chaos suite (chaos/, docs/reliability.md), full rounds, on its own stack, RabbitMQ node
+# and FerretDB (chaos/infra.py). It restarts the shared dockerd: that disturbs anything else
+# running on this machine.
 # CHAOS_ARGS='--quick' runs one round of each. Then schemathesis over the API, 1,000 cases.
 CHAOS_ARGS ?=
 chaos: stack
@@ -58,3 +59,4 @@ chaos: stack
 clean:
 	scripts/services.sh stop
 	scripts/stack.sh clean
+	$(VENV)/bin/python -c 'import chaos.infra as i; i.clean()' 2>/dev/null || true

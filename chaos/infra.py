@@ -63,3 +63,11 @@ def enter() -> None:
 def leave() -> None:
     """Stop the private RabbitMQ and FerretDB (their data stays for the next run)."""
     _stack("infra-down")
+
+
+def clean() -> None:
+    """Stop the private pair if it runs and remove its state (``make clean``)."""
+    import shutil
+
+    _stack("infra-down")
+    shutil.rmtree(PRIVATE["DOCKVM_STATE_DIR"], ignore_errors=True)
