@@ -91,6 +91,8 @@ class FakeEngine:
     sockets: str = ""
     shape_of: tuple[int, int] = (2, 1000)
     build_gate: asyncio.Event | None = None
+    fingerprint: str | None = None
+    verified: int = 0
     builds: int = 0
     discarded: list[str] = field(default_factory=list)
 
@@ -115,9 +117,9 @@ class FakeEngine:
         on_line("Successfully built\n")
         return f"sha256:{self.builds:064x}"
 
-    async def shape(self, image_id: str) -> tuple[int, int]:
-        """What the test set."""
-        return self.shape_of
+    async def shape(self, image_id: str) -> tuple[int, int, str]:
+        """What the test set; the fingerprint is ``fingerprint`` or the image id."""
+        return (*self.shape_of, self.fingerprint or image_id)
 
     async def packages(self, image: str) -> str:
         """The base's packages."""
@@ -125,6 +127,7 @@ class FakeEngine:
 
     async def verify(self, image_id: str, name: str, settle_s: float) -> Verification:
         """What the test set."""
+        self.verified += 1
         return Verification(dpkg=self.dpkg, sockets=self.sockets)
 
     async def push(self, image_id: str, repo: str, tag: str, on_line: Callable[[str], None]) -> str:

@@ -40,8 +40,9 @@ class Engine(Protocol):
         """Build the context; the image id. Log lines go to ``on_line``; raise BuildError."""
         ...
 
-    async def shape(self, image_id: str) -> tuple[int, int]:
-        """The image's layer count and size in bytes."""
+    async def shape(self, image_id: str) -> tuple[int, int, str]:
+        """The image's layer count, size in bytes, and fingerprint (a hash of its layers and
+        runtime config: what decides what the started image shows)."""
         ...
 
     async def packages(self, image: str) -> str:

@@ -37,7 +37,7 @@ from libs.common.errors import NotFoundError, TransientError
 from . import domain
 from .documents import BuildDoc
 from .domain import Step
-from .ports import BuildError, BuildStore, Engine, Registries
+from .ports import BuildError, BuildStore, Engine, Registries, Verification
 
 __all__ = ["BuildFailure", "Builds", "LogSink", "Runner"]
 
@@ -51,6 +51,8 @@ _SECONDS = Histogram(
 # A log chunk is written at least this often while lines come, and when it grows this big.
 FLUSH_S = 0.5
 CHUNK_BYTES = 64 * 1024
+# Verifications remembered by image fingerprint (see Builds._remember).
+VERIFIED_KEPT = 256
 
 
 class BuildFailure(Exception):
@@ -120,6 +122,7 @@ class Builds:
         self.registries = registries
         self.publisher = publisher
         self._base_packages: dict[str, dict[str, domain.Package]] = {}
+        self._verified: dict[str, Verification] = {}
 
     async def submit(self, cmd: BuildSubmit) -> BuildDoc:
         """Store the build (idempotent by id) and queue its run."""
@@ -302,6 +305,13 @@ class Builds:
             await self.runner.engine.discard(image_id)
             raise
 
+    def _remember(self, fingerprint: str, seen: Verification) -> None:
+        # What a started image showed depends only on its layers and runtime config (the
+        # fingerprint): a rebuild from the cache (new labels, same layers) is not started again.
+        if len(self._verified) >= VERIFIED_KEPT:
+            self._verified.pop(next(iter(self._verified)))
+        self._verified[fingerprint] = seen
+
     async def _base_packages_of(self, image: str) -> dict[str, domain.Package]:
         if image not in self._base_packages:
             self._base_packages[image] = domain.parse_dpkg(await self.runner.engine.packages(image))
@@ -312,12 +322,18 @@ class Builds:
     ) -> dict[str, Any]:
         await self._step(doc, sink, Step.VERIFY)
         base = policy.base(spec.base)
-        layers, size = await self.runner.engine.shape(image_id)
+        layers, size, fingerprint = await self.runner.engine.shape(image_id)
         sink.write(f"image {image_id[:19]}: {layers} layers, {size} bytes\n")
         try:
-            seen = await self.runner.engine.verify(
-                image_id, f"dockvm-verify-{doc['_id']}", self.runner.settle_s
-            )
+            seen = self._verified.get(fingerprint)
+            if seen is None:
+                seen = await self.runner.engine.verify(
+                    image_id, f"dockvm-verify-{doc['_id']}", self.runner.settle_s
+                )
+                self._remember(fingerprint, seen)
+            else:
+                sink.write("verification: the same layers and runtime config as an image "
+                           "started before: what it showed is reused\n")  # fmt: skip
             base_pkgs = await self._base_packages_of(base.image)
         except BuildError as err:
             raise BuildFailure("verification_failed", str(err)) from err

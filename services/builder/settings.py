@@ -50,7 +50,11 @@ class BuilderSettings(CommonSettings):
         default=2, ge=1, le=10, description="runs of a build a builder killed midway gets"
     )
     verify_settle_s: float = Field(
-        default=3.0, ge=0, le=60, description="how long the started image is watched for sockets"
+        default=1.0,
+        ge=0,
+        le=60,
+        description="the started image is watched until it used little CPU and opened no new "
+        "socket for this long (at most 10x, 10 s at least)",
     )
 
     @field_validator("registries")

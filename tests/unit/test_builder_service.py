@@ -154,3 +154,16 @@ async def test_the_log_is_done_only_when_the_build_ended_and_every_chunk_was_rea
     assert running.state == "running" and not running.done and running.chunks
     assert not first.done or final.chunks[-1].seq == first.chunks[-1].seq
     assert final.done and final.state == "succeeded"
+
+
+async def test_an_image_with_the_layers_and_config_of_one_started_before_is_not_started_again():
+    rig = _Rig(dpkg=JQ, fingerprint="same-layers")
+    first = await rig.submit("a", packages=["jq"])
+    second = await rig.submit("b", packages=["jq"])
+
+    await rig.builds.run(first)
+    await rig.builds.run(second)
+
+    assert rig.engine.verified == 1
+    assert (await rig.store.get(second))["sbom"] == (await rig.store.get(first))["sbom"]
+    assert "what it showed is reused" in await rig.log(second)
