@@ -22,7 +22,7 @@ from .hostkeys import HostKeyBook, agent_asker
 from .keys import load_keys
 from .machine import MachineConnector
 from .relay import Relay
-from .service import Access, Admin, LiveSessions
+from .service import Access, Admin, LiveSessions, SessionPruner
 from .settings import BastionSettings
 from .sftp import SftpGate
 from .sshd import listen
@@ -86,6 +86,13 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
     ctx.add_check("ssh", partial(_ssh_answers, settings.bastion_ssh_host, server.get_port()))
     ctx.every(settings.bastion_watch_interval_s, live.watch, "watch-sessions")
     ctx.every(10, live.refresh_rules, "refresh-rules", now=False)
+    pruner = SessionPruner(
+        store,
+        settings.bastion_dir() / "recordings",
+        settings.bastion_session_retention_s,
+        settings.bastion_prune_batch,
+    )
+    ctx.every(settings.bastion_prune_interval_s, pruner.prune, "prune-sessions")
     log.info(
         "ssh listening",
         host=settings.bastion_ssh_host,

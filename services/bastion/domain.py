@@ -8,14 +8,15 @@ import codecs
 import json
 import re
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from ipaddress import IPv4Address
+from pathlib import Path
 
 import asyncssh
 
 from libs.common.errors import DomainError, NotFoundError, ValidationFailed
 
-from .documents import GrantDoc, MachineView, RuleDoc, UserDoc
+from .documents import GrantDoc, MachineView, RuleDoc, SessionDoc, UserDoc
 
 __all__ = [
     "CTRL_C",
@@ -29,6 +30,7 @@ __all__ = [
     "normalise_keys",
     "parse_request",
     "parse_target",
+    "prunable",
     "split_sftp_path",
 ]
 
@@ -335,3 +337,22 @@ class CastEncoder:
     def resize(t: float, width: int, height: int) -> bytes:
         """One ``[t, "r", "COLSxROWS"]`` line."""
         return (json.dumps([round(t, 6), "r", f"{width}x{height}"]) + "\n").encode()
+
+
+# ---- retention --------------------------------------------------------------------------------
+
+
+def prunable(
+    sessions: list[SessionDoc], now: datetime, retention_s: float, limit: int, casts: Path
+) -> list[SessionDoc]:
+    """The ended sessions whose end is more than ``retention_s`` before ``now``, oldest end
+    first, at most ``limit``. A live session is never one, however old; nor is one whose cast
+    is not under ``casts`` (another bastion's, on another host: that bastion removes it)."""
+    cutoff = now - timedelta(seconds=retention_s)
+    old = [
+        s for s in sessions
+        if not s.get("live") and s.get("ended_at") is not None and s["ended_at"] < cutoff
+        and (not s.get("recording_path") or Path(s["recording_path"]).is_relative_to(casts))
+    ]  # fmt: skip
+    old.sort(key=lambda s: (s["ended_at"], s["_id"]))
+    return old[: max(limit, 0)]

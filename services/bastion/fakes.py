@@ -4,6 +4,7 @@ the MongoDB adapters)."""
 from __future__ import annotations
 
 import copy
+from datetime import datetime
 from typing import Any
 
 from libs.common.errors import ConflictError
@@ -102,6 +103,17 @@ class MemoryBastionStore:
         docs = [d for d in self.sessions.values() if _matches(d, flt)]
         docs.sort(key=lambda d: (d["started_at"], d["_id"]), reverse=True)
         return copy.deepcopy(docs[:limit])
+
+    async def ended_before(self, cutoff: datetime) -> list[SessionDoc]:
+        """Sessions that ended before ``cutoff``."""
+        return copy.deepcopy([
+            d for d in self.sessions.values()
+            if not d["live"] and d["ended_at"] is not None and d["ended_at"] < cutoff
+        ])  # fmt: skip
+
+    async def delete_sessions(self, session_ids: list[str]) -> int:
+        """Delete sessions by id; how many there were."""
+        return sum(self.sessions.pop(sid, None) is not None for sid in session_ids)
 
 
 class MemoryHostKeyPins:

@@ -41,6 +41,18 @@ class BastionSettings(CommonSettings):
         default=60.0, gt=0, description="time a client has to authenticate"
     )
 
+    bastion_session_retention_s: float = Field(
+        default=90 * 86400,
+        gt=0,
+        description="ended sessions (records and casts) older than this are removed",
+    )
+    bastion_prune_interval_s: float = Field(
+        default=3600, gt=0, description="how often sessions past the retention are removed"
+    )
+    bastion_prune_batch: int = Field(
+        default=1000, ge=1, le=100_000, description="most sessions removed in one round"
+    )
+
     def bastion_dir(self) -> Path:
         """Where the bastion keeps its keys and recordings."""
         return self.state_dir / "bastion"

@@ -15,6 +15,8 @@ How this copes with FerretDB v1 (SQLite):
 - Filters and sorts are not pushed down: every query scans its collection. The collections are
   small (people, grants, rules); sessions grow, so a session listing reads one batch through
   :func:`read_all` and is bounded by ``limit`` after the filter.
+- Sessions past the retention are deleted by id (``delete_sessions``), after their casts; the
+  candidates are read with a projection (small documents, one batch through ``read_all``).
 - A machine's pinned host keys (``bastion_host_keys``, ``_id`` = machine id) are inserted once,
   the unique ``_id`` arbitrating between two first sessions; they are never updated.
 - Machines are read from the gateway's ``machine_summaries`` (one small document per machine,
@@ -120,6 +122,15 @@ class BastionStore(Protocol):
 
     async def list_sessions(self, flt: SessionFilter, limit: int) -> list[SessionDoc]:
         """Sessions matching ``flt`` (user, ip, machine_id, since, until, live), newest first."""
+        ...
+
+    async def ended_before(self, cutoff: datetime) -> list[SessionDoc]:
+        """Sessions that ended before ``cutoff`` (``_id``, ``live``, ``ended_at`` and
+        ``recording_path`` only)."""
+        ...
+
+    async def delete_sessions(self, session_ids: list[str]) -> int:
+        """Delete sessions by id; how many there were."""
         ...
 
 
@@ -251,6 +262,21 @@ class MongoBastionStore:
         docs = await read_all(self._db[SESSIONS].find(session_query(flt)))
         docs.sort(key=lambda d: (d["started_at"], d["_id"]), reverse=True)
         return docs[:limit]
+
+    @translate_errors
+    async def ended_before(self, cutoff: datetime) -> list[SessionDoc]:
+        """Sessions that ended before ``cutoff`` (a few fields each)."""
+        query = {"live": False, "ended_at": {"$lt": cutoff}}
+        fields = {"_id": 1, "live": 1, "ended_at": 1, "recording_path": 1}
+        return await read_all(self._db[SESSIONS].find(query, fields))
+
+    @translate_errors
+    async def delete_sessions(self, session_ids: list[str]) -> int:
+        """Delete sessions by id; how many there were."""
+        if not session_ids:
+            return 0
+        res = await self._db[SESSIONS].delete_many({"_id": {"$in": session_ids}})
+        return res.deleted_count
 
 
 class MongoHostKeyPins:

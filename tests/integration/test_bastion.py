@@ -25,6 +25,7 @@ from libs.common.contracts.bastion import (
     RuleRemove,
     SessionEnd,
     SessionGet,
+    SessionInfo,
     SessionList,
     UserAdd,
     UserList,
@@ -474,3 +475,34 @@ async def test_revoking_ends_a_live_sftp_session_within_5s(bastion: Bastion):
             await sftp.listdir(f"/root@{bastion.box.ip}/etc")
     ended = await bastion.probe.wait_for("session.ended")
     assert (ended[0].kind, ended[0].end_reason) == ("sftp", "revoked")
+
+
+async def test_sessions_past_the_retention_are_removed_with_their_casts_live_ones_kept(
+    start_service: Any, box: Box, bastion_state: Path, amqp: Any, mongo_db: Any,
+    probe_factory: Any,
+):
+    ssh_port = free_port()
+    probe = await probe_factory("session.#")
+    await start_service("bastion", env={
+        "DOCKVM_STATE_DIR": str(bastion_state), "DOCKVM_BASTION_SSH_PORT": str(ssh_port),
+        "DOCKVM_BASTION_SESSION_RETENTION_S": "1", "DOCKVM_BASTION_PRUNE_INTERVAL_S": "0.5",
+    })
+    rpc = RpcClient(amqp, source="tests")
+    await summary(mongo_db, box)
+    b = Bastion(None, ssh_port, rpc, probe, mongo_db, box, bastion_state)  # type: ignore[arg-type]
+    await b.call(UserAdd(name="alice", ssh_keys=[ALICE.export_public_key().decode()]))
+    await b.grant()
+    async with await b.connect() as conn:
+        shell = await conn.create_process(b.target(), term_type="xterm", encoding=None)
+        done = await conn.run(f"{b.target()} echo gone-soon")
+        ended = (await probe.wait_for("session.ended"))[0]
+        cast = Path(ended.recording_path)
+        assert done.stdout == "gone-soon\n" and cast.exists()
+        async with asyncio.timeout(30):
+            while isinstance(await b.call(SessionGet(id=ended.session_id)), SessionInfo):
+                await asyncio.sleep(0.2)
+        live = [s for s in (await b.call(SessionList(user="alice"))).sessions if s.live]
+        shell.stdin.write(b"exit\n")
+    await rpc.close()
+    assert not cast.exists()
+    assert [s.kind for s in live] == ["shell"]  # older than the retention, but live: kept

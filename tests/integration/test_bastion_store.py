@@ -8,8 +8,8 @@ import pytest
 
 from libs.common.clock import utcnow
 from libs.common.errors import ConflictError
-from services.bastion.fakes import MemoryBastionStore, MemoryMachines
-from services.bastion.store import MongoBastionStore, MongoMachineDirectory
+from services.bastion.fakes import MemoryBastionStore, MemoryHostKeyPins, MemoryMachines
+from services.bastion.store import MongoBastionStore, MongoHostKeyPins, MongoMachineDirectory
 
 NOW = utcnow()
 
@@ -94,6 +94,32 @@ async def directory(request, mongo_db):
         return MemoryMachines(docs)
     await mongo_db["machine_summaries"].insert_many([{**d, "dc": "dc1"} for d in docs])
     return MongoMachineDirectory(mongo_db)
+
+
+async def test_sessions_ended_before_a_time_are_listed_and_deleted_by_id(store):
+    for sid, ended in (("s-old", -120), ("s-new", -1), ("s-live", None)):
+        doc = _session(sid, "alice", "10.0.0.5", -200, live=ended is None)
+        if ended is not None:
+            doc["ended_at"] = NOW + timedelta(minutes=ended)
+        await store.insert_session(doc)
+    ended = await store.ended_before(NOW - timedelta(minutes=60))
+    assert [(d["_id"], d["live"]) for d in ended] == [("s-old", False)]
+    assert await store.delete_sessions(["s-old", "s-missing"]) == 1
+    assert await store.delete_sessions([]) == 0
+    assert await store.get_session("s-old") is None
+    assert await store.get_session("s-new") is not None
+
+
+async def test_host_keys_are_pinned_once(pins):
+    assert await pins.pinned("m-1") is None
+    assert await pins.pin("m-1", ["ssh-ed25519 AAAA1"]) == ["ssh-ed25519 AAAA1"]
+    assert await pins.pin("m-1", ["ssh-ed25519 BBBB2"]) == ["ssh-ed25519 AAAA1"]
+    assert await pins.pinned("m-1") == ["ssh-ed25519 AAAA1"]
+
+
+@pytest.fixture(params=["memory", "mongo"])
+def pins(request, mongo_db):
+    return MemoryHostKeyPins() if request.param == "memory" else MongoHostKeyPins(mongo_db)
 
 
 async def test_the_directory_finds_live_machines_by_ip_id_hostname_or_app(directory):

@@ -1,7 +1,16 @@
-"""The bastion's use-case layer: admin RPCs, access checks, and the live sessions."""
+"""The bastion's use-case layer: admin RPCs, access checks, the live sessions, retention."""
 
 from .access import Access, Authorized
 from .admin import Admin, RecordingSlice
 from .live import LiveSession, LiveSessions
+from .retention import SessionPruner
 
-__all__ = ["Access", "Admin", "Authorized", "LiveSession", "LiveSessions", "RecordingSlice"]
+__all__ = [
+    "Access",
+    "Admin",
+    "Authorized",
+    "LiveSession",
+    "LiveSessions",
+    "RecordingSlice",
+    "SessionPruner",
+]
