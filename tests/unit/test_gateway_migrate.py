@@ -157,3 +157,13 @@ async def test_a_drained_target_and_a_busy_or_stopped_machine_are_conflicts(driv
     assert drained.value.reason == "host_unavailable"
     assert nowhere.value.reason == "no_capacity"
     assert busy.value.reason == "machine_busy"
+
+
+async def test_a_migrating_machine_stays_in_its_hosts_known_list(driver, pub):
+    mid, source, target = await _running(driver, pub)
+    await driver.migrations.begin(mid, target)
+    driver.hosts.cluster_id = "c1"
+    await driver.hosts.announce_known()
+    known = {host: env.data["machine_ids"] for host, env in _sent(pub, "machines.known")}
+
+    assert mid in known[source] and mid not in known[target]

@@ -176,7 +176,9 @@ class Hosts:
             log.error("no cluster id: machines.known not announced")
             return
         at = d.clock()
-        keep = [*allowed_from(Op.DESTROY)]
+        # A migrating machine is its current host's (the source's until imported, then the
+        # target's): no agent may take it for an orphan meanwhile.
+        keep = [*allowed_from(Op.DESTROY), State.MIGRATING.value]
         for h in await d.store.list_hosts():
             if self._status(h, at) != "online":
                 continue
