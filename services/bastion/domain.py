@@ -272,7 +272,8 @@ class LineFilter:
 
 # Control characters other than the common ones (tab, newline, return, escape): rare in what
 # people see, and JSON writes them as \uXXXX (the caller's ``json`` path does).
-_RARE_CONTROL = tuple(bytes([c]) for c in range(0x20) if c not in b"\t\n\r\x1b")
+# (As ints: ``int in bytes`` is one memchr; ``bytes in bytes`` goes the long way round first.)
+_RARE_CONTROL = tuple(c for c in range(0x20) if c not in b"\t\n\r\x1b")
 
 
 def _ascii_body(data: bytes) -> bytes | None:
