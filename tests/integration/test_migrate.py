@@ -24,7 +24,9 @@ import aiohttp
 import docker
 import docker.errors
 import pytest
+from typer.testing import CliRunner
 
+from cli import main as cli_main
 from tests.integration import test_provisioner as provisioner_tests
 from tests.integration.test_fabric import HOSTS_RUN, HOSTS_SH, IMAGE, _engine, _ssh_banner, fabric
 
@@ -49,6 +51,7 @@ class Dc:
     api: aiohttp.ClientSession
     hosts: dict[str, str]  # host id → engine (h1, h2)
     states: dict[str, Path]  # host id → the agent's state dir
+    url: str = ""  # the gateway's
 
     async def create(self, app: str, image: str = IMAGE) -> dict[str, Any]:
         body = {**SPEC, "image": image, "app": app, "count": 1}
@@ -130,7 +133,7 @@ async def dc(fabric, start_service, service_env, tmp_path) -> AsyncIterator[Dc]:
                     if all(seen.get(h) == "online" for h in hosts):
                         break
                     await asyncio.sleep(0.2)
-            dc = Dc(api, hosts, states)
+            dc = Dc(api, hosts, states, gateway.url)
             try:
                 yield dc
             finally:
@@ -236,3 +239,38 @@ async def test_a_target_that_cannot_make_the_machine_sends_it_back_running_the_s
     assert after == before
     assert dc.leftovers(target, mid) == {"containers": 0, "file": False, "loops": []}
     assert dc.leftovers(source, mid)["containers"] == 1
+
+
+async def test_evacuating_a_drained_host_moves_a_stopped_machine_stopped_with_its_data(
+    dc: Dc, service_env
+):
+    source, target = (next(h for h, e in dc.hosts.items() if e == n) for n in ("h1", "h2"))
+    async with dc.api.post(f"/v1/hosts/{target}/drain") as r:
+        assert r.status == 200
+    m = await dc.create("evac")
+    mid = m["id"]
+    async with dc.api.post(f"/v1/hosts/{target}/undrain") as r:
+        assert r.status == 200
+    _exec(dc.hosts[source], mid, "head -c 4M /dev/urandom >/data/blob && sync")
+    before = dc.identity(source, mid)
+    async with dc.api.post(f"/v1/machines/{mid}/stop?wait=60") as r:
+        assert r.status == 200, await r.text()
+    async with dc.api.post(f"/v1/hosts/{source}/drain") as r:
+        assert r.status == 200
+
+    token = (Path(service_env["DOCKVM_STATE_DIR"]) / "admin.token").read_text().strip()
+    env = {"DOCKVM_URL": dc.url, "DOCKVM_TOKEN": token}
+    res = await asyncio.to_thread(
+        CliRunner().invoke, cli_main.app, ["host", "evacuate", source, "--timeout", "300"], env=env
+    )
+    moved = await dc.machine(mid)
+    async with dc.api.post(f"/v1/machines/{mid}/start?wait=60") as r:
+        started = r.status
+    after = dc.identity(target, mid)
+
+    assert res.exit_code == 0, res.output
+    assert f"{mid}: moved {source} → {target}, stopped" in res.output
+    assert (moved["state"], moved["host"]) == ("stopped", target)
+    assert started == 200
+    assert after == before
+    assert dc.leftovers(source, mid) == {"containers": 0, "file": False, "loops": []}
