@@ -12,6 +12,9 @@ source "$(dirname "$0")/lib.sh"
 
 : "${DOCKVM_HOST_ID:=local1}"
 : "${DOCKVM_READY_TIMEOUT:=60}"
+# Machines' images must come from the platform's builder (or be a base the image policy lists).
+: "${DOCKVM_REQUIRE_BUILT_IMAGES:=true}"
+export DOCKVM_REQUIRE_BUILT_IMAGES
 PY=$REPO_ROOT/.venv/bin/python
 
 SERVICES=(gateway imagesync ipam provisioner monitor bastion builder)

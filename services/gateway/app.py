@@ -18,9 +18,10 @@ from libs.common.runner import ServiceContext
 
 from .api import GatewayState, build_api, problem_middleware
 from .api.hosts import QUARANTINE
-from .api.policy import POLICY
+from .api.policy import BUILT, POLICY
 from .api.prometheus import add_prometheus_routes
 from .api.releases import add_release_routes
+from .built_images import BuiltImages
 from .cluster import ClusterStore
 from .handlers import (
     BASTION_BINDINGS,
@@ -98,7 +99,9 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
     add_release_routes(api, releases, release_store)
     add_prometheus_routes(ctx.http, PrometheusClient(settings.prometheus_url, http))
     api.provide(QUARANTINE, quarantine)
-    api.provide(POLICY, PolicyStore(ctx.db))
+    policy = PolicyStore(ctx.db)
+    api.provide(POLICY, policy)
+    api.provide(BUILT, BuiltImages(ctx.db, policy))
     ctx.http.middlewares.append(problem_middleware)
     api.mount(ctx.http)
 

@@ -25,6 +25,9 @@ class GatewaySettings(CommonSettings):
     # Which images the hosts of a dc pull when one arrives in its registry, or on a host's
     # return: all, in-use (the tags machines use) or a comma list of repo[:tag].
     prewarm_policy: str = Field(default="in-use", pattern=POLICY_RE)
+    # A machine's image must come from the platform's builder (or be a base the image policy
+    # lists), else 409 image_not_built. `make run` turns it on (scripts/services.sh).
+    require_built_images: bool = False
     host_stale_s: float = Field(default=30.0, gt=0)
     host_down_s: float = Field(default=60.0, gt=0)
     host_check_s: float = Field(default=5.0, gt=0)

@@ -93,7 +93,9 @@ async def platform(
     env = {"DOCKVM_BUILD_TIMEOUT_S": "240"}
     builder = await start_service("builder", env=env)
     await start_service("imagesync")
-    gateway = await start_service("gateway", env={"DOCKVM_RPC_TIMEOUT_S": "10"})
+    gateway = await start_service(
+        "gateway", env={"DOCKVM_RPC_TIMEOUT_S": "10", "DOCKVM_REQUIRE_BUILT_IMAGES": "true"}
+    )
     token = (Path(service_env["DOCKVM_STATE_DIR"]) / "admin.token").read_text().strip()
     repo = f"test-builder-{uuid.uuid4().hex[:8]}/web"
     headers = {"Authorization": f"Bearer {token}"}
@@ -173,6 +175,20 @@ async def test_a_build_within_policy_is_pushed_replicated_labelled_and_runs(plat
     }]  # fmt: skip
     code, listed, _ = await _cli(platform, "image", "list", "--name", platform.repo, "--json")
     assert code == 0 and json.loads(listed) == images
+
+    # With DOCKVM_REQUIRE_BUILT_IMAGES: a machine of an image the platform did not make is a
+    # 409 naming it; this build's image and the base pass the check (and fail later, for want
+    # of a pool, which is not what is tested here).
+    outcomes = {}
+    for image in (f"{DC['dc1']}/{platform.repo}:other", build["image"],
+                  f"{DC['dc1']}/{platform.repo}@{build['digest']}",
+                  "127.0.0.1:5001/dockvm/base:bookworm"):  # fmt: skip
+        machine = {"type": "docker", "app": "web", "image": image, "cpus": 0.5,
+                   "memory": "256m", "disk": "1g", "dc": "dc1", "vlan_id": 4000}  # fmt: skip
+        async with platform.api.post("/v1/machines", json=machine) as r:
+            outcomes[image] = (await r.json()).get("reason")
+    refused, *passed = outcomes.values()
+    assert refused == "image_not_built" and "image_not_built" not in passed, outcomes
 
 
 async def test_a_spec_the_policy_refuses_is_a_422_naming_every_item_and_starts_nothing(

@@ -179,3 +179,19 @@ def test_layers_and_size_are_bounded():
 
     assert [v.type for v in found] == ["too_many_layers", "too_large"]
     assert domain.shape_violations(3, 1 << 20, DEFAULT_POLICY) == []
+
+
+@pytest.mark.parametrize(
+    ("ref", "parts"),
+    [
+        ("127.0.0.1:5001/team/web:1", ("team/web", "1", None)),
+        ("dockvm/base:bookworm", ("dockvm/base", "bookworm", None)),
+        ("registry.example/team/web", ("team/web", "latest", None)),
+        ("localhost/web@sha256:ab", ("web", None, "sha256:ab")),
+        ("web", ("web", "latest", None)),
+    ],
+)
+def test_an_image_reference_is_split_into_repository_tag_and_digest(ref, parts):
+    from services.gateway.built_images import split_ref
+
+    assert split_ref(ref) == parts

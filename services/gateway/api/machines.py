@@ -32,6 +32,7 @@ from ..service import host_views
 from .deps import DRIVER, SETTINGS, STORE, rpc_call
 from .framework import ANY, AUDIT_TARGET, OPS, FieldErrors, RouteTable, json_response
 from .limits import check_disk, disk_errors
+from .policy import BUILT
 from .scopes import machine_app
 from .views import ipv4, machine_links, machine_out, summary_out
 
@@ -143,6 +144,8 @@ async def create_machines(
 ) -> web.Response:
     """Start the creation saga of ``count`` machines (and wait for them if asked)."""
     driver = request.app[DRIVER]
+    if request.app[SETTINGS].require_built_images:
+        await request.app[BUILT].check(body.image)
     ids = await _machine_ids(request, body)
     docs = await driver.create(body.model_dump(mode="json"), ids)
     request[AUDIT_TARGET] = ",".join(ids)

@@ -14,14 +14,17 @@ from aiohttp import web
 from libs.common.contracts.builder import ImagePolicy
 from libs.common.errors import ConflictError
 
+from ..built_images import BuiltImages
 from ..image_policy import PolicyVersions
 from .framework import ADMIN, ANY, AUDIT_TARGET, WHO, FieldErrors, RouteTable, json_response
 
-__all__ = ["POLICY", "routes"]
+__all__ = ["BUILT", "POLICY", "routes"]
 
 routes = RouteTable()
 
 POLICY = web.AppKey("gateway.image_policy", PolicyVersions)
+# Whether an image came from the platform (machine creation, DOCKVM_REQUIRE_BUILT_IMAGES).
+BUILT = web.AppKey("gateway.built_images", BuiltImages)
 
 
 def _if_match(request: web.Request) -> int | None:
