@@ -32,6 +32,13 @@ async def _running(driver: SagaDriver, pub) -> tuple[str, str, str]:
     return mid, host, "h2" if host == "h1" else "h1"
 
 
+def _beat(host: str, at) -> provisioner.HostHeartbeat:
+    return provisioner.HostHeartbeat(
+        host_id=host, dc="dc1", version="t", at=at,
+        capacity=provisioner.Resources(cpus=2, memory=8 * GIB, disk=100 * GIB),
+        allocated=provisioner.Resources(cpus=1, memory=GIB, disk=GIB))  # fmt: skip
+
+
 def _sent(pub, type_: str) -> list:
     return [(key.split(".")[1], env) for key, env in pub.sent if env.type == type_]
 
@@ -112,8 +119,10 @@ async def test_a_silent_import_tells_the_target_to_destroy_and_switches_back(
             machine_id=mid, host=source, url="http://s/x", disk=GIB, was_running=False
         )
     )
-    for _ in range(2):  # step_attempts=2: re-sent once, then given up
+    for _ in range(2):  # step_attempts=2: re-sent once (the target lives on), then given up
         clock.advance(IMPORT_TIMEOUT_FLOOR_S + 1)
+        for host in (source, target):
+            await driver.hosts.on_heartbeat(_beat(host, clock()))
         await driver.tick()
     doc = await store.get(mid)
 
@@ -167,3 +176,19 @@ async def test_a_migrating_machine_stays_in_its_hosts_known_list(driver, pub):
     known = {host: env.data["machine_ids"] for host, env in _sent(pub, "machines.known")}
 
     assert mid in known[source] and mid not in known[target]
+
+
+async def test_a_target_that_died_is_given_up_on_at_the_first_resend(driver, store, pub, clock):
+    mid, source, target = await _running(driver, pub)
+    await driver.migrations.begin(mid, target)
+    await driver.migrations.on_exported(provisioner.MachineExported(
+        machine_id=mid, host=source, url="http://s/x", disk=GIB, was_running=True))
+    clock.advance(IMPORT_TIMEOUT_FLOOR_S + 1)  # the target's heartbeats stopped long ago
+    await driver.hosts.on_heartbeat(_beat(source, clock()))
+    await driver.tick()
+    doc = await store.get(mid)
+
+    assert len(_sent(pub, "machine.import")) == 1  # not re-sent to a dead host
+    assert [h for h, _ in _sent(pub, "container.destroy")] == [target]
+    assert (doc["saga"]["step"], doc["host"]) == ("revert", source)
+

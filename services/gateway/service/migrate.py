@@ -40,7 +40,7 @@ from libs.common.contracts import provisioner
 from libs.common.errors import ConflictError, ValidationFailed
 
 from ..documents import MachineDoc
-from ..domain import Res, State, place_all
+from ..domain import Res, State, host_status, place_all
 from .hosts import host_views
 from .lifecycle import send_action
 from .steps import Op, SagaMatch, StepSpec, StepTable, new_op_id, saga_of, timeout_reason
@@ -53,8 +53,11 @@ __all__ = ["MIGRATE", "MigrateSaga", "MigrateStep"]
 log = structlog.get_logger("gateway.migrate")
 
 MIGRATE = "migrate"
-# An import copies a whole disk: it gets longer than a create before it is re-sent.
-IMPORT_TIMEOUT_FLOOR_S = 900.0
+# An import copies a whole disk: it gets longer than a create before it is re-sent (a re-sent
+# import waits for the first, by the machine's lock on the target, and answers with it); a
+# target whose heartbeats stopped meanwhile is given up on at the first re-send, so the machine
+# is back on its source within about this.
+IMPORT_TIMEOUT_FLOOR_S = 300.0
 
 
 class MigrateStep(StrEnum):
@@ -180,6 +183,10 @@ class MigrateSaga:
 
     async def _send_import(self, doc: MachineDoc) -> None:
         saga, p = saga_of(doc), _params(doc)
+        if saga["attempt"] > 1 and not await self._online(p["target"]):
+            # A re-send to a dead host would only keep the machine stopped longer.
+            await self._import_silent(doc, {})
+            return
         # Past the step's deadline the target refuses it: then we have given up on it.
         deadline = saga["deadline"] + timedelta(seconds=5)
         await self._publish(p["target"], provisioner.MachineImport(
@@ -200,6 +207,15 @@ class MigrateSaga:
         await self._publish(p["source"], provisioner.MachineExportEnd(
             machine_id=doc["_id"], outcome="back", start=bool(p["start"]),
             timeout_s=self._stop_s()))  # fmt: skip
+
+    async def _online(self, host_id: str) -> bool:
+        """Whether ``host_id``'s heartbeats are recent (online or drained, not stale or down)."""
+        d = self._driver
+        host = next((h for h in await d.store.list_hosts() if h["_id"] == host_id), None)
+        if host is None:
+            return False
+        age = (d.clock() - host["last_seen"]).total_seconds()
+        return host_status(age, d.settings.host_stale_s, d.settings.host_down_s) == "online"
 
     def _stop_s(self) -> int:
         return int(min(600, max(1, self._driver.settings.action_step_timeout_s // 2)))
@@ -306,6 +322,7 @@ class MigrateSaga:
         await self._step(doc, MigrateStep.REVERT, f"switching back: {failure}", failure=failure)
 
     async def _import_silent(self, doc: MachineDoc, match: SagaMatch) -> None:
+        """Give up on the target: what it may have made goes, the machine goes back."""
         # What the target may have made goes (queued behind its import, by the machine's lock).
         target = {**doc, "host": _params(doc)["target"]}
         await send_action(self._driver.publisher, target, Op.DESTROY)
