@@ -99,7 +99,8 @@ class FuzzOutcome:
 
 @asynccontextmanager
 async def fuzz_stack(workdir: Path) -> AsyncIterator[FuzzTarget]:
-    """ipam, imagesync, monitor and the gateway on a fresh vhost and database."""
+    """ipam, imagesync, monitor, bastion, builder and the gateway on a fresh vhost and
+    database."""
     run = uuid.uuid4().hex[:8]
     vhost = await create_vhost()
     db = f"fuzz_{run}"
@@ -126,6 +127,9 @@ async def fuzz_stack(workdir: Path) -> AsyncIterator[FuzzTarget]:
         ("imagesync", [], {}),
         ("monitor", ["--host-id", f"fuzz-{run}"], {}),
         ("bastion", [], bastion),
+        # A build that got past the policy would fail at its push (nothing listens on :9), so
+        # fuzzing never puts an image into the shared registries.
+        ("builder", [], {"DOCKVM_REGISTRIES": "dc1=http://127.0.0.1:9"}),
     )
     started: list[ServiceProcess] = []
     try:
