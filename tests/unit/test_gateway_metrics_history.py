@@ -6,11 +6,12 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from libs.common.contracts.monitor import MetricsQuery
+from libs.common.contracts.monitor import MetricPoint, MetricsQuery
 from services.gateway.api.prometheus import sd_targets
 from services.gateway.domain.metrics import (
     bucket_range,
     history_promql,
+    history_queries,
     owner_windows,
     points_from_series,
     split_by_owner,
@@ -37,9 +38,14 @@ def test_an_unknown_step_is_refused():
 
 def test_one_expression_names_every_field_of_the_ip_only():
     q = history_promql("10.0.0.5", 600)
-    assert q.count('{ip="10.0.0.5"}') == 8 + 2 * 8
+    assert q.count('{ip="10.0.0.5"}') == 16
     assert q.count(" or ") == 15
-    assert '"f", "net_rx_bytes"' in q and "[600s]" in q and "offset 600s" in q
+    assert '"f", "net_rx_bytes"' in q and "increase(dockvm_container_oom_kills_total" in q
+
+
+def test_a_bucket_of_one_scrape_reads_counters_as_an_exact_difference():
+    q = history_promql("10.0.0.5", 10)
+    assert "increase(" not in q and "offset 10s" in q
 
 
 def test_buckets_are_evaluated_at_their_end():
@@ -62,12 +68,15 @@ def test_points_are_one_per_bucket_and_machine_at_the_bucket_start():
         _series("net_rx_bytes", "m-b", [(t + 180, 7)]),  # no sample in that bucket: dropped
     ]
     points = points_from_series(series, 60, T0, T0 + timedelta(minutes=3))
-    got = [(p.t, p.machine_id, p.samples, p.cpu_percent, p.net_rx_bytes) for p in points]
+    got = [(p["t"], p["machine_id"], p["samples"], p["cpu_percent"], p["net_rx_bytes"])
+           for p in points]
     assert got == [
         (T0, "m-a", 6, 12.5, 100),
         (T0 + timedelta(minutes=1), "m-a", 6, 50.0, 300),
         (T0 + timedelta(minutes=1), "m-b", 3, None, 0),
     ]
+    # The API's contract: each point is a MetricPoint, field for field.
+    assert [MetricPoint.model_validate(p).model_dump() for p in points] == points
 
 
 def _hist(machine: str, action: str, minutes: int) -> dict:
@@ -85,7 +94,7 @@ def test_ip_reused_splits_the_series_at_the_change_of_owner():
     end = T0 + timedelta(hours=1)
     points = points_from_series(series, 600, T0, end)
     kept, owners = split_by_owner(points, owner_windows(history), T0, end, 600)
-    assert [(p.t.minute, p.machine_id) for p in kept] == [
+    assert [(p["t"].minute, p["machine_id"]) for p in kept] == [
         (0, "m-a"), (10, "m-a"), (20, "m-a"), (40, "m-b"), (50, "m-b")
     ]
     assert [(o.machine_id, o.from_, o.until) for o in owners] == [
@@ -125,3 +134,23 @@ def test_an_ip_ipam_never_leased_keeps_its_points():
     )
     kept, owners = split_by_owner(points, [], T0, T0 + timedelta(hours=1), 60)
     assert (len(kept), [o.machine_id for o in owners]) == (1, ["m-a"])
+
+
+def test_the_fields_are_sent_as_four_concurrent_queries_covering_each_once():
+    whole = history_promql("10.0.0.5", 60).split(" or ")
+    parts = [p.split(" or ") for p in history_queries("10.0.0.5", 60)]
+    assert len(parts) == 4
+    assert sorted(f for p in parts for f in p) == sorted(whole)
+
+
+def test_owner_cache_serves_fresh_windows_only(monkeypatch: pytest.MonkeyPatch):
+    from services.gateway.api import prometheus as api
+
+    now = [100.0]
+    monkeypatch.setattr(api.time, "monotonic", lambda: now[0])
+    cache = api.OwnerCache(ttl_s=10, size=2)
+    windows = owner_windows([_hist("m-a", "allocated", 0)])
+    cache.put("10.0.0.5", windows)
+    fresh = cache.get("10.0.0.5")
+    now[0] += 11
+    assert (fresh, cache.get("10.0.0.5"), cache.get("10.0.0.6")) == (windows, None, None)

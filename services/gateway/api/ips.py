@@ -87,5 +87,4 @@ async def ip_metrics(request: web.Request, query: MetricsQuery) -> web.Response:
         q = mon.MetricsQuery(ip=IPv4Address(ip), from_=frm, to=to, step=query.step)
     except ValueError as err:
         raise FieldErrors.one("query", "invalid", str(err)) from err
-    reply = await ip_history(request, ip, q.from_, q.to, q.step)
-    return json_response(reply.model_dump(mode="json", by_alias=True))
+    return await ip_history(request, ip, q.from_, q.to, q.step)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import time
 from datetime import datetime
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -27,17 +28,24 @@ from typing import Any
 import structlog
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic_core import to_json
 
 from libs.common.clock import utcnow
 from libs.common.contracts import ipam
-from libs.common.contracts import monitor as mon
 from libs.common.errors import ConflictError, TransientError
 
-from ..domain.metrics import owner_windows, split_by_owner, step_seconds
+from ..domain.metrics import OwnerWindow, owner_windows, split_by_owner, step_seconds
 from ..service.prometheus import PrometheusClient
 from .deps import SETTINGS, STORE, rpc_call
 
-__all__ = ["PROMETHEUS", "add_prometheus_routes", "ip_history", "sd_targets"]
+__all__ = [
+    "OWNERS",
+    "PROMETHEUS",
+    "OwnerCache",
+    "add_prometheus_routes",
+    "ip_history",
+    "sd_targets",
+]
 
 log = structlog.get_logger("gateway.prometheus")
 
@@ -181,31 +189,78 @@ async def alerts(request: web.Request) -> web.Response:
     return web.json_response({"received": len(note.alerts), "written": written})
 
 
+class OwnerCache:
+    """ipam's ownership windows per IP, kept ``ttl_s``: a history read is then one Prometheus
+    round trip, not that and an RPC whose FerretDB reads were the slower half. A point of a
+    machine the cached windows do not name (a new owner) reads ipam again at once, so a
+    change of owner is never hidden; only a release's end time may lag by ``ttl_s``."""
+
+    def __init__(self, ttl_s: float = 10.0, size: int = 4096) -> None:
+        self._ttl, self._size = ttl_s, size
+        self._items: dict[str, tuple[float, list[OwnerWindow]]] = {}
+
+    def get(self, ip: str) -> list[OwnerWindow] | None:
+        """The fresh windows of ``ip``, or None."""
+        hit = self._items.get(ip)
+        if hit is None or time.monotonic() - hit[0] > self._ttl:
+            return None
+        return hit[1]
+
+    def put(self, ip: str, windows: list[OwnerWindow]) -> None:
+        """Remember ``ip``'s windows (the oldest entry goes when full)."""
+        if len(self._items) >= self._size:
+            self._items.pop(next(iter(self._items)))
+        self._items[ip] = (time.monotonic(), windows)
+
+
+OWNERS = web.AppKey("gateway.ip_owners", OwnerCache)
+
+
+async def _windows(request: web.Request, ip: str) -> list[OwnerWindow] | None:
+    """The IP's ownership windows from ipam (None: ipam did not answer), cached."""
+    try:
+        info = await rpc_call(request, ipam.IpLookup(ip=IPv4Address(ip)))
+    except TransientError:
+        return None  # ipam down: the points as measured, each with its machine
+    windows = owner_windows([h.model_dump() for h in info.history])  # type: ignore[attr-defined]
+    request.app[OWNERS].put(ip, windows)
+    return windows
+
+
 async def ip_history(
     request: web.Request, ip: str, start: datetime, end: datetime, step: str
-) -> mon.MetricsQueryResult:
-    """The IP's history from Prometheus, split by the owners ipam recorded (asked at once)."""
+) -> web.Response:
+    """The IP's history from Prometheus, split by the owners ipam recorded (asked at once, or
+    cached), as :class:`MetricsQueryResult`'s JSON."""
     step_s = step_seconds(step)
-
-    async def owners() -> list[dict[str, Any]] | None:
-        try:
-            info = await rpc_call(request, ipam.IpLookup(ip=IPv4Address(ip)))
-        except TransientError:
-            return None  # ipam down: the points as measured, each with its machine
-        return [h.model_dump() for h in info.history]  # type: ignore[attr-defined]
-
-    history, points = await asyncio.gather(
-        owners(), request.app[PROMETHEUS].ip_history(ip, start, end, step_s)
-    )
-    windows = None if history is None else owner_windows(history)
-    kept, named = split_by_owner(points, windows, start, end, step_s)
-    return mon.MetricsQueryResult(
-        ip=IPv4Address(ip), from_=start, to=end, step=step, points=kept, owners=named
-    )
+    read = request.app[PROMETHEUS].ip_history(ip, start, end, step_s)
+    cached = request.app[OWNERS].get(ip)
+    windows: list[OwnerWindow] | None
+    if cached is None:
+        windows, points = await asyncio.gather(_windows(request, ip), read)
+    else:
+        windows, points = cached, await read
+        named = {w.machine_id for w in windows}
+        # A machine ipam's cached history does not name: a new owner, read ipam again. (No
+        # history at all: the IP was never leased, the points stay as measured.)
+        if named and any(p["machine_id"] not in named for p in points):
+            windows = await _windows(request, ip)
+    kept, owners = split_by_owner(points, windows, start, end, step_s)
+    body = {
+        "ip": ip,
+        "from": start,
+        "to": end,
+        "step": step,
+        "points": kept,
+        "owners": [o.model_dump(mode="json", by_alias=True) for o in owners],
+    }
+    # pydantic's serializer writes datetimes as the models do (…Z), many times json's speed.
+    return web.Response(body=to_json(body), content_type="application/json")
 
 
 def add_prometheus_routes(app: web.Application, client: PrometheusClient) -> None:
     """Mount the discovery and alert routes and provide the Prometheus client."""
     app[PROMETHEUS] = client
+    app[OWNERS] = OwnerCache()
     app.router.add_get("/v1/prometheus/targets", targets)
     app.router.add_post("/v1/prometheus/alerts", alerts)

@@ -13,11 +13,11 @@ from datetime import datetime
 from typing import Any
 
 import aiohttp
+from pydantic_core import from_json
 
-from libs.common.contracts.monitor import MetricPoint
 from libs.common.errors import TransientError
 
-from ..domain.metrics import bucket_range, history_promql, points_from_series
+from ..domain.metrics import bucket_range, history_queries, points_from_series
 
 __all__ = ["PrometheusClient"]
 
@@ -60,7 +60,8 @@ class PrometheusClient:
             ) as r:
                 if r.status >= 500:
                     raise TransientError(f"prometheus answered {r.status}: {await r.text()}")
-                body = await r.json(content_type=None)
+                # pydantic's JSON parser: several times json.loads's speed on a week's answer.
+                body = from_json(await r.read())
         except (aiohttp.ClientError, TimeoutError) as err:
             raise TransientError(f"prometheus at {self.url} unreachable: {err!r}") from err
         if body.get("status") != "success":
@@ -69,9 +70,11 @@ class PrometheusClient:
 
     async def ip_history(
         self, ip: str, start: datetime, end: datetime, step_s: int
-    ) -> list[MetricPoint]:
+    ) -> list[dict[str, Any]]:
         """Every field of ``ip``'s history in ``[start, end)`` at ``step_s``, one point per
         (bucket, machine)."""
         first, last = bucket_range(start, end, step_s)
-        series = await self.query_range(history_promql(ip, step_s), first, last, step_s)
-        return points_from_series(series, step_s, start, end)
+        parts = await asyncio.gather(
+            *(self.query_range(q, first, last, step_s) for q in history_queries(ip, step_s))
+        )
+        return points_from_series([s for part in parts for s in part], step_s, start, end)
