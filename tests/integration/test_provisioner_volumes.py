@@ -3,6 +3,7 @@ losetup, mkfs.xfs, mount and xfs_growfs under a temporary state directory)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 from collections.abc import AsyncIterator
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from services.provisioner.adapters import XfsLoopVolumes
+from services.provisioner.adapters.host import HostCommands, run
 from services.provisioner.fakes import MemoryVolumes
 
 M = 1 << 20
@@ -83,3 +85,63 @@ async def test_xfs_grows_online_and_leaves_no_loop_device(tmp_path):
     assert len(loops_while_mounted) == 1
     assert _loops(tmp_path) == []
     assert not (tmp_path / "volumes" / "v2.img").exists()
+
+
+class _LosetupNamesTheDecoy(HostCommands):
+    """Real commands; the first ``losetup --find --show`` attaches for real but prints the
+    device of a decoy file, as a race between two attaches can make it do."""
+
+    def __init__(self, decoy_device: str) -> None:
+        super().__init__()
+        self.decoy_device, self.lied = decoy_device, False
+
+    async def run(self, *argv: str, check: bool = True, input: bytes | None = None) -> str:
+        out = await super().run(*argv, check=check, input=input)
+        if argv[:3] == ("losetup", "--find", "--show") and not self.lied:
+            self.lied = True
+            return self.decoy_device + "\n"
+        return out
+
+
+async def test_a_loop_device_named_for_another_file_is_never_formatted_or_mounted(tmp_path):
+    decoy = tmp_path / "decoy.img"
+    decoy.touch()
+    os.truncate(decoy, 300 * M)
+    decoy_dev = (await run("losetup", "--find", "--show", str(decoy))).strip()
+    vols = XfsLoopVolumes(tmp_path)
+    vols.host = _LosetupNamesTheDecoy(decoy_dev)
+    try:
+        mnt = await vols.ensure("v3", 400 * M)
+        with open("/proc/self/mounts") as f:
+            device = next(line.split()[0] for line in f if line.split()[1] == str(mnt))
+        backing = Path(f"/sys/block/{Path(device).name}/loop/backing_file").read_text().strip()
+        decoy_fs = (await run("blkid", "-o", "value", "-s", "TYPE", decoy_dev, check=False)).strip()
+        await vols.destroy("v3")
+    finally:
+        await run("losetup", "-d", decoy_dev, check=False)
+        _release(tmp_path)
+
+    assert vols.host.lied
+    assert device != decoy_dev
+    assert backing == str((tmp_path / "volumes" / "v3.img").resolve())
+    assert decoy_fs == ""  # the decoy was never formatted
+
+
+async def test_many_disks_made_at_once_by_two_agents_each_get_their_own_device(tmp_path):
+    a, b = XfsLoopVolumes(tmp_path / "a"), XfsLoopVolumes(tmp_path / "b")
+    names = [(vols, f"p{i}") for i in range(6) for vols in (a, b)]
+    try:
+        mnts = await asyncio.gather(*(vols.ensure(mid, 300 * M) for vols, mid in names))
+        with open("/proc/self/mounts") as f:
+            devices = {line.split()[1]: line.split()[0] for line in f}
+        backing = {
+            str(m): Path(f"/sys/block/{Path(devices[str(m)]).name}/loop/backing_file")
+            .read_text().strip()
+            for m in mnts
+        }
+        await asyncio.gather(*(vols.destroy(mid) for vols, mid in names))
+    finally:
+        _release(tmp_path)
+
+    assert len({devices[str(m)] for m in mnts}) == len(names)
+    assert all(backing[str(m)].endswith(f"/volumes/{m.name}.img") for m in mnts)

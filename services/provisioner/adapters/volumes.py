@@ -166,6 +166,19 @@ class _BlockVolumes:
             return removed
 
 
+# Attaches tried before giving up, when each is handed a device another attach won.
+_ATTACH_TRIES = 5
+
+
+def _backing_file(device: str) -> str | None:
+    """The file behind loop ``device`` now (the kernel's word), or None."""
+    try:
+        sys_file = Path("/sys/block") / Path(device).name / "loop" / "backing_file"
+        return sys_file.read_text().strip()
+    except OSError:
+        return None
+
+
 class XfsLoopVolumes(_BlockVolumes):
     """``xfs``: a sparse image file per machine on a loop device."""
 
@@ -185,7 +198,23 @@ class XfsLoopVolumes(_BlockVolumes):
         img = self.image(machine_id)
         if not img.exists():
             return None
-        return (await self.host.run("losetup", "--find", "--show", str(img))).strip()
+        for _ in range(_ATTACH_TRIES):
+            named = (await self.host.run("losetup", "--find", "--show", str(img))).strip()
+            if _backing_file(named) == str(img.resolve()):
+                return named
+            # Two attaches at once (ours, another agent's, anyone's) can be handed the same free
+            # device, and losetup may then print a device that holds another file: formatting
+            # or mounting that name would reach another machine's disk. Ours, if attached at
+            # all, is found by its file.
+            log.warning("losetup named a device of another file", machine_id=machine_id,
+                        device=named)
+            found = await self._device(machine_id)
+            if found is not None:
+                return found
+        raise HostCommandFailed(
+            ("losetup", "--find", "--show", str(img)), 1,
+            f"no loop device holds {img} after {_ATTACH_TRIES} attaches",
+        )
 
     async def _make_device(self, machine_id: str, size: int) -> str:
         img = self.image(machine_id)
