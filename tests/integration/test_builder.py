@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -25,6 +26,7 @@ import docker
 import pytest
 
 from libs.common.contracts.builder import DEFAULT_POLICY
+from services.provisioner.domain import container_name
 
 pytestmark = pytest.mark.integration
 
@@ -42,6 +44,7 @@ class Platform:
     builder: Any
     token: str
     tmp: Path
+    start: Any
 
     def spec(self, tag: str, **fields: Any) -> dict[str, Any]:
         """A build spec of this test's repository."""
@@ -101,7 +104,7 @@ async def platform(
     headers = {"Authorization": f"Bearer {token}"}
     try:
         async with aiohttp.ClientSession(gateway.url, headers=headers) as api:
-            yield Platform(api, repo, gateway, builder, token, tmp_path)
+            yield Platform(api, repo, gateway, builder, token, tmp_path, start_service)
     finally:
         await _forget(repo)
 
@@ -175,6 +178,7 @@ async def test_a_build_within_policy_is_pushed_replicated_labelled_and_runs(plat
     }]  # fmt: skip
     code, listed, _ = await _cli(platform, "image", "list", "--name", platform.repo, "--json")
     assert code == 0 and json.loads(listed) == images
+    await _a_machine_of_it_runs_with_the_package(platform, build["image"])
 
     # With DOCKVM_REQUIRE_BUILT_IMAGES: a machine of an image the platform did not make is a
     # 409 naming it; this build's image and the base pass the check (and fail later, for want
@@ -189,6 +193,49 @@ async def test_a_build_within_policy_is_pushed_replicated_labelled_and_runs(plat
             outcomes[image] = (await r.json()).get("reason")
     refused, *passed = outcomes.values()
     assert refused == "image_not_built" and "image_not_built" not in passed, outcomes
+
+
+async def _a_machine_of_it_runs_with_the_package(platform: Platform, image: str) -> None:
+    """ipam and an agent join the test's services; a machine of ``image`` runs and has jq."""
+    n, prefix = random.randint(100, 250), f"dvbld{uuid.uuid4().hex[:4]}"
+    await platform.start("ipam")
+    await platform.start("provisioner", "--host-id", f"bld-{prefix}", env={
+        "DOCKVM_NETWORK_PREFIX": prefix, "DOCKVM_HEARTBEAT_INTERVAL_S": "1",
+        "DOCKVM_STATE_DIR": str(platform.tmp / "agent")})  # fmt: skip
+    pool = {"name": f"b{n}", "dc": "dc1", "vlan_id": 2300 + n, "cidr": f"10.234.{n}.0/24",
+            "gateway": f"10.234.{n}.1"}  # fmt: skip
+    async with platform.api.post("/v1/pools", json=pool) as r:
+        assert r.status == 201, await r.text()
+
+    async def online() -> bool:
+        async with platform.api.get("/v1/hosts") as r:
+            return any(h["status"] == "online" for h in (await r.json())["items"])
+
+    await _wait_for(online)
+    spec = {"type": "docker", "app": "built", "image": image, "cpus": 0.5, "memory": "256m",
+            "disk": "1g", "dc": "dc1", "vlan_id": 2300 + n}  # fmt: skip
+    client = docker.APIClient(version="auto")
+    try:
+        async with platform.api.post("/v1/machines?wait=120", json=spec) as r:
+            (machine,) = (await r.json())["machines"]
+        try:
+            assert machine["state"] == "running", machine
+            run = client.exec_create(container_name(machine["id"]), ["dpkg", "-s", "jq"])
+            out = client.exec_start(run["Id"]).decode()
+            assert "Status: install ok installed" in out
+        finally:
+            async with platform.api.delete(f"/v1/machines/{machine['id']}"):
+                pass
+
+            async def destroyed() -> bool:
+                async with platform.api.get(f"/v1/machines/{machine['id']}") as r:
+                    return (await r.json())["state"] in ("destroyed", "failed")
+
+            await _wait_for(destroyed, timeout=120)
+    finally:
+        for net in client.networks(names=[f"{prefix}-vlan{2300 + n}"]):
+            client.remove_network(net["Id"])
+        client.close()
 
 
 async def test_a_spec_the_policy_refuses_is_a_422_naming_every_item_and_starts_nothing(
