@@ -166,7 +166,9 @@ agents_start() {
     pid_alive "$RUN_DIR/$h-$svc.pid" && continue
     [[ $svc == provisioner ]] && port=$(port_of "$h" 3) || port=$(port_of "$h" 4)
     say "hosts: starting $h $svc on port $port"
+    # The heartbeat's labels tell the gateway's Prometheus discovery where this host's agents are.
     (cd "$REPO_ROOT" && DOCKVM_DOCKER_URL="unix://$(sock "$h")" DOCKVM_NETWORK_DRIVER=ovs \
+      DOCKVM_LABELS="{\"dockvm.metrics.provisioner\": \"127.0.0.1:$(port_of "$h" 3)\", \"dockvm.metrics.monitor\": \"127.0.0.1:$(port_of "$h" 4)\"}" \
       DOCKVM_OVS_BRIDGE="dvh-$h" DOCKVM_OVS_UPLINK="dvh${h#h}bond" DOCKVM_OVS_ROUTER="$TOR" spawn "$h-$svc" "$PY" -m "services.$svc" --port "$port" --host-id "$h")
   done
 }
