@@ -31,8 +31,10 @@ from ..units import parse_bytes
 from .envelope import Command, Event, register
 
 __all__ = [
+    "BUILD_ID_RE",
     "DEFAULT_POLICY",
     "IMAGE_LABEL_PREFIX",
+    "REPO_RE",
     "RPC_QUEUE",
     "WORK_QUEUE",
     "BaseImage",
@@ -97,9 +99,10 @@ class BuildSpec(BaseModel):
     files: dict[str, Annotated[str, Field(max_length=1 << 20)]] = Field(
         default_factory=dict, max_length=200, description="absolute path: content (#! → 0755)"
     )
-    env: dict[Annotated[str, Field(pattern=ENV_RE)], Annotated[str, Field(max_length=4096)]] = (
-        Field(default_factory=dict, max_length=100)
-    )
+    env: dict[
+        Annotated[str, Field(pattern=ENV_RE)],
+        Annotated[str, Field(max_length=4096, pattern=r"^[^\r\n]*$")],
+    ] = Field(default_factory=dict, max_length=100)
     ports: list[Annotated[int, Field(ge=1, le=65535)]] = Field(default_factory=list, max_length=50)
     run: list[Annotated[str, Field(min_length=1, max_length=4096)]] = Field(
         default_factory=list, max_length=50
