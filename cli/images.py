@@ -97,7 +97,8 @@ def image_list(
     table = Table("IMAGE", "BUILD", "BY", "SPEC", "POLICY", *(dc.upper() for dc in dcs))
     for i in items:
         table.add_row(f"{i['name']}:{i['tag']}", i["build_id"] or "-", i["built_by"],
-                      (i["spec_digest"] or "-")[:19], f"v{i['policy_version']}",
+                      (i["spec_digest"] or "-")[:19],
+                      "-" if i["policy_version"] is None else f"v{i['policy_version']}",
                       *((i["digests"].get(dc) or "-")[:19] for dc in dcs))  # fmt: skip
     out.print(table)
 

@@ -83,7 +83,7 @@ def image_list(dcs: list[str]) -> Callable[[Builds, ImageList, MessageContext], 
     """``builder.image.list`` → ``builder.image.listing``, over the registries of ``dcs``."""
 
     async def handler(builds: Builds, msg: ImageList, ctx: MessageContext) -> Message:
-        return ImageListing(images=await builds.images(msg.name, dcs))
+        return ImageListing(images=await builds.images(msg.name, dcs, msg.bases))
 
     handler.__name__ = "image_list"
     return handler

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -377,12 +378,36 @@ class Builds:
         ]
         return {"image": f"{repo}:{doc['tag']}", "digest": digest, "sync_jobs": jobs}
 
-    async def images(self, name: str | None, dcs: list[str]) -> list[ImageTag]:
-        """The latest succeeded build of each tag, with what each dc's registry holds now."""
+    async def images(
+        self,
+        name: str | None,
+        dcs: list[str],
+        bases: Sequence[str] = (),
+    ) -> list[ImageTag]:
+        """The latest succeeded build of each tag, and the base images, with what each dc's
+        registry holds now."""
         latest: dict[tuple[str, str], BuildDoc] = {}
         for doc in await self.store.list("succeeded", name, 1000):
             latest.setdefault((doc["name"], doc["tag"]), doc)
         out = []
+        for base in bases:
+            repo, _, tag = base.rpartition(":")
+            if name in (None, repo):
+                digests = await asyncio.gather(
+                    *(self.registries.digest(dc, repo, tag) for dc in dcs)
+                )
+                out.append(
+                    ImageTag(
+                        name=repo,
+                        tag=tag,
+                        build_id=None,
+                        built_by="scripts/base-image.sh",
+                        spec_digest=None,
+                        policy_version=None,
+                        built_at=None,
+                        digests=dict(zip(dcs, digests, strict=True)),
+                    )
+                )
         for (repo, tag), doc in sorted(latest.items()):
             digests = await asyncio.gather(*(self.registries.digest(dc, repo, tag) for dc in dcs))
             out.append(

@@ -167,3 +167,22 @@ async def test_an_image_with_the_layers_and_config_of_one_started_before_is_not_
     assert rig.engine.verified == 1
     assert (await rig.store.get(second))["sbom"] == (await rig.store.get(first))["sbom"]
     assert "what it showed is reused" in await rig.log(second)
+
+
+async def test_the_image_listing_shows_builds_and_the_base_with_each_dcs_digest():
+    rig = _Rig(dpkg=JQ)
+    build_id = await rig.submit(packages=["jq"])
+    await rig.builds.run(build_id)
+    rig.registries.held[("dc1", "dockvm/base", "bookworm")] = "sha256:base"
+
+    images = await rig.builds.images(None, ["dc1", "dc2"], ["dockvm/base:bookworm"])
+
+    base, built = images
+    assert (base.name, base.build_id) == ("dockvm/base", None)
+    assert base.built_by == "scripts/base-image.sh"
+    assert base.digests == {"dc1": "sha256:base", "dc2": None}
+    assert (built.name, built.build_id, built.built_by, built.policy_version) == (
+        "team/web", build_id, "ann", 3)  # fmt: skip
+    assert built.digests["dc1"] == (await rig.store.get(build_id))["digest"]
+    assert await rig.builds.images("team/web", ["dc1"], ["dockvm/base:bookworm"]) == [
+        built.model_copy(update={"digests": {"dc1": built.digests["dc1"]}})]  # fmt: skip

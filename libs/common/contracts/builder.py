@@ -348,10 +348,12 @@ class BuildLog(Command):
 
 @register
 class ImageList(Command):
-    """Query: tags the platform built, as the registries hold them now."""
+    """Query: tags the platform built, as the registries hold them now; ``bases`` are the
+    policy's base images (``repo:tag``), listed too (made by ``scripts/base-image.sh``)."""
 
     TYPE = "builder.image.list"
     name: str | None = None
+    bases: list[str] = Field(default_factory=list, max_length=50)
 
 
 @register

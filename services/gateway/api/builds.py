@@ -178,5 +178,7 @@ async def build_log(request: web.Request, query: LogQuery) -> web.StreamResponse
 @routes.route("GET", "/v1/images", roles=ANY, summary="Platform-built image tags", query=ImageQuery)
 async def list_images(request: web.Request, query: ImageQuery) -> web.Response:
     """Tags the platform built, with who built each, from which spec, and each dc's digest."""
-    listing = await ask_builder(request, bld.ImageList(name=query.name), bld.ImageListing)
+    bases = [b.image for b in (await request.app[POLICY].current()).policy.bases]
+    msg = bld.ImageList(name=query.name, bases=bases)
+    listing = await ask_builder(request, msg, bld.ImageListing)
     return json_response(listing.model_dump(mode="json")["images"])
