@@ -54,7 +54,7 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
         builds = Builds(store, runner, HttpRegistries(hosts, http), ctx.publisher)
         ctx.add_check("docker", engine.ping)
-        await ctx.consume(RPC_QUEUE, RPC_TYPES, rpc_handlers(builds, list(hosts)), dedupe=False)
+        await ctx.consume(RPC_QUEUE, RPC_TYPES, rpc_handlers(builds), dedupe=False)
         await ctx.consume(
             WORK_QUEUE,
             WORK_TYPES,

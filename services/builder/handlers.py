@@ -79,14 +79,10 @@ async def log_chunks(builds: Builds, msg: BuildLog, ctx: MessageContext) -> Mess
     )
 
 
-def image_list(dcs: list[str]) -> Callable[[Builds, ImageList, MessageContext], Awaitable[Message]]:
-    """``builder.image.list`` → ``builder.image.listing``, over the registries of ``dcs``."""
-
-    async def handler(builds: Builds, msg: ImageList, ctx: MessageContext) -> Message:
-        return ImageListing(images=await builds.images(msg.name, dcs, msg.bases))
-
-    handler.__name__ = "image_list"
-    return handler
+async def image_list(builds: Builds, msg: ImageList, ctx: MessageContext) -> Message:
+    """``builder.image.list`` → ``builder.image.listing``, over every dc's registry."""
+    dcs = [builds.runner.dc, *builds.runner.other_dcs]
+    return ImageListing(images=await builds.images(msg.name, dcs, msg.bases))
 
 
 async def run(builds: Builds, msg: BuildRun, ctx: MessageContext) -> None:
@@ -99,8 +95,9 @@ _RPC: dict[str, Callable[[Builds, Any, MessageContext], Awaitable[Message]]] = {
     BuildGet.TYPE: get,
     BuildList.TYPE: list_builds,
     BuildLog.TYPE: log_chunks,
+    ImageList.TYPE: image_list,
 }
-RPC_TYPES = (*_RPC, ImageList.TYPE)
+RPC_TYPES = tuple(_RPC)
 WORK_TYPES = (BuildRun.TYPE,)
 
 
@@ -121,17 +118,20 @@ def _answering(fn: Callable[..., Awaitable[Message]], builds: Builds) -> Handler
     return handler
 
 
-def rpc_handlers(builds: Builds, dcs: list[str]) -> dict[str, Handler]:
+def _working(fn: Callable[..., Awaitable[None]], builds: Builds) -> Handler:
+    """Bind ``fn`` to the use cases (a failure is the consumer's: requeued or dead-lettered)."""
+
+    async def handler(msg: Any, ctx: MessageContext) -> None:
+        await fn(builds, msg, ctx)
+
+    return handler
+
+
+def rpc_handlers(builds: Builds) -> dict[str, Handler]:
     """The handler table of the ``builder`` queue (its bindings are its keys)."""
-    table = {t: _answering(fn, builds) for t, fn in _RPC.items()}
-    table[ImageList.TYPE] = _answering(image_list(dcs), builds)
-    return table
+    return {t: _answering(fn, builds) for t, fn in _RPC.items()}
 
 
 def work_handlers(builds: Builds) -> dict[str, Handler]:
     """The handler table of the ``builder.work`` queue."""
-
-    async def on_run(msg: BuildRun, ctx: MessageContext) -> None:
-        await run(builds, msg, ctx)
-
-    return {BuildRun.TYPE: on_run}
+    return {BuildRun.TYPE: _working(run, builds)}
