@@ -13,6 +13,9 @@ for a 1-hour ``raw`` query and a 1-week ``10m`` query:
 - ``direct``: the same four concurrent ``query_range`` the gateway sends, straight to
   Prometheus's HTTP API.
 
+Beside them, the floor of any API call: ``GET /v1/machines?limit=1`` (the bearer token checked
+in the database, the list served from memory).
+
 Targets: 1 week <= 100 ms at p50 through the gateway, and the gateway <= 1.3x the direct query.
 The former FerretDB store's figures (removed) are printed beside, from docs/benchmarks.md.
 
@@ -145,6 +148,12 @@ async def _measure(
             gw.append(await _time(gateway))
             di.append(await _time(direct))
         out[label] = (gw, di, points)
+
+    async def floor() -> None:
+        async with api.get("/v1/machines", params={"limit": "1"}) as r:
+            assert r.status == 200, await r.text()
+
+    out["floor"] = ([await _time(floor) for _ in range(reps)], [], 0)
     return out
 
 
@@ -191,11 +200,14 @@ async def main() -> None:
         await delete_vhost(vhost)
     print(f"{'query':<14} {'points':>6} {'gateway p50':>12} {'p99':>8} {'direct p50':>11} "
           f"{'p99':>8} {'ratio':>6} {'former p50':>11}")
+    floor = results.pop("floor")[0]
     for label, (gw, di, points) in results.items():
         name = "1 h raw" if label == "1h" else "1 week 10m"
         print(f"{name:<14} {points:>6} {median(gw):>10.1f}ms {percentile(gw, 99):>6.1f}ms "
               f"{median(di):>9.1f}ms {percentile(di, 99):>6.1f}ms "
               f"{median(gw) / median(di):>5.2f}x {OLD[label]:>9.0f}ms")
+    print(f"any API call's floor (bearer token check, GET /v1/machines?limit=1): p50 "
+          f"{median(floor):.1f}ms p99 {percentile(floor, 99):.1f}ms")
 
 
 if __name__ == "__main__":
