@@ -54,17 +54,29 @@ from .capacity import HostCapacity
 from .domain import (
     LABEL_VLAN,
     LXCFS_FILES,
+    SYSTEMD_CGROUP,
     Limits,
     build_spec,
     check_create,
     check_machine_id,
     machine_environment,
+    machine_init,
     plan_resize,
     subnet_of,
+    systemd_cgroup,
 )
 from .orphans import Orphans
 
 __all__ = ["AgentConfig", "ProvisionerService"]
+
+
+async def _init_options(runtime: ContainerRuntime, cmd: ContainerCreate) -> dict[str, Any]:
+    """``build_spec``'s init and systemd_cgroup for ``cmd``: its init, else its image's label."""
+    init = machine_init(cmd.init, await runtime.image_labels(cmd.image))
+    # A cgroup v2 host has no name=systemd hierarchy: the machine's own cgroup namespace is
+    # all systemd gets there.
+    cgroup = systemd_cgroup(cmd.machine_id) if Path(SYSTEMD_CGROUP).is_dir() else None
+    return {"init": init, "systemd_cgroup": cgroup}
 
 log = structlog.get_logger("provisioner")
 
@@ -220,6 +232,7 @@ class ProvisionerService:
                 user_ca_file=user_ca,
                 host_id=self.host,
                 cluster_id=self.orphans.cluster_id,
+                **await _init_options(self.runtime, cmd),
             )
             await self.runtime.create(spec)
             info = await self.runtime.start(cmd.machine_id)

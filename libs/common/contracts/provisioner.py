@@ -87,6 +87,8 @@ class ContainerCreate(Command):
     # the machine trusts only the bastion's user CA and answers SSH only from the bastion.
     direct_ssh: bool = False
     labels: dict[str, str] = Field(default_factory=dict)
+    # PID 1 of the machine; None: the image's dockvm.init label says (else tini).
+    init: Literal["tini", "systemd"] | None = None
 
 
 @register
