@@ -81,6 +81,7 @@ class MachineDoc(TypedDict):
     hostname: str
     ssh_keys: NotRequired[list[str]]
     direct_ssh: NotRequired[bool]
+    init: NotRequired[str]  # "tini" or "systemd" when the create said; else the image's
     state: str
     reason: str | None
     ip: str | None

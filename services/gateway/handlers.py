@@ -29,7 +29,7 @@ from libs.common.errors import DomainError
 
 from .service import Releases, SagaDriver, bastion_audit
 from .service.hosts import HostReports
-from .service.lifecycle import LifecycleEvent
+from .service.lifecycle import REBOOT_EXIT_CODE, LifecycleEvent
 from .store import GatewayStore
 
 __all__ = [
@@ -135,6 +135,8 @@ async def _started(d: SagaDriver, msg: monitor.ContainerStarted, ctx: MessageCon
 
 async def _died(d: SagaDriver, msg: monitor.ContainerDied, ctx: MessageContext) -> None:
     kind = LifecycleEvent.OOM_KILLED if msg.oom_killed else LifecycleEvent.DIED
+    if kind == LifecycleEvent.DIED and msg.exit_code == REBOOT_EXIT_CODE:
+        kind = LifecycleEvent.REBOOTED
     await d.lifecycle.on_lifecycle(msg.machine_id, kind, f"{kind} (exit {msg.exit_code})")
 
 

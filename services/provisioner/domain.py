@@ -10,7 +10,7 @@ import hashlib
 import math
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from ipaddress import IPv4Address, IPv4Network
@@ -32,11 +32,14 @@ __all__ = [
     "LABEL_DIRECT_SSH",
     "LABEL_GATEWAY",
     "LABEL_HOST",
+    "LABEL_INIT",
     "LABEL_IP",
     "LABEL_MACHINE",
     "LABEL_PREFIX",
     "LABEL_VLAN",
     "LXCFS_FILES",
+    "SYSTEMD_CAPABILITIES",
+    "SYSTEMD_CGROUP",
     "ContainerSpec",
     "HostFacts",
     "Limits",
@@ -60,11 +63,13 @@ __all__ = [
     "free_disk",
     "mac_address",
     "machine_environment",
+    "machine_init",
     "ownership",
     "plan_resize",
     "plan_sweep",
     "port_name",
     "subnet_of",
+    "systemd_cgroup",
 ]
 
 LABEL_MACHINE = "dockvm.machine_id"
@@ -82,6 +87,9 @@ LABEL_CLUSTER = "dockvm.cluster"
 # before the bastion, which keeps its old keys and stays open (recreate it to bring it under).
 LABEL_DIRECT_SSH = "dockvm.direct_ssh"
 _RESERVED_LABEL = "dockvm."
+# On an image: the init its machines run unless the create says otherwise ("systemd" or
+# "tini"); on a machine's container: the init it was made with.
+LABEL_INIT = "dockvm.init"
 
 # What sshd (privilege separation, chroot, audit of logins) and the init need, nothing more.
 CAPABILITIES = (
@@ -95,6 +103,17 @@ CAPABILITIES = (
     "SYS_CHROOT",
     "AUDIT_WRITE",
 )
+# systemd also drops capabilities from its units' bounding sets (CapabilityBoundingSet=, which
+# journald, logind and most Debian units set): without SETPCAP they fail at exec (218/CAPABILITIES).
+# SETPCAP only lets a process drop capabilities or pass on ones it holds; nothing else is added.
+# No SYS_ADMIN (units' mount namespaces are skipped as in any container), no SYS_BOOT (it would
+# allow kexec_load of the host's kernel): a reboot inside exits PID 1 instead (see the image).
+SYSTEMD_CAPABILITIES = (*CAPABILITIES, "SETPCAP")
+# The cgroup v1 name=systemd hierarchy of the host, where systemd machines get a directory of
+# their own bound rw over their /sys/fs/cgroup/systemd (Docker's own is read-only): systemd must
+# create its init.scope and slices there. It holds no controller, so no limit can be changed
+# through it; the memory and cpu hierarchies stay Docker's, read-only. Absent on cgroup v2 hosts.
+SYSTEMD_CGROUP = "/sys/fs/cgroup/systemd"
 # LXCFS files bound over the container's own, so free/top/uptime see the machine's limits.
 LXCFS_FILES = (
     "proc/meminfo",
@@ -257,6 +276,11 @@ class ContainerSpec:
     restart_policy: str = "unless-stopped"
     stop_timeout_s: int = 30
     extra: dict[str, str] = field(default_factory=dict)
+    # systemd machines only (see build_spec): tmpfs targets, the cgroup namespace mode, and
+    # the signal docker stop sends.
+    tmpfs: tuple[str, ...] = ()
+    cgroupns: str | None = None
+    stop_signal: str | None = None
 
 
 def build_spec(
@@ -273,9 +297,13 @@ def build_spec(
     user_ca_file: str | None = None,
     host_id: str | None = None,
     cluster_id: str | None = None,
+    init: str | None = None,
+    systemd_cgroup: str | None = None,
 ) -> ContainerSpec:
     """The container of ``cmd``: limits, labels, sshd's trust (the bastion's user CA; root's
-    keys only for ``direct_ssh``), /data and the LXCFS views."""
+    keys only for ``direct_ssh``), /data, the LXCFS views, and what its init (``init``, else
+    ``cmd.init``, else tini) needs; ``systemd_cgroup`` is the host's name=systemd directory
+    of this machine (cgroup v1 hosts)."""
     labels = {
         **cmd.labels,
         LABEL_MACHINE: cmd.machine_id,
@@ -308,7 +336,7 @@ def build_spec(
             for rel in LXCFS_FILES
             if rel in present
         ]
-    return ContainerSpec(
+    spec = ContainerSpec(
         name=container_name(cmd.machine_id),
         image=cmd.image,
         hostname=cmd.hostname,
@@ -321,6 +349,44 @@ def build_spec(
         network=network,
         ip=str(cmd.ip) if static_ip else None,
         stop_timeout_s=stop_timeout_s,
+    )
+    if (init or cmd.init or "tini") == "systemd":
+        return _as_systemd(spec, systemd_cgroup)
+    return spec
+
+
+def machine_init(requested: str | None, image_labels: dict[str, str]) -> str:
+    """The init a machine runs: the create's, else its image's ``dockvm.init``, else tini."""
+    if requested:
+        return requested
+    return "systemd" if image_labels.get(LABEL_INIT) == "systemd" else "tini"
+
+
+def systemd_cgroup(machine_id: str) -> str:
+    """The host directory of a systemd machine's name=systemd cgroups (under ``dockvm/``, apart
+    from Docker's own ``docker/``)."""
+    return f"{SYSTEMD_CGROUP}/dockvm/{container_name(machine_id)}"
+
+
+def _as_systemd(spec: ContainerSpec, systemd_cgroup: str | None) -> ContainerSpec:
+    """``spec`` with systemd as PID 1, unprivileged: the container interface systemd expects
+    (``container=docker``, a tmpfs /run and /run/lock), a cgroup namespace of its own
+    (its /proc/1/cgroup reads "/"), a writable name=systemd hierarchy of its own on cgroup v1,
+    SETPCAP, SIGRTMIN+3 to shut down cleanly, and a restart policy that brings back a reboot
+    inside (PID 1 exits 129) but not a poweroff (exits 0)."""
+    mounts = spec.mounts
+    if systemd_cgroup is not None:
+        mounts = (*mounts, Mount(systemd_cgroup, SYSTEMD_CGROUP))
+    return replace(
+        spec,
+        labels={**spec.labels, LABEL_INIT: "systemd"},
+        env={**spec.env, "container": "docker"},
+        mounts=mounts,
+        capabilities=SYSTEMD_CAPABILITIES,
+        restart_policy="on-failure",
+        tmpfs=("/run", "/run/lock"),
+        cgroupns="private",
+        stop_signal="SIGRTMIN+3",
     )
 
 

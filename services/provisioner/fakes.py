@@ -48,6 +48,7 @@ class MemoryRuntime:
     memory: int = 16 << 30
     image_refs: set[str] = field(default_factory=lambda: {"dockvm/base:bookworm"})
     pullable: set[str] = field(default_factory=set)
+    labels_of: dict[str, dict[str, str]] = field(default_factory=dict)
     containers: dict[str, _FakeContainer] = field(default_factory=dict)
     networks: dict[str, NetworkInfo] = field(default_factory=dict)
     fail_start: set[str] = field(default_factory=set)
@@ -156,6 +157,12 @@ class MemoryRuntime:
     async def has_image(self, ref: str) -> bool:
         """Whether the ref is held."""
         return ref in self.image_refs
+
+    async def image_labels(self, ref: str) -> dict[str, str]:
+        """The labels given in ``labels_of`` (none by default) of a held ref."""
+        if ref not in self.image_refs:
+            raise NotFoundError(f"no image {ref}")
+        return dict(self.labels_of.get(ref, {}))
 
     async def pull(self, ref: str) -> None:
         """Hold the ref if it is pullable."""

@@ -154,6 +154,9 @@ class MachineCreate(_Request):
     # Break-glass: root gets ssh_keys and SSH answers any source. Off, people log in through
     # the bastion (users and grants), and ssh_keys would install nothing.
     direct_ssh: bool = False
+    # PID 1 of a docker machine: systemd (systemctl, journalctl, cron, reboot as on a VM) or
+    # tini (sshd and the app only). Unset: the image's dockvm.init label says, else tini.
+    init: Literal["tini", "systemd"] | None = None
 
     @model_validator(mode="after")
     def _keys_need_direct_ssh(self) -> MachineCreate:

@@ -349,7 +349,9 @@ class CreateSaga:
             await self._driver.publisher.publish(gw.KvmMachineCreate(dc=doc["dc"], **_spec(doc)))
         else:
             await self._driver.publisher.publish(
-                provisioner.ContainerCreate(**_spec(doc), direct_ssh=bool(doc.get("direct_ssh"))),
+                provisioner.ContainerCreate(
+                    **_spec(doc), direct_ssh=bool(doc.get("direct_ssh")), init=doc.get("init")
+                ),
                 routing_key=host_key(doc["host"], provisioner.ContainerCreate.TYPE),
             )
 
@@ -410,6 +412,7 @@ def _machine_doc(
         "hostname": f"{prefix}-{mid[-8:]}",
         "ssh_keys": list(spec.get("ssh_keys") or []),
         "direct_ssh": bool(spec.get("direct_ssh")),
+        **({"init": spec["init"]} if spec.get("init") else {}),
         "state": State.REQUESTED.value,
         "reason": None,
         "ip": None,

@@ -62,6 +62,13 @@ class LifecycleEvent(StrEnum):
     DIED = "died"
     OOM_KILLED = "oom_killed"
     FLAPPING = "flapping"
+    # A systemd machine's PID 1 exits 129 on a reboot inside (images/base-systemd) and its
+    # restart policy starts it again at once: a restart, not a stop.
+    REBOOTED = "rebooted"
+
+
+# The exit code of a machine's PID 1 that means "rebooted from inside".
+REBOOT_EXIT_CODE = 129
 
 
 async def send_action(publisher: Publisher, doc: MachineDoc, action: Op) -> None:
@@ -407,5 +414,9 @@ class Lifecycle:
             *UNREACHABLE_NAMES,
         ):
             await d.move(doc, [doc["state"]], State.STOPPED, reason=reason or kind)
+        elif kind == LifecycleEvent.REBOOTED and doc["state"] == State.RUNNING:
+            await d.store.update(
+                machine_id, {"state": State.RUNNING, "saga": None}, {"reason": reason or kind}
+            )
         elif kind == LifecycleEvent.FLAPPING:
             await d.store.update(machine_id, {"saga": None}, {"reason": reason or kind})

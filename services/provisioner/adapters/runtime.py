@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import functools
+import os
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +32,7 @@ from ..domain import (
     CPU_PERIOD,
     LABEL_IP,
     LABEL_MACHINE,
+    SYSTEMD_CGROUP,
     ContainerSpec,
     container_name,
     cpus_from_quota,
@@ -136,6 +138,10 @@ class ContainerRuntime(Protocol):
         """Pull ``ref`` from its registry."""
         ...
 
+    async def image_labels(self, ref: str) -> dict[str, str]:
+        """The labels of the held image ``ref`` (``NotFoundError`` if not held)."""
+        ...
+
     async def images(self) -> list[str]:
         """The tags of every image the engine holds."""
         ...
@@ -181,6 +187,27 @@ def _parse_time(value: str | None) -> datetime | None:
     head, _, frac = value.rstrip("Z").partition(".")
     frac = (frac + "000000")[:6]
     return datetime.fromisoformat(f"{head}.{frac}").replace(tzinfo=UTC)
+
+
+def _make_cgroup_dirs(spec: ContainerSpec) -> None:
+    """Make the host's cgroup directory a systemd machine's is bound to (Docker would make a
+    plain directory, not a cgroup, if it were missing)."""
+    for m in spec.mounts:
+        if m.target == SYSTEMD_CGROUP:
+            os.makedirs(m.source, exist_ok=True)
+
+
+def _remove_cgroup_dirs(attrs: dict[str, Any]) -> None:
+    """Remove the (now empty) cgroups a removed systemd machine made, deepest first."""
+    for m in attrs.get("Mounts") or []:
+        src = m.get("Source") or ""
+        if m.get("Destination") != SYSTEMD_CGROUP or not src.startswith(SYSTEMD_CGROUP + "/"):
+            continue
+        for root, _dirs, _files in sorted(os.walk(src), key=lambda w: -w[0].count("/")):
+            try:
+                os.rmdir(root)
+            except OSError as err:  # still has a process (a zombie's): the next sweep's
+                log.warning("cgroup left behind", path=root, error=str(err))
 
 
 def _info(attrs: dict[str, Any]) -> ContainerInfo:
@@ -272,6 +299,12 @@ class DockerRuntime:
 
     def _create(self, spec: ContainerSpec) -> ContainerInfo:
         api = self._api
+        _make_cgroup_dirs(spec)
+        systemd: dict[str, Any] = {}
+        if spec.tmpfs:
+            systemd["tmpfs"] = dict.fromkeys(spec.tmpfs, "rw,nosuid,nodev,mode=755")
+        if spec.cgroupns:
+            systemd["cgroupns"] = spec.cgroupns
         host_config = api.create_host_config(
             binds=[f"{m.source}:{m.target}:{'ro' if m.read_only else 'rw'}" for m in spec.mounts],
             cap_drop=["ALL"],
@@ -284,6 +317,7 @@ class DockerRuntime:
             pids_limit=spec.pids_limit,
             restart_policy={"Name": spec.restart_policy},
             network_mode=spec.network,
+            **systemd,
         )
         networking = None
         if spec.ip is not None:
@@ -299,6 +333,7 @@ class DockerRuntime:
             host_config=host_config,
             networking_config=networking,
             stop_timeout=spec.stop_timeout_s,
+            stop_signal=spec.stop_signal,
             detach=True,
         )
         return _info(api.inspect_container(created["Id"]))
@@ -342,9 +377,11 @@ class DockerRuntime:
         if info is None:
             return False
         try:
+            attrs = self._api.inspect_container(info.id)
             self._api.remove_container(info.id, force=True)
         except docker.errors.NotFound:
             return False
+        _remove_cgroup_dirs(attrs)
         return True
 
     async def remove(self, machine_id: str) -> bool:
@@ -392,6 +429,19 @@ class DockerRuntime:
     async def has_image(self, ref: str) -> bool:
         """Whether the engine holds ``ref``."""
         return await self._call(self._has_image, ref)
+
+    def _image_labels(self, ref: str) -> dict[str, str]:
+        import docker.errors
+
+        try:
+            attrs = self._api.inspect_image(ref)
+        except docker.errors.ImageNotFound as err:
+            raise NotFoundError(f"no image {ref}") from err
+        return dict((attrs.get("Config") or {}).get("Labels") or {})
+
+    async def image_labels(self, ref: str) -> dict[str, str]:
+        """The labels of the held image ``ref`` (``NotFoundError`` if not held)."""
+        return await self._call(self._image_labels, ref)
 
     def _pull(self, ref: str) -> None:
         from docker.utils import parse_repository_tag
