@@ -5,9 +5,10 @@ Lifecycle events (``container.started|died|oom_killed|restarted|flapping|health`
 published with a deterministic envelope id derived from the Docker event they come from, so a
 consumer's dedupe drops the copy a monitor may send again after a reconnect or a restart.
 
-``metrics.query`` is an RPC: the gateway sends it with ``reply_to`` on the routing key
-``metrics.query``; the monitors of every host share one queue (``monitor.queries``), so exactly
-one answers, from the history all of them write to MongoDB.
+``metrics.query`` and ``metrics.query_result`` are the contract of ``GET /v1/ips/{ip}/metrics``
+(its query and its JSON). History lives in Prometheus, which scrapes each monitor's
+``/metrics``; the gateway reads it there, so no monitor consumes ``monitor.queries`` any more
+(the name stays for older gateways, whose requests now time out with a 503).
 """
 
 from __future__ import annotations
