@@ -437,6 +437,10 @@ cmd_up() {
   prometheus_start
   rabbitmq_wait
   base_image_build
+  # The systemd flavour only when missing (a rebuild takes ~30 s): images/base-systemd/build.sh
+  # rebuilds it after a change of its recipe or of the base.
+  docker image inspect "${DOCKVM_SYSTEMD_IMAGE:-dockvm/base-systemd:bookworm}" >/dev/null 2>&1 ||
+    "$REPO_ROOT/images/base-systemd/build.sh" build
   "$REPO_ROOT/scripts/maven-repo.sh" up
   # DOCKVM_HOSTS > 1: the local datacenter (extra engines, OVS fabric, their agents).
   "$REPO_ROOT/scripts/hosts.sh" up
