@@ -22,5 +22,5 @@ systemctl mask console-getty.service getty@tty1.service e2scrub_reap.service \
 	e2scrub_all.timer fstrim.timer apt-daily.timer apt-daily-upgrade.timer >/dev/null
 # Debian's own ssh.socket would answer port 22 beside ssh.service.
 systemctl disable ssh.socket >/dev/null 2>&1 || true
-rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb /var/log/*.log /tmp/flavour
+rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb /var/cache/apt/*.bin /var/log/*.log /tmp/flavour
 : >/etc/machine-id

@@ -185,7 +185,13 @@ class ImagePolicy(BaseModel):
 
 
 DEFAULT_POLICY = ImagePolicy(
-    bases=[BaseImage(name="debian-bookworm", image="dockvm/base:bookworm", listens=[22])],
+    bases=[
+        BaseImage(name="debian-bookworm", image="dockvm/base:bookworm", listens=[22]),
+        # The systemd flavour (images/base-systemd): its machines run systemd as PID 1.
+        BaseImage(
+            name="debian-bookworm-systemd", image="dockvm/base-systemd:bookworm", listens=[22]
+        ),
+    ],
     packages=PackageRules(
         allow=[
             "openjdk-17-jre-headless", "tomcat10", "nginx", "nginx-light", "python3",
