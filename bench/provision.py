@@ -11,11 +11,16 @@ and prints p50/p95 and the dockvm/bare ratio. ``--batch N`` instead publishes N 
 (as the gateway does for ``count: N``) with the small machines of issue 20 (0.05 CPU, 64 MiB,
 512 MiB disk), and prints when the agent answered each (created) and when each sshd answered,
 against N parallel ``docker run -d``. ``--profile FILE`` records the agent with
-``py-spy record --idle --format raw`` during the batch. Everything made is removed at the end.
+``py-spy record --idle --format raw`` during the batch. ``--systemd`` does the same with the
+systemd flavour (``init: systemd``) against ``docker run -d`` of that image with what systemd
+needs to boot unprivileged (the same tmpfs, cgroup namespace and name=systemd cgroup as the
+agent gives), then times N reboots inside a machine (``systemctl reboot`` to the banner again)
+against N ``docker restart`` of the bare one. Everything made is removed at the end.
 
     .venv/bin/python bench/provision.py            # 20 + 20 per side
     .venv/bin/python bench/provision.py -n 5       # quicker
     .venv/bin/python bench/provision.py --batch 50 --profile /tmp/agent.raw
+    .venv/bin/python bench/provision.py --systemd -n 5
 """
 
 from __future__ import annotations
@@ -40,12 +45,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from libs.common.bus import AmqpPublisher, connect, host_key
 from libs.common.contracts.provisioner import ContainerCreate, ContainerDestroy
-from services.provisioner.domain import CAPABILITIES
+from services.provisioner.domain import CAPABILITIES, SYSTEMD_CAPABILITIES, SYSTEMD_CGROUP
 from tests.support.probe import BusProbe
 from tests.support.services import ServiceProcess
 from tests.support.stack import MONGO_URL, create_vhost, delete_vhost, free_port
 
 IMAGE = os.environ.get("DOCKVM_BASE_IMAGE", "dockvm/base:bookworm")
+SYSTEMD_IMAGE = os.environ.get("DOCKVM_SYSTEMD_IMAGE", "dockvm/base-systemd:bookworm")
+INIT: str | None = None  # --systemd: "systemd" (and IMAGE is SYSTEMD_IMAGE)
 RUN = uuid.uuid4().hex[:6]
 PREFIX = f"dvbench{RUN}"
 VLAN = 3999
@@ -91,7 +98,7 @@ class Dockvm:
         cmd = ContainerCreate(
             machine_id=mid, app="bench", image=IMAGE, cpus=cpus, memory=memory, disk=disk,
             ip=ip, prefix_len=24, gateway=f"{NET}.1", vlan_id=VLAN, hostname=f"b{n}",
-            ssh_authorized_keys=[KEY],
+            ssh_authorized_keys=[KEY], init=INIT,
         )  # fmt: skip
         await self.publisher.publish(cmd, routing_key=host_key(self.host_id, cmd.TYPE))
         return mid
@@ -144,11 +151,15 @@ class Bare:
         caps = [a for c in CAPABILITIES for a in ("--cap-add", c)]
         cpus, memory, _ = size or (CPUS, MEMORY, DISK)
         t0 = time.perf_counter()
+        if INIT == "systemd":
+            caps = [*_systemd_flags(name)]
+            caps += [a for c in SYSTEMD_CAPABILITIES for a in ("--cap-add", c)]
         proc = await asyncio.create_subprocess_exec(
             "docker", "run", "-d", "--name", name, "--hostname", f"b{n}",
             "--network", self.network, "--ip", ip,
             "--cpus", str(cpus), "--memory", str(memory), "--memory-swap", str(memory),
-            "--pids-limit", "4096", "--restart", "unless-stopped", "--cap-drop", "ALL", *caps,
+            "--pids-limit", "4096", "--restart", "unless-stopped" if INIT is None else "on-failure",
+            "--cap-drop", "ALL", *caps,
             "--label", f"dockvm.bench={RUN}", "-e", f"DOCKVM_AUTHORIZED_KEYS={KEY}", IMAGE,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
@@ -160,13 +171,84 @@ class Bare:
         return time.perf_counter() - t0
 
     async def cleanup(self) -> None:
-        """Remove every container made."""
+        """Remove every container made (and the cgroups of systemd ones)."""
         if self.made:
             proc = await asyncio.create_subprocess_exec(
                 "docker", "rm", "-f", *self.made, stdout=asyncio.subprocess.DEVNULL
             )
             await proc.wait()
+        for name in self.made:
+            _rmdir_tree(Path(f"{SYSTEMD_CGROUP}/dockvm/{name}"))
         self.made.clear()
+
+
+def _systemd_flags(name: str) -> list[str]:
+    """What ``docker run`` of the systemd image needs to boot unprivileged (as the agent's)."""
+    cgroup = Path(f"{SYSTEMD_CGROUP}/dockvm/{name}")
+    cgroup.mkdir(parents=True, exist_ok=True)
+    return ["--tmpfs", "/run", "--tmpfs", "/run/lock", "--cgroupns", "private",
+            "-v", f"{cgroup}:{SYSTEMD_CGROUP}"]  # fmt: skip
+
+
+def _rmdir_tree(root: Path) -> None:
+    if not root.is_dir():
+        return
+    for d in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        d.rmdir()
+    root.rmdir()
+
+
+async def _restarted(name: str, before: int) -> None:
+    """Until the container ``name`` runs again after its ``before``-th restart."""
+    client = docker.DockerClient(base_url="unix:///var/run/docker.sock")
+    try:
+        while True:
+            c = client.api.inspect_container(name)
+            if c["RestartCount"] > before and c["State"]["Running"]:
+                return
+            await asyncio.sleep(0.05)
+    finally:
+        client.close()
+
+
+async def _ip_of(name: str) -> tuple[str, int]:
+    client = docker.DockerClient(base_url="unix:///var/run/docker.sock")
+    try:
+        c = client.api.inspect_container(name)
+        nets = c["NetworkSettings"]["Networks"]
+        return next(iter(nets.values()))["IPAddress"], int(c["RestartCount"])
+    finally:
+        client.close()
+
+
+async def _run(*argv: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+    )
+    await proc.wait()
+
+
+async def reboots(n: int, dockvm: Dockvm, bare: Bare) -> None:
+    """``n`` reboots inside one systemd machine vs ``n`` ``docker restart`` of a bare one."""
+    await dockvm.ready(300, f"{NET}.{10}")
+    await bare.ready(300, f"{NET}.{130}")
+    inside, restart = [], []
+    for _ in range(n):
+        name = f"dockvm-{dockvm.made[-1]}"
+        ip, count = await _ip_of(name)
+        t0 = time.perf_counter()
+        await _run("docker", "exec", name, "systemctl", "reboot")
+        await _restarted(name, count)
+        await ssh_banner(ip, deadline_s=600)
+        inside.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        await _run("docker", "restart", "-t", "30", bare.made[-1])
+        await ssh_banner(f"{NET}.130", deadline_s=600)
+        restart.append(time.perf_counter() - t0)
+    await dockvm.cleanup()
+    await bare.cleanup()
+    print(f"reboot-to-sshd, {n} times: dockvm `systemctl reboot` inside vs bare `docker restart`")
+    report("reboot", inside, restart)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -305,6 +387,8 @@ async def main(n: int, batch_n: int | None, profile: str | None) -> None:
         await bare.cleanup()
         if batch_n is None:
             await compare(n, dockvm, bare)
+            if INIT == "systemd":
+                await reboots(n, dockvm, bare)
         else:
             assert agent.proc is not None
             await batch(batch_n, dockvm, bare, agent.proc.pid, profile)
@@ -336,6 +420,9 @@ if __name__ == "__main__":
     parser.add_argument("-n", type=int, default=20, help="machines per side and mode (<= 100)")
     parser.add_argument("--batch", type=int, help="one batch of this many small machines (<= 100)")
     parser.add_argument("--profile", help="py-spy raw output of the agent during the batch")
+    parser.add_argument("--systemd", action="store_true", help="the systemd flavour, and reboots")
     args = parser.parse_args()
+    if args.systemd:
+        IMAGE, INIT = SYSTEMD_IMAGE, "systemd"
     batch_n = None if args.batch is None else min(args.batch, 100)
     asyncio.run(main(min(args.n, 100), batch_n, args.profile))
