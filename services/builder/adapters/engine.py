@@ -29,17 +29,23 @@ from ..ports import BuildError, Verification
 __all__ = ["DockerEngine"]
 
 _DPKG = ["dpkg-query", "-W", "-f", DPKG_FORMAT.replace("\\t", "\t").replace("\\n", "\n")]
-# The container's CPU time in ns (cgroup v1, or v2 in us), then its sockets, in one exec.
+# In one exec: the container's CPU time in ns (cgroup v1; v2's us scaled), how many of its
+# processes are runnable, its sockets.
 _PROBE = [
     "sh", "-c",
     "(cat /sys/fs/cgroup/cpuacct/cpuacct.usage || "
-    "awk '/^usage_usec/ {print $2 * 1000}' /sys/fs/cgroup/cpu.stat) 2>/dev/null; "
+    "awk '/^usage_usec/ {print $2 * 1000}' /sys/fs/cgroup/cpu.stat) 2>/dev/null; echo; "
+    # Processes running or waiting to run, but this shell (builtins only: it forks nothing).
+    "n=0; for f in /proc/[0-9]*/status; do case $f in /proc/$$/*) continue;; esac; "
+    "while read -r k v rest; do if [ \"$k\" = State: ]; then case $v in R|D) n=$((n+1));; "
+    "esac; break; fi; done < $f 2>/dev/null; done; echo $n; "
     "echo ---; ss -ltnupH",
 ]  # fmt: skip
 # What of an image's config changes what it does when started (labels do not).
 _RUNTIME = ("Env", "Entrypoint", "Cmd", "WorkingDir", "User", "ExposedPorts", "StopSignal")
-# Busy: the container used more than this share of a core between two probes (a probe itself
-# costs about 10%); settled: not busy and no new socket for settle_s.
+# Busy: a process of the image is runnable (on a loaded host a starved process uses little CPU
+# but waits to run) or the container used more than this share of a core between two probes (a
+# probe itself costs about 10%). Settled: not busy and no new socket for settle_s.
 _BUSY_SHARE = 0.25
 
 
@@ -218,11 +224,14 @@ class DockerEngine:
                 state = self._api.inspect_container(cid)["State"]
                 if not state.get("Running"):
                     raise BuildError(f"the image exited at start (code {state.get('ExitCode')})")
-                cpu_text, _, out = self._exec(cid, _PROBE).partition("---\n")
+                head, _, out = self._exec(cid, _PROBE).partition("---\n")
                 sockets.append(out)
                 now = time.monotonic()
+                cpu_text, _, runnable = head.partition("\n")
                 cpu = float(cpu_text.strip() or "nan")
-                busy = cpu_ns is not None and (cpu - cpu_ns) > _BUSY_SHARE * (now - last) * 1e9
+                busy = runnable.strip() not in ("", "0") or (
+                    cpu_ns is not None and (cpu - cpu_ns) > _BUSY_SHARE * (now - last) * 1e9
+                )
                 cpu_ns, last = cpu, now
                 if busy or not set(out.splitlines()) <= seen:
                     seen |= set(out.splitlines())
