@@ -16,6 +16,7 @@ a repeated end finds nothing left to do. The parts of a create this reuses are t
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,8 @@ from .service import ProvisionerService
 __all__ = ["Migrations"]
 
 log = structlog.get_logger("provisioner.migrate")
+# How long an export waits for the kernel to let go of a disk it unmounted.
+RELEASE_TIMEOUT_S = 30.0
 
 
 def _reason(err: Exception) -> str:
@@ -136,6 +139,25 @@ class Migrations:
         out = await volumes.host.run("losetup", "-n", "-O", "NAME", "-j", str(img))
         for dev in out.split():
             await volumes.host.run("losetup", "-d", dev)
+        await self._released(volumes, img)
+
+    async def _released(self, volumes: XfsLoopVolumes, img: Path) -> None:
+        """Wait until no loop device holds ``img``: only then is its filesystem shut down (its
+        log written, its data on the file). An unmount returns while another mount namespace
+        still holds a copy of the mount (one a container start cloned a moment before); the
+        kernel detaches the device (autoclear) when that copy goes."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while (await volumes.host.run("losetup", "-n", "-O", "NAME", "-j", str(img))).strip():
+            if loop.time() > start + RELEASE_TIMEOUT_S:
+                raise TransientError(
+                    f"{img.name} is still held by the kernel {RELEASE_TIMEOUT_S:g} s after "
+                    "its unmount; not exported"
+                )
+            await asyncio.sleep(0.1)
+        if loop.time() - start > 0.05:
+            log.info("disk released late after its unmount", file=img.name,
+                     waited_s=round(loop.time() - start, 2))  # fmt: skip
 
     async def _resume(self, machine_id: str, start: bool) -> str:
         """The machine's disk back in place and (``start``) the machine running; its state."""

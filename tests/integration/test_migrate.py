@@ -177,6 +177,7 @@ async def test_a_machine_moves_with_its_disk_and_identity_and_leaves_nothing_beh
     untouched = await dc.machine(mid)
 
     status, moved = await dc.migrate(mid, target)
+    assert status == 200, moved  # what follows needs the machine on its target
     after = dc.identity(target, mid)
     shown = await dc.machine(mid)
     banner = await _ssh_banner(m["ip"])
@@ -188,7 +189,6 @@ async def test_a_machine_moves_with_its_disk_and_identity_and_leaves_nothing_beh
     assert (drained[0], drained[1]["reason"]) == (409, "host_unavailable")
     assert (untouched["state"], untouched["host"]) == ("running", source)
     assert untouched["pending"] is None
-    assert status == 200, moved
     assert (moved["state"], moved["source"], moved["target"]) == ("running", source, target)
     assert after == before  # hostname, MAC, IP, host key fingerprint, the data's digest
     assert before[2] == f"{m['ip']}/24"
@@ -263,12 +263,12 @@ async def test_evacuating_a_drained_host_moves_a_stopped_machine_stopped_with_it
     res = await asyncio.to_thread(
         CliRunner().invoke, cli_main.app, ["host", "evacuate", source, "--timeout", "300"], env=env
     )
+    assert res.exit_code == 0, res.output  # what follows needs the machine on its target
     moved = await dc.machine(mid)
     async with dc.api.post(f"/v1/machines/{mid}/start?wait=60") as r:
         started = r.status
     after = dc.identity(target, mid)
 
-    assert res.exit_code == 0, res.output
     assert f"{mid}: moved {source} → {target}, stopped" in res.output
     assert (moved["state"], moved["host"]) == ("stopped", target)
     assert started == 200
