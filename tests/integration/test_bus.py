@@ -274,3 +274,21 @@ async def test_claim_of_a_crashed_worker_is_waited_out_not_dead_lettered(amqp, p
 
     assert (await coll.find_one({"_id": "svc:crashed-id"}))["state"] == "done"
     assert (await amqp_queue_depth(amqp, dlq_name("svc"))) == 0
+
+
+async def test_a_request_nobody_serves_fails_at_once_and_says_so(amqp, vhost):
+    from libs.common.bus import RpcClient
+    from libs.common.bus.topology import declare_exchanges
+
+    channel = await amqp.channel()
+    await declare_exchanges(channel)
+    await channel.close()
+    rpc = RpcClient(amqp, source="tests")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(TransientError, match="no service takes test.work requests"):
+        await rpc.request(_Work(n=1), routing_key="nobody.serves.this", timeout=20)
+    waited = loop.time() - started
+    await rpc.close()
+
+    assert waited < 10  # returned by the broker, not the 20 s timeout

@@ -9,7 +9,9 @@ before it reports itself ready, and a request waits for that.
 
 Delivery guarantee: at most once per call from the caller's view: a request that gets no reply
 within the timeout raises :class:`TransientError` (a request in flight while the connection drops
-is one of those); the callee's handler must be a read or idempotent.
+is one of those); the callee's handler must be a read or idempotent. A request that no queue
+takes (the service is not running) is returned by the broker and fails at once, also as a
+:class:`TransientError`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from aio_pika.abc import (
     AbstractRobustChannel,
     AbstractRobustConnection,
 )
+from pamqp.commands import Basic
 
 from ..contracts.envelope import Envelope, Message
 from ..errors import TransientError
@@ -31,7 +34,11 @@ from .connection import open_channel
 from .publisher import amqp_message
 from .topology import EXCHANGE
 
-__all__ = ["DIRECT_REPLY_TO", "RpcClient"]
+__all__ = ["DIRECT_REPLY_TO", "NoTaker", "RpcClient"]
+
+
+class NoTaker(TransientError):
+    """No queue took the request: the service that answers it is not running."""
 
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 
@@ -50,7 +57,9 @@ class RpcClient:
     async def _ready(self) -> AbstractExchange:
         async with self._lock:
             if self._channel is None or self._channel.is_closed or self._exchange is None:
-                channel = await open_channel(self._connection, publisher_confirms=False)
+                # Confirms: a request no queue takes comes back (mandatory) as the publish's
+                # result, and the caller hears so at once instead of waiting out its timeout.
+                channel = await open_channel(self._connection, publisher_confirms=True)
                 # Declared (passively) through the robust channel so that it re-consumes the
                 # pseudo-queue on every reopened channel; Direct Reply-to wants no-ack.
                 replies = await channel.declare_queue(DIRECT_REPLY_TO, passive=True)
@@ -86,7 +95,9 @@ class RpcClient:
         try:
             async with asyncio.timeout(timeout):
                 exchange = await self._ready()
-                await exchange.publish(amsg, routing_key=routing_key or env.type)
+                sent = await exchange.publish(amsg, routing_key=routing_key or env.type)
+                if not isinstance(sent, Basic.Ack):
+                    raise NoTaker(f"no service takes {env.type} requests: is it running?")
                 reply = await fut
         except TimeoutError as err:
             raise TransientError(f"no reply to {env.type} within {timeout}s") from err
