@@ -145,3 +145,27 @@ async def test_many_disks_made_at_once_by_two_agents_each_get_their_own_device(t
 
     assert len({devices[str(m)] for m in mnts}) == len(names)
     assert all(backing[str(m)].endswith(f"/volumes/{m.name}.img") for m in mnts)
+
+
+async def test_a_loop_device_reused_at_once_for_an_empty_disk_is_formatted(tmp_path):
+    """blkid's cache trusts an entry younger than 2 s: a device that held an XFS disk a moment
+    ago must not read as XFS once it holds a new, empty one."""
+    old, new = tmp_path / "old.img", tmp_path / "volumes" / "v4.img"
+    new.parent.mkdir(parents=True)
+    for f in (old, new):
+        f.touch()
+        os.truncate(f, 300 * M)
+    dev = (await run("losetup", "--find", "--show", str(old))).strip()
+    await run("mkfs.xfs", "-q", dev)
+    cached = (await run("blkid", "-o", "value", "-s", "TYPE", dev, check=False)).strip()
+    await run("losetup", "-d", dev)
+    await run("losetup", dev, str(new))  # the same device, now the new machine's empty disk
+    vols = XfsLoopVolumes(tmp_path)
+    try:
+        mounted = await vols._mount("v4", dev)
+        (vols.path("v4") / "ok").write_text("x")
+    finally:
+        _release(tmp_path)
+
+    assert cached == "xfs"
+    assert mounted is True

@@ -114,7 +114,13 @@ class _BlockVolumes:
         mnt.mkdir(parents=True, exist_ok=True)
         if _mounted(mnt):
             return False
-        fs = await self.host.run("blkid", "-o", "value", "-s", "TYPE", device, check=False)
+        # -p probes the device itself: blkid's cache (/run/blkid) trusts an entry younger than
+        # 2 s unprobed, so a loop device just reused for a new, empty disk read as the xfs of
+        # the disk it held before, mkfs was skipped, and the mount failed (bench/api.py, 50
+        # machines). Worse, a stale "no fs" would format a disk that has one.
+        fs = await self.host.run(
+            "blkid", "-p", "-o", "value", "-s", "TYPE", device, check=False
+        )
         if fs.strip() != "xfs":
             await self.host.run("mkfs.xfs", "-q", device)
         await self.host.run("mount", "-t", "xfs", "-o", "nodev", device, str(mnt))
