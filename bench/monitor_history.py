@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import tempfile
 import time
 import uuid
@@ -198,6 +199,7 @@ async def main() -> None:
             await svc.stop()
         await prom.stop()
         await delete_vhost(vhost)
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"{'query':<14} {'points':>6} {'gateway p50':>12} {'p99':>8} {'direct p50':>11} "
           f"{'p99':>8} {'ratio':>6} {'former p50':>11}")
     floor = results.pop("floor")[0]
