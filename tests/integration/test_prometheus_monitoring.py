@@ -282,10 +282,15 @@ async def test_node_exporter_reports_the_machines_own_memory_and_is_found_by_dis
     (mem,) = await wait_for(scraped, 120, "the machine's node exporter scraped")
     cpus = await mon.prom.query(f'count(node_cpu_seconds_total{{machine_id="{m["id"]}",'
                                 'mode="idle"})')
+    # The data disk the MachineDataDiskNearlyFull rule watches.
+    data = await mon.prom.query(
+        f'node_filesystem_size_bytes{{machine_id="{m["id"]}",mountpoint="/data"}}'
+    )
 
     # LXCFS's /proc: the machine's limit and CPU count, not the host's.
     assert float(mem["value"][1]) == 256 << 20
     assert float(cpus[0]["value"][1]) == 1
+    assert 0.9e9 < float(data[0]["value"][1]) <= 1 << 30  # the 1g disk (less XFS's own)
     assert {k: mem["metric"][k] for k in ("ip", "app", "dc", "host")} == {
         "ip": m["ip"], "app": "mon", "dc": "dc1", "host": HOST
     }
