@@ -547,4 +547,8 @@ from .images import image_app  # noqa: E402
 
 app.add_typer(image_app, name="image")
 
+from .alerts import alert_app  # noqa: E402
+
+app.add_typer(alert_app, name="alert")
+
 from . import migrate  # noqa: E402, F401  (registers machine migrate and host evacuate)
