@@ -103,7 +103,11 @@ async def test_add_a_user_grant_ssh_list_replay_revoke_and_remove(stack: Stack):
     await stack.upload("notes.txt", b"x" * 1000)
     params = {"user": "alice", "ip": stack.box.ip}
     async with api.get("/v1/sessions", params=params) as r:
-        sessions = [s for s in (await _json(r))["items"] if s["kind"] == "exec"]
+        items = (await _json(r))["items"]
+    sessions = [s for s in items if s["kind"] == "exec"]
+    sftp = [s for s in items if s["kind"] == "sftp"]
+    async with api.get(f"/v1/sessions/{sftp[0]['id']}/recording") as r:
+        sftp_cast = (r.status, (await _json(r)).get("detail", ""))
     async with api.get("/v1/users") as r:
         users = (await _json(r))["items"]
     async with api.get("/v1/grants", params={"user": "alice"}) as r:
@@ -129,6 +133,10 @@ async def test_add_a_user_grant_ssh_list_replay_revoke_and_remove(stack: Stack):
     assert [(s["user"], s["login"], s["ip"], s["kind"]) for s in sessions] == [
         ("alice", "root", stack.box.ip, "exec")]  # fmt: skip
     assert (one["id"], one["exit_status"], one["live"]) == (sid, 3, False)
+    # The sftp session lists its transfer; it has no terminal recording, and the 404 says so.
+    assert [(t["path"], t["size"], t["direction"]) for t in sftp[0]["transfers"]] == [
+        ("/tmp/notes.txt", 1000, "upload")]  # fmt: skip
+    assert sftp_cast[0] == 404 and "sftp sessions have no terminal recording" in sftp_cast[1]
     status, content_type, text = cast
     header, *events = text.splitlines()
     assert (status, content_type) == (200, "application/x-asciicast")
