@@ -24,8 +24,13 @@ def doc(sid: str, ended_days_ago: float | None, path: str | None = None, **kw: A
 
 def test_only_sessions_ended_before_the_retention_go_oldest_first_and_bounded():
     sessions = [
-        doc("fresh", 1), doc("old", 91), doc("older", 200), doc("live", None),
-        doc("edge", 90 - 1e-6), doc("oldest", 365), doc("sftp", 100),
+        doc("fresh", 1),
+        doc("old", 91),
+        doc("older", 200),
+        doc("live", None),
+        doc("edge", 90 - 1e-6),
+        doc("oldest", 365),
+        doc("sftp", 100),
         doc("elsewhere", 300, "/other/host/state/x.cast"),
         doc("mine", 95, str(ROOT / "2026-01-01" / "mine.cast")),
         {**doc("ancient-but-live", 400), "live": True},
@@ -44,8 +49,13 @@ async def test_the_pruner_removes_records_and_casts_and_keeps_the_rest(tmp_path:
         cast.parent.mkdir(parents=True)
         cast.write_text("{}\n")
     store = MemoryBastionStore()
-    for d in (doc("s-old", 100, str(old_cast)), doc("s-gone-cast", 100, str(root / "x.cast")),
-              doc("s-new", 1, str(new_cast)), doc("s-live", None), doc("s-sftp", 120)):
+    for d in (
+        doc("s-old", 100, str(old_cast)),
+        doc("s-gone-cast", 100, str(root / "x.cast")),
+        doc("s-new", 1, str(new_cast)),
+        doc("s-live", None),
+        doc("s-sftp", 120),
+    ):
         store.sessions[d["_id"]] = d
     pruner = SessionPruner(store, root, 90 * DAY, batch=2)
 
