@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import json
 import random
+import shutil
 import subprocess
 import tempfile
 import time
@@ -464,6 +465,8 @@ def _cleanup_engine(tmp: Path) -> None:
     for line in out.splitlines():
         if str(tmp) in line:
             subprocess.run(["losetup", "-d", line.split()[0]], check=False)
+    # The machines' disk files (GBs for a 100-machine batch); the services' logs stay.
+    shutil.rmtree(tmp / "agent", ignore_errors=True)
 
 
 if __name__ == "__main__":
