@@ -59,10 +59,41 @@ populate() {
   done
 }
 
+# The war of examples/war-app (a servlet app built by Maven, for the Java flavour's Tomcat):
+# 1.0.0, 2.0.0, and 3.0.0 built with -Dbroken=true (its context fails to start).
+WAR_SRC=$REPO_ROOT/examples/war-app
+WAR_VERSIONS=("1.0.0:false" "2.0.0:false" "3.0.0:true")
+war_hash() {
+  (cd "$WAR_SRC" && find . -type f ! -path './target/*' -print0 | sort -z | xargs -0 cat
+    cat "$REPO_ROOT/scripts/maven-repo.sh") | sha256sum | cut -c1-16
+}
+
+populate_war() {
+  local entry version broken dir work
+  for entry in "${WAR_VERSIONS[@]}"; do
+    version=${entry%%:*} broken=${entry#*:}
+    dir="$REPO/${GROUP//.//}/war-app/$version"
+    if [[ -f $dir/.recipe && $(cat "$dir/.recipe") == "$(war_hash)" ]]; then continue; fi
+    say "maven: building and deploying $GROUP:war-app:$version (war)"
+    work=$(mktemp -d)
+    cp -r "$WAR_SRC/." "$work/"
+    (cd "$work" && mvn -B -q -ntp -Drevision="$version" -Dbroken="$broken" package) \
+      >>"$LOG_DIR/maven.log" 2>&1 || die "maven: building war-app $version failed (log: $LOG_DIR/maven.log)"
+    mvn -B -q -ntp org.apache.maven.plugins:maven-deploy-plugin:3.1.1:deploy-file \
+      -Durl="file://$REPO" -DrepositoryId=local -Dfile="$work/target/war-app.war" \
+      -DgroupId=$GROUP -DartifactId=war-app -Dversion="$version" -Dpackaging=war \
+      -DgeneratePom=true >>"$LOG_DIR/maven.log" 2>&1 ||
+      die "maven: mvn deploy:deploy-file of war-app $version failed (log: $LOG_DIR/maven.log)"
+    rm -rf "$work"
+    war_hash >"$dir/.recipe"
+  done
+}
+
 cmd_up() {
   ensure_state_dirs
   command -v mvn >/dev/null || die "maven: mvn not installed; run scripts/install.sh"
   populate
+  populate_war
   if maven_up; then return 0; fi
   say "maven: serving $REPO on $(maven_url)"
   spawn maven-repo python3 -m http.server "$DOCKVM_MAVEN_PORT" --bind "$DOCKVM_HOST" --directory "$REPO"

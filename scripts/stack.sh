@@ -441,6 +441,8 @@ cmd_up() {
   # rebuilds it after a change of its recipe or of the base.
   docker image inspect "${DOCKVM_SYSTEMD_IMAGE:-dockvm/base-systemd:bookworm}" >/dev/null 2>&1 ||
     "$REPO_ROOT/images/base-systemd/build.sh" build
+  docker image inspect "${DOCKVM_JAVA_IMAGE:-dockvm/java-tomcat:bookworm}" >/dev/null 2>&1 ||
+    "$REPO_ROOT/images/base-systemd/build.sh" build java-tomcat
   "$REPO_ROOT/scripts/maven-repo.sh" up
   # DOCKVM_HOSTS > 1: the local datacenter (extra engines, OVS fabric, their agents).
   "$REPO_ROOT/scripts/hosts.sh" up

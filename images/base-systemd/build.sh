@@ -4,17 +4,25 @@
 # the base, so the two share everything else. No public registry: the packages come from the
 # Debian mirror the base's apt points at, through the host's network.
 #
-#   build.sh build    build if missing or if the base or this recipe changed; push to dc1
+#   build.sh build [java-tomcat]   build if missing or if its base or recipe changed; push to dc1
 #
-# The recipe hash (the base image's id plus images/base-systemd/*) is the dockvm.recipe label.
+# java-tomcat: the Java flavour, dockvm/java-tomcat:bookworm, made the same way on top of this
+# one (images/java-tomcat: openjdk-17-jre-headless and tomcat10, a war release as Tomcat's ROOT).
+# The recipe hash (the base image's id plus the flavour's files) is the dockvm.recipe label.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "$0")/../../scripts/lib.sh"
 
 : "${DOCKVM_SYSTEMD_IMAGE:=dockvm/base-systemd:bookworm}"
-IMAGE=$DOCKVM_SYSTEMD_IMAGE
-HERE=$REPO_ROOT/images/base-systemd
-LOG=$LOG_DIR/base-systemd.log
+: "${DOCKVM_JAVA_IMAGE:=dockvm/java-tomcat:bookworm}"
+FLAVOUR=${2:-base-systemd}
+case $FLAVOUR in
+  base-systemd) IMAGE=$DOCKVM_SYSTEMD_IMAGE ;;
+  java-tomcat) IMAGE=$DOCKVM_JAVA_IMAGE DOCKVM_BASE_IMAGE=$DOCKVM_SYSTEMD_IMAGE ;;
+  *) die "base-systemd: unknown flavour $FLAVOUR (base-systemd or java-tomcat)" ;;
+esac
+HERE=$REPO_ROOT/images/$FLAVOUR
+LOG=$LOG_DIR/$FLAVOUR.log
 DC1=$DOCKVM_HOST:$DOCKVM_REGISTRY_DC1_PORT
 
 recipe_hash() {

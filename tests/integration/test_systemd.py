@@ -220,7 +220,7 @@ async def test_a_systemd_machine_lives_like_a_vm(stack: Stack):
     # A cron job, every minute: it fires while the rest is checked.
     await _run(ip, "echo '* * * * * root date >> /root/cron.out' > /etc/cron.d/dvtest")
     running = await _run(ip, "systemctl is-system-running --wait || systemctl --failed")
-    status = await _run(ip, "systemctl status ssh --no-pager")
+    status = await _run(ip, "systemctl status sshd --no-pager")
     pid1 = await _run(ip, "systemctl show -p MainPID --value cron")
     await _run(ip, "systemctl restart cron")
     pid2 = await _run(ip, "systemctl show -p MainPID --value cron")

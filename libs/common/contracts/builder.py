@@ -191,6 +191,10 @@ DEFAULT_POLICY = ImagePolicy(
         BaseImage(
             name="debian-bookworm-systemd", image="dockvm/base-systemd:bookworm", listens=[22]
         ),
+        # The Java flavour on it (Java 17, Tomcat 10 on 8080; a war release is Tomcat's ROOT).
+        BaseImage(
+            name="debian-bookworm-tomcat", image="dockvm/java-tomcat:bookworm", listens=[22, 8080]
+        ),
     ],
     packages=PackageRules(
         allow=[
