@@ -41,7 +41,7 @@ from libs.common.errors import DomainError, NotFoundError, TransientError, Valid
 from .adapters.transfer import ExportOffer, Exports, IdentityStore, fetch_disk, fetch_identity
 from .adapters.volumes import XfsLoopVolumes
 from .domain import LABEL_VLAN, build_spec, check_create, check_machine_id, subnet_of
-from .service import ProvisionerService
+from .service import ProvisionerService, init_options
 
 __all__ = ["Migrations"]
 
@@ -251,8 +251,10 @@ class Migrations:
             )
             copied = await self._copy_disk(cmd)
             data = await agent.volumes.ensure(mid, cmd.disk)
-            spec = build_spec(ContainerCreate.model_validate(_create_fields(cmd)),
-                              **self._spec_args(mid, cmd.cpus, str(data), mode))  # fmt: skip
+            create = ContainerCreate.model_validate(_create_fields(cmd))
+            # The same init as at its create: a systemd machine's image says so by its label.
+            spec = build_spec(create, **self._spec_args(mid, cmd.cpus, str(data), mode),
+                              **await init_options(agent.runtime, create))  # fmt: skip
             info = await agent.runtime.create(spec)
             await self.identity.write(mid, await fetch_identity(self.session, cmd.source_url,
                                                                 cmd.token))  # fmt: skip

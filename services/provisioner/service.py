@@ -67,10 +67,10 @@ from .domain import (
 )
 from .orphans import Orphans
 
-__all__ = ["AgentConfig", "ProvisionerService"]
+__all__ = ["AgentConfig", "ProvisionerService", "init_options"]
 
 
-async def _init_options(runtime: ContainerRuntime, cmd: ContainerCreate) -> dict[str, Any]:
+async def init_options(runtime: ContainerRuntime, cmd: ContainerCreate) -> dict[str, Any]:
     """``build_spec``'s init and systemd_cgroup for ``cmd``: its init, else its image's label."""
     init = machine_init(cmd.init, await runtime.image_labels(cmd.image))
     # A cgroup v2 host has no name=systemd hierarchy: the machine's own cgroup namespace is
@@ -232,7 +232,7 @@ class ProvisionerService:
                 user_ca_file=user_ca,
                 host_id=self.host,
                 cluster_id=self.orphans.cluster_id,
-                **await _init_options(self.runtime, cmd),
+                **await init_options(self.runtime, cmd),
             )
             await self.runtime.create(spec)
             info = await self.runtime.start(cmd.machine_id)
