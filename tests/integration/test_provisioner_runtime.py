@@ -98,3 +98,11 @@ async def test_images_and_host_resources(runtime):
     assert cpus >= 1 and memory > 1 << 30
     with pytest.raises(NotFoundError):
         await runtime.pull("127.0.0.1:5001/nope/never:1")
+
+
+async def test_image_labels_of_a_held_image_and_none_of_a_missing_one(runtime):
+    labels = await runtime.image_labels(IMAGE)
+
+    assert labels.get("dockvm.init") is None  # the base runs tini: it says nothing
+    with pytest.raises(NotFoundError):
+        await runtime.image_labels("127.0.0.1:5001/nope/never:1")
