@@ -11,10 +11,10 @@ PYTEST_ARGS ?=
 VENV := .venv
 PYTEST := $(VENV)/bin/pytest
 
-.PHONY: help install stack run stop status test unit bench chaos clean
+.PHONY: help install stack run stop status test unit bench chaos clean image
 
 help:
-	@echo "make install|run|stop|status|test|unit|bench|chaos|clean  (PYTEST_ARGS='...' for test/unit)"
+	@echo "make install|run|stop|status|test|unit|bench|chaos|clean|image  (PYTEST_ARGS='...' for test/unit)"
 
 install:
 	scripts/install.sh
@@ -54,6 +54,10 @@ CHAOS_ARGS ?=
 chaos: stack
 	$(VENV)/bin/python -m chaos $(CHAOS_ARGS)
 	$(VENV)/bin/python -m bench.schema_fuzz --cases 1000
+
+# The dockvm image (deploy/image/Dockerfile) from the local base, pushed to dc1.
+image: stack
+	scripts/image.sh push
 
 # Stops everything, then removes the state (data, logs, images' registry storage). Asks nothing.
 clean:
