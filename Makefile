@@ -11,10 +11,10 @@ PYTEST_ARGS ?=
 VENV := .venv
 PYTEST := $(VENV)/bin/pytest
 
-.PHONY: help install stack run stop status test unit bench chaos clean image
+.PHONY: help install stack run stop status test unit bench chaos clean image compose-up compose-down
 
 help:
-	@echo "make install|run|stop|status|test|unit|bench|chaos|clean|image  (PYTEST_ARGS='...' for test/unit)"
+	@echo "make install|run|stop|status|test|unit|bench|chaos|clean|image|compose-up|compose-down  (PYTEST_ARGS='...' for test/unit)"
 
 install:
 	scripts/install.sh
@@ -55,9 +55,16 @@ chaos: stack
 	$(VENV)/bin/python -m chaos $(CHAOS_ARGS)
 	$(VENV)/bin/python -m bench.schema_fuzz --cases 1000
 
-# The dockvm image (deploy/image/Dockerfile) from the local base, pushed to dc1.
+# The dockvm image (deploy/image/Dockerfile) from the local base, pushed to dc1; the control
+# plane from it under docker-compose (compose/compose.sh, README "Deploying").
 image: stack
 	scripts/image.sh push
+
+compose-up: image
+	compose/compose.sh up
+
+compose-down:
+	compose/compose.sh down
 
 # Stops everything, then removes the state (data, logs, images' registry storage). Asks nothing.
 clean:

@@ -1,5 +1,6 @@
 # Distribution 2.x config for one datacenter's registry. @DC@ and @SECRET@ are filled in at
-# container start (docker-compose.yml), so the webhook secret never sits in a file of the repo.
+# container start (docker-compose.yml, profile backing), so the webhook secret never sits in a
+# file of the repo.
 version: 0.1
 log:
   level: info
@@ -13,7 +14,7 @@ storage:
   cache:
     blobdescriptor: inmemory
 http:
-  addr: 0.0.0.0:5000
+  addr: 127.0.0.1:@PORT@
   headers:
     X-Content-Type-Options: [nosniff]
 notifications:
@@ -21,7 +22,7 @@ notifications:
     includereferences: true
   endpoints:
     - name: imagesync
-      url: http://imagesync:8081/v1/registry-events
+      url: http://127.0.0.1:8081/v1/registry-events
       headers:
         Authorization: [Bearer @SECRET@]
         X-Dockvm-Dc: [@DC@]

@@ -14,7 +14,7 @@ APT_PACKAGES=(
   docker.io rabbitmq-server docker-registry lxcfs fuse3 xfsprogs skopeo debootstrap
   openvswitch-switch iproute2 iptables tini curl jq maven ca-certificates git make procps
   psmisc util-linux openssh-client python3 python3-venv nftables
-  prometheus prometheus-alertmanager
+  prometheus prometheus-alertmanager docker-compose
 )
 
 install_apt_packages() {
