@@ -378,6 +378,15 @@ class Builds:
         ]
         return {"image": f"{repo}:{doc['tag']}", "digest": digest, "sync_jobs": jobs}
 
+    async def _digest(self, dc: str, repo: str, tag: str) -> str | None:
+        """What ``dc``'s registry holds of ``repo:tag``; None also when that registry does not
+        answer: one dc down must not take the whole listing down with it (it was a 503)."""
+        try:
+            return await self.registries.digest(dc, repo, tag)
+        except TransientError as err:
+            log.warning("registry unreachable for the image list", dc=dc, error=str(err))
+            return None
+
     async def images(
         self,
         name: str | None,
@@ -394,7 +403,7 @@ class Builds:
             repo, _, tag = base.rpartition(":")
             if name in (None, repo):
                 digests = await asyncio.gather(
-                    *(self.registries.digest(dc, repo, tag) for dc in dcs)
+                    *(self._digest(dc, repo, tag) for dc in dcs)
                 )
                 out.append(
                     ImageTag(
@@ -409,7 +418,7 @@ class Builds:
                     )
                 )
         for (repo, tag), doc in sorted(latest.items()):
-            digests = await asyncio.gather(*(self.registries.digest(dc, repo, tag) for dc in dcs))
+            digests = await asyncio.gather(*(self._digest(dc, repo, tag) for dc in dcs))
             out.append(
                 ImageTag(
                     name=repo,

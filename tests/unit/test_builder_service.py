@@ -20,6 +20,7 @@ from libs.common.contracts.builder import (
     spec_digest,
 )
 from libs.common.contracts.imagesync import ImageSync
+from libs.common.errors import TransientError
 from services.builder.fakes import BASE_DPKG, FakeEngine, MemoryBuildStore, MemoryRegistries
 from services.builder.handlers import log_chunks
 from services.builder.service import Builds, Runner
@@ -186,3 +187,20 @@ async def test_the_image_listing_shows_builds_and_the_base_with_each_dcs_digest(
     assert built.digests["dc1"] == (await rig.store.get(build_id))["digest"]
     assert await rig.builds.images("team/web", ["dc1"], ["dockvm/base:bookworm"]) == [
         built.model_copy(update={"digests": {"dc1": built.digests["dc1"]}})]  # fmt: skip
+
+
+async def test_a_registry_that_does_not_answer_leaves_the_listing_whole():
+    rig = _Rig(dpkg=JQ)
+    rig.registries.held[("dc1", "dockvm/base", "bookworm")] = "sha256:base"
+    answer = rig.registries.digest
+
+    async def dc2_down(dc: str, repo: str, tag: str) -> str | None:
+        if dc == "dc2":
+            raise TransientError("dc2 registry: connection refused")
+        return await answer(dc, repo, tag)
+
+    rig.registries.digest = dc2_down  # type: ignore[method-assign]
+
+    [base] = await rig.builds.images(None, ["dc1", "dc2"], ["dockvm/base:bookworm"])
+
+    assert base.digests == {"dc1": "sha256:base", "dc2": None}

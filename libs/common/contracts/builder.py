@@ -436,6 +436,7 @@ class ImageTag(BaseModel):
     spec_digest: str | None
     policy_version: int | None
     built_at: datetime | None
+    # Per dc: the manifest digest there; None when that dc lacks it or its registry is down.
     digests: dict[str, str | None]
 
 
