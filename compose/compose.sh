@@ -4,6 +4,9 @@
 #   compose.sh up     write the secret files once, make the vhost, start the five, wait for
 #                     each /readyz
 #   compose.sh down   stop and remove the containers (state and secrets stay)
+#   compose.sh replace SERVICE...
+#                     recreate those services from $DOCKVM_IMAGE (an upgrade: SIGTERM, drain,
+#                     start the new image), one after the other, each ready before the next
 #   compose.sh ps     docker-compose ps
 #
 # Settings: $DOCKVM_COMPOSE_ENV (default compose/dockvm.env); a variable already in the
@@ -98,9 +101,23 @@ cmd_up() {
   say "compose: API http://127.0.0.1:$DOCKVM_GATEWAY_PORT/v1 (admin token: $DOCKVM_COMPOSE_STATE/admin.token)"
 }
 
+cmd_replace() {
+  local svc
+  (($#)) || die "compose: replace which services? (${SERVICES[*]})"
+  docker image inspect "$DOCKVM_IMAGE" >/dev/null 2>&1 || die "compose: no image $DOCKVM_IMAGE; run make image"
+  for svc in "$@"; do
+    [[ " ${SERVICES[*]} " == *" $svc "* ]] || die "compose: unknown service '$svc' (${SERVICES[*]})"
+    dc up -d --no-deps --no-build "$svc"
+    wait_until "${DOCKVM_READY_TIMEOUT:-90}" ready "$svc" ||
+      die "compose: $svc not ready on port $(port_of "$svc") after the replacement"
+    say "compose: $svc runs $DOCKVM_IMAGE"
+  done
+}
+
 load_env
 case ${1:-} in
   up) cmd_up ;;
+  replace) shift; cmd_replace "$@" ;;
   down) dc down --remove-orphans ;;
   ps) dc ps ;;
   *) echo "usage: $0 up|down|ps" >&2; exit 2 ;;

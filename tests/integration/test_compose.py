@@ -67,7 +67,8 @@ def _project_containers(project: str) -> list[dict]:
         client.close()
 
 
-def _cleanup_machines() -> None:
+def _cleanup_machines(agent_state: Path) -> None:
+    """This run's machines, networks, and the agent's volume mounts and loop devices."""
     client = docker.DockerClient(base_url="unix:///var/run/docker.sock")
     try:
         nets = [n for n in client.networks.list() if n.name.startswith(PREFIX)]
@@ -78,6 +79,14 @@ def _cleanup_machines() -> None:
             net.remove()
     finally:
         client.close()
+    for line in reversed(Path("/proc/self/mounts").read_text().splitlines()):
+        if line.split()[1].startswith(f"{agent_state}/"):
+            subprocess.run(["umount", "-l", line.split()[1]], check=False)
+    out = subprocess.run(["losetup", "-a", "-O", "NAME,BACK-FILE", "-n"],
+                         capture_output=True, text=True, check=False).stdout
+    for line in out.splitlines():
+        if f"{agent_state}/" in line:
+            subprocess.run(["losetup", "-d", line.split()[0]], check=False)
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +126,7 @@ async def compose(image, vhost, db_name, mongo_db, tmp_path) -> AsyncIterator[Co
         try:
             _compose(env, "down", timeout=120)
         finally:
-            _cleanup_machines()
+            _cleanup_machines(tmp_path / "agent")
 
 
 async def _wait_healthy(project: str, timeout: float = 90) -> dict[str, str]:
@@ -148,24 +157,8 @@ async def _settled(api: aiohttp.ClientSession, mid: str, states: set[str]) -> di
             await asyncio.sleep(0.3)
 
 
-async def test_compose_control_plane_with_a_host_agent_outside(
-    compose: Compose, start_service, tmp_path
-):
-    health = await _wait_healthy(compose.project)
-    secret_files = sorted(p.name for p in compose.secrets.iterdir())
-    modes = {oct(stat.S_IMODE(p.stat().st_mode)) for p in compose.secrets.iterdir()}
-    envs = [
-        e for c in _project_containers(compose.project)
-        for e in docker.APIClient().inspect_container(c["Id"])["Config"]["Env"]
-    ]
-
-    # The image's HEALTHCHECK passes for each; secrets are 0400 files, never container env.
-    assert health == dict.fromkeys(SERVICES, "healthy")
-    assert secret_files == ["DOCKVM_AMQP_URL", "DOCKVM_MONGO_URL", "DOCKVM_WEBHOOK_SECRET"]
-    assert modes == {"0o400"}
-    assert not [e for e in envs if e.startswith(("DOCKVM_AMQP_URL=", "DOCKVM_WEBHOOK_SECRET="))]
-    assert stat.S_IMODE((compose.state / "admin.token").stat().st_mode) == 0o600
-
+async def _agent_and_pool(compose: Compose, start_service, tmp_path: Path) -> dict:
+    """A provisioner on the host (outside compose) online, a pool of this run; a spec on it."""
     host = f"cmp-{RUN}"
     await start_service(
         "provisioner", "--host-id", host,
@@ -185,22 +178,139 @@ async def test_compose_control_plane_with_a_host_agent_outside(
                        for h in (await r.json())["items"]):
                     break
             await asyncio.sleep(0.3)
+    return {"app": "compose", "image": IMAGE_BASE, "cpus": 0.5, "memory": "256m",
+            "disk": "1g", "dc": "dc1", "vlan_id": 1000 + n}
 
-    spec = {"app": "compose", "image": IMAGE_BASE, "cpus": 0.5, "memory": "256m", "disk": "1g",
-            "dc": "dc1", "vlan_id": 1000 + n}
+
+def _on_engine(ids: list[str]) -> list[str]:
+    """The machine ids among ``ids`` that have a container on the engine."""
+    client = docker.DockerClient(base_url="unix:///var/run/docker.sock")
+    try:
+        listed = client.api.containers(all=True, filters={"label": "dockvm.machine_id"})
+        return [c["Labels"]["dockvm.machine_id"] for c in listed
+                if c["Labels"]["dockvm.machine_id"] in ids]  # fmt: skip
+    finally:
+        client.close()
+
+
+async def test_compose_control_plane_with_a_host_agent_outside(
+    compose: Compose, start_service, tmp_path
+):
+    health = await _wait_healthy(compose.project)
+    secret_files = sorted(p.name for p in compose.secrets.iterdir())
+    modes = {oct(stat.S_IMODE(p.stat().st_mode)) for p in compose.secrets.iterdir()}
+    client = docker.APIClient()
+    envs = [e for c in _project_containers(compose.project)
+            for e in client.inspect_container(c["Id"])["Config"]["Env"]]  # fmt: skip
+    client.close()
+
+    # The image's HEALTHCHECK passes for each; secrets are 0400 files, never container env.
+    assert health == dict.fromkeys(SERVICES, "healthy")
+    assert secret_files == ["DOCKVM_AMQP_URL", "DOCKVM_MONGO_URL", "DOCKVM_WEBHOOK_SECRET"]
+    assert modes == {"0o400"}
+    assert not [e for e in envs if e.startswith(("DOCKVM_AMQP_URL=", "DOCKVM_WEBHOOK_SECRET="))]
+    assert stat.S_IMODE((compose.state / "admin.token").stat().st_mode) == 0o600
+
+    spec = await _agent_and_pool(compose, start_service, tmp_path)
+    api = compose.api
     async with api.post("/v1/machines?wait=120", json=spec) as r:
         assert r.status == 202, await r.text()
         mid = (await r.json())["machines"][0]["id"]
     created = await _settled(api, mid, {"running", "failed"})
-    on_engine = docker.APIClient().containers(
-        all=True, filters={"label": f"dockvm.machine_id={mid}"})
+    on_engine = _on_engine([mid])
+    async with api.patch(f"/v1/machines/{mid}", json={"cpus": 1, "memory": "512m"}) as r:
+        resized = await r.json()
     async with api.delete(f"/v1/machines/{mid}") as r:
         assert r.status == 202, await r.text()
     destroyed = await _settled(api, mid, {"destroyed", "failed"})
-    left = docker.APIClient().containers(all=True, filters={"label": f"dockvm.machine_id={mid}"})
 
-    # Created on the host agent through the containerised gateway, then destroyed.
-    assert (created["state"], created["host"]) == ("running", host)
-    assert len(on_engine) == 1
+    # Created on the host agent through the containerised gateway, resized, destroyed.
+    assert (created["state"], created["host"]) == ("running", f"cmp-{RUN}")
+    assert on_engine == [mid]
+    assert (r.status, resized["cpus"], resized["memory"]) == (202, 1.0, 512 << 20)
     assert destroyed["state"] == "destroyed"
-    assert left == []
+    assert _on_engine([mid]) == []
+
+
+def _newer_image(image: str) -> str:
+    """A newer release of ``image``: the same bits under a new tag and label (another id)."""
+    tag = f"{image}-next{RUN}"
+    subprocess.run(["docker", "build", "-q", "-t", tag, "-"], check=True, timeout=120,
+                   input=f"FROM {image}\nLABEL dockvm.test.release=next{RUN}\n",
+                   capture_output=True, text=True)
+    return tag
+
+
+def _docker(*args: str) -> None:
+    subprocess.run(["docker", *args], capture_output=True, timeout=60, check=False)
+
+
+def _image_of(project: str, service: str) -> str:
+    client = docker.APIClient()
+    try:
+        c = next(c for c in client.containers(filters={
+            "label": [f"com.docker.compose.project={project}",
+                      f"com.docker.compose.service={service}"]}))
+        return c["Image"]
+    finally:
+        client.close()
+
+
+async def test_ipam_and_gateway_replaced_by_a_newer_image_during_a_10_machine_create(
+    compose: Compose, start_service, tmp_path, image
+):
+    spec = await _agent_and_pool(compose, start_service, tmp_path)
+    api = compose.api
+    newer = _newer_image(image)
+    env = {**compose.env, "DOCKVM_IMAGE": newer}
+    try:
+        # ipam stopped as an upgrade stops it (SIGTERM, drain): the create's IP requests wait
+        # on the bus. Then the gateway killed (SIGKILL) with ten sagas in flight, and both
+        # started from the newer image.
+        await asyncio.to_thread(_docker, "stop", f"{compose.project}_ipam_1")
+        async with api.post("/v1/machines", json={**spec, "count": 10}) as r:
+            assert r.status == 202, await r.text()
+            ids = [m["id"] for m in (await r.json())["machines"]]
+        waiting = await _machines(api, ids)
+        await asyncio.to_thread(_docker, "kill", f"{compose.project}_gateway_1")
+        await asyncio.to_thread(_compose, env, "replace", "ipam", "gateway")
+        final = await _all_settled(api, ids)
+        async with api.get("/v1/pools", params={"dc": "dc1"}) as r:
+            pool = next(p for p in (await r.json())["pools"] if p["vlan_id"] == spec["vlan_id"])
+        images = {s: _image_of(compose.project, s) for s in ("ipam", "gateway")}
+        on_engine = _on_engine(ids)
+        for mid in ids:
+            async with api.delete(f"/v1/machines/{mid}"):
+                pass
+        gone = await _all_settled(api, ids)
+    finally:
+        await asyncio.to_thread(_docker, "rmi", "--no-prune", newer)
+
+    # Every machine ran, each with its own IP, none leaked; the two run the newer image.
+    assert {m["state"] for m in waiting} == {"requested"}
+    assert [m["state"] for m in final] == ["running"] * 10
+    assert len({m["ip"] for m in final}) == 10
+    assert pool["usage"]["allocated"] == 10
+    assert sorted(on_engine) == sorted(ids)
+    assert images == {"ipam": newer, "gateway": newer}
+    assert [m["state"] for m in gone] == ["destroyed"] * 10
+    assert _on_engine(ids) == []
+
+
+async def _machines(api: aiohttp.ClientSession, ids: list[str]) -> list[dict]:
+    async with api.get("/v1/machines", params={"ids": ",".join(ids), "limit": "1000"}) as r:
+        return (await r.json())["items"]
+
+
+async def _all_settled(api: aiohttp.ClientSession, ids: list[str]) -> list[dict]:
+    """The machines once none has an operation in flight (up to 3 minutes)."""
+    async with asyncio.timeout(180):
+        while True:
+            try:
+                ms = await _machines(api, ids)
+            except aiohttp.ClientError:  # the gateway between two containers
+                ms = []
+            if len(ms) == len(ids) and all(m["pending"] is None and m["state"] not in (
+                "requested", "ip_assigned", "placed", "creating", "destroying") for m in ms):
+                return ms
+            await asyncio.sleep(0.5)
