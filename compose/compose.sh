@@ -64,6 +64,10 @@ write_secrets() {
   else
     put_secret DOCKVM_WEBHOOK_SECRET "$(openssl rand -hex 32)"
   fi
+  # Only the `backing` profile's own RabbitMQ and MongoDB read these (with that profile, write
+  # DOCKVM_AMQP_URL and DOCKVM_MONGO_URL with them yourself); compose wants every file to exist.
+  put_secret RABBITMQ_PASSWORD "$(openssl rand -hex 24)"
+  put_secret MONGO_PASSWORD "$(openssl rand -hex 24)"
   chown -R "$IMAGE_UID:$IMAGE_UID" "$DOCKVM_COMPOSE_SECRETS" "$DOCKVM_COMPOSE_STATE"
   chmod 0700 "$DOCKVM_COMPOSE_SECRETS" "$DOCKVM_COMPOSE_STATE"
   chmod 0400 "$DOCKVM_COMPOSE_SECRETS"/*

@@ -41,8 +41,11 @@ def port_of(name: str, argv: list[str]) -> int:
         return int(env)
     module = importlib.import_module(f"services.{name}.settings")
     cls = next(
-        v for k, v in vars(module).items() if k.endswith("Settings") and "port" in getattr(
-            v, "model_fields", {}) and v.__module__ == module.__name__
+        v
+        for k, v in vars(module).items()
+        if k.endswith("Settings")
+        and "port" in getattr(v, "model_fields", {})
+        and v.__module__ == module.__name__
     )
     return int(cls.model_fields["port"].default)
 

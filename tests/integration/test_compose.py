@@ -50,8 +50,13 @@ class Compose:
 
 def _compose(env: dict[str, str], *args: str, timeout: float = 300) -> str:
     out = subprocess.run(
-        [str(ROOT / "compose/compose.sh"), *args], env={**os.environ, **env}, cwd=ROOT,
-        capture_output=True, text=True, timeout=timeout, check=False,
+        [str(ROOT / "compose/compose.sh"), *args],
+        env={**os.environ, **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
     assert out.returncode == 0, f"compose.sh {args}: {out.stdout}\n{out.stderr}"
     return out.stdout
@@ -82,8 +87,9 @@ def _cleanup_machines(agent_state: Path) -> None:
     for line in reversed(Path("/proc/self/mounts").read_text().splitlines()):
         if line.split()[1].startswith(f"{agent_state}/"):
             subprocess.run(["umount", "-l", line.split()[1]], check=False)
-    out = subprocess.run(["losetup", "-a", "-O", "NAME,BACK-FILE", "-n"],
-                         capture_output=True, text=True, check=False).stdout
+    out = subprocess.run(
+        ["losetup", "-a", "-O", "NAME,BACK-FILE", "-n"], capture_output=True, text=True, check=False
+    ).stdout
     for line in out.splitlines():
         if f"{agent_state}/" in line:
             subprocess.run(["losetup", "-d", line.split()[0]], check=False)
@@ -93,8 +99,12 @@ def _cleanup_machines(agent_state: Path) -> None:
 def image() -> str:
     """dockvm/dockvm:<version>, built (or found in the layer cache) by scripts/image.sh."""
     out = subprocess.run(
-        [str(ROOT / "scripts/image.sh"), "build"], cwd=ROOT, capture_output=True, text=True,
-        timeout=900, check=False,
+        [str(ROOT / "scripts/image.sh"), "build"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout.strip().splitlines()[-1]
@@ -112,9 +122,13 @@ async def compose(image, vhost, db_name, mongo_db, tmp_path) -> AsyncIterator[Co
         f"DOCKVM_MONGO_DB={db_name}\nDOCKVM_BASTION_SSH_PORT={free_port()}\n"
         "DOCKVM_REQUIRE_BUILT_IMAGES=false\n"
     )
-    env = {"DOCKVM_COMPOSE_ENV": str(env_file), "DOCKVM_IMAGE": image,
-           "DOCKVM_COMPOSE_STATE": str(tmp_path / "cstate"),
-           "DOCKVM_COMPOSE_SECRETS": str(tmp_path / "csecrets"), **ports}
+    env = {
+        "DOCKVM_COMPOSE_ENV": str(env_file),
+        "DOCKVM_IMAGE": image,
+        "DOCKVM_COMPOSE_STATE": str(tmp_path / "cstate"),
+        "DOCKVM_COMPOSE_SECRETS": str(tmp_path / "csecrets"),
+        **ports,
+    }
     try:
         _compose(env, "up")
         token = (tmp_path / "cstate" / "admin.token").read_text().strip()
@@ -161,25 +175,45 @@ async def _agent_and_pool(compose: Compose, start_service, tmp_path: Path) -> di
     """A provisioner on the host (outside compose) online, a pool of this run; a spec on it."""
     host = f"cmp-{RUN}"
     await start_service(
-        "provisioner", "--host-id", host,
-        env={"DOCKVM_NETWORK_PREFIX": PREFIX, "DOCKVM_HEARTBEAT_INTERVAL_S": "1",
-             "DOCKVM_STOP_TIMEOUT_S": "2", "DOCKVM_STATE_DIR": str(tmp_path / "agent")},
+        "provisioner",
+        "--host-id",
+        host,
+        env={
+            "DOCKVM_NETWORK_PREFIX": PREFIX,
+            "DOCKVM_HEARTBEAT_INTERVAL_S": "1",
+            "DOCKVM_STOP_TIMEOUT_S": "2",
+            "DOCKVM_STATE_DIR": str(tmp_path / "agent"),
+        },
     )
     api = compose.api
     n = int(RUN, 16) % 150 + 100
-    pool = {"name": f"c{RUN}", "dc": "dc1", "vlan_id": 1000 + n, "cidr": f"10.234.{n}.0/24",
-            "gateway": f"10.234.{n}.1", "cooldown_s": 3600}
+    pool = {
+        "name": f"c{RUN}",
+        "dc": "dc1",
+        "vlan_id": 1000 + n,
+        "cidr": f"10.234.{n}.0/24",
+        "gateway": f"10.234.{n}.1",
+        "cooldown_s": 3600,
+    }
     async with api.post("/v1/pools", json=pool) as r:
         assert r.status == 201, await r.text()
     async with asyncio.timeout(60):
         while True:
             async with api.get("/v1/hosts") as r:
-                if any(h["id"] == host and h["status"] == "online"
-                       for h in (await r.json())["items"]):
+                if any(
+                    h["id"] == host and h["status"] == "online" for h in (await r.json())["items"]
+                ):
                     break
             await asyncio.sleep(0.3)
-    return {"app": "compose", "image": IMAGE_BASE, "cpus": 0.5, "memory": "256m",
-            "disk": "1g", "dc": "dc1", "vlan_id": 1000 + n}
+    return {
+        "app": "compose",
+        "image": IMAGE_BASE,
+        "cpus": 0.5,
+        "memory": "256m",
+        "disk": "1g",
+        "dc": "dc1",
+        "vlan_id": 1000 + n,
+    }
 
 
 def _on_engine(ids: list[str]) -> list[str]:
@@ -206,7 +240,13 @@ async def test_compose_control_plane_with_a_host_agent_outside(
 
     # The image's HEALTHCHECK passes for each; secrets are 0400 files, never container env.
     assert health == dict.fromkeys(SERVICES, "healthy")
-    assert secret_files == ["DOCKVM_AMQP_URL", "DOCKVM_MONGO_URL", "DOCKVM_WEBHOOK_SECRET"]
+    assert secret_files == [
+        "DOCKVM_AMQP_URL",
+        "DOCKVM_MONGO_URL",
+        "DOCKVM_WEBHOOK_SECRET",
+        "MONGO_PASSWORD",
+        "RABBITMQ_PASSWORD",
+    ]
     assert modes == {"0o400"}
     assert not [e for e in envs if e.startswith(("DOCKVM_AMQP_URL=", "DOCKVM_WEBHOOK_SECRET="))]
     assert stat.S_IMODE((compose.state / "admin.token").stat().st_mode) == 0o600
@@ -235,9 +275,14 @@ async def test_compose_control_plane_with_a_host_agent_outside(
 def _newer_image(image: str) -> str:
     """A newer release of ``image``: the same bits under a new tag and label (another id)."""
     tag = f"{image}-next{RUN}"
-    subprocess.run(["docker", "build", "-q", "-t", tag, "-"], check=True, timeout=120,
-                   input=f"FROM {image}\nLABEL dockvm.test.release=next{RUN}\n",
-                   capture_output=True, text=True)
+    subprocess.run(
+        ["docker", "build", "-q", "-t", tag, "-"],
+        check=True,
+        timeout=120,
+        input=f"FROM {image}\nLABEL dockvm.test.release=next{RUN}\n",
+        capture_output=True,
+        text=True,
+    )
     return tag
 
 
@@ -248,9 +293,17 @@ def _docker(*args: str) -> None:
 def _image_of(project: str, service: str) -> str:
     client = docker.APIClient()
     try:
-        c = next(c for c in client.containers(filters={
-            "label": [f"com.docker.compose.project={project}",
-                      f"com.docker.compose.service={service}"]}))
+        c = next(
+            c
+            for c in client.containers(
+                filters={
+                    "label": [
+                        f"com.docker.compose.project={project}",
+                        f"com.docker.compose.service={service}",
+                    ]
+                }
+            )
+        )
         return c["Image"]
     finally:
         client.close()
@@ -310,7 +363,11 @@ async def _all_settled(api: aiohttp.ClientSession, ids: list[str]) -> list[dict]
                 ms = await _machines(api, ids)
             except aiohttp.ClientError:  # the gateway between two containers
                 ms = []
-            if len(ms) == len(ids) and all(m["pending"] is None and m["state"] not in (
-                "requested", "ip_assigned", "placed", "creating", "destroying") for m in ms):
+            if len(ms) == len(ids) and all(
+                m["pending"] is None
+                and m["state"]
+                not in ("requested", "ip_assigned", "placed", "creating", "destroying")
+                for m in ms
+            ):
                 return ms
             await asyncio.sleep(0.5)

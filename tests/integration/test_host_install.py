@@ -20,7 +20,10 @@ UNITS = ("dockvm-provisioner.service", "dockvm-monitor.service")
 def _install(root: Path, *args: str) -> str:
     out = subprocess.run(
         [str(ROOT / "scripts/host-install.sh"), "--root", str(root), "--no-start", *args],
-        capture_output=True, text=True, timeout=300, check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout
@@ -30,8 +33,12 @@ def _install(root: Path, *args: str) -> str:
 def image() -> str:
     """dockvm/dockvm:<version>, built (or found in the layer cache) by scripts/image.sh."""
     out = subprocess.run(
-        [str(ROOT / "scripts/image.sh"), "build"], cwd=ROOT, capture_output=True, text=True,
-        timeout=900, check=False,
+        [str(ROOT / "scripts/image.sh"), "build"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout.strip().splitlines()[-1]
@@ -47,8 +54,12 @@ def test_host_install_stages_code_units_and_settings(image: str, tmp_path: Path)
     venv = root / "opt/dockvm/venv/bin/python"
     imported = subprocess.run(
         [str(venv), "-c", "import services.provisioner.app, services.monitor.app"],
-        env={**os.environ, "PYTHONPATH": str(root / "opt/dockvm/src")}, cwd="/",
-        capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "PYTHONPATH": str(root / "opt/dockvm/src")},
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     pth = next((root / "opt/dockvm/venv/lib").glob("python3*/site-packages/dockvm-src.pth"))
 
@@ -76,7 +87,12 @@ def test_installed_units_verify_against_the_installed_venv(image: str, tmp_path:
         unit = root / "etc/systemd/system" / name
         local = tmp_path / name
         local.write_text(unit.read_text().replace("/opt/dockvm", str(root / "opt/dockvm")))
-        out = subprocess.run(["systemd-analyze", "verify", str(local)], capture_output=True,
-                             text=True, timeout=60, check=False)
+        out = subprocess.run(
+            ["systemd-analyze", "verify", str(local)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
 
         assert (out.returncode, out.stderr) == (0, ""), name

@@ -25,10 +25,24 @@ NAMES = ("dockvm-provisioner.service", "dockvm-monitor.service")
 # Each gives the unit a mount namespace of its own (systemd.exec(5)), where the XFS volumes the
 # provisioner mounts would never reach the host's dockerd.
 MOUNT_NAMESPACING = (
-    "ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices", "ReadWritePaths",
-    "ReadOnlyPaths", "InaccessiblePaths", "ProtectKernelTunables", "ProtectKernelModules",
-    "ProtectKernelLogs", "ProtectControlGroups", "ProtectClock", "PrivateMounts",
-    "TemporaryFileSystem", "BindPaths", "MountFlags", "ProtectProc", "PrivateNetwork",
+    "ProtectSystem",
+    "ProtectHome",
+    "PrivateTmp",
+    "PrivateDevices",
+    "ReadWritePaths",
+    "ReadOnlyPaths",
+    "InaccessiblePaths",
+    "ProtectKernelTunables",
+    "ProtectKernelModules",
+    "ProtectKernelLogs",
+    "ProtectControlGroups",
+    "ProtectClock",
+    "PrivateMounts",
+    "TemporaryFileSystem",
+    "BindPaths",
+    "MountFlags",
+    "ProtectProc",
+    "PrivateNetwork",
 )
 
 needs_analyze = pytest.mark.skipif(
@@ -46,9 +60,11 @@ def _parse(name: str) -> configparser.RawConfigParser:
 
 def _local_copy(name: str, tmp_path: Path, text: str | None = None) -> Path:
     """The unit with /opt/dockvm replaced by this repository and its venv."""
-    text = (text or (UNITS / name).read_text()).replace(
-        "/opt/dockvm/venv/bin/python", sys.executable
-    ).replace("/opt/dockvm/src", str(ROOT))
+    text = (
+        (text or (UNITS / name).read_text())
+        .replace("/opt/dockvm/venv/bin/python", sys.executable)
+        .replace("/opt/dockvm/src", str(ROOT))
+    )
     out = tmp_path / name
     out.write_text(text)
     return out
@@ -56,7 +72,10 @@ def _local_copy(name: str, tmp_path: Path, text: str | None = None) -> Path:
 
 def _verify(path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["systemd-analyze", "verify", str(path)], capture_output=True, text=True, timeout=60,
+        ["systemd-analyze", "verify", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
         check=False,
     )
 
@@ -103,9 +122,17 @@ def test_provisioner_has_no_mount_namespace_and_keeps_root():
 def test_monitor_is_sandboxed_more_than_the_provisioner(tmp_path: Path):
     def exposure(name: str) -> float:
         out = subprocess.run(
-            ["systemd-analyze", "security", "--offline=yes", "--no-pager",
-             str(_local_copy(name, tmp_path))],
-            capture_output=True, text=True, timeout=60, check=False,
+            [
+                "systemd-analyze",
+                "security",
+                "--offline=yes",
+                "--no-pager",
+                str(_local_copy(name, tmp_path)),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
         line = next(ln for ln in out.stdout.splitlines() if "Overall exposure level" in ln)
         return float(line.split(":")[1].split()[0])
