@@ -16,7 +16,7 @@ import stat
 import subprocess
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -46,6 +46,8 @@ class Compose:
     api: aiohttp.ClientSession
     state: Path
     secrets: Path
+    # Images a test made, removed once compose is down (a container still uses them before).
+    images: list[str] = field(default_factory=list)
 
 
 def _compose(env: dict[str, str], *args: str, timeout: float = 300) -> str:
@@ -129,18 +131,21 @@ async def compose(image, vhost, db_name, mongo_db, tmp_path) -> AsyncIterator[Co
         "DOCKVM_COMPOSE_SECRETS": str(tmp_path / "csecrets"),
         **ports,
     }
+    made: list[str] = []
     try:
         _compose(env, "up")
         token = (tmp_path / "cstate" / "admin.token").read_text().strip()
         url = f"http://127.0.0.1:{ports['DOCKVM_GATEWAY_PORT']}"
         headers = {"Authorization": f"Bearer {token}"}
         async with aiohttp.ClientSession(url, headers=headers) as api:
-            yield Compose(project, env, api, tmp_path / "cstate", tmp_path / "csecrets")
+            yield Compose(project, env, api, tmp_path / "cstate", tmp_path / "csecrets", made)
     finally:
         try:
             _compose(env, "down", timeout=120)
         finally:
             _cleanup_machines(tmp_path / "agent")
+            for made_image in made:
+                _docker("rmi", made_image)
 
 
 async def _wait_healthy(project: str, timeout: float = 90) -> dict[str, str]:
@@ -315,29 +320,27 @@ async def test_ipam_and_gateway_replaced_by_a_newer_image_during_a_10_machine_cr
     spec = await _agent_and_pool(compose, start_service, tmp_path)
     api = compose.api
     newer = _newer_image(image)
+    compose.images.append(newer)
     env = {**compose.env, "DOCKVM_IMAGE": newer}
-    try:
-        # ipam stopped as an upgrade stops it (SIGTERM, drain): the create's IP requests wait
-        # on the bus. Then the gateway killed (SIGKILL) with ten sagas in flight, and both
-        # started from the newer image.
-        await asyncio.to_thread(_docker, "stop", f"{compose.project}_ipam_1")
-        async with api.post("/v1/machines", json={**spec, "count": 10}) as r:
-            assert r.status == 202, await r.text()
-            ids = [m["id"] for m in (await r.json())["machines"]]
-        waiting = await _machines(api, ids)
-        await asyncio.to_thread(_docker, "kill", f"{compose.project}_gateway_1")
-        await asyncio.to_thread(_compose, env, "replace", "ipam", "gateway")
-        final = await _all_settled(api, ids)
-        async with api.get("/v1/pools", params={"dc": "dc1"}) as r:
-            pool = next(p for p in (await r.json())["pools"] if p["vlan_id"] == spec["vlan_id"])
-        images = {s: _image_of(compose.project, s) for s in ("ipam", "gateway")}
-        on_engine = _on_engine(ids)
-        for mid in ids:
-            async with api.delete(f"/v1/machines/{mid}"):
-                pass
-        gone = await _all_settled(api, ids)
-    finally:
-        await asyncio.to_thread(_docker, "rmi", "--no-prune", newer)
+    # ipam stopped as an upgrade stops it (SIGTERM, drain): the create's IP requests wait
+    # on the bus. Then the gateway killed (SIGKILL) with ten sagas in flight, and both
+    # started from the newer image.
+    await asyncio.to_thread(_docker, "stop", f"{compose.project}_ipam_1")
+    async with api.post("/v1/machines", json={**spec, "count": 10}) as r:
+        assert r.status == 202, await r.text()
+        ids = [m["id"] for m in (await r.json())["machines"]]
+    waiting = await _machines(api, ids)
+    await asyncio.to_thread(_docker, "kill", f"{compose.project}_gateway_1")
+    await asyncio.to_thread(_compose, env, "replace", "ipam", "gateway")
+    final = await _all_settled(api, ids)
+    async with api.get("/v1/pools", params={"dc": "dc1"}) as r:
+        pool = next(p for p in (await r.json())["pools"] if p["vlan_id"] == spec["vlan_id"])
+    images = {s: _image_of(compose.project, s) for s in ("ipam", "gateway")}
+    on_engine = _on_engine(ids)
+    for mid in ids:
+        async with api.delete(f"/v1/machines/{mid}"):
+            pass
+    gone = await _all_settled(api, ids)
 
     # Every machine ran, each with its own IP, none leaked; the two run the newer image.
     assert {m["state"] for m in waiting} == {"requested"}
