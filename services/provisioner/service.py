@@ -55,17 +55,16 @@ from .domain import (
     LABEL_VLAN,
     LXCFS_FILES,
     SYSTEMD_CGROUP,
-    Limits,
     build_spec,
     check_create,
     check_machine_id,
     machine_environment,
     machine_init,
-    plan_resize,
     subnet_of,
     systemd_cgroup,
 )
 from .orphans import Orphans
+from .resize import resize_machine
 
 __all__ = ["AgentConfig", "ProvisionerService", "init_options"]
 
@@ -427,7 +426,8 @@ class ProvisionerService:
         )
 
     async def remove_machine(self, machine_id: str, timeout_s: int) -> None:
-        """Stop gracefully, remove the container, its disk and its network port."""
+        """Stop gracefully (``timeout_s`` > 0; else a forced removal kills it at once), remove
+        the container, its disk and its network port."""
         took = _Stopwatch()
         info = await self.runtime.find(machine_id)
         took.lap("find")
@@ -438,7 +438,7 @@ class ProvisionerService:
             self._vlan_destroys[vlan] += 1
         try:
             if info is not None:
-                if info.running:
+                if info.running and timeout_s > 0:
                     await self.runtime.stop(machine_id, timeout_s)
                     took.lap("stop")
                 await self.runtime.remove(machine_id)
@@ -467,48 +467,7 @@ class ProvisionerService:
     async def resize(self, cmd: ContainerResize) -> ContainerResized | ContainerResizeFailed:
         """Live resize → ``container.resized`` or ``container.resize_failed``."""
         async with self.lock(cmd.machine_id):
-            return await self._resize(cmd)
-
-    async def _resize(self, cmd: ContainerResize) -> ContainerResized | ContainerResizeFailed:
-        """Grow the disk online, then change CPU and memory with ``docker update``."""
-        try:
-            check_machine_id(cmd.machine_id)
-            info = await self.runtime.find(cmd.machine_id)
-            if info is None:
-                raise NotFoundError(f"no container for machine {cmd.machine_id}")
-            current = Limits(info.cpus, info.memory, await self.volumes.size(cmd.machine_id) or 0)
-            shrinking = cmd.memory is not None and cmd.memory < current.memory
-            used = await self.runtime.memory_used(cmd.machine_id) if shrinking else 0
-            plan = plan_resize(
-                cmd,
-                current,
-                memory_used=used,
-                margin=self.config.memory_margin,
-                host=await self.capacity.facts(),
-            )
-            if plan.disk is not None:
-                # Held from the check on (no await between), as a create's disk is.
-                with self.capacity.reserving(f"grow:{cmd.machine_id}", plan.disk - current.disk):
-                    await self.volumes.grow(cmd.machine_id, plan.disk)
-            if plan.cpus is not None or plan.memory is not None:
-                await self.runtime.update(cmd.machine_id, plan.cpus, plan.memory)
-            if plan.cpus is not None:
-                self._write_environment(cmd.machine_id, plan.cpus)
-        except (DomainError, TransientError) as err:
-            return ContainerResizeFailed(
-                machine_id=cmd.machine_id,
-                host=self.host,
-                reason=err.reason if isinstance(err, DomainError) else "transient",
-                detail=str(err),
-                retriable=isinstance(err, TransientError),
-            )
-        return ContainerResized(
-            machine_id=cmd.machine_id,
-            host=self.host,
-            cpus=plan.cpus if plan.cpus is not None else current.cpus,
-            memory=plan.memory if plan.memory is not None else current.memory,
-            disk=plan.disk if plan.disk is not None else current.disk,
-        )
+            return await resize_machine(self, cmd)
 
     # ---- images and the control plane's list --------------------------------------------
 

@@ -142,9 +142,15 @@ class ContainerRestart(_Action):
 
 @register
 class ContainerDestroy(_Action):
-    """Remove the container, its volume and its loop device."""
+    """Remove the container, its volume and its loop device.
+
+    ``timeout_s`` 0 (the default) powers the machine off at once, as a VM's destroy does: its
+    disk goes with it, and a graceful stop of each machine of a batch queued the batch behind
+    the engine's stops (bench/api.py). A positive ``timeout_s`` stops it gracefully first.
+    """
 
     TYPE = "container.destroy"
+    timeout_s: int = Field(default=0, ge=0, le=600)
 
 
 @register
