@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import subprocess
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -71,7 +72,9 @@ class Dc:
             return r.status, await r.json()
 
     def identity(self, host: str, mid: str) -> list[str]:
-        """hostname, MAC, IP/prefix, host key fingerprint, /data/blob's digest."""
+        """hostname, MAC, IP/prefix, host key fingerprint, /data/blob's digest (once the
+        machine's init made its host keys: `running` comes with the container's start)."""
+        _until_exec_ok(self.hosts[host], mid, "test -s /etc/ssh/ssh_host_ed25519_key.pub")
         return _exec(self.hosts[host], mid, PROBE).split()
 
     def leftovers(self, host: str, mid: str) -> dict[str, Any]:
@@ -85,6 +88,21 @@ class Dc:
         loops = subprocess.run(["losetup", "-n", "-O", "NAME", "-j", str(img)],
                                capture_output=True, text=True, check=False).stdout  # fmt: skip
         return {"containers": len(containers), "file": img.exists(), "loops": loops.split()}
+
+
+def _until_exec_ok(engine: str, mid: str, script: str, timeout: float = 60.0) -> None:
+    """Poll ``script`` in the machine until it exits 0."""
+    deadline = time.monotonic() + timeout
+    client = _engine(engine)
+    try:
+        while True:
+            res = client.containers.get(f"dockvm-{mid}").exec_run(["sh", "-c", script])
+            if res.exit_code == 0:
+                return
+            assert time.monotonic() < deadline, f"{script!r} still fails in {mid}"
+            time.sleep(0.2)
+    finally:
+        client.close()
 
 
 def _exec(engine: str, mid: str, script: str) -> str:
