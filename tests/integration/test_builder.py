@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import random
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -27,6 +26,7 @@ import pytest
 
 from libs.common.contracts.builder import DEFAULT_POLICY
 from services.provisioner.domain import container_name
+from tests.support.subnets import free_24
 
 pytestmark = pytest.mark.integration
 
@@ -197,7 +197,7 @@ async def test_a_build_within_policy_is_pushed_replicated_labelled_and_runs(plat
 
 async def _a_machine_of_it_runs_with_the_package(platform: Platform, image: str) -> None:
     """ipam and an agent join the test's services; a machine of ``image`` runs and has jq."""
-    n, prefix = random.randint(100, 250), f"dvbld{uuid.uuid4().hex[:4]}"
+    n, prefix = free_24(100, 250), f"dvbld{uuid.uuid4().hex[:4]}"
     await platform.start("ipam")
     await platform.start("provisioner", "--host-id", f"bld-{prefix}", env={
         "DOCKVM_NETWORK_PREFIX": prefix, "DOCKVM_HEARTBEAT_INTERVAL_S": "1",

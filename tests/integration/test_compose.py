@@ -25,6 +25,7 @@ import pytest
 
 from tests.support.services import ROOT
 from tests.support.stack import free_port
+from tests.support.subnets import free_24
 
 pytestmark = pytest.mark.skipif(
     shutil.which("docker-compose") is None,
@@ -191,7 +192,7 @@ async def _agent_and_pool(compose: Compose, start_service, tmp_path: Path) -> di
         },
     )
     api = compose.api
-    n = int(RUN, 16) % 150 + 100
+    n = free_24(100, 250)
     pool = {
         "name": f"c{RUN}",
         "dc": "dc1",

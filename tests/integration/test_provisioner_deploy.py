@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import uuid
 
 import aiohttp
@@ -17,6 +16,7 @@ from services.provisioner.adapters.shell import DockerMachineShell
 from services.provisioner.deploy import Deployer
 from services.provisioner.domain import container_name
 from tests.integration.test_maven import MAVEN_URL, tampered_repo  # noqa: F401 - fixture
+from tests.support.subnets import free_24
 
 IMAGE = os.environ.get("DOCKVM_BASE_IMAGE", "dockvm/base:bookworm")
 
@@ -25,7 +25,7 @@ IMAGE = os.environ.get("DOCKVM_BASE_IMAGE", "dockvm/base:bookworm")
 def machine():
     """One running machine on its own bridge network; removed with the network after."""
     client = docker.from_env()
-    subnet = f"10.234.{random.randint(0, 255)}.0/24"
+    subnet = f"10.234.{free_24()}.0/24"
     net = client.networks.create(
         f"dockvm-test-deploy-{uuid.uuid4().hex[:6]}",
         driver="bridge",

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import subprocess
 import uuid
 from collections.abc import AsyncIterator
@@ -25,6 +24,7 @@ import docker
 import pytest
 
 from tests.integration.test_e2e import _delete_all
+from tests.support.subnets import free_24
 
 pytestmark = pytest.mark.integration
 
@@ -73,7 +73,7 @@ class Stack:
 @pytest.fixture
 async def stack(start_service, service_env, tmp_path) -> AsyncIterator[Stack]:
     """ipam, one agent, its monitor and the gateway, with a fresh pool on a VLAN of this run."""
-    n = random.randint(100, 250)
+    n = free_24(100, 250)
     vlan = 2000 + n
     state = tmp_path / HOST
     try:
