@@ -172,6 +172,8 @@ async def dockerd_restart(stack: ChaosStack, p: Params, rnd: int) -> Round:
             f"{backs[-1]:.1f}s, {len(diff)} mismatch(es)",
             flush=True,
         )
+        for line in diff[:5]:  # as they happen: a round cut short still shows them
+            print(f"chaos:     {line}", flush=True)
     timings = (
         {
             "away": statistics.median(aways),
