@@ -71,11 +71,16 @@ class Dc:
         async with self.api.post(f"/v1/machines/{mid}/migrate?wait={wait}", json=body) as r:
             return r.status, await r.json()
 
-    def identity(self, host: str, mid: str) -> list[str]:
+    async def identity(self, host: str, mid: str) -> list[str]:
         """hostname, MAC, IP/prefix, host key fingerprint, /data/blob's digest (once the
-        machine's init made its host keys: `running` comes with the container's start)."""
-        _until_exec_ok(self.hosts[host], mid, "test -s /etc/ssh/ssh_host_ed25519_key.pub")
-        return _exec(self.hosts[host], mid, PROBE).split()
+        machine's init made its host keys: `running` comes with the container's start); the
+        engine calls and the poll run off the event loop."""
+
+        def probe() -> list[str]:
+            _until_exec_ok(self.hosts[host], mid, "test -s /etc/ssh/ssh_host_ed25519_key.pub")
+            return _exec(self.hosts[host], mid, PROBE).split()
+
+        return await asyncio.to_thread(probe)
 
     def leftovers(self, host: str, mid: str) -> dict[str, Any]:
         """What ``host`` still holds of the machine: container, volume file, loop device."""
@@ -181,7 +186,7 @@ async def test_a_machine_moves_with_its_disk_and_identity_and_leaves_nothing_beh
     mid, source = m["id"], m["host"]
     target = _other(dc, source)
     _exec(dc.hosts[source], mid, "head -c 8M /dev/urandom >/data/blob && sync")
-    before = dc.identity(source, mid)
+    before = await dc.identity(source, mid)
 
     # Refused before anything changes: one entry for body.host, or a 404/409.
     unknown_host = await dc.migrate(mid, "no-such-host")
@@ -196,7 +201,7 @@ async def test_a_machine_moves_with_its_disk_and_identity_and_leaves_nothing_beh
 
     status, moved = await dc.migrate(mid, target)
     assert status == 200, moved  # what follows needs the machine on its target
-    after = dc.identity(target, mid)
+    after = await dc.identity(target, mid)
     shown = await dc.machine(mid)
     banner = await _ssh_banner(m["ip"])
 
@@ -243,11 +248,11 @@ async def test_a_target_that_cannot_make_the_machine_sends_it_back_running_the_s
         assert r.status == 200
     mid = m["id"]
     _exec(dc.hosts[source], mid, "head -c 4M /dev/urandom >/data/blob && sync")
-    before = dc.identity(source, mid)
+    before = await dc.identity(source, mid)
 
     status, problem = await dc.migrate(mid, target)
     shown = await dc.machine(mid)
-    after = dc.identity(source, mid)
+    after = await dc.identity(source, mid)
 
     assert m["host"] == source
     assert (status, problem["reason"]) == (409, "migrate_failed")
@@ -270,7 +275,7 @@ async def test_evacuating_a_drained_host_moves_a_stopped_machine_stopped_with_it
     async with dc.api.post(f"/v1/hosts/{target}/undrain") as r:
         assert r.status == 200
     _exec(dc.hosts[source], mid, "head -c 4M /dev/urandom >/data/blob && sync")
-    before = dc.identity(source, mid)
+    before = await dc.identity(source, mid)
     async with dc.api.post(f"/v1/machines/{mid}/stop?wait=60") as r:
         assert r.status == 200, await r.text()
     async with dc.api.post(f"/v1/hosts/{source}/drain") as r:
@@ -285,7 +290,7 @@ async def test_evacuating_a_drained_host_moves_a_stopped_machine_stopped_with_it
     moved = await dc.machine(mid)
     async with dc.api.post(f"/v1/machines/{mid}/start?wait=60") as r:
         started = r.status
-    after = dc.identity(target, mid)
+    after = await dc.identity(target, mid)
 
     assert f"{mid}: moved {source} → {target}, stopped" in res.output
     assert (moved["state"], moved["host"]) == ("stopped", target)
