@@ -49,11 +49,13 @@ bench: stack
 # The chaos suite (chaos/, docs/reliability.md), full rounds, on its own stack, RabbitMQ node
 # and FerretDB (chaos/infra.py). It restarts the shared dockerd: that disturbs anything else
 # running on this machine.
-# CHAOS_ARGS='--quick' runs one round of each. Then schemathesis over the API, 1,000 cases.
+# CHAOS_ARGS='--quick' runs one round of each. Then schemathesis over the API, 1,000 cases, and
+# ipam's long contention round (64 requesters, 4 replicas, 768 cycles; make test runs a short one).
 CHAOS_ARGS ?=
 chaos: stack
 	$(VENV)/bin/python -m chaos $(CHAOS_ARGS)
 	$(VENV)/bin/python -m bench.schema_fuzz --cases 1000
+	DOCKVM_IPAM_RACE=long $(PYTEST) tests/integration/test_ipam_races.py
 
 # The dockvm image (deploy/image/Dockerfile) from the local base, pushed to dc1; the control
 # plane from it under docker-compose (compose/compose.sh, README "Deploying").

@@ -26,10 +26,13 @@ def check_set(
     kind: Annotated[str, typer.Option("--type", help="http, tcp or cmd")],
     target: Annotated[str, typer.Option(help="PORT[/PATH] for http and tcp, a command for cmd")],
     timeout: Annotated[float, typer.Option(help="how long a release waits for it (s)")] = 30,
+    fail_after: Annotated[
+        int | None, typer.Option(help="give up after N unhealthy answers in a row (e.g. HTTP 404)")
+    ] = None,
     json: JsonOpt = False,
 ) -> None:
     """Declare (or replace) the check NAME of APP (ops)."""
-    body = {"type": kind, "target": target, "timeout_s": timeout}
+    body = {"type": kind, "target": target, "timeout_s": timeout, "fail_after": fail_after}
     res = _run(ctx, lambda t: _call(t, "PUT", f"/v1/apps/{app_name}/checks/{name}", json=body))
     if json:
         _print_json(res)

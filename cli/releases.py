@@ -16,7 +16,7 @@ __all__ = ["release_app"]
 release_app = typer.Typer(help="Rolling releases of a Maven artifact.", no_args_is_help=True)
 
 
-def _check(spec: str, timeout_s: float) -> dict[str, Any]:
+def _check(spec: str, timeout_s: float, fail_after: int | None) -> dict[str, Any]:
     """``http:8000/health`` or ``tcp:22`` → a health_check body (a command check must be
     declared for the app: ``dockvm app check set``, then ``--check-name``)."""
     kind, sep, target = spec.partition(":")
@@ -26,7 +26,7 @@ def _check(spec: str, timeout_s: float) -> dict[str, Any]:
             "(dockvm app check set) and named with --check-name",
             param_hint="--check",
         )
-    return {"type": kind, "target": target, "timeout_s": timeout_s}
+    return {"type": kind, "target": target, "timeout_s": timeout_s, "fail_after": fail_after}
 
 
 def _table(doc: dict[str, Any]) -> Table:
@@ -74,6 +74,9 @@ def release_create(
     batch_percent: Annotated[int | None, typer.Option(help="or a share of them, in %")] = None,
     max_failures: Annotated[int, typer.Option(help="failures tolerated in all")] = 0,
     check_timeout: Annotated[float, typer.Option(help="health check timeout (s)")] = 30,
+    check_fail_after: Annotated[
+        int | None, typer.Option(help="give up after N unhealthy answers in a row (e.g. HTTP 404)")
+    ] = None,
     release_id: Annotated[str | None, typer.Option(help="idempotency: the same id starts once")]
     = None,
     wait: Annotated[bool, typer.Option(help="follow the release until it ends")] = True,
@@ -89,7 +92,8 @@ def release_create(
         "app": app_name, "group_id": group, "artifact_id": artifact, "version": version,
         "packaging": packaging, "classifier": classifier, "batch_size": batch_size,
         "batch_percent": batch_percent, "max_failures": max_failures,
-        "health_check": _check(check, check_timeout) if check else None, "check": check_name,
+        "health_check": _check(check, check_timeout, check_fail_after) if check else None,
+        "check": check_name,
         "release_id": release_id,
     }
     body = {k: v for k, v in body.items() if v is not None}

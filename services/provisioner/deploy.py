@@ -219,34 +219,41 @@ class Deployer:
         return await self._health(cmd.machine_id, cmd.health_check)
 
     async def _health(self, machine_id: str, check: HealthCheck) -> str | None:
-        """Poll the check until it passes (None) or its timeout ends (the last problem)."""
+        """Poll the check until it passes (None), or its timeout ends or ``fail_after``
+        consecutive unhealthy answers come (the last problem)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + check.timeout_s
-        problem = "not checked"
+        answered_bad = 0
         while True:
-            problem = await self._probe(machine_id, check)
-            if problem is None or loop.time() >= deadline:
+            problem, answered = await self._probe(machine_id, check)
+            if problem is None:
+                return None
+            answered_bad = answered_bad + 1 if answered else 0
+            if loop.time() >= deadline or (check.fail_after and answered_bad >= check.fail_after):
                 return problem
             await asyncio.sleep(0.5)
 
-    async def _probe(self, machine_id: str, check: HealthCheck) -> str | None:
+    async def _probe(self, machine_id: str, check: HealthCheck) -> tuple[str | None, bool]:
+        """The problem (None when healthy), and whether the app itself answered it."""
         if check.type == "cmd":
             code, out = await self._sh(machine_id, check.target)
-            return None if code == 0 else f"`{check.target}` exited {code}: {out.strip()[-300:]}"
+            if code == 0:
+                return None, True
+            return f"`{check.target}` exited {code}: {out.strip()[-300:]}", True
         ip = await self._shell.ip(machine_id)
         if not ip:
-            return "the machine has no IP"
+            return "the machine has no IP", False
         port, path = parse_health_target(check)
         if check.type == "tcp":
             try:
                 _, writer = await asyncio.wait_for(asyncio.open_connection(ip, port), 2)
             except (OSError, TimeoutError) as err:
-                return f"tcp {ip}:{port}: {err!r}"
+                return f"tcp {ip}:{port}: {err!r}", False
             writer.close()
-            return None
+            return None, True
         url = f"http://{ip}:{port}{path}"
         try:
             async with self._session.get(url, timeout=aiohttp.ClientTimeout(total=3)) as r:
-                return None if 200 <= r.status < 300 else f"GET {url}: HTTP {r.status}"
+                return (None if 200 <= r.status < 300 else f"GET {url}: HTTP {r.status}"), True
         except (aiohttp.ClientError, TimeoutError) as err:
-            return f"GET {url}: {err!r}"
+            return f"GET {url}: {err!r}", False

@@ -276,6 +276,30 @@ async def test_claim_of_a_crashed_worker_is_waited_out_not_dead_lettered(amqp, p
     assert (await amqp_queue_depth(amqp, dlq_name("svc"))) == 0
 
 
+async def test_stopping_hands_back_a_delivery_waiting_on_another_claim_at_once(
+    amqp, publisher, mongo_db
+):
+    from datetime import UTC, datetime
+
+    async def handler(msg: _Work, ctx: MessageContext) -> None:
+        raise AssertionError("a claimed message must not run here")
+
+    coll = mongo_db["bus_processed"]
+    await coll.insert_one({"_id": "svc:held-id", "state": "processing", "at": datetime.now(UTC)})
+    consumer = await _consumer(
+        amqp, publisher, handler, dedupe=MongoDedupe(coll, "svc", lease_s=600)
+    )
+    await publisher.publish(_Work(n=1), id="held-id")
+    while not consumer._inflight:  # the delivery arrived and waits on the claim
+        await asyncio.sleep(0.05)
+    started = asyncio.get_running_loop().time()
+
+    await consumer.stop(grace_s=60)
+
+    assert asyncio.get_running_loop().time() - started < 30  # not the 60 s grace
+    assert [m.message_id for m in await _drain(amqp, "svc", 1)] == ["held-id"]  # requeued
+
+
 async def test_a_request_nobody_serves_fails_at_once_and_says_so(amqp, vhost):
     from libs.common.bus import RpcClient
     from libs.common.bus.topology import declare_exchanges

@@ -96,6 +96,23 @@ async def test_deploy_upgrade_then_broken_release_rolls_back(machine, deployer):
     assert current.strip() == "/app/releases/2.0.0"
 
 
+async def test_a_check_that_keeps_answering_unhealthy_gives_up_before_its_timeout(
+    machine, deployer
+):
+    d, _ = deployer
+    cmd = deploy(machine, "2.0.0", release="fail-fast").model_copy(
+        update={"health_check": HealthCheck(type="cmd", target="exit 3", timeout_s=600,
+                                            fail_after=3)}
+    )
+    started = asyncio.get_running_loop().time()
+
+    failed = await d.run(cmd)
+
+    assert (failed.TYPE, failed.reason) == ("deploy.failed", "health_check_failed")
+    assert "`exit 3` exited 3" in failed.detail
+    assert asyncio.get_running_loop().time() - started < 600  # the test's own timeout is 300 s
+
+
 async def test_same_deploy_twice_deploys_once(machine, deployer):
     d, shell = deployer
     await d.run(deploy(machine, "2.1.0-SNAPSHOT", release="twice"))

@@ -19,11 +19,14 @@ from tests.integration.test_releases_e2e import _finished, _start
 IMAGE = os.environ.get("DOCKVM_JAVA_IMAGE", "dockvm/java-tomcat:bookworm")
 # Tomcat's JVM starts in seconds on a quiet host; a loaded one takes longer.
 HEALTH = {"type": "http", "target": "8080/", "timeout_s": 120}
+# Tomcat opens 8080 only once its applications are deployed: a 404 then means the war failed.
+HEALTH_FAIL_FAST = {**HEALTH, "fail_after": 3}
 
 
 def release(version: str) -> dict:
     return {"app": "tomcat", "group_id": "com.example", "artifact_id": "war-app",
-            "version": version, "packaging": "war", "batch_size": 1, "health_check": HEALTH}
+            "version": version, "packaging": "war", "batch_size": 1,
+            "health_check": HEALTH_FAIL_FAST}
 
 
 async def _serving(ips: list[str]) -> list[str]:

@@ -16,6 +16,7 @@ Nothing is ever dropped silently. A handler that returns a message answers an RP
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -84,6 +85,7 @@ class Consumer:
     _queue: AbstractQueue | None = None
     _tag: str | None = None
     _inflight: set[asyncio.Task] = field(default_factory=set)
+    _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _ok_children: dict[str, Any] = field(default_factory=dict)
     _timer_children: dict[str, Any] = field(default_factory=dict)
 
@@ -93,7 +95,12 @@ class Consumer:
         self._tag = await self._queue.consume(self._on_message)
 
     async def stop(self, grace_s: float = 20.0) -> None:
-        """Stop taking new messages, then wait (up to ``grace_s``) for those in flight."""
+        """Stop taking new messages, then wait (up to ``grace_s``) for those in flight.
+
+        A delivery only waiting out another worker's claim is handed back at once (requeued):
+        it has done nothing yet, and waiting for it would hold the shutdown for the whole grace.
+        """
+        self._stopping.set()
         if self._queue is not None and self._tag is not None:
             try:
                 await self._queue.cancel(self._tag)
@@ -204,11 +211,12 @@ class Consumer:
                 return claim
             if claim is Claim.NEW:
                 return claim
-            if asyncio.get_running_loop().time() >= deadline:
+            if asyncio.get_running_loop().time() >= deadline or self._stopping.is_set():
                 await message.nack(requeue=True)
                 _HANDLED.labels(queue, env.type, "busy").inc()
                 return claim
-            await asyncio.sleep(min(1.0, self.busy_wait_s))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), min(1.0, self.busy_wait_s))
 
     def _ok(self, type_: str) -> Any:
         # Metric children are looked up once per type: ``labels()`` costs more than ``inc()``.

@@ -60,6 +60,11 @@ class HealthCheck(Command):
     type: Literal["http", "tcp", "cmd"]
     target: str = Field(min_length=1, max_length=1000)
     timeout_s: float = Field(default=30.0, gt=0, le=600)
+    # Give up before ``timeout_s`` after this many consecutive answers that say "unhealthy"
+    # (an HTTP status outside 2xx, a command's non-zero exit): an app that answers 404 after its
+    # restart will not heal by itself. A refused or timed-out connection (still starting) counts
+    # only against ``timeout_s``. None waits out ``timeout_s``.
+    fail_after: int | None = Field(default=None, ge=1, le=100)
 
 
 class ReleaseSpec(Command):
