@@ -437,12 +437,10 @@ cmd_up() {
   prometheus_start
   rabbitmq_wait
   base_image_build
-  # The systemd flavour only when missing (a rebuild takes ~30 s): images/base-systemd/build.sh
-  # rebuilds it after a change of its recipe or of the base.
-  docker image inspect "${DOCKVM_SYSTEMD_IMAGE:-dockvm/base-systemd:bookworm}" >/dev/null 2>&1 ||
-    "$REPO_ROOT/images/base-systemd/build.sh" build
-  docker image inspect "${DOCKVM_JAVA_IMAGE:-dockvm/java-tomcat:bookworm}" >/dev/null 2>&1 ||
-    "$REPO_ROOT/images/base-systemd/build.sh" build java-tomcat
+  # The systemd and Java flavours: build.sh rebuilds one only when its recipe (its files and
+  # its base's id) changed, so an image older than the checkout's recipe never stays.
+  "$REPO_ROOT/images/base-systemd/build.sh" build
+  "$REPO_ROOT/images/base-systemd/build.sh" build java-tomcat
   "$REPO_ROOT/scripts/maven-repo.sh" up
   # DOCKVM_HOSTS > 1: the local datacenter (extra engines, OVS fabric, their agents).
   "$REPO_ROOT/scripts/hosts.sh" up

@@ -55,7 +55,7 @@ cmd_build() {
       --change 'ENV container=docker' "$name" "$IMAGE-commit"
     cat >"$ctx/Dockerfile" <<EOT
 FROM $IMAGE-commit
-STOPSIGNAL SIGRTMIN+3
+STOPSIGNAL SIGINT
 LABEL dockvm.init=systemd dockvm.recipe=$hash
 EOT
     DOCKER_BUILDKIT=0 run docker build -q -t "$IMAGE" "$ctx"

@@ -10,10 +10,12 @@ apt-get install -y -qq --no-install-recommends systemd systemd-sysv dbus cron >/
 src=/tmp/flavour
 install -m 0755 "$src/dockvm-node-exporter" /usr/local/sbin/dockvm-node-exporter
 install -m 0644 "$src/dockvm-ssh-setup.service" "$src/dockvm-app.service" /etc/systemd/system/
-for d in ssh prometheus-node-exporter systemd-reboot; do
+for d in ssh prometheus-node-exporter systemd-reboot systemd-exit; do
 	mkdir -p "/etc/systemd/system/$d.service.d"
 	install -m 0644 "$src/$d.conf" "/etc/systemd/system/$d.service.d/dockvm.conf"
 done
+# The engine's stop signal (SIGINT) is a clean exit with 143, not a reboot (systemd-exit.conf).
+ln -sf /lib/systemd/system/exit.target /etc/systemd/system/ctrl-alt-del.target
 systemctl enable dockvm-ssh-setup.service dockvm-app.service ssh.service cron.service \
 	prometheus-node-exporter.service
 # Nothing to do in a machine: no consoles (the bastion is the way in), no block devices of its

@@ -372,8 +372,9 @@ def _as_systemd(spec: ContainerSpec, systemd_cgroup: str | None) -> ContainerSpe
     """``spec`` with systemd as PID 1, unprivileged: the container interface systemd expects
     (``container=docker``, a tmpfs /run and /run/lock), a cgroup namespace of its own
     (its /proc/1/cgroup reads "/"), a writable name=systemd hierarchy of its own on cgroup v1,
-    SETPCAP, SIGRTMIN+3 to shut down cleanly, and a restart policy that brings back a reboot
-    inside (PID 1 exits 129) but not a poweroff (exits 0)."""
+    SETPCAP, SIGINT to shut down cleanly (the image maps it to exit.target, PID 1 exits 143),
+    and a restart policy that brings back a reboot inside (exits 129) and a stop by an engine
+    going down (143, not a manual stop), but not a poweroff or halt inside (exits 0)."""
     mounts = spec.mounts
     if systemd_cgroup is not None:
         mounts = (*mounts, Mount(systemd_cgroup, SYSTEMD_CGROUP))
@@ -386,7 +387,7 @@ def _as_systemd(spec: ContainerSpec, systemd_cgroup: str | None) -> ContainerSpe
         restart_policy="on-failure",
         tmpfs=("/run", "/run/lock"),
         cgroupns="private",
-        stop_signal="SIGRTMIN+3",
+        stop_signal="SIGINT",
     )
 
 

@@ -395,3 +395,41 @@ async def _ssh_banner(ip: str, timeout: float = 30) -> bytes:
                 return await reader.read(7)
             finally:
                 writer.close()
+
+
+# From dc1's registry: the hosts' engines hold only the base image (hosts.sh engine_image).
+SYSTEMD_IMAGE = "127.0.0.1:5001/" + os.environ.get(
+    "DOCKVM_SYSTEMD_IMAGE", "dockvm/base-systemd:bookworm"
+)
+
+
+async def test_a_systemd_machine_comes_back_when_its_engine_restarts(fabric, tmp_path):
+    vlan, ip = 3165, "10.231.65.12"
+    net = {"vlan_id": vlan, "gateway": "10.231.65.1", "prefix_len": 24}
+    try:
+        async for agent in _fabric_agent(tmp_path / "h2", "h2"):
+            mid = agent.machine_id()
+            created = await agent.create(mid, image=SYSTEMD_IMAGE, ip=ip, **net)
+            assert created.TYPE == "container.created", created
+            engine = _engine("h2")
+            before = engine.api.inspect_container(f"dockvm-{mid}")
+            engine.close()
+            booted = await _ssh_banner(ip, timeout=90)
+
+            # The engine stops its containers on the way down (systemd exits 143) and starts
+            # the non-zero on-failure ones when it comes back; a poweroff inside (exit 0) not.
+            await asyncio.to_thread(_sh, str(HOSTS_SH), "engine", "h2", "stop")
+            await asyncio.to_thread(_sh, str(HOSTS_SH), "engine", "h2", "start")
+            back = await _ssh_banner(ip, timeout=120)
+            engine = _engine("h2")
+            after = engine.api.inspect_container(f"dockvm-{mid}")
+            engine.close()
+    finally:
+        await asyncio.to_thread(_sh, str(HOSTS_SH), "vlan", "del", str(vlan), check=False)
+
+    assert before["Config"]["Labels"].get("dockvm.init") == "systemd"
+    assert booted.startswith(b"SSH-2.0")
+    assert back.startswith(b"SSH-2.0")
+    assert after["Id"] == before["Id"]  # the same container, started again by the engine
+    assert after["State"]["Running"] is True
+    assert after["State"]["StartedAt"] > before["State"]["StartedAt"]

@@ -48,15 +48,15 @@ async def test_a_rolling_war_release_and_a_broken_one_rolled_back(stack: Stack):
     assert len(ips) == 2
 
     v1 = await _finished(api, (await _start(api, release("1.0.0")))["id"], timeout=400)
+    assert (v1["status"], len(v1["batches"])) == ("succeeded", 2), v1
     served_v1 = await _serving(ips)
     v2 = await _finished(api, (await _start(api, release("2.0.0")))["id"], timeout=400)
+    assert v2["status"] == "succeeded", v2
     served_v2 = await _serving(ips)
     v3 = await _finished(api, (await _start(api, release("3.0.0")))["id"], timeout=400)
     served_v3 = await _serving(ips)
 
-    assert (v1["status"], len(v1["batches"])) == ("succeeded", 2), v1
     assert served_v1 == ["war-app 1.0.0"] * 2
-    assert v2["status"] == "succeeded", v2
     assert served_v2 == ["war-app 2.0.0"] * 2
     first, second = v3["batches"]
     assert v3["status"] == "failed"

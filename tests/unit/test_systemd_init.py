@@ -43,9 +43,10 @@ def test_a_systemd_spec_is_unprivileged_with_only_what_systemd_needs():
     assert spec.capabilities == (*CAPABILITIES, "SETPCAP")
     assert "SYS_ADMIN" not in spec.capabilities and "SYS_BOOT" not in spec.capabilities
     assert (spec.tmpfs, spec.cgroupns, spec.stop_signal) == (
-        ("/run", "/run/lock"), "private", "SIGRTMIN+3")
+        ("/run", "/run/lock"), "private", "SIGINT")
     assert [(m.source, m.read_only) for m in cgroup] == [(systemd_cgroup("m-1"), False)]
-    assert spec.restart_policy == "on-failure"  # a reboot (exit 129) comes back, a poweroff not
+    # A reboot (exit 129) and an engine going down (143) come back, a poweroff (0) not.
+    assert spec.restart_policy == "on-failure"
     assert (spec.env["container"], spec.labels["dockvm.init"]) == ("docker", "systemd")
 
 
