@@ -170,10 +170,11 @@ class MemoryGatewayStore:
         saga: SagaRecord | bool | None = False,
         via: Iterable[str] = (),
         outbox: list[OutboxEntry] | None = None,
+        match: dict[str, Any] | None = None,
     ) -> MachineDoc | None:
         """Conditional state change, as in MongoDB."""
         doc = self.machines.get(machine_id)
-        if doc is None or doc["state"] not in set(from_states):
+        if doc is None or doc["state"] not in set(from_states) or not _matches(doc, match or {}):
             return None
         at = utcnow()
         doc.update({"state": to_state, "updated_at": at, "reason": reason, **(set_ or {})})

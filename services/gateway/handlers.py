@@ -130,14 +130,16 @@ async def _observed(d: SagaDriver, msg: provisioner.ContainerObserved, ctx: Mess
 
 
 async def _started(d: SagaDriver, msg: monitor.ContainerStarted, ctx: MessageContext) -> None:
-    await d.lifecycle.on_lifecycle(msg.machine_id, LifecycleEvent.STARTED)
+    await d.lifecycle.on_lifecycle(msg.machine_id, LifecycleEvent.STARTED, at=msg.at)
 
 
 async def _died(d: SagaDriver, msg: monitor.ContainerDied, ctx: MessageContext) -> None:
     kind = LifecycleEvent.OOM_KILLED if msg.oom_killed else LifecycleEvent.DIED
     if kind == LifecycleEvent.DIED and msg.exit_code == REBOOT_EXIT_CODE:
         kind = LifecycleEvent.REBOOTED
-    await d.lifecycle.on_lifecycle(msg.machine_id, kind, f"{kind} (exit {msg.exit_code})")
+    await d.lifecycle.on_lifecycle(
+        msg.machine_id, kind, f"{kind} (exit {msg.exit_code})", at=msg.at
+    )
 
 
 async def _flapping(d: SagaDriver, msg: monitor.ContainerFlapping, ctx: MessageContext) -> None:

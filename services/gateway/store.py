@@ -252,6 +252,7 @@ class MachineStore(Protocol):
         saga: SagaRecord | bool | None = False,
         via: Iterable[str] = (),
         outbox: list[OutboxEntry] | None = None,
+        match: dict[str, Any] | None = None,
     ) -> MachineDoc | None:
         """Conditional state change (through ``via``, recorded in the history)."""
         ...
@@ -464,8 +465,10 @@ class GatewayStore(AccessRecords):
         saga: SagaRecord | bool | None = False,
         via: Iterable[str] = (),
         outbox: list[OutboxEntry] | None = None,
+        match: dict[str, Any] | None = None,
     ) -> MachineDoc | None:
-        """Move a machine from one of ``from_states`` to ``to_state``; None when it was not there.
+        """Move a machine from one of ``from_states`` to ``to_state``; None when it was not there
+        (or did not also match ``match``, further conditions on its fields).
 
         ``saga`` replaces the saga record (None clears it; False leaves it alone). The states in
         ``via`` are passed through in the same write: the history records each of them. The
@@ -480,8 +483,8 @@ class GatewayStore(AccessRecords):
         push: dict[str, Any] = {"transitions": {"$each": entries}}
         if outbox:
             push["outbox"] = {"$each": outbox}
-        match = {"_id": machine_id, "state": {"$in": list(from_states)}}
-        return await self._write_machine(match, {"$set": fields, "$push": push}, trim=True)
+        query = {**(match or {}), "_id": machine_id, "state": {"$in": list(from_states)}}
+        return await self._write_machine(query, {"$set": fields, "$push": push}, trim=True)
 
     async def _write_machine(
         self, match: dict[str, Any], update: dict[str, Any], *, trim: bool = False

@@ -49,6 +49,32 @@ async def test_transition_applies_only_from_the_expected_state(store):
     assert second is None
 
 
+async def test_a_transition_conditional_on_a_field_applies_only_when_it_matches(store):
+    """What orders lifecycle events: ``lifecycle_at`` set once, then compared with ``$lte``."""
+    await store.insert_machines([_doc("m1", "running")])
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    unset = {"lifecycle_at": {"$exists": False}}
+    set_once = await store.update("m1", unset, {"lifecycle_at": epoch})
+    again = await store.update("m1", unset, {"lifecycle_at": T0})
+    newer = T0 + timedelta(seconds=30)
+    started = await store.update("m1", {"lifecycle_at": {"$lte": newer}}, {"lifecycle_at": newer})
+    older_die = await store.transition(
+        "m1", ["running"], "stopped", match={"lifecycle_at": {"$lte": T0}},
+        set_={"lifecycle_at": T0},
+    )  # fmt: skip
+    latest = newer + timedelta(seconds=60)
+    later_die = await store.transition(
+        "m1", ["running"], "stopped", match={"lifecycle_at": {"$lte": latest}},
+        set_={"lifecycle_at": latest},
+    )  # fmt: skip
+
+    assert set_once is not None and again is None
+    assert started is not None
+    assert older_die is None
+    assert later_die is not None and later_die["state"] == "stopped"
+    assert (await store.get("m1"))["state"] == "stopped"
+
+
 async def test_concurrent_writes_to_one_machine_all_land(store):
     """FerretDB v1 would let the later of two concurrent writes erase the earlier one."""
     await store.insert_machines([_doc("m1", "creating")])

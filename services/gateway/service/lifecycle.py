@@ -10,6 +10,7 @@ Delivery guarantee: at least once; every transition is conditional on the state 
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
@@ -69,6 +70,8 @@ class LifecycleEvent(StrEnum):
 
 # The exit code of a machine's PID 1 that means "rebooted from inside".
 REBOOT_EXIT_CODE = 129
+# ``lifecycle_at`` of a machine that has had no lifecycle event applied yet.
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 async def send_action(publisher: Publisher, doc: MachineDoc, action: Op) -> None:
@@ -400,23 +403,50 @@ class Lifecycle:
         await self._driver.move(doc, [doc["state"]], to, reason=f"observed {state}")
 
     async def on_lifecycle(
-        self, machine_id: str, kind: LifecycleEvent, reason: str | None = None
+        self,
+        machine_id: str,
+        kind: LifecycleEvent,
+        reason: str | None = None,
+        at: datetime | None = None,
     ) -> None:
-        """A container started, died or was OOM-killed outside of any saga."""
+        """A container started, died or was OOM-killed outside of any saga.
+
+        Events of one machine may be handled in any order (the monitor sends a die and the
+        start that followed it a few milliseconds apart after a resync, and handlers run
+        concurrently), so each is applied only if it is newer than the last one applied: the
+        machine keeps ``lifecycle_at``, and every write here is conditional on it. An event
+        that changes no state still records its time, so an older one arriving after it is
+        dropped.
+        """
         d = self._driver
         doc = await d.store.get(machine_id)
         if doc is None or doc.get("saga"):
             return
-        if kind == LifecycleEvent.STARTED and doc["state"] in (State.STOPPED, *UNREACHABLE_NAMES):
-            await d.move(doc, [doc["state"]], State.RUNNING, reason="started")
-        elif kind in (LifecycleEvent.DIED, LifecycleEvent.OOM_KILLED) and doc["state"] in (
+        newer: dict[str, object] = {}
+        stamp: dict[str, object] = {}
+        if at is not None:
+            if doc.get("lifecycle_at") is None:  # the first event (or a machine older than this)
+                await d.store.update(
+                    machine_id, {"lifecycle_at": {"$exists": False}}, {"lifecycle_at": EPOCH}
+                )
+            newer, stamp = {"lifecycle_at": {"$lte": at}}, {"lifecycle_at": at}
+        state = doc["state"]
+        if kind == LifecycleEvent.STARTED and state in (State.STOPPED, *UNREACHABLE_NAMES):
+            await d.move(doc, [state], State.RUNNING, reason="started", set_=stamp, match=newer)
+        elif kind in (LifecycleEvent.DIED, LifecycleEvent.OOM_KILLED) and state in (
             State.RUNNING,
             *UNREACHABLE_NAMES,
         ):
-            await d.move(doc, [doc["state"]], State.STOPPED, reason=reason or kind)
-        elif kind == LifecycleEvent.REBOOTED and doc["state"] == State.RUNNING:
+            await d.move(
+                doc, [state], State.STOPPED, reason=reason or kind, set_=stamp, match=newer
+            )
+        elif kind == LifecycleEvent.REBOOTED and state == State.RUNNING:
             await d.store.update(
-                machine_id, {"state": State.RUNNING, "saga": None}, {"reason": reason or kind}
+                machine_id,
+                {"state": State.RUNNING, "saga": None, **newer},
+                {"reason": reason or kind, **stamp},
             )
         elif kind == LifecycleEvent.FLAPPING:
             await d.store.update(machine_id, {"saga": None}, {"reason": reason or kind})
+        elif stamp:
+            await d.store.update(machine_id, {"state": state, "saga": None, **newer}, stamp)
