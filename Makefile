@@ -1,5 +1,5 @@
 # dockvm's entry points. Everything runs on this machine: see scripts/ and DESIGN.md.
-#   make run    install, start the local stack and the five services
+#   make run    install, start the local stack (3 Docker hosts on an OVS fabric) and the services
 #   make test   install, start the local stack, run the unit and integration tests
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c

@@ -3,7 +3,9 @@
 # the main engine (which stays as it is, host local1, for the tests that want it), joined by an
 # Open vSwitch layer-2 fabric built like the production network. N = 1 starts nothing.
 #
-#   hosts.sh up           start the extra engines, the fabric and each host's agents (idempotent)
+#   hosts.sh up           start the extra engines and the fabric (idempotent); with
+#                         DOCKVM_HOSTS_AGENTS=1 each host's agents too
+#   hosts.sh agents start|stop   each host's provisioner and monitor (services.sh runs this)
 #   hosts.sh down         stop them and remove the fabric (engines' data stays)
 #   hosts.sh clean        down, then remove their data under $DOCKVM_STATE_DIR/hosts
 #   hosts.sh status       host / socket / engine / agents
@@ -25,14 +27,14 @@ set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
 
-: "${DOCKVM_HOSTS:=1}"
 : "${DOCKVM_HOSTS_RUN:=/run/dockvm/hosts}"
 # The VLANs the fabric carries from the start, as VLAN:GATEWAY/PREFIX.
 : "${DOCKVM_FABRIC_VLANS:=3160:10.231.60.1/24 3161:10.231.61.1/24 3162:10.231.62.1/24}"
 # Host hN's agents listen on 9100 + 10*N + 3 (provisioner) and + 4 (monitor).
 : "${DOCKVM_HOSTS_PORT_BASE:=9100}"
-# 0: engines and fabric only (tests/integration/test_fabric.py brings up hosts so).
-: "${DOCKVM_HOSTS_AGENTS:=1}"
+# 1: `up` starts each host's agents as well. scripts/stack.sh brings up engines and fabric
+# only; scripts/services.sh starts the agents with the other services (`agents start`).
+: "${DOCKVM_HOSTS_AGENTS:=0}"
 HOSTS_STATE=$STATE/hosts
 TOR=dvh-tor
 PY=$REPO_ROOT/.venv/bin/python
@@ -209,6 +211,35 @@ term_all() {
   done
 }
 
+# cmd_agents start|stop: the provisioner and monitor of every host (start waits for /readyz).
+cmd_agents() {
+  local h p failed=0
+  case ${1:-} in
+    start)
+      ((DOCKVM_HOSTS > 1)) || return 0
+      for h in $(host_ids); do
+        engine_up "$h" || die "hosts: $h's engine is not up (scripts/stack.sh up starts it)"
+        DOCKVM_HOSTS_AGENTS=1 agents_start "$h"
+      done
+      for h in $(host_ids); do
+        for p in 3 4; do
+          wait_until "${DOCKVM_READY_TIMEOUT:-60}" agent_ready "$h" "$p" || {
+            printf 'error: %s: agent on port %s not ready (logs: %s/%s-*.log)\n' \
+              "$h" "$(port_of "$h" "$p")" "$LOG_DIR" "$h" >&2
+            failed=1
+          }
+        done
+      done
+      return $failed ;;
+    stop)
+      for h in $(known_hosts); do agents_stop "$h"; done ;;
+    *) die "usage: $0 agents start|stop" ;;
+  esac
+}
+
+# agent_ready hN 3|4: that host's provisioner (3) or monitor (4) answers /readyz.
+agent_ready() { [[ $(http_code "http://127.0.0.1:$(port_of "$1" "$2")/readyz") == 200 ]]; }
+
 cmd_down() {
   local h names=()
   mkdir -p "$RUN_DIR"
@@ -285,10 +316,11 @@ cmd_engine() {
 
 case ${1:-} in
   up) cmd_up ;;
+  agents) shift; cmd_agents "$@" ;;
   engine) shift; cmd_engine "$@" ;;
   down) cmd_down ;;
   clean) cmd_clean ;;
   status) cmd_status ;;
   vlan) shift; cmd_vlan "$@" ;;
-  *) echo "usage: $0 up|down|clean|status|vlan add|del ..." >&2; exit 2 ;;
+  *) echo "usage: $0 up|down|clean|status|agents start|stop|vlan add|del ...|engine hN stop|start" >&2; exit 2 ;;
 esac

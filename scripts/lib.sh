@@ -16,6 +16,9 @@
 : "${DOCKVM_LXCFS_DIR:=/var/lib/lxcfs}"
 : "${DOCKVM_BASE_IMAGE:=dockvm/base:bookworm}"
 : "${DOCKVM_START_TIMEOUT:=90}"
+# Docker hosts of the local datacenter (scripts/hosts.sh): h1..hN, each its own engine on the
+# OVS fabric, with their agents started by services.sh. 1: the main engine (host local1) alone.
+: "${DOCKVM_HOSTS:=3}"
 export DOCKVM_STATE_DIR
 
 # shellcheck disable=SC2034 # used by the scripts that source this file

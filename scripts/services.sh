@@ -5,6 +5,11 @@
 #   services.sh stop    SIGTERM, then wait for them to drain
 #   services.sh status  service / health URL / up|down
 #
+# With DOCKVM_HOSTS > 1 (the default, 3) the host agents (provisioner, monitor) run on the local
+# datacenter's hosts h1..hN (scripts/hosts.sh agents), not on the main engine: a machine there
+# would sit on a Docker bridge apart from the fabric's VLANs. DOCKVM_HOSTS=1 runs them on the
+# main engine as host local1.
+#
 # Pid files: $DOCKVM_STATE_DIR/run/<service>.pid; logs: $DOCKVM_STATE_DIR/log/<service>.log.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
@@ -20,6 +25,10 @@ PY=$REPO_ROOT/.venv/bin/python
 SERVICES=(gateway imagesync ipam provisioner monitor bastion builder)
 declare -A PORT=([gateway]=8080 [imagesync]=8081 [ipam]=9102 [provisioner]=9103 [monitor]=9104 [bastion]=9105 [builder]=9106)
 declare -A ARGS=([provisioner]="--host-id $DOCKVM_HOST_ID" [monitor]="--host-id $DOCKVM_HOST_ID")
+ALL_SERVICES=("${SERVICES[@]}")
+if ((DOCKVM_HOSTS > 1)); then
+  SERVICES=(gateway imagesync ipam bastion builder)
+fi
 
 port_of() { local v="DOCKVM_${1^^}_PORT"; echo "${!v:-${PORT[$1]}}"; }
 url_of() { echo "http://127.0.0.1:$(port_of "$1")"; }
@@ -53,6 +62,7 @@ cmd_start() {
       failed=1
     fi
   done
+  "$REPO_ROOT/scripts/hosts.sh" agents start || failed=1
   ((failed)) && exit 1
   say "services: API      $(url_of gateway)/v1"
   say "services: SSH      ssh -p ${DOCKVM_BASTION_SSH_PORT:-2222} USER@127.0.0.1 root@MACHINE-IP (after dockvm user add / grant add)"
@@ -71,7 +81,9 @@ cmd_stop() {
   local svc pids=() pid
   mkdir -p "$RUN_DIR"
   # SIGTERM to all first, so they drain in parallel.
-  for svc in "${SERVICES[@]}"; do
+  # Every one that runs, whatever DOCKVM_HOSTS says now (local1's agents included).
+  "$REPO_ROOT/scripts/hosts.sh" agents stop
+  for svc in "${ALL_SERVICES[@]}"; do
     if pid_alive "$RUN_DIR/$svc.pid"; then
       say "services: stopping $svc"
       read -r pid _ <"$RUN_DIR/$svc.pid"

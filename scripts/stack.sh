@@ -442,7 +442,8 @@ cmd_up() {
   "$REPO_ROOT/images/base-systemd/build.sh" build
   "$REPO_ROOT/images/base-systemd/build.sh" build java-tomcat
   "$REPO_ROOT/scripts/maven-repo.sh" up
-  # DOCKVM_HOSTS > 1: the local datacenter (extra engines, OVS fabric, their agents).
+  # DOCKVM_HOSTS > 1: the local datacenter (extra engines, OVS fabric); services.sh starts
+  # their agents.
   "$REPO_ROOT/scripts/hosts.sh" up
   say "stack: up in $((SECONDS - t0))s (state: $STATE)"
 }
@@ -515,7 +516,7 @@ cmd_status() {
   s=$(_state base_image_up); _row base-image "$DOCKVM_BASE_IMAGE" "$s"; [[ $s == up ]] || down=1
   s=$("$REPO_ROOT/scripts/maven-repo.sh" status); _row maven-repo "http://$DOCKVM_HOST:${DOCKVM_MAVEN_PORT:-8090}" "$s"
   [[ $s == up ]] || down=1
-  ((${DOCKVM_HOSTS:-1} <= 1)) || "$REPO_ROOT/scripts/hosts.sh" status || down=1
+  ((DOCKVM_HOSTS <= 1)) || "$REPO_ROOT/scripts/hosts.sh" status || down=1
   return $((down ? 3 : 0))
 }
 

@@ -641,14 +641,19 @@ class GatewayStore(AccessRecords):
     @translate_errors
     async def record_heartbeat(self, doc: HostDoc) -> HostDoc | None:
         """Upsert a host from its heartbeat; return the previous document (None if new)."""
-        return await self.hosts.find_one_and_update(
-            {"_id": doc["_id"]}, {"$set": doc}, upsert=True, return_document=ReturnDocument.BEFORE
+        stored = {**doc, "labels": _pairs(doc.get("labels"))}
+        before = await self.hosts.find_one_and_update(
+            {"_id": doc["_id"]},
+            {"$set": stored},
+            upsert=True,
+            return_document=ReturnDocument.BEFORE,
         )
+        return _host_read(before)
 
     @translate_errors
     async def list_hosts(self) -> list[HostDoc]:
         """Every host that ever sent a heartbeat."""
-        return await read_all(self.hosts.find({}).sort("_id", 1))
+        return [_host_read(h) for h in await read_all(self.hosts.find({}).sort("_id", 1))]
 
     @translate_errors
     async def set_host_status(self, host_id: str, old: str | None, new: str) -> bool:
@@ -818,3 +823,17 @@ class ReleaseStore:
             await self.coll.update_one(
                 {"_id": release_id}, {"$pullAll": {"outbox": list(entries)}}
             )
+
+
+def _pairs(labels: dict[str, str] | None) -> list[dict[str, str]]:
+    """A host's labels as stored: ``{key, value}`` documents. Their keys hold dots
+    (``dockvm.metrics.monitor``), which FerretDB refuses as field names (and it refuses
+    nested arrays, so not ``[key, value]`` pairs either)."""
+    return [{"key": k, "value": v} for k, v in sorted((labels or {}).items())]
+
+
+def _host_read(doc: HostDoc | None) -> HostDoc | None:
+    """A stored host with its labels as a dict again (a dict stored before pairs is kept)."""
+    if doc is not None and isinstance(doc.get("labels"), list):
+        doc["labels"] = {p["key"]: p["value"] for p in doc["labels"]}
+    return doc

@@ -147,6 +147,21 @@ async def test_host_status_is_compare_and_set(store):
     assert await store.set_host_status("h1", "online", "down") is False
 
 
+async def test_a_heartbeat_with_dotted_label_keys_is_recorded_and_read_back(store):
+    """The labels' keys (``dockvm.metrics.monitor``) hold dots, which FerretDB refuses as
+    field names: a host started by hosts.sh had every heartbeat refused."""
+    labels = {"dockvm.metrics.monitor": "127.0.0.1:9114", "dockvm.overcommit.cpu": "2"}
+    host = {"_id": "h1", "dc": "dc1", "last_seen": T0, "status": "online", "labels": labels}
+
+    first = await store.record_heartbeat(host)
+    again = await store.record_heartbeat({**host, "last_seen": T0 + timedelta(seconds=10)})
+    [listed] = await store.list_hosts()
+
+    assert first is None
+    assert again["labels"] == labels
+    assert listed["labels"] == labels
+
+
 async def test_prune_forgets_old_idempotency_keys_and_audit_entries(store):
     await store.claim_idempotency("old", "f", ["m1"])
     cutoff = datetime.now(UTC) + timedelta(seconds=1)
