@@ -65,7 +65,7 @@ class GatewaySettings(CommonSettings):
     )
     prometheus_services: str = (
         "gateway=127.0.0.1:8080,imagesync=127.0.0.1:8081,ipam=127.0.0.1:9102,"
-        "bastion=127.0.0.1:9105"
+        "bastion=127.0.0.1:9105,builder=127.0.0.1:9106"
     )
     prometheus_agent_ports: str = "provisioner=9103,monitor=9104"
     node_exporter_port: int = Field(default=9100, ge=1, le=65535)
