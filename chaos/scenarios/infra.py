@@ -134,17 +134,26 @@ def _diff(want: dict, now: dict, keys: bool) -> list[str]:
 
 async def _matches(stack: ChaosStack, ids: list[str], want: dict, timeout: float) -> list[str]:
     """Wait until every machine is as in ``want`` (states and IPs first, then the host keys);
-    the mismatches left at ``timeout``."""
+    the mismatches left at ``timeout``. Prints how long the states and each key read took."""
     diff: list[str] = []
+    t0 = time.monotonic()
+    states_at: float | None = None
     try:
         async with asyncio.timeout(timeout):
             while True:
                 try:
                     diff = _diff(want, await _snapshot(stack, ids, keys=False), keys=False)
                     if not diff:
+                        if states_at is None:
+                            states_at = time.monotonic() - t0
+                            print(f"chaos:     states and IPs match after {states_at:.1f}s",
+                                  flush=True)  # fmt: skip
                         # A timeout during the key read must not read as a match.
                         diff = ["states and IPs match, host keys not compared yet"]
+                        k0 = time.monotonic()
                         diff = _diff(want, await _snapshot(stack, ids), keys=True)
+                        print(f"chaos:     host keys read in {time.monotonic() - k0:.1f}s, "
+                              f"{len(diff)} differ", flush=True)  # fmt: skip
                 except (aiohttp.ClientError, docker.errors.DockerException, OSError) as err:
                     diff = [f"the engine or the gateway did not answer: {err!r}"]
                 if not diff:
