@@ -7,6 +7,7 @@ These disturb everything else on the machine; the scenario table marks them disr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -171,7 +172,14 @@ async def dockerd_restart(stack: ChaosStack, p: Params, rnd: int) -> Round:
     for start in range(0, p.dockerd_machines, 50):
         more, bad = await create_running(stack, f"d{rnd}", min(50, p.dockerd_machines - start))
         ids, failures = ids + more, failures + bad
+    # What each machine must come back as; read again until every one has its host key
+    # (a machine's sshd writes it at first boot, which may still run as the create returns).
     want = await _snapshot(stack, ids)
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(120):
+            while any(None in w for w in want.values()):
+                await asyncio.sleep(2)
+                want = await _snapshot(stack, ids)
     failures += [f"{mid}: before any restart {w}" for mid, w in want.items() if None in w]
     aways, backs = [], []
     for i in range(p.dockerd_restarts):
