@@ -77,6 +77,9 @@ def release_create(
     check_fail_after: Annotated[
         int | None, typer.Option(help="give up after N unhealthy answers in a row (e.g. HTTP 404)")
     ] = None,
+    activate: Annotated[
+        str, typer.Option(help="restart, or reload (a war: Tomcat redeploys it, JVM kept)")
+    ] = "restart",
     release_id: Annotated[str | None, typer.Option(help="idempotency: the same id starts once")]
     = None,
     wait: Annotated[bool, typer.Option(help="follow the release until it ends")] = True,
@@ -94,6 +97,7 @@ def release_create(
         "batch_percent": batch_percent, "max_failures": max_failures,
         "health_check": _check(check, check_timeout, check_fail_after) if check else None,
         "check": check_name,
+        "activate": activate,
         "release_id": release_id,
     }
     body = {k: v for k, v in body.items() if v is not None}

@@ -89,6 +89,26 @@ async def test_release_rolls_batch_by_batch_to_success(releases, probe_factory):
     assert {m["status"] for m in doc["machines"].values()} == {"succeeded"}
 
 
+async def test_each_deploy_carries_the_restart_or_the_reload_the_release_asks(
+    releases, probe_factory
+):
+    r, _ = releases
+    probe = await probe_factory("host.*.deploy")
+
+    await r.request(release("r-restart"), requested_by="ops")
+    restart = await probe.wait_for("deploy", count=2)
+    await r.request(release("r-reload", packaging="war", activate="reload"), requested_by="ops")
+    reload = [d for d in await probe.wait_for("deploy", count=4) if d.release_id == "r-reload"]
+
+    assert {d.restart_command for d in restart} == {"/usr/local/sbin/dockvm-app restart"}
+    assert {d.restart_command for d in reload} == {"/usr/local/sbin/dockvm-app reload"}
+
+
+def test_a_reload_is_only_for_a_war():
+    with pytest.raises(ValueError, match="packaging: war"):
+        release(activate="reload")
+
+
 async def test_failure_beyond_max_failures_stops_the_release(releases, probe_factory):
     r, store = releases
     probe = await probe_factory("host.*.deploy", "kvm.#", "release.#")

@@ -1,7 +1,8 @@
 """A war release on the Java flavour, end to end: the gateway rolls examples/war-app (built by
 Maven, in the local Maven repository as 1.0.0, 2.0.0 and a broken 3.0.0 whose context fails to
 start) onto two machines of dockvm/java-tomcat:bookworm (systemd, Java 17, Tomcat 10), one at a
-time; each war becomes Tomcat's ROOT application and is checked over HTTP on 8080.
+time; each war becomes Tomcat's ROOT application and is checked over HTTP on 8080. 1.0.0 and
+the broken 3.0.0 restart Tomcat; 2.0.0 is reloaded (Tomcat redeploys it, same JVM).
 
 Real ipam, two provisioner agents, the gateway, Docker and the Maven repository
 (``scripts/maven-repo.sh up``).
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 
 import aiohttp
+import docker
 
 from tests.integration.test_e2e import Stack, _machines, stack  # noqa: F401 - fixture
 from tests.integration.test_releases_e2e import _finished, _start
@@ -23,10 +25,25 @@ HEALTH = {"type": "http", "target": "8080/", "timeout_s": 120}
 HEALTH_FAIL_FAST = {**HEALTH, "fail_after": 3}
 
 
-def release(version: str) -> dict:
+def release(version: str, activate: str = "restart") -> dict:
     return {"app": "tomcat", "group_id": "com.example", "artifact_id": "war-app",
             "version": version, "packaging": "war", "batch_size": 1,
-            "health_check": HEALTH_FAIL_FAST}
+            "health_check": HEALTH_FAIL_FAST, "activate": activate}
+
+
+def _tomcat_pids(mids: list[str]) -> list[str]:
+    """Tomcat's JVM on each machine (systemd's MainPID of tomcat10)."""
+    client = docker.from_env()
+    try:
+        return [
+            client.containers.get(f"dockvm-{mid}")
+            .exec_run(["systemctl", "show", "-p", "MainPID", "--value", "tomcat10"])
+            .output.decode()
+            .strip()
+            for mid in mids
+        ]
+    finally:
+        client.close()
 
 
 async def _serving(ips: list[str]) -> list[str]:
@@ -50,14 +67,18 @@ async def test_a_rolling_war_release_and_a_broken_one_rolled_back(stack: Stack):
     v1 = await _finished(api, (await _start(api, release("1.0.0")))["id"], timeout=400)
     assert (v1["status"], len(v1["batches"])) == ("succeeded", 2), v1
     served_v1 = await _serving(ips)
-    v2 = await _finished(api, (await _start(api, release("2.0.0")))["id"], timeout=400)
+    pids_v1 = _tomcat_pids([m["id"] for m in machines])
+    # 2.0.0 reloaded: Tomcat redeploys the war in the same JVM.
+    v2 = await _finished(api, (await _start(api, release("2.0.0", "reload")))["id"], timeout=400)
     assert v2["status"] == "succeeded", v2
     served_v2 = await _serving(ips)
+    pids_v2 = _tomcat_pids([m["id"] for m in machines])
     v3 = await _finished(api, (await _start(api, release("3.0.0")))["id"], timeout=400)
     served_v3 = await _serving(ips)
 
     assert served_v1 == ["war-app 1.0.0"] * 2
     assert served_v2 == ["war-app 2.0.0"] * 2
+    assert pids_v2 == pids_v1 and "0" not in pids_v1  # reloaded, not restarted
     first, second = v3["batches"]
     assert v3["status"] == "failed"
     assert [(v3["machines"][m]["status"], v3["machines"][m]["rolled_back"]) for m in first] == [

@@ -32,3 +32,14 @@ def test_check_set_sends_fail_after_and_leaves_it_unset_by_default(fake):
     assert (with_it.exit_code, without.exit_code) == (0, 0), with_it.output + without.output
     assert fake.requests[0][2]["fail_after"] == 5
     assert fake.requests[1][2]["fail_after"] is None
+
+
+def test_release_create_sends_reload_when_asked(fake):
+    fake.answers[("POST", "/v1/releases")] = (202, {"id": "r-1", "status": "running"})
+
+    res = _run("release", "create", "web", *COORDS, "--packaging", "war", "--check",
+               "http:8080/", "--activate", "reload", "--no-wait", "--json")
+
+    assert res.exit_code == 0, res.output
+    assert (fake.requests[0][2]["activate"], fake.requests[0][2]["packaging"]) == (
+        "reload", "war")

@@ -15,6 +15,7 @@ from pydantic import Field, model_validator
 from .envelope import Command, Event, register
 
 __all__ = [
+    "APP_COMMAND",
     "CHECK_NAME",
     "Artifact",
     "Deploy",
@@ -67,6 +68,10 @@ class HealthCheck(Command):
     fail_after: int | None = Field(default=None, ge=1, le=100)
 
 
+# The machine image's release hook: ``start|stop|restart|reload|status`` of the app.
+APP_COMMAND = "/usr/local/sbin/dockvm-app"
+
+
 class ReleaseSpec(Command):
     """What a release rolls out and how: Maven coordinates, batches, the health check."""
 
@@ -89,6 +94,17 @@ class ReleaseSpec(Command):
         pattern=CHECK_NAME,
         description="the name of a health check declared for the app",
     )
+    activate: Literal["restart", "reload"] = Field(
+        default="restart",
+        description="how a machine puts the new version live: restart the app, or (a war) "
+        "reload it: Tomcat redeploys the war without restarting its JVM",
+    )
+
+    @model_validator(mode="after")
+    def _reload_is_for_a_war(self) -> ReleaseSpec:
+        if self.activate == "reload" and self.packaging != "war":
+            raise ValueError("activate: reload is Tomcat's redeploy of a war (packaging: war)")
+        return self
 
     @model_validator(mode="after")
     def _one_batch_rule(self) -> ReleaseSpec:
@@ -134,7 +150,7 @@ class Deploy(Command):
     artifact: Artifact
     health_check: HealthCheck
     action: Literal["deploy", "rollback"] = "deploy"
-    restart_command: str = "/usr/local/sbin/dockvm-app restart"
+    restart_command: str = f"{APP_COMMAND} restart"
 
 
 @register

@@ -22,6 +22,7 @@ import structlog
 from libs.common.bus import Publisher, host_key
 from libs.common.clock import utcnow
 from libs.common.contracts.releases import (
+    APP_COMMAND,
     Artifact,
     Deploy,
     DeployFailed,
@@ -191,6 +192,7 @@ class Releases:
                         machine_id=mid,
                         artifact=req.artifact(),
                         health_check=req.health_check,
+                        restart_command=f"{APP_COMMAND} {req.activate}",
                     ),
                     routing_key=host_key(machine["host"], Deploy.TYPE),
                 )
