@@ -8,9 +8,9 @@ tests use VLANs 3160-3162 (10.231.60-62.0/24), which the fabric carries from the
 The last test makes machines through two real provisioner agents (own vhost and database) on h1
 and h2, which add VLAN 3164 to their trunks and its gateway port themselves.
 
-When no multi-host stack is up (``DOCKVM_HOSTS=1``, the default), the module fixture brings up
-two hosts without agents (``DOCKVM_HOSTS_AGENTS=0``, about 15 s) and takes them down afterwards;
-``DOCKVM_FABRIC_TESTS=0`` skips the module instead.
+The stack's hosts h1 and h2 are used when up (``make test`` brings up 3, without agents). When
+none is (``DOCKVM_HOSTS=1``), the module fixture brings up two hosts without agents (about
+15 s) and takes them down afterwards; ``DOCKVM_FABRIC_TESTS=0`` skips the module instead.
 """
 
 from __future__ import annotations
