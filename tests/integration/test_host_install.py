@@ -1,6 +1,7 @@
 """scripts/host-install.sh into a staging root (--root): the agents' code out of the dockvm
 image, the units, a 0600 env file an operator's edits survive; the installed units verify
-against the installed venv. systemd does not run this machine, so nothing is started."""
+against the installed venv. Nothing is started here: test_host_units_systemd.py runs the units
+under a systemd container standing in for a host."""
 
 from __future__ import annotations
 
