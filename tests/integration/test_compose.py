@@ -3,8 +3,10 @@
 `scripts/image.sh build` (cached layers) makes the image; compose/compose.sh brings gateway,
 ipam, imagesync, bastion and builder up on this test's vhost, database, state dir and ports
 (its own env file and compose project), so it runs beside `make run` and other tests. A
-provisioner runs on the host as a subprocess, like a systemd unit would; a machine is created
-and destroyed through the gateway in its container. Everything is removed at the end.
+provisioner runs on the host as a subprocess, like a systemd unit would; a machine is created,
+resized, released to (demo-app from the local Maven repository) and destroyed through the
+gateway in its container; then ipam and the gateway are replaced by a newer image during a
+20-machine create. Everything is removed at the end.
 """
 
 from __future__ import annotations
@@ -265,17 +267,41 @@ async def test_compose_control_plane_with_a_host_agent_outside(
     created = await _settled(api, mid, {"running", "failed"})
     on_engine = _on_engine([mid])
     async with api.patch(f"/v1/machines/{mid}", json={"cpus": 1, "memory": "512m"}) as r:
-        resized = await r.json()
+        resized, resize_status = await r.json(), r.status
+    released = await _release(api, "1.0.0")
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
+        async with s.get(f"http://{created['ip']}:8000/") as r:
+            served = await r.text()
     async with api.delete(f"/v1/machines/{mid}") as r:
         assert r.status == 202, await r.text()
     destroyed = await _settled(api, mid, {"destroyed", "failed"})
 
-    # Created on the host agent through the containerised gateway, resized, destroyed.
+    # Created on the host agent through the containerised gateway, resized, released to from
+    # the Maven repository, destroyed.
     assert (created["state"], created["host"]) == ("running", f"cmp-{RUN}")
     assert on_engine == [mid]
-    assert (r.status, resized["cpus"], resized["memory"]) == (202, 1.0, 512 << 20)
+    assert (resize_status, resized["cpus"], resized["memory"]) == (200, 1.0, 512 << 20)
+    assert (released["status"], list(released["machines"])) == ("succeeded", [mid]), released
+    assert served == "demo-app 1.0.0\n"
     assert destroyed["state"] == "destroyed"
     assert _on_engine([mid]) == []
+
+
+async def _release(api: aiohttp.ClientSession, version: str) -> dict:
+    """Roll demo-app ``version`` onto the app's machines; the release once it ended."""
+    body = {"app": "compose", "group_id": "com.example", "artifact_id": "demo-app",
+            "version": version, "batch_size": 1,
+            "health_check": {"type": "http", "target": "8000/", "timeout_s": 60}}  # fmt: skip
+    async with api.post("/v1/releases", json=body) as r:
+        assert r.status == 202, await r.text()
+        rid = (await r.json())["id"]
+    async with asyncio.timeout(180):
+        while True:
+            async with api.get(f"/v1/releases/{rid}") as r:
+                doc = await r.json()
+            if doc["status"] != "running":
+                return doc
+            await asyncio.sleep(0.5)
 
 
 def _newer_image(image: str) -> str:
@@ -315,7 +341,7 @@ def _image_of(project: str, service: str) -> str:
         client.close()
 
 
-async def test_ipam_and_gateway_replaced_by_a_newer_image_during_a_10_machine_create(
+async def test_ipam_and_gateway_replaced_by_a_newer_image_during_a_20_machine_create(
     compose: Compose, start_service, tmp_path, image
 ):
     spec = await _agent_and_pool(compose, start_service, tmp_path)
@@ -324,10 +350,11 @@ async def test_ipam_and_gateway_replaced_by_a_newer_image_during_a_10_machine_cr
     compose.images.append(newer)
     env = {**compose.env, "DOCKVM_IMAGE": newer}
     # ipam stopped as an upgrade stops it (SIGTERM, drain): the create's IP requests wait
-    # on the bus. Then the gateway killed (SIGKILL) with ten sagas in flight, and both
+    # on the bus. Then the gateway killed (SIGKILL) with 20 sagas in flight, and both
     # started from the newer image.
     await asyncio.to_thread(_docker, "stop", f"{compose.project}_ipam_1")
-    async with api.post("/v1/machines", json={**spec, "count": 10}) as r:
+    small = {"cpus": 0.1, "memory": "128m", "disk": "512m", "count": 20}
+    async with api.post("/v1/machines", json={**spec, **small}) as r:
         assert r.status == 202, await r.text()
         ids = [m["id"] for m in (await r.json())["machines"]]
     waiting = await _machines(api, ids)
@@ -345,12 +372,12 @@ async def test_ipam_and_gateway_replaced_by_a_newer_image_during_a_10_machine_cr
 
     # Every machine ran, each with its own IP, none leaked; the two run the newer image.
     assert {m["state"] for m in waiting} == {"requested"}
-    assert [m["state"] for m in final] == ["running"] * 10
-    assert len({m["ip"] for m in final}) == 10
-    assert pool["usage"]["allocated"] == 10
+    assert [m["state"] for m in final] == ["running"] * 20
+    assert len({m["ip"] for m in final}) == 20
+    assert pool["usage"]["allocated"] == 20
     assert sorted(on_engine) == sorted(ids)
     assert images == {"ipam": newer, "gateway": newer}
-    assert [m["state"] for m in gone] == ["destroyed"] * 10
+    assert [m["state"] for m in gone] == ["destroyed"] * 20
     assert _on_engine(ids) == []
 
 
