@@ -51,9 +51,10 @@ def check_list(
     if json:
         _print_json(res["items"])
         return
-    table = Table("NAME", "TYPE", "TARGET", "TIMEOUT", "DECLARED BY", "UPDATED")
+    table = Table("NAME", "TYPE", "TARGET", "TIMEOUT", "FAIL AFTER", "DECLARED BY", "UPDATED")
     for c in res["items"]:
-        table.add_row(c["name"], c["type"], c["target"], f"{c['timeout_s']:g}",
+        fail_after = str(c["fail_after"]) if c.get("fail_after") else "-"
+        table.add_row(c["name"], c["type"], c["target"], f"{c['timeout_s']:g}", fail_after,
                       c["declared_by"], str(c["updated_at"]))
     out.print(table)
 

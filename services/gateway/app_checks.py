@@ -33,6 +33,7 @@ def check_doc(app: str, name: str, check: dict[str, Any], by: str) -> dict[str, 
         "type": check["type"],
         "target": check["target"],
         "timeout_s": check["timeout_s"],
+        "fail_after": check.get("fail_after"),
         "declared_by": by,
         "updated_at": utcnow(),
     }

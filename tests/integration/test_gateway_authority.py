@@ -24,6 +24,8 @@ from tests.integration.test_gateway_cli import _cli
 RELEASE = {"app": "web", "group_id": "com.example", "artifact_id": "demo-app",
            "version": "1.0.0", "batch_size": 1}
 SMOKE = {"type": "cmd", "target": "/usr/local/bin/smoke --quick", "timeout_s": 20}
+# A check as the gateway hands it on: every field, the ones left out at their defaults.
+SMOKE_SENT = {**SMOKE, "fail_after": None}
 
 
 async def _token(admin: aiohttp.ClientSession, role: str, apps: list[str] | None = None) -> str:
@@ -67,9 +69,24 @@ async def test_a_release_runs_only_a_check_ops_declared(api, probe_factory):  # 
     assert (declared[0], declared[1]["declared_by"]) == (200, "admin")
     assert started[0] == 202, started
     assert started[1]["spec"]["check"] == "smoke"
-    assert started[1]["spec"]["health_check"] == SMOKE
-    assert deploy.health_check.model_dump() == SMOKE
+    assert started[1]["spec"]["health_check"] == SMOKE_SENT
+    assert deploy.health_check.model_dump() == SMOKE_SENT
     assert [c["name"] for c in listed[1]["items"]] == ["smoke"]
+
+
+async def test_a_declared_checks_fail_after_reaches_the_deploy(api, probe_factory):  # noqa: F811
+    await _create(api, app="web")
+    probe = await probe_factory("host.*.deploy")
+    up = {"type": "http", "target": "8080/", "timeout_s": 120, "fail_after": 3}
+    declared = await _answer(api, "PUT", "/v1/apps/web/checks/up", json=up)
+    started = await _answer(api, "POST", "/v1/releases", json={**RELEASE, "check": "up"})
+    (deploy,) = await probe.wait_for("deploy")
+    listed = await _answer(api, "GET", "/v1/apps/web/checks")
+
+    assert (declared[0], declared[1]["fail_after"]) == (200, 3)
+    assert started[0] == 202, started
+    assert deploy.health_check.model_dump() == up
+    assert [c["fail_after"] for c in listed[1]["items"]] == [3]
 
 
 async def test_an_inline_port_probe_needs_no_declaration(api, probe_factory):  # noqa: F811
@@ -81,7 +98,7 @@ async def test_an_inline_port_probe_needs_no_declaration(api, probe_factory):  #
     (deploy,) = await probe.wait_for("deploy")
 
     assert started[0] == 202, started
-    assert deploy.health_check.model_dump() == http
+    assert deploy.health_check.model_dump() == {**http, "fail_after": None}
 
 
 @pytest.mark.parametrize(

@@ -249,6 +249,12 @@ class CheckDeclare(_Request):
     type: Literal["http", "tcp", "cmd"]
     target: str = Field(min_length=1, max_length=1000)
     timeout_s: float = Field(default=30.0, gt=0, le=600)
+    fail_after: int | None = Field(
+        default=None,
+        ge=1,
+        le=100,
+        description="give up after this many unhealthy answers in a row, not at timeout_s",
+    )
 
     @model_validator(mode="after")
     def _port_target(self) -> CheckDeclare:
@@ -477,6 +483,7 @@ class AppCheckOut(BaseModel):
     type: str
     target: str
     timeout_s: float
+    fail_after: int | None = None
     declared_by: str
     updated_at: datetime
 

@@ -47,5 +47,10 @@ async def resolve_check(req: ReleaseRequested, checks: CheckDirectory | None) ->
             f"no health check {req.check!r} is declared for app {req.app!r}",
             reason="unknown_check",
         )
-    check = HealthCheck(type=found["type"], target=found["target"], timeout_s=found["timeout_s"])
+    check = HealthCheck(
+        type=found["type"],
+        target=found["target"],
+        timeout_s=found["timeout_s"],
+        fail_after=found.get("fail_after"),
+    )
     return req.model_copy(update={"health_check": check})
