@@ -202,7 +202,8 @@ async def test_rpc_reply_after_the_connection_is_cut_and_restored(
     reconnected = asyncio.Event()
     rpc_connection.reconnect_callbacks.add(lambda *_: reconnected.set())
     await (vhost.close_connections() if cut_by == "broker" else proxy.cut())
-    await asyncio.wait_for(reconnected.wait(), 30)
+    # aio-pika retries every 5 s; one CI run on a loaded host took over 30 s to get back.
+    await asyncio.wait_for(reconnected.wait(), 90)
     after = await rpc.request(_Work(n=21), timeout=10)
     await rpc.close()
     await rpc_connection.close()
