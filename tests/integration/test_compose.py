@@ -25,6 +25,7 @@ import aiohttp
 import docker
 import pytest
 
+from tests.integration.test_releases_e2e import _finished, _start
 from tests.support.services import ROOT
 from tests.support.stack import free_port
 from tests.support.subnets import free_24
@@ -292,16 +293,7 @@ async def _release(api: aiohttp.ClientSession, version: str) -> dict:
     body = {"app": "compose", "group_id": "com.example", "artifact_id": "demo-app",
             "version": version, "batch_size": 1,
             "health_check": {"type": "http", "target": "8000/", "timeout_s": 60}}  # fmt: skip
-    async with api.post("/v1/releases", json=body) as r:
-        assert r.status == 202, await r.text()
-        rid = (await r.json())["id"]
-    async with asyncio.timeout(180):
-        while True:
-            async with api.get(f"/v1/releases/{rid}") as r:
-                doc = await r.json()
-            if doc["status"] != "running":
-                return doc
-            await asyncio.sleep(0.5)
+    return await _finished(api, (await _start(api, body))["id"])
 
 
 def _newer_image(image: str) -> str:
