@@ -93,15 +93,19 @@ async def test_each_deploy_carries_the_restart_or_the_reload_the_release_asks(
     releases, probe_factory
 ):
     r, _ = releases
-    probe = await probe_factory("host.*.deploy")
+    probe = await probe_factory("host.*.deploy", "kvm.#")
 
     await r.request(release("r-restart"), requested_by="ops")
     restart = await probe.wait_for("deploy", count=2)
     await r.request(release("r-reload", packaging="war", activate="reload"), requested_by="ops")
     reload = [d for d in await probe.wait_for("deploy", count=4) if d.release_id == "r-reload"]
+    await r.on_result(ok("m1", "r-reload"))
+    await r.on_result(ok("m2", "r-reload"))
+    (kvm,) = await probe.wait_for("kvm.deploy.requested")
 
     assert {d.restart_command for d in restart} == {"/usr/local/sbin/dockvm-app restart"}
     assert {d.restart_command for d in reload} == {"/usr/local/sbin/dockvm-app reload"}
+    assert (kvm.release_id, kvm.activate) == ("r-reload", "reload")  # a KVM machine reloads too
 
 
 def test_a_reload_is_only_for_a_war():

@@ -192,6 +192,7 @@ class KvmDeployRequested(Event):
     ip: str | None = None
     artifact: Artifact
     health_check: HealthCheck
+    activate: Literal["restart", "reload"] = "restart"
 
 
 @register

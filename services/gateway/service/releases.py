@@ -183,6 +183,7 @@ class Releases:
                         ip=machine.get("ip"),
                         artifact=req.artifact(),
                         health_check=req.health_check,
+                        activate=req.activate,
                     )
                 )
             else:
