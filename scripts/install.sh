@@ -16,10 +16,15 @@ APT_PACKAGES=(
   psmisc util-linux openssh-client python3 python3-venv nftables
   prometheus prometheus-alertmanager docker-compose
 )
+# Ceph and HAProxy for the registries (scripts/ceph.sh, scripts/registry.sh), without their
+# recommends: ceph-mgr's pull in the dashboard and scikit-learn, minutes of install for nothing.
+APT_LEAN_PACKAGES=(ceph-mon ceph-mgr ceph-osd radosgw ceph-common haproxy)
 
+# install_apt_packages [--no-install-recommends] PACKAGE...: installs those missing.
 install_apt_packages() {
-  local missing=() p
-  for p in "${APT_PACKAGES[@]}"; do
+  local missing=() p flags=()
+  [[ $1 != --no-install-recommends ]] || { flags=("$1"); shift; }
+  for p in "$@"; do
     [[ $(dpkg-query -W -f='${Status}' "$p" 2>/dev/null) == "install ok installed" ]] || missing+=("$p")
   done
   if ((${#missing[@]} == 0)); then
@@ -40,8 +45,8 @@ install_apt_packages() {
   apt-get update -q >>"$LOG_DIR/install-apt.log" 2>&1 ||
     warn "apt-get update reported errors; trying the install anyway"
   local rc=0
-  apt-get install -y -q -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
-    "${missing[@]}" >>"$LOG_DIR/install-apt.log" 2>&1 || rc=$?
+  apt-get install -y -q "${flags[@]}" -o Dpkg::Options::=--force-confdef \
+    -o Dpkg::Options::=--force-confold "${missing[@]}" >>"$LOG_DIR/install-apt.log" 2>&1 || rc=$?
   ((own_policy)) && rm -f /usr/sbin/policy-rc.d
   ((rc == 0)) || die "install: apt-get install failed (exit $rc) for: ${missing[*]} (log: $LOG_DIR/install-apt.log)"
 }
@@ -106,7 +111,8 @@ install_venv() {
   echo "$hash" >"$stamp"
 }
 
-install_apt_packages
+install_apt_packages "${APT_PACKAGES[@]}"
+install_apt_packages --no-install-recommends "${APT_LEAN_PACKAGES[@]}"
 install_ferretdb
 install_venv
 say "install: done"
