@@ -17,6 +17,8 @@ Runs ipam, one provisioner and the gateway as subprocesses on a fresh vhost and 
 removes every container, network and volume it made.
 
     .venv/bin/python -m bench.api [--batches 10,50,100] [--rounds 1] [--seconds 10]
+
+``--seconds 0`` runs the batches alone, without the listing round.
 """
 
 from __future__ import annotations
@@ -415,6 +417,8 @@ async def main(batches: list[int], rounds: int, seconds: float) -> None:
                     done.append(one)
         if done:
             _report_batches(done)
+        if seconds <= 0:
+            return  # --seconds 0: batches only, no listing round
         print(f"## GET /v1/machines?limit=100 with 1,000 machines, 16 clients, {seconds:g}s each")
         res = await bench_list(gw.url, token, db_name, seconds)
         (rps, p99), (prps, pp99) = res["ours"], res["peer"]
