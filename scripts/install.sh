@@ -15,6 +15,7 @@ APT_PACKAGES=(
   openvswitch-switch iproute2 iptables tini curl jq maven ca-certificates git make procps
   psmisc util-linux openssh-client python3 python3-venv nftables
   prometheus prometheus-alertmanager docker-compose
+  chromium
 )
 # Ceph and HAProxy for the registries (scripts/ceph.sh, scripts/registry.sh), without their
 # recommends: ceph-mgr's pull in the dashboard and scikit-learn, minutes of install for nothing.
@@ -115,4 +116,6 @@ install_apt_packages "${APT_PACKAGES[@]}"
 install_apt_packages --no-install-recommends "${APT_LEAN_PACKAGES[@]}"
 install_ferretdb
 install_venv
+# The web console's JavaScript and CSS, from npm's lockfile (scripts/web.sh).
+"$REPO_ROOT/scripts/web.sh"
 say "install: done"

@@ -23,6 +23,8 @@ from .api.prometheus import add_prometheus_routes
 from .api.releases import add_release_routes
 from .built_images import BuiltImages
 from .cluster import ClusterStore
+from .console import mount_console
+from .console.v1 import api_base
 from .handlers import (
     BASTION_BINDINGS,
     BASTION_QUEUE,
@@ -104,6 +106,8 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
     api.provide(BUILT, BuiltImages(ctx.db, policy))
     ctx.http.middlewares.append(problem_middleware)
     api.mount(ctx.http)
+    if settings.console:
+        mount_console(ctx.http, api_base(settings.bind_host, settings.port))
 
     handlers = build_handlers(driver)
     # No message-id dedupe: every handler is conditional on the machine's state (natural key),

@@ -53,6 +53,8 @@ class GatewaySettings(CommonSettings):
     idempotency_retention_s: float = Field(default=86400.0, gt=0)
     audit_retention_days: float = Field(default=90.0, gt=0)
     prune_every_s: float = Field(default=3600.0, gt=0)
+    # The web console at /ui/ (services/gateway/console): pages over this gateway's /v1 API.
+    console: bool = True
     admin_token_file: Path | None = Field(
         default=None, description="default: $DOCKVM_STATE_DIR/admin.token"
     )

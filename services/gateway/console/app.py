@@ -1,0 +1,44 @@
+"""Mounting the console at ``/ui/`` on the gateway's HTTP app: templates, static files
+(``static/vendor`` is filled from npm by scripts/web.sh) and the ``/v1`` client."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import aiohttp_jinja2
+import jinja2
+from aiohttp import web
+
+from . import ops, pages
+from .frame import V1_CLIENT
+from .v1 import V1
+from .views import human_bytes
+
+__all__ = ["STATIC", "mount_console"]
+
+HERE = Path(__file__).parent
+STATIC = HERE / "static"
+
+
+def mount_console(app: web.Application, api_base: str) -> None:
+    """Add the console's pages and static files to ``app``; it calls ``/v1`` at ``api_base``."""
+    env = aiohttp_jinja2.setup(
+        app,
+        loader=jinja2.FileSystemLoader(HERE / "templates"),
+        autoescape=jinja2.select_autoescape(default=True),
+    )
+    env.filters["bytes"] = human_bytes
+    client = V1(api_base)
+    app[V1_CLIENT] = client
+
+    async def start(_: web.Application) -> None:
+        await client.start()
+
+    async def stop(_: web.Application) -> None:
+        await client.close()
+
+    app.on_startup.append(start)
+    app.on_cleanup.append(stop)
+    app.router.add_routes(pages.routes)
+    app.router.add_routes(ops.routes)
+    app.router.add_static("/ui/static", STATIC, append_version=True)

@@ -1,0 +1,158 @@
+"""The web console in a real browser against a real gateway (no other service): login into
+an HttpOnly SameSite=Strict cookie, a viewer's pages without action buttons, and POSTs the
+console refuses (no CSRF token) or the API refuses (the viewer's role).
+
+The machines, plots and replay are in test_console_machines.py and test_console_sessions.py.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from libs.common.clock import utcnow
+from tests.support.browser import chromium, login
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def gateway(start_service: Any, service_env: dict[str, str]) -> tuple[str, str]:
+    """A gateway of the test's own and its admin token."""
+    gw = await start_service("gateway")
+    token = (Path(service_env["DOCKVM_STATE_DIR"]) / "admin.token").read_text().strip()
+    return gw.url, token
+
+
+async def _token(base: str, admin: str, role: str) -> str:
+    async with aiohttp.ClientSession(base, headers={"Authorization": f"Bearer {admin}"}) as s:
+        async with s.post("/v1/tokens", json={"name": f"{role}-1", "role": role}) as r:
+            assert r.status == 201, await r.text()
+            return (await r.json())["token"]
+
+
+async def test_a_bad_token_stays_on_the_login_page_and_a_good_one_gets_a_strict_cookie(
+    gateway: tuple[str, str],
+):
+    base, admin = gateway
+    async with chromium() as browser:
+        context = await browser.new_context()
+        page = await context.new_page()
+        await page.goto(f"{base}/ui/machines")
+        redirected = page.url
+        await page.get_by_label("API token").fill("dvm_not-a-token")
+        await page.get_by_role("button", name="Log in").click()
+        error = await page.get_by_role("alert").inner_text()
+        good = await login(browser, base, admin)
+        cookies = {c["name"]: c for c in await good.context.cookies()}
+        visible_to_script = await good.evaluate("document.cookie")
+
+    assert redirected.startswith(f"{base}/ui/login?next=")
+    assert "not valid" in error
+    session = cookies["dvm_console"]
+    assert (session["httpOnly"], session["sameSite"], session["path"]) == (True, "Strict", "/ui")
+    assert admin in session["value"]
+    assert "dvm_console" not in visible_to_script
+
+
+async def test_a_viewer_sees_no_action_button_and_its_forged_post_is_refused_by_the_api(
+    gateway: tuple[str, str],
+):
+    base, admin = gateway
+    viewer = await _token(base, admin, "viewer")
+    async with chromium() as browser:
+        page = await login(browser, base, viewer)
+        hosts = await page.goto(f"{base}/ui/hosts")
+        assert hosts is not None and hosts.ok
+        buttons = await page.locator("main button, main form[method=post]").count()
+        csrf = await page.locator("header input[name=csrf]").input_value()
+        # The viewer's own session and CSRF token: only the API's role check stands in the way.
+        forged = await page.request.post(
+            f"{base}/ui/machines/m-anything/action", form={"csrf": csrf, "action": "stop"}
+        )
+        forged_text = await forged.text()
+        no_csrf = await page.request.post(
+            f"{base}/ui/machines/m-anything/action", form={"action": "stop"}
+        )
+        drain = await page.request.post(f"{base}/ui/hosts/h1/drain", form={"csrf": csrf})
+        nav = await page.get_by_role("navigation", name="Sections").inner_text()
+
+    assert buttons == 0
+    assert forged.status == 403 and "role viewer may not" in forged_text
+    assert no_csrf.status == 403
+    assert drain.status == 403
+    assert re.findall(r"\w+", nav) == [
+        "Machines", "Hosts", "Releases", "Images", "Sessions", "Audit"]  # fmt: skip
+
+
+async def test_a_post_with_another_sessions_csrf_token_is_refused(gateway: tuple[str, str]):
+    base, admin = gateway
+    async with chromium() as browser:
+        one = await login(browser, base, admin)
+        two = await login(browser, base, admin)
+        csrf_one = await one.locator("header input[name=csrf]").input_value()
+        csrf_two = await two.locator("header input[name=csrf]").input_value()
+        crossed = await two.request.post(f"{base}/ui/logout", form={"csrf": csrf_one})
+        own = await two.request.post(f"{base}/ui/logout", form={"csrf": csrf_two},
+                                     max_redirects=0)  # fmt: skip
+
+    assert csrf_one != csrf_two
+    assert crossed.status == 403
+    assert own.status == 303 and own.headers["location"] == "/ui/login"
+
+
+def _machine(mid: str, app: str, state: str, n: int) -> dict[str, Any]:
+    now = utcnow()
+    return {"_id": mid, "type": "docker", "app": app, "state": state, "reason": None,
+            "image": "dockvm/base:bookworm", "cpus": 0.5, "memory": 256 << 20, "disk": 1 << 30,
+            "dc": "dc1", "vlan_id": 1, "hostname": f"{app}-{n}", "ip": f"10.0.0.{n}",
+            "host": None, "created_at": now, "updated_at": now, "pending": None,
+            "transitions": [{"state": state, "at": now}]}  # fmt: skip
+
+
+async def test_the_list_filters_pages_and_is_walked_with_the_keyboard(
+    gateway: tuple[str, str], mongo_db: Any
+):
+    base, admin = gateway
+    # Machines described as the gateway stores them (stopped, on no host: nothing acts on them).
+    docs = [_machine(f"m-cons{n}", "shop" if n < 4 else "blog", "stopped", n) for n in (1, 2, 3, 4)]
+    await mongo_db["machines"].insert_many(docs)
+    await mongo_db["machine_summaries"].insert_many(
+        [{k: v for k, v in d.items() if k != "transitions"} for d in docs]
+    )
+    async with chromium() as browser:
+        page = await login(browser, base, admin)
+        await page.goto(f"{base}/ui/machines?app=shop&limit=2")
+        rows = page.locator("table[data-keynav] a.rowlink")
+        await rows.nth(1).wait_for(timeout=15_000)  # the gateway's index reloads every 2 s
+        first_page = await rows.all_inner_texts()
+        await page.get_by_role("link", name="Next page").click()
+        second_page = await page.locator("table[data-keynav] a.rowlink").all_inner_texts()
+        unlabelled = await page.evaluate(
+            """() => [...document.querySelectorAll('input:not([type=hidden]), select, button')]
+                 .filter(el => !(el.labels && el.labels.length) && !el.textContent.trim()
+                               && !el.getAttribute('aria-label')).map(el => el.outerHTML)"""
+        )
+        await page.goto(f"{base}/ui/machines?app=shop")
+        await page.locator("table[data-keynav] a.rowlink").nth(2).wait_for()
+        focused = []
+        for _ in range(30):  # Tab from the top of the page to the list's first row
+            await page.keyboard.press("Tab")
+            if await page.evaluate("document.activeElement.classList.contains('rowlink')"):
+                break
+        focused.append(await page.evaluate("document.activeElement.textContent"))
+        await page.keyboard.press("ArrowDown")
+        focused.append(await page.evaluate("document.activeElement.textContent"))
+        await page.keyboard.press("Enter")
+        await page.wait_for_url(re.compile(r".*/ui/machines/m-cons2$"))
+        state = await page.locator("#state").inner_text()
+
+    assert first_page == ["shop-1", "shop-2"]
+    assert second_page == ["shop-3"]
+    assert unlabelled == []
+    assert focused == ["shop-1", "shop-2"]
+    assert state == "stopped"
