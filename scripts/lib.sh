@@ -12,6 +12,9 @@
 : "${DOCKVM_FERRETDB_DEBUG_ADDR:=127.0.0.1:8088}"
 : "${DOCKVM_REGISTRY_DC1_PORT:=5001}"
 : "${DOCKVM_REGISTRY_DC2_PORT:=5002}"
+# ceph: per dc, two Distribution replicas on Ceph's S3 behind HAProxy (scripts/registry.sh);
+# filesystem: one registry per dc on a local directory (light mode, no Ceph's memory).
+: "${DOCKVM_REGISTRY_STORAGE:=ceph}"
 : "${DOCKVM_WEBHOOK_URL:=http://127.0.0.1:8081/v1/registry-events}"
 : "${DOCKVM_LXCFS_DIR:=/var/lib/lxcfs}"
 : "${DOCKVM_BASE_IMAGE:=dockvm/base:bookworm}"
@@ -66,6 +69,19 @@ for name in sys.argv[1:]:
             m[at : at + len(secret)] = b"x" * len(secret)
             at = m.find(secret, at)
 PY
+}
+
+# webhook_secret: the bearer secret the registries send imagesync, made once (0600).
+webhook_secret() {
+  if [[ -n ${DOCKVM_WEBHOOK_SECRET:-} ]]; then
+    printf '%s' "$DOCKVM_WEBHOOK_SECRET"
+    return
+  fi
+  if [[ ! -s $STATE/webhook.secret ]]; then
+    (umask 077 && od -An -N32 -tx1 /dev/urandom | tr -d ' \n' >"$STATE/webhook.secret")
+  fi
+  chmod 0600 "$STATE/webhook.secret"
+  cat "$STATE/webhook.secret"
 }
 
 # tcp_open HOST PORT: true if something accepts a TCP connection there.

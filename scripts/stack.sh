@@ -157,17 +157,8 @@ docker_start() {
 
 # --- Registries -----------------------------------------------------------------------------
 
-webhook_secret() {
-  if [[ -n ${DOCKVM_WEBHOOK_SECRET:-} ]]; then
-    printf '%s' "$DOCKVM_WEBHOOK_SECRET"
-    return
-  fi
-  if [[ ! -s $STATE/webhook.secret ]]; then
-    (umask 077 && od -An -N32 -tx1 /dev/urandom | tr -d ' \n' >"$STATE/webhook.secret")
-  fi
-  chmod 0600 "$STATE/webhook.secret"
-  cat "$STATE/webhook.secret"
-}
+# The light mode's single registry per dc (DOCKVM_REGISTRY_STORAGE=filesystem); the default
+# (Ceph, replicas, HAProxy) is scripts/registry.sh.
 
 registry_config() {
   local dc=$1 secret=$2
@@ -430,8 +421,8 @@ cmd_up() {
   rabbitmq_launch
   ferretdb_start
   docker_start
-  registry_start dc1
-  registry_start dc2
+  "$REPO_ROOT/scripts/registry.sh" up
+  if [[ $DOCKVM_REGISTRY_STORAGE == filesystem ]]; then registry_start dc1; registry_start dc2; fi
   lxcfs_start
   ovs_start
   prometheus_start
@@ -463,6 +454,7 @@ cmd_down() {
       stop_pidfile "registry-$dc"
     fi
   done
+  "$REPO_ROOT/scripts/registry.sh" down
   if pid_alive "$RUN_DIR/dockerd.pid"; then
     say "stack: stopping dockerd"
     # dockerd stops its containers first; give them their stop timeouts.
@@ -506,9 +498,13 @@ cmd_status() {
     s=$(_state ferretdb_up); _row ferretdb "mongodb://$DOCKVM_HOST:$DOCKVM_FERRETDB_PORT" "$s"; [[ $s == up ]] || down=1
   fi
   s=$(_state docker_up); _row docker "unix:///var/run/docker.sock" "$s"; [[ $s == up ]] || down=1
-  for dc in dc1 dc2; do
-    s=$(_state registry_up "$dc"); _row "registry-$dc" "http://$DOCKVM_HOST:$(registry_port "$dc")" "$s"; [[ $s == up ]] || down=1
-  done
+  if [[ $DOCKVM_REGISTRY_STORAGE == filesystem ]]; then
+    for dc in dc1 dc2; do
+      s=$(_state registry_up "$dc"); _row "registry-$dc" "http://$DOCKVM_HOST:$(registry_port "$dc")" "$s"; [[ $s == up ]] || down=1
+    done
+  else
+    "$REPO_ROOT/scripts/registry.sh" status || down=1
+  fi
   _row lxcfs "$DOCKVM_LXCFS_DIR" "$(_state lxcfs_up)"
   _row ovs "unix:$OVS_RUN/db.sock" "$(_state ovs_up)"
   s=$(_state prom_up); _row prometheus "$(prom_url)" "$s"; [[ $s == up ]] || down=1
