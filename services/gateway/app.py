@@ -11,12 +11,14 @@ from pathlib import Path
 
 import aiohttp
 import structlog
+from aiohttp import web
 
 from libs.common.clock import utcnow
 from libs.common.maven import MavenRepository
 from libs.common.runner import ServiceContext
 
 from .api import GatewayState, build_api, problem_middleware
+from .api.framework import Api
 from .api.hosts import QUARANTINE
 from .api.policy import BUILT, POLICY
 from .api.prometheus import add_prometheus_routes
@@ -70,6 +72,14 @@ async def bootstrap_admin(store: GatewayStore, path: Path) -> str | None:
     return token
 
 
+def _mount_http(app: web.Application, api: Api, settings: GatewaySettings) -> None:
+    """The API's routes behind the problem middleware, and the console over them if on."""
+    app.middlewares.append(problem_middleware)
+    api.mount(app)
+    if settings.console:
+        mount_console(app, api_base(settings.bind_host, settings.port))
+
+
 @asynccontextmanager
 async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
     """Wire the gateway service for the life of the process."""
@@ -104,10 +114,7 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
     policy = PolicyStore(ctx.db)
     api.provide(POLICY, policy)
     api.provide(BUILT, BuiltImages(ctx.db, policy))
-    ctx.http.middlewares.append(problem_middleware)
-    api.mount(ctx.http)
-    if settings.console:
-        mount_console(ctx.http, api_base(settings.bind_host, settings.port))
+    _mount_http(ctx.http, api, settings)
 
     handlers = build_handlers(driver)
     # No message-id dedupe: every handler is conditional on the machine's state (natural key),

@@ -63,8 +63,9 @@ class Caller:
 
 def caller(request: web.Request) -> Caller:
     """The caller :func:`page` or :func:`form_action` found."""
-    found = request[CALLER]
-    assert isinstance(found, Caller)
+    found = request.get(CALLER)
+    if not isinstance(found, Caller):
+        raise web.HTTPSeeOther("/ui/login")
     return found
 
 

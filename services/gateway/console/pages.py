@@ -146,8 +146,7 @@ async def _ip_context(request: web.Request, ip: str, cpus: float | None) -> dict
     plot: dict[str, Any] = {"range": rng.name, "ranges": list(RANGES), "error": None}
     if metrics.ok:
         body = metrics.body
-        start, end = parse_time(body["from"]), parse_time(body["to"])
-        assert start is not None and end is not None
+        start, end = parse_time(body["from"]) or utcnow(), parse_time(body["to"]) or utcnow()
         plot["data"] = json.dumps(
             {
                 "columns": plot_columns(body["points"], rng.step_s, cpus),

@@ -62,6 +62,11 @@ class V1:
         if self._http is not None:
             await self._http.close()
 
+    def _session(self) -> aiohttp.ClientSession:
+        if self._http is None:
+            raise TransientError("the console's API client is not started yet")
+        return self._http
+
     async def call(
         self,
         token: str,
@@ -72,13 +77,13 @@ class V1:
         body: Any = None,
     ) -> Reply:
         """``method path`` as the token's holder; the answer whatever its status."""
-        assert self._http is not None, "V1.start() first"
+        http = self._session()
         headers = {"Authorization": f"Bearer {token}"}
         data = None if body is None else json.dumps(body)
         if data is not None:
             headers["Content-Type"] = "application/json"
         try:
-            async with self._http.request(
+            async with http.request(
                 method, path, params=params, data=data, headers=headers
             ) as resp:
                 raw = await resp.read()
@@ -88,10 +93,9 @@ class V1:
 
     async def raw(self, token: str, path: str) -> tuple[int, bytes, str]:
         """A GET whose body is not JSON (a recording): status, bytes, content type."""
-        assert self._http is not None, "V1.start() first"
         headers = {"Authorization": f"Bearer {token}"}
         try:
-            async with self._http.get(path, headers=headers) as resp:
+            async with self._session().get(path, headers=headers) as resp:
                 return resp.status, await resp.read(), resp.content_type
         except (aiohttp.ClientError, TimeoutError) as err:
             raise TransientError(f"the API did not answer GET {path}: {err}") from err

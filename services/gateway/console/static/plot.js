@@ -54,12 +54,12 @@
     return new uPlot(opts, [c.t].concat(cols), el);
   }
 
-  var byteAxis = [{}, { values: function (u, vals) { return vals.map(bytes); }, size: 70 }];
+  var byteAxis = [{}, { values: function (u, vals) { return vals.map(bytes); }, size: 84 }];
   var plots = {
     cpu: chart("plot-cpu",
       [{ label: "CPU % of quota", scale: "%" }, { label: "cores", scale: "cores", dash: [4, 3] }],
       [c.cpu_percent, c.cpu_cores],
-      [{}, { scale: "%", values: function (u, v) { return v.map(function (x) { return x + "%"; }); } },
+      [{}, { scale: "%", size: 60, values: function (u, v) { return v.map(function (x) { return x + "%"; }); } },
        { scale: "cores", side: 1, grid: { show: false } }]),
     mem: chart("plot-mem",
       [{ label: "working set", value: function (u, v) { return bytes(v); } },
