@@ -32,6 +32,7 @@ __all__ = [
     "job_id",
     "parse_envelope",
     "plan_reconcile",
+    "push_key",
 ]
 
 EVENTS_MEDIA_TYPE = "application/vnd.docker.distribution.events.v1+json"
@@ -207,6 +208,18 @@ def classify_event(ev: Mapping[str, Any]) -> PushedManifest | Ignored:
         if isinstance(r, dict) and r.get("digest") and r.get("mediaType") not in MANIFEST_TYPES
     )
     return PushedManifest(event_id, repo, str(tag), digest, media_type, int(size), blobs)
+
+
+def push_key(dc: str, pushed: PushedManifest) -> str:
+    """The dedupe key of a push: the same manifest put to the same tag of one dc.
+
+    Behind a load balancer, one push can be notified twice under two event ids (the replica
+    that stored the manifest died before answering; the client's retry landed on the other),
+    so the key is the push's content, not the event id. A registry resending the same event
+    gets the same key too. Like the copy jobs' natural key, it holds until ``prune``.
+    """
+    raw = f"{dc}\x00push\x00{pushed.repo}\x00{pushed.tag}\x00{pushed.digest}"
+    return "push-" + hashlib.sha256(raw.encode()).hexdigest()[:32]
 
 
 def event_host(ev: Mapping[str, Any]) -> str | None:

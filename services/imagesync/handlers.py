@@ -28,7 +28,14 @@ from libs.common.contracts.imagesync import (
 )
 from libs.common.errors import TransientError, ValidationFailed
 
-from .domain import EVENTS_MEDIA_TYPE, PushedManifest, classify_event, event_host, parse_envelope
+from .domain import (
+    EVENTS_MEDIA_TYPE,
+    PushedManifest,
+    classify_event,
+    event_host,
+    parse_envelope,
+    push_key,
+)
 from .ports import BlobIndex, Registry
 from .service import SyncService
 from .store import SyncStore
@@ -39,6 +46,7 @@ log = structlog.get_logger("imagesync.handlers")
 _EVENTS = Counter("dockvm_imagesync_webhook_events_total", "Notifications by outcome", ["outcome"])
 _LATENCY = Histogram("dockvm_imagesync_webhook_seconds", "Webhook answer time")
 DC_HEADER = "X-Dockvm-Dc"
+REPLICA_HEADER = "X-Dockvm-Replica"  # which replica of the dc notified (kept for the record)
 
 
 def _bad(status: int, error: str, reason: str) -> web.Response:
@@ -109,10 +117,18 @@ class Webhook:
         accepted: list[str] = []
         duplicates = 0
         for decision, registry in actionable:
+            # Keyed by the push, not the event id: both replicas of a dc may report one push.
+            key = push_key(registry.dc, decision)
             if not await self.store.record_event(
                 registry.dc,
-                decision.event_id,
-                {"repo": decision.repo, "tag": decision.tag, "digest": decision.digest},
+                key,
+                {
+                    "repo": decision.repo,
+                    "tag": decision.tag,
+                    "digest": decision.digest,
+                    "event_id": decision.event_id,
+                    "replica": request.headers.get(REPLICA_HEADER),
+                },
             ):
                 duplicates += 1
                 _EVENTS.labels("duplicate").inc()
@@ -130,13 +146,13 @@ class Webhook:
                         event_id=decision.event_id,
                         blobs=list(decision.blobs),
                     ),
-                    id=f"registry-event.{decision.event_id}",
+                    id=f"registry-event.{key}",
                 )
             except TransientError as err:
-                await self.store.forget_event(decision.event_id)
+                await self.store.forget_event(key)
                 log.error("cannot publish image.pushed", error=str(err))
                 return _bad(503, "unavailable", "the bus is unavailable, send it again")
-            await self.store.event_published(decision.event_id)
+            await self.store.event_published(key)
             _EVENTS.labels("accepted").inc()
             accepted.append(decision.event_id)
             log.info(

@@ -72,7 +72,11 @@ class SyncStore:
     # --- seen_events --------------------------------------------------------------------
 
     async def record_event(self, dc: str, event_id: str, detail: dict[str, Any]) -> bool:
-        """Record a notification; False when its id was already recorded and published."""
+        """Record a notification under its dedupe key; False when recorded and published.
+
+        The insert under the unique ``_id`` is the arbiter: two replicas reporting one push at
+        the same moment both try it, and FerretDB lets exactly one land.
+        """
         try:
             await self._seen.insert_one(
                 {"_id": event_id, "dc": dc, "published": False, "at": utcnow(), **detail}
