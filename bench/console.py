@@ -1,0 +1,158 @@
+"""Benchmark: the console's machine page with a one-week plot, ready in Chromium, against the
+same data fetched from the ``/v1`` API alone, in one run.
+
+The setup is bench/monitor_history.py's: a week of 10 s samples of one IP written into a fresh
+Prometheus with ``promtool``, Debian's Prometheus on it (compacted), ipam and the gateway as
+subprocesses on a fresh vhost and database. One machine document holding that IP is written
+into the gateway's database (stopped, on no host: nothing acts on it). Then, alternately:
+
+- ``browser``: Debian's Chromium (headless, Playwright) loads ``/ui/machines/{id}?range=1w``,
+  logged in as admin, until the four uPlot charts are drawn (``#plots[data-ready]``): the
+  gateway renders the page from four ``/v1`` calls over loopback, the browser parses it, loads
+  the (cached) scripts and draws ~1,000 points per series;
+- ``api``: the same four ``/v1`` calls the page is made from (the machine, then its IP's owners,
+  its one-week metrics and the hosts at once), with a bearer token, JSON parsed.
+
+Usage: ``.venv/bin/python -m bench.console [--reps N]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from pymongo import AsyncMongoClient
+
+from bench._common import machine, median, percentile
+from bench.monitor_history import INTERVAL_S, IP, _compacted, _openmetrics, _run
+from tests.support.browser import chromium, login
+from tests.support.prometheus import PrometheusProcess
+from tests.support.services import ServiceProcess
+from tests.support.stack import MONGO_URL, create_vhost, delete_vhost, free_port
+
+MID = "m-bench"
+
+
+def _machine_doc() -> dict[str, Any]:
+    now = datetime.now(UTC)
+    return {"_id": MID, "type": "docker", "app": "bench", "state": "stopped", "reason": None,
+            "image": "dockvm/base:bookworm", "cpus": 1.0, "memory": 512 << 20, "disk": 1 << 30,
+            "dc": "dc1", "vlan_id": 1, "hostname": "bench-1", "ip": IP, "host": None,
+            "created_at": now - timedelta(days=8), "updated_at": now, "pending": None}  # fmt: skip
+
+
+async def _api_alone(api: aiohttp.ClientSession) -> int:
+    """The page's four calls; the number of points read."""
+    async with api.get(f"/v1/machines/{MID}") as r:
+        assert r.status == 200, await r.text()
+        await r.json()
+    now = datetime.now(UTC)
+    week = {"from": (now - timedelta(days=7)).isoformat(), "to": now.isoformat(), "step": "10m"}
+
+    async def get(path: str, params: dict[str, str] | None = None) -> Any:
+        async with api.get(path, params=params) as r:
+            assert r.status == 200, await r.text()
+            return await r.json()
+
+    _, metrics, _ = await asyncio.gather(
+        get(f"/v1/ips/{IP}"), get(f"/v1/ips/{IP}/metrics", week), get("/v1/hosts")
+    )
+    return len(metrics["points"])
+
+
+async def _measure(base: str, token: str, reps: int) -> dict[str, Any]:
+    """Browser and API alone, alternately, after two warm-up rounds of each."""
+    browser_ms, api_ms, drawn, read = [], [], 0, 0
+    async with chromium() as browser, aiohttp.ClientSession(
+        base, headers={"Authorization": f"Bearer {token}"}
+    ) as api:
+        page = await login(browser, base, token)
+
+        async def in_browser() -> int:
+            await page.goto(f"{base}/ui/machines/{MID}?range=1w")
+            await page.wait_for_selector("#plots[data-ready=true]", timeout=60_000)
+            return await page.evaluate("window.consolePlots.cpu.data[0].length")
+
+        for k in range(reps + 2):
+            t = time.perf_counter()
+            drawn = await in_browser()
+            b = (time.perf_counter() - t) * 1000
+            t = time.perf_counter()
+            read = await _api_alone(api)
+            a = (time.perf_counter() - t) * 1000
+            if k >= 2:
+                browser_ms.append(b)
+                api_ms.append(a)
+    return {"browser": browser_ms, "api": api_ms, "drawn": drawn, "read": read}
+
+
+async def main() -> None:
+    """Fill, start, measure, print."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=20, help="repetitions of each")
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="dockvm-bench-console-"))
+    end = int(time.time()) // INTERVAL_S * INTERVAL_S
+    n = _openmetrics(tmp / "week.om", end)
+    await _run("promtool", "tsdb", "create-blocks-from", "openmetrics",
+               str(tmp / "week.om"), str(tmp / "prom" / "data"))  # fmt: skip
+    (tmp / "week.om").unlink()
+    print(machine())
+    print(f"filled {n} samples (1 IP x 13 series x 1 week at {INTERVAL_S}s)")
+    vhost = await create_vhost()
+    db = f"bench_console_{uuid.uuid4().hex[:8]}"
+    gw_port = free_port()
+    prom = PrometheusProcess(tmp / "prom", f"http://127.0.0.1:{gw_port}", uuid.uuid4().hex,
+                             scrape_interval="10s")  # fmt: skip
+    env = {"DOCKVM_AMQP_URL": vhost.url, "DOCKVM_MONGO_URL": MONGO_URL, "DOCKVM_MONGO_DB": db,
+           "DOCKVM_STATE_DIR": str(tmp / "state"), "DOCKVM_WEBHOOK_SECRET": "bench"}  # fmt: skip
+    procs: list[ServiceProcess] = []
+    mongo: AsyncMongoClient = AsyncMongoClient(MONGO_URL)
+    try:
+        await prom.start()
+        await _compacted(prom.url)
+        for name, port, extra in (("ipam", free_port(), {}),
+                                  ("gateway", gw_port, {"DOCKVM_PROMETHEUS_URL": prom.url})):
+            svc = ServiceProcess(name, {**env, **extra}, port, log_path=tmp / f"{name}.log")
+            procs.append(svc)
+            await svc.start()
+        await mongo[db]["machines"].insert_one({**_machine_doc(), "transitions": []})
+        await mongo[db]["machine_summaries"].insert_one(_machine_doc())
+        token = (tmp / "state" / "admin.token").read_text().strip()
+        results = await _measure(procs[-1].url, token, args.reps)
+    finally:
+        await mongo.close()
+        for svc in reversed(procs):
+            await svc.stop()
+        await prom.stop()
+        await mongo_drop(db)
+        await delete_vhost(vhost)
+        shutil.rmtree(tmp, ignore_errors=True)
+    b, a = results["browser"], results["api"]
+    print(f"{'machine page, 1 week':<22} {'p50':>9} {'p99':>9}   points")
+    print(f"{'Chromium, plot drawn':<22} {median(b):>7.0f}ms {percentile(b, 99):>7.0f}ms "
+          f"  {results['drawn']} per series")
+    print(f"{'/v1 API alone':<22} {median(a):>7.0f}ms {percentile(a, 99):>7.0f}ms "
+          f"  {results['read']} read")
+    print(f"ratio (browser / API alone, p50): {median(b) / median(a):.2f}x")
+
+
+async def mongo_drop(db: str) -> None:
+    """Drop the bench's database."""
+    client: AsyncMongoClient = AsyncMongoClient(MONGO_URL)
+    try:
+        await client.drop_database(db)
+    finally:
+        await client.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
