@@ -6,6 +6,7 @@
 #   ceph.sh down    stop the daemons this script started; data stays
 #   ceph.sh status  rows: ceph health, rgw
 #   ceph.sh health  HEALTH_OK / HEALTH_WARN ... (exit 1 when the monitor does not answer)
+#   ceph.sh bucket SUFFIX / rmbucket SUFFIX   make / remove bucket $DOCKVM_S3_BUCKET_PREFIX$SUFFIX
 #
 # The OSD is BlueStore on a plain sparse file ($STATE/ceph/osd.0/block, bluestore_block_create):
 # this kernel has no device-mapper, so ceph-volume/LVM cannot run, and BlueStore needs no
@@ -170,8 +171,10 @@ s3_curl() {
     curl -s -K - --aws-sigv4 "aws:amz:us-east-1:s3" -H "x-amz-content-sha256: $EMPTY_SHA256" "$@"
 }
 
+# s3_bucket SUFFIX: the bucket $DOCKVM_S3_BUCKET_PREFIX$SUFFIX exists (made if missing).
 s3_bucket() {
   local code url="http://$DOCKVM_HOST:$DOCKVM_CEPH_RGW_PORT/$DOCKVM_S3_BUCKET_PREFIX$1"
+  [[ $1 =~ ^[a-z0-9][a-z0-9-]{0,40}$ ]] || die "ceph: bad bucket suffix '$1'"
   [[ $(s3_curl -o /dev/null -w '%{http_code}' -I "$url") == 200 ]] && return 0
   code=$(s3_curl -o /dev/null -w '%{http_code}' -X PUT "$url")
   [[ $code == 200 ]] || die "ceph: creating bucket $DOCKVM_S3_BUCKET_PREFIX$1 answered $code"
@@ -223,6 +226,13 @@ cmd_down() {
   done
 }
 
+# cmd_rmbucket SUFFIX: removes a bucket and its objects (the tests' own buckets).
+cmd_rmbucket() {
+  [[ $1 =~ ^[a-z0-9][a-z0-9-]{0,40}$ ]] || die "ceph: bad bucket suffix '$1'"
+  radosgw-admin -c "$CONF" -n client.admin bucket rm --bucket="$DOCKVM_S3_BUCKET_PREFIX$1" \
+    --purge-objects --bypass-gc >/dev/null 2>&1 || true
+}
+
 cmd_health() { CEPH_CLI_TIMEOUT=8 cephc health 2>/dev/null || { echo "no monitor"; return 1; }; }
 
 _row() { printf '%-13s %-46s %s\n' "$1" "$2" "$3"; }
@@ -241,5 +251,7 @@ case ${1:-} in
   down) cmd_down ;;
   status) cmd_status ;;
   health) cmd_health ;;
-  *) echo "usage: $0 up|down|status|health" >&2; exit 2 ;;
+  bucket) s3_bucket "${2:?bucket suffix}" ;;
+  rmbucket) cmd_rmbucket "${2:?bucket suffix}" ;;
+  *) echo "usage: $0 up|down|status|health|bucket SUFFIX|rmbucket SUFFIX" >&2; exit 2 ;;
 esac
