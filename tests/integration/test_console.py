@@ -8,6 +8,7 @@ The machines, plots and replay are in test_console_machines.py and test_console_
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import aiohttp
 import pytest
 
 from libs.common.clock import utcnow
-from tests.support.browser import chromium, login
+from tests.support.browser import chromium, login, screenshot
 
 pytestmark = pytest.mark.integration
 
@@ -156,3 +157,43 @@ async def test_the_list_filters_pages_and_is_walked_with_the_keyboard(
     assert unlabelled == []
     assert focused == ["shop-1", "shop-2"]
     assert state == "stopped"
+
+
+def _release(rid: str, version: str, status: str, minutes_ago: int) -> dict[str, Any]:
+    at = utcnow() - timedelta(minutes=minutes_ago)
+    spec = {"app": "shop", "version": version, "artifact": f"com.example:shop:{version}"}
+    return {"_id": rid, "app": "shop", "version": version, "spec": spec, "requested_by": "ci",
+            "status": status, "reason": None, "batches": [{"machines": ["m-cons1"]}],
+            "current_batch": 0, "failed_before": 0,
+            "machines": {"m-cons1": {"status": status, "type": "docker", "host": None,
+                                     "ip": None, "at": at, "version": version}},
+            "created_at": at, "updated_at": at, "finished_at": at}  # fmt: skip
+
+
+async def test_every_section_renders_for_an_admin_and_a_release_offers_its_rollback(
+    start_service: Any, service_env: dict[str, str], mongo_db: Any
+):
+    # Nothing answers the builder's, imagesync's or the bastion's RPCs here: their pages say so.
+    gw = await start_service("gateway", env={"DOCKVM_RPC_TIMEOUT_S": "1"})
+    admin = (Path(service_env["DOCKVM_STATE_DIR"]) / "admin.token").read_text().strip()
+    # Finished releases only: nothing sweeps or deploys them.
+    await mongo_db["releases"].insert_many(
+        [_release("rel-old", "1.0", "succeeded", 30), _release("rel-new", "2.0", "failed", 5)]
+    )
+    statuses = {}
+    async with chromium() as browser:
+        page = await login(browser, gw.url, admin)
+        for section in ("hosts", "releases", "images", "audit", "sessions"):
+            resp = await page.goto(f"{gw.url}/ui/{section}")
+            statuses[section] = resp.status if resp else None
+        await page.goto(f"{gw.url}/ui/releases")
+        rollback = await page.get_by_role("button", name="Roll back to 1.0").count()
+        await screenshot(page, "releases")
+        await page.goto(f"{gw.url}/ui/audit")
+        audit_rows = await page.locator("table tbody tr").count()
+        await screenshot(page, "audit")
+
+    assert statuses == {"hosts": 200, "releases": 200, "images": 200, "audit": 200,
+                        "sessions": 503}  # fmt: skip
+    assert rollback == 1
+    assert audit_rows >= 1

@@ -11,6 +11,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from ..api.releases import ReleaseCreate
+from ..domain.rollout import ReleaseStatus
 from .frame import (
     V1_CLIENT,
     api,
@@ -65,7 +66,8 @@ def _previous_versions(items: list[dict[str, Any]]) -> dict[str, dict[str, Any]]
     for i, rel in enumerate(items):
         for older in items[i + 1 :]:
             same_app = older["app"] == rel["app"]
-            if same_app and older["status"] == "succeeded" and older["version"] != rel["version"]:
+            done = older["status"] == ReleaseStatus.SUCCEEDED
+            if same_app and done and older["version"] != rel["version"]:
                 out[rel["id"]] = older
                 break
     return out
@@ -116,7 +118,7 @@ async def build_log(request: web.Request) -> web.StreamResponse:
     bid = quote(request.match_info["id"])
     build, log = await asyncio.gather(
         api(request, "GET", f"/v1/images/builds/{bid}"),
-        api(request, "GET", f"/v1/images/builds/{bid}/log"),
+        api(request, "GET", f"/v1/images/builds/{bid}/log", params={"follow": "false"}),
     )
     if not build.ok:
         return refused(request, build.status, build.detail, "/ui/images")
