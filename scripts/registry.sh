@@ -197,7 +197,9 @@ cmd_up() {
   local dc i
   ensure_state_dirs
   if [[ $DOCKVM_REGISTRY_STORAGE == filesystem ]]; then
+    # The light mode is for machines that cannot spare Ceph's memory: none of this runs.
     stop_pair
+    "$REPO_ROOT/scripts/ceph.sh" down
     return 0
   fi
   [[ $DOCKVM_REGISTRY_STORAGE == ceph ]] ||
