@@ -17,6 +17,9 @@ from .views import human_bytes
 __all__ = ["STATIC", "mount_console"]
 
 HERE = Path(__file__).parent
+# The browser keeps the console's scripts and styles this long without asking again (a new
+# release of them comes with `make run`, and a reload after an upgrade is no hardship).
+STATIC_MAX_AGE_S = 3600
 STATIC = HERE / "static"
 
 
@@ -38,7 +41,14 @@ def mount_console(app: web.Application, api_base: str) -> None:
         await client.close()
 
     app.on_startup.append(start)
+    app.on_response_prepare.append(_cache_static)
     app.on_cleanup.append(stop)
     app.router.add_routes(pages.routes)
     app.router.add_routes(ops.routes)
     app.router.add_static("/ui/static", STATIC, append_version=True)
+
+
+async def _cache_static(request: web.Request, response: web.StreamResponse) -> None:
+    """Let the browser cache the console's static files."""
+    if request.path.startswith("/ui/static/") and response.status == 200:
+        response.headers["Cache-Control"] = f"public, max-age={STATIC_MAX_AGE_S}"

@@ -29,6 +29,8 @@ routes = web.RouteTableDef()
 FILTERS = ("app", "state", "host", "ip")
 ACTIONS = ("start", "stop", "restart")
 PAGE_SIZE = 25
+# The provisioner's refusals a forced resize overrides (a memory limit below what is in use).
+SCALE_DOWN = frozenset({"memory_below_usage"})
 
 
 def _secure(request: web.Request) -> bool:
@@ -203,7 +205,15 @@ async def machine_resize(request: web.Request) -> web.StreamResponse:
             return refused(request, 422, "cpus must be a number", f"/ui/machines/{quote(mid)}")
     body["force"] = form.get("force") == "on"
     reply = await api(request, "PATCH", f"/v1/machines/{quote(mid)}", body=body)
-    return reply_or_refused(request, reply, f"/ui/machines/{quote(mid)}", "resized")
+    back = f"/ui/machines/{quote(mid)}"
+    if not reply.ok and isinstance(reply.body, dict) and reply.body.get("reason") in SCALE_DOWN:
+        # The API's scale-down warning, with the same resize offered again, forced.
+        retry = {k: str(v) for k, v in body.items() if k != "force"} | {"force": "on"}
+        return render(
+            request, "error.html", status=reply.status, status_code=reply.status,
+            detail=reply.detail, back=back, retry={"action": request.path, "fields": retry},
+        )  # fmt: skip
+    return reply_or_refused(request, reply, back, "resized")
 
 
 @routes.post("/ui/machines/{id}/migrate")
