@@ -206,8 +206,11 @@ async def rounds(n: int, size_mb: int, nlayers: int, fs_url: str) -> dict[str, l
     timeout = aiohttp.ClientTimeout(total=1200)
     async with aiohttp.ClientSession(timeout=timeout) as s:
         for i in range(n):
-            layers = [secrets.token_bytes(size_mb * (1 << 20) // nlayers) for _ in range(nlayers)]
             for name, base in targets.items():
+                # Fresh bytes per target: the replicas share one blob store, and a blob already
+                # there would make the second target's commit a no-op.
+                layers = [secrets.token_bytes(size_mb * (1 << 20) // nlayers)
+                          for _ in range(nlayers)]
                 repo = f"bench-registry/{uuid.uuid4().hex[:8]}"
                 t = await push(s, base, repo, layers)
                 t.pull = await pull(s, base, repo, t.digest)  # type: ignore[attr-defined]

@@ -91,6 +91,8 @@ storage:
     secure: false
     v4auth: true
     rootdirectory: /registry
+    chunksize: 33554432
+    multipartcopythresholdsize: 5368709120
   delete:
     enabled: true
   redirect:
@@ -213,7 +215,8 @@ frontend fe
   bind 127.0.0.1:{self.port}
   default_backend be
 backend be
-  balance roundrobin
+  balance uri
+  hash-type consistent
   option httpchk GET /v2/
   http-check expect status 200
   default-server inter 500ms fastinter 250ms downinter 1s fall 2 rise 2
