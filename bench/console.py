@@ -11,7 +11,9 @@ into the gateway's database (stopped, on no host: nothing acts on it). Then, alt
   gateway renders the page from four ``/v1`` calls over loopback, the browser parses it, loads
   the (cached) scripts and draws ~1,000 points per series;
 - ``api``: the same four ``/v1`` calls the page is made from (the machine, then its IP's owners,
-  its one-week metrics and the hosts at once), with a bearer token, JSON parsed.
+  its one-week metrics and the hosts at once), with a bearer token, JSON parsed;
+- and, for the breakdown, ``html``: the page's HTML alone, fetched without a browser (the
+  server's part: the same calls, and the template).
 
 Usage: ``.venv/bin/python -m bench.console [--reps N]``
 """
@@ -33,6 +35,7 @@ from pymongo import AsyncMongoClient
 
 from bench._common import machine, median, percentile
 from bench.monitor_history import INTERVAL_S, IP, _compacted, _openmetrics, _run
+from services.gateway.console.session import COOKIE, new_session
 from tests.support.browser import chromium, login
 from tests.support.prometheus import PrometheusProcess
 from tests.support.services import ServiceProcess
@@ -70,11 +73,17 @@ async def _api_alone(api: aiohttp.ClientSession) -> int:
 
 async def _measure(base: str, token: str, reps: int) -> dict[str, Any]:
     """Browser and API alone, alternately, after two warm-up rounds of each."""
-    browser_ms, api_ms, drawn, read = [], [], 0, 0
+    browser_ms, api_ms, html_ms, drawn, read = [], [], [], 0, 0
+    cookie = {"Cookie": f"{COOKIE}={new_session(token).cookie}"}
     async with chromium() as browser, aiohttp.ClientSession(
         base, headers={"Authorization": f"Bearer {token}"}
-    ) as api:
+    ) as api, aiohttp.ClientSession(base, headers=cookie) as plain:
         page = await login(browser, base, token)
+
+        async def html_only() -> None:
+            async with plain.get(f"/ui/machines/{MID}", params={"range": "1w"}) as r:
+                assert r.status == 200, r.status
+                await r.read()
 
         async def in_browser() -> int:
             await page.goto(f"{base}/ui/machines/{MID}?range=1w")
@@ -88,10 +97,14 @@ async def _measure(base: str, token: str, reps: int) -> dict[str, Any]:
             t = time.perf_counter()
             read = await _api_alone(api)
             a = (time.perf_counter() - t) * 1000
+            t = time.perf_counter()
+            await html_only()
+            h = (time.perf_counter() - t) * 1000
             if k >= 2:
                 browser_ms.append(b)
                 api_ms.append(a)
-    return {"browser": browser_ms, "api": api_ms, "drawn": drawn, "read": read}
+                html_ms.append(h)
+    return {"browser": browser_ms, "api": api_ms, "html": html_ms, "drawn": drawn, "read": read}
 
 
 async def main() -> None:
@@ -142,6 +155,9 @@ async def main() -> None:
           f"  {results['drawn']} per series")
     print(f"{'/v1 API alone':<22} {median(a):>7.0f}ms {percentile(a, 99):>7.0f}ms "
           f"  {results['read']} read")
+    h = results["html"]
+    print(f"{'page HTML alone':<22} {median(h):>7.0f}ms {percentile(h, 99):>7.0f}ms "
+          "  (the server's part: the same calls, rendered)")
     print(f"ratio (browser / API alone, p50): {median(b) / median(a):.2f}x")
 
 
