@@ -127,6 +127,17 @@ async def test_the_list_filters_pages_and_is_walked_with_the_keyboard(
     )
     async with chromium() as browser:
         page = await login(browser, base, admin)
+        errors: list[str] = []
+        page.on("pageerror", lambda err: errors.append(str(err)))
+        await page.goto(f"{base}/ui/machines?app=blog")
+        await page.get_by_role("link", name="blog-4").wait_for(timeout=15_000)
+        # A machine that appears while the page is open shows without a reload (htmx polling).
+        late = _machine("m-cons5", "blog", "stopped", 5)
+        await mongo_db["machines"].insert_one(late)
+        await mongo_db["machine_summaries"].insert_one(
+            {k: v for k, v in late.items() if k != "transitions"}
+        )
+        await page.get_by_role("link", name="blog-5").wait_for(timeout=20_000)
         await page.goto(f"{base}/ui/machines?app=shop&limit=2")
         rows = page.locator("table[data-keynav] a.rowlink")
         await rows.nth(1).wait_for(timeout=15_000)  # the gateway's index reloads every 2 s
@@ -152,6 +163,7 @@ async def test_the_list_filters_pages_and_is_walked_with_the_keyboard(
         await page.wait_for_url(re.compile(r".*/ui/machines/m-cons2$"))
         state = await page.locator("#state").inner_text()
 
+    assert errors == []
     assert first_page == ["shop-1", "shop-2"]
     assert second_page == ["shop-3"]
     assert unlabelled == []

@@ -1,8 +1,8 @@
 """The console's machine pages in a real browser over the real stack: ipam, an agent, its
 monitor, the gateway and a Prometheus of the test's own (the monitoring tests' fixture), one
 machine. Its page plots the IP's metrics (the chart's data read from the page), a resize
-through the page shows the new limit, and the main pages are saved as screenshots for the
-README (docs/screenshots/).
+through the page shows the new limit, the host is drained and undrained, and the main pages
+are saved as screenshots for the README (docs/screenshots/).
 """
 
 from __future__ import annotations
@@ -69,7 +69,13 @@ async def test_a_machine_page_plots_its_ip_and_a_resize_shows_the_new_limit(
         week = await _plot(page)
         await screenshot(page, "machine-week")
         await page.goto(f"{base}/ui/hosts")
+        await page.get_by_role("button", name="Drain").click()
+        await page.wait_for_url("**msg=drain*")
+        drained = await page.get_by_role("button", name="Undrain").count()
         await screenshot(page, "hosts")
+        await page.get_by_role("button", name="Undrain").click()
+        await page.wait_for_url("**msg=undrain*")
+        undrained = await page.get_by_role("button", name="Undrain").count()
         phone = await login(browser, base, token, width=390)
         await phone.goto(f"{base}/ui/machines/{m['id']}")
         await _plot(phone)
@@ -80,6 +86,7 @@ async def test_a_machine_page_plots_its_ip_and_a_resize_shows_the_new_limit(
     assert hour["limit"] == 256 << 20
     assert hour["owners"] == [m["id"]]
     assert (limit, flash) == (str(384 << 20), "resized")
+    assert (drained, undrained) == (1, 0)
     assert week["t"] >= 1 and week["mem"] >= 1, week
     assert overflow <= 400, "the phone-sized page scrolls sideways"
     assert json.dumps(week["owners"]) == json.dumps([m["id"]])
