@@ -101,6 +101,11 @@ EOF
 mon_up() { CEPH_CLI_TIMEOUT=8 cephc mon stat >/dev/null 2>&1; }
 mgr_up() { [[ $(CEPH_CLI_TIMEOUT=8 cephc mgr stat -f json 2>/dev/null | jq -r .available) == true ]]; }
 osd_up() { [[ $(CEPH_CLI_TIMEOUT=8 cephc osd stat -f json 2>/dev/null | jq -r .num_up_osds) -ge 1 ]]; }
+# pgs_active: every placement group serves I/O (after a restart they peer for a few seconds).
+pgs_active() {
+  CEPH_CLI_TIMEOUT=8 cephc pg stat -f json 2>/dev/null |
+    jq -e '[.pg_summary.num_pg_by_state[] | select(.name | test("^active") | not)] | length == 0' >/dev/null
+}
 rgw_up() { [[ $(http_code "http://$DOCKVM_HOST:$DOCKVM_CEPH_RGW_PORT/") == 200 ]]; }
 
 # start_daemon NAME CHECK SECONDS CMD...: spawn CMD (foreground flavour) unless CHECK passes.
@@ -209,6 +214,7 @@ cmd_up() {
       mgr 'allow rw' -o "$CEPH_DIR/$RGW_NAME.keyring" 2>/dev/null)
   fi
   start_daemon ceph-rgw rgw_up 90 radosgw -f -c "$CONF" -n "$RGW_NAME"
+  wait_until 60 pgs_active || warn "ceph: placement groups not all active after 60s ($(cmd_health))"
   s3_user
   s3_bucket dc1
   s3_bucket dc2
