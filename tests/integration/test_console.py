@@ -51,6 +51,7 @@ async def test_a_bad_token_stays_on_the_login_page_and_a_good_one_gets_a_strict_
         good = await login(browser, base, admin)
         cookies = {c["name"]: c for c in await good.context.cookies()}
         visible_to_script = await good.evaluate("document.cookie")
+        headers = (await good.request.get(f"{base}/ui/machines")).headers
 
     assert redirected.startswith(f"{base}/ui/login?next=")
     assert "not valid" in error
@@ -58,6 +59,8 @@ async def test_a_bad_token_stays_on_the_login_page_and_a_good_one_gets_a_strict_
     assert (session["httpOnly"], session["sameSite"], session["path"]) == (True, "Strict", "/ui")
     assert admin in session["value"]
     assert "dvm_console" not in visible_to_script
+    assert (headers["x-frame-options"], headers["cache-control"]) == ("DENY", "no-store")
+    assert "frame-ancestors 'none'" in headers["content-security-policy"]
 
 
 async def test_a_viewer_sees_no_action_button_and_its_forged_post_is_refused_by_the_api(

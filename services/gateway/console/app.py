@@ -41,14 +41,29 @@ def mount_console(app: web.Application, api_base: str) -> None:
         await client.close()
 
     app.on_startup.append(start)
-    app.on_response_prepare.append(_cache_static)
+    app.on_response_prepare.append(_headers)
     app.on_cleanup.append(stop)
     app.router.add_routes(pages.routes)
     app.router.add_routes(ops.routes)
     app.router.add_static("/ui/static", STATIC, append_version=True)
 
 
-async def _cache_static(request: web.Request, response: web.StreamResponse) -> None:
-    """Let the browser cache the console's static files."""
+# No page of the console may be framed by another site (clickjacking), nor take plugins or
+# another base URL; its pages are never cached (they hold a CSRF token and live data).
+_PAGE_HEADERS = {
+    "Content-Security-Policy": "frame-ancestors 'none'; object-src 'none'; base-uri 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+}
+
+
+async def _headers(request: web.Request, response: web.StreamResponse) -> None:
+    """The console's security headers; its static files cacheable, its pages not."""
+    if not request.path.startswith("/ui"):
+        return
+    response.headers.update(_PAGE_HEADERS)
     if request.path.startswith("/ui/static/") and response.status == 200:
         response.headers["Cache-Control"] = f"public, max-age={STATIC_MAX_AGE_S}"
+    else:
+        response.headers["Cache-Control"] = "no-store"
