@@ -190,7 +190,8 @@ cmd_up() {
   ensure_state_dirs
   (umask 077 && mkdir -p "$CEPH_DIR/run" "$CEPH_DIR/crash" "$CEPH_DIR/rgw")
   chmod 0700 "$CEPH_DIR"
-  chmod -f 0600 "$CEPH_DIR"/*.keyring || true
+  chmod -f 0700 "$CEPH_DIR"/*/ || true
+  chmod -f 0600 "$CEPH_DIR"/*.keyring "$CEPH_DIR"/*/keyring || true
   if [[ ! -f $CEPH_DIR/mon.$MON_ID/keyring ]]; then
     say "ceph: bootstrapping a new cluster in $CEPH_DIR"
     rm -rf "${CEPH_DIR:?}/mon.$MON_ID" "$CEPH_DIR/osd.$OSD_ID" "$S3_ENV"
@@ -201,9 +202,9 @@ cmd_up() {
   fi
   start_daemon ceph-mon mon_up 30 ceph-mon -f -c "$CONF" -i "$MON_ID"
   if [[ ! -s $CEPH_DIR/mgr.$MGR_ID/keyring ]]; then
-    (umask 077 && mkdir -p "$CEPH_DIR/mgr.$MGR_ID")
-    cephc auth get-or-create "mgr.$MGR_ID" mon 'allow profile mgr' osd 'allow *' mds 'allow *' \
-      -o "$CEPH_DIR/mgr.$MGR_ID/keyring" 2>/dev/null
+    (umask 077 && mkdir -p "$CEPH_DIR/mgr.$MGR_ID" &&
+      cephc auth get-or-create "mgr.$MGR_ID" mon 'allow profile mgr' osd 'allow *' \
+        mds 'allow *' -o "$CEPH_DIR/mgr.$MGR_ID/keyring" 2>/dev/null)
   fi
   start_daemon ceph-mgr mgr_up 60 ceph-mgr -f -c "$CONF" -i "$MGR_ID" \
     --keyring "$CEPH_DIR/mgr.$MGR_ID/keyring"
