@@ -65,6 +65,15 @@ async def test_a_machine_page_plots_its_ip_and_a_resize_shows_the_new_limit(
         await page.wait_for_url("**msg=resized")
         limit = await page.locator("#limit-memory").get_attribute("data-bytes")
         flash = await page.get_by_role("status").inner_text()
+        # Below what the machine uses plus the agent's margin: the API's scale-down warning,
+        # and the same resize offered again, forced (not clicked).
+        await page.get_by_label("Memory", exact=True).fill("64m")
+        async with page.expect_response(lambda r: r.request.method == "POST") as refused:
+            await page.get_by_role("button", name="Resize").click()
+        warning = (await refused.value).status, await page.get_by_role("alert").inner_text()
+        forced = await page.get_by_role("button", name="Resize anyway").count()
+        await screenshot(page, "resize-warning")
+        await page.get_by_role("link", name="Back").click()
         await page.get_by_role("link", name="1w").click()
         week = await _plot(page)
         await screenshot(page, "machine-week")
@@ -86,6 +95,8 @@ async def test_a_machine_page_plots_its_ip_and_a_resize_shows_the_new_limit(
     assert hour["limit"] == 256 << 20
     assert hour["owners"] == [m["id"]]
     assert (limit, flash) == (str(384 << 20), "resized")
+    assert warning[0] == 409 and "use force" in warning[1], warning
+    assert forced == 1
     assert (drained, undrained) == (1, 0)
     assert week["t"] >= 1 and week["mem"] >= 1, week
     assert overflow <= 400, "the phone-sized page scrolls sideways"

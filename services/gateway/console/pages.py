@@ -212,6 +212,7 @@ async def machine_resize(request: web.Request) -> web.StreamResponse:
         return render(
             request, "error.html", status=reply.status, status_code=reply.status,
             detail=reply.detail, back=back, retry={"action": request.path, "fields": retry},
+            heading="Scale-down warning",
         )  # fmt: skip
     return reply_or_refused(request, reply, back, "resized")
 
