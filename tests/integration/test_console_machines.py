@@ -1,7 +1,8 @@
 """The console's machine pages in a real browser over the real stack: ipam, an agent, its
 monitor, the gateway and a Prometheus of the test's own (the monitoring tests' fixture), one
 machine. Its page plots the IP's metrics (the chart's data read from the page), a resize
-through the page shows the new limit, the host is drained and undrained, and the main pages
+through the page shows the new limit (and a shrink below its usage the API's warning), the
+host is drained and undrained, the machine stopped from its page, and the main pages
 are saved as screenshots for the README (docs/screenshots/).
 """
 
@@ -85,6 +86,12 @@ async def test_a_machine_page_plots_its_ip_and_a_resize_shows_the_new_limit(
         await page.get_by_role("button", name="Undrain").click()
         await page.wait_for_url("**msg=undrain*")
         undrained = await page.get_by_role("button", name="Undrain").count()
+        # An action through the page; its state part is polled (htmx) while the stop runs.
+        await page.goto(f"{base}/ui/machines/{m['id']}")
+        await page.get_by_role("button", name="Stop").click()
+        await page.wait_for_url("**msg=stop+requested")
+        await page.locator("#state", has_text="stopped").wait_for(timeout=60_000)
+        stopped = await page.locator("#live table tbody tr").first.inner_text()
         phone = await login(browser, base, token, width=390)
         await phone.goto(f"{base}/ui/machines/{m['id']}")
         await _plot(phone)
@@ -98,6 +105,7 @@ async def test_a_machine_page_plots_its_ip_and_a_resize_shows_the_new_limit(
     assert warning[0] == 409 and "use force" in warning[1], warning
     assert forced == 1
     assert (drained, undrained) == (1, 0)
+    assert "stopped" in stopped  # the newest transition, first
     assert week["t"] >= 1 and week["mem"] >= 1, week
     assert overflow <= 400, "the phone-sized page scrolls sideways"
     assert json.dumps(week["owners"]) == json.dumps([m["id"]])
