@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from libs.common.clock import utcnow
-from tests.support.browser import chromium, login, screenshot
+from tests.support.browser import UNLABELLED, chromium, login, screenshot
 
 pytestmark = pytest.mark.integration
 
@@ -147,11 +147,7 @@ async def test_the_list_filters_pages_and_is_walked_with_the_keyboard(
         first_page = await rows.all_inner_texts()
         await page.get_by_role("link", name="Next page").click()
         second_page = await page.locator("table[data-keynav] a.rowlink").all_inner_texts()
-        unlabelled = await page.evaluate(
-            """() => [...document.querySelectorAll('input:not([type=hidden]), select, button')]
-                 .filter(el => !(el.labels && el.labels.length) && !el.textContent.trim()
-                               && !el.getAttribute('aria-label')).map(el => el.outerHTML)"""
-        )
+        unlabelled = await page.evaluate(UNLABELLED)
         await page.goto(f"{base}/ui/machines?app=shop")
         await page.locator("table[data-keynav] a.rowlink").nth(2).wait_for()
         focused = []

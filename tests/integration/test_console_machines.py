@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.integration.test_prometheus_monitoring import Mon, mon  # noqa: F401 (fixture)
-from tests.support.browser import chromium, login, screenshot
+from tests.support.browser import UNLABELLED, chromium, login, screenshot
 from tests.support.prometheus import wait_for
 
 pytestmark = pytest.mark.integration
@@ -60,6 +60,7 @@ async def test_a_machine_page_plots_its_ip_and_a_resize_shows_the_new_limit(
         await screenshot(page, "machines")
         await page.locator("a.rowlink").first.click()
         hour = await _plot(page)
+        unlabelled = await page.evaluate(UNLABELLED)
         await screenshot(page, "machine")
         await page.get_by_label("Memory", exact=True).fill("384m")
         await page.get_by_role("button", name="Resize").click()
@@ -101,6 +102,7 @@ async def test_a_machine_page_plots_its_ip_and_a_resize_shows_the_new_limit(
     assert hour["t"] >= 3 and hour["cpu"] >= 3 and hour["mem"] >= 3, hour
     assert hour["limit"] == 256 << 20
     assert hour["owners"] == [m["id"]]
+    assert unlabelled == []
     assert (limit, flash) == (str(384 << 20), "resized")
     assert warning[0] == 409 and "use force" in warning[1], warning
     assert forced == 1

@@ -12,6 +12,11 @@ from playwright.async_api import Browser, Page, async_playwright
 
 CHROMIUM = os.environ.get("DOCKVM_CHROMIUM", "/usr/bin/chromium")
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+# The page's controls that have no label, no text and no aria-label (a screen reader would
+# announce them by their type alone).
+UNLABELLED = """() => [...document.querySelectorAll('input:not([type=hidden]), select, button')]
+  .filter(el => !(el.labels && el.labels.length) && !el.textContent.trim()
+                && !el.getAttribute('aria-label')).map(el => el.outerHTML)"""
 
 
 @asynccontextmanager
