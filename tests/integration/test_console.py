@@ -194,7 +194,7 @@ async def test_every_section_renders_for_an_admin_and_a_release_offers_its_rollb
     statuses = {}
     async with chromium() as browser:
         page = await login(browser, gw.url, admin)
-        for section in ("hosts", "releases", "images", "audit", "sessions"):
+        for section in ("hosts", "releases", "images", "audit", "sessions", "ips/10.0.0.9"):
             resp = await page.goto(f"{gw.url}/ui/{section}")
             statuses[section] = resp.status if resp else None
         await page.goto(f"{gw.url}/ui/releases")
@@ -205,6 +205,6 @@ async def test_every_section_renders_for_an_admin_and_a_release_offers_its_rollb
         await screenshot(page, "audit")
 
     assert statuses == {"hosts": 200, "releases": 200, "images": 200, "audit": 200,
-                        "sessions": 503}  # fmt: skip
+                        "sessions": 503, "ips/10.0.0.9": 200}  # fmt: skip
     assert rollback == 1
     assert audit_rows >= 1
