@@ -138,16 +138,24 @@ bootstrap_mon() {
   rm -rf "$tmp"
 }
 
-# bootstrap_osd: register osd.0 and make its BlueStore on a file, once. The key goes to the
-# monitor on stdin and to the keyring by a shell builtin, never on a command line.
+# bootstrap_osd: register osd.0 and make its BlueStore on a file, once. Its uuid and key are
+# written first and reused, so that a bootstrap cut before the OSD's first start is simply run
+# again (`osd new` with the same uuid, id and key is a no-op). The key goes to the monitor on
+# stdin and to the keyring by a shell builtin, never on a command line.
 bootstrap_osd() {
-  local uuid secret id dir=$CEPH_DIR/osd.$OSD_ID
-  uuid=$(cat /proc/sys/kernel/random/uuid)
-  secret=$(ceph-authtool --gen-print-key)
-  id=$(printf '{"cephx_secret": "%s"}' "$secret" | cephc osd new "$uuid" -i -) ||
-    die "ceph: ceph osd new failed"
-  [[ $id == "$OSD_ID" ]] || die "ceph: the monitor gave osd id $id, expected $OSD_ID (stale cluster?)"
-  (umask 077 && mkdir -p "$dir" && printf '[osd.%s]\n\tkey = %s\n' "$OSD_ID" "$secret" >"$dir/keyring")
+  local uuid secret dir=$CEPH_DIR/osd.$OSD_ID
+  (umask 077 && mkdir -p "$dir")
+  [[ -s $dir/dockvm.uuid ]] || cat /proc/sys/kernel/random/uuid >"$dir/dockvm.uuid"
+  uuid=$(<"$dir/dockvm.uuid")
+  if [[ ! -s $dir/keyring ]]; then
+    secret=$(ceph-authtool --gen-print-key)
+    (umask 077 && printf '[osd.%s]\n\tkey = %s\n' "$OSD_ID" "$secret" >"$dir/keyring")
+  fi
+  secret=$(awk '$1 == "key" { print $3 }' "$dir/keyring")
+  printf '{"cephx_secret": "%s"}' "$secret" | cephc osd new "$uuid" "$OSD_ID" -i - >/dev/null ||
+    die "ceph: ceph osd new $OSD_ID failed (a cluster from another bootstrap? ceph.sh down, then remove $CEPH_DIR)"
+  rm -f "$CEPH_DIR/osd.$OSD_ID.block"
+  find "$dir" -mindepth 1 -maxdepth 1 ! -name keyring ! -name dockvm.uuid -exec rm -rf {} +
   ceph-osd -c "$CONF" -i "$OSD_ID" --mkfs --osd-uuid "$uuid" >>"$LOG_DIR/ceph-bootstrap.log" 2>&1 ||
     die "ceph: ceph-osd --mkfs failed (log: $LOG_DIR/ceph-bootstrap.log)"
   touch "$dir/dockvm.ready"
