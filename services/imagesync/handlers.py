@@ -117,56 +117,68 @@ class Webhook:
         accepted: list[str] = []
         duplicates = 0
         for decision, registry in actionable:
-            # Keyed by the push, not the event id: both replicas of a dc may report one push.
-            key = push_key(registry.dc, decision)
-            if not await self.store.record_event(
-                registry.dc,
-                key,
-                {
-                    "repo": decision.repo,
-                    "tag": decision.tag,
-                    "digest": decision.digest,
-                    "event_id": decision.event_id,
-                    "replica": request.headers.get(REPLICA_HEADER),
-                },
-            ):
-                duplicates += 1
-                _EVENTS.labels("duplicate").inc()
-                continue
-            try:
-                await self.publisher.publish(
-                    ImagePushed(
-                        registry=registry.host,
-                        dc=registry.dc,
-                        repo=decision.repo,
-                        tag=decision.tag,
-                        digest=decision.digest,
-                        media_type=decision.media_type,
-                        size=decision.size,
-                        event_id=decision.event_id,
-                        blobs=list(decision.blobs),
-                    ),
-                    id=f"registry-event.{key}",
-                )
-            except TransientError as err:
-                await self.store.forget_event(key)
-                log.error("cannot publish image.pushed", error=str(err))
+            outcome = await self._record(decision, registry, request.headers.get(REPLICA_HEADER))
+            if outcome == "unavailable":
                 return _bad(503, "unavailable", "the bus is unavailable, send it again")
-            await self.store.event_published(key)
-            _EVENTS.labels("accepted").inc()
-            accepted.append(decision.event_id)
-            log.info(
-                "push recorded",
-                dc=registry.dc,
-                repo=decision.repo,
-                tag=decision.tag,
-                digest=decision.digest,
-                event_id=decision.event_id,
-                blobs=len(decision.blobs),
-            )
+            if outcome == "duplicate":
+                duplicates += 1
+            else:
+                accepted.append(decision.event_id)
         return web.json_response(
             {"accepted": accepted, "duplicates": duplicates, "ignored": ignored}, status=202
         )
+
+    async def _record(
+        self, decision: PushedManifest, registry: Registry, replica: str | None
+    ) -> str:
+        """Record and publish one push: ``accepted``, ``duplicate`` or ``unavailable``."""
+        # Keyed by the push, not the event id: both replicas of a dc may report one push.
+        key = push_key(registry.dc, decision)
+        if not await self.store.record_event(
+            registry.dc,
+            key,
+            {
+                "repo": decision.repo,
+                "tag": decision.tag,
+                "digest": decision.digest,
+                "event_id": decision.event_id,
+                "replica": replica,
+            },
+        ):
+            _EVENTS.labels("duplicate").inc()
+            return "duplicate"
+        try:
+            await self.publisher.publish(
+                ImagePushed(
+                    registry=registry.host,
+                    dc=registry.dc,
+                    repo=decision.repo,
+                    tag=decision.tag,
+                    digest=decision.digest,
+                    media_type=decision.media_type,
+                    size=decision.size,
+                    event_id=decision.event_id,
+                    blobs=list(decision.blobs),
+                ),
+                id=f"registry-event.{key}",
+            )
+        except TransientError as err:
+            await self.store.forget_event(key)
+            log.error("cannot publish image.pushed", error=str(err))
+            return "unavailable"
+        await self.store.event_published(key)
+        _EVENTS.labels("accepted").inc()
+        log.info(
+            "push recorded",
+            dc=registry.dc,
+            repo=decision.repo,
+            tag=decision.tag,
+            digest=decision.digest,
+            event_id=decision.event_id,
+            replica=replica,
+            blobs=len(decision.blobs),
+        )
+        return "accepted"
 
     def _source(self, request: web.Request, ev: dict) -> Registry | None:
         dc = request.headers.get(DC_HEADER)
