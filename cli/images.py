@@ -1,4 +1,5 @@
-"""``dockvm image build|list|policy``: images made by the platform, under its policy.
+"""``dockvm image build|list|builds|registries|policy``: images made by the platform, under its
+policy, and what each dc's registry holds.
 
 ``image build -f spec.yaml`` submits the spec (YAML or JSON), then follows the build's log as
 the gateway streams it, with a bar of its steps; it exits 1 when the build fails (or the policy
@@ -119,6 +120,32 @@ def image_builds(
         table.add_row(b["id"], f"{b['name']}:{b['tag']}", b["state"], b.get("step") or "-",
                       b["requested_by"], str(b["created_at"])[:19],
                       b.get("reason") or "")  # fmt: skip
+    out.print(table)
+
+
+@image_app.command("registries")
+def image_registries(
+    ctx: typer.Context,
+    dc: Annotated[str | None, typer.Option(help="one dc's registry")] = None,
+    prefix: Annotated[str | None, typer.Option(help="repositories starting with this")] = None,
+    json: JsonOpt = False,
+) -> None:
+    """What each dc's registry holds now (its catalog): repository, tag, digest."""
+    params = {"dc": dc, "prefix": prefix, "limit": 1000}
+    body = _run(ctx, lambda t: _call(t, "GET", "/v1/registries", params=params))
+    if json:
+        _print_json(body)
+        return
+    table = Table("DC", "REPOSITORY", "TAG", "DIGEST")
+    for reg in body["registries"]:
+        if not reg["reachable"]:
+            err.print(f"{reg['dc']} ({reg['host']}): unreachable: {reg['error']}")
+            continue
+        for repo in reg["repositories"]:
+            for t in repo["tags"]:
+                table.add_row(reg["dc"], repo["repo"], t["tag"], t["digest"][:19])
+        if reg["truncated"]:
+            err.print(f"{reg['dc']}: the first 1000 repositories only; narrow with --prefix")
     out.print(table)
 
 

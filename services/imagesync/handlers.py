@@ -23,11 +23,14 @@ from libs.common.bus import Handler, MessageContext, Publisher
 from libs.common.contracts.imagesync import (
     ImagePushed,
     ImageSync,
+    RegistryCatalogList,
+    RegistryCatalogListed,
     SyncJobsList,
     SyncJobsListed,
 )
 from libs.common.errors import TransientError, ValidationFailed
 
+from .catalog import holdings
 from .domain import (
     EVENTS_MEDIA_TYPE,
     PushedManifest,
@@ -238,6 +241,7 @@ class BusHandlers:
             ImagePushed.TYPE: self.on_pushed,
             ImageSync.TYPE: self.on_sync,
             SyncJobsList.TYPE: self.on_list,
+            RegistryCatalogList.TYPE: self.on_catalog,
         }
 
     async def on_list(self, query: SyncJobsList, ctx: MessageContext) -> SyncJobsListed:
@@ -246,3 +250,12 @@ class BusHandlers:
             state=query.state, repo=query.repo, target=query.target, limit=query.limit
         )
         return SyncJobsListed(jobs=jobs)
+
+    async def on_catalog(
+        self, query: RegistryCatalogList, ctx: MessageContext
+    ) -> RegistryCatalogListed:
+        """Answer the ``registry.catalog`` RPC from the registries themselves."""
+        found = await holdings(
+            self.service.registries, dc=query.dc, prefix=query.prefix, limit=query.limit
+        )
+        return RegistryCatalogListed(registries=found)

@@ -208,3 +208,36 @@ async def test_every_section_renders_for_an_admin_and_a_release_offers_its_rollb
                         "sessions": 503, "ips/10.0.0.9": 200}  # fmt: skip
     assert rollback == 1
     assert audit_rows >= 1
+
+
+async def test_the_images_page_shows_what_each_registry_holds_read_from_the_registry(
+    start_service: Any, service_env: dict[str, str]
+):
+    gw = await start_service("gateway")
+    await start_service("imagesync")
+    admin = (Path(service_env["DOCKVM_STATE_DIR"]) / "admin.token").read_text().strip()
+    # The stack pushes its base image to dc1 (`make run`, `make test`): read its digest from
+    # the registry itself, through dc1's balancer.
+    manifest = "application/vnd.docker.distribution.manifest.v2+json"
+    async with aiohttp.ClientSession() as s:
+        async with s.head(
+            "http://127.0.0.1:5001/v2/dockvm/base/manifests/bookworm",
+            headers={"Accept": f"{manifest}, application/vnd.oci.image.manifest.v1+json"},
+        ) as r:
+            assert r.status == 200
+            digest = r.headers["Docker-Content-Digest"]
+    async with chromium() as browser:
+        page = await login(browser, gw.url, admin)
+        await page.goto(f"{gw.url}/ui/images")
+        await page.get_by_label("Repository prefix").fill("dockvm/base")
+        await page.get_by_role("button", name="Filter").click()
+        await page.wait_for_url(re.compile(r".*prefix=dockvm%2Fbase"))
+        dc1 = page.locator("table.registry[data-dc=dc1] tbody tr", has_text="bookworm")
+        row = await dc1.first.inner_text()
+        title = await dc1.first.locator("code[title]").get_attribute("title")
+        others = await page.locator("table.registry tbody tr", has_text="dockvm/demo").count()
+        await screenshot(page, "images")
+
+    assert "dockvm/base" in row
+    assert title == digest
+    assert others == 0  # the prefix filtered the rest out

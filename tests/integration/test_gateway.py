@@ -461,10 +461,21 @@ async def test_metrics_and_sync_jobs_are_answered_by_monitor_and_imagesync(
         jobs_status, jobs = r.status, await r.json()
     async with api.get("/v1/ips/10.233.1.999/metrics") as r:
         bad_ip = r.status
+    async with api.get("/v1/registries?prefix=never/pushed-here") as r:
+        held_status, held = r.status, await r.json()
+    async with api.get("/v1/registries?dc=dc9") as r:
+        no_dc = r.status
 
     assert (metrics_status, metrics["ip"], metrics["points"]) == (200, "10.233.1.77", [])
     assert (jobs_status, jobs["jobs"]) == (200, [])
     assert bad_ip == 422
+    # The shared stack's two registries (behind their balancers), each read live.
+    assert held_status == 200
+    assert [(r["dc"], r["reachable"], r["repositories"]) for r in held["registries"]] == [
+        ("dc1", True, []),
+        ("dc2", True, []),
+    ]
+    assert no_dc == 404
 
 
 async def test_pools_are_changed_and_deleted_through_ipam(api, start_service):

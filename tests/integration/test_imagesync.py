@@ -17,6 +17,8 @@ from libs.common.bus import RpcClient
 from libs.common.contracts.imagesync import (
     ImagePushed,
     ImageReplicated,
+    RegistryCatalogList,
+    RegistryCatalogListed,
     SyncJobsList,
     SyncJobsListed,
 )
@@ -328,6 +330,44 @@ async def test_dc2_down_during_a_push_the_job_retries_and_completes_when_it_is_b
     assert job.state == "done"
     assert job.attempts >= 2
     assert probe.of_type("image.sync_failed") == []
+
+
+async def _catalog(amqp, **query) -> dict:
+    rpc = RpcClient(amqp, source="tests")
+    try:
+        reply = await rpc.request(RegistryCatalogList(**query), timeout=20)
+    finally:
+        await rpc.close()
+    assert isinstance(reply, RegistryCatalogListed)
+    return {r.dc: r for r in reply.registries}
+
+
+async def test_the_catalog_rpc_lists_what_each_registry_holds_and_names_one_that_is_down(
+    pair, amqp, probe_factory
+):
+    _, _, dc2, c1, _ = pair
+    probe = await probe_factory("image.replicated")
+    repo = _repo()
+    m = await push_image(c1, repo, "v1", [random_layer(10_000)])
+    await push_image(c1, repo, "v2", [random_layer(10_000)])
+    await probe.wait_for("image.replicated", lambda e: e.repo == repo and e.tag == "v1")
+    await probe.wait_for("image.replicated", lambda e: e.repo == repo and e.tag == "v2")
+
+    both = await _catalog(amqp, prefix=repo)
+    await dc2.stop()
+    one_down = await _catalog(amqp, prefix=repo)
+    unknown = await _catalog(amqp, dc="dc9")
+
+    assert sorted(both) == ["dc1", "dc2"]
+    for holding in both.values():
+        [held] = holding.repositories
+        assert holding.reachable and held.repo == repo
+        assert [t.tag for t in held.tags] == ["v1", "v2"]
+        assert held.tags[0].digest == m.digest
+    assert one_down["dc1"].reachable and one_down["dc1"].repositories == both["dc1"].repositories
+    assert not one_down["dc2"].reachable and one_down["dc2"].error
+    assert one_down["dc2"].repositories == []
+    assert unknown == {}
 
 
 async def test_dc2_down_for_good_the_job_fails_and_says_so(

@@ -58,6 +58,7 @@ EXPECTED = {
     "GET /v1/ips/{ip}": "any",
     "GET /v1/ips/{ip}/metrics": "any",
     "GET /v1/images/sync-jobs": "any",
+    "GET /v1/registries": "any",
     "POST /v1/images/builds": "ops",
     "GET /v1/images/builds": "any",
     "GET /v1/images/builds/{id}": "any",

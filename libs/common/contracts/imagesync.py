@@ -7,6 +7,8 @@
   pre-warms that dc's hosts.
 - ``image.sync_failed`` (event): a copy failed for good after its attempts.
 - ``sync_jobs.list`` (RPC query) answered by ``sync_jobs.listed``.
+- ``registry.catalog`` (RPC query) answered by ``registry.catalog_listed``: what each dc's
+  registry holds now, read from its catalog (repositories, tags and their digests).
 """
 
 from __future__ import annotations
@@ -19,10 +21,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from .envelope import Command, Event, register
 
 __all__ = [
+    "CatalogRepo",
+    "CatalogTag",
     "ImagePushed",
     "ImageReplicated",
     "ImageSync",
     "ImageSyncFailed",
+    "RegistryCatalogList",
+    "RegistryCatalogListed",
+    "RegistryHoldings",
     "SyncJobView",
     "SyncJobsList",
     "SyncJobsListed",
@@ -140,3 +147,53 @@ class SyncJobsListed(Event):
 
     TYPE = "sync_jobs.listed"
     jobs: list[SyncJobView]
+
+
+class CatalogTag(BaseModel):
+    """A tag a registry holds and the manifest digest it points at."""
+
+    model_config = ConfigDict(frozen=True)
+
+    tag: str
+    digest: str
+
+
+class CatalogRepo(BaseModel):
+    """A repository of a registry's catalog with its tags."""
+
+    model_config = ConfigDict(frozen=True)
+
+    repo: str
+    tags: list[CatalogTag]
+
+
+class RegistryHoldings(BaseModel):
+    """What one dc's registry holds, as its catalog says now (``reachable`` false: ``error``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    dc: str
+    host: str
+    reachable: bool
+    error: str | None = None
+    repositories: list[CatalogRepo] = []
+    # More repositories matched than ``limit``: the first ``limit`` in catalog order are listed.
+    truncated: bool = False
+
+
+@register
+class RegistryCatalogList(Command):
+    """RPC query: each registry's repositories (those starting with ``prefix``), tags, digests."""
+
+    TYPE = "registry.catalog"
+    dc: str | None = Field(default=None, pattern=NAME_RE)
+    prefix: str | None = Field(default=None, max_length=255)
+    limit: int = Field(default=100, ge=1, le=1000)
+
+
+@register
+class RegistryCatalogListed(Event):
+    """Reply to ``registry.catalog``: one entry per registry of the topology (or the one asked)."""
+
+    TYPE = "registry.catalog_listed"
+    registries: list[RegistryHoldings]

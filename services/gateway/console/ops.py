@@ -96,14 +96,19 @@ async def rollback(request: web.Request) -> web.StreamResponse:
 @routes.get("/ui/images")
 @page
 async def images(request: web.Request) -> web.StreamResponse:
-    """Platform-built images, builds and replication jobs."""
-    imgs, builds, jobs = await asyncio.gather(
+    """What each registry holds, platform-built images, builds and replication jobs."""
+    prefix = request.query.get("prefix", "").strip()
+    held_query = {"limit": "200", **({"prefix": prefix} if prefix else {})}
+    held, imgs, builds, jobs = await asyncio.gather(
+        api(request, "GET", "/v1/registries", params=held_query),
         api(request, "GET", "/v1/images"),
         api(request, "GET", "/v1/images/builds", params={"limit": "50"}),
         api(request, "GET", "/v1/images/sync-jobs", params={"limit": "50"}),
     )
     return render(
-        request, "images.html",
+        request, "images.html", prefix=prefix,
+        registries=held.body["registries"] if held.ok else None,
+        registries_error=None if held.ok else held.detail,
         images=imgs.body if imgs.ok else None, images_error=None if imgs.ok else imgs.detail,
         builds=builds.body if builds.ok else None,
         builds_error=None if builds.ok else builds.detail,
