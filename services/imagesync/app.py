@@ -1,7 +1,8 @@
 """Wiring of the imagesync service: the one place adapters meet handlers.
 
 HTTP: ``POST /v1/registry-events`` (the registries' notifications). Bus: queue ``imagesync``
-takes ``image.pushed``, ``image.sync`` and the ``sync_jobs.list`` query. Periodic: the catalog
+takes ``image.pushed``, ``image.sync`` and the ``sync_jobs.list`` and ``registry.catalog``
+queries. Periodic: the catalog
 reconcile (at start, then every ``reconcile_interval_s``) and the retention job.
 """
 
