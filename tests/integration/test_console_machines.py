@@ -2,12 +2,14 @@
 monitor, the gateway and a Prometheus of the test's own (the monitoring tests' fixture), one
 machine. Its page plots the IP's metrics (the chart's data read from the page), a resize
 through the page shows the new limit (and a shrink below its usage the API's warning), the
-host is drained and undrained, the machine stopped from its page, and the main pages
+host is drained and undrained, the machine stopped, started, restarted and deleted (its
+confirmation dismissed, then accepted) from its page, and the main pages
 are saved as screenshots for the README (docs/screenshots/).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -34,6 +36,20 @@ CHART_DATA = """() => {
 
 def _since(minutes: float) -> str:
     return (datetime.now(UTC) - timedelta(minutes=minutes)).isoformat()
+
+
+async def _machine(mon: Mon, mid: str) -> dict[str, Any]:  # noqa: F811
+    async with mon.api.get(f"/v1/machines/{mid}") as r:
+        assert r.status == 200, await r.text()
+        return await r.json()
+
+
+async def _until(mon: Mon, mid: str, ok: Any, timeout: float = 60) -> dict[str, Any]:  # noqa: F811
+    """The machine once ``ok(machine)`` holds (polled; fails after ``timeout`` s)."""
+    async with asyncio.timeout(timeout):
+        while not ok(doc := await _machine(mon, mid)):
+            await asyncio.sleep(0.3)
+    return doc
 
 
 async def _plot(page: Any) -> dict[str, Any]:
@@ -93,11 +109,26 @@ async def test_a_machine_page_plots_its_ip_and_a_resize_shows_the_new_limit(
         await page.wait_for_url("**msg=stop+requested")
         await page.locator("#state", has_text="stopped").wait_for(timeout=60_000)
         stopped = await page.locator("#live table tbody tr").first.inner_text()
+        await page.get_by_role("button", name="Start", exact=True).click()
+        await page.wait_for_url("**msg=start+requested")
+        await page.locator("#state", has_text="running").wait_for(timeout=60_000)
+        before = len((await _machine(mon, m["id"]))["transitions"])
+        await page.get_by_role("button", name="Restart").click()
+        await page.wait_for_url("**msg=restart+requested")
+        restarted = await _until(mon, m["id"], lambda d: len(d["transitions"]) > before)
         phone = await login(browser, base, token, width=390)
         await phone.goto(f"{base}/ui/machines/{m['id']}")
         await _plot(phone)
         await screenshot(phone, "machine-phone")
         overflow = await phone.evaluate("document.documentElement.scrollWidth")
+        # Delete asks first: dismissed, nothing happens; accepted, the machine is destroyed.
+        page.once("dialog", lambda d: d.dismiss())
+        await page.get_by_role("button", name="Delete").click()
+        kept = (await _machine(mon, m["id"]))["state"]
+        page.once("dialog", lambda d: d.accept())
+        await page.get_by_role("button", name="Delete").click()
+        await page.wait_for_url("**msg=delete+requested")
+        destroyed = await _until(mon, m["id"], lambda d: d["state"] == "destroyed")
 
     assert hour["t"] >= 3 and hour["cpu"] >= 3 and hour["mem"] >= 3, hour
     assert hour["limit"] == 256 << 20
@@ -108,6 +139,9 @@ async def test_a_machine_page_plots_its_ip_and_a_resize_shows_the_new_limit(
     assert forced == 1
     assert (drained, undrained) == (1, 0)
     assert "stopped" in stopped  # the newest transition, first
+    assert restarted["transitions"][-1]["state"] == "running"  # the restart's own transition
+    assert restarted["state"] == "running"
+    assert (kept, destroyed["state"]) == ("running", "destroyed")
     assert week["t"] >= 1 and week["mem"] >= 1, week
     assert overflow <= 400, "the phone-sized page scrolls sideways"
     assert json.dumps(week["owners"]) == json.dumps([m["id"]])
