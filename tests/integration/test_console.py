@@ -172,7 +172,8 @@ async def test_the_list_filters_pages_and_is_walked_with_the_keyboard(
 
 def _release(rid: str, version: str, status: str, minutes_ago: int) -> dict[str, Any]:
     at = utcnow() - timedelta(minutes=minutes_ago)
-    spec = {"app": "shop", "version": version, "artifact": f"com.example:shop:{version}"}
+    spec = {"app": "shop", "group_id": "com.example", "artifact_id": "shop", "version": version,
+            "batch_size": 1, "health_check": {"type": "tcp", "target": "8080"}}
     return {"_id": rid, "app": "shop", "version": version, "spec": spec, "requested_by": "ci",
             "status": status, "reason": None, "batches": [{"machines": ["m-cons1"]}],
             "current_batch": 0, "failed_before": 0,
@@ -200,6 +201,10 @@ async def test_every_section_renders_for_an_admin_and_a_release_offers_its_rollb
         await page.goto(f"{gw.url}/ui/releases")
         rollback = await page.get_by_role("button", name="Roll back to 1.0").count()
         await screenshot(page, "releases")
+        page.once("dialog", lambda d: d.accept())  # "Deploy 1.0 of shop again?"
+        async with page.expect_navigation():
+            await page.get_by_role("button", name="Roll back to 1.0").click()
+        refusal = await page.locator("main").inner_text()
         await page.goto(f"{gw.url}/ui/audit")
         audit_rows = await page.locator("table tbody tr").count()
         await screenshot(page, "audit")
@@ -207,6 +212,10 @@ async def test_every_section_renders_for_an_admin_and_a_release_offers_its_rollb
     assert statuses == {"hosts": 200, "releases": 200, "images": 200, "audit": 200,
                         "sessions": 503, "ips/10.0.0.9": 200}  # fmt: skip
     assert rollback == 1
+    # The rollback went to the API as a release of 1.0's spec (valid: no 422); the API, which
+    # has no machine of the app here, refused it, and the page says what the API said.
+    assert "Refused (404)" in refusal and "unknown app 'shop'" in refusal, refusal
+    assert await mongo_db["releases"].count_documents({}) == 2
     assert audit_rows >= 1
 
 
