@@ -19,6 +19,7 @@ from libs.common.runner import ServiceContext
 from libs.common.settings import SettingsError
 
 from .adapters.registry import HttpRegistry, new_session
+from .catalog import RegistryCatalog
 from .copier import Copier
 from .handlers import BusHandlers, Webhook
 from .service import RetryPolicy, SyncService
@@ -71,7 +72,8 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
         webhook = Webhook(secret, store, service, ctx.publisher)
         ctx.http.router.add_post("/v1/registry-events", webhook.handle)
 
-        handlers = BusHandlers(service, store, index).table()
+        catalog = RegistryCatalog(service.registries, settings.catalog_cache_s)
+        handlers = BusHandlers(service, store, index, catalog).table()
         await ctx.consume(
             QUEUE,
             list(handlers),

@@ -30,7 +30,7 @@ from libs.common.contracts.imagesync import (
 )
 from libs.common.errors import TransientError, ValidationFailed
 
-from .catalog import holdings
+from .catalog import RegistryCatalog
 from .domain import (
     EVENTS_MEDIA_TYPE,
     PushedManifest,
@@ -198,6 +198,7 @@ class BusHandlers:
     service: SyncService
     store: SyncStore
     index: BlobIndex
+    catalog: RegistryCatalog
 
     async def _learn(self, evt: ImagePushed) -> None:
         # The pushed image's blobs now live in its repository: later copies into this dc
@@ -255,7 +256,5 @@ class BusHandlers:
         self, query: RegistryCatalogList, ctx: MessageContext
     ) -> RegistryCatalogListed:
         """Answer the ``registry.catalog`` RPC from the registries themselves."""
-        found = await holdings(
-            self.service.registries, dc=query.dc, prefix=query.prefix, limit=query.limit
-        )
+        found = await self.catalog.holdings(dc=query.dc, prefix=query.prefix, limit=query.limit)
         return RegistryCatalogListed(registries=found)

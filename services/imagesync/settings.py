@@ -67,6 +67,9 @@ class ImagesyncSettings(CommonSettings):
         "default: the contents of $DOCKVM_STATE_DIR/webhook.secret",
     )
     reconcile_interval_s: float = Field(default=300.0, gt=0)
+    # How long one registry's answer to ``GET /v1/registries`` (per prefix) is kept and shared:
+    # the console refreshes every few seconds, and each listing HEADs every tag.
+    catalog_cache_s: float = Field(default=5.0, ge=0, le=300)
     sync_attempts: int = Field(default=6, ge=1, le=100)
     sync_backoff_initial_s: float = Field(default=0.5, gt=0)
     sync_backoff_max_s: float = Field(default=30.0, gt=0)

@@ -49,6 +49,8 @@ async def _imagesync(start_service, port: int, regs, **env: str):
         "DOCKVM_SYNC_BACKOFF_INITIAL_S": "0.2",
         "DOCKVM_SYNC_BACKOFF_MAX_S": "1",
         "DOCKVM_RECONCILE_INTERVAL_S": "600",
+        # Registry listings read live: a test stops a registry and lists again at once.
+        "DOCKVM_CATALOG_CACHE_S": "0",
     }
     return await start_service("imagesync", env={**base, **env}, port=port)
 
