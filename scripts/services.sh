@@ -65,6 +65,7 @@ cmd_start() {
   "$REPO_ROOT/scripts/hosts.sh" agents start || failed=1
   ((failed)) && exit 1
   say "services: API      $(url_of gateway)/v1"
+  say "services: console  $(url_of gateway)/ui/  (log in with an API token, e.g. $STATE/admin.token)"
   say "services: SSH      ssh -p ${DOCKVM_BASTION_SSH_PORT:-2222} USER@127.0.0.1 root@MACHINE-IP (after dockvm user add / grant add)"
   for svc in "${SERVICES[@]}"; do
     printf 'services: %-12s %s/healthz  /readyz  /metrics\n' "$svc" "$(url_of "$svc")"
