@@ -22,24 +22,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
-import tempfile
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 from pymongo import AsyncMongoClient
 
-from bench._common import machine, median, percentile
-from bench.monitor_history import INTERVAL_S, IP, _compacted, _openmetrics, _run
+from bench._common import median, percentile
+from bench.monitor_history import IP, week_stack
 from services.gateway.console.session import COOKIE, new_session
 from tests.support.browser import chromium, login
-from tests.support.prometheus import PrometheusProcess
-from tests.support.services import ServiceProcess
-from tests.support.stack import MONGO_URL, create_vhost, delete_vhost, free_port
+from tests.support.stack import MONGO_URL
 
 MID = "m-bench"
 
@@ -112,43 +106,14 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=20, help="repetitions of each")
     args = parser.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="dockvm-bench-console-"))
-    end = int(time.time()) // INTERVAL_S * INTERVAL_S
-    n = _openmetrics(tmp / "week.om", end)
-    await _run("promtool", "tsdb", "create-blocks-from", "openmetrics",
-               str(tmp / "week.om"), str(tmp / "prom" / "data"))  # fmt: skip
-    (tmp / "week.om").unlink()
-    print(machine())
-    print(f"filled {n} samples (1 IP x 13 series x 1 week at {INTERVAL_S}s)")
-    vhost = await create_vhost()
-    db = f"bench_console_{uuid.uuid4().hex[:8]}"
-    gw_port = free_port()
-    prom = PrometheusProcess(tmp / "prom", f"http://127.0.0.1:{gw_port}", uuid.uuid4().hex,
-                             scrape_interval="10s")  # fmt: skip
-    env = {"DOCKVM_AMQP_URL": vhost.url, "DOCKVM_MONGO_URL": MONGO_URL, "DOCKVM_MONGO_DB": db,
-           "DOCKVM_STATE_DIR": str(tmp / "state"), "DOCKVM_WEBHOOK_SECRET": "bench"}  # fmt: skip
-    procs: list[ServiceProcess] = []
-    mongo: AsyncMongoClient = AsyncMongoClient(MONGO_URL)
-    try:
-        await prom.start()
-        await _compacted(prom.url)
-        for name, port, extra in (("ipam", free_port(), {}),
-                                  ("gateway", gw_port, {"DOCKVM_PROMETHEUS_URL": prom.url})):
-            svc = ServiceProcess(name, {**env, **extra}, port, log_path=tmp / f"{name}.log")
-            procs.append(svc)
-            await svc.start()
-        await mongo[db]["machines"].insert_one({**_machine_doc(), "transitions": []})
-        await mongo[db]["machine_summaries"].insert_one(_machine_doc())
-        token = (tmp / "state" / "admin.token").read_text().strip()
-        results = await _measure(procs[-1].url, token, args.reps)
-    finally:
-        await mongo.close()
-        for svc in reversed(procs):
-            await svc.stop()
-        await prom.stop()
-        await mongo_drop(db)
-        await delete_vhost(vhost)
-        shutil.rmtree(tmp, ignore_errors=True)
+    async with week_stack("console") as st:
+        mongo: AsyncMongoClient = AsyncMongoClient(MONGO_URL)
+        try:
+            await mongo[st.db]["machines"].insert_one({**_machine_doc(), "transitions": []})
+            await mongo[st.db]["machine_summaries"].insert_one(_machine_doc())
+        finally:
+            await mongo.close()
+        results = await _measure(st.gateway_url, st.token, args.reps)
     b, a = results["browser"], results["api"]
     print(f"{'machine page, 1 week':<22} {'p50':>9} {'p99':>9}   points")
     print(f"{'Chromium, plot drawn':<22} {median(b):>7.0f}ms {percentile(b, 99):>7.0f}ms "
@@ -159,15 +124,6 @@ async def main() -> None:
     print(f"{'page HTML alone':<22} {median(h):>7.0f}ms {percentile(h, 99):>7.0f}ms "
           "  (the server's part: the same calls, rendered)")
     print(f"ratio (browser / API alone, p50): {median(b) / median(a):.2f}x")
-
-
-async def mongo_drop(db: str) -> None:
-    """Drop the bench's database."""
-    client: AsyncMongoClient = AsyncMongoClient(MONGO_URL)
-    try:
-        await client.drop_database(db)
-    finally:
-        await client.close()
 
 
 if __name__ == "__main__":

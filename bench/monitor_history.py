@@ -30,11 +30,14 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
+from pymongo import AsyncMongoClient
 
 from bench._common import machine, median, percentile
 from services.gateway.domain.metrics import bucket_range, history_queries, step_seconds
@@ -158,12 +161,22 @@ async def _measure(
     return out
 
 
-async def main() -> None:
-    """Fill, start, measure, print."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=30, help="repetitions per query")
-    args = parser.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="dockvm-bench-prom-"))
+@dataclass
+class WeekStack:
+    """A Prometheus holding a week of one IP, and ipam + a gateway reading from it."""
+
+    tmp: Path
+    db: str
+    prom_url: str
+    gateway_url: str
+    token: str
+
+
+@asynccontextmanager
+async def week_stack(name: str) -> AsyncIterator[WeekStack]:
+    """Fill a week of samples, start Prometheus, ipam and a gateway on a fresh vhost and
+    database; stop and remove all of it at the end (also on error)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"dockvm-bench-{name}-"))
     end = int(time.time()) // INTERVAL_S * INTERVAL_S
     t = time.perf_counter()
     n = _openmetrics(tmp / "week.om", end)
@@ -174,7 +187,7 @@ async def main() -> None:
     print(f"filled {n} samples (1 IP x 13 series x 1 week at {INTERVAL_S}s) in "
           f"{time.perf_counter() - t:.0f}s")
     vhost = await create_vhost()
-    db = f"bench_monhist_{uuid.uuid4().hex[:8]}"
+    db = f"bench_{name}_{uuid.uuid4().hex[:8]}"
     gw_port = free_port()
     prom = PrometheusProcess(tmp / "prom", f"http://127.0.0.1:{gw_port}", uuid.uuid4().hex,
                              scrape_interval="10s")
@@ -184,22 +197,35 @@ async def main() -> None:
     try:
         await prom.start()
         await _compacted(prom.url)
-        for name, port, extra in (("ipam", free_port(), {}),
-                                  ("gateway", gw_port, {"DOCKVM_PROMETHEUS_URL": prom.url})):
-            svc = ServiceProcess(name, {**env, **extra}, port, log_path=tmp / f"{name}.log")
+        for svc_name, port, extra in (("ipam", free_port(), {}),
+                                      ("gateway", gw_port, {"DOCKVM_PROMETHEUS_URL": prom.url})):
+            svc = ServiceProcess(svc_name, {**env, **extra}, port, log_path=tmp / f"{svc_name}.log")
             procs.append(svc)
             await svc.start()
         token = (tmp / "state" / "admin.token").read_text().strip()
-        async with aiohttp.ClientSession(
-            procs[-1].url, headers={"Authorization": f"Bearer {token}"}
-        ) as api, aiohttp.ClientSession() as peer:
-            results = await _measure(api, peer, prom.url, args.reps)
+        yield WeekStack(tmp, db, prom.url, procs[-1].url, token)
     finally:
         for svc in reversed(procs):
             await svc.stop()
         await prom.stop()
+        mongo: AsyncMongoClient = AsyncMongoClient(MONGO_URL)
+        try:
+            await mongo.drop_database(db)
+        finally:
+            await mongo.close()
         await delete_vhost(vhost)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def main() -> None:
+    """Fill, start, measure, print."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=30, help="repetitions per query")
+    args = parser.parse_args()
+    async with week_stack("monhist") as st, aiohttp.ClientSession(
+        st.gateway_url, headers={"Authorization": f"Bearer {st.token}"}
+    ) as api, aiohttp.ClientSession() as peer:
+        results = await _measure(api, peer, st.prom_url, args.reps)
     print(f"{'query':<14} {'points':>6} {'gateway p50':>12} {'p99':>8} {'direct p50':>11} "
           f"{'p99':>8} {'ratio':>6} {'former p50':>11}")
     floor = results.pop("floor")[0]
