@@ -68,11 +68,12 @@ async def lifespan(ctx: ServiceContext) -> AsyncIterator[None]:
                 max_s=settings.sync_backoff_max_s,
             ),
             max_concurrent_jobs=settings.max_concurrent_jobs,
+            names_max_age_s=settings.catalog_names_s,
         )
         webhook = Webhook(secret, store, service, ctx.publisher)
         ctx.http.router.add_post("/v1/registry-events", webhook.handle)
 
-        catalog = RegistryCatalog(service.registries, settings.catalog_cache_s)
+        catalog = RegistryCatalog(service.registries, settings.catalog_cache_s, service.names)
         handlers = BusHandlers(service, store, index, catalog).table()
         await ctx.consume(
             QUEUE,

@@ -213,6 +213,7 @@ class BusHandlers:
             return
         # Running the copies here rather than fanning out image.sync saves a bus hop on the
         # push-to-available path; each target's job still fails or succeeds on its own.
+        self.service.names.learn(evt.dc, evt.repo)
         await asyncio.gather(
             self.store.remember_tag(evt.repo, evt.tag, evt.digest, evt.dc),
             self._learn(evt),

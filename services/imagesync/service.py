@@ -22,6 +22,7 @@ from libs.common.contracts import Message
 from libs.common.contracts.imagesync import ImageReplicated, ImageSync, ImageSyncFailed
 from libs.common.errors import DomainError, TransientError
 
+from .catalog import RepositoryNames
 from .copier import Copier
 from .domain import SyncOrder, SyncStats, plan_reconcile
 from .ports import Registry
@@ -57,8 +58,11 @@ class SyncService:
         copier: Copier,
         policy: RetryPolicy,
         max_concurrent_jobs: int = 4,
+        names_max_age_s: float = 0.0,
     ) -> None:
         self.registries: dict[str, Registry] = {r.dc: r for r in registries}
+        # Shared with the listing API: a walk of a registry's catalog costs seconds on S3.
+        self.names = RepositoryNames(self.registries, names_max_age_s)
         self._store = store
         self._copier = copier
         self._policy = policy
@@ -234,6 +238,7 @@ class SyncService:
             _JOBS.labels(order.target, "superseded").inc()
             return await self._store.finish(jid, "superseded", stats, "a newer push of the tag")
         job = await self._store.finish(jid, "done", stats)
+        self.names.learn(order.target, order.repo)
         await self._store.remember_tag(order.repo, order.tag, order.digest, order.source)
         _JOBS.labels(order.target, "done").inc()
         log.info("job done", job=jid, **stats.as_doc(), already=stats.already_present)
@@ -264,7 +269,7 @@ class SyncService:
             if digest is not None:
                 out[(repo, tag)] = digest
 
-        for repo in await reg.catalog():
+        for repo in await self.names.walk(reg.dc):
             tags = await reg.tags(repo)
             await asyncio.gather(*(head(repo, t) for t in tags))
         return out

@@ -70,6 +70,10 @@ class ImagesyncSettings(CommonSettings):
     # How long one registry's answer to ``GET /v1/registries`` (per prefix) is kept and shared:
     # the console refreshes every few seconds, and each listing HEADs every tag.
     catalog_cache_s: float = Field(default=5.0, ge=0, le=300)
+    # How long the repository names of a registry's catalog are kept: the walk behind
+    # ``/v2/_catalog`` takes seconds on S3. Pushes and copies seen on the bus add their
+    # repository at once; the catalog reconcile walks again every ``reconcile_interval_s``.
+    catalog_names_s: float = Field(default=60.0, ge=0, le=3600)
     sync_attempts: int = Field(default=6, ge=1, le=100)
     sync_backoff_initial_s: float = Field(default=0.5, gt=0)
     sync_backoff_max_s: float = Field(default=30.0, gt=0)

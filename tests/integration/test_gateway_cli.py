@@ -119,14 +119,15 @@ async def test_cli_lists_what_each_registry_holds(start_service, service_env):
     env = {"DOCKVM_URL": gateway.url, "DOCKVM_STATE_DIR": service_env["DOCKVM_STATE_DIR"]}
 
     # The stack pushes its base image to dc1 (make run, make test).
-    code, out, _ = await _cli(env, "image", "registries", "--dc", "dc1",
-                              "--prefix", "dockvm/base", "--json")
+    code, out, error = await _cli(env, "image", "registries", "--dc", "dc1",
+                                  "--prefix", "dockvm/base", "--json")
     table = await _cli(env, "image", "registries", "--dc", "dc1", "--prefix", "dockvm/base")
     unknown = await _cli(env, "image", "registries", "--dc", "dc9")
 
+    assert code == 0, error
     [dc1] = json.loads(out)["registries"]
     held = {(r["repo"], t["tag"]) for r in dc1["repositories"] for t in r["tags"]}
-    assert code == 0 and dc1["reachable"]
+    assert dc1["reachable"]
     assert ("dockvm/base", "bookworm") in held
     assert all(repo.startswith("dockvm/base") for repo, _ in held)
     assert table[0] == 0 and "bookworm" in table[1]

@@ -4,9 +4,13 @@ cache that several console pages share."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
-from services.imagesync.catalog import RegistryCatalog
+import pytest
+
+from libs.common.errors import TransientError
+from services.imagesync.catalog import RegistryCatalog, RepositoryNames
 from services.imagesync.fakes import MemoryRegistry
 
 
@@ -86,3 +90,64 @@ async def test_an_answer_is_shared_for_its_window_and_a_wider_limit_reads_again(
     assert [r.repo for r in again.repositories] == ["r/0"] and again.truncated
     assert [r.repo for r in wider.repositories] == ["r/0", "r/1", "r/2"] and not wider.truncated
     assert _held(other_prefix) == {"dc1": [("r/1", "t", _digest(1))]}
+
+
+class _SlowCatalog(MemoryRegistry):
+    """The in-memory registry whose catalog walk waits until the test lets it finish."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.walking = asyncio.Event()
+        self.finish = asyncio.Event()
+
+    async def catalog(self) -> list[str]:
+        names = await super().catalog()
+        self.walking.set()
+        await self.finish.wait()
+        return names
+
+
+async def test_callers_during_a_walk_share_it_and_a_push_during_it_is_kept():
+    reg = _SlowCatalog(dc="dc1", host="dc1.example:5000")
+    reg.manifests["a/old"][_digest(1)] = object()  # type: ignore[assignment]
+    names = RepositoryNames({"dc1": reg}, max_age_s=60)
+
+    first = asyncio.create_task(names.walk("dc1"))
+    await reg.walking.wait()
+    second = asyncio.create_task(names.names("dc1"))
+    names.learn("dc1", "b/pushed")  # a push seen on the bus while the walk is reading
+    reg.finish.set()
+    walked, shared = await first, await second
+    kept = await names.names("dc1")
+
+    assert reg.calls.count("catalog") == 1
+    assert walked == shared == kept == ["a/old", "b/pushed"]
+
+
+async def test_names_are_kept_for_their_age_and_a_push_is_listed_without_a_walk():
+    reg = _registry("dc1", {"a/b": {"v1": _digest(1)}})
+    names = RepositoryNames({"dc1": reg}, max_age_s=60)
+    stale = RepositoryNames({"dc1": reg}, max_age_s=0)
+
+    await names.names("dc1")
+    names.learn("dc1", "c/new")
+    listed = await names.names("dc1")
+    walks = reg.calls.count("catalog")
+    await stale.names("dc1")
+    await stale.names("dc1")
+
+    assert listed == ["a/b", "c/new"] and walks == 1
+    assert reg.calls.count("catalog") == walks + 2  # max_age_s=0 walks every time
+
+
+async def test_a_failed_walk_reaches_its_callers_and_the_next_call_walks_again():
+    reg = _registry("dc1", {"a/b": {"v1": _digest(1)}})
+    names = RepositoryNames({"dc1": reg}, max_age_s=60)
+
+    reg.fail_next = 1
+    with pytest.raises(TransientError):
+        await names.names("dc1")
+    again = await names.names("dc1")
+
+    assert again == ["a/b"]
+    assert reg.calls.count("catalog") == 2

@@ -60,12 +60,14 @@ class GatewayState:
     settings: GatewaySettings
 
 
-async def rpc_call(request: web.Request, msg: Message, routing_key: str | None = None) -> Message:
-    """Ask another service over the bus within the gateway's RPC timeout; name it on failure."""
+async def rpc_call(
+    request: web.Request, msg: Message, routing_key: str | None = None, *, at_least_s: float = 0
+) -> Message:
+    """Ask another service over the bus within the gateway's RPC timeout (or ``at_least_s``, if
+    longer, for a question known to take time); name it on failure."""
     app = request.app
+    timeout = max(app[SETTINGS].rpc_timeout_s, at_least_s)
     try:
-        return await app[RPC].request(
-            msg, routing_key=routing_key, timeout=app[SETTINGS].rpc_timeout_s
-        )
+        return await app[RPC].request(msg, routing_key=routing_key, timeout=timeout)
     except TransientError as err:
         raise TransientError(f"{msg.TYPE}: {err}") from err

@@ -15,6 +15,10 @@ __all__ = ["RegistriesQuery", "SyncJobsQuery", "routes"]
 
 routes = RouteTable()
 
+# A registry's first listing walks its storage (seconds on S3, more as it grows): imagesync
+# keeps the names after that, but the first answer may take longer than a query of our state.
+_CATALOG_TIMEOUT_S = 30.0
+
 
 class SyncJobsQuery(BaseModel):
     """Filters of the sync job listing (typed as imagesync's query, so the document says what
@@ -58,7 +62,7 @@ class RegistriesQuery(BaseModel):
 async def registries(request: web.Request, query: RegistriesQuery) -> web.Response:
     """Each registry's catalog as it is now (``limit`` repositories per registry)."""
     cmd = isync.RegistryCatalogList(dc=query.dc, prefix=query.prefix, limit=query.limit)
-    reply = await rpc_call(request, cmd)
+    reply = await rpc_call(request, cmd, at_least_s=_CATALOG_TIMEOUT_S)
     if not isinstance(reply, isync.RegistryCatalogListed):
         raise TransientError(f"imagesync answered registry.catalog with {reply.TYPE}")
     if query.dc is not None and not reply.registries:
