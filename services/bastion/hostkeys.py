@@ -23,7 +23,7 @@ import structlog
 
 from libs.common.bus import RpcClient, host_key
 from libs.common.contracts.provisioner import MachineHostKeys, MachineHostKeysGet
-from libs.common.errors import TransientError
+from libs.common.errors import DomainError, TransientError
 
 from .documents import MachineView
 from .domain import Refused
@@ -97,6 +97,8 @@ class HostKeyBook:
             lines, why = await self._ask(m)
         except TransientError as err:
             raise _unverifiable(m, f"its host {m.get('host')} did not say its host keys") from err
+        except DomainError as err:
+            raise _unverifiable(m, f"its host {m.get('host')} refused to say: {err}") from err
         if not lines:
             raise _unverifiable(m, f"its host has no host key for it ({why or 'none'})")
         if not parse_host_keys(lines):

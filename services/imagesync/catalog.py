@@ -109,8 +109,7 @@ class RegistryCatalog:
         self, *, dc: str | None, prefix: str | None, limit: int
     ) -> list[RegistryHoldings]:
         """Each registry's holdings (only ``dc``'s when given; none when the topology lacks it)."""
-        # An unknown dc is an empty answer, not an error: an RPC handler's error has no reply,
-        # so the caller would wait out its timeout; the gateway turns the empty answer into 404.
+        # An unknown dc is an empty answer (a listing of no registry); the gateway says 404.
         regs = self._registries
         chosen = [] if dc is not None and dc not in regs else [dc] if dc else sorted(regs)
         return list(await asyncio.gather(*(self._one(d, prefix or "", limit) for d in chosen)))

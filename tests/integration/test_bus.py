@@ -19,7 +19,7 @@ from libs.common.bus import (
     dlq_name,
 )
 from libs.common.contracts import Command, Envelope, register
-from libs.common.errors import DomainError, TransientError
+from libs.common.errors import DomainError, NotFoundError, TransientError
 from tests.support.proxy import TcpProxy
 from tests.support.stack import AMQP_HOST, AMQP_PORT
 
@@ -174,6 +174,35 @@ async def test_rpc_reply(amqp, publisher):
     await consumer.stop()
 
     assert reply == _Work(n=42)
+
+
+async def test_a_refused_request_is_answered_at_once_with_the_handlers_error(amqp, publisher):
+    from libs.common.bus import RpcClient
+
+    async def handler(msg: _Work, ctx: MessageContext) -> _Work:
+        if msg.n == 404:
+            raise NotFoundError("no pool dc9/7")
+        raise DomainError("pool is full", reason="pool_exhausted")
+
+    consumer = await _consumer(amqp, publisher, handler)
+    rpc = RpcClient(amqp, source="tests")
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(NotFoundError) as missing:
+        await rpc.request(_Work(n=404), timeout=30)
+    with pytest.raises(DomainError) as full:
+        await rpc.request(_Work(n=1), timeout=30)
+    took = asyncio.get_running_loop().time() - started
+    dead = await _drain(amqp, dlq_name("svc"), 2)
+    await rpc.close()
+    await consumer.stop()
+
+    assert took < 10  # answered, not waited out (the timeout is 30 s)
+    assert (str(missing.value), missing.value.reason, missing.value.status) == (
+        "no pool dc9/7", "not_found", 404)  # fmt: skip
+    assert (str(full.value), full.value.reason, full.value.status) == (
+        "pool is full", "pool_exhausted", 400)  # fmt: skip
+    assert sorted(m.headers[REASON_HEADER] for m in dead) == [
+        "not_found: no pool dc9/7", "pool_exhausted: pool is full"]  # fmt: skip
 
 
 @pytest.fixture

@@ -10,7 +10,8 @@ once with the reason in the ``x-dockvm-reason`` header, never retried. A
 :class:`TransientError` (or an unexpected exception) is requeued after a short backoff; when the
 queue's delivery limit is reached the message goes to the DLQ with the last error as reason.
 Nothing is ever dropped silently. A handler that returns a message answers an RPC request
-(``reply_to``).
+(``reply_to``); one that raises a :class:`DomainError` for such a request answers it with
+:class:`RequestRejected` (and is dead-lettered as above), so the caller hears why at once.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from prometheus_client import Counter, Histogram
 
-from ..contracts.envelope import Envelope, Message
+from ..contracts.envelope import Envelope, Message, RequestRejected
 from ..errors import DomainError, TransientError
 from ..logging import bind_message_context
 from .dedupe import Claim, Dedupe
@@ -158,6 +159,9 @@ class Consumer:
         except DomainError as err:
             await self._forget(env)
             log.warning("message rejected", reason=err.reason, error=str(err))
+            if message.reply_to:
+                refusal = RequestRejected(reason=err.reason, status=err.status, detail=str(err))
+                await self._reply(message, env, refusal)
             await self._dead_letter(message, env, f"{err.reason}: {err}")
             _HANDLED.labels(queue, env.type, "rejected").inc()
             return

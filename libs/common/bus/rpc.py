@@ -11,7 +11,9 @@ Delivery guarantee: at most once per call from the caller's view: a request that
 within the timeout raises :class:`TransientError` (a request in flight while the connection drops
 is one of those); the callee's handler must be a read or idempotent. A request that no queue
 takes (the service is not running) is returned by the broker and fails at once, also as a
-:class:`TransientError`.
+:class:`TransientError`. A request the handler refuses (:class:`DomainError`) is answered with
+``rpc.rejected`` and raised again here as the same family of error (404, 409, 422 or 400), with
+the handler's reason and words.
 """
 
 from __future__ import annotations
@@ -28,13 +30,28 @@ from aio_pika.abc import (
 )
 from pamqp.commands import Basic
 
-from ..contracts.envelope import Envelope, Message
-from ..errors import TransientError
+from ..contracts.envelope import Envelope, Message, RequestRejected
+from ..errors import ConflictError, DomainError, NotFoundError, TransientError, ValidationFailed
 from .connection import open_channel
 from .publisher import amqp_message
 from .topology import EXCHANGE
 
-__all__ = ["DIRECT_REPLY_TO", "NoTaker", "RpcClient"]
+__all__ = ["DIRECT_REPLY_TO", "NoTaker", "RpcClient", "rejection_error"]
+
+_BY_STATUS: dict[int, type[DomainError]] = {
+    404: NotFoundError,
+    409: ConflictError,
+    422: ValidationFailed,
+}
+
+
+def rejection_error(refusal: RequestRejected) -> DomainError:
+    """The :class:`DomainError` a handler raised, rebuilt from its ``rpc.rejected`` answer."""
+    cls = _BY_STATUS.get(refusal.status, DomainError)
+    err = cls(refusal.detail or refusal.reason, reason=refusal.reason)
+    if cls is DomainError:
+        err.status = refusal.status if 400 <= refusal.status < 500 else 400
+    return err
 
 
 class NoTaker(TransientError):
@@ -109,7 +126,10 @@ class RpcClient:
             raise TransientError(f"request {env.type} not sent: {err!r}") from err
         finally:
             self._futures.pop(corr, None)
-        return reply.parse()
+        answer = reply.parse()
+        if isinstance(answer, RequestRejected):
+            raise rejection_error(answer)
+        return answer
 
     async def close(self) -> None:
         """Close the reply channel."""

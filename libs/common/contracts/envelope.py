@@ -23,6 +23,7 @@ __all__ = [
     "Envelope",
     "Event",
     "Message",
+    "RequestRejected",
     "UnknownMessageType",
     "message_model",
     "register",
@@ -72,6 +73,17 @@ def message_model(type_: str, version: int = 1) -> type[Message]:
         return _REGISTRY[(type_, version)]
     except KeyError:
         raise UnknownMessageType(f"no message model for {type_} v{version}") from None
+
+
+@register
+class RequestRejected(Event):
+    """The answer to a request (``reply_to``) whose handler refused it with a
+    :class:`DomainError`: the caller raises that error again instead of waiting out its timeout."""
+
+    TYPE: ClassVar[str] = "rpc.rejected"
+    reason: str
+    status: int = 400
+    detail: str = ""
 
 
 class Envelope(BaseModel):
