@@ -87,6 +87,14 @@ webhook_secret() {
 # tcp_open HOST PORT: true if something accepts a TCP connection there.
 tcp_open() { timeout 2 bash -c ">/dev/tcp/$1/$2" 2>/dev/null; }
 
+# render TEMPLATE...: the templates (deploy/...) one after another, their ${NAME} placeholders
+# filled from the environment; only the names they use are replaced, so a stray $ stays.
+render() {
+  local names
+  names=$(cat "$@" | grep -o '\${[A-Z0-9_]*}' | sort -u | tr -d '\n')
+  cat "$@" | envsubst "$names"
+}
+
 # http_code URL [curl args...]: the status code, or 000 when nothing answers.
 http_code() {
   local url=$1; shift

@@ -38,96 +38,29 @@ http_secret() {
   cat "$REG_DIR/http.secret"
 }
 
-# replica_config DC I: the config of one replica (holds the S3 key and both secrets).
+TEMPLATES=$REPO_ROOT/deploy/registry
+
+# replica_config DC I: the config of one replica (holds the S3 key and both secrets), from
+# deploy/registry/replica.yml.in and notifications.yml.in.
 replica_config() {
   local dc=$1 i=$2
-  cat <<EOF
-# Written by scripts/registry.sh; edits are overwritten.
-version: 0.1
-log:
-  level: info
-  formatter: text
-  fields:
-    dc: $dc
-    replica: r$i
-storage:
-  s3:
-    accesskey: $DOCKVM_S3_ACCESS_KEY
-    secretkey: $DOCKVM_S3_SECRET_KEY
-    region: us-east-1
-    regionendpoint: http://$DOCKVM_HOST:$DOCKVM_CEPH_RGW_PORT
-    forcepathstyle: true
-    bucket: $DOCKVM_S3_BUCKET_PREFIX$dc
-    secure: false
-    v4auth: true
-    rootdirectory: /registry
-    # 32 MiB parts (default 10) and one server-side copy per commit up to 5 GiB instead of a
-    # multipart copy: a 200 MB push 23% faster here (bench/registry.py, docs/benchmarks.md).
-    chunksize: 33554432
-    multipartcopythresholdsize: 5368709120
-  delete:
-    enabled: true
-  # Blobs go through the replica (and the balancer), not to RGW by a presigned redirect.
-  redirect:
-    disable: true
-  cache:
-    blobdescriptor: inmemory
-http:
-  addr: $DOCKVM_HOST:$(replica_port "$dc" "$i")
-  secret: $HTTP_SECRET
-  headers:
-    X-Content-Type-Options: [nosniff]
-notifications:
-  events:
-    includereferences: true
-  endpoints:
-    - name: imagesync
-      url: $DOCKVM_WEBHOOK_URL
-      headers:
-        Authorization: [Bearer $WEBHOOK_SECRET]
-        X-Dockvm-Dc: [$dc]
-        X-Dockvm-Replica: [r$i]
-      timeout: 2s
-      threshold: 5
-      backoff: 1s
-      ignoredmediatypes:
-        - application/octet-stream
-EOF
+  echo "# Written by scripts/registry.sh from deploy/registry/; edits are overwritten."
+  DC=$dc REPLICA=r$i LOG_LEVEL=info S3_ACCESS_KEY=$DOCKVM_S3_ACCESS_KEY \
+    S3_SECRET_KEY=$DOCKVM_S3_SECRET_KEY S3_ENDPOINT=http://$DOCKVM_HOST:$DOCKVM_CEPH_RGW_PORT \
+    S3_SECURE=false BUCKET=$DOCKVM_S3_BUCKET_PREFIX$dc ADDR=$DOCKVM_HOST:$(replica_port "$dc" "$i") \
+    HTTP_SECRET=$HTTP_SECRET NOTIFY_URL=$DOCKVM_WEBHOOK_URL WEBHOOK_SECRET=$WEBHOOK_SECRET \
+    NOTIFY_THRESHOLD=5 NOTIFY_BACKOFF=1s \
+    render "$TEMPLATES/replica.yml.in" "$TEMPLATES/notifications.yml.in"
 }
 
-# haproxy_config: one frontend per dc on its usual address, one backend of its replicas.
-# Checks every 500 ms, 2 failures mark a replica down (~1 s after a kill -9); meanwhile a
-# request whose connection is refused is sent again to the other replica (retries, redispatch).
+# haproxy_config: one frontend per dc on its usual address, one backend of its replicas
+# (deploy/registry/haproxy.cfg.in, then haproxy-dc.cfg.in and the server lines of each dc).
 haproxy_config() {
   local dc i
-  cat <<EOF
-# Written by scripts/registry.sh; edits are overwritten.
-global
-  maxconn 1024
-  nbthread 2
-  stats socket $HAPROXY_SOCK mode 600 level admin
-defaults
-  mode http
-  log global
-  option dontlognull
-  timeout connect 2s
-  timeout client 300s
-  timeout server 300s
-  timeout http-request 30s
-  timeout check 1s
-  retries 3
-  option redispatch 1
-  retry-on conn-failure empty-response response-timeout
-EOF
+  echo "# Written by scripts/registry.sh from deploy/registry/; edits are overwritten."
+  STATS_SOCKET=$HAPROXY_SOCK render "$TEMPLATES/haproxy.cfg.in"
   for dc in "${DCS[@]}"; do
-    printf '\nfrontend registry-%s\n  bind %s:%s\n  default_backend %s\n' \
-      "$dc" "$DOCKVM_HOST" "$(lb_port "$dc")" "$dc"
-    # By path: an upload's PATCH and PUT (…/uploads/<uuid>) go to one replica, and a blob's
-    # reads to the one whose in-memory descriptor cache knows it (the other replica can take
-    # either over from S3). Consistent hashing: a dead replica's share moves, the rest stays.
-    printf '\nbackend %s\n  balance uri\n  hash-type consistent\n  option httpchk GET /v2/\n' "$dc"
-    printf '  http-check expect status 200\n'
-    printf '  default-server inter 500ms fastinter 250ms downinter 1s fall 2 rise 2\n'
+    DC=$dc BIND=$DOCKVM_HOST:$(lb_port "$dc") render "$TEMPLATES/haproxy-dc.cfg.in"
     for i in $(replicas); do
       printf '  server r%s %s:%s check\n' "$i" "$DOCKVM_HOST" "$(replica_port "$dc" "$i")"
     done

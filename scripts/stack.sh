@@ -161,41 +161,12 @@ docker_start() {
 # (Ceph, replicas, HAProxy) is scripts/registry.sh.
 
 registry_config() {
-  local dc=$1 secret=$2
-  cat <<EOF
-# Written by scripts/stack.sh; edits are overwritten.
-version: 0.1
-log:
-  level: info
-  formatter: text
-  fields:
-    dc: $dc
-storage:
-  filesystem:
-    rootdirectory: $STATE/registry/$dc
-  delete:
-    enabled: true
-  cache:
-    blobdescriptor: inmemory
-http:
-  addr: $DOCKVM_HOST:$(registry_port "$dc")
-  headers:
-    X-Content-Type-Options: [nosniff]
-notifications:
-  events:
-    includereferences: true
-  endpoints:
-    - name: imagesync
-      url: $DOCKVM_WEBHOOK_URL
-      headers:
-        Authorization: [Bearer $secret]
-        X-Dockvm-Dc: [$dc]
-      timeout: 2s
-      threshold: 5
-      backoff: 1s
-      ignoredmediatypes:
-        - application/octet-stream
-EOF
+  local dc=$1 secret=$2 templates=$REPO_ROOT/deploy/registry
+  echo "# Written by scripts/stack.sh from deploy/registry/; edits are overwritten."
+  DC=$dc REPLICA=r1 LOG_LEVEL=info ROOT=$STATE/registry/$dc \
+    ADDR=$DOCKVM_HOST:$(registry_port "$dc") NOTIFY_URL=$DOCKVM_WEBHOOK_URL \
+    WEBHOOK_SECRET=$secret NOTIFY_THRESHOLD=5 NOTIFY_BACKOFF=1s \
+    render "$templates/filesystem.yml.in" "$templates/notifications.yml.in"
 }
 
 registry_up() { [[ $(http_code "http://$DOCKVM_HOST:$(registry_port "$1")/v2/") == 200 ]]; }

@@ -1,7 +1,7 @@
 """Support for the registry HA tests: a dc in its production shape, made for one test on the
 stack's real Ceph (scripts/ceph.sh): a bucket of its own, two ``docker-registry`` replicas with
-the s3 driver on the RADOS Gateway, one HAProxy in front with the settings of
-scripts/registry.sh. The stack's own dc1/dc2 are not touched.
+the s3 driver on the RADOS Gateway, one HAProxy in front, both configured from the templates
+scripts/registry.sh uses (deploy/registry/). The stack's own dc1/dc2 are not touched.
 
 No tests here; the fixtures are imported by the test modules.
 """
@@ -18,6 +18,7 @@ import subprocess
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from string import Template
 
 import aiohttp
 import pytest
@@ -33,6 +34,13 @@ STATE = Path(os.environ.get("DOCKVM_STATE_DIR", "/var/lib/dockvm"))
 S3_ENV = STATE / "ceph" / "s3.env"
 RGW_PORT = int(os.environ.get("DOCKVM_CEPH_RGW_PORT", "7480"))
 BUCKET_PREFIX = os.environ.get("DOCKVM_S3_BUCKET_PREFIX", "dockvm-registry-")
+TEMPLATES = REPO_ROOT / "deploy" / "registry"
+
+
+def render(*templates: str, **values: str) -> str:
+    """deploy/registry/ templates one after another, filled in as scripts/registry.sh does."""
+    text = "".join((TEMPLATES / name).read_text() for name in templates)
+    return Template(text).substitute(values)
 
 
 def s3_keys() -> tuple[str, str]:
@@ -76,49 +84,17 @@ class Replica:
     def _config(self) -> Path:
         access, secret = s3_keys()
         cfg = self.root / f"{self.dc}-{self.name}.yml"
-        cfg.write_text(
-            f"""version: 0.1
-log:
-  level: warn
-storage:
-  s3:
-    accesskey: {access}
-    secretkey: {secret}
-    region: us-east-1
-    regionendpoint: http://127.0.0.1:{RGW_PORT}
-    forcepathstyle: true
-    bucket: {self.bucket}
-    secure: false
-    v4auth: true
-    rootdirectory: /registry
-    chunksize: 33554432
-    multipartcopythresholdsize: 5368709120
-  delete:
-    enabled: true
-  redirect:
-    disable: true
-  cache:
-    blobdescriptor: inmemory
-http:
-  addr: 127.0.0.1:{self.port}
-  secret: {self.http_secret}
-notifications:
-  events:
-    includereferences: true
-  endpoints:
-    - name: imagesync
-      url: {self.notify_url}
-      headers:
-        Authorization: [Bearer {SECRET}]
-        X-Dockvm-Dc: [{self.dc}]
-        X-Dockvm-Replica: [{self.name}]
-      timeout: 2s
-      threshold: 3
-      backoff: 300ms
-      ignoredmediatypes:
-        - application/octet-stream
-"""
-        )
+        # Quicker notification retries than the stack's: a test waits on them.
+        text = render(
+            "replica.yml.in", "notifications.yml.in",
+            DC=self.dc, REPLICA=self.name, LOG_LEVEL="warn", S3_ACCESS_KEY=access,
+            S3_SECRET_KEY=secret, S3_ENDPOINT=f"http://127.0.0.1:{RGW_PORT}", S3_SECURE="false",
+            BUCKET=self.bucket, ADDR=f"127.0.0.1:{self.port}", HTTP_SECRET=self.http_secret,
+            NOTIFY_URL=self.notify_url, WEBHOOK_SECRET=SECRET, NOTIFY_THRESHOLD="3",
+            NOTIFY_BACKOFF="300ms",
+        )  # fmt: skip
+        cfg.touch(mode=0o600)
+        cfg.write_text(text)
         cfg.chmod(0o600)
         return cfg
 
@@ -198,31 +174,10 @@ class HaDc:
         servers = "\n".join(f"  server {r.name} 127.0.0.1:{r.port} check" for r in self.replicas)
         cfg = self.root / f"haproxy-{self.dc}.cfg"
         cfg.write_text(
-            f"""global
-  maxconn 256
-  stats socket {self.sock} mode 600 level admin
-defaults
-  mode http
-  timeout connect 2s
-  timeout client 300s
-  timeout server 300s
-  timeout http-request 30s
-  timeout check 1s
-  retries 3
-  option redispatch 1
-  retry-on conn-failure empty-response response-timeout
-frontend fe
-  bind 127.0.0.1:{self.port}
-  default_backend be
-backend be
-  balance uri
-  hash-type consistent
-  option httpchk GET /v2/
-  http-check expect status 200
-  default-server inter 500ms fastinter 250ms downinter 1s fall 2 rise 2
-{servers}
-"""
-        )
+            render("haproxy.cfg.in", "haproxy-dc.cfg.in", STATS_SOCKET=str(self.sock), DC=self.dc,
+                   BIND=f"127.0.0.1:{self.port}")
+            + servers + "\n"
+        )  # fmt: skip
         return cfg
 
     async def start_haproxy(self) -> None:
