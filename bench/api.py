@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -43,6 +44,7 @@ import docker.errors
 from aiohttp import web
 
 from bench._common import machine, median, percentile
+from bench._cpu import PARTIES, CpuMeter
 from libs.common.db import mongo_client
 from services.gateway.service import SagaDriver
 from services.gateway.settings import GatewaySettings
@@ -69,6 +71,9 @@ class Round:
     bare_destroy: float
     timeline: dict[str, float]
     ids: list[str]
+    # CPU seconds by party (bench/_cpu.py) while the batch was created, dockvm's and bare's
+    cpu: dict[str, float]
+    bare_cpu: dict[str, float]
 
 
 async def _sh(*argv: str) -> None:
@@ -80,9 +85,12 @@ async def _sh(*argv: str) -> None:
         raise RuntimeError(f"{' '.join(argv[:3])} failed: {err.decode().strip()}")
 
 
-async def _bare_batch(n: int, net: str, x: int, tag: str) -> tuple[float, float]:
+async def _bare_batch(
+    n: int, net: str, x: int, tag: str, meter: CpuMeter
+) -> tuple[float, float]:
     """N parallel ``docker run -d``, then N parallel ``docker rm -f``: their wall times."""
     names = [f"{PREFIX}-{tag}-{i}" for i in range(n)]
+    meter.start()
     t0 = time.perf_counter()
     await asyncio.gather(
         *(
@@ -108,6 +116,7 @@ async def _bare_batch(n: int, net: str, x: int, tag: str) -> tuple[float, float]
         )
     )
     created = time.perf_counter() - t0
+    meter.stop()
     t0 = time.perf_counter()
     await asyncio.gather(*(_sh("docker", "rm", "-f", name) for name in names))
     return created, time.perf_counter() - t0
@@ -169,11 +178,14 @@ async def bench_batch(
         "vlan_id": vlan,
         "count": n,
     }
+    meter, bare_meter = CpuMeter(), CpuMeter()
+    meter.start()
     t0 = time.perf_counter()
     async with api.post("/v1/machines?wait=900", json=spec) as resp:
         body = await resp.json()
         assert resp.status in (200, 201, 202), body
     ours = time.perf_counter() - t0
+    meter.stop()
     ids = [m["id"] for m in body["machines"]]
     items = await asyncio.gather(*(_get(api, mid) for mid in ids))
     states = {m["state"] for m in items}
@@ -182,8 +194,10 @@ async def bench_batch(
         raise RuntimeError(f"batch {n}: not all running: {states} {reasons}")
     timeline = _timeline(items)
     ours_destroy = await _destroy_all(api, ids)
-    bare, bare_destroy = await _bare_batch(n, net, x, tag)
-    return Round(n, ours, bare, ours_destroy, bare_destroy, timeline, ids)
+    bare, bare_destroy = await _bare_batch(n, net, x, tag, bare_meter)
+    return Round(
+        n, ours, bare, ours_destroy, bare_destroy, timeline, ids, meter.seconds, bare_meter.seconds
+    )
 
 
 def _report_batches(rounds: list[Round]) -> None:
@@ -209,6 +223,28 @@ def _report_batches(rounds: list[Round]) -> None:
         print(f"  N={n} timeline (s after the POST): {cells}")
     lo, hi = sizes[0], sizes[-1]
     print(f"cost per machine at {hi} / at {lo}: {per[hi] / per[lo]:.2f}x (target <= 1.2x)")
+    _report_cpu(rounds, sizes)
+
+
+def _report_cpu(rounds: list[Round], sizes: list[int]) -> None:
+    """CPU seconds per machine by party while each batch was created, dockvm / bare."""
+    cores = os.cpu_count() or 1
+    print(f"CPU seconds per machine while creating, dockvm / bare ({cores} cores):")
+    print("| N | " + " | ".join(PARTIES) + " | total | busy |")
+    print("|---|" + "---|" * (len(PARTIES) + 2))
+    for n in sizes:
+        rs = [r for r in rounds if r.n == n]
+
+        def cell(key: str, rs: list[Round] = rs, n: int = n) -> str:
+            ours = median([r.cpu[key] for r in rs]) / n
+            bare = median([r.bare_cpu[key] for r in rs]) / n
+            return f"{ours:.3f} / {bare:.3f}"
+
+        # How much of the cores' time the batch kept busy: near 100% means CPU-bound.
+        busy_ours = median([r.cpu["total"] / (r.ours * cores) for r in rs])
+        busy_bare = median([r.bare_cpu["total"] / (r.bare * cores) for r in rs])
+        cells = " | ".join(cell(k) for k in (*PARTIES, "total"))
+        print(f"| {n} | {cells} | {busy_ours:.0%} / {busy_bare:.0%} |")
 
 
 async def _hammer(
