@@ -128,6 +128,7 @@ class MachineSummary(TypedDict):
     updated_at: datetime
     # The operation in progress (the saga's op), if any.
     pending: str | None
+    due: datetime | None  # the saga step's deadline (not shown; for the saga tick)
 
 
 class HostDoc(TypedDict):

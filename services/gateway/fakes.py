@@ -30,6 +30,7 @@ from .store import (
     page_query,
     summary_of,
 )
+from .writes import WriteSignal
 
 __all__ = ["MemoryAppChecks", "MemoryGatewayStore"]
 
@@ -112,6 +113,12 @@ class MemoryGatewayStore:
         self.audit: list[dict[str, Any]] = []
         self.checks = MemoryAppChecks()
         self.drains = MemoryDrainStore()
+        self.writes = WriteSignal()
+
+    def written(self, machine_id: str) -> MachineSummary | None:
+        """The machine's summary (always current here)."""
+        summary = self.summaries_by_id.get(machine_id)
+        return copy.deepcopy(summary) if summary else None
 
     async def setup(self) -> None:
         """Nothing to prepare."""
@@ -121,6 +128,7 @@ class MemoryGatewayStore:
         for d in docs:
             self.machines.setdefault(d["_id"], copy.deepcopy(d))
             self.summaries_by_id.setdefault(d["_id"], summary_of(copy.deepcopy(d)))
+        self.writes.wrote()
 
     async def get(self, machine_id: str) -> MachineDoc | None:
         """One machine (a copy)."""
@@ -187,6 +195,7 @@ class MemoryGatewayStore:
         if trimmed is not None:
             doc["transitions"] = trimmed
         self.summaries_by_id[machine_id] = summary_of(copy.deepcopy(doc))
+        self.writes.wrote()
         return copy.deepcopy(doc)
 
     async def update(
@@ -200,6 +209,7 @@ class MemoryGatewayStore:
         doc["updated_at"] = utcnow()
         if changes_summary(set_):
             self.summaries_by_id[machine_id] = summary_of(copy.deepcopy(doc))
+            self.writes.wrote()
         return copy.deepcopy(doc)
 
     async def due_sagas(self, at: datetime, limit: int = 500) -> list[MachineDoc]:

@@ -73,6 +73,14 @@ class MachineIndex:
     def __len__(self) -> int:
         return len(self._items)
 
+    def select(self, filters: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every summary passing ``filters``, in id order."""
+        return [s for s in self._items.values() if matches(s, filters)]
+
+    def get(self, machine_id: str) -> dict[str, Any] | None:
+        """The machine's summary as last put or reloaded, or None."""
+        return self._items.get(machine_id)
+
     def put(self, summary: dict[str, Any]) -> None:
         """Record a summary this replica just wrote."""
         self._items[summary["_id"]] = summary

@@ -63,6 +63,7 @@ from .domain.rollout import MachineStatus, ReleaseStatus
 from .domain.states import UNREACHABLE_NAMES, State, state_names
 from .drains import DrainStore
 from .listing import MachineIndex
+from .writes import WriteSignal
 
 __all__ = [
     "TRANSITIONS_KEPT",
@@ -170,8 +171,15 @@ _SUMMARY_SOURCES = frozenset(SUMMARY_FIELDS) - {"updated_at"} | {"saga"}
 def summary_of(doc: MachineDoc) -> MachineSummary:
     """The list's view of a machine."""
     out: dict[str, Any] = {"_id": doc["_id"], **{f: doc.get(f) for f in SUMMARY_FIELDS}}
-    out["pending"] = (doc.get("saga") or {}).get("op")
+    saga = doc.get("saga") or {}
+    out["pending"] = saga.get("op")
+    # Not shown: what lets the saga tick find due steps in memory (GatewayStore.due_sagas).
+    out["due"] = saga.get("deadline")
     return out  # type: ignore[return-value]
+
+
+def _deadline(doc: MachineDoc) -> datetime | None:
+    return (doc.get("saga") or {}).get("deadline")
 
 
 def changes_summary(set_: dict[str, Any]) -> bool:
@@ -235,6 +243,12 @@ class MachineStore(Protocol):
 
     async def by_ids(self, ids: Iterable[str]) -> list[MachineDoc]:
         """The machines with these ids."""
+        ...
+
+    writes: WriteSignal
+
+    def written(self, machine_id: str) -> MachineSummary | None:
+        """The machine's summary as this process last wrote or read it (None if not kept)."""
         ...
 
     async def insert_machines(self, docs: list[MachineDoc]) -> None:
@@ -355,6 +369,12 @@ class GatewayStore(AccessRecords):
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         # Machines whose summary write failed after their own write (see _write_machine).
         self._behind: set[str] = set()
+        self.writes = WriteSignal()
+
+    def written(self, machine_id: str) -> MachineSummary | None:
+        """The machine's summary in the listing index (this replica's writes reach it at once;
+        others' with its next reload), or None without an index."""
+        return None if self.index is None else self.index.get(machine_id)  # type: ignore[return-value]
 
     def _machine_lock(self, machine_id: str) -> asyncio.Lock:
         """The lock that orders this process's writes to one machine (gone when unused)."""
@@ -373,7 +393,7 @@ class GatewayStore(AccessRecords):
     async def repair_summaries(self) -> int:
         """Write the summary of every machine whose summary is missing or differs (a crash
         between the two writes, or a database older than summaries); return how many."""
-        projection = {f: 1 for f in (*SUMMARY_FIELDS, "saga.op")}
+        projection = {f: 1 for f in (*SUMMARY_FIELDS, "saga.op", "saga.deadline")}
         machines = await read_all(self.machines.find({}, projection))
         stored = {d["_id"]: d for d in await read_all(self.summaries_coll.find({}))}
         behind = [
@@ -395,6 +415,7 @@ class GatewayStore(AccessRecords):
         await self.summaries_coll.replace_one({"_id": summary["_id"]}, summary, upsert=True)
         if self.index is not None:
             self.index.put(dict(summary))
+        self.writes.wrote()
 
     # --- machines ---------------------------------------------------------------------------
 
@@ -410,6 +431,7 @@ class GatewayStore(AccessRecords):
         if self.index is not None:
             # Not the ones a replay found stored: theirs may have moved on since.
             self.index.put_all(dict(s) for i, s in enumerate(summaries) if i not in kept)
+        self.writes.wrote()
 
     @translate_errors
     async def get(self, machine_id: str) -> MachineDoc | None:
@@ -552,8 +574,18 @@ class GatewayStore(AccessRecords):
 
     @translate_errors
     async def due_sagas(self, at: datetime, limit: int = 500) -> list[MachineDoc]:
-        """Machines whose current saga step has passed its deadline."""
-        return await read_all(self.machines.find({"saga.deadline": {"$lte": at}}).limit(limit))
+        """Machines whose current saga step has passed its deadline (asked every second).
+
+        From the listing index once it is loaded (each summary carries its saga's deadline),
+        each candidate read again by ``_id``: the query on ``saga.deadline`` is a scan of every
+        machine document on FerretDB v1, which grew with every machine ever made. Another
+        replica's saga is seen after the index's next reload (``DOCKVM_LIST_REFRESH_S``)."""
+        if self.index is None or not self.index.ready:
+            return await read_all(self.machines.find({"saga.deadline": {"$lte": at}}).limit(limit))
+        due = [s["_id"] for s in self.index.select({}) if s.get("due") and s["due"] <= at]
+        docs = [await self.machines.find_one({"_id": mid}) for mid in due[:limit]]
+        return [d for d in docs if d is not None and _deadline(d) is not None
+                and _deadline(d) <= at]  # type: ignore[operator]  # fmt: skip
 
     @translate_errors
     async def in_flight(self) -> list[MachineDoc]:
@@ -620,10 +652,20 @@ class GatewayStore(AccessRecords):
 
     @translate_errors
     async def unknown_on_host(self, host_id: str) -> list[MachineDoc]:
-        """The host's machines in state unknown."""
+        """The host's machines in state unknown (asked at every heartbeat of every host).
+
+        From the listing index once it is loaded, each candidate read again by ``_id``: the
+        query by host and state is a scan of every machine document on FerretDB v1, and at one
+        per heartbeat it grew with every machine ever made. A machine another replica marked
+        unreachable is seen after the index's next reload (``DOCKVM_LIST_REFRESH_S``)."""
         # The state's old name too, in documents stored before the rename.
         names = sorted(UNREACHABLE_NAMES)
-        return await read_all(self.machines.find({"host": host_id, "state": {"$in": names}}))
+        if self.index is None or not self.index.ready:
+            return await read_all(self.machines.find({"host": host_id, "state": {"$in": names}}))
+        wanted = {"host": host_id, "state": {"$in": names}}
+        docs = [await self.machines.find_one({"_id": s["_id"]}) for s in self.index.select(wanted)]
+        return [d for d in docs if d is not None and d.get("host") == host_id
+                and d.get("state") in names]  # fmt: skip
 
     @translate_errors
     async def ids_on_host(self, host_id: str, states: Iterable[str]) -> list[str]:

@@ -49,6 +49,37 @@ async def test_transition_applies_only_from_the_expected_state(store):
     assert second is None
 
 
+async def test_a_summary_write_wakes_waiters_and_says_what_was_written(store, request):
+    """What ``POST /v1/machines?wait`` relies on instead of reading the database in a loop."""
+    await store.insert_machines([_doc("m1", "creating", saga={"op": "create"})])
+    woken = store.writes.next()
+    await store.transition("m1", ["creating"], "running", saga=None)
+    unrelated = store.writes.next()
+    await store.update("m1", {}, {"lifecycle_at": T0})  # no summary field: no wake
+
+    assert woken.done() and not unrelated.done()
+    if "mongo" in request.node.name:  # no listing index: nothing is kept in memory
+        assert store.written("m1") is None
+    else:
+        assert (store.written("m1")["state"], store.written("m1")["pending"]) == ("running", None)
+
+
+async def test_the_unreachable_machines_of_a_host_are_found_and_only_theirs(store):
+    await store.insert_machines([
+        _doc("m1", "running"), _doc("m2", "running"), _doc("m3", "unreachable", host="h2"),
+        _doc("m4", "unreachable"),
+    ])  # fmt: skip
+    await store.transition("m1", ["running"], "unreachable", reason="host_down")
+
+    found = await store.unknown_on_host("h1")
+    await store.transition("m4", ["unreachable"], "running", reason="host_back")
+    after = await store.unknown_on_host("h1")
+
+    assert sorted(d["_id"] for d in found) == ["m1", "m4"]
+    assert [d["_id"] for d in after] == ["m1"]
+    assert [d["_id"] for d in await store.unknown_on_host("h2")] == ["m3"]
+
+
 async def test_a_transition_conditional_on_a_field_applies_only_when_it_matches(store):
     """What orders lifecycle events: ``lifecycle_at`` set once, then compared with ``$lte``."""
     await store.insert_machines([_doc("m1", "running")])
@@ -108,6 +139,13 @@ async def test_due_sagas_and_in_flight(store):
 
     assert [d["_id"] for d in await store.due_sagas(T0 + timedelta(seconds=1))] == ["m1"]
     assert sorted(d["_id"] for d in await store.in_flight()) == ["m1", "m2"]
+
+    # A step moved on (a new deadline) and a saga ended: the next tick sees both.
+    later = {"op": "create", "step": "place", "attempt": 1, "deadline": T0 + timedelta(hours=2)}
+    await store.update("m1", {"saga.step": "ip"}, {"saga": later})
+    await store.update("m2", {}, {"saga": None})
+    await store.update("m3", {}, {"saga": {**later, "deadline": T0}})
+    assert [d["_id"] for d in await store.due_sagas(T0 + timedelta(hours=1, seconds=1))] == ["m3"]
 
 
 async def test_load_counts_active_placed_machines_of_the_dc_only(store):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -330,3 +331,66 @@ async def test_destroying_a_failed_machine_whose_ip_was_released_ends_without_ip
 
     assert (await store.get(mid))["state"] == "destroyed"
     assert len(pub.of_type("ip.release")) == 1
+
+
+class _CountedReads(MemoryGatewayStore):
+    """The in-memory store, counting the reads of many machines made by one task (the waiter;
+    the create saga reads them too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+        self.first_read = asyncio.Event()
+        self.counted: asyncio.Task | None = None
+
+    async def by_ids(self, ids):
+        if asyncio.current_task() is self.counted:
+            self.reads += 1
+            self.first_read.set()
+        return await super().by_ids(ids)
+
+
+async def _to_running(driver: SagaDriver, mid: str, n: int) -> None:
+    await driver.creates.on_ip_allocated(_allocated(mid, f"10.233.1.{10 + n}"))
+    doc = await driver.store.get(mid)
+    await driver.creates.on_created(mid, doc["host"], f"c{n}")
+
+
+async def test_a_create_waiter_wakes_on_this_gateways_writes_not_by_polling(pub, clock):
+    store = _CountedReads()
+    driver = SagaDriver(store, pub, GatewaySettings(), clock=clock)
+    await driver.hosts.on_heartbeat(provisioner.HostHeartbeat(
+        host_id="h1", dc="dc1", version="t", at=clock(),
+        capacity=provisioner.Resources(cpus=8, memory=8 * GIB, disk=100 * GIB),
+        allocated=provisioner.Resources(cpus=0, memory=0, disk=0)))  # fmt: skip
+    ids = await _create(driver, 3)
+    waiter = store.counted = asyncio.create_task(driver.wait_terminal(ids, 30))
+    await store.first_read.wait()
+
+    for n, mid in enumerate(ids):  # a machine every 0.25 s: a 0.2 s poll would read 4 times
+        await asyncio.sleep(0.25)
+        await _to_running(driver, mid, n)
+    docs = await asyncio.wait_for(waiter, 10)
+
+    assert [d["state"] for d in docs] == ["running"] * 3
+    # The first look, the one that confirms, and at most one recheck for other replicas.
+    assert store.reads <= 3
+
+
+async def test_a_create_waiter_sees_another_replicas_writes_by_its_recheck(pub, clock):
+    store = _CountedReads()
+    store.written = lambda machine_id: None  # type: ignore[method-assign]  # none of ours
+    driver = SagaDriver(store, pub, GatewaySettings(), clock=clock)
+    await driver.hosts.on_heartbeat(provisioner.HostHeartbeat(
+        host_id="h1", dc="dc1", version="t", at=clock(),
+        capacity=provisioner.Resources(cpus=8, memory=8 * GIB, disk=100 * GIB),
+        allocated=provisioner.Resources(cpus=0, memory=0, disk=0)))  # fmt: skip
+    [mid] = await _create(driver, 1)
+    waiter = store.counted = asyncio.create_task(driver.wait_terminal([mid], 30))
+    await store.first_read.wait()
+
+    await _to_running(driver, mid, 1)
+    [doc] = await asyncio.wait_for(waiter, 10)
+
+    assert doc["state"] == "running"
+    assert store.reads == 2

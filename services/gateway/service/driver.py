@@ -32,6 +32,7 @@ re-sends, timeouts and resume then work for it unchanged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -59,6 +60,17 @@ __all__ = ["Clock", "SagaDriver"]
 log = structlog.get_logger("gateway.sagas")
 # Sagas re-sent at once at start; each is a write and a publish.
 _RESUME_WIDTH = 16
+# A create waiter reads the database this often for other replicas' writes, and at most this
+# often when this process's writes say the batch is done but the database has not agreed yet.
+_RECHECK_S = 1.0
+_MIN_READ_GAP_S = 0.2
+
+
+def _settled(doc: Any) -> bool:
+    """A machine (or its summary) in a create-terminal state with no saga under way."""
+    if doc is None:
+        return False
+    return doc.get("state") in CREATE_TERMINAL and not doc.get("saga") and not doc.get("pending")
 
 
 class Clock(Protocol):
@@ -349,16 +361,30 @@ class SagaDriver:
         return await self.lifecycle.begin_destroy(machine_id)
 
     async def wait_terminal(self, ids: list[str], timeout: float) -> list[MachineDoc]:
-        """Poll until every machine is in a create-terminal state or ``timeout`` passes."""
+        """Wait until every machine is in a create-terminal state with no saga, or ``timeout``
+        passes; return the machines as stored.
+
+        The database is read when this process's own writes say every machine is done, and
+        every ``_RECHECK_S`` for the writes of other replicas (services/gateway/writes.py says
+        why): a read of many ids scans every machine on FerretDB v1."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        pending, last_read = list(ids), -_RECHECK_S
         while True:
-            docs = await self.store.by_ids(ids)
-            if all(d["state"] in CREATE_TERMINAL and not d.get("saga") for d in docs):
-                return docs
-            if loop.time() >= deadline:
-                return docs
-            await asyncio.sleep(0.2)
+            wrote = self.store.writes.next()
+            pending = [m for m in pending if not _settled(self.store.written(m))]
+            now = loop.time()
+            gap = _MIN_READ_GAP_S if not pending else _RECHECK_S
+            if now - last_read >= gap or now >= deadline:
+                docs = await self.store.by_ids(ids)
+                last_read = loop.time()
+                pending = [d["_id"] for d in docs if not _settled(d)]
+                if not pending or last_read >= deadline:
+                    return docs
+                continue
+            wake = min(last_read + gap, deadline) - now
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(wrote), wake)
 
     async def wait_op(self, machine_id: str, op_id: str, timeout: float) -> LastOp | None:
         """Poll until the operation ``op_id`` ended; return ``last_op`` (None on timeout)."""
