@@ -78,14 +78,18 @@ async def test_stale_claim_of_a_crashed_worker_is_taken_over(mongo_db):
     assert await MongoDedupe(coll, "svc", lease_s=60).claim("m3") is Claim.NEW
 
 
-async def test_prune_forgets_old_done_ids_only(mongo_db):
+async def test_prune_forgets_old_ids_whatever_their_state_and_keeps_recent_ones(mongo_db):
     coll = mongo_db["bus_processed"]
     dedupe = MongoDedupe(coll, "svc")
-    await coll.insert_one(
-        {"_id": "svc:old", "state": "done", "at": datetime.now(UTC) - timedelta(days=9)}
-    )
+    nine_days_ago = datetime.now(UTC) - timedelta(days=9)
+    await coll.insert_many([
+        {"_id": "svc:old", "state": "done", "at": nine_days_ago},  # as earlier versions wrote
+        {"_id": "svc:stuck", "state": "processing", "at": nine_days_ago},
+    ])  # fmt: skip
     await dedupe.claim("new")
     await dedupe.complete("new")
+    await dedupe.complete("new")  # a second mark is a no-op
 
-    assert await dedupe.prune(timedelta(days=7)) == 1
+    assert await dedupe.prune(timedelta(days=7)) == 2
     assert await dedupe.claim("new") is Claim.DONE
+    assert await coll.count_documents({}) == 2  # the recent claim and its mark

@@ -3,6 +3,12 @@
 A claim is a document ``{_id: "<consumer>:<message id>", state, at}`` under a unique ``_id``,
 so two replicas (or two deliveries in one process) cannot both win it. A claim left by a
 crashed worker expires after ``lease_s`` and can then be taken over.
+
+Handled is a second document, ``{_id: "<claim id>#done"}``, inserted rather than the claim
+updated: on FerretDB v1 an update costs time in proportion to the collection (7.5 ms of its
+CPU per update at 2,000 documents here, against 0.3 ms for an insert), and this collection
+holds a week of messages. A claim (and its mark) older than the retention is pruned whatever
+its state. Claims written as ``state: done`` by earlier versions are still read as handled.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from pymongo.errors import DuplicateKeyError
 from ..clock import utcnow
 
 __all__ = ["Claim", "Dedupe", "MongoDedupe"]
+
+_DONE = "#done"  # suffix of the id of a handled message's mark
 
 
 class Claim(StrEnum):
@@ -62,6 +70,8 @@ class MongoDedupe:
             return Claim.NEW
         except DuplicateKeyError:
             pass
+        if await self._coll.find_one({"_id": key + _DONE}, {"_id": 1}) is not None:
+            return Claim.DONE
         doc = await self._coll.find_one({"_id": key})
         if doc is None:  # released between our insert and find: try once more
             return await self.claim(message_id)
@@ -76,10 +86,13 @@ class MongoDedupe:
         return Claim.NEW if taken is not None else Claim.BUSY
 
     async def complete(self, message_id: str) -> None:
-        """Record the id as handled."""
-        await self._coll.update_one(
-            {"_id": self._key(message_id)}, {"$set": {"state": "done", "at": utcnow()}}, upsert=True
-        )
+        """Record the id as handled (an insert; a second one finds it there and is a no-op)."""
+        try:
+            await self._coll.insert_one(
+                {"_id": self._key(message_id) + _DONE, "state": "done", "at": utcnow()}
+            )
+        except DuplicateKeyError:
+            pass
 
     async def release(self, message_id: str) -> None:
         """Drop the claim so a redelivery can handle it."""
@@ -87,5 +100,7 @@ class MongoDedupe:
 
     async def prune(self, older_than: timedelta) -> int:
         """Forget handled ids older than ``older_than``; return how many."""
-        res = await self._coll.delete_many({"state": "done", "at": {"$lt": utcnow() - older_than}})
+        # Claims too, whatever their state: a lease of seconds is long over, and a handled
+        # message's claim stays beside its mark.
+        res = await self._coll.delete_many({"at": {"$lt": utcnow() - older_than}})
         return res.deleted_count
