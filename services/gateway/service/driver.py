@@ -60,9 +60,11 @@ __all__ = ["Clock", "SagaDriver"]
 log = structlog.get_logger("gateway.sagas")
 # Sagas re-sent at once at start; each is a write and a publish.
 _RESUME_WIDTH = 16
-# A create waiter reads the database this often for other replicas' writes, and at most this
-# often when this process's writes say the batch is done but the database has not agreed yet.
-_RECHECK_S = 1.0
+# A create waiter looks at the summaries in memory at least this often (other replicas' writes
+# reach them with the index's reload, which wakes nobody), reads the database this often in any
+# case, and at most this often when memory says the batch is done but the database disagrees.
+_LOOK_S = 1.0
+_RECHECK_S = 5.0
 _MIN_READ_GAP_S = 0.2
 
 
@@ -364,9 +366,10 @@ class SagaDriver:
         """Wait until every machine is in a create-terminal state with no saga, or ``timeout``
         passes; return the machines as stored.
 
-        The database is read when this process's own writes say every machine is done, and
-        every ``_RECHECK_S`` for the writes of other replicas (services/gateway/writes.py says
-        why): a read of many ids scans every machine on FerretDB v1."""
+        The database is read when the summaries in memory say every machine is done (this
+        process's writes wake the waiter; other replicas' arrive with the index's reload), and
+        every ``_RECHECK_S`` in any case (services/gateway/writes.py says why): a read of many
+        ids scans every machine on FerretDB v1."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         pending, last_read = list(ids), -_RECHECK_S
@@ -382,7 +385,7 @@ class SagaDriver:
                 if not pending or last_read >= deadline:
                     return docs
                 continue
-            wake = min(last_read + gap, deadline) - now
+            wake = min(last_read + gap, now + _LOOK_S, deadline) - now
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(wrote), wake)
 
