@@ -217,8 +217,12 @@ def _outbox_query(ids: Iterable[str] | None) -> dict[str, Any]:
 
 
 def _listed(summary: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A summary without ``updated_at`` (which may lag its machine's, see the docstring)."""
-    return None if summary is None else {k: v for k, v in summary.items() if k != "updated_at"}
+    """A summary without ``updated_at`` (which may lag its machine's, see the docstring); one
+    written before summaries carried ``due`` reads as having none, so a gateway's first start
+    after that rewrites only the summaries of machines with a saga under way."""
+    if summary is None:
+        return None
+    return {**{k: v for k, v in summary.items() if k != "updated_at"}, "due": summary.get("due")}
 
 
 async def _insert_new(coll: AsyncCollection[Any], docs: list[Any]) -> set[int]:

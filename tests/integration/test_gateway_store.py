@@ -310,6 +310,23 @@ async def test_setup_builds_missing_and_stale_summaries_once(mongo_db):
         ("m1", "running", None), ("m2", "running", None), ("m3", "running", "stop")]
 
 
+async def test_summaries_written_before_they_carried_a_deadline_are_rewritten_only_if_due(mongo_db):
+    """An upgrade: the saga tick finds due steps in the summaries, which used to lack ``due``."""
+    deadline = T0 + timedelta(minutes=2)
+    await mongo_db["machines"].insert_many([
+        _doc("m1"), _doc("m2", "creating", saga={"op": "create", "deadline": deadline}),
+    ])  # fmt: skip
+    store = GatewayStore(mongo_db)
+    await store.setup()
+    await mongo_db["machine_summaries"].update_many({}, {"$unset": {"due": ""}})
+
+    repaired = await store.repair_summaries()
+    m2 = await mongo_db["machine_summaries"].find_one({"_id": "m2"})
+
+    assert repaired == 1
+    assert m2["due"].replace(tzinfo=UTC) == deadline
+
+
 class _HeldSummary(GatewayStore):
     """The real store; the next summary write waits for ``go`` (or fails, with ``fail``)."""
 
