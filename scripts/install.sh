@@ -13,7 +13,7 @@ GOBIN=${DOCKVM_GOBIN:-/usr/local/bin}
 APT_PACKAGES=(
   docker.io rabbitmq-server docker-registry lxcfs fuse3 xfsprogs skopeo debootstrap
   openvswitch-switch iproute2 iptables tini curl jq maven ca-certificates git make procps
-  psmisc util-linux openssh-client python3 python3-venv nftables
+  psmisc util-linux openssh-client python3 python3-venv nftables gettext-base
   prometheus prometheus-alertmanager docker-compose
   chromium
 )
