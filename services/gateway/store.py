@@ -33,7 +33,7 @@ import asyncio
 import secrets
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -62,7 +62,7 @@ from .domain import ACTIVE_STATES, DcLoad, Res
 from .domain.rollout import MachineStatus, ReleaseStatus
 from .domain.states import UNREACHABLE_NAMES, State, state_names
 from .drains import DrainStore
-from .listing import MachineIndex
+from .listing import MachineIndex, matches
 from .writes import WriteSignal
 
 __all__ = [
@@ -586,10 +586,13 @@ class GatewayStore(AccessRecords):
         replica's saga is seen after the index's next reload (``DOCKVM_LIST_REFRESH_S``)."""
         if self.index is None or not self.index.ready:
             return await read_all(self.machines.find({"saga.deadline": {"$lte": at}}).limit(limit))
-        due = [s["_id"] for s in self.index.select({}) if s.get("due") and s["due"] <= at]
-        docs = [await self.machines.find_one({"_id": mid}) for mid in due[:limit]]
-        return [d for d in docs if d is not None and _deadline(d) is not None
-                and _deadline(d) <= at]  # type: ignore[operator]  # fmt: skip
+
+        def due(m: dict[str, Any]) -> bool:
+            deadline = m.get("due", _deadline(m))  # a summary's copy, or the machine's own
+            return deadline is not None and deadline <= at
+
+        candidates = [s["_id"] for s in self.index.select({}) if due(s)]
+        return await self._reread(candidates[:limit], due)
 
     @translate_errors
     async def in_flight(self) -> list[MachineDoc]:
@@ -667,9 +670,15 @@ class GatewayStore(AccessRecords):
         if self.index is None or not self.index.ready:
             return await read_all(self.machines.find({"host": host_id, "state": {"$in": names}}))
         wanted = {"host": host_id, "state": {"$in": names}}
-        docs = [await self.machines.find_one({"_id": s["_id"]}) for s in self.index.select(wanted)]
-        return [d for d in docs if d is not None and d.get("host") == host_id
-                and d.get("state") in names]  # fmt: skip
+        return await self._reread(
+            [s["_id"] for s in self.index.select(wanted)], lambda d: matches(d, wanted)
+        )
+
+    async def _reread(self, ids: list[str], keep: Callable[[MachineDoc], bool]) -> list[MachineDoc]:
+        """The index's candidates read again, each by ``_id`` (the one read FerretDB v1 does not
+        answer with a scan), and kept if they still pass ``keep``."""
+        docs = [await self.machines.find_one({"_id": mid}) for mid in ids]
+        return [d for d in docs if d is not None and keep(d)]
 
     @translate_errors
     async def ids_on_host(self, host_id: str, states: Iterable[str]) -> list[str]:
